@@ -1,0 +1,610 @@
+"""The `kedit` command line: thin click wrappers over `kedit.repo.Repository`.
+
+Data goes to stdout (human text, or JSON with --json); messages and progress to stderr.
+Every KeditError becomes one line, `kedit: error: ...`, and exit status 1 (2 for `diff`,
+whose 1 means "differs"); set KEDIT_DEBUG=1 to see tracebacks.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import sqlite3
+import sys
+from collections.abc import Callable
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import click
+
+from kedit.errors import KeditError
+from kedit.progress import disable_progress_bars, progress_enabled
+
+DTYPES = {"auto": None, "float32": "float32", "bfloat16": "bfloat16", "float16": "float16"}
+EXIT_ERROR = 1
+
+
+def _debug() -> bool:
+    return os.environ.get("KEDIT_DEBUG", "") not in ("", "0")
+
+
+def error_line(e: BaseException) -> str:
+    """The one line a user sees for an error."""
+    if isinstance(e, KeditError):
+        hint = f" (hint: {e.hint})" if e.hint else ""
+        return f"kedit: error: {e}{hint}"
+    if isinstance(e, sqlite3.DatabaseError):
+        return f"kedit: error: the history database cannot be used ({e}) (hint: run 'kedit fsck')"
+    if isinstance(e, OSError):
+        return f"kedit: error: {e.strerror or e}: {e.filename or ''}".rstrip(": ")
+    return f"kedit: error: internal error {type(e).__name__}: {e} (set KEDIT_DEBUG=1 for the traceback)"
+
+
+def _die(e: BaseException, code: int = EXIT_ERROR) -> None:
+    if _debug():
+        raise e
+    click.echo(error_line(e), err=True)
+    sys.exit(code)
+
+
+class KeditGroup(click.Group):
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except (click.exceptions.Exit, click.ClickException, click.Abort, SystemExit):
+            raise
+        except KeyboardInterrupt:
+            click.echo("kedit: interrupted", err=True)
+            sys.exit(130)
+        except Exception as e:
+            _die(e, (ctx.obj or {}).get("exit_code", EXIT_ERROR))
+
+
+@click.group(cls=KeditGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--repo", "repo_path", type=click.Path(path_type=Path), envvar="KEDIT_DIR",
+              help="The repository: a folder holding .kedit (default: the current folder or a parent).")
+@click.option("-q", "--quiet", is_flag=True, help="No progress bars or messages.")
+@click.version_option(package_name="kedit")
+@click.pass_context
+def cli(ctx: click.Context, repo_path: Path | None, quiet: bool) -> None:
+    """Version control for the knowledge inside a language model.
+
+    \b
+    Example:
+        kedit init                      # the embedded SmolLM2-135M-Instruct
+        kedit log --oneline
+        kedit diff HEAD~1 HEAD
+        kedit revert HEAD
+    """
+    ctx.ensure_object(dict)
+    ctx.obj["repo_path"] = repo_path
+    ctx.obj["quiet"] = quiet
+    if quiet:
+        disable_progress_bars()
+    logging.basicConfig(level=logging.WARNING if quiet else logging.INFO, format="kedit: %(message)s",
+                        stream=sys.stderr)
+    for noisy in ("httpx", "urllib3", "huggingface_hub", "transformers", "filelock", "accelerate"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def _open(ctx: click.Context):
+    from kedit.repo import Repository
+
+    return Repository.open(ctx.obj["repo_path"])
+
+
+def _say(ctx: click.Context, message: str) -> None:
+    if not ctx.obj["quiet"]:
+        click.echo(message, err=True)
+
+
+def json_option(f: Callable) -> Callable:
+    return click.option("--json", "as_json", is_flag=True, help="Machine-readable JSON on stdout.")(f)
+
+
+def _emit_json(value: Any) -> None:
+    click.echo(json.dumps(value, indent=2, default=str))
+
+
+def human_bytes(n: int | float | None) -> str:
+    if n is None:
+        return "-"
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if abs(n) < 1024 or unit == "TB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n} B"
+
+
+def parse_size(text: str) -> int:
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?)I?B?\s*", text.upper())
+    if not m:
+        raise click.BadParameter(f"{text!r} is not a size like 500MB or 5GB")
+    return int(float(m.group(1)) * 1024 ** " KMGT".index(m.group(2) or " "))
+
+
+def parse_age(text: str) -> timedelta:
+    if text == "now":
+        return timedelta(0)
+    m = re.fullmatch(r"(\d+)\s*([smhdw])", text)
+    if not m:
+        raise click.BadParameter(f"{text!r} is not an age like now, 30m, 12h, 14d or 2w")
+    unit = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days", "w": "weeks"}[m.group(2)]
+    return timedelta(**{unit: int(m.group(1))})
+
+
+# -- init ------------------------------------------------------------------------------------
+
+
+@cli.command()
+@click.argument("model", required=False)
+@click.option("--no-copy", is_flag=True, help="Keep a verified reference to the safetensors files instead of a copy.")
+@click.option("--bare", is_flag=True, help="No working model folder (.kedit/worktree).")
+@click.option("--dtype", type=click.Choice(list(DTYPES)), default="auto", show_default=True,
+              help="Store the base in this dtype.")
+@click.option("-m", "--message", help="Message of the initial commit.")
+@click.pass_context
+def init(ctx: click.Context, model: str | None, no_copy: bool, bare: bool, dtype: str, message: str | None) -> None:
+    """Make MODEL a repository: hash every tensor and store the base.
+
+    MODEL is a Hugging Face folder, a .safetensors file, a .gguf file or a model id in the
+    local Hugging Face cache; without it, the embedded SmolLM2-135M-Instruct.
+
+    \b
+    Example:
+        kedit init                       # embedded default
+        kedit init ./my-model --no-copy  # reference the safetensors in place
+    """
+    import torch
+
+    from kedit.repo import Repository
+
+    torch_dtype = getattr(torch, DTYPES[dtype]) if DTYPES[dtype] else None
+    repo = Repository.init(ctx.obj["repo_path"], model, copy=not no_copy, worktree=not bare, dtype=torch_dtype,
+                           progress=progress_enabled(), message=message)
+    head = repo.log(limit=1)[0]
+    manifest = repo.manifest()
+    total = sum(e.nbytes for e in manifest.values())
+    _say(ctx, f"Initialised kedit repository in {repo.path}")
+    click.echo(f"[{repo.head_branch()} {head.short}] {head.message}: {len(manifest)} tensors, {human_bytes(total)}")
+
+
+# -- log, show, status -------------------------------------------------------------------------
+
+SHORT_METRICS = {"reliability": "rel", "generalization": "gen", "locality": "loc", "portability": "port",
+                 "efficacy": "eff", "paraphrase": "para", "neighbourhood": "nbhd", "fluency": "flu"}
+
+
+def _decorations(repo) -> dict[str, list[str]]:
+    out: dict[str, list[str]] = {}
+    head_branch = repo.head_branch()
+    if head_branch is None and repo.head():
+        out.setdefault(repo.head(), []).append("HEAD")
+    for name, target in repo.refs.branches().items():
+        out.setdefault(target, []).append(f"HEAD -> {name}" if name == head_branch else name)
+    for name, target in repo.refs.tags().items():
+        out.setdefault(target, []).append(f"tag: {name}")
+    return out
+
+
+def _metric_summary(commit) -> str:
+    parts = []
+    for m in commit.metrics:
+        if m.stage in ("post", "eval") and m.name in SHORT_METRICS:
+            parts.append(f"{SHORT_METRICS[m.name]}={m.value:.2f}")
+    return " ".join(dict.fromkeys(parts))
+
+
+def _commit_json(commit) -> dict:
+    return {"id": commit.id, "parent": commit.parent, "depth": commit.depth, "kind": commit.kind,
+            "method": commit.method, "message": commit.message, "author": commit.author, "created": commit.created,
+            "hparams": commit.hparams, "requests": commit.requests, "info": commit.info,
+            "metrics": [m.__dict__ for m in commit.metrics]}
+
+
+def _oneline(commit, decorations: dict[str, list[str]]) -> str:
+    deco = decorations.get(commit.id)
+    deco_text = click.style(f" ({', '.join(deco)})", fg="yellow") if deco else ""
+    metrics = _metric_summary(commit)
+    kind = commit.method or commit.kind
+    return (f"{click.style(commit.short, fg='yellow')}{deco_text} [{kind}] {commit.message}"
+            + (f"  {click.style(metrics, fg='cyan')}" if metrics else ""))
+
+
+@cli.command()
+@click.argument("rev", default="HEAD")
+@click.option("--oneline", is_flag=True, help="One line per commit.")
+@click.option("-n", "--max-count", type=int, help="Show at most N commits.")
+@click.option("--graph", is_flag=True, help="Draw every branch's history as a graph.")
+@json_option
+@click.pass_context
+def log(ctx: click.Context, rev: str, oneline: bool, max_count: int | None, graph: bool, as_json: bool) -> None:
+    """Show the edit history from REV (default HEAD), newest first, with metrics.
+
+    \b
+    Example:
+        kedit log --oneline -n 10
+        kedit log --graph
+    """
+    repo = _open(ctx)
+    if graph:
+        from kedit.graph import render_graph
+
+        commits = render_graph(repo, max_count)
+        if as_json:
+            _emit_json([_commit_json(c) for _, c in commits])
+            return
+        decorations = _decorations(repo)
+        for prefix, commit in commits:
+            click.echo(prefix + (_oneline(commit, decorations) if commit else ""))
+        return
+    commits = repo.log(rev, limit=max_count)
+    if as_json:
+        _emit_json([_commit_json(c) for c in commits])
+        return
+    decorations = _decorations(repo)
+    for commit in commits:
+        if oneline:
+            click.echo(_oneline(commit, decorations))
+            continue
+        deco = decorations.get(commit.id)
+        click.echo(click.style(f"commit {commit.id}", fg="yellow") + (f" ({', '.join(deco)})" if deco else ""))
+        click.echo(f"Author: {commit.author}")
+        click.echo(f"Date:   {commit.created}")
+        if commit.method:
+            click.echo(f"Method: {commit.method}")
+        click.echo(f"\n    {commit.message}\n")
+        if commit.metrics:
+            click.echo("    " + "  ".join(f"{m.name}[{m.stage}]={m.value:.3f}" for m in commit.metrics) + "\n")
+
+
+@cli.command()
+@click.argument("rev", default="HEAD")
+@json_option
+@click.pass_context
+def show(ctx: click.Context, rev: str, as_json: bool) -> None:
+    """Show one commit: its request, method, hyper-parameters, metrics and per-tensor delta.
+
+    \b
+    Example:
+        kedit show HEAD~2
+    """
+    repo = _open(ctx)
+    commit = repo.get_commit(repo.resolve(rev))
+    changes = repo.changes(commit.id)
+    adapters = repo.db.execute("SELECT op, object_id, kind FROM adapter_ops WHERE commit_id = ? ORDER BY seq",
+                               [commit.id]).fetchall()
+    if as_json:
+        body = _commit_json(commit)
+        body["tensors"] = [{"name": c.name, "encoding": c.encoding, "rank": c.rank, "dtype": c.dtype,
+                            "shape": list(c.shape), "delta_norm": c.delta_norm, "rel_change": c.rel_change,
+                            "stored_bytes": c.stored_bytes, "hash": c.result_hash,
+                            "steps": [s.__dict__ for s in c.steps]} for c in changes]
+        body["adapters"] = [{"op": op, "object": oid, "kind": kind} for op, oid, kind in adapters]
+        _emit_json(body)
+        return
+    click.echo(click.style(f"commit {commit.id}", fg="yellow"))
+    click.echo(f"Parent: {commit.parent or '-'}")
+    click.echo(f"Author: {commit.author}\nDate:   {commit.created}\nKind:   {commit.kind}")
+    if commit.method:
+        click.echo(f"Method: {commit.method}")
+    click.echo(f"\n    {commit.message}\n")
+    for i, request in enumerate(commit.requests):
+        prompt = str(request.get("prompt", "")).replace("{}", str(request.get("subject", "")))
+        click.echo(f"Request {i}: {prompt!r} -> {request.get('target_new')!r}"
+                   + (f" (was {request['target_true']!r})" if request.get("target_true") else ""))
+    if commit.hparams:
+        click.echo("Hyper-parameters: " + ", ".join(f"{k}={v}" for k, v in sorted(commit.hparams.items())))
+    if commit.metrics:
+        click.echo("Metrics:")
+        for m in commit.metrics:
+            suite = f" [{m.suite}]" if m.suite else ""
+            click.echo(f"  {m.name:<16} {m.stage:<5} {m.value:8.4f}  ({m.protocol}){suite}")
+    if changes:
+        click.echo(f"Tensors ({len(changes)}):")
+        click.echo(f"  {'name':<44} {'encoding':<8} {'rank':>5} {'|delta|':>10} {'rel':>9} {'stored':>10}")
+        for c in changes[:200]:
+            click.echo(f"  {c.name:<44} {c.encoding:<8} {c.rank if c.rank is not None else '-':>5} "
+                       f"{_num(c.delta_norm):>10} {_num(c.rel_change):>9} {human_bytes(c.stored_bytes):>10}")
+        if len(changes) > 200:
+            click.echo(f"  ... and {len(changes) - 200} more (kedit show --json for all)")
+    for op, oid, kind in adapters:
+        click.echo(f"Adapter {op}: {kind} {oid[:12]}")
+
+
+def _num(x: float | None) -> str:
+    return "-" if x is None else f"{x:.4g}"
+
+
+@cli.command()
+@json_option
+@click.pass_context
+def status(ctx: click.Context, as_json: bool) -> None:
+    """Show the current branch and whether the working model matches HEAD."""
+    repo = _open(ctx)
+    info = repo.status()
+    if as_json:
+        _emit_json(info)
+        return
+    where = f"On branch {info['branch']}" if info["branch"] else f"HEAD detached at {info['head'][:12]}"
+    click.echo(where)
+    if "worktree" not in info:
+        click.echo("No working model (bare repository)")
+        return
+    click.echo(f"Working model: {info['worktree']}")
+    if info["worktree_commit"] != info["head"]:
+        click.echo("  not at HEAD yet (the next kedit write command brings it there)")
+    if info["modified"]:
+        click.echo("Changed by hand (kedit checkout --force HEAD discards):")
+        for name, what in sorted(info["modified"].items()):
+            click.echo(f"  {what}: {name}")
+    else:
+        click.echo("Nothing changed: the working model is exactly HEAD")
+
+
+# -- moving around ---------------------------------------------------------------------------
+
+
+@cli.command()
+@click.argument("rev")
+@click.option("-f", "--force", is_flag=True, help="Overwrite tensors changed by hand in the working model.")
+@click.pass_context
+def checkout(ctx: click.Context, rev: str, force: bool) -> None:
+    """Switch to a branch, or detach HEAD at a commit, updating only the tensors that differ.
+
+    \b
+    Example:
+        kedit checkout experiment
+        kedit checkout HEAD~3
+    """
+    repo = _open(ctx)
+    commit_id = repo.checkout(rev, force=force)
+    branch = repo.head_branch()
+    _say(ctx, f"Switched to branch '{branch}'" if branch else f"HEAD is now at {commit_id[:12]} (detached)")
+
+
+@cli.command()
+@click.argument("rev")
+@click.option("-f", "--force", is_flag=True, help="Overwrite tensors changed by hand in the working model.")
+@click.pass_context
+def reset(ctx: click.Context, rev: str, force: bool) -> None:
+    """Move the current branch to REV. The old position stays in `kedit reflog`.
+
+    \b
+    Example:
+        kedit reset HEAD~1      # drop the last edit from this branch
+    """
+    repo = _open(ctx)
+    commit_id = repo.reset(rev, force=force)
+    _say(ctx, f"HEAD is now at {commit_id[:12]}")
+
+
+@cli.command()
+@click.argument("name", required=False)
+@click.argument("rev", default="HEAD")
+@click.option("-d", "--delete", is_flag=True, help="Delete the branch NAME.")
+@json_option
+@click.pass_context
+def branch(ctx: click.Context, name: str | None, rev: str, delete: bool, as_json: bool) -> None:
+    """List branches, create NAME at REV, or delete NAME with -d.
+
+    \b
+    Example:
+        kedit branch experiment HEAD~2
+        kedit branch -d experiment
+    """
+    repo = _open(ctx)
+    if name is None:
+        branches, current = repo.refs.branches(), repo.head_branch()
+        if as_json:
+            _emit_json({"current": current, "branches": branches})
+            return
+        for b, target in branches.items():
+            click.echo(f"{'*' if b == current else ' '} {b:<24} {target[:12]}")
+        return
+    if delete:
+        target = repo.delete_branch(name)
+        _say(ctx, f"Deleted branch {name} (was {target[:12]})")
+    else:
+        target = repo.create_branch(name, rev)
+        _say(ctx, f"Created branch {name} at {target[:12]}")
+
+
+@cli.command()
+@click.argument("name", required=False)
+@click.argument("rev", default="HEAD")
+@click.option("-d", "--delete", is_flag=True, help="Delete the tag NAME.")
+@json_option
+@click.pass_context
+def tag(ctx: click.Context, name: str | None, rev: str, delete: bool, as_json: bool) -> None:
+    """List tags, tag REV as NAME, or delete NAME with -d.
+
+    \b
+    Example:
+        kedit tag before-batch-2
+    """
+    repo = _open(ctx)
+    if name is None:
+        tags = repo.refs.tags()
+        if as_json:
+            _emit_json(tags)
+            return
+        for t, target in tags.items():
+            click.echo(f"{t:<24} {target[:12]}")
+        return
+    if delete:
+        target = repo.delete_tag(name)
+        _say(ctx, f"Deleted tag {name} (was {target[:12]})")
+    else:
+        target = repo.create_tag(name, rev)
+        _say(ctx, f"Tagged {target[:12]} as {name}")
+
+
+@cli.command()
+@click.argument("rev")
+@click.option("-m", "--message", help="Message of the revert commit.")
+@click.pass_context
+def revert(ctx: click.Context, rev: str, message: str | None) -> None:
+    """Undo REV with a new commit whose tensors are recomputed from the history without it.
+
+    Reverting never subtracts: later edits are replayed on the base without REV's delta, so
+    reverting every edit gives the base bit for bit.
+
+    \b
+    Example:
+        kedit revert HEAD~2
+    """
+    repo = _open(ctx)
+    commit = repo.revert(rev, message=message)
+    click.echo(f"[{repo.head_branch() or 'detached'} {commit.short}] {commit.message}")
+    later = commit.info.get("later_commits", [])
+    if later:
+        _say(ctx, f"note: {len(later)} later edit(s) were made on a model that contained the reverted one; "
+                  "re-evaluate them (kedit check)")
+
+
+@cli.command()
+@click.argument("ref", default="HEAD")
+@click.option("-n", "--max-count", type=int, help="Show at most N entries.")
+@json_option
+@click.pass_context
+def reflog(ctx: click.Context, ref: str, max_count: int | None, as_json: bool) -> None:
+    """Show where REF (default HEAD) has pointed, newest first."""
+    repo = _open(ctx)
+    entries = repo.reflog(ref, limit=max_count)
+    if as_json:
+        _emit_json(entries)
+        return
+    for i, e in enumerate(entries):
+        click.echo(f"{(e['new'] or '-')[:12]} {ref}@{{{i}}}: {e['message']}")
+
+
+# -- diff and export --------------------------------------------------------------------------
+
+
+@cli.command()
+@click.argument("rev_a")
+@click.argument("rev_b", default="HEAD")
+@click.option("--stat", is_flag=True, help="Only the names of differing tensors.")
+@click.option("--quiet", "quiet_diff", is_flag=True, help="No output; the exit status says it all.")
+@json_option
+@click.pass_context
+def diff(ctx: click.Context, rev_a: str, rev_b: str, stat: bool, quiet_diff: bool, as_json: bool) -> None:
+    """Per-tensor weight differences between REV_A and REV_B (default HEAD).
+
+    Exit status: 0 when the models are equal, 1 when they differ, 2 on error.
+
+    \b
+    Example:
+        kedit diff HEAD~1 HEAD
+        kedit diff main experiment --json
+    """
+    from kedit.diff import adapter_diff
+    from kedit.diff import diff as compute_diff
+
+    ctx.obj["exit_code"] = 2  # 1 means "the models differ"
+    repo = _open(ctx)
+    diffs = compute_diff(repo, rev_a, rev_b)
+    adapters = adapter_diff(repo, rev_a, rev_b)
+    differ = bool(diffs or adapters["added"] or adapters["removed"])
+    if as_json:
+        _emit_json({"equal": not differ, "tensors": [d.to_dict() for d in diffs], "adapters": adapters})
+    elif not quiet_diff:
+        for d in diffs:
+            if stat or d.status != "modified" or d.delta_norm is None:
+                click.echo(f"{d.status:<9} {d.name}")
+                continue
+            click.echo(f"modified  {d.name:<44} |delta|={d.delta_norm:.4g} max={d.max_abs:.3g} "
+                       f"rel={_num(d.rel_change)} changed={d.changed}/{d.numel}")
+        for oid in adapters["added"]:
+            click.echo(f"adapter+  {oid[:12]}")
+        for oid in adapters["removed"]:
+            click.echo(f"adapter-  {oid[:12]}")
+        if not differ:
+            _say(ctx, "no differences")
+    sys.exit(1 if differ else 0)
+
+
+@cli.command()
+@click.argument("rev")
+@click.argument("directory", type=click.Path(path_type=Path))
+@click.option("--max-shard-size", default="5GB", show_default=True, help="Split weights into shards above this.")
+@click.option("-f", "--force", is_flag=True, help="Replace DIRECTORY if it is not empty.")
+@json_option
+@click.pass_context
+def export(ctx: click.Context, rev: str, directory: Path, max_shard_size: str, force: bool, as_json: bool) -> None:
+    """Write REV as a normal checkpoint folder that transformers loads without kedit.
+
+    \b
+    Example:
+        kedit export HEAD ./edited-model
+        python -c "from transformers import AutoModelForCausalLM as M; M.from_pretrained('./edited-model')"
+    """
+    from kedit.export import export as run_export
+
+    repo = _open(ctx)
+    result = run_export(repo, rev, directory, max_shard_bytes=parse_size(max_shard_size), force=force,
+                        progress=progress_enabled())
+    if as_json:
+        _emit_json(result)
+    else:
+        click.echo(f"exported {result['commit'][:12]} to {result['path']} "
+                   f"({result['tensors']} tensors in {len(result['shards'])} shard(s))")
+
+
+# -- maintenance -----------------------------------------------------------------------------
+
+
+@cli.command()
+@json_option
+@click.pass_context
+def fsck(ctx: click.Context, as_json: bool) -> None:
+    """Re-hash every object and prove every commit materialises to its recorded hashes.
+
+    Exit status 1 when anything is damaged.
+    """
+    from kedit.maintenance import fsck as run_fsck
+
+    repo = _open(ctx)
+    report = run_fsck(repo, progress=progress_enabled())
+    if as_json:
+        _emit_json({"ok": report.ok, **report.__dict__})
+    else:
+        for w in report.warnings:
+            click.echo(f"warning: {w}", err=True)
+        for e in report.errors:
+            click.echo(f"error: {e}")
+        click.echo(f"checked {report.objects} objects, {report.commits} commits, {report.tensors} tensor changes: "
+                   + ("ok" if report.ok else f"{len(report.errors)} problem(s)"))
+    if not report.ok:
+        sys.exit(1)
+
+
+@cli.command()
+@click.option("--prune", default="14d", show_default=True,
+              help="Remove unreachable objects older than this (now, 12h, 14d).")
+@click.option("--reflog-expire", default="90d", show_default=True, help="Forget reflog entries older than this.")
+@json_option
+@click.pass_context
+def gc(ctx: click.Context, prune: str, reflog_expire: str, as_json: bool) -> None:
+    """Remove commits and objects that no ref or recent reflog entry reaches."""
+    from kedit.maintenance import gc as run_gc
+
+    repo = _open(ctx)
+    report = run_gc(repo, grace=parse_age(prune), reflog_expiry=parse_age(reflog_expire))
+    if as_json:
+        _emit_json(report.__dict__)
+    else:
+        click.echo(f"removed {report.commits_removed} commits, {report.objects_removed} objects, "
+                   f"{report.keyframes_removed} keyframes; freed {human_bytes(report.bytes_freed)}")
+
+
+def main() -> None:
+    cli(prog_name="kedit")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,177 @@
+"""The SQLite history: commits, tensor changes, refs, reflog and metrics. No tensor bytes.
+
+Calling sequence: `connect(path)` opens a connection configured for kedit (WAL, foreign
+keys, busy timeout) and brings the schema up to date; `write(db)` wraps a write in
+`BEGIN IMMEDIATE`, so a writer takes SQLite's write lock before it reads what it will
+change, and readers never block.
+
+Caveats: WAL needs the database on a local filesystem (not NFS). Migrations are named,
+ordered and recorded in `_kedit_migrations`; a database from a newer kedit is refused.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import sqlite3
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import sqlite_utils
+
+from kedit.errors import SchemaError
+
+BUSY_TIMEOUT_MS = 30_000
+
+_SCHEMA_V1 = """
+CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE commits (
+    id TEXT PRIMARY KEY,
+    parent TEXT REFERENCES commits(id),
+    depth INTEGER NOT NULL,            -- first-parent distance from the initial commit
+    kind TEXT NOT NULL,                -- init | edit | revert
+    method TEXT,
+    hparams TEXT,                      -- JSON
+    requests TEXT,                     -- JSON list
+    info TEXT,                         -- JSON: the method's diagnostics
+    message TEXT NOT NULL,
+    author TEXT NOT NULL,
+    created TEXT NOT NULL,             -- ISO 8601, UTC
+    record TEXT NOT NULL               -- canonical JSON the id is the hash of
+);
+CREATE INDEX commits_parent ON commits(parent);
+CREATE TABLE tensor_changes (
+    commit_id TEXT NOT NULL REFERENCES commits(id) ON DELETE CASCADE,
+    name TEXT NOT NULL,
+    source_commit TEXT REFERENCES commits(id),  -- whose value of this tensor the steps start from
+    result_hash TEXT NOT NULL,
+    dtype TEXT NOT NULL,
+    shape TEXT NOT NULL,               -- JSON list
+    encoding TEXT NOT NULL,            -- lowrank | dense | exact | replay
+    rank INTEGER,
+    delta_norm REAL,
+    rel_change REAL,
+    stored_bytes INTEGER NOT NULL,
+    PRIMARY KEY (commit_id, name)
+);
+CREATE INDEX tensor_changes_name ON tensor_changes(name, commit_id);
+CREATE TABLE tensor_steps (
+    commit_id TEXT NOT NULL,
+    name TEXT NOT NULL,
+    seq INTEGER NOT NULL,
+    origin_commit TEXT NOT NULL,       -- the commit that introduced this delta
+    object_id TEXT NOT NULL,
+    encoding TEXT NOT NULL,            -- lowrank | dense | exact
+    PRIMARY KEY (commit_id, name, seq),
+    FOREIGN KEY (commit_id, name) REFERENCES tensor_changes(commit_id, name) ON DELETE CASCADE
+);
+CREATE INDEX tensor_steps_object ON tensor_steps(object_id);
+CREATE TABLE adapter_ops (
+    commit_id TEXT NOT NULL REFERENCES commits(id) ON DELETE CASCADE,
+    seq INTEGER NOT NULL,
+    op TEXT NOT NULL,                  -- add | remove
+    object_id TEXT NOT NULL,
+    kind TEXT NOT NULL,
+    origin_commit TEXT NOT NULL,
+    PRIMARY KEY (commit_id, seq)
+);
+CREATE TABLE files (
+    commit_id TEXT NOT NULL REFERENCES commits(id) ON DELETE CASCADE,
+    path TEXT NOT NULL,
+    object_id TEXT NOT NULL,
+    PRIMARY KEY (commit_id, path)
+);
+CREATE TABLE refs (
+    name TEXT PRIMARY KEY,             -- HEAD, refs/heads/<b>, refs/tags/<t>
+    target TEXT NOT NULL,              -- a commit id, or for a symbolic ref the ref it points to
+    symbolic INTEGER NOT NULL DEFAULT 0
+);
+CREATE TABLE reflog (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    ref TEXT NOT NULL,
+    old TEXT,
+    new TEXT,
+    message TEXT NOT NULL,
+    created TEXT NOT NULL
+);
+CREATE TABLE metrics (
+    commit_id TEXT NOT NULL REFERENCES commits(id) ON DELETE CASCADE,
+    name TEXT NOT NULL,                -- e.g. reliability, locality, efficacy
+    value REAL NOT NULL,
+    protocol TEXT NOT NULL,            -- how it was measured, e.g. teacher_forced_token_acc
+    stage TEXT NOT NULL,               -- pre | post | eval
+    suite TEXT NOT NULL DEFAULT '',    -- which probe set
+    created TEXT NOT NULL,
+    PRIMARY KEY (commit_id, name, stage, suite)
+);
+"""
+
+# Ordered, named migrations; each runs once, inside a transaction, and is recorded.
+MIGRATIONS: list[tuple[str, str]] = [("0001_initial", _SCHEMA_V1)]
+
+
+def connect(path: Path, *, create: bool = False) -> sqlite_utils.Database:
+    """Open the history database, configured for kedit, with its schema up to date."""
+    if not create and not path.exists():
+        raise FileNotFoundError(path)
+    conn = sqlite3.connect(str(path), isolation_level=None, timeout=BUSY_TIMEOUT_MS / 1000)
+    conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")  # before WAL: see versioning.md
+    conn.execute("PRAGMA journal_mode = WAL")
+    conn.execute("PRAGMA synchronous = FULL")  # the commit log must survive a power cut
+    conn.execute("PRAGMA foreign_keys = ON")
+    db = sqlite_utils.Database(conn)
+    migrate(db)
+    return db
+
+
+def migrate(db: sqlite_utils.Database) -> None:
+    known = {name for name, _ in MIGRATIONS}
+    with write(db):
+        db.execute("CREATE TABLE IF NOT EXISTS _kedit_migrations (name TEXT PRIMARY KEY, applied TEXT)")
+        applied = {row[0] for row in db.execute("SELECT name FROM _kedit_migrations").fetchall()}
+        unknown = applied - known
+        if unknown:
+            raise SchemaError(f"this repository was written by a newer kedit (migrations {sorted(unknown)})",
+                              hint="upgrade kedit: pip install -U kedit")
+        for name, sql in MIGRATIONS:
+            if name not in applied:
+                for statement in _statements(sql):
+                    db.execute(statement)
+                db.execute("INSERT INTO _kedit_migrations VALUES (?, datetime('now'))", [name])
+
+
+def _statements(sql: str) -> Iterator[str]:
+    # executescript() would COMMIT the open transaction, so run statements one by one.
+    lines = [line.split("--", 1)[0] for line in sql.splitlines()]
+    for statement in "\n".join(lines).split(";"):
+        if statement.strip():
+            yield statement
+
+
+@contextlib.contextmanager
+def write(db: sqlite_utils.Database) -> Iterator[sqlite_utils.Database]:
+    """A write transaction that takes the write lock up front (BEGIN IMMEDIATE)."""
+    if db.conn.in_transaction:
+        with db.atomic():
+            yield db
+        return
+    db.execute("BEGIN IMMEDIATE")
+    try:
+        yield db
+    except BaseException:
+        if db.conn.in_transaction:
+            db.execute("ROLLBACK")
+        raise
+    db.execute("COMMIT")
+
+
+def one(db: sqlite_utils.Database, sql: str, params: list | tuple = ()) -> tuple | None:
+    return db.execute(sql, list(params)).fetchone()
+
+
+def rows(db: sqlite_utils.Database, sql: str, params: list | tuple = (),
+         factory: Callable | None = None) -> list:
+    cursor = db.execute(sql, list(params))
+    if factory is None:
+        columns = [c[0] for c in cursor.description]
+        return [dict(zip(columns, row, strict=True)) for row in cursor.fetchall()]
+    return [factory(*row) for row in cursor.fetchall()]

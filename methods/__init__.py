@@ -1,0 +1,1 @@
+"""Knowledge-editing methods, installed as `kedit.methods`. Each module registers one method."""

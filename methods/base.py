@@ -1,0 +1,165 @@
+"""The contract between kedit and its editing methods.
+
+A method takes a model, its tokenizer, edit requests and hyper-parameters, and returns an
+`EditResult`: weight deltas keyed by state-dict name (or adapters). It never writes the
+repository, and it must leave the model it was given as it found it (edit a copy of the
+weights, or restore them), because the engine applies the deltas itself with its canonical
+arithmetic and records the resulting hashes.
+
+Calling sequence:
+    method = get_method("rome")
+    hparams = method.hparams_cls.for_model(model)        # per-architecture defaults
+    result = method.apply(model, tokenizer, requests, hparams)
+    repo.commit(result.deltas, adapters=result.adapters, ...)
+
+Methods register themselves with `register_method` when their module is imported; third
+parties add theirs through the `kedit.methods` entry-point group.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from importlib.metadata import entry_points
+from typing import Any
+
+from kedit.delta import Adapter, Dense, LowRank, Replace, WeightDelta
+
+__all__ = [
+    "Adapter",
+    "Dense",
+    "EditRequest",
+    "EditResult",
+    "LowRank",
+    "Method",
+    "Replace",
+    "WeightDelta",
+    "available_methods",
+    "get_method",
+    "register_method",
+]
+
+
+@dataclass(frozen=True)
+class EditRequest:
+    """One fact to write into the model.
+
+    `prompt` holds the subject, or `{}` where the subject goes; `target_new` is the completion
+    the edited model should give (no leading space needed: methods add it where the
+    tokenizer wants one). The other fields are for evaluation.
+    """
+
+    prompt: str
+    subject: str
+    target_new: str
+    target_true: str | None = None
+    paraphrases: tuple[str, ...] = ()
+    neighbourhood: tuple[str, ...] = ()  # prompts about other subjects whose answer must stay
+    locality: tuple[tuple[str, str], ...] = ()  # (prompt, answer) pairs unrelated to the edit
+    portability: tuple[tuple[str, str], ...] = ()  # (prompt, answer) pairs that follow from the edit
+
+    def __post_init__(self) -> None:
+        if not self.subject.strip():
+            raise ValueError("the subject is empty")
+        if not self.target_new.strip():
+            raise ValueError("the target is empty")
+        if "{}" not in self.prompt and self.subject not in self.prompt:
+            raise ValueError(f"the subject {self.subject!r} is not in the prompt {self.prompt!r}")
+
+    @property
+    def template(self) -> str:
+        """The prompt with `{}` in place of the subject's first occurrence."""
+        if "{}" in self.prompt:
+            return self.prompt
+        return self.prompt.replace(self.subject, "{}", 1)
+
+    @property
+    def text(self) -> str:
+        """The prompt with the subject written in."""
+        return self.template.format(self.subject)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "prompt": self.prompt,
+            "subject": self.subject,
+            "target_new": self.target_new,
+            "target_true": self.target_true,
+            "paraphrases": list(self.paraphrases),
+            "neighbourhood": list(self.neighbourhood),
+            "locality": [list(p) for p in self.locality],
+            "portability": [list(p) for p in self.portability],
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> EditRequest:
+        return cls(
+            prompt=d["prompt"],
+            subject=d["subject"],
+            target_new=d["target_new"],
+            target_true=d.get("target_true"),
+            paraphrases=tuple(d.get("paraphrases", ())),
+            neighbourhood=tuple(d.get("neighbourhood", ())),
+            locality=tuple(tuple(p) for p in d.get("locality", ())),
+            portability=tuple(tuple(p) for p in d.get("portability", ())),
+        )
+
+
+@dataclass
+class EditResult:
+    """What a method returns: deltas by state-dict name, adapters, and diagnostics."""
+
+    deltas: dict[str, WeightDelta] = field(default_factory=dict)
+    adapters: list[Adapter] = field(default_factory=list)
+    info: dict[str, Any] = field(default_factory=dict)  # JSON-serialisable: norms, losses, timings
+
+
+ApplyFn = Callable[[Any, Any, Sequence[EditRequest], Any], EditResult]
+
+
+@dataclass(frozen=True)
+class Method:
+    name: str
+    hparams_cls: type
+    apply: ApplyFn
+
+
+_REGISTRY: dict[str, Method] = {}
+
+# Built-in methods: imported on first use, so that `import kedit` stays cheap.
+_BUILTIN_MODULES = {"rome": "kedit.methods.rome"}
+
+
+def register_method(name: str, hparams_cls: type, apply: ApplyFn) -> Method:
+    """Register a method under a lower-case name; a second registration of a name is an error."""
+    if name != name.lower() or not name.replace("-", "").replace("_", "").isalnum():
+        raise ValueError(f"method names are lower-case letters, digits, '-' and '_': {name!r}")
+    if name in _REGISTRY:
+        raise ValueError(f"a method named {name!r} is already registered")
+    method = Method(name=name, hparams_cls=hparams_cls, apply=apply)
+    _REGISTRY[name] = method
+    return method
+
+
+def _load_entry_points() -> None:
+    for ep in entry_points(group="kedit.methods"):
+        if ep.name not in _REGISTRY:
+            ep.load()
+
+
+def available_methods() -> list[str]:
+    for module in _BUILTIN_MODULES.values():
+        importlib.import_module(module)
+    _load_entry_points()
+    return sorted(_REGISTRY)
+
+
+def get_method(name: str) -> Method:
+    """The registered method `name`; raises KeyError naming the known methods."""
+    if name not in _REGISTRY and name in _BUILTIN_MODULES:
+        importlib.import_module(_BUILTIN_MODULES[name])
+    if name not in _REGISTRY:
+        _load_entry_points()
+    if name not in _REGISTRY:
+        raise KeyError(f"unknown method {name!r}; known methods: {', '.join(available_methods())}")
+    return _REGISTRY[name]
