@@ -109,7 +109,7 @@ ARCHITECTURES: dict[str, Arch] = {
         attn_tmp="gpt_neox.layers.{}.attention",
         final_norm="gpt_neox.final_layer_norm",
         embed="gpt_neox.embed_in",
-        lm_head="embed_out",
+        lm_head="lm_head",  # "embed_out" before transformers 5
         rome_layer_fraction=0.2,
     ),
     "falcon": Arch(

@@ -439,19 +439,31 @@ class Repository:
             if reverted.parent is None:
                 raise KeditError("the initial commit (the base model) cannot be reverted")
             staged: dict[str, dict] = {}
-            for ch in history.changes(self.db, target):
-                replay = self._replay_without(head, ch.name, target)
-                if replay is not None:
-                    staged[ch.name] = replay
-            removed = [ref for ref in history.adapters(self.db, head) if ref.origin == target]
-            if not staged and not removed:
+            adapter_ops: list[list[str]] = []
+            if reverted.kind == "revert":  # reverting a revert re-applies the original edit's own deltas
+                original = reverted.info["reverts"]
+                for ch in history.changes(self.db, original):
+                    own = [s for s in ch.steps if s.origin == original]
+                    staged[ch.name] = self._replay(head, ch.name, head, own)
+                active = {r.object_id for r in history.adapters(self.db, head)}
+                adapter_ops = [["add", oid, kind, original] for oid, kind in self.db.execute(
+                    "SELECT object_id, kind FROM adapter_ops WHERE commit_id = ? AND op = 'add' ORDER BY seq",
+                    [original]) if oid not in active]
+            else:
+                for ch in history.changes(self.db, target):
+                    replay = self._replay_without(head, ch.name, target)
+                    if replay is not None:
+                        staged[ch.name] = replay
+                adapter_ops = [["remove", r.object_id, r.kind, r.origin]
+                               for r in history.adapters(self.db, head) if r.origin == target]
+            if not staged and not adapter_ops:
                 raise KeditError(f"commit {target[:12]} has no effect left at HEAD (already reverted?)")
             msg = message or f'Revert "{reverted.message}"'
             record = {
                 "kind": "revert", "parents": [head], "reverts": target, "message": msg,
                 "tensors": {n: {"source": s["source"], "steps": [list(x) for x in s["steps"]], "hash": s["hash"]}
                             for n, s in staged.items()},
-                "adapters": [["remove", r.object_id, r.kind, r.origin] for r in removed],
+                "adapters": adapter_ops,
                 "author": _author(), "created": now_iso(), "kedit_version": kedit.__version__,
             }
             cid = record_id(record)
@@ -466,8 +478,8 @@ class Repository:
                     self._insert_change(cid, name, s["source"], s["hash"], s["dtype"], s["shape"], "replay", None,
                                         s["norm"], s["rel"], 0, s["steps"])
                 self.db["adapter_ops"].insert_all([
-                    {"commit_id": cid, "seq": i, "op": "remove", "object_id": r.object_id, "kind": r.kind,
-                     "origin_commit": r.origin} for i, r in enumerate(removed)])
+                    {"commit_id": cid, "seq": i, "op": op, "object_id": oid, "kind": kind, "origin_commit": origin}
+                    for i, (op, oid, kind, origin) in enumerate(adapter_ops)])
                 self._advance_head(head, cid, f"revert: {msg}")
             self._sync_worktree(known_values={n: s["value"] for n, s in staged.items()})
             return self.get_commit(cid)
@@ -491,7 +503,10 @@ class Repository:
             if any(s.origin == target for s in ch.steps):
                 break
             source, prefix = ch.commit_id, prefix + len(ch.steps)
-        steps = kept[prefix:]
+        return self._replay(head, name, source, kept[prefix:])
+
+    def _replay(self, head: str, name: str, source: str | None, steps: list[history.Step]) -> dict:
+        """Stage a change of `name`: `source`'s value with `steps` applied, compared with HEAD's."""
         value = self.materializer.value(source, name) if source else None
         for step in steps:
             delta = load_step(self.store, step)
