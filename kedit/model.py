@@ -1,0 +1,71 @@
+"""Load any revision of a repository as a transformers model and tokenizer.
+
+HEAD loads straight from the working model (memory-mapped safetensors); any other revision
+is exported to a temporary folder first, so that transformers builds the model exactly as it
+would from a checkpoint on disk (buffers, tied weights, dtype handling all its own).
+"""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from kedit.errors import KeditError
+from kedit.repo import Repository
+
+log = logging.getLogger(__name__)
+
+DTYPES = {"auto": None, "float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
+          "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
+
+
+def parse_dtype(name: str | None) -> torch.dtype | None:
+    if name is None:
+        return None
+    try:
+        return DTYPES[name]
+    except KeyError:
+        raise KeditError(f"unknown dtype {name!r}; choose one of {', '.join(DTYPES)}") from None
+
+
+def _from_folder(folder: Path, dtype: torch.dtype | None, device: str, device_map: str | None) -> tuple[Any, Any]:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise KeditError("--device cuda was asked for, but torch sees no CUDA device")
+    kwargs: dict[str, Any] = {"dtype": dtype or "auto"}
+    if device_map:
+        kwargs["device_map"] = device_map
+    try:
+        model = AutoModelForCausalLM.from_pretrained(folder, **kwargs)
+        tokenizer = AutoTokenizer.from_pretrained(folder)
+    except (OSError, ValueError) as e:
+        raise KeditError(f"transformers cannot build a model from this revision: {e}") from e
+    if not device_map:
+        model.to(device)
+    model.eval()
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return model, tokenizer
+
+
+def load_model(repo: Repository, rev: str = "HEAD", *, dtype: torch.dtype | None = None, device: str = "cpu",
+               device_map: str | None = None) -> tuple[Any, Any]:
+    """(model, tokenizer) at `rev`, in `dtype` (default: as stored) on `device`."""
+    commit_id = repo.resolve(rev)
+    if not repo.files(commit_id).get("config.json"):
+        raise KeditError("this repository's base has no config.json, so it cannot be loaded as a model",
+                         hint="init from a Hugging Face folder rather than a bare .safetensors file")
+    wt = repo.worktree
+    if wt is not None and wt.commit == commit_id and not wt.modified():
+        return _from_folder(wt.folder, dtype, device, device_map)
+    from kedit.export import export
+
+    with tempfile.TemporaryDirectory(prefix="kedit-load-") as tmp:
+        folder = Path(tmp) / "model"
+        export(repo, commit_id, folder)
+        return _from_folder(folder, dtype, device, device_map)

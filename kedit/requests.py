@@ -1,0 +1,118 @@
+"""Read edit requests from the formats users have: kedit/EasyEdit JSON(L), CounterFact,
+zsRE in the MEND format, and KnowEdit. Each record becomes an `EditRequest`.
+
+The format is recognised per record from its keys, so one file may mix them. A record that
+cannot become a request raises RequestFormatError naming the file, the record and the reason.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+from kedit.errors import KeditError
+from kedit.methods.base import EditRequest
+
+
+class RequestFormatError(KeditError, ValueError):
+    """An edit request file or record kedit cannot read."""
+
+
+def load_records(path: Path) -> list[dict[str, Any]]:
+    """Records of a .json file (a list, or one object) or a .jsonl file (one object a line)."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as e:
+        raise RequestFormatError(f"cannot read {path}: {e.strerror}") from e
+    try:
+        if path.suffix == ".jsonl" or (text.lstrip()[:1] == "{" and "\n{" in text.strip()):
+            return [json.loads(line) for line in text.splitlines() if line.strip()]
+        data = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise RequestFormatError(f"{path} is not valid JSON or JSONL ({e})") from e
+    return data if isinstance(data, list) else [data]
+
+
+def _text(value: Any) -> str:
+    """CounterFact wraps targets as {"str": ...}; lists hold aliases (take the first)."""
+    if isinstance(value, dict):
+        value = value.get("str", "")
+    while isinstance(value, list):  # KnowEdit nests alias lists: [["Dublin"]]
+        value = value[0] if value else ""
+    return str(value or "").strip()
+
+
+def _pairs(section: Any) -> tuple[tuple[str, str], ...]:
+    """Locality/portability in any of the peers' shapes -> (prompt, answer) pairs."""
+    out: list[tuple[str, str]] = []
+    if isinstance(section, dict):
+        if "prompt" in section:  # EasyEdit: {"prompt": [...], "ground_truth": [...]} or scalars
+            prompts, answers = section["prompt"], section.get("ground_truth", "")
+            if isinstance(prompts, list):
+                out += [(str(p), _text(a)) for p, a in zip(prompts, answers, strict=False)]
+            else:
+                out.append((str(prompts), _text(answers)))
+        else:  # KnowEdit: {"Relation_Specificity": [{"prompt", "ground_truth"}, ...], ...}
+            for entries in section.values():
+                out += _pairs(entries)
+    elif isinstance(section, list):
+        for entry in section:
+            out += _pairs(entry)
+    return tuple(out)
+
+
+def _subject_in(prompt: str, subject: str) -> str:
+    """The subject as spelled in the prompt (zsRE questions differ in case now and then)."""
+    if subject in prompt or "{}" in prompt:
+        return subject
+    start = prompt.lower().find(subject.lower())
+    return prompt[start:start + len(subject)] if start >= 0 else subject
+
+
+def record_to_request(record: dict[str, Any]) -> EditRequest:
+    if "requested_rewrite" in record:  # CounterFact
+        rw = record["requested_rewrite"]
+        return EditRequest(
+            prompt=rw["prompt"], subject=rw["subject"], target_new=_text(rw["target_new"]),
+            target_true=_text(rw.get("target_true")) or None,
+            paraphrases=tuple(record.get("paraphrase_prompts", ())),
+            neighbourhood=tuple(record.get("neighborhood_prompts", ())),
+        )
+    if "src" in record and "alt" in record:  # zsRE, MEND format
+        loc = ((record["loc"], _text(record.get("loc_ans"))),) if record.get("loc") else ()
+        return EditRequest(
+            prompt=record["src"], subject=_subject_in(record["src"], record["subject"]),
+            target_new=_text(record["alt"]), target_true=_text(record.get("answers")) or None,
+            paraphrases=(record["rephrase"],) if record.get("rephrase") else (), locality=loc,
+        )
+    if "prompt" in record and "target_new" in record:  # kedit, EasyEdit flat, KnowEdit
+        rephrase = record.get("paraphrases") or record.get("rephrase_prompt") or ()
+        locality = _pairs(record.get("locality", {}))
+        if record.get("locality_prompt"):
+            locality += ((record["locality_prompt"], _text(record.get("locality_ground_truth"))),)
+        return EditRequest(
+            prompt=record["prompt"], subject=_subject_in(record["prompt"], record.get("subject", "")),
+            target_new=_text(record["target_new"]),
+            target_true=_text(record.get("target_true") or record.get("ground_truth")) or None,
+            paraphrases=(rephrase,) if isinstance(rephrase, str) else tuple(rephrase),
+            neighbourhood=tuple(record.get("neighbourhood", ())),
+            locality=locality, portability=_pairs(record.get("portability", {})),
+        )
+    raise ValueError(f"unrecognised record with keys {sorted(record)[:8]}")
+
+
+def load_requests(paths: Iterable[Path]) -> list[EditRequest]:
+    requests: list[EditRequest] = []
+    for path in paths:
+        for i, record in enumerate(load_records(path)):
+            if not isinstance(record, dict):
+                raise RequestFormatError(f"{path}: record {i} is not a JSON object")
+            try:
+                requests.append(record_to_request(record))
+            except (KeyError, ValueError, TypeError) as e:
+                raise RequestFormatError(f"{path}: record {i}: {e}") from e
+    if not requests:
+        raise RequestFormatError("no edit requests found")
+    return requests
