@@ -105,8 +105,28 @@ CREATE TABLE metrics (
 );
 """
 
+_PROBES = """
+CREATE TABLE probes (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    kind TEXT NOT NULL,                -- edit: a fact an edit wrote; locality: a fact no edit may change
+    prompt TEXT NOT NULL,
+    answer TEXT NOT NULL,
+    commit_id TEXT,                    -- for edit probes: the commit that wrote the fact
+    created TEXT NOT NULL,
+    UNIQUE (kind, prompt, answer, commit_id)
+);
+CREATE TABLE probe_outputs (           -- a commit's state never changes, so its outputs can be kept
+    probe_id INTEGER NOT NULL REFERENCES probes(id) ON DELETE CASCADE,
+    commit_id TEXT NOT NULL REFERENCES commits(id) ON DELETE CASCADE,
+    setting TEXT NOT NULL,             -- dtype and device the outputs were computed with
+    predicted TEXT NOT NULL,           -- JSON: argmax token ids at the answer positions
+    accuracy REAL NOT NULL,
+    PRIMARY KEY (probe_id, commit_id, setting)
+);
+"""
+
 # Ordered, named migrations; each runs once, inside a transaction, and is recorded.
-MIGRATIONS: list[tuple[str, str]] = [("0001_initial", _SCHEMA_V1)]
+MIGRATIONS: list[tuple[str, str]] = [("0001_initial", _SCHEMA_V1), ("0002_probes", _PROBES)]
 
 
 def connect(path: Path, *, create: bool = False) -> sqlite_utils.Database:
@@ -125,6 +145,10 @@ def connect(path: Path, *, create: bool = False) -> sqlite_utils.Database:
 
 def migrate(db: sqlite_utils.Database) -> None:
     known = {name for name, _ in MIGRATIONS}
+    if "_kedit_migrations" in db.table_names():  # the common case: readers take no write lock
+        applied = {row[0] for row in db.execute("SELECT name FROM _kedit_migrations").fetchall()}
+        if applied == known:
+            return
     with write(db):
         db.execute("CREATE TABLE IF NOT EXISTS _kedit_migrations (name TEXT PRIMARY KEY, applied TEXT)")
         applied = {row[0] for row in db.execute("SELECT name FROM _kedit_migrations").fetchall()}

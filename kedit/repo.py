@@ -528,17 +528,22 @@ class Repository:
             return []
         head = self._require_head()
         if self.worktree.commit == head and not force:
+            self._refuse_if_dirty()  # before a write command changes anything, not after
             return []
         return self._update_worktree(head, force=force, progress=progress, known_values=known_values)
+
+    def _refuse_if_dirty(self) -> None:
+        assert self.worktree is not None
+        dirty = self.worktree.modified()
+        if dirty:
+            names = ", ".join(sorted(dirty)[:3]) + (" ..." if len(dirty) > 3 else "")
+            raise WorktreeDirtyError(f"the working model has changes kedit did not make: {names}")
 
     def _update_worktree(self, commit_id: str, *, force: bool, progress: bool = False,
                          known_values: dict[str, torch.Tensor] | None = None) -> list[str]:
         assert self.worktree is not None
         if not force:
-            dirty = self.worktree.modified()
-            if dirty:
-                names = ", ".join(sorted(dirty)[:3]) + (" ..." if len(dirty) > 3 else "")
-                raise WorktreeDirtyError(f"the working model has changes kedit did not make: {names}")
+            self._refuse_if_dirty()
         manifest = history.manifest(self.db, commit_id)
         old_files = set(self.worktree.read_index().get("files", []))
         new_files = history.files(self.db, commit_id)

@@ -108,10 +108,18 @@ class Worktree:
         `files` maps config/tokenizer paths to their bytes (None: unchanged, keep the file).
         """
         self.folder.mkdir(parents=True, exist_ok=True)
+        for leftover in self.folder.glob(".tmp-*"):  # from an update killed mid-write (we hold the lock)
+            leftover.unlink(missing_ok=True)
         index = self.read_index()
         entries: dict[str, dict] = index["tensors"]
-        stale = [name for name, m in manifest.items()
-                 if self.current_hash(name, entries.get(name)) != m.hash]
+        stale = []
+        for name, m in manifest.items():
+            entry = entries.get(name)
+            if self.current_hash(name, entry) != m.hash:
+                stale.append(name)
+            elif entry is None or entry["hash"] != m.hash or entry.get("stat") != self._stat(name):
+                # It already holds the value (an interrupted update wrote it): adopt it in the index.
+                entries[name] = {"hash": m.hash, "stat": self._stat(name)}
         removed = [name for name in entries if name not in manifest]
         index["pending"] = {name: manifest[name].hash for name in stale}
         self._write_index(index)
