@@ -84,6 +84,8 @@ def cli(ctx: click.Context, repo_path: Path | None, quiet: bool) -> None:
     ctx.obj["quiet"] = quiet
     if quiet:
         disable_progress_bars()
+    if not progress_enabled():  # transformers and huggingface_hub read this when imported (lazily, later)
+        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     logging.basicConfig(level=logging.WARNING if quiet else logging.INFO, format="kedit: %(message)s",
                         stream=sys.stderr)
     for noisy in ("httpx", "urllib3", "huggingface_hub", "transformers", "filelock", "accelerate"):
@@ -605,6 +607,8 @@ def gc(ctx: click.Context, prune: str, reflog_expire: str, as_json: bool) -> Non
 def main() -> None:
     cli(prog_name="kedit")
 
+
+from kedit import cli_edit  # noqa: E402, F401  (registers edit, stats, eval, check, probe)
 
 if __name__ == "__main__":
     main()

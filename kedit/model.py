@@ -15,6 +15,7 @@ from typing import Any
 import torch
 
 from kedit.errors import KeditError
+from kedit.progress import progress_enabled
 from kedit.repo import Repository
 
 log = logging.getLogger(__name__)
@@ -34,7 +35,10 @@ def parse_dtype(name: str | None) -> torch.dtype | None:
 
 def _from_folder(folder: Path, dtype: torch.dtype | None, device: str, device_map: str | None) -> tuple[Any, Any]:
     from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
 
+    if not progress_enabled():
+        hf_logging.disable_progress_bar()
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise KeditError("--device cuda was asked for, but torch sees no CUDA device")
     kwargs: dict[str, Any] = {"dtype": dtype or "auto"}

@@ -122,6 +122,7 @@ class Method:
     name: str
     hparams_cls: type
     apply: ApplyFn
+    batched: bool = False  # True: one call edits many requests at once (one commit per batch)
 
 
 _REGISTRY: dict[str, Method] = {}
@@ -130,13 +131,13 @@ _REGISTRY: dict[str, Method] = {}
 _BUILTIN_MODULES = {"rome": "kedit.methods.rome"}
 
 
-def register_method(name: str, hparams_cls: type, apply: ApplyFn) -> Method:
+def register_method(name: str, hparams_cls: type, apply: ApplyFn, *, batched: bool = False) -> Method:
     """Register a method under a lower-case name; a second registration of a name is an error."""
     if name != name.lower() or not name.replace("-", "").replace("_", "").isalnum():
         raise ValueError(f"method names are lower-case letters, digits, '-' and '_': {name!r}")
     if name in _REGISTRY:
         raise ValueError(f"a method named {name!r} is already registered")
-    method = Method(name=name, hparams_cls=hparams_cls, apply=apply)
+    method = Method(name=name, hparams_cls=hparams_cls, apply=apply, batched=batched)
     _REGISTRY[name] = method
     return method
 

@@ -1,0 +1,299 @@
+"""Commands that run models: edit, stats, eval, check, probe."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import click
+
+from kedit.cli import _emit_json, _open, _say, cli, json_option
+from kedit.errors import KeditError
+from kedit.progress import progress_enabled
+
+device_option = click.option("--device", default="cpu", show_default=True, help="cpu, cuda or cuda:N.")
+dtype_option = click.option("--dtype", default=None,
+                            help="Compute dtype: float32, bfloat16, float16 (default: as stored).")
+
+
+def _parse_overrides(pairs: tuple[str, ...]) -> dict[str, str]:
+    out = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key.strip():
+            raise click.BadParameter(f"{pair!r} is not key=value", param_hint="--set")
+        out[key.strip()] = value.strip()
+    return out
+
+
+def _locality_arg(text: str) -> tuple[str, str | None]:
+    """'PROMPT=>ANSWER', or just PROMPT (the answer is then what the model says now)."""
+    prompt, sep, answer = text.partition("=>")
+    return (prompt.strip(), answer.strip() if sep else None)
+
+
+def _greedy_answer(model, tok, prompt: str, n_tokens: int = 4) -> str:
+    from kedit.evaluate import _greedy
+
+    ids = _greedy(model, tok, [prompt], [n_tokens])[0]
+    return tok.decode(ids, skip_special_tokens=True).strip() or tok.decode(ids)
+
+
+@cli.command()
+@click.option("--method", default="rome", show_default=True, help="The editing method.")
+@click.option("--prompt", help="The prompt, holding the subject (or {} in its place).")
+@click.option("--subject", help="The subject whose fact changes.")
+@click.option("--target", help="The new completion.")
+@click.option("--target-true", help="The current (true) completion, for CounterFact scores.")
+@click.option("--paraphrase", multiple=True, help="A paraphrase of the prompt (repeatable).")
+@click.option("--locality", multiple=True,
+              help="An unrelated prompt that must not change, as PROMPT or PROMPT=>ANSWER.")
+@click.option("--requests", "request_files", multiple=True,
+              type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="Edit requests: kedit/EasyEdit JSON(L), CounterFact, zsRE (MEND format), KnowEdit.")
+@click.option("--set", "overrides", multiple=True, help="Override a hyper-parameter: key=value (repeatable).")
+@click.option("--hparams", "hparams_file", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="Hyper-parameters from a YAML file (EasyEdit files work).")
+@click.option("--corpus", type=click.Path(exists=True, path_type=Path),
+              help="Text for covariance statistics (file or folder); default: text the model generates.")
+@click.option("--stats-samples", type=int, help="Texts behind the covariance statistics.")
+@click.option("--batch-size", type=int, help="Requests per commit (default: 1, or all for batch methods).")
+@click.option("--no-eval", is_flag=True, help="Skip the before/after measurements.")
+@click.option("--fluency", is_flag=True, help="Also measure fluency (n-gram entropy of 100-token generations).")
+@click.option("-m", "--message", help="Commit message (single request).")
+@device_option
+@dtype_option
+@json_option
+@click.pass_context
+def edit(ctx: click.Context, method: str, prompt: str | None, subject: str | None, target: str | None,
+         target_true: str | None, paraphrase: tuple[str, ...], locality: tuple[str, ...],
+         request_files: tuple[Path, ...], overrides: tuple[str, ...], hparams_file: Path | None,
+         corpus: Path | None, stats_samples: int | None, batch_size: int | None, no_eval: bool, fluency: bool,
+         message: str | None, device: str, dtype: str | None, as_json: bool) -> None:
+    """Edit a fact; each edit becomes a commit with its measured effect.
+
+    \b
+    Example:
+        kedit edit --prompt "The mother tongue of Danielle Darrieux is" \\
+                   --subject "Danielle Darrieux" --target "English" --target-true "French"
+        kedit edit --requests counterfact.json --set layer=4
+    """
+    from kedit.editing import EditOptions, run_edits
+    from kedit.methods.base import EditRequest, get_method
+    from kedit.model import parse_dtype
+    from kedit.requests import load_requests
+
+    repo = _open(ctx)
+    try:
+        get_method(method)
+    except KeyError as e:
+        raise KeditError(str(e.args[0])) from e
+    requests = load_requests(request_files) if request_files else []
+    if prompt or subject or target:
+        if not (prompt and subject and target):
+            raise click.UsageError("--prompt, --subject and --target go together")
+        explicit = [_locality_arg(t) for t in locality]
+        try:
+            request = EditRequest(prompt=prompt, subject=subject, target_new=target, target_true=target_true,
+                                  paraphrases=paraphrase, locality=tuple((p, a) for p, a in explicit if a))
+        except ValueError as e:
+            raise KeditError(f"bad request: {e}") from e
+        open_prompts = [p for p, a in explicit if a is None]
+        if open_prompts:  # answers for locality prompts: what the model says before the edit
+            from kedit.model import load_model
+
+            model, tok = load_model(repo, "HEAD", dtype=parse_dtype(dtype), device=device)
+            request = EditRequest(**{**request.__dict__, "locality": request.locality + tuple(
+                (p, _greedy_answer(model, tok, p)) for p in open_prompts)})
+            del model
+        requests.append(request)
+    if not requests:
+        raise click.UsageError("give --prompt/--subject/--target or --requests FILE")
+    options = EditOptions(method=method, overrides=_parse_overrides(overrides), hparams_file=hparams_file,
+                          corpus=corpus, stats_samples=stats_samples, dtype=parse_dtype(dtype), device=device,
+                          batch_size=batch_size, measure=not no_eval, fluency=fluency, message=message,
+                          progress=progress_enabled())
+    commits = run_edits(repo, requests, options)
+    if as_json:
+        _emit_json([{"id": c.id, "message": c.message, "info": c.info,
+                     "metrics": [m.__dict__ for m in c.metrics]} for c in commits])
+        return
+    for c in commits:
+        click.echo(f"[{repo.head_branch() or 'detached'} {c.short}] {c.message}")
+        post = {m.name: m.value for m in c.metrics if m.stage == "post"}
+        pre = {m.name: m.value for m in c.metrics if m.stage == "pre"}
+        if post:
+            click.echo("  " + "  ".join(f"{k} {pre.get(k, math.nan):.2f}->{v:.2f}" for k, v in post.items()))
+
+
+@cli.command()
+@click.option("--layer", type=int, multiple=True, help="Layer(s) to compute (default: the method's layer).")
+@click.option("--method", default="rome", show_default=True, help="Whose projection and defaults to use.")
+@click.option("--corpus", type=click.Path(exists=True, path_type=Path),
+              help="Plain text (one sample per line or paragraph), JSONL with a text field, or a folder of them.")
+@click.option("--samples", type=int, help="Number of texts (default: the method's mom2_n_samples).")
+@click.option("--set", "overrides", multiple=True, help="Override a hyper-parameter: key=value.")
+@device_option
+@dtype_option
+@click.pass_context
+def stats(ctx: click.Context, layer: tuple[int, ...], method: str, corpus: Path | None, samples: int | None,
+          overrides: tuple[str, ...], device: str, dtype: str | None) -> None:
+    """Compute and cache the covariance E[kkᵀ] of a layer's keys on the base model.
+
+    Streaming and resumable: an interrupted run continues where it stopped.
+
+    \b
+    Example:
+        kedit stats --layer 5 --samples 20000 --corpus wiki.jsonl
+    """
+    from kedit.editing import EditOptions, StatsProvider
+    from kedit.methods.base import get_method
+    from kedit.methods.hparams import hparams_from_overrides
+    from kedit.model import load_model, parse_dtype
+
+    repo = _open(ctx)
+    base = repo.log("HEAD")[-1].id
+    model, tok = load_model(repo, base, dtype=parse_dtype(dtype), device=device)
+    hp = hparams_from_overrides(get_method(method).hparams_cls, model, _parse_overrides(overrides))
+    options = EditOptions(method=method, corpus=corpus, stats_samples=samples, device=device,
+                          dtype=parse_dtype(dtype), progress=progress_enabled())
+    provider = StatsProvider(repo, options, hp, (model, tok), base)
+    from kedit.arch import arch_for
+
+    for lay in layer or (hp.layer,):
+        module = arch_for(model).out_proj(lay)
+        c = provider(module, lay)
+        click.echo(f"layer {lay} ({module}): E[kkᵀ] {tuple(c.shape)}, trace {float(c.trace()):.4g}, cached")
+
+
+@cli.command(name="eval")
+@click.argument("rev", default="HEAD")
+@click.option("--suite", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="Requests to score (any request format); default: the edits in effect at REV.")
+@click.option("--fluency", is_flag=True, help="Also measure fluency.")
+@device_option
+@dtype_option
+@json_option
+@click.pass_context
+def eval_(ctx: click.Context, rev: str, suite: Path | None, fluency: bool, device: str, dtype: str | None,
+          as_json: bool) -> None:
+    """Measure REV: reliability, generalization, locality, portability, CounterFact scores.
+
+    Locality compares with the base model's outputs. Results are stored with the commit and
+    shown by log and show.
+
+    \b
+    Example:
+        kedit eval HEAD --suite probes.json --json
+    """
+    from kedit.evaluation import evaluate_revision
+    from kedit.model import parse_dtype
+
+    repo = _open(ctx)
+    metrics = evaluate_revision(repo, rev, suite=suite, fluency=fluency, dtype=parse_dtype(dtype), device=device)
+    if as_json:
+        _emit_json([m.__dict__ for m in metrics])
+        return
+    for m in metrics:
+        click.echo(f"{m.name:<16} {m.value:8.4f}  ({m.protocol})")
+
+
+@cli.command()
+@click.argument("rev", default="HEAD")
+@click.option("--threshold", type=float, default=0.1, show_default=True,
+              help="A probe breaks when its score falls more than this below the parent's.")
+@device_option
+@dtype_option
+@json_option
+@click.pass_context
+def check(ctx: click.Context, rev: str, threshold: float, device: str, dtype: str | None, as_json: bool) -> None:
+    """Re-run the probe suite at REV against its parent and the base; exit 1 if anything broke.
+
+    Run it in CI after every edit.
+
+    \b
+    Example:
+        kedit check && echo "no regressions"
+    """
+    from kedit.model import load_model, parse_dtype
+    from kedit.probes import check as run_check
+
+    repo = _open(ctx)
+    torch_dtype = parse_dtype(dtype)
+    report = run_check(repo, rev, lambda c: load_model(repo, c, dtype=torch_dtype, device=device),
+                       threshold=threshold, setting=f"{device}/{dtype or 'auto'}")
+    if as_json:
+        _emit_json({"commit": report.commit_id, "ok": not report.broken, "summary": report.summary(),
+                    "results": [{"probe": r.probe.__dict__, "base": r.base, "parent": r.parent, "now": r.now,
+                                 "broke": r.broke} for r in report.results]})
+    else:
+        if not report.results:
+            _say(ctx, "the probe suite is empty (kedit edit adds probes; or kedit probe add)")
+        for r in report.results:
+            mark = click.style("BROKE", fg="red") if r.broke else "ok   "
+            parent = "-" if r.parent is None else f"{r.parent:.2f}"
+            click.echo(f"{mark} {r.probe.kind:<8} #{r.probe.id:<4} {parent}->{r.now:.2f}  "
+                       f"{r.probe.prompt!r} -> {r.probe.answer!r}")
+        summary = ", ".join(f"{k} {v:.3f}" for k, v in report.summary().items())
+        click.echo(f"{len(report.broken)} broken of {len(report.results)} probes"
+                   + (f" ({summary})" if summary else ""))
+    if report.broken:
+        raise SystemExit(1)
+
+
+@cli.group()
+def probe() -> None:
+    """Manage the probe suite that kedit check runs."""
+
+
+@probe.command(name="add")
+@click.option("--prompt", "prompts", multiple=True, required=True, help="A prompt (repeatable).")
+@click.option("--answer", "answers", multiple=True, help="Its answer (default: what the base model says now).")
+@click.option("--kind", type=click.Choice(["locality", "edit"]), default="locality", show_default=True)
+@click.pass_context
+def probe_add(ctx: click.Context, prompts: tuple[str, ...], answers: tuple[str, ...], kind: str) -> None:
+    """Add probes; a locality probe's answer defaults to the base model's own completion.
+
+    \b
+    Example:
+        kedit probe add --prompt "The capital of Germany is" --answer Berlin
+    """
+    from kedit.probes import add_probes
+
+    repo = _open(ctx)
+    if answers and len(answers) != len(prompts):
+        raise click.UsageError("give one --answer per --prompt, or none")
+    if not answers:
+        from kedit.model import load_model
+
+        model, tok = load_model(repo, repo.log("HEAD")[-1].id)
+        answers = tuple(_greedy_answer(model, tok, p) for p in prompts)
+    added = add_probes(repo, [(kind, p, a, None) for p, a in zip(prompts, answers, strict=True)])
+    for p in added:
+        click.echo(f"#{p.id} {p.kind}: {p.prompt!r} -> {p.answer!r}")
+
+
+@probe.command(name="list")
+@json_option
+@click.pass_context
+def probe_list(ctx: click.Context, as_json: bool) -> None:
+    """List the probes."""
+    from kedit.probes import list_probes
+
+    probes = list_probes(_open(ctx))
+    if as_json:
+        _emit_json([p.__dict__ for p in probes])
+        return
+    for p in probes:
+        origin = f" (edit {p.commit_id[:12]})" if p.commit_id else ""
+        click.echo(f"#{p.id:<4} {p.kind:<8} {p.prompt!r} -> {p.answer!r}{origin}")
+
+
+@probe.command(name="rm")
+@click.argument("probe_id", type=int)
+@click.pass_context
+def probe_rm(ctx: click.Context, probe_id: int) -> None:
+    """Remove a probe by id."""
+    from kedit.probes import remove_probe
+
+    remove_probe(_open(ctx), probe_id)

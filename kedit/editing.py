@@ -1,0 +1,163 @@
+"""`kedit edit`: run a method on HEAD's model, commit its delta, measure the edit.
+
+For each batch of requests (one request per commit for single-edit methods such as ROME):
+  1. measure the model before the edit (reliability, generalization, locality reference, ...),
+  2. ask the method for deltas (it never writes the repository),
+  3. commit them (the engine applies them with its canonical arithmetic),
+  4. copy the committed tensors into the in-memory model and measure again,
+  5. store both sets of metrics with the commit and add the edit to the probe suite.
+
+Covariance statistics a method asks for are computed on the base model and cached under
+`.kedit/stats/`, keyed by the base commit, layer, corpus and sample count.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+import math
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from kedit import evaluate, history
+from kedit.errors import KeditError
+from kedit.methods.base import EditRequest, get_method
+from kedit.methods.hparams import hparams_from_overrides, hparams_to_dict
+from kedit.model import load_model
+from kedit.probes import add_probes
+from kedit.repo import CommitInfo, Metric, Repository
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class EditOptions:
+    method: str = "rome"
+    overrides: dict[str, str] = field(default_factory=dict)
+    hparams_file: Path | None = None
+    corpus: Path | None = None  # text for covariance statistics; None: text the model generates
+    stats_samples: int | None = None  # None: the method's hparams decide
+    dtype: torch.dtype | None = None
+    device: str = "cpu"
+    batch_size: int | None = None  # requests per commit; None: 1 for single-edit methods, all for batched
+    measure: bool = True
+    fluency: bool = False
+    message: str | None = None
+    progress: bool = False
+
+
+def locality_pairs(request: EditRequest) -> list[tuple[str, str]]:
+    """Unrelated facts to keep: explicit locality pairs, and neighbourhood prompts with the true answer."""
+    pairs = list(request.locality)
+    if request.target_true:
+        pairs += [(p, request.target_true) for p in request.neighbourhood]
+    return pairs
+
+
+def measure(model: Any, tok: Any, requests: Sequence[EditRequest], reference: list[list[int]] | None,
+            *, fluency: bool = False) -> list[evaluate.Metric]:
+    """Every metric the requests carry data for."""
+    metrics = [evaluate.reliability(model, tok, requests)]
+    for fn in (evaluate.generalization, evaluate.portability):
+        m = fn(model, tok, requests)
+        if m.n:
+            metrics.append(m)
+    pairs = [p for r in requests for p in locality_pairs(r)]
+    if pairs and reference is not None:
+        metrics.append(evaluate.locality(model, tok, pairs, reference))
+    if all(r.target_true for r in requests):
+        metrics += [m for m in evaluate.counterfact_scores(model, tok, requests).values() if m.n]
+    if fluency:
+        metrics.append(evaluate.fluency(model, tok, [r.text for r in requests]))
+    return metrics
+
+
+def _as_repo_metrics(metrics: list[evaluate.Metric], stage: str, suite: str = "") -> list[Metric]:
+    return [Metric(m.name, m.value, m.protocol, stage, suite) for m in metrics if not math.isnan(m.value)]
+
+
+class StatsProvider:
+    """Second moments for a method, computed on the base model once and cached.
+
+    `current` is a model already in memory at commit `current_commit`; it is used when that
+    commit is the base, and the base is loaded otherwise.
+    """
+
+    def __init__(self, repo: Repository, options: EditOptions, hparams: Any, current: tuple[Any, Any],
+                 current_commit: str) -> None:
+        self.repo, self.options, self.hparams = repo, options, hparams
+        self.current, self.current_commit = current, current_commit
+        self.base = history.ancestors(repo.db, current_commit)[-1]
+
+    def __call__(self, module_name: str, layer: int) -> torch.Tensor:
+        from kedit.methods.stats import GeneratedSource, StatsCache, cached_second_moment, corpus_source
+
+        n = self.options.stats_samples or getattr(self.hparams, "mom2_n_samples", 10000)
+        model, tok = self.current
+        if self.current_commit != self.base:
+            model, tok = load_model(self.repo, self.base, dtype=self.options.dtype, device=self.options.device)
+        source = corpus_source(self.options.corpus) if self.options.corpus else GeneratedSource(model, tok, n)
+        return cached_second_moment(model, tok, layer, module_name, source, n_samples=n,
+                                    cache=StatsCache(self.repo.path / "stats"), base_hash=self.base,
+                                    progress=self.options.progress)
+
+
+def _apply_method(method: Any, model: Any, tok: Any, batch: list[EditRequest], hparams: Any,
+                  stats: Callable[[str, int], torch.Tensor]) -> Any:
+    kwargs = {}
+    if "stats_provider" in inspect.signature(method.apply).parameters:
+        kwargs["stats_provider"] = stats
+    try:
+        return method.apply(model, tok, batch, hparams, **kwargs)
+    except ValueError as e:  # methods report bad requests and hyper-parameters as ValueError
+        raise KeditError(f"{method.name}: {e}") from e
+
+
+def run_edits(repo: Repository, requests: list[EditRequest], options: EditOptions) -> list[CommitInfo]:
+    """Edit the model at HEAD with `requests`, one commit per batch; returns the commits made."""
+    try:
+        method = get_method(options.method)
+    except KeyError as e:
+        raise KeditError(str(e.args[0])) from e
+    model, tok = load_model(repo, "HEAD", dtype=options.dtype, device=options.device)
+    try:
+        hparams = hparams_from_overrides(method.hparams_cls, model, options.overrides, options.hparams_file)
+    except (ValueError, TypeError, OSError) as e:
+        raise KeditError(f"bad hyper-parameters for {method.name}: {e}") from e
+    stats = StatsProvider(repo, options, hparams, (model, tok), repo.head())
+    size = options.batch_size or (len(requests) if method.batched else 1)
+    commits = []
+    for start in range(0, len(requests), size):
+        batch = requests[start:start + size]
+        pairs = [p for r in batch for p in locality_pairs(r)]
+        reference = evaluate.locality_reference(model, tok, pairs) if pairs and options.measure else None
+        pre = measure(model, tok, batch, reference, fluency=options.fluency) if options.measure else []
+        t0 = time.perf_counter()
+        result = _apply_method(method, model, tok, batch, hparams, stats)
+        edit_s = time.perf_counter() - t0
+        info = {**result.info, "edit_seconds": round(edit_s, 3)}
+        commit = repo.commit(result.deltas, adapters=result.adapters, requests=[r.to_dict() for r in batch],
+                             method=method.name, hparams=hparams_to_dict(hparams), info=info,
+                             message=options.message if len(requests) == 1 else None)
+        _load_committed(repo, model, commit.id, result.deltas)
+        post = measure(model, tok, batch, reference, fluency=options.fluency) if options.measure else []
+        repo.record_metrics(commit.id, _as_repo_metrics(pre, "pre") + _as_repo_metrics(post, "post"))
+        add_probes(repo, [("edit", r.text, r.target_new, commit.id) for r in batch]
+                   + [("locality", p, a, None) for p, a in pairs])
+        commits.append(repo.get_commit(commit.id))
+        log.info("committed %s: %s", commit.short, commit.message)
+    return commits
+
+
+@torch.no_grad()
+def _load_committed(repo: Repository, model: Any, commit_id: str, deltas: dict[str, Any]) -> None:
+    """Put the committed values (the engine's canonical arithmetic) into the in-memory model."""
+    values = repo.materialize(commit_id, names=list(deltas))
+    params = dict(model.named_parameters())
+    for name, value in values.items():
+        params[name].copy_(value.to(params[name].device))

@@ -1,0 +1,49 @@
+"""`kedit eval`: measure a revision on a request suite, or on the edits in effect at it."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from kedit import evaluate, history
+from kedit.editing import _as_repo_metrics, locality_pairs, measure
+from kedit.errors import KeditError
+from kedit.methods.base import EditRequest
+from kedit.model import load_model
+from kedit.probes import edits_in_effect
+from kedit.repo import Metric, Repository
+from kedit.requests import load_requests
+
+HISTORY_SUITE = "history"
+
+
+def edited_requests(repo: Repository, commit_id: str) -> list[EditRequest]:
+    """The requests of every edit in effect at `commit_id`, oldest first."""
+    active = edits_in_effect(repo, commit_id)
+    requests = []
+    for cid in reversed(history.ancestors(repo.db, commit_id)):
+        if cid in active:
+            requests += [EditRequest.from_dict(r) for r in repo.get_commit(cid).requests]
+    return requests
+
+
+def evaluate_revision(repo: Repository, rev: str, *, suite: Path | None = None, fluency: bool = False,
+                      dtype: torch.dtype | None = None, device: str = "cpu") -> list[Metric]:
+    """Score `rev` and store the scores with it (stage 'eval'); locality is measured against the base."""
+    commit_id = repo.resolve(rev)
+    requests = load_requests([suite]) if suite else edited_requests(repo, commit_id)
+    if not requests:
+        raise KeditError(f"nothing to evaluate at {rev}: no edits in effect", hint="pass --suite FILE")
+    name = suite.name if suite else HISTORY_SUITE
+    pairs = [p for r in requests for p in locality_pairs(r)]
+    reference = None
+    if pairs:
+        base = history.ancestors(repo.db, commit_id)[-1]
+        base_model, base_tok = load_model(repo, base, dtype=dtype, device=device)
+        reference = evaluate.locality_reference(base_model, base_tok, pairs)
+        del base_model
+    model, tok = load_model(repo, commit_id, dtype=dtype, device=device)
+    metrics = _as_repo_metrics(measure(model, tok, requests, reference, fluency=fluency), "eval", name)
+    repo.record_metrics(commit_id, metrics)
+    return metrics

@@ -1,0 +1,163 @@
+"""The repository's probe suite, and `kedit check`: did this commit break anything?
+
+Two kinds of probe:
+  - edit: a fact an edit wrote (its prompt and new target). It is checked wherever that edit
+    is in effect, so a later edit that undoes it is caught.
+  - locality: a fact no edit should change. Its score is the fraction of answer tokens whose
+    argmax equals the base model's (EasyEdit's teacher-forced agreement).
+
+`check(rev)` scores every probe at `rev`, at its parent and at the base, and reports the
+probes whose score at `rev` fell more than `threshold` below the parent's. Outputs are kept
+per commit (a commit's state never changes), so re-running a check is cheap.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+from kedit import db as dbm
+from kedit import history
+from kedit.errors import KeditError
+from kedit.evaluate import teacher_forced
+from kedit.refs import now_iso
+from kedit.repo import Repository
+
+KINDS = ("edit", "locality")
+DEFAULT_THRESHOLD = 0.1
+
+ModelLoader = Callable[[str], tuple[Any, Any]]  # commit id -> (model, tokenizer)
+
+
+@dataclass(frozen=True)
+class Probe:
+    id: int
+    kind: str
+    prompt: str
+    answer: str
+    commit_id: str | None
+
+
+def add_probes(repo: Repository, probes: Iterable[tuple[str, str, str, str | None]]) -> list[Probe]:
+    """Add (kind, prompt, answer, commit_id) probes; existing ones are kept, not duplicated."""
+    rows = []
+    for kind, prompt, answer, commit_id in probes:
+        if kind not in KINDS:
+            raise KeditError(f"unknown probe kind {kind!r}; use one of {', '.join(KINDS)}")
+        if not prompt.strip() or not answer.strip():
+            raise KeditError("a probe needs a non-empty prompt and answer")
+        rows.append({"kind": kind, "prompt": prompt, "answer": answer, "commit_id": commit_id, "created": now_iso()})
+    with dbm.write(repo.db):
+        for row in rows:
+            repo.db.execute("""INSERT OR IGNORE INTO probes (kind, prompt, answer, commit_id, created)
+                               VALUES (:kind, :prompt, :answer, :commit_id, :created)""", row)
+    wanted = {(r["kind"], r["prompt"], r["answer"], r["commit_id"]) for r in rows}
+    return [p for p in list_probes(repo) if (p.kind, p.prompt, p.answer, p.commit_id) in wanted]
+
+
+def list_probes(repo: Repository) -> list[Probe]:
+    return dbm.rows(repo.db, "SELECT id, kind, prompt, answer, commit_id FROM probes ORDER BY id", factory=Probe)
+
+
+def remove_probe(repo: Repository, probe_id: int) -> None:
+    with dbm.write(repo.db):
+        if repo.db.execute("DELETE FROM probes WHERE id = ?", [probe_id]).rowcount == 0:
+            raise KeditError(f"no probe with id {probe_id}", hint="kedit probe list")
+
+
+def edits_in_effect(repo: Repository, commit_id: str) -> set[str]:
+    """Edit commits whose change is in effect at `commit_id` (reverts and re-applies followed)."""
+    active: set[str] = set()
+    for cid in reversed(history.ancestors(repo.db, commit_id)):
+        commit = repo.get_commit(cid)
+        if commit.kind == "edit":
+            active.add(cid)
+        elif commit.kind == "revert":
+            target = commit.info.get("reverts")
+            if target in active:
+                active.discard(target)
+            elif target and repo.get_commit(target).kind == "revert":
+                active.add(repo.get_commit(target).info.get("reverts"))
+    return active
+
+
+def probe_outputs(repo: Repository, commit_id: str, probes: list[Probe], load: ModelLoader,
+                  setting: str) -> dict[int, tuple[list[int], float]]:
+    """Argmax ids and accuracy of each probe at `commit_id`, computed once and kept."""
+    known = {pid: (json.loads(pred), acc) for pid, pred, acc in repo.db.execute(
+        "SELECT probe_id, predicted, accuracy FROM probe_outputs WHERE commit_id = ? AND setting = ?",
+        [commit_id, setting])}
+    missing = [p for p in probes if p.id not in known]
+    if missing:
+        model, tok = load(commit_id)
+        results = teacher_forced(model, tok, [p.prompt for p in missing], [p.answer for p in missing])
+        with dbm.write(repo.db):
+            for p, r in zip(missing, results, strict=True):
+                known[p.id] = (list(r.predicted), r.accuracy)
+                repo.db.execute("INSERT OR REPLACE INTO probe_outputs VALUES (?, ?, ?, ?, ?)",
+                                [p.id, commit_id, setting, json.dumps(list(r.predicted)), r.accuracy])
+    return {p.id: known[p.id] for p in probes}
+
+
+@dataclass
+class ProbeResult:
+    probe: Probe
+    base: float | None  # locality: agreement with the base is 1 by definition; edit: accuracy
+    parent: float | None
+    now: float
+    broke: bool
+
+
+@dataclass
+class CheckReport:
+    commit_id: str
+    parent_id: str | None
+    threshold: float
+    results: list[ProbeResult] = field(default_factory=list)
+
+    @property
+    def broken(self) -> list[ProbeResult]:
+        return [r for r in self.results if r.broke]
+
+    def summary(self) -> dict[str, float]:
+        out = {}
+        for kind in KINDS:
+            scores = [r.now for r in self.results if r.probe.kind == kind]
+            if scores:
+                out[kind] = sum(scores) / len(scores)
+        return out
+
+
+def _agreement(a: list[int], b: list[int]) -> float:
+    return sum(x == y for x, y in zip(a, b, strict=True)) / len(b)
+
+
+def check(repo: Repository, rev: str, load: ModelLoader, *, threshold: float = DEFAULT_THRESHOLD,
+          setting: str = "cpu/auto") -> CheckReport:
+    """Score the probe suite at `rev`, its parent and the base; flag what regressed."""
+    commit_id = repo.resolve(rev)
+    parent = repo.get_commit(commit_id).parent
+    base = history.ancestors(repo.db, commit_id)[-1]
+    probes = list_probes(repo)
+    report = CheckReport(commit_id, parent, threshold)
+    if not probes:
+        return report
+    in_effect = edits_in_effect(repo, commit_id)
+    locality = [p for p in probes if p.kind == "locality"]
+    edits_now = [p for p in probes if p.kind == "edit" and p.commit_id in in_effect]
+    before = edits_in_effect(repo, parent) if parent else set()
+    edits_before = [p for p in edits_now if p.commit_id in before]
+    now = probe_outputs(repo, commit_id, locality + edits_now, load, setting)
+    base_out = probe_outputs(repo, base, locality, load, setting)
+    parent_out = probe_outputs(repo, parent, locality + edits_before, load, setting) if parent else {}
+    for p in locality:
+        score = _agreement(now[p.id][0], base_out[p.id][0])
+        previous = _agreement(parent_out[p.id][0], base_out[p.id][0]) if parent else 1.0
+        report.results.append(ProbeResult(p, 1.0, previous, score, score < previous - threshold))
+    for p in edits_now:
+        previous = parent_out[p.id][1] if p.id in parent_out else None
+        broke = previous is not None and now[p.id][1] < previous - threshold
+        report.results.append(ProbeResult(p, None, previous, now[p.id][1], broke))
+    return report
