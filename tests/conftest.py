@@ -5,33 +5,13 @@ Every test runs offline, without progress bars, with the Hugging Face cache in a
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 import torch
-import transformers
 
 from kedit.repo import Repository
-
-# Tiny configs of the real architectures (2 layers, 32-64 wide): enough to exercise every code path.
-TINY_CONFIGS: dict[str, Callable[[], transformers.PretrainedConfig]] = {
-    "gpt2": lambda: transformers.GPT2Config(n_embd=32, n_layer=2, n_head=2, vocab_size=128, n_positions=64,
-                                            bos_token_id=0, eos_token_id=0),
-    "gptj": lambda: transformers.GPTJConfig(n_embd=32, n_layer=2, n_head=2, vocab_size=128, n_positions=64,
-                                            rotary_dim=8, bos_token_id=0, eos_token_id=0),
-    "gpt_neox": lambda: transformers.GPTNeoXConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                                                   intermediate_size=64, vocab_size=128, bos_token_id=0,
-                                                   eos_token_id=0),
-    "llama": lambda: transformers.LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                              num_attention_heads=4, num_key_value_heads=2, vocab_size=128,
-                                              tie_word_embeddings=True),
-    "qwen2": lambda: transformers.Qwen2Config(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                              num_attention_heads=4, num_key_value_heads=2, vocab_size=128),
-    "gemma": lambda: transformers.GemmaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                              num_attention_heads=4, num_key_value_heads=2, head_dim=8,
-                                              vocab_size=128),
-}
+from tests.tiny import make_model
 
 
 @pytest.fixture(autouse=True)
@@ -46,10 +26,8 @@ def _offline_env(monkeypatch: pytest.MonkeyPatch, tmp_path_factory: pytest.TempP
 
 
 def build_tiny_model(arch: str, folder: Path, dtype: torch.dtype = torch.float32, seed: int = 0) -> Path:
-    """Save a randomly initialised tiny model of `arch` as a Hugging Face folder."""
-    torch.manual_seed(seed)
-    model = transformers.AutoModelForCausalLM.from_config(TINY_CONFIGS[arch]()).to(dtype)
-    model.save_pretrained(folder)
+    """Save a randomly initialised tiny model of `arch` (tests/tiny.py) as a Hugging Face folder."""
+    make_model(arch, vocab=128, seed=seed).to(dtype).save_pretrained(folder)
     return folder
 
 

@@ -33,7 +33,8 @@ def test_init_stores_every_tensor_of_the_default_model(smol_repo: Repository) ->
     manifest = smol_repo.manifest()
     assert len(manifest) == 272
     assert manifest[DOWN5].shape == (576, 1536) and manifest[DOWN5].dtype == "F32"
-    assert sum(e.nbytes for e in manifest.values()) == 538_060_032  # 134,515,008 fp32 parameters (the tied lm_head is stored once)
+    # 134,515,008 fp32 parameters: the tied lm_head is stored once
+    assert sum(e.nbytes for e in manifest.values()) == 538_060_032
     assert "SmolLM2-135M-Instruct" in smol_repo.log()[0].message
 
 

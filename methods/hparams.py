@@ -1,0 +1,167 @@
+"""Hyper-parameters from defaults, a YAML file and `key=value` strings, for any method's dataclass.
+
+A method's hyper-parameter class is a dataclass with a `for_model(model)` classmethod giving
+per-architecture defaults and a `__post_init__` that validates. This module layers a YAML
+file and then command-line overrides on top, converting each string to the field's type, and
+serialises back to a JSON-friendly dict so a commit can record exactly what ran.
+
+Caveats: unknown keys are an error when they come from the user (a typo must not be silently
+ignored) and a warning when they come from a stored record written by another kedit version.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import types
+import typing
+from pathlib import Path
+from typing import Any, TypeVar
+
+import yaml
+
+__all__ = ["hparams_from_dict", "hparams_from_overrides", "hparams_to_dict", "parse_value"]
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+_TRUE = {"true", "yes", "on", "1"}
+_FALSE = {"false", "no", "off", "0"}
+
+
+def _coerce(name: str, value: Any, tp: Any) -> Any:
+    """Convert `value` (parsed YAML or a Python value) to the annotated type `tp`."""
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(name, value, arg)
+            except ValueError as e:
+                errors.append(str(e))
+        raise ValueError(f"{name}: {value!r} fits none of {tp}: {'; '.join(errors)}")
+    if tp is Any:
+        return value
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in _TRUE | _FALSE:
+            return value.lower() in _TRUE
+        if isinstance(value, int) and value in (0, 1):
+            return bool(value)
+        raise ValueError(f"{name} must be true or false, got {value!r}")
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int | str | float):
+            raise ValueError(f"{name} must be an integer, got {value!r}")
+        try:
+            as_float = float(value)
+        except ValueError:
+            raise ValueError(f"{name} must be an integer, got {value!r}") from None
+        if not as_float.is_integer():
+            raise ValueError(f"{name} must be an integer, got {value!r}")
+        return int(as_float)
+    if tp is float:
+        if isinstance(value, bool):
+            raise ValueError(f"{name} must be a number, got {value!r}")
+        try:
+            return float(value)
+        except (TypeError, ValueError):
+            raise ValueError(f"{name} must be a number, got {value!r}") from None
+    if tp is str:
+        if not isinstance(value, str):
+            raise ValueError(f"{name} must be a string, got {value!r}")
+        return value
+    if origin in (tuple, list):
+        if isinstance(value, str):
+            value = yaml.safe_load(value)
+        if not isinstance(value, list | tuple):
+            raise ValueError(f"{name} must be a list, got {value!r}")
+        if origin is tuple and len(args) == 2 and args[1] is Ellipsis:
+            return tuple(_coerce(f"{name}[{i}]", v, args[0]) for i, v in enumerate(value))
+        if origin is tuple and args:
+            if len(args) != len(value):
+                raise ValueError(f"{name} must have {len(args)} items, got {value!r}")
+            return tuple(
+                _coerce(f"{name}[{i}]", v, a) for i, (v, a) in enumerate(zip(value, args, strict=True))
+            )
+        item = args[0] if args else Any
+        return origin(_coerce(f"{name}[{i}]", v, item) for i, v in enumerate(value))
+    return value
+
+
+def parse_value(name: str, text: str, tp: Any) -> Any:
+    """Parse a command-line string for a field of type `tp` (YAML syntax: 1e-3, true, [5, 10])."""
+    if tp is str or (typing.get_origin(tp) in (typing.Union, types.UnionType) and str in typing.get_args(tp)):
+        if text.lower() in ("none", "null") and type(None) in typing.get_args(tp):
+            return None
+        return text
+    return _coerce(name, yaml.safe_load(text), tp)
+
+
+def _field_types(cls: type) -> dict[str, Any]:
+    hints = typing.get_type_hints(cls)
+    return {f.name: hints[f.name] for f in dataclasses.fields(cls) if f.init}
+
+
+def hparams_from_dict(cls: type[T], base: T, values: dict[str, Any], *, strict: bool = True) -> T:
+    """`base` with `values` (already parsed: numbers, lists) replacing fields; validated again.
+
+    strict: unknown keys raise ValueError (user input); otherwise they are logged and dropped
+    (records written by another kedit version).
+    """
+    types_ = _field_types(cls)
+    unknown = sorted(set(values) - set(types_))
+    if unknown:
+        msg = (
+            f"unknown {cls.__name__} field(s) {', '.join(unknown)}; known fields: {', '.join(sorted(types_))}"
+        )
+        if strict:
+            raise ValueError(msg)
+        log.warning("%s (ignored)", msg)
+    changes = {k: _coerce(k, v, types_[k]) for k, v in values.items() if k in types_}
+    return dataclasses.replace(base, **changes)  # type: ignore[type-var]
+
+
+def hparams_from_overrides(
+    cls: type[T], model: Any, overrides: dict[str, str] | None = None, yaml_path: str | Path | None = None
+) -> T:
+    """Defaults for `model`, then a YAML file's keys, then `key=value` strings from the CLI.
+
+    Example:
+        hp = hparams_from_overrides(ROMEHyperParams, model, {"layer": "6", "mom2_adjustment": "false"})
+    """
+    hp = cls.for_model(model)  # type: ignore[attr-defined]
+    if yaml_path is not None:
+        loaded = yaml.safe_load(Path(yaml_path).read_text()) or {}
+        if not isinstance(loaded, dict):
+            raise ValueError(
+                f"{yaml_path}: expected a mapping of hyper-parameters, got {type(loaded).__name__}"
+            )
+        loaded.pop("alg_name", None)  # EasyEdit files name the method; kedit knows it already
+        hp = hparams_from_dict(cls, hp, loaded)
+    if overrides:
+        types_ = _field_types(cls)
+        unknown = sorted(set(overrides) - set(types_))
+        if unknown:
+            raise ValueError(
+                f"unknown {cls.__name__} field(s) {', '.join(unknown)}; known fields: {', '.join(sorted(types_))}"
+            )
+        parsed = {k: parse_value(k, v, types_[k]) for k, v in overrides.items()}
+        hp = hparams_from_dict(cls, hp, parsed)
+    return hp
+
+
+def hparams_to_dict(hp: Any) -> dict[str, Any]:
+    """JSON-friendly dict of a hyper-parameter dataclass (tuples become lists)."""
+
+    def plain(v: Any) -> Any:
+        if isinstance(v, tuple | list):
+            return [plain(x) for x in v]
+        return v
+
+    return {f.name: plain(getattr(hp, f.name)) for f in dataclasses.fields(hp)}

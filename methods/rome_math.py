@@ -1,0 +1,95 @@
+"""ROME's closed-form rank-one update, as pure tensor code (no model, no I/O).
+
+Meng et al. 2022, "Locating and Editing Factual Associations in GPT", eq. 2:
+    W' = W + Λ (C⁻¹k*)ᵀ,   Λ = (v* − W k*) / ((C⁻¹k*)ᵀ k*)
+which minimises ‖W'K − WK‖ (in the metric of C = E[kkᵀ] = KKᵀ/n) subject to W'k* = v*.
+
+One k* is used in both the left vector and the denominator (kmeng01/rome PR #44, r-ROME): the
+original used the template-averaged key in u but the unprefixed key in the divisor, which made
+some updates explode. Everything is computed in float64.
+
+W here is in nn.Linear layout, (d_out, d_in); `to_stored_layout` turns the factors into the
+layout the parameter is stored in (GPT-2's Conv1D keeps Wᵀ, (d_in, d_out)).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+__all__ = ["RankOne", "left_vector", "rank_one_update", "to_stored_layout"]
+
+
+@dataclass(frozen=True)
+class RankOne:
+    """delta W = lam ⊗ u, in (d_out, d_in) layout."""
+
+    lam: torch.Tensor  # (d_out,)  float64
+    u: torch.Tensor  # (d_in,)  float64, unit norm
+    denom: float  # u·k*, the divisor; small values signal an unstable edit
+
+    @property
+    def norm(self) -> float:
+        """Frobenius norm of the update: ‖lam‖·‖u‖ = ‖lam‖."""
+        return float(self.lam.norm() * self.u.norm())
+
+
+def left_vector(k_star: torch.Tensor, second_moment: torch.Tensor | None, ridge: float = 0.0) -> torch.Tensor:
+    """u = C⁻¹k* / ‖C⁻¹k*‖ (or k*/‖k*‖ without statistics, i.e. C = I).
+
+    ridge adds ridge·mean(diag C)·I before solving, for statistics from few samples, whose C is
+    singular; 0 gives the exact solve.
+    """
+    assert k_star.dim() == 1, f"k* must be a vector, got shape {tuple(k_star.shape)}"
+    k = k_star.to(torch.float64)
+    if second_moment is None:
+        u = k
+    else:
+        d = k.shape[0]
+        assert second_moment.shape == (d, d), f"C must be ({d}, {d}), got {tuple(second_moment.shape)}"
+        c = second_moment.to(device=k.device, dtype=torch.float64)
+        if ridge > 0:
+            c = c + ridge * c.diagonal().mean() * torch.eye(d, dtype=c.dtype, device=c.device)
+        u = torch.linalg.solve(c, k)  # (d_in,)
+    return u / u.norm()
+
+
+def rank_one_update(
+    w: torch.Tensor,
+    k_star: torch.Tensor,
+    v_star: torch.Tensor,
+    u: torch.Tensor,
+    bias: torch.Tensor | None = None,
+) -> RankOne:
+    """The rank-one update that makes W'k* + b = v*, with W' − W ∝ (·)uᵀ.
+
+    w: (d_out, d_in) Linear layout; k_star: (d_in,); v_star: (d_out,) the desired output
+    (including the bias, if the layer has one); u: (d_in,) from `left_vector`.
+    """
+    d_out, d_in = w.shape
+    assert k_star.shape == (d_in,), f"k* has shape {tuple(k_star.shape)}, W expects ({d_in},)"
+    assert v_star.shape == (d_out,), f"v* has shape {tuple(v_star.shape)}, W gives ({d_out},)"
+    assert u.shape == (d_in,), f"u has shape {tuple(u.shape)}, expected ({d_in},)"
+    w64 = w.detach().to(torch.float64)
+    k = k_star.detach().to(torch.float64)
+    current = w64 @ k  # (d_out,)
+    if bias is not None:
+        current = current + bias.detach().to(torch.float64)
+    denom = float(u.to(torch.float64) @ k)
+    assert denom != 0.0, "k*·u is zero: the key is orthogonal to the left vector"
+    lam = (v_star.detach().to(torch.float64) - current) / denom  # (d_out,)
+    return RankOne(lam=lam, u=u.to(torch.float64), denom=denom)
+
+
+def to_stored_layout(update: RankOne, transposed: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Factors (a, b) with a @ b = the update in the parameter's stored layout, float32.
+
+    Linear stores (d_out, d_in): a = lam[:, None], b = u[None, :]. Conv1D stores (d_in, d_out):
+    a = u[:, None], b = lam[None, :].
+    """
+    lam = update.lam.to(torch.float32)
+    u = update.u.to(torch.float32)
+    if transposed:
+        return u[:, None].contiguous(), lam[None, :].contiguous()  # (d_in, 1), (1, d_out)
+    return lam[:, None].contiguous(), u[None, :].contiguous()  # (d_out, 1), (1, d_in)

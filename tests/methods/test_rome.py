@@ -1,0 +1,235 @@
+import dataclasses
+
+import pytest
+import torch
+from kedit.methods import rome, rome_math
+from kedit.methods.base import EditRequest, get_method
+from kedit.methods.hparams import hparams_from_overrides, hparams_to_dict
+
+from kedit.arch import arch_for, get_module
+from kedit.delta import LowRank, apply_step
+
+REQ = EditRequest(prompt="The capital of France is", subject="France", target_new="Rome")
+# The subject ends the prompt: in a 3-layer random model an edit must act at the predicting position
+# (one random attention layer above the edit cannot carry it).
+REQ_DIRECT = EditRequest(prompt="The capital city is France", subject="France", target_new="Rome")
+
+
+def fast_hparams(model, **kw):
+    hp = rome.ROMEHyperParams.for_model(model)
+    # Random tiny models have tiny MLP outputs: GPT-2's weight decay (0.5/‖v‖²) and the 4‖v‖ clamp
+    # would pin δ near zero, so they are loosened here.
+    base = dict(
+        mom2_adjustment=False,
+        context_template_length_params=((3, 3),),
+        v_num_grad_steps=40,
+        v_weight_decay=0.0,
+        clamp_norm_factor=50.0,
+    )
+    base.update(kw)
+    return dataclasses.replace(hp, **base)
+
+
+def random_second_moment(d, n=500, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    k = torch.randn(n, d, generator=g, dtype=torch.float64) @ torch.randn(d, d, generator=g, dtype=torch.float64)
+    return k, (k.t() @ k) / n
+
+
+# ------------------------------------------------------------------ closed form
+
+
+@pytest.mark.parametrize("with_c", [False, True])
+def test_closed_form_writes_v_star(with_c):
+    torch.manual_seed(0)
+    d_out, d_in = 12, 20
+    w, b = torch.randn(d_out, d_in), torch.randn(d_out)
+    k, v = torch.randn(d_in), torch.randn(d_out)
+    c = random_second_moment(d_in)[1] if with_c else None
+    upd = rome_math.rank_one_update(w, k, v, rome_math.left_vector(k, c), b)
+    w_new = w.double() + torch.outer(upd.lam, upd.u)
+    torch.testing.assert_close(w_new @ k.double() + b.double(), v.double(), rtol=1e-10, atol=1e-10)
+
+
+def test_closed_form_is_the_least_squares_minimiser():
+    """With C = KKᵀ/n, ROME's update minimises ‖ΔK‖ subject to (W+Δ)k* = v* (Meng et al. eq. 2)."""
+    torch.manual_seed(1)
+    d_out, d_in = 6, 10
+    keys, c = random_second_moment(d_in, n=200)
+    w = torch.randn(d_out, d_in, dtype=torch.float64)
+    k, v = torch.randn(d_in, dtype=torch.float64), torch.randn(d_out, dtype=torch.float64)
+    upd = rome_math.rank_one_update(w, k, v, rome_math.left_vector(k, c))
+    delta = torch.outer(upd.lam, upd.u)
+    # KKT: ΔC has every row proportional to k*ᵀ (the only constraint direction).
+    dc = delta @ c
+    proj = torch.outer(dc @ k / (k @ k), k)
+    torch.testing.assert_close(dc, proj, rtol=1e-8, atol=1e-8)
+
+    # Any other feasible update (Δ + E with E k* = 0) disturbs the other keys more.
+    def cost(d):
+        return float(((d @ keys.t()) ** 2).sum())
+
+    for seed in range(5):
+        e = torch.randn(d_out, d_in, dtype=torch.float64, generator=torch.Generator().manual_seed(seed))
+        e = e - torch.outer(e @ k, k) / (k @ k)  # E k* = 0
+        assert cost(delta + 1e-2 * e) > cost(delta)
+    # C = I instead gives a different (costlier in the C metric) update.
+    upd_i = rome_math.rank_one_update(w, k, v, rome_math.left_vector(k, None))
+    assert cost(torch.outer(upd_i.lam, upd_i.u)) > cost(delta)
+
+
+def test_stored_layout_conv1d_writes_v_star(tiny_gpt2):
+    """GPT-2's Conv1D keeps Wᵀ: the delta, applied by the engine, maps k* to v* through the module."""
+    module = get_module(tiny_gpt2, arch_for(tiny_gpt2).out_proj(1))
+    d_in, d_out = module.weight.shape
+    torch.manual_seed(2)
+    k, v = torch.randn(d_in), torch.randn(d_out)
+    w_lin = module.weight.detach().t()
+    upd = rome_math.rank_one_update(w_lin, k, v, rome_math.left_vector(k, None), module.bias)
+    a, b = rome_math.to_stored_layout(upd, transposed=True)
+    new = apply_step(module.weight.detach(), LowRank(a, b))
+    out = k @ new + module.bias.detach()
+    torch.testing.assert_close(out, v, rtol=1e-4, atol=1e-4)
+
+
+# ------------------------------------------------------------------ the method on tiny models
+
+
+def test_edit_makes_target_the_argmax_and_leaves_model_unchanged(tiny_model, tiny_tok):
+    hp = fast_hparams(tiny_model)
+    before = {k: v.clone() for k, v in tiny_model.state_dict().items()}
+    flags = {k: p.requires_grad for k, p in tiny_model.named_parameters()}
+    result = rome.apply(tiny_model, tiny_tok, [REQ_DIRECT], hp)
+    after = tiny_model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert flags == {k: p.requires_grad for k, p in tiny_model.named_parameters()}
+
+    name = arch_for(tiny_model).out_proj_weight(hp.layer)
+    assert set(result.deltas) == {name}
+    delta = result.deltas[name]
+    assert isinstance(delta, LowRank) and delta.rank == 1
+    weight = dict(tiny_model.named_parameters())[name]
+    assert delta.shape == tuple(weight.shape)
+    info = result.info["requests"][0]
+    assert info["update_norm"] > 0 and info["denominator"] > 0 and info["loss"][-1] < info["loss"][0]
+
+    target = rome.target_ids(tiny_tok, "Rome")[0]
+    ids = torch.tensor([tiny_tok(REQ_DIRECT.text)["input_ids"]])
+    assert tiny_model(ids).logits[0, -1].argmax() != target  # not already there
+    with torch.no_grad():
+        original = weight.detach().clone()
+        weight.copy_(apply_step(original, delta))
+        try:
+            assert tiny_model(ids).logits[0, -1].argmax() == target
+        finally:
+            weight.copy_(original)
+
+
+def test_with_second_moment_and_provider(tiny_llama, tiny_tok):
+    hp = fast_hparams(tiny_llama, mom2_adjustment=True, v_num_grad_steps=5)
+    name, layer = rome.second_moment_needed(hp)
+    d_in = get_module(tiny_llama, name).weight.shape[1]
+    c = random_second_moment(d_in)[1].float()
+    calls = []
+
+    def provider(module_name, lay):
+        calls.append((module_name, lay))
+        return c
+
+    r1 = rome.apply(tiny_llama, tiny_tok, [REQ], hp, stats_provider=provider)
+    r2 = rome.apply(tiny_llama, tiny_tok, [REQ], hp, second_moment=c)
+    assert calls == [(name, layer)]
+    d1, d2 = r1.deltas[name + ".weight"], r2.deltas[name + ".weight"]
+    torch.testing.assert_close(d1.a @ d1.b, d2.a @ d2.b)
+    # u ∝ C⁻¹k*: different from the C = I update.
+    r3 = rome.apply(tiny_llama, tiny_tok, [REQ], dataclasses.replace(hp, mom2_adjustment=False))
+    d3 = r3.deltas[name + ".weight"]
+    assert not torch.allclose(d1.b, d3.b, atol=1e-3)
+
+
+def test_missing_second_moment_is_a_clear_error(tiny_llama, tiny_tok):
+    hp = fast_hparams(tiny_llama, mom2_adjustment=True)
+    with pytest.raises(ValueError, match="mom2_adjustment=false"):
+        rome.apply(tiny_llama, tiny_tok, [REQ], hp)
+    assert rome.second_moment_needed(dataclasses.replace(hp, mom2_adjustment=False)) is None
+
+
+def test_sequential_requests_give_one_low_rank_delta(tiny_gpt2, tiny_tok):
+    hp = fast_hparams(tiny_gpt2)
+    reqs = [REQ, EditRequest(prompt="Berlin is the capital of", subject="Berlin", target_new="Spain")]
+    result = rome.apply(tiny_gpt2, tiny_tok, reqs, hp)
+    (delta,) = result.deltas.values()
+    assert delta.rank == 2 and len(result.info["requests"]) == 2
+    assert delta.a.shape[0] == get_module(tiny_gpt2, hp.module_name).weight.shape[0]
+
+
+def test_position0_guard(tiny_llama, tiny_tok):
+    """A subject that is the prompt's first token would be read at the attention sink."""
+    template, subject = "{} capital is", "The"  # "The" is one token of the tiny vocabulary
+    ids, last, guarded = rome.encode_with_subject(tiny_tok, template, subject, guard=False)
+    assert last == 0 and not guarded
+    ids_g, last_g, guarded_g = rome.encode_with_subject(tiny_tok, template, subject, guard=True)
+    assert guarded_g and last_g == 1 and ids_g[1:] == ids and ids_g[0] == rome.guard_token_id(tiny_tok)
+    req = EditRequest(prompt="The capital is", subject="The", target_new="Rome")
+    result = rome.apply(tiny_llama, tiny_tok, [req], fast_hparams(tiny_llama, v_num_grad_steps=2))
+    assert result.info["requests"][0]["position0_guarded"] == 3  # bare template (key and value) + KL prompt
+
+
+def test_subject_span_in_template(tiny_tok):
+    ids, last, _ = rome.encode_with_subject(tiny_tok, "Where is {} located", "the Eiffel Tower", guard=True)
+    text = tiny_tok.decode(ids[: last + 1])
+    assert text.endswith("Tower") and tiny_tok.decode(ids[last + 1 :]).strip() == "located"
+
+
+def test_context_templates_are_cached_per_model(tiny_gpt2, tiny_llama, tiny_tok):
+    hp = fast_hparams(tiny_gpt2)
+    t1 = rome.context_templates(tiny_gpt2, tiny_tok, hp)
+    assert t1[0] == "{}" and len(t1) == 4 and all(t.endswith(". {}") for t in t1[1:])
+    assert rome.context_templates(tiny_gpt2, tiny_tok, hp) == t1
+    assert tiny_gpt2 in rome._TEMPLATE_CACHE
+
+
+# ------------------------------------------------------------------ hyper-parameters
+
+
+def test_hparams_defaults_and_overrides(tiny_gpt2, tmp_path):
+    hp = rome.ROMEHyperParams.for_model(tiny_gpt2)
+    assert hp.rewrite_module_tmp == "transformer.h.{}.mlp.c_proj" and hp.out_proj_transposed
+    y = tmp_path / "rome.yaml"
+    y.write_text("alg_name: ROME\nv_lr: 0.1\ncontext_template_length_params: [[5, 2]]\n")
+    hp2 = hparams_from_overrides(
+        rome.ROMEHyperParams, tiny_gpt2, {"layer": "2", "mom2_adjustment": "false", "kl_factor": "1e-2"}, y
+    )
+    assert (hp2.layer, hp2.mom2_adjustment, hp2.kl_factor, hp2.v_lr) == (2, False, 0.01, 0.1)
+    assert hp2.context_template_length_params == ((5, 2),)
+    assert hparams_to_dict(hp2)["context_template_length_params"] == [[5, 2]]
+    with pytest.raises(ValueError, match=r"unknown ROMEHyperParams field.*v_lrr"):
+        hparams_from_overrides(rome.ROMEHyperParams, tiny_gpt2, {"v_lrr": "1"})
+    with pytest.raises(ValueError, match="layer must be an integer"):
+        hparams_from_overrides(rome.ROMEHyperParams, tiny_gpt2, {"layer": "two"})
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "match"),
+    [
+        ("v_lr", 0.0, "v_lr"),
+        ("layer", -1, "layer"),
+        ("rewrite_module_tmp", "x", "rewrite_module_tmp"),
+        ("context_template_length_params", ((0, 3),), "context_template_length_params"),
+        ("kl_prompt", "is a", "kl_prompt"),
+    ],
+)
+def test_hparams_validation_names_the_field(tiny_gpt2, field, value, match):
+    with pytest.raises(ValueError, match=match):
+        dataclasses.replace(rome.ROMEHyperParams.for_model(tiny_gpt2), **{field: value})
+
+
+def test_layer_out_of_range(tiny_gpt2, tiny_tok):
+    hp = dataclasses.replace(fast_hparams(tiny_gpt2), layer=7)
+    with pytest.raises(ValueError, match="layer=7 but the model has 3 layers"):
+        rome.apply(tiny_gpt2, tiny_tok, [REQ], hp)
+
+
+def test_registered():
+    method = get_method("rome")
+    assert method.hparams_cls is rome.ROMEHyperParams and method.apply is rome.apply
