@@ -56,7 +56,7 @@ class TensorCache:
         if path.exists():
             return
         path.parent.mkdir(parents=True, exist_ok=True)
-        save_tensors_atomic(path, {"value": value}, {}, tmp_dir=path.parent)
+        save_tensors_atomic(path, {"value": value}, {}, tmp_dir=path.parent, durable=False)  # a cache
 
     def entries(self) -> list[tuple[str, Path]]:
         if not self.root.exists():

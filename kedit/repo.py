@@ -264,23 +264,8 @@ class Repository:
 
     def _commit_base(self, src, *, copy: bool, dtype: torch.dtype | None, progress: bool,
                      message: str | None) -> None:
-        changes: dict[str, dict] = {}
-        total = 0
-        for weight_file in src.weight_files:
-            tensors, _ = read_safetensors(weight_file)
-            for name in progress_bar(sorted(tensors), desc=f"hash+store {weight_file.name}", disable=not progress):
-                tensor = tensors[name]
-                if dtype is not None and tensor.is_floating_point():
-                    tensor = tensor.to(dtype)
-                tensor_hash = hash_tensor(tensor)
-                if copy or dtype is not None:
-                    obj = self.store.put_tensors({"value": tensor}, tensor_hashes={"value": tensor_hash})
-                else:
-                    obj = self.store.put_reference(weight_file, name, tensor_hash)
-                total += tensor.numel() * tensor.element_size()
-                changes[name] = {"hash": tensor_hash, "dtype": dtype_name(tensor.dtype), "shape": list(tensor.shape),
-                                 "object": obj.id, "stored": obj.size}
-        files = {path: self.store.put_blob(p.read_bytes()).id for path, p in src.kept_files.items()}
+        with self.store.batch():
+            changes, files, total = self._store_base(src, copy=copy, dtype=dtype, progress=progress)
         record = {
             "kind": "init", "parents": [], "origin": src.origin, "message": message or f"init from {src.description}",
             "tensors": {n: {"source": None, "steps": [["", c["object"], "exact"]], "hash": c["hash"]}
@@ -299,6 +284,28 @@ class Repository:
             self.refs.update(HEAD, BRANCH_PREFIX + DEFAULT_BRANCH, None, "init", symbolic=True)
             self.refs.log(HEAD, None, cid, "init")
         self._sync_worktree(progress=progress)
+
+    def _store_base(self, src, *, copy: bool, dtype: torch.dtype | None,
+                    progress: bool) -> tuple[dict[str, dict], dict[str, str], int]:
+        """Hash and store every tensor of the source (or reference it): one pass over the bytes."""
+        changes: dict[str, dict] = {}
+        total = 0
+        for weight_file in src.weight_files:
+            tensors, _ = read_safetensors(weight_file)
+            for name in progress_bar(sorted(tensors), desc=f"hash+store {weight_file.name}", disable=not progress):
+                tensor = tensors[name]
+                if dtype is not None and tensor.is_floating_point():
+                    tensor = tensor.to(dtype)
+                tensor_hash = hash_tensor(tensor)
+                if copy or dtype is not None:
+                    obj = self.store.put_tensors({"value": tensor}, tensor_hashes={"value": tensor_hash})
+                else:
+                    obj = self.store.put_reference(weight_file, name, tensor_hash)
+                total += tensor.numel() * tensor.element_size()
+                changes[name] = {"hash": tensor_hash, "dtype": dtype_name(tensor.dtype), "shape": list(tensor.shape),
+                                 "object": obj.id, "stored": obj.size}
+        files = {path: self.store.put_blob(p.read_bytes()).id for path, p in src.kept_files.items()}
+        return changes, files, total
 
     def _insert_commit(self, cid: str, parent: str | None, depth: int, record: dict, *, method: str | None,
                        hparams: dict, requests: list, info: dict) -> None:

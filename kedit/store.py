@@ -54,37 +54,44 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def atomic_write_bytes(path: Path, data: bytes, tmp_dir: Path | None = None) -> None:
-    """Write `data` to `path` through a fsynced temp file and a rename."""
+def _fsync_file(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def atomic_write_bytes(path: Path, data: bytes, tmp_dir: Path | None = None, *, durable: bool = True) -> None:
+    """Write `data` to `path` through a temp file and a rename (fsynced unless `durable` is off:
+    caches that kedit can rebuild skip the fsync, the history never does)."""
     tmp_dir = tmp_dir or path.parent
     tmp = tmp_dir / f".tmp-{secrets.token_hex(8)}"
     try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
+        tmp.write_bytes(data)
+        if durable:
+            _fsync_file(tmp)
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
-    fsync_dir(path.parent)
+    if durable:
+        fsync_dir(path.parent)
 
 
 def save_tensors_atomic(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str],
-                        tmp_dir: Path | None = None) -> None:
-    """Write a safetensors file through a fsynced temp file and a rename."""
+                        tmp_dir: Path | None = None, *, durable: bool = True) -> None:
+    """Write a safetensors file through a temp file and a rename (see `atomic_write_bytes`)."""
     tmp_dir = tmp_dir or path.parent
     tmp = tmp_dir / f".tmp-{secrets.token_hex(8)}.st"
     try:
         save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp), metadata=metadata)
-        fd = os.open(tmp, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        if durable:
+            _fsync_file(tmp)
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
-    fsync_dir(path.parent)
+    if durable:
+        fsync_dir(path.parent)
 
 
 def read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
@@ -98,6 +105,30 @@ class ObjectStore:
     def __init__(self, root: Path) -> None:
         self.root = root
         self.tmp = root / "tmp"
+        self._deferred: list[Path] | None = None
+
+    @contextlib.contextmanager
+    def batch(self) -> Iterator[None]:
+        """Write many objects, then make them durable together before the caller records them.
+
+        One fsync per file and one per folder at the end, instead of a folder fsync per object:
+        `kedit init` writes hundreds of objects.
+        """
+        self._deferred = []
+        try:
+            yield
+            for path in self._deferred:
+                _fsync_file(path)
+            for folder in {p.parent for p in self._deferred}:
+                fsync_dir(folder)
+        finally:
+            self._deferred = None
+
+    def _durable(self, path: Path) -> bool:
+        if self._deferred is None:
+            return True
+        self._deferred.append(path)
+        return False
 
     def create(self) -> None:
         self.tmp.mkdir(parents=True, exist_ok=True)
@@ -132,7 +163,7 @@ class ObjectStore:
         object_id = tensors_object_id(hashes, metadata)
         path = self._place(object_id, "st")
         if path is not None and not self.path(object_id, "ref").exists():
-            save_tensors_atomic(path, tensors, metadata, tmp_dir=self.tmp)
+            save_tensors_atomic(path, tensors, metadata, tmp_dir=self.tmp, durable=self._durable(path))
         stored = self.path(object_id, "st")
         return StoredObject(object_id, stored.stat().st_size if stored.exists() else 0, hashes)
 
@@ -145,14 +176,14 @@ class ObjectStore:
                   "size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
         path = self._place(object_id, "ref")
         if path is not None and not self.path(object_id, "st").exists():
-            atomic_write_bytes(path, json.dumps(record).encode(), tmp_dir=self.tmp)
+            atomic_write_bytes(path, json.dumps(record).encode(), tmp_dir=self.tmp, durable=self._durable(path))
         return StoredObject(object_id, 0, hashes)
 
     def put_blob(self, data: bytes) -> StoredObject:
         object_id = hash_bytes(data)
         path = self._place(object_id, "blob")
         if path is not None:
-            atomic_write_bytes(path, data, tmp_dir=self.tmp)
+            atomic_write_bytes(path, data, tmp_dir=self.tmp, durable=self._durable(path))
         return StoredObject(object_id, len(data), {})
 
     # -- reading ---------------------------------------------------------------------------

@@ -14,6 +14,7 @@ pending value is recognised as kedit's own write, not a user's change.
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import shutil
@@ -37,16 +38,24 @@ class Worktree:
     def __init__(self, folder: Path, index_path: Path) -> None:
         self.folder = folder
         self.index_path = index_path
+        self._cached: tuple[int, dict] | None = None
 
     # -- index -----------------------------------------------------------------------------
 
     def read_index(self) -> dict:
-        if not self.index_path.exists():
-            return {"commit": None, "tensors": {}, "files": {}, "pending": {}}
-        return json.loads(self.index_path.read_text())
+        """The index, parsed once per change of the file (lookups call this for every tensor)."""
+        try:
+            mtime = self.index_path.stat().st_mtime_ns
+        except FileNotFoundError:
+            return {"commit": None, "tensors": {}, "files": [], "pending": {}}
+        if self._cached is None or self._cached[0] != mtime:
+            self._cached = (mtime, json.loads(self.index_path.read_text()))
+        return copy.deepcopy(self._cached[1])
 
     def _write_index(self, index: dict) -> None:
-        atomic_write_bytes(self.index_path, json.dumps(index, indent=1, sort_keys=True).encode())
+        # The working model is a cache of the history, rebuilt and re-hashed at will: no fsync.
+        atomic_write_bytes(self.index_path, json.dumps(index, sort_keys=True).encode(), durable=False)
+        self._cached = None
 
     @property
     def commit(self) -> str | None:
@@ -127,7 +136,7 @@ class Worktree:
             value = (known_values or {}).get(name)
             if value is None:
                 value = value_of(name)
-            save_tensors_atomic(self.folder / shard_name(name), {name: value}, {"format": "pt"})
+            save_tensors_atomic(self.folder / shard_name(name), {name: value}, {"format": "pt"}, durable=False)
             entries[name] = {"hash": manifest[name].hash, "stat": self._stat(name)}
         for name in removed:
             (self.folder / shard_name(name)).unlink(missing_ok=True)
@@ -136,7 +145,7 @@ class Worktree:
             if data is not None:
                 target = self.folder / path
                 target.parent.mkdir(parents=True, exist_ok=True)
-                atomic_write_bytes(target, data)
+                atomic_write_bytes(target, data, durable=False)
         if stale or removed or not (self.folder / INDEX_FILE).exists():
             self._write_weight_map(manifest)
         index.update(commit=commit_id, tensors=entries, pending={})
@@ -148,7 +157,7 @@ class Worktree:
         total = sum(m.nbytes for m in manifest.values())
         weight_map = {name: shard_name(name) for name in sorted(manifest)}
         body = {"metadata": {"total_size": total}, "weight_map": weight_map}
-        atomic_write_bytes(self.folder / INDEX_FILE, json.dumps(body, indent=2).encode())
+        atomic_write_bytes(self.folder / INDEX_FILE, json.dumps(body, indent=2).encode(), durable=False)
 
     def remove(self) -> None:
         shutil.rmtree(self.folder, ignore_errors=True)

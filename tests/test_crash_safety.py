@@ -97,8 +97,8 @@ def install_kill_point(point, nth):
     kedit.store.save_file = store_save_file
 
     store_save = kedit.store.save_tensors_atomic
-    def store_save_atomic(path, tensors, metadata, tmp_dir=None):
-        store_save(path, tensors, metadata, tmp_dir=tmp_dir)
+    def store_save_atomic(path, tensors, metadata, tmp_dir=None, **kwargs):
+        store_save(path, tensors, metadata, tmp_dir=tmp_dir, **kwargs)
         reached("object-placed")
     kedit.store.save_tensors_atomic = store_save_atomic
 
@@ -112,8 +112,8 @@ def install_kill_point(point, nth):
     kedit.db.write = db_write
 
     wt_save = kedit.worktree.save_tensors_atomic
-    def worktree_save(path, tensors, metadata, tmp_dir=None):
-        wt_save(path, tensors, metadata, tmp_dir=tmp_dir)
+    def worktree_save(path, tensors, metadata, tmp_dir=None, **kwargs):
+        wt_save(path, tensors, metadata, tmp_dir=tmp_dir, **kwargs)
         reached("worktree-shard-written")
     kedit.worktree.save_tensors_atomic = worktree_save
 
