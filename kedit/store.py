@@ -25,7 +25,7 @@ import contextlib
 import json
 import os
 import secrets
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -62,13 +62,12 @@ def _fsync_file(path: Path) -> None:
         os.close(fd)
 
 
-def atomic_write_bytes(path: Path, data: bytes, tmp_dir: Path | None = None, *, durable: bool = True) -> None:
-    """Write `data` to `path` through a temp file and a rename (fsynced unless `durable` is off:
-    caches that kedit can rebuild skip the fsync, the history never does)."""
-    tmp_dir = tmp_dir or path.parent
-    tmp = tmp_dir / f".tmp-{secrets.token_hex(8)}"
+def _atomic_replace(path: Path, write: Callable[[Path], None], tmp_dir: Path | None, durable: bool) -> None:
+    """Write through a temp file and a rename, fsynced unless `durable` is off: caches that
+    kedit can rebuild (the working model, keyframes) skip the fsync; the history never does."""
+    tmp = (tmp_dir or path.parent) / f".tmp-{secrets.token_hex(8)}"
     try:
-        tmp.write_bytes(data)
+        write(tmp)
         if durable:
             _fsync_file(tmp)
         os.replace(tmp, path)
@@ -76,22 +75,16 @@ def atomic_write_bytes(path: Path, data: bytes, tmp_dir: Path | None = None, *, 
         tmp.unlink(missing_ok=True)
     if durable:
         fsync_dir(path.parent)
+
+
+def atomic_write_bytes(path: Path, data: bytes, tmp_dir: Path | None = None, *, durable: bool = True) -> None:
+    _atomic_replace(path, lambda tmp: tmp.write_bytes(data) and None, tmp_dir, durable)
 
 
 def save_tensors_atomic(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str],
                         tmp_dir: Path | None = None, *, durable: bool = True) -> None:
-    """Write a safetensors file through a temp file and a rename (see `atomic_write_bytes`)."""
-    tmp_dir = tmp_dir or path.parent
-    tmp = tmp_dir / f".tmp-{secrets.token_hex(8)}.st"
-    try:
-        save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp), metadata=metadata)
-        if durable:
-            _fsync_file(tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    if durable:
-        fsync_dir(path.parent)
+    cpu = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
+    _atomic_replace(path, lambda tmp: save_file(cpu, str(tmp), metadata=metadata), tmp_dir, durable)
 
 
 def read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
