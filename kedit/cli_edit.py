@@ -11,7 +11,8 @@ from kedit.cli import _emit_json, _open, _say, cli, json_option
 from kedit.errors import KeditError
 from kedit.progress import progress_enabled
 
-device_option = click.option("--device", default="cpu", show_default=True, help="cpu, cuda or cuda:N.")
+device_option = click.option("--device", default="cpu", show_default=True,
+                             help="cpu, cuda, cuda:N, or auto (spread a large model over GPUs and CPU).")
 dtype_option = click.option("--dtype", default=None,
                             help="Compute dtype: float32, bfloat16, float16 (default: as stored).")
 

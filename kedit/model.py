@@ -59,7 +59,13 @@ def _from_folder(folder: Path, dtype: torch.dtype | None, device: str, device_ma
 
 def load_model(repo: Repository, rev: str = "HEAD", *, dtype: torch.dtype | None = None, device: str = "cpu",
                device_map: str | None = None) -> tuple[Any, Any]:
-    """(model, tokenizer) at `rev`, in `dtype` (default: as stored) on `device`."""
+    """(model, tokenizer) at `rev`, in `dtype` (default: as stored) on `device`.
+
+    `device="auto"` spreads a model too large for one device over the GPUs and the CPU
+    (accelerate's `device_map="auto"`).
+    """
+    if device == "auto":
+        device, device_map = "cpu", "auto"
     commit_id = repo.resolve(rev)
     if not repo.files(commit_id).get("config.json"):
         raise KeditError("this repository's base has no config.json, so it cannot be loaded as a model",

@@ -136,3 +136,22 @@ def test_low_rank_commit_stores_factors_only(repo: Repository) -> None:
     commit = repo.commit({name: LowRank(torch.randn(32, 30), torch.randn(30, 64))})
     (change,) = repo.changes(commit.id)
     assert change.encoding == "dense"
+
+
+def test_init_from_a_model_id_in_the_local_hub_cache(tmp_path: Path, tiny_llama_dir: Path,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """The cache layout huggingface_hub documents: hub/models--ORG--NAME/{refs/main, snapshots/REV/}."""
+    import shutil
+
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    repo_dir = tmp_path / "hub" / "models--acme--tiny-llama"
+    snapshot = repo_dir / "snapshots" / ("a" * 40)
+    shutil.copytree(tiny_llama_dir, snapshot)
+    (repo_dir / "refs").mkdir(parents=True)
+    (repo_dir / "refs" / "main").write_text("a" * 40)
+    repo = Repository.init(tmp_path / "from-cache", "acme/tiny-llama", progress=False)
+    assert repo.log()[0].info["origin"]["model_id"] == "acme/tiny-llama"
+    direct = Repository.init(tmp_path / "from-folder", str(tiny_llama_dir), progress=False)
+    assert {n: e.hash for n, e in repo.manifest().items()} == {n: e.hash for n, e in direct.manifest().items()}
