@@ -300,6 +300,10 @@ def show(ctx: click.Context, rev: str, as_json: bool) -> None:
                    + (f" (was {request['target_true']!r})" if request.get("target_true") else ""))
     if commit.hparams:
         click.echo("Hyper-parameters: " + ", ".join(f"{k}={v}" for k, v in sorted(commit.hparams.items())))
+    scalars = {k: v for k, v in commit.info.items() if isinstance(v, int | float | str | bool) and k != "note"}
+    if scalars:
+        click.echo("Diagnostics: " + ", ".join(f"{k}={_num(v) if isinstance(v, float) else v}"
+                                               for k, v in scalars.items()))
     if commit.metrics:
         click.echo("Metrics:")
         for m in commit.metrics:
