@@ -2,13 +2,16 @@
 
 Methods return deltas; the repository stores them and replays them. Floating point makes
 (W + d) - d != W, so the engine never subtracts: every tensor of every commit is recomputed
-from the base along its history with `apply_step`, whose arithmetic is fixed (float64
+from the base along its history with `apply_step`, whose arithmetic is fixed (float32
 accumulation, elementwise only, one rounding to the tensor's dtype at the end). Elementwise
 IEEE operations give the same bits on every CPU and thread count, which is what makes the
 hashes recorded at commit time reproducible.
 
-Caveats: a low-rank product is summed rank by rank (`torch.outer`, then `+=`), never with a
-matrix multiply, whose reduction order depends on the BLAS kernel.
+Caveats: a low-rank product is summed rank by rank (`torch.outer`, then an in-place add), never
+with a matrix multiply, whose reduction order depends on the BLAS kernel, nor with `addr`, which
+may fuse the multiply and the add. Accumulation is in float32 (float64 for float64 tensors): a
+product of two float32 factors rounded once to float32 is far below the final rounding to a
+16-bit dtype, and float32 keeps checkout at memory speed.
 """
 
 from __future__ import annotations
@@ -83,8 +86,8 @@ class Adapter:
     config: dict[str, Any] = field(default_factory=dict)
 
 
-def _as_fp64_cpu(t: torch.Tensor) -> torch.Tensor:
-    return t.detach().to(device="cpu", dtype=torch.float64)
+def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def apply_step(value: torch.Tensor, step: WeightDelta) -> torch.Tensor:
@@ -95,21 +98,22 @@ def apply_step(value: torch.Tensor, step: WeightDelta) -> torch.Tensor:
         return step.value.detach().to(device="cpu", dtype=value.dtype).contiguous()
     if tuple(step.shape) != tuple(value.shape):
         raise ValueError(f"delta shape {tuple(step.shape)} does not match tensor shape {tuple(value.shape)}")
+    acc = accumulation_dtype(value.dtype)
     out = torch.empty_like(value, device="cpu")
     flat_out = out.view(value.shape[0], -1) if value.dim() > 1 else out.view(1, -1)
     flat_in = value.detach().cpu().reshape(flat_out.shape)
     if isinstance(step, Dense):
         flat_delta = step.delta.detach().cpu().reshape(flat_out.shape)
-    a = _as_fp64_cpu(step.a) if isinstance(step, LowRank) else None
-    b = _as_fp64_cpu(step.b) if isinstance(step, LowRank) else None
+    a = step.a.detach().to(device="cpu", dtype=acc) if isinstance(step, LowRank) else None
+    b = step.b.detach().to(device="cpu", dtype=acc) if isinstance(step, LowRank) else None
     for start in range(0, flat_out.shape[0], ROW_BLOCK):
         stop = min(start + ROW_BLOCK, flat_out.shape[0])
-        block = flat_in[start:stop].to(torch.float64)
+        block = flat_in[start:stop].to(acc, copy=True)
         if a is not None and b is not None:
             for r in range(a.shape[1]):  # rank by rank, fixed order: see the module docstring
-                block += torch.outer(a[start:stop, r], b[r])
+                block.add_(torch.outer(a[start:stop, r], b[r]))
         else:
-            block += flat_delta[start:stop].to(torch.float64)
+            block.add_(flat_delta[start:stop].to(acc))
         flat_out[start:stop] = block.to(value.dtype)
     return out
 

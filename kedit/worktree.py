@@ -38,19 +38,21 @@ class Worktree:
     def __init__(self, folder: Path, index_path: Path) -> None:
         self.folder = folder
         self.index_path = index_path
-        self._cached: tuple[int, dict] | None = None
+        self._cached: tuple[tuple[int, int, int], dict] | None = None
+        self._prefix = str(folder) + os.sep
 
     # -- index -----------------------------------------------------------------------------
 
     def read_index(self) -> dict:
-        """The index, parsed once per change of the file (lookups call this for every tensor)."""
+        """The index, parsed once per change of the file. Read-only: `update` parses its own copy."""
         try:
-            mtime = self.index_path.stat().st_mtime_ns
+            stat = os.stat(self.index_path)
         except FileNotFoundError:
             return {"commit": None, "tensors": {}, "files": [], "pending": {}}
-        if self._cached is None or self._cached[0] != mtime:
-            self._cached = (mtime, json.loads(self.index_path.read_text()))
-        return copy.deepcopy(self._cached[1])
+        key = (stat.st_mtime_ns, stat.st_size, stat.st_ino)
+        if self._cached is None or self._cached[0] != key:
+            self._cached = (key, json.loads(self.index_path.read_text()))
+        return self._cached[1]
 
     def _write_index(self, index: dict) -> None:
         # The working model is a cache of the history, rebuilt and re-hashed at will: no fsync.
@@ -63,7 +65,7 @@ class Worktree:
 
     def _stat(self, tensor_name: str) -> list[int] | None:
         try:
-            st = (self.folder / shard_name(tensor_name)).stat()
+            st = os.stat(self._prefix + shard_name(tensor_name))  # hot: called per tensor per checkout
         except FileNotFoundError:
             return None
         return [st.st_size, st.st_mtime_ns, st.st_ino]
@@ -119,8 +121,10 @@ class Worktree:
         self.folder.mkdir(parents=True, exist_ok=True)
         for leftover in self.folder.glob(".tmp-*"):  # from an update killed mid-write (we hold the lock)
             leftover.unlink(missing_ok=True)
-        index = self.read_index()
+        index = json.loads(self.index_path.read_text()) if self.index_path.exists() else copy.deepcopy(
+            self.read_index())  # a private, mutable copy
         entries: dict[str, dict] = index["tensors"]
+        names_before = set(entries)
         stale = []
         for name, m in manifest.items():
             entry = entries.get(name)
@@ -146,7 +150,7 @@ class Worktree:
                 target = self.folder / path
                 target.parent.mkdir(parents=True, exist_ok=True)
                 atomic_write_bytes(target, data, durable=False)
-        if stale or removed or not (self.folder / INDEX_FILE).exists():
+        if set(manifest) != names_before or not (self.folder / INDEX_FILE).exists():
             self._write_weight_map(manifest)
         index.update(commit=commit_id, tensors=entries, pending={})
         index["files"] = sorted(set(index.get("files", [])) | set(files))
