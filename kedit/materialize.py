@@ -11,6 +11,9 @@ Both are looked up by tensor hash and verified when read; deleting them loses no
 
 from __future__ import annotations
 
+import contextlib
+import os
+import shutil
 from collections.abc import Callable
 from pathlib import Path
 
@@ -28,11 +31,20 @@ KEYFRAME_STEPS = 16
 CachedLookup = Callable[[str, str], torch.Tensor | None]  # (name, hash) -> value or None
 
 
+DEFAULT_CACHE_BYTES = 2 * 1024**3
+
+
 class TensorCache:
-    """Materialised tensors by hash: disposable, verified on read."""
+    """Materialised tensors by hash: disposable, verified on read, bounded in size.
+
+    Entries come from keyframes and from the working model: a checkout links the value it
+    replaces here (no copy), so going back and forth between two commits costs a
+    read, not a replay. The oldest entries go once the total passes $KEDIT_CACHE_BYTES (2 GiB).
+    """
 
     def __init__(self, root: Path) -> None:
         self.root = root
+        self.budget = int(os.environ.get("KEDIT_CACHE_BYTES", DEFAULT_CACHE_BYTES))
 
     def path(self, tensor_hash: str) -> Path:
         return self.root / tensor_hash[:2] / f"{tensor_hash[2:]}.st"
@@ -42,7 +54,7 @@ class TensorCache:
         if not path.exists():
             return None
         try:
-            value = read_safetensors(path)[0]["value"]
+            (value,) = read_safetensors(path)[0].values()  # keyframes say "value", adopted shards their name
         except Exception:  # a damaged cache entry is only a miss
             path.unlink(missing_ok=True)
             return None
@@ -57,6 +69,36 @@ class TensorCache:
             return
         path.parent.mkdir(parents=True, exist_ok=True)
         save_tensors_atomic(path, {"value": value}, {}, tmp_dir=path.parent, durable=False)  # a cache
+        self._evict()
+
+    def adopt(self, tensor_hash: str, file: Path) -> None:
+        """Link a single-tensor safetensors file holding `tensor_hash` into the cache.
+
+        A hard link, not a move: the file stays in place until its owner replaces it (with a
+        rename, so the cached inode is never written to), and a crash in between loses nothing.
+        """
+        path = self.path(tensor_hash)
+        if path.exists():
+            return
+        path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            os.link(file, path)
+        except OSError:  # a filesystem without hard links
+            shutil.copyfile(file, path)
+        self._evict()
+
+    def _evict(self) -> None:
+        sized = []
+        for _, path in self.entries():
+            with contextlib.suppress(FileNotFoundError):
+                st = path.stat()
+                sized.append((st.st_mtime_ns, st.st_size, path))
+        total = sum(size for _, size, _ in sized)
+        for _, size, path in sorted(sized):
+            if total <= self.budget:
+                break
+            path.unlink(missing_ok=True)
+            total -= size
 
     def entries(self) -> list[tuple[str, Path]]:
         if not self.root.exists():

@@ -562,7 +562,7 @@ class Repository:
             return self.materializer.value_of(history.change(self.db, manifest[name].commit_id, name))
 
         with bar:
-            return self.worktree.update(commit_id, manifest, files, value_of, known_values)
+            return self.worktree.update(commit_id, manifest, files, value_of, known_values, keep=self.cache.adopt)
 
     def checkout(self, rev: str, *, force: bool = False) -> str:
         """Switch HEAD (and the working model) to a branch, or detach it at a commit."""

@@ -113,10 +113,11 @@ class Worktree:
 
     def update(self, commit_id: str, manifest: dict[str, ManifestEntry], files: dict[str, bytes | None],
                value_of: Callable[[str], torch.Tensor], known_values: dict[str, torch.Tensor] | None = None,
-               ) -> list[str]:
+               keep: Callable[[str, Path], None] | None = None) -> list[str]:
         """Bring the folder to `commit_id`, writing only differing shards. Returns those written.
 
-        `files` maps config/tokenizer paths to their bytes (None: unchanged, keep the file).
+        `keep(hash, path)` may take a shard about to be replaced (to cache it). `files` maps
+        config/tokenizer paths to their bytes (None: unchanged, keep the file).
         """
         self.folder.mkdir(parents=True, exist_ok=True)
         for leftover in self.folder.glob(".tmp-*"):  # from an update killed mid-write (we hold the lock)
@@ -140,6 +141,9 @@ class Worktree:
             value = (known_values or {}).get(name)
             if value is None:
                 value = value_of(name)
+            old = entries.get(name)
+            if keep is not None and old is not None and old.get("stat") == self._stat(name):
+                keep(old["hash"], self.folder / shard_name(name))  # the replaced value, for the way back
             save_tensors_atomic(self.folder / shard_name(name), {name: value}, {"format": "pt"}, durable=False)
             entries[name] = {"hash": manifest[name].hash, "stat": self._stat(name)}
         for name in removed:
