@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["RankOne", "left_vector", "rank_one_update", "to_stored_layout"]
+__all__ = ["RankOne", "factor_second_moment", "left_vector", "rank_one_update", "to_stored_layout"]
 
 
 @dataclass(frozen=True)
@@ -35,15 +35,35 @@ class RankOne:
         return float(self.lam.norm() * self.u.norm())
 
 
-def left_vector(k_star: torch.Tensor, second_moment: torch.Tensor | None, ridge: float = 0.0) -> torch.Tensor:
+def factor_second_moment(second_moment: torch.Tensor, ridge: float = 0.0) -> torch.Tensor:
+    """Cholesky factor (float64, lower) of C + ridge·mean(diag C)·I, for repeated solves with one C."""
+    c = second_moment.to(torch.float64)
+    d = c.shape[0]
+    assert c.shape == (d, d), f"C must be square, got {tuple(c.shape)}"
+    if ridge > 0:
+        c = c + ridge * c.diagonal().mean() * torch.eye(d, dtype=c.dtype, device=c.device)
+    return torch.linalg.cholesky(c)
+
+
+def left_vector(
+    k_star: torch.Tensor,
+    second_moment: torch.Tensor | None,
+    ridge: float = 0.0,
+    *,
+    factor: torch.Tensor | None = None,
+) -> torch.Tensor:
     """u = C⁻¹k* / ‖C⁻¹k*‖ (or k*/‖k*‖ without statistics, i.e. C = I).
 
     ridge adds ridge·mean(diag C)·I before solving, for statistics from few samples, whose C is
-    singular; 0 gives the exact solve.
+    singular; 0 gives the exact solve. `factor` (from `factor_second_moment(C, ridge)`) replaces
+    the O(d³) solve by two triangular solves when one C serves many edits.
     """
     assert k_star.dim() == 1, f"k* must be a vector, got shape {tuple(k_star.shape)}"
     k = k_star.to(torch.float64)
-    if second_moment is None:
+    if factor is not None:
+        assert factor.shape == (k.shape[0], k.shape[0]), f"factor must be ({k.shape[0]}, {k.shape[0]})"
+        u = torch.cholesky_solve(k[:, None], factor.to(device=k.device, dtype=torch.float64))[:, 0]
+    elif second_moment is None:
         u = k
     else:
         d = k.shape[0]

@@ -157,6 +157,9 @@ class GeneratedSource(TextSource):
     """Text the model samples itself from short seeds, when the user has no corpus.
 
     Batch i is sampled with seed (seed, i), so resuming at text n regenerates nothing before it.
+    Generation uses the KV cache; each new token reads all the weights once, whatever the batch,
+    so larger batches give more texts per second (texts/s: bench/results/stats_samples.md).
+    The batch size decides which seed each text gets, so it is part of `corpus_id`.
     """
 
     SEEDS = ("The", "In", "A", "It", "When", "This", "He", "She", "We", "There", "After", "One")
@@ -168,7 +171,7 @@ class GeneratedSource(TextSource):
         n_texts: int,
         *,
         max_new_tokens: int = 64,
-        batch_size: int = 16,
+        batch_size: int = 64,
         seed: int = 0,
         top_k: int = 50,
     ) -> None:
@@ -180,7 +183,7 @@ class GeneratedSource(TextSource):
             seed,
             top_k,
         )
-        self.corpus_id = f"self-gen-s{seed}-t{max_new_tokens}-k{top_k}"
+        self.corpus_id = f"self-gen-s{seed}-t{max_new_tokens}-k{top_k}-b{batch_size}"
 
     @torch.no_grad()
     def _batch(self, index: int) -> list[str]:

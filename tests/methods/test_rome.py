@@ -1,4 +1,5 @@
 import dataclasses
+import functools
 
 import pytest
 import torch
@@ -8,6 +9,7 @@ from kedit.methods.hparams import hparams_from_overrides, hparams_to_dict
 
 from kedit.arch import arch_for, get_module
 from kedit.delta import LowRank, apply_step
+from tests.tiny import MODEL_TYPES, make_model, make_tokenizer
 
 REQ = EditRequest(prompt="The capital of France is", subject="France", target_new="Rome")
 # The subject ends the prompt: in a 3-layer random model an edit must act at the predicting position
@@ -189,6 +191,94 @@ def test_context_templates_are_cached_per_model(tiny_gpt2, tiny_llama, tiny_tok)
     assert tiny_gpt2 in rome._TEMPLATE_CACHE
 
 
+# ------------------------------------------------------------------ the suffix-only forward of v*
+
+
+PARTIAL_CHECKED = [*MODEL_TYPES, "mistral", "qwen3"]
+
+
+@functools.cache
+def _model(model_type):
+    """A tiny model of each architecture; Mistral and Qwen3 (not in tests.tiny) share the layer-by-layer path."""
+    from transformers import AutoModelForCausalLM, MistralConfig, Qwen3Config
+
+    vocab = len(make_tokenizer())
+    if model_type in MODEL_TYPES:
+        return make_model(model_type, vocab)
+    cls = {"mistral": MistralConfig, "qwen3": Qwen3Config}[model_type]
+    config = cls(
+        hidden_size=32, num_hidden_layers=3, num_attention_heads=2, num_key_value_heads=1, intermediate_size=64,
+        max_position_embeddings=128, vocab_size=vocab, bos_token_id=0, eos_token_id=0, pad_token_id=0,
+        initializer_range=0.2, head_dim=16,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    return AutoModelForCausalLM.from_config(config).eval()
+
+
+def _rows_for(tok, model, hp, request):
+    templates = rome.context_templates(model, tok, hp)
+    tgt = rome.target_ids(tok, request.target_new)
+    rows, edit_pos = [], []
+    for ctx in templates:
+        ids, last, _ = rome.encode_with_subject(tok, ctx.replace("{}", request.template, 1), request.subject, True)
+        rows.append(ids + tgt[:-1])
+        edit_pos.append(last)
+    kl_ids, kl_last, _ = rome.encode_with_subject(tok, hp.kl_prompt, request.subject, True)
+    return [*rows, kl_ids], [*edit_pos, kl_last]
+
+
+@pytest.mark.parametrize("model_type", PARTIAL_CHECKED)
+def test_suffix_forward_logits_equal_full_forward(model_type, tiny_tok):
+    """With a non-zero δ at the edit positions, layers L.. on the suffix give the full forward's logits."""
+    model = _model(model_type)
+    hp = fast_hparams(model, layer=1)
+    module = get_module(model, hp.module_name)
+    rows, edit_pos = _rows_for(tiny_tok, model, hp, REQ)
+    supported = rome._partial_unsupported(model, max(map(len, rows))) is None
+    assert supported == (model.config.model_type in rome._PARTIAL_TYPES)
+    if not supported:
+        pytest.skip(f"{model.config.model_type}: full forward (fallback)")
+    torch.manual_seed(3)
+    delta = torch.randn(module.weight.shape[0])
+    ids, mask = rome._pad_right(rows, rome._pad_id(tiny_tok), torch.device("cpu"))
+    where_full = torch.zeros((*ids.shape, 1))
+    where_full[torch.arange(len(rows)), torch.tensor(edit_pos)] = 1.0
+    runner = rome._SuffixForward(model, rows, edit_pos, hp.layer, rome._pad_id(tiny_tok))
+    where = [where_full]
+    handle = module.register_forward_hook(lambda _m, _a, out: out + where[0] * delta)
+    try:
+        with torch.no_grad():
+            rr = torch.tensor([r for r, row in enumerate(rows) for _ in range(edit_pos[r], len(row))])
+            cc = torch.tensor([c for r, row in enumerate(rows) for c in range(edit_pos[r], len(row))])
+            full = rome._logits_at(model, ids, mask, rr, cc)
+            where[0] = torch.zeros((len(rows), runner.width - runner.p_len, 1))
+            where[0][:, 0] = 1.0
+            part = rome._head(model, runner.hidden()[rr, cc - torch.tensor(edit_pos)[rr]])
+    finally:
+        handle.remove()
+    torch.testing.assert_close(part, full, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("guard", [True, False])
+@pytest.mark.parametrize("model_type", PARTIAL_CHECKED)
+def test_suffix_forward_gives_the_same_loss_trajectory(model_type, tiny_tok, guard):
+    """optimise_value's fast path (suffix-only forward, fused head) and the plain full forward agree."""
+    model = _model(model_type)
+    hp = fast_hparams(model, v_num_grad_steps=12, early_stop_loss=0.0, guard_position0=guard)
+    # guard=False with a one-token subject first: a row whose prefix is empty.
+    req = REQ if guard else EditRequest(prompt="The capital is", subject="The", target_new="Rome")
+    module = get_module(model, hp.module_name)
+    templates = rome.context_templates(model, tiny_tok, hp)
+    with rome._Frozen(model):
+        fast = rome.optimise_value(model, tiny_tok, module, templates, req, 1.0, hp)
+        plain = rome.optimise_value(model, tiny_tok, module, templates, req, 1.0, hp, partial=False, fused_head=False)
+    assert fast.partial == (model.config.model_type in rome._PARTIAL_TYPES) and not plain.partial
+    assert len(fast.losses) == len(plain.losses) == 12
+    assert fast.losses[-1] < fast.losses[0]
+    torch.testing.assert_close(torch.tensor(fast.losses), torch.tensor(plain.losses), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(fast.delta, plain.delta, rtol=1e-4, atol=1e-4)
+
+
 # ------------------------------------------------------------------ hyper-parameters
 
 
@@ -233,3 +323,34 @@ def test_layer_out_of_range(tiny_gpt2, tiny_tok):
 def test_registered():
     method = get_method("rome")
     assert method.hparams_cls is rome.ROMEHyperParams and method.apply is rome.apply
+
+
+def test_factored_left_vector_equals_solve():
+    _, c = random_second_moment(16)
+    k = torch.randn(16, dtype=torch.float64)
+    for ridge in (0.0, 1e-3):
+        f = rome_math.factor_second_moment(c, ridge)
+        torch.testing.assert_close(rome_math.left_vector(k, c, ridge, factor=f), rome_math.left_vector(k, c, ridge))
+    c32 = c.float()
+    assert rome._factor(c32, 1e-6) is rome._factor(c32, 1e-6)  # kept for the same C
+    assert rome._factor(c32.clone(), 1e-6) is not rome._factor(c32, 1e-6)
+
+
+def test_fused_head_in_chunks_equals_log_softmax(monkeypatch, tiny_tok):
+    """The one-pass head (running max and sums over vocabulary chunks) gives autograd's loss and gradient."""
+    monkeypatch.setattr(rome._FusedHeadLoss, "CHUNK", 37)  # several chunks of a 300-token vocabulary
+    torch.manual_seed(4)
+    weight = torch.randn(len(tiny_tok), 16)
+    hidden = torch.randn(4, 16, requires_grad=True)
+    labels = torch.tensor([5, 17, 250])
+    label_w = torch.tensor([0.25, 0.25, 0.5])
+    kl_init = torch.randn(1, len(tiny_tok)).log_softmax(-1)
+    nll, kl = rome._FusedHeadLoss.apply(hidden, weight, labels, label_w, kl_init)
+    (g_fused,) = torch.autograd.grad(nll + 0.3 * kl, hidden)
+    logp = (hidden @ weight.t()).log_softmax(-1)
+    nll_ref = -(logp[:3].gather(1, labels[:, None])[:, 0] * label_w).sum()
+    kl_ref = torch.nn.functional.kl_div(kl_init, logp[3:], log_target=True, reduction="batchmean")
+    (g_ref,) = torch.autograd.grad(nll_ref + 0.3 * kl_ref, hidden)
+    torch.testing.assert_close(nll, nll_ref)
+    torch.testing.assert_close(kl, kl_ref)
+    torch.testing.assert_close(g_fused, g_ref, rtol=1e-4, atol=1e-5)
