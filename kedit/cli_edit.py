@@ -155,7 +155,10 @@ def stats(ctx: click.Context, layer: tuple[int, ...], method: str, corpus: Path 
     repo = _open(ctx)
     base = repo.log("HEAD")[-1].id
     model, tok = load_model(repo, base, dtype=parse_dtype(dtype), device=device)
-    hp = hparams_from_overrides(get_method(method).hparams_cls, model, _parse_overrides(overrides))
+    values = _parse_overrides(overrides)
+    if samples:
+        values.setdefault("mom2_n_samples", str(samples))
+    hp = hparams_from_overrides(get_method(method).hparams_cls, model, values)
     options = EditOptions(method=method, corpus=corpus, stats_samples=samples, device=device,
                           dtype=parse_dtype(dtype), progress=progress_enabled())
     provider = StatsProvider(repo, options, hp, (model, tok), base)

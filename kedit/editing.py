@@ -93,15 +93,17 @@ class StatsProvider:
         self.repo, self.options, self.hparams = repo, options, hparams
         self.current, self.current_commit = current, current_commit
         self.base = history.ancestors(repo.db, current_commit)[-1]
+        self.used: dict[str, Any] = {}  # what the last statistics were computed from, for the record
 
     def __call__(self, module_name: str, layer: int) -> torch.Tensor:
         from kedit.methods.stats import GeneratedSource, StatsCache, cached_second_moment, corpus_source
 
-        n = self.options.stats_samples or getattr(self.hparams, "mom2_n_samples", 10000)
+        n = getattr(self.hparams, "mom2_n_samples", None) or self.options.stats_samples or 10000
         model, tok = self.current
         if self.current_commit != self.base:
             model, tok = load_model(self.repo, self.base, dtype=self.options.dtype, device=self.options.device)
         source = corpus_source(self.options.corpus) if self.options.corpus else GeneratedSource(model, tok, n)
+        self.used = {"corpus": source.corpus_id, "samples": n, "layer": layer}
         return cached_second_moment(model, tok, layer, module_name, source, n_samples=n,
                                     cache=StatsCache(self.repo.path / "stats"), base_hash=self.base,
                                     progress=self.options.progress)
@@ -125,8 +127,11 @@ def run_edits(repo: Repository, requests: list[EditRequest], options: EditOption
     except KeyError as e:
         raise KeditError(str(e.args[0])) from e
     model, tok = load_model(repo, "HEAD", dtype=options.dtype, device=options.device)
+    overrides = dict(options.overrides)
+    if options.stats_samples and "mom2_n_samples" in getattr(method.hparams_cls, "__dataclass_fields__", {}):
+        overrides.setdefault("mom2_n_samples", str(options.stats_samples))  # record what C was built from
     try:
-        hparams = hparams_from_overrides(method.hparams_cls, model, options.overrides, options.hparams_file)
+        hparams = hparams_from_overrides(method.hparams_cls, model, overrides, options.hparams_file)
     except (ValueError, TypeError, OSError) as e:
         raise KeditError(f"bad hyper-parameters for {method.name}: {e}") from e
     stats = StatsProvider(repo, options, hparams, (model, tok), repo.head())
@@ -140,7 +145,7 @@ def run_edits(repo: Repository, requests: list[EditRequest], options: EditOption
         t0 = time.perf_counter()
         result = _apply_method(method, model, tok, batch, hparams, stats)
         edit_s = time.perf_counter() - t0
-        info = {**result.info, "edit_seconds": round(edit_s, 3)}
+        info = {**result.info, "edit_seconds": round(edit_s, 3), **({"stats": stats.used} if stats.used else {})}
         commit = repo.commit(result.deltas, adapters=result.adapters, requests=[r.to_dict() for r in batch],
                              method=method.name, hparams=hparams_to_dict(hparams), info=info,
                              message=options.message if len(requests) == 1 else None)
