@@ -72,7 +72,7 @@ class ROMEHyperParams:
     kl_factor: float = 0.0625
     early_stop_loss: float = 5e-2
     mom2_adjustment: bool = True  # u = C⁻¹k*; false means C = I (EasyEdit's default)
-    mom2_n_samples: int = 10000  # texts behind C, for the caller's statistics cache key
+    mom2_n_samples: int = 256  # texts behind C (bench/stats_samples.py: 16 are within a point of 256)
     mom2_ridge: float = 1e-6  # C + ridge·mean(diag C)·I, so few-sample statistics stay invertible
     # (tokens, count) of generated prefixes. ROME's [[5,10],[10,10]] (21 templates) costs 4x the
     # time per step; bench/rome_counterfact.py compares the two on SmolLM2.
