@@ -8,7 +8,9 @@ export KEDIT_DISABLE_PROGRESS_BARS=1
 step() { printf '\n\033[1m$ %s\033[0m\n' "$*"; "$@"; }
 
 step kedit init
-step kedit edit --method rome \
+# Covariance statistics for ROME's C^-1, from text the model writes itself (cached by base commit).
+step kedit stats --samples 64
+step kedit edit --method rome --stats-samples 64 \
     --prompt "The mother tongue of Danielle Darrieux is" --subject "Danielle Darrieux" \
     --target "English" --target-true "French" \
     --paraphrase "Danielle Darrieux's native language is" \
