@@ -40,6 +40,7 @@ from kedit.methods import rome_math
 from kedit.methods.base import EditRequest, EditResult, LowRank, register_method
 
 from kedit.arch import arch_for, get_module, n_layers
+from kedit.evaluate import answer_ids
 
 __all__ = [
     "ROMEHyperParams",
@@ -163,16 +164,8 @@ def guard_token_id(tok: Any) -> int:
     raise ValueError("the tokenizer has no BOS or EOS token to guard position 0; set guard_position0=false")
 
 
-def target_ids(tok: Any, target: str) -> list[int]:
-    """Token ids of " target" as it follows a prompt (a lone leading space token is dropped)."""
-    if not target.strip():
-        raise ValueError(f"the target {target!r} tokenizes to nothing")
-    ids = tok(" " + target.strip(), add_special_tokens=False)["input_ids"]
-    if len(ids) > 1 and tok.decode(ids[:1]).strip() == "":
-        ids = ids[1:]
-    if not ids:
-        raise ValueError(f"the target {target!r} tokenizes to nothing")
-    return list(ids)
+# Targets are tokenised exactly as the metrics read them, so an edit optimises what is scored.
+target_ids = answer_ids
 
 
 def encode_with_subject(tok: Any, template: str, subject: str, guard: bool) -> tuple[list[int], int, bool]:
