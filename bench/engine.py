@@ -503,6 +503,7 @@ def build_chain(repo: Repository, base: str, branch: str, depth: int, names: lis
         "commit_ms_all": summary(times, 1e3)["median"],
         "build_s": sum(times),
         "last_tensor": names[(depth - 1) % len(names)],
+        "cache_after_build": keyframes(repo),  # values kept by the cache while committing
     }
 
 
@@ -758,7 +759,9 @@ def report(r: dict[str, Any]) -> str:
                 f"(again: {fmt(v['warm_materialize_model_s'], 2)} s) | - | - |",
                 f"| d | same: commit time at depth 1-10 vs {depth - 9}-{depth} (median) | "
                 f"{fmt(v['build']['commit_ms_first10']['median'])} vs "
-                f"{fmt(v['build']['commit_ms_last10']['median'])} ms | - | - |",
+                f"{fmt(v['build']['commit_ms_last10']['median'])} ms; cache after the build: "
+                f"{v['build'].get('cache_after_build', {}).get('files', '?')} files, "
+                f"{fmt(v['build'].get('cache_after_build', {}).get('bytes', 0) / 1e6, 0)} MB | - | - |",
             ]
             if "checkout_after_rm_worktree_s" in v:
                 lines.append(
