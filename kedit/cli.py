@@ -612,7 +612,10 @@ def main() -> None:
     cli(prog_name="kedit")
 
 
-from kedit import cli_edit  # noqa: E402, F401  (registers edit, stats, eval, check, probe)
+from kedit import (  # noqa: E402  (after cli exists: these modules add commands to it)
+    cli_edit,  # noqa: F401  (registers edit, stats, eval, check, probe)
+    cli_hub,  # noqa: F401  (registers remote, push, fetch, pull, clone)
+)
 
 if __name__ == "__main__":
     main()

@@ -125,8 +125,39 @@ CREATE TABLE probe_outputs (           -- a commit's state never changes, so its
 );
 """
 
+# Remotes live in the database, not in a side file: a fetch records the commits it brings, the
+# remote-tracking ref (refs/remotes/R/B, which gc treats as reachable) and the Hub commit the
+# branch was at, all in one transaction.
+_REMOTES = """
+CREATE TABLE remotes (
+    name TEXT PRIMARY KEY,
+    url TEXT NOT NULL,                 -- hf://OWNER/REPO or http(s)://HOST/OWNER/REPO; never a token
+    created TEXT NOT NULL
+);
+CREATE TABLE remote_branches (         -- what kedit last saw of a Hub branch (kedit tip: the ref)
+    remote TEXT NOT NULL REFERENCES remotes(name) ON DELETE CASCADE,
+    branch TEXT NOT NULL,
+    hub_commit TEXT NOT NULL,          -- the Hub commit sha: parent_commit of the next push
+    checkpoint_commit TEXT,            -- the kedit commit whose weights the branch's files hold
+    updated TEXT NOT NULL,
+    PRIMARY KEY (remote, branch)
+);
+"""
+
 # Ordered, named migrations; each runs once, inside a transaction, and is recorded.
 MIGRATIONS: list[tuple[str, str]] = [("0001_initial", _SCHEMA_V1), ("0002_probes", _PROBES)]
+MIGRATIONS.append(("0004_remotes", _REMOTES))
+
+# A method's memory: tensors an edit keeps for the method's later edits (AlphaEdit: the keys it
+# wrote). Read back only for commits whose deltas are still in effect, so a revert forgets them.
+_METHOD_MEMORY = """
+CREATE TABLE method_memory (
+    commit_id TEXT PRIMARY KEY REFERENCES commits(id) ON DELETE CASCADE,
+    method TEXT NOT NULL,
+    object_id TEXT NOT NULL
+);
+"""
+MIGRATIONS.append(("0005_method_memory", _METHOD_MEMORY))
 
 
 def connect(path: Path, *, create: bool = False) -> sqlite_utils.Database:

@@ -111,3 +111,20 @@ class WorktreeDirtyError(KeditError, RuntimeError):
     """The working model has changes that a checkout would overwrite."""
 
     hint = "run 'kedit status' to see them, or pass --force to discard them"
+
+
+# HUB ERRORS
+
+
+class RemoteError(KeditError, LookupError):
+    """An unknown remote, or a remote URL kedit cannot use."""
+
+
+class HubError(KeditError, ConnectionError):
+    """The Hub could not be reached, refused the token, or rejected a request."""
+
+
+class PushRejectedError(HubError):
+    """The remote branch has commits this push would overwrite (it moved since the last pull)."""
+
+    hint = "run 'kedit pull' to bring its commits here, then push again"
