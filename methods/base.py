@@ -112,6 +112,9 @@ class EditResult:
     deltas: dict[str, WeightDelta] = field(default_factory=dict)
     adapters: list[Adapter] = field(default_factory=list)
     info: dict[str, Any] = field(default_factory=dict)  # JSON-serialisable: norms, losses, timings
+    # Tensors kept with the commit for this method's later edits; a later `apply` that declares a
+    # `memory` parameter gets the memories of the edits still in effect (AlphaEdit's earlier keys).
+    memory: dict[str, Any] = field(default_factory=dict)
 
 
 ApplyFn = Callable[[Any, Any, Sequence[EditRequest], Any], EditResult]
@@ -123,21 +126,35 @@ class Method:
     hparams_cls: type
     apply: ApplyFn
     batched: bool = False  # True: one call edits many requests at once (one commit per batch)
+    generation_metrics: bool = False  # True: also score by greedy generation (GRACE's authors' protocol)
+    train: Callable[..., Any] | None = None  # trained methods (MEND): builds the editor `apply` uses
+    train_hparams_cls: type | None = None  # the training hyper-parameters, stored with the editor
 
 
 _REGISTRY: dict[str, Method] = {}
 
 # Built-in methods: imported on first use, so that `import kedit` stays cheap.
-_BUILTIN_MODULES = {"rome": "kedit.methods.rome"}
+_BUILTIN_MODULES = {
+    "rome": "kedit.methods.rome",
+    "memit": "kedit.methods.memit",
+    "alphaedit": "kedit.methods.alphaedit",
+    "ft": "kedit.methods.ft",
+    "grace": "kedit.methods.grace",
+    "mend": "kedit.methods.mend",
+    "instructedit": "kedit.methods.instructedit",
+}
 
 
-def register_method(name: str, hparams_cls: type, apply: ApplyFn, *, batched: bool = False) -> Method:
+def register_method(name: str, hparams_cls: type, apply: ApplyFn, *, batched: bool = False,
+                    generation_metrics: bool = False, train: Callable[..., Any] | None = None,
+                    train_hparams_cls: type | None = None) -> Method:
     """Register a method under a lower-case name; a second registration of a name is an error."""
     if name != name.lower() or not name.replace("-", "").replace("_", "").isalnum():
         raise ValueError(f"method names are lower-case letters, digits, '-' and '_': {name!r}")
     if name in _REGISTRY:
         raise ValueError(f"a method named {name!r} is already registered")
-    method = Method(name=name, hparams_cls=hparams_cls, apply=apply, batched=batched)
+    method = Method(name=name, hparams_cls=hparams_cls, apply=apply, batched=batched,
+                    generation_metrics=generation_metrics, train=train, train_hparams_cls=train_hparams_cls)
     _REGISTRY[name] = method
     return method
 
