@@ -1,4 +1,9 @@
-"""Export a revision as a normal Hugging Face checkpoint folder."""
+"""Export a revision as a normal Hugging Face checkpoint folder.
+
+A revision with adapters (e.g. GRACE codebooks) is exported as its weights plus the adapters, with
+a config.json that plain transformers refuses to load (kedit/adapters.py): `kedit.load_model(path)`
+loads it with the adapters in place.
+"""
 
 from __future__ import annotations
 
@@ -9,6 +14,7 @@ import tempfile
 from pathlib import Path
 
 from kedit import history
+from kedit.adapters import mark_config, write_adapters
 from kedit.errors import KeditError
 from kedit.progress import progress_bar
 from kedit.repo import Repository
@@ -62,12 +68,15 @@ def export(repo: Repository, rev: str, out_dir: Path, *, max_shard_bytes: int = 
             total = sum(e.nbytes for e in manifest.values())
             body = {"metadata": {"total_size": total}, "weight_map": weight_map}
             (staging / "model.safetensors.index.json").write_text(json.dumps(body, indent=2))
+        adapters = repo.adapters(commit_id)
+        adapter_files = write_adapters(staging, [a for _, a in adapters])
         for path, data in repo.files(commit_id).items():
+            if path == "config.json" and adapters:  # plain from_pretrained must not load it without them
+                data = mark_config(data, adapter_files)
             (staging / path).parent.mkdir(parents=True, exist_ok=True)
             (staging / path).write_bytes(data)
-        adapters = history.adapters(repo.db, commit_id)
         provenance = {"commit": commit_id, "tensors": {n: e.hash for n, e in manifest.items()},
-                      "adapters": [a.object_id for a in adapters]}
+                      "adapters": [ref.object_id for ref, _ in adapters], "adapter_files": adapter_files}
         (staging / "kedit.json").write_text(json.dumps(provenance, indent=1, sort_keys=True))
         fsync_dir(staging)
         if out_dir.exists():
@@ -76,5 +85,6 @@ def export(repo: Repository, rev: str, out_dir: Path, *, max_shard_bytes: int = 
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
-    return {"commit": commit_id, "path": str(out_dir), "shards": names, "tensors": len(manifest)}
+    return {"commit": commit_id, "path": str(out_dir), "shards": names, "tensors": len(manifest),
+            "adapters": len(adapter_files)}
 

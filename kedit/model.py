@@ -1,4 +1,7 @@
-"""Load any revision of a repository as a transformers model and tokenizer.
+"""Load any revision of a repository (or an exported folder) as a transformers model and tokenizer.
+
+Adapters in effect at the revision (GRACE codebooks) are installed into the loaded model
+(kedit/adapters.py), so what is measured or used is the edited model.
 
 HEAD loads straight from the working model (memory-mapped safetensors); any other revision
 is exported to a temporary folder first, so that transformers builds the model exactly as it
@@ -14,6 +17,7 @@ from typing import Any
 
 import torch
 
+from kedit.adapters import install_adapters, read_folder
 from kedit.errors import KeditError
 from kedit.progress import progress_enabled
 from kedit.repo import Repository
@@ -34,7 +38,7 @@ def parse_dtype(name: str | None) -> torch.dtype | None:
 
 
 def _from_folder(folder: Path, dtype: torch.dtype | None, device: str, device_map: str | None) -> tuple[Any, Any]:
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
     if not progress_enabled():
@@ -44,17 +48,33 @@ def _from_folder(folder: Path, dtype: torch.dtype | None, device: str, device_ma
     kwargs: dict[str, Any] = {"dtype": dtype or "auto"}
     if device_map:
         kwargs["device_map"] = device_map
+    config_dict, adapters = read_folder(folder)  # an export with adapters: its real config and the adapters
     try:
+        if config_dict is not None:
+            config_dict = dict(config_dict)
+            kwargs["config"] = AutoConfig.for_model(config_dict.pop("model_type"), **config_dict)
         model = AutoModelForCausalLM.from_pretrained(folder, **kwargs)
-        tokenizer = AutoTokenizer.from_pretrained(folder)
+        tokenizer = AutoTokenizer.from_pretrained(folder, **{k: v for k, v in kwargs.items() if k == "config"})
     except (OSError, ValueError) as e:
         raise KeditError(f"transformers cannot build a model from this revision: {e}") from e
+    install_adapters(model, adapters)
     if not device_map:
         model.to(device)
     model.eval()
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     return model, tokenizer
+
+
+def load_folder(folder: str | Path, *, dtype: torch.dtype | None = None, device: str = "cpu") -> tuple[Any, Any]:
+    """(model, tokenizer) from a folder `kedit export` wrote (or any Hugging Face folder), adapters installed."""
+    folder = Path(folder)
+    if not (folder / "config.json").is_file():
+        raise KeditError(f"{folder} has no config.json: not a model folder")
+    device_map = None
+    if device == "auto":
+        device, device_map = "cpu", "auto"
+    return _from_folder(folder, dtype, device, device_map)
 
 
 def load_model(repo: Repository, rev: str = "HEAD", *, dtype: torch.dtype | None = None, device: str = "cpu",
@@ -72,7 +92,9 @@ def load_model(repo: Repository, rev: str = "HEAD", *, dtype: torch.dtype | None
                          hint="init from a Hugging Face folder rather than a bare .safetensors file")
     wt = repo.worktree
     if wt is not None and wt.commit == commit_id and not wt.modified():
-        return _from_folder(wt.folder, dtype, device, device_map)
+        model, tokenizer = _from_folder(wt.folder, dtype, device, device_map)
+        install_adapters(model, [a for _, a in repo.adapters(commit_id)])  # the working model holds weights only
+        return model, tokenizer
     from kedit.export import export
 
     with tempfile.TemporaryDirectory(prefix="kedit-load-") as tmp:
