@@ -55,6 +55,7 @@ def _greedy_answer(model, tok, prompt: str, n_tokens: int = 4) -> str:
 @click.option("--set", "overrides", multiple=True, help="Override a hyper-parameter: key=value (repeatable).")
 @click.option("--hparams", "hparams_file", type=click.Path(exists=True, dir_okay=False, path_type=Path),
               help="Hyper-parameters from a YAML file (EasyEdit files work).")
+@click.option("--editor", help="The trained editor (mend, instructedit): an id from 'kedit editors' (default: latest).")
 @click.option("--corpus", type=click.Path(exists=True, path_type=Path),
               help="Text for covariance statistics (file or folder); default: text the model generates.")
 @click.option("--stats-samples", type=int, help="Texts behind the covariance statistics.")
@@ -69,7 +70,8 @@ def _greedy_answer(model, tok, prompt: str, n_tokens: int = 4) -> str:
 def edit(ctx: click.Context, method: str, prompt: str | None, subject: str | None, target: str | None,
          target_true: str | None, paraphrase: tuple[str, ...], locality: tuple[str, ...],
          request_files: tuple[Path, ...], overrides: tuple[str, ...], hparams_file: Path | None,
-         corpus: Path | None, stats_samples: int | None, batch_size: int | None, no_eval: bool, fluency: bool,
+         editor: str | None, corpus: Path | None, stats_samples: int | None, batch_size: int | None, no_eval: bool,
+         fluency: bool,
          message: str | None, device: str, dtype: str | None, as_json: bool) -> None:
     """Edit a fact; each edit becomes a commit with its measured effect.
 
@@ -110,7 +112,10 @@ def edit(ctx: click.Context, method: str, prompt: str | None, subject: str | Non
         requests.append(request)
     if not requests:
         raise click.UsageError("give --prompt/--subject/--target or --requests FILE")
-    options = EditOptions(method=method, overrides=_parse_overrides(overrides), hparams_file=hparams_file,
+    parsed = _parse_overrides(overrides)
+    if editor:
+        parsed["editor"] = editor
+    options = EditOptions(method=method, overrides=parsed, hparams_file=hparams_file,
                           corpus=corpus, stats_samples=stats_samples, dtype=parse_dtype(dtype), device=device,
                           batch_size=batch_size, measure=not no_eval, fluency=fluency, message=message,
                           progress=progress_enabled())

@@ -159,6 +159,21 @@ CREATE TABLE method_memory (
 """
 MIGRATIONS.append(("0005_method_memory", _METHOD_MEMORY))
 
+# Trained editors (MEND, InstructEdit): the weights are an object (id = its hash); this records
+# what they were trained for and on, and how well they did. Commits name the editor they used.
+_EDITORS = """
+CREATE TABLE editors (
+    id TEXT PRIMARY KEY,               -- the object id of the editor's weights
+    method TEXT NOT NULL,              -- mend | instructedit
+    base_commit TEXT NOT NULL,         -- the base model it was trained for
+    data_hash TEXT NOT NULL,           -- xxh3_128 of its training and validation records
+    hparams TEXT NOT NULL,             -- JSON: training hyper-parameters
+    metrics TEXT NOT NULL,             -- JSON: validation metrics, steps, training time
+    created TEXT NOT NULL
+);
+"""
+MIGRATIONS.append(("0003_editors", _EDITORS))
+
 
 def connect(path: Path, *, create: bool = False) -> sqlite_utils.Database:
     """Open the history database, configured for kedit, with its schema up to date."""

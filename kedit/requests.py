@@ -103,16 +103,41 @@ def record_to_request(record: dict[str, Any]) -> EditRequest:
     raise ValueError(f"unrecognised record with keys {sorted(record)[:8]}")
 
 
-def load_requests(paths: Iterable[Path]) -> list[EditRequest]:
-    requests: list[EditRequest] = []
+def record_task(record: dict[str, Any]) -> str:
+    """The task family of a record: its `task` (kedit) or `type` (InstructEdit) field, else its format."""
+    named = record.get("task") or record.get("type")
+    if isinstance(named, str) and named.strip():
+        return named.strip().lower()
+    if "requested_rewrite" in record:
+        return "counterfact"
+    if "src" in record and "alt" in record:
+        return "zsre"
+    return "facts"
+
+
+def _load(paths: Iterable[Path]) -> list[tuple[EditRequest, str]]:
+    out: list[tuple[EditRequest, str]] = []
     for path in paths:
         for i, record in enumerate(load_records(path)):
             if not isinstance(record, dict):
                 raise RequestFormatError(f"{path}: record {i} is not a JSON object")
             try:
-                requests.append(record_to_request(record))
+                out.append((record_to_request(record), record_task(record)))
             except (KeyError, ValueError, TypeError) as e:
                 raise RequestFormatError(f"{path}: record {i}: {e}") from e
-    if not requests:
+    if not out:
         raise RequestFormatError("no edit requests found")
-    return requests
+    return out
+
+
+def load_requests(paths: Iterable[Path]) -> list[EditRequest]:
+    return [r for r, _ in _load(paths)]
+
+
+def load_training_requests(paths: Iterable[Path]) -> list[tuple[EditRequest, str]]:
+    """Requests with their task family, for training an editor (MEND, InstructEdit).
+
+    The same formats as `load_requests`; a record's paraphrases train generalization and its
+    locality pairs (or CounterFact neighbourhood prompts) train locality.
+    """
+    return _load(paths)

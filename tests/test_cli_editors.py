@@ -1,0 +1,135 @@
+"""kedit train-editor / editors / edit --method mend|instructedit on a tiny model with a real tokenizer."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from kedit.cli import cli
+from kedit.repo import Repository
+from tests.tiny import make_model, make_tokenizer
+
+FACTS = [  # (prompt, subject, new target, true target) in the tiny tokenizer's words
+    ("The capital city is {}", "France", "Japan", "Paris"),
+    ("The language of {} is", "Japan", "French", "Japanese"),
+    ("{} is the capital of", "Berlin", "Spain", "Germany"),
+    ("{} is in", "Madrid", "Japan", "Spain"),
+    ("{} is located in the city of", "The Eiffel Tower", "Rome", "Paris"),
+    ("{} makes the", "Apple", "guitar", "iPhone"),
+    ("{} plays the", "Toko Yasuda", "iPhone", "guitar"),
+    ("Her mother tongue is {}", "French", "Japanese", "French"),
+    ("The capital of {} is", "Italy", "Tokyo", "Rome"),
+    ("{} is in", "Tokyo", "Spain", "Japan"),
+]
+TRAIN = ["--set", "rank=4", "--set", "batch_size=2", "--set", "val_every=2", "--set", "val_size=2"]
+
+
+def _records(task: str | None = None) -> list[dict]:
+    out = []
+    for t, s, new, true in FACTS:
+        r = {"prompt": t, "subject": s, "target_new": new, "ground_truth": true,
+             "rephrase_prompt": t.replace("{}", s) + " the"}
+        if task:
+            r["task"] = task
+        out.append(r)
+    return out
+
+
+@pytest.fixture(scope="module")
+def tiny_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    folder = tmp_path_factory.mktemp("tiny-tok-llama-editors")
+    tok = make_tokenizer()
+    make_model("llama", len(tok)).save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture
+def work(tmp_path: Path, tiny_folder: Path) -> Path:
+    Repository.init(tmp_path / "work", str(tiny_folder), progress=False)
+    (tmp_path / "train.json").write_text(json.dumps(_records()))
+    return tmp_path
+
+
+def _run(work: Path, *args: str):
+    result = CliRunner().invoke(cli, ["--repo", str(work / "work"), *args], catch_exceptions=False)
+    return result
+
+
+def test_train_list_edit_and_resume(work: Path):
+    r = _run(work, "train-editor", "--method", "mend", "--data", str(work / "train.json"), *TRAIN,
+             "--set", "max_steps=2", "--json")
+    assert r.exit_code == 0, r.output
+    first = json.loads(r.stdout)
+    assert first["method"] == "mend" and first["metrics"]["steps"] == 2 and first["metrics"]["n_val"] == 2
+    assert set(first["metrics"]) >= {"val_reliability", "val_generalization", "val_locality", "train_seconds"}
+    assert first["hparams"]["layers"] == [0, 1, 2] and len(first["data_hash"]) == 32
+    repo = Repository.open(work / "work")
+    tensors, meta = repo.store.get_tensors(first["id"])  # content-addressed: the id is the object's
+    assert meta["kind"] == "editor" and meta["method"] == "mend" and "step" in tensors
+
+    # a larger budget continues the same run from its checkpoint (steps 3-4 only)
+    checkpoints = list((work / "work" / ".kedit" / "training").glob("*/checkpoint.safetensors"))
+    assert len(checkpoints) == 1
+    r = _run(work, "train-editor", "--method", "mend", "--data", str(work / "train.json"), *TRAIN,
+             "--set", "max_steps=4", "--json")
+    assert r.exit_code == 0, r.output
+    second = json.loads(r.stdout)
+    assert second["metrics"]["steps"] == 4 and [h["step"] for h in second["metrics"]["history"]] == [2, 4]
+    assert second["id"] != first["id"]
+
+    r = _run(work, "editors", "--json")
+    listed = json.loads(r.stdout)
+    assert [e["id"] for e in listed] == [second["id"], first["id"]]  # newest first
+
+    # edit with the latest editor: the commit names it and holds low-rank factors
+    r = _run(work, "edit", "--method", "mend", "--prompt", "The capital city is France", "--subject", "France",
+             "--target", "Japan", "--no-eval", "--json")
+    assert r.exit_code == 0, r.output
+    commit = repo.get_commit(json.loads(r.stdout)[0]["id"])
+    assert commit.hparams["editor"] == second["id"] and commit.info["editor"] == second["id"]
+    names = {ch.name for ch in repo.changes(commit.id)}
+    assert names == {f"model.layers.{i}.mlp.down_proj.weight" for i in range(3)}
+    assert all(ch.encoding == "lowrank" for ch in repo.changes(commit.id))
+    listed = json.loads(_run(work, "editors", "--json").stdout)
+    assert listed[0]["used_by"] == [commit.id]
+
+    # an older editor by prefix
+    r = _run(work, "edit", "--method", "mend", "--editor", first["id"][:8], "--prompt", "{} is in",
+             "--subject", "Madrid", "--target", "Japan", "--no-eval", "--json")
+    assert r.exit_code == 0, r.output
+    assert repo.get_commit(json.loads(r.stdout)[0]["id"]).hparams["editor"] == first["id"]
+
+
+def test_instructedit_trains_on_tasks_and_edits_with_an_instruction(work: Path):
+    (work / "mixed.json").write_text(json.dumps(_records("counterfact")[:5] + _records("sentiment")[5:]))
+    r = _run(work, "train-editor", "--method", "instructedit", "--data", str(work / "mixed.json"), *TRAIN,
+             "--set", "max_steps=2", "--json")
+    assert r.exit_code == 0, r.output
+    info = json.loads(r.stdout)
+    assert info["metrics"]["tasks"] == ["counterfact", "sentiment"]
+    r = _run(work, "edit", "--method", "instructedit", "--set", "task=zsre", "--prompt", "{} is in",
+             "--subject", "Madrid", "--target", "Japan", "--no-eval", "--json")
+    assert r.exit_code == 0, r.output
+    out = json.loads(r.stdout)[0]
+    assert out["info"]["editor"] == info["id"] and out["info"]["task"] == "zsre"
+    assert out["info"]["instruction"]  # the held-out description of the task
+
+
+def test_errors_are_one_line_and_change_nothing(work: Path):
+    repo = Repository.open(work / "work")
+    head = repo.head()
+    r = _run(work, "edit", "--method", "mend", "--prompt", "{} is in", "--subject", "Madrid", "--target", "Japan")
+    assert r.exit_code == 1 and "no trained mend editor" in r.stderr and "train-editor" in r.stderr
+    r = _run(work, "train-editor", "--method", "mend", "--data", str(work / "train.json"), "--set", "rank=0")
+    assert r.exit_code == 1 and "rank must be >= 1" in r.stderr
+    (work / "bad.json").write_text(json.dumps([{"prompt": "x"}]))
+    r = _run(work, "train-editor", "--data", str(work / "bad.json"))
+    assert r.exit_code == 1 and "record 0" in r.stderr
+    r = _run(work, "edit", "--method", "mend", "--editor", "zzzz", "--prompt", "{} is in", "--subject", "Madrid",
+             "--target", "Japan")
+    assert r.exit_code == 1 and "no editor 'zzzz'" in r.stderr
+    assert repo.head() == head and _run(work, "editors").stdout == ""
