@@ -285,7 +285,8 @@ def show(ctx: click.Context, rev: str, as_json: bool) -> None:
                             "shape": list(c.shape), "delta_norm": c.delta_norm, "rel_change": c.rel_change,
                             "stored_bytes": c.stored_bytes, "hash": c.result_hash,
                             "steps": [s.__dict__ for s in c.steps]} for c in changes]
-        body["adapters"] = [{"op": op, "object": oid, "kind": kind} for op, oid, kind in adapters]
+        body["adapters"] = [{"op": op, "object": oid, "kind": kind, "config": _adapter_config(repo, oid)}
+                            for op, oid, kind in adapters]
         _emit_json(body)
         return
     click.echo(click.style(f"commit {commit.id}", fg="yellow"))
@@ -318,7 +319,21 @@ def show(ctx: click.Context, rev: str, as_json: bool) -> None:
         if len(changes) > 200:
             click.echo(f"  ... and {len(changes) - 200} more (kedit show --json for all)")
     for op, oid, kind in adapters:
-        click.echo(f"Adapter {op}: {kind} {oid[:12]}")
+        config = _adapter_config(repo, oid)
+        entries = config.get("entries", [])
+        where = f", {config['module']}" if "module" in config else ""
+        click.echo(f"Adapter {op}: {kind} {oid[:12]} ({len(entries)} entr{'y' if len(entries) == 1 else 'ies'}{where})")
+        for entry in entries:  # adapters may list what they hold, for people (GRACE: one per edit)
+            head = f"{entry['prompt']!r} -> {entry['target']!r}  " if "prompt" in entry and "target" in entry else ""
+            rest = "  ".join(f"{k}={_num(v) if isinstance(v, float) else v}" for k, v in entry.items()
+                             if k not in ("prompt", "target"))
+            click.echo(f"  {head}{rest}")
+
+
+def _adapter_config(repo: Any, object_id: str) -> dict:
+    """An adapter object's JSON config (its tensors are not read by the engine)."""
+    _, metadata = repo.store.get_tensors(object_id)
+    return json.loads(metadata.get("config", "{}"))
 
 
 def _num(x: float | None) -> str:
@@ -559,6 +574,9 @@ def export(ctx: click.Context, rev: str, directory: Path, max_shard_size: str, f
     else:
         click.echo(f"exported {result['commit'][:12]} to {result['path']} "
                    f"({result['tensors']} tensors in {len(result['shards'])} shard(s))")
+        if result.get("adapters"):
+            click.echo(f"with {result['adapters']} adapter(s): load it with kedit.load_model(path); "
+                       "plain from_pretrained refuses it")
 
 
 # -- maintenance -----------------------------------------------------------------------------

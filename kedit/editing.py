@@ -4,7 +4,7 @@ For each batch of requests (one request per commit for single-edit methods such 
   1. measure the model before the edit (reliability, generalization, locality reference, ...),
   2. ask the method for deltas (it never writes the repository),
   3. commit them (the engine applies them with its canonical arithmetic),
-  4. copy the committed tensors into the in-memory model and measure again,
+  4. copy the committed tensors (and install its adapters) into the in-memory model and measure again,
   5. store both sets of metrics with the commit and add the edit to the probe suite.
 
 Covariance statistics a method asks for are computed on the base model and cached under
@@ -25,6 +25,8 @@ from typing import Any
 import torch
 
 from kedit import evaluate, history
+from kedit.adapters import install_adapters
+from kedit.delta import Adapter
 from kedit.errors import KeditError
 from kedit.methods.base import EditRequest, get_method
 from kedit.methods.hparams import hparams_from_overrides, hparams_to_dict
@@ -60,9 +62,11 @@ def locality_pairs(request: EditRequest) -> list[tuple[str, str]]:
 
 
 def measure(model: Any, tok: Any, requests: Sequence[EditRequest], reference: list[list[int]] | None,
-            *, fluency: bool = False) -> list[evaluate.Metric]:
-    """Every metric the requests carry data for."""
+            *, fluency: bool = False, generation: bool = False) -> list[evaluate.Metric]:
+    """Every metric the requests carry data for (`generation`: also by greedy generation, exact match)."""
     metrics = [evaluate.reliability(model, tok, requests)]
+    if generation:
+        metrics += evaluate.generation_scores(model, tok, requests)
     for fn in (evaluate.generalization, evaluate.portability):
         m = fn(model, tok, requests)
         if m.n:
@@ -137,11 +141,13 @@ def run_edits(repo: Repository, requests: list[EditRequest], options: EditOption
     stats = StatsProvider(repo, options, hparams, (model, tok), repo.head())
     size = options.batch_size or (len(requests) if method.batched else 1)
     commits = []
+    in_effect: list[Adapter] | None = None  # adapters installed in `model`, once an edit has added one
     for start in range(0, len(requests), size):
         batch = requests[start:start + size]
         pairs = [p for r in batch for p in locality_pairs(r)]
         reference = evaluate.locality_reference(model, tok, pairs) if pairs and options.measure else None
-        pre = measure(model, tok, batch, reference, fluency=options.fluency) if options.measure else []
+        scoring = {"fluency": options.fluency, "generation": method.generation_metrics}
+        pre = measure(model, tok, batch, reference, **scoring) if options.measure else []
         t0 = time.perf_counter()
         result = _apply_method(method, model, tok, batch, hparams, stats)
         edit_s = time.perf_counter() - t0
@@ -150,7 +156,10 @@ def run_edits(repo: Repository, requests: list[EditRequest], options: EditOption
                              method=method.name, hparams=hparams_to_dict(hparams), info=info,
                              message=options.message if len(requests) == 1 else None)
         _load_committed(repo, model, commit.id, result.deltas)
-        post = measure(model, tok, batch, reference, fluency=options.fluency) if options.measure else []
+        if result.adapters:  # the measured model must carry them; appending keeps the install incremental
+            in_effect = [a for _, a in repo.adapters(commit.id)] if in_effect is None else in_effect + result.adapters
+            install_adapters(model, in_effect)
+        post = measure(model, tok, batch, reference, **scoring) if options.measure else []
         repo.record_metrics(commit.id, _as_repo_metrics(pre, "pre") + _as_repo_metrics(post, "post"))
         add_probes(repo, [("edit", r.text, r.target_new, commit.id) for r in batch]
                    + [("locality", p, a, None) for p, a in pairs])

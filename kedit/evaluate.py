@@ -10,6 +10,7 @@ EasyEdit until 2026), so every score carries a `protocol` string to be stored be
   equals the reference model's (the caller computes the reference once, before any edit).
 - greedy_generation_token_acc: greedy-generate len(target) tokens and compare position by position
   (GRACE's protocol; stricter than teacher forcing).
+- greedy_generation_exact_match: greedy-generate len(target) tokens; 1 when all equal the target.
 - counterfact_nll_margin: ROME's efficacy / paraphrase / neighbourhood: a prompt counts when the
   mean per-token NLL of one target is below the other's.
 - ngram_entropy: ROME's fluency: (2/3·H₂ + 4/3·H₃)/2 in bits over words of greedy generations.
@@ -37,6 +38,8 @@ __all__ = [
     "fluency",
     "generalization",
     "generation_accuracy",
+    "generation_exact_match",
+    "generation_scores",
     "locality",
     "locality_reference",
     "ngram_entropy",
@@ -221,6 +224,26 @@ def generation_accuracy(model: Any, tok: Any, prompts: Sequence[str], answers: S
     return [
         sum(g == t for g, t in zip(gen, tgt, strict=False)) / len(tgt) for gen, tgt in zip(gens, targets, strict=True)
     ]
+
+
+def generation_exact_match(model: Any, tok: Any, prompts: Sequence[str], answers: Sequence[str]) -> list[float]:
+    """1.0 where greedy generation reproduces every token of the answer, else 0.0."""
+    targets = [answer_ids(tok, a) for a in answers]
+    gens = _greedy(model, tok, prompts, [len(t) for t in targets])
+    return [float(list(gen[: len(tgt)]) == list(tgt)) for gen, tgt in zip(gens, targets, strict=True)]
+
+
+def generation_scores(model: Any, tok: Any, requests: Sequence[Any]) -> list[Metric]:
+    """Reliability (and generalization, where there are paraphrases) by greedy generation, exact match:
+    what GRACE's authors report, and what a user of the edited model sees."""
+    rel = generation_exact_match(model, tok, [r.text for r in requests], [r.target_new for r in requests])
+    out = [Metric("reliability_gen", _mean(rel), "greedy_generation_exact_match", len(rel))]
+    prompts = [p for r in requests for p in r.paraphrases]
+    if prompts:
+        answers = [r.target_new for r in requests for _ in r.paraphrases]
+        gen = generation_exact_match(model, tok, prompts, answers)
+        out.append(Metric("generalization_gen", _mean(gen), "greedy_generation_exact_match", len(gen)))
+    return out
 
 
 _WORD = re.compile(r"\w+|[^\w\s]")

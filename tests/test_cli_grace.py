@@ -1,0 +1,121 @@
+"""GRACE through the command line: commits carry the codebook records; show, diff, revert, checkout, export."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from click.testing import CliRunner
+from kedit.methods import grace
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+import kedit
+from kedit import evaluate
+from kedit.cli import cli
+from kedit.model import load_model
+from kedit.repo import Repository
+from tests.tiny import make_model, make_tokenizer
+
+MODULE = "model.layers.2.mlp.down_proj"  # the tiny Llama's default codebook module (3 layers)
+# A radius of 50 covers both prompts of the tiny model, so the second edit splits the first's radius.
+FRANCE = ["edit", "--method", "grace", "--prompt", "The capital city is France", "--subject", "France",
+          "--target", "Japan", "--set", "eps_init=50"]
+BERLIN = ["edit", "--method", "grace", "--prompt", "Berlin is the capital of", "--subject", "Berlin",
+          "--target", "Paris", "--set", "eps_init=50"]
+PROMPTS, TARGETS = ["The capital city is France", "Berlin is the capital of"], ["Japan", "Paris"]
+
+
+@pytest.fixture(scope="module")
+def tiny_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    folder = tmp_path_factory.mktemp("tiny-tok-llama-grace")
+    tok = make_tokenizer()
+    make_model("llama", len(tok)).save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture
+def repo(tmp_path: Path, tiny_folder: Path) -> Repository:
+    return Repository.init(tmp_path / "work", str(tiny_folder), progress=False)
+
+
+def run(repo: Repository, *args: str, code: int = 0) -> str:
+    result = CliRunner().invoke(cli, ["--repo", str(repo.root), *args])
+    assert result.exit_code == code, (result.stdout, result.stderr)
+    assert "Traceback" not in result.stdout + result.stderr
+    return result.stdout + result.stderr
+
+
+def scores(model, tok) -> list[float]:
+    return evaluate.generation_exact_match(model, tok, PROMPTS, TARGETS)
+
+
+def radii(model) -> list[float]:
+    book = grace.codebook_of(model, MODULE)
+    return [] if book is None else book.radii[: len(book)].tolist()
+
+
+def test_grace_commits_show_diff_revert_checkout(repo: Repository) -> None:
+    base = repo.head()
+    out = run(repo, *FRANCE)
+    assert "reliability_gen 0.00->1.00" in out
+    out = run(repo, *BERLIN)
+    assert "reliability_gen 0.00->1.00" in out
+    assert not repo.changes("HEAD") and repo.log()[0].method == "grace"  # no weight changed
+    assert len(repo.adapters("HEAD")) == 2
+
+    shown = run(repo, "show", "HEAD")
+    assert "Adapter add: grace" in shown and "'Berlin is the capital of' -> 'Paris'" in shown
+    assert "action=split" in shown and "nearest=The capital city is France" in shown
+    (entry,) = json.loads(run(repo, "show", "HEAD", "--json"))["adapters"][0]["config"]["entries"]
+    assert entry["action"] == "split" and entry["radius"] < 50
+    diff = json.loads(run(repo, "diff", base, "HEAD", "--json", code=1))  # 1: they differ, as git diff --exit-code
+    assert len(diff["adapters"]["added"]) == 2 and not diff["tensors"]
+
+    model, tok = load_model(repo, "HEAD")
+    assert scores(model, tok) == [1.0, 1.0] and all(r < 50 for r in radii(model))
+
+    # Reverting the first edit removes exactly its entry; the second's radius is whole again.
+    run(repo, "revert", "HEAD~1")
+    assert "Adapter remove: grace" in run(repo, "show", "HEAD") and "The capital city is France" in run(
+        repo, "show", "HEAD")
+    model, tok = load_model(repo, "HEAD")
+    assert radii(model) == [50.0] and scores(model, tok)[1] == 1.0
+    assert grace.codebook_of(model, MODULE).labels == [tuple(evaluate.answer_ids(tok, "Paris"))]
+
+    # Every revision loads with its own codebook; the base with none.
+    first = repo.log()[2].id
+    model, tok = load_model(repo, first)
+    assert radii(model) == [50.0] and scores(model, tok)[0] == 1.0
+    run(repo, "checkout", base)
+    model, tok = load_model(repo, "HEAD")
+    assert grace.codebook_of(model, MODULE) is None and scores(model, tok) == [0.0, 0.0]
+
+
+def test_export_loads_with_kedit_and_plain_transformers_refuses(repo: Repository, tmp_path: Path) -> None:
+    run(repo, "export", "HEAD", str(tmp_path / "plain"))  # no adapters: an ordinary folder
+    AutoModelForCausalLM.from_pretrained(tmp_path / "plain")
+    run(repo, *FRANCE)
+    out = run(repo, "export", "HEAD", str(tmp_path / "out"))
+    assert "kedit.load_model" in out
+    assert (tmp_path / "out" / "kedit_adapters" / "0000-grace.safetensors").is_file()
+    with pytest.raises(ValueError, match=r"kedit.load_model"):
+        AutoModelForCausalLM.from_pretrained(tmp_path / "out")
+    model = kedit.load_model(tmp_path / "out")
+    tok = AutoTokenizer.from_pretrained(tmp_path / "out")
+    assert type(model).__name__ == "LlamaForCausalLM"
+    assert evaluate.generation_exact_match(model, tok, PROMPTS[:1], TARGETS[:1]) == [1.0]
+    original, _ = load_model(repo, "HEAD~1")
+    for (name, a), (_, b) in zip(model.state_dict().items(), original.state_dict().items(), strict=True):
+        assert torch.equal(a, b), name  # the weights are the base's: the edit lives in the codebook
+
+
+def test_bad_grace_hyper_parameters_are_one_line_errors(repo: Repository) -> None:
+    head = repo.head()
+    out = run(repo, *BERLIN[:-2], "--set", "eps_init=-1", code=1)
+    assert "kedit: error:" in out and "eps_init" in out
+    out = run(repo, *BERLIN[:-2], "--set", "radius=3", code=1)
+    assert "unknown" in out and "eps_init" in out
+    assert repo.head() == head
