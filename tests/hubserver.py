@@ -15,7 +15,8 @@ X-Error-Code RepoNotFound / RevisionNotFound / EntryNotFound, and 412 "A commit 
 since. Please refresh and try again." when `parentCommit` is not the branch tip.
 
 `crash_on_commit = "before" | "after"` makes the next commit request drop its connection and stop
-the server, before or after the commit is applied: a server that dies mid-push.
+the server, before or after the commit is applied: a server that dies mid-push. `reject_commit`
+(a message) refuses commits with 400, as the Hub's own checks do (file too large, bad metadata).
 """
 
 from __future__ import annotations
@@ -429,6 +430,8 @@ class HubHandler(BaseHTTPRequestHandler):
         if crash == "before":
             self.server.drop()
             raise _Dropped
+        if self.server.reject_commit:
+            raise HubError(400, self.server.reject_commit)
 
         def apply(tree: dict) -> None:
             for line in lines:
@@ -482,6 +485,7 @@ class HubServer(ThreadingHTTPServer):
         self.store = HubStore(root)
         self.tokens = tokens
         self.crash_on_commit: str | None = None
+        self.reject_commit: str | None = None  # a message: commits are refused with 400, as the Hub's checks do
         self.uploaded_bytes = 0
         self.requests: list[tuple[str, str]] = []
         self._thread: threading.Thread | None = None
