@@ -114,9 +114,9 @@ def push(ctx: click.Context, remote_name: str | None, branch: str | None, remote
 @click.pass_context
 def fetch(ctx: click.Context, remote_name: str | None, branches: tuple[str, ...], as_json: bool) -> None:
     """Bring the remote's commits here (refs/remotes/REMOTE/BRANCH) without changing your branches."""
-    from kedit import hub
+    from kedit import hubfetch
 
-    found = hub.fetch(_open(ctx), remote_name, branches or None, progress=progress_enabled() and not as_json)
+    found = hubfetch.fetch(_open(ctx), remote_name, branches or None, progress=progress_enabled() and not as_json)
     if as_json:
         _emit_json({b: f.__dict__ for b, f in found.items()})
         return
@@ -127,23 +127,28 @@ def fetch(ctx: click.Context, remote_name: str | None, branches: tuple[str, ...]
 @cli.command()
 @click.argument("remote_name", metavar="[REMOTE]", required=False)
 @click.argument("branch", required=False)
+@click.option("--rebase", is_flag=True, help="If both sides have new commits, replay yours on top of the remote's.")
 @json_option
 @click.pass_context
-def pull(ctx: click.Context, remote_name: str | None, branch: str | None, as_json: bool) -> None:
+def pull(ctx: click.Context, remote_name: str | None, branch: str | None, rebase: bool, as_json: bool) -> None:
     """Fetch the remote branch and fast-forward the current branch to it.
 
     \b
     Example:
         kedit pull                      # origin, the branch of the same name
+        kedit pull --rebase             # your unpushed edits go on top of the remote's
     """
-    from kedit import hub
+    from kedit import hubfetch
 
-    result = hub.pull(_open(ctx), remote_name, branch, progress=progress_enabled() and not as_json)
+    result = hubfetch.pull(_open(ctx), remote_name, branch, rebase=rebase, progress=progress_enabled() and not as_json)
     if as_json:
         _emit_json(result.__dict__)
     elif result.status == "fast-forward":
         click.echo(f"{result.branch}: fast-forward {result.old[:12]} -> {result.new[:12]} "
                    f"({result.fetched} new commits)")
+    elif result.status == "rebased":
+        click.echo(f"{result.branch}: your edits replayed on top of {result.remote}/{result.branch}, now "
+                   f"{result.new[:12]} (their metrics were measured before: re-evaluate with kedit eval)")
     elif result.status == "ahead":
         click.echo(f"{result.branch} is ahead of {result.remote}/{result.branch}: push to share it")
     else:
@@ -164,9 +169,9 @@ def clone(ctx: click.Context, url: str, directory: Path | None, as_json: bool) -
     Example:
         kedit clone hf://me/my-edited-model work
     """
-    from kedit import hub
+    from kedit import hubfetch
 
-    repo, found = hub.clone(url, directory, progress=progress_enabled() and not as_json)
+    repo, found = hubfetch.clone(url, directory, progress=progress_enabled() and not as_json)
     if as_json:
         _emit_json({"path": str(repo.root), "branches": {b: f.tip for b, f in found.items()}})
         return

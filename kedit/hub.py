@@ -1,11 +1,11 @@
-"""push, fetch, clone and pull: a kedit repository shared through a Hugging Face Hub repository.
+"""push: a kedit repository shared through a Hugging Face Hub repository, and the layout there.
 
 Layout of a Hub branch that kedit pushes (kedit branches are Hub branches):
     model-layer-NNN.safetensors, model-other.safetensors   the weights, one shard per layer, so an
     model.safetensors.index.json                            edit re-uploads only its layer's shard
     config.json, tokenizer files, README.md (model card), kedit.json (commit + every tensor's hash)
     .kedit/refs.json             {"format", "branch", "commit": the tip, "checkpoint": the commit the
-                                 weights above hold (older than the tip after --history-only)}
+                                 weights above hold (older than the tip after --history-only), "push_id"}
     .kedit/commits/<id>.json     one commit: its hashed record, tensor changes, adapter ops, files,
                                  metrics (metrics are not hashed: a later `kedit eval` re-uploads)
     .kedit/objects/ab/cd….st|.blob  every stored object the history needs that the weights above
@@ -14,45 +14,37 @@ Layout of a Hub branch that kedit pushes (kedit branches are Hub branches):
 Calling sequence: `push` reads the remote branch's tree at the Hub commit it last saw (the
 remote-tracking state), uploads what is missing and makes ONE Hub commit holding the files and
 the records that name them, with `parent_commit` = that Hub commit: if anyone pushed since, the
-Hub refuses it (412) and nothing is overwritten. `fetch` walks the remote's commits back to
-ones it knows, verifies each record against its id and each object against its hash (objects
-covered by the weights are rebuilt from the shards and verified the same way), stores the
-objects, then records the commits and the remote-tracking ref in one transaction. `clone` is a
-fresh repository plus a fetch of every kedit branch; `pull` is a fetch plus a fast-forward.
+Hub refuses it (412) and nothing is overwritten. fetch, clone and pull are in kedit/hubfetch.py.
 
 Error handling: nothing local changes before the Hub has answered: a failed push leaves the
 repository as it was (the remote keeps at most unreferenced LFS uploads, or a new branch
-created for the push), a failed fetch leaves at most unreferenced objects for `kedit gc`.
+created for the push).
 """
 
 from __future__ import annotations
 
 import json
 import re
-import shutil
+import secrets
 import tempfile
-from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from safetensors import SafetensorError
-
 from kedit import db as dbm
 from kedit import history, remotes
-from kedit.errors import CorruptObjectError, HubError, KeditError, PushRejectedError, RepositoryExistsError
-from kedit.hashing import canonical_json, hash_bytes, hash_tensor, record_id, tensors_object_id
+from kedit.errors import HubError, KeditError, PushRejectedError
+from kedit.hashing import canonical_json, record_id, tensors_object_id
 from kedit.hubapi import KEDIT_DIR, Hub
 from kedit.progress import progress_bar
-from kedit.refs import BRANCH_PREFIX, HEAD
-from kedit.repo import REPO_DIR, Repository
-from kedit.store import read_safetensors, save_tensors_atomic
+from kedit.refs import BRANCH_PREFIX
+from kedit.repo import Repository
+from kedit.store import save_tensors_atomic
 
 FORMAT = 1
 REFS_FILE = f"{KEDIT_DIR}/refs.json"
 INDEX_FILE = "model.safetensors.index.json"
 _LAYER_RE = re.compile(r"\.(\d+)\.")
-_ID_RE = re.compile(r"^[0-9a-f]{32}$")
 
 
 def shard_of(tensor_name: str) -> str:
@@ -61,11 +53,11 @@ def shard_of(tensor_name: str) -> str:
     return f"model-layer-{int(m.group(1)):03d}.safetensors" if m else "model-other.safetensors"
 
 
-def _commit_path(cid: str) -> str:
+def commit_path(cid: str) -> str:
     return f"{KEDIT_DIR}/commits/{cid}.json"
 
 
-def _object_path(oid: str, kind: str) -> str:
+def object_path(oid: str, kind: str) -> str:
     return f"{KEDIT_DIR}/objects/{oid[:2]}/{oid[2:]}.{'blob' if kind == 'blob' else 'st'}"
 
 
@@ -137,7 +129,7 @@ def _check_document(doc: dict[str, Any], expected_id: str, bad) -> dict[str, Any
     return record
 
 
-def _objects_of(doc: dict[str, Any]) -> set[str]:
+def objects_of(doc: dict[str, Any]) -> set[str]:
     found = {oid for ch in doc["changes"] for _o, oid, _e in ch["steps"]}
     found |= {op[1] for op in doc["adapter_ops"]}
     return found | set(doc["files"].values())
@@ -146,7 +138,7 @@ def _objects_of(doc: dict[str, Any]) -> set[str]:
 # -- what the weights on a branch hold -----------------------------------------------------
 
 
-def _covered(manifest: dict[str, str], files: dict[str, str]) -> dict[str, tuple[str, str]]:
+def covered_by_weights(manifest: dict[str, str], files: dict[str, str]) -> dict[str, tuple[str, str]]:
     """Objects that the checkpoint files rebuild exactly: object id -> ("tensor", name) | ("file", path).
 
     A stored exact value (the base, a replacement) is the object {"value": tensor} with no
@@ -158,11 +150,11 @@ def _covered(manifest: dict[str, str], files: dict[str, str]) -> dict[str, tuple
     return out
 
 
-def _local_covered(repo: Repository, commit: str | None) -> dict[str, tuple[str, str]]:
+def _localcovered_by_weights(repo: Repository, commit: str | None) -> dict[str, tuple[str, str]]:
     if commit is None:
         return {}
     manifest = {n: e.hash for n, e in history.manifest(repo.db, commit).items()}
-    return _covered(manifest, history.files(repo.db, commit))
+    return covered_by_weights(manifest, history.files(repo.db, commit))
 
 
 # -- push ----------------------------------------------------------------------------------
@@ -219,13 +211,20 @@ def push(repo: Repository, remote_name: str | None = None, branch: str | None = 
         result = PushResult(remote.name, branch, rbranch, tip, None)
         if remote_tip == tip and new_checkpoint == checkpoint:
             result.up_to_date, result.hub_commit = True, base_sha
+            if tracked is None:  # e.g. our own earlier push whose answer was lost: remember it now
+                with repo.lock(), dbm.write(repo.db):
+                    remotes.set_tracking(repo.db, repo.refs, remote.name, rbranch,
+                                         remotes.Tracking(tip, base_sha, checkpoint), None, "push: already there")
             return result
         remote_tree = hub.tree(base_sha)
         ops = _history_ops(repo, tip, new_checkpoint, remote_tree, tmp)
         if not history_only:
             ops += _checkpoint_ops(repo, tip, checkpoint, tmp, repo_id=remote.repo_id, base_model=base_model,
                                    progress=progress)
-        state = {"format": FORMAT, "branch": rbranch, "commit": tip, "checkpoint": new_checkpoint}
+        # A fresh push id makes every push a real commit: were all files unchanged, huggingface_hub
+        # would skip the commit, and with it the Hub's parent_commit check.
+        state = {"format": FORMAT, "branch": rbranch, "commit": tip, "checkpoint": new_checkpoint,
+                 "push_id": secrets.token_hex(8)}
         ops.append(_add(REFS_FILE, canonical_json(state)))
         if rbranch not in hub_branches:
             hub.create_branch(rbranch, base_sha)
@@ -274,16 +273,16 @@ def _history_ops(repo: Repository, tip: str, checkpoint: str | None, remote_tree
     ops, needed = [], set()
     for cid in history.ancestors(repo.db, tip):
         doc = commit_document(repo, cid)
-        needed |= _objects_of(doc)
+        needed |= objects_of(doc)
         data = _document_bytes(doc)
-        if remote_tree.get(_commit_path(cid)) != git_hash(data):
-            ops.append(_add(_commit_path(cid), data))
-    covered = _local_covered(repo, checkpoint)
+        if remote_tree.get(commit_path(cid)) != git_hash(data):
+            ops.append(_add(commit_path(cid), data))
+    covered = _localcovered_by_weights(repo, checkpoint)
     for oid in sorted(needed - set(covered)):
         kind = repo.store.kind_of(oid)
         if kind is None:
             raise KeditError(f"object {oid} is missing from the store: nothing was pushed", hint="run 'kedit fsck'")
-        path = _object_path(oid, kind)
+        path = object_path(oid, kind)
         if path in remote_tree:
             continue
         if kind == "ref":  # a --no-copy base tensor: send it as the object it stands for
@@ -329,258 +328,3 @@ def _checkpoint_ops(repo: Repository, tip: str, old: str | None, tmp: Path, *, r
     card = hubcard.render(repo, tip, repo_id=repo_id, base_model=base_model)
     ops.append(_add("README.md", card.encode()))
     return ops
-
-
-# -- fetch ---------------------------------------------------------------------------------
-
-
-@dataclass
-class Fetched:
-    branch: str
-    hub_commit: str
-    tip: str
-    checkpoint: str | None
-    new_commits: int = 0
-    objects: int = 0
-
-
-def fetch(repo: Repository, remote_name: str | None = None, branches: Iterable[str] | None = None,
-          *, progress: bool = False) -> dict[str, Fetched]:
-    """Bring the remote's commits and objects here and move its remote-tracking refs."""
-    remote = remotes.get(repo.db, remote_name)
-    hub = Hub(remote)
-    hub_branches = hub.branches()
-    wanted = list(branches) if branches is not None else sorted(hub_branches)
-    missing = [b for b in wanted if b not in hub_branches]
-    if missing:
-        raise HubError(f"branch {missing[0]!r} does not exist in {hub.where}")
-    with tempfile.TemporaryDirectory(prefix="kedit-fetch-") as tmp_name, repo.lock():
-        tmp = Path(tmp_name)
-        docs: dict[str, dict] = {}
-        found: dict[str, Fetched] = {}
-        for rbranch in wanted:
-            sha = hub_branches[rbranch]
-            state = hub.read_json(REFS_FILE, sha, tmp / sha)
-            if state is None:
-                if branches is not None:
-                    raise HubError(f"the branch {rbranch!r} of {hub.where} holds no kedit history")
-                continue
-            tip, checkpoint = state.get("commit"), state.get("checkpoint")
-            if not (isinstance(tip, str) and _ID_RE.match(tip)) or not (
-                    checkpoint is None or (isinstance(checkpoint, str) and _ID_RE.match(checkpoint))):
-                raise HubError(f"{REFS_FILE} on {rbranch!r} in {hub.where} is damaged")
-            fetched = Fetched(rbranch, sha, tip, checkpoint)
-            tree = hub.tree(sha)
-            before = len(docs)
-            _fetch_commits(repo, hub, tree, sha, tip, docs, tmp / sha)
-            fetched.new_commits = len(docs) - before
-            fetched.objects = _fetch_objects(repo, hub, tree, sha, checkpoint, docs, tmp / sha, progress)
-            found[rbranch] = fetched
-        _record(repo, remote.name, docs, found)
-    return found
-
-
-def _known(repo: Repository, cid: str) -> bool:
-    return dbm.one(repo.db, "SELECT 1 FROM commits WHERE id = ?", [cid]) is not None
-
-
-def _fetch_commits(repo: Repository, hub: Hub, tree: dict[str, str], sha: str, tip: str,
-                   docs: dict[str, dict], tmp: Path) -> None:
-    cid: str | None = tip
-    while cid is not None and cid not in docs and not _known(repo, cid):
-        path = _commit_path(cid)
-        if path not in tree:
-            raise HubError(f"the remote history is incomplete: commit {cid[:12]} is missing from {hub.where}")
-        try:
-            doc = json.loads(hub.download(path, sha, tmp).read_text())
-        except ValueError:
-            doc = None
-        verify_document(doc, cid)
-        docs[cid] = doc
-        cid = doc["parent"]
-
-
-def _state_at(repo: Repository, docs: dict[str, dict], commit: str) -> tuple[dict[str, str], dict[str, str]]:
-    """Tensor hashes and files at `commit`, from the fetched documents and the local history."""
-    manifest: dict[str, str] = {}
-    files: dict[str, str] = {}
-    cid: str | None = commit
-    while cid in docs:
-        for ch in docs[cid]["changes"]:
-            manifest.setdefault(ch["name"], ch["hash"])
-        for path, oid in docs[cid]["files"].items():
-            files.setdefault(path, oid)
-        cid = docs[cid]["parent"]
-    if cid is not None:
-        for name, entry in history.manifest(repo.db, cid).items():
-            manifest.setdefault(name, entry.hash)
-        for path, oid in history.files(repo.db, cid).items():
-            files.setdefault(path, oid)
-    return manifest, files
-
-
-def _fetch_objects(repo: Repository, hub: Hub, tree: dict[str, str], sha: str, checkpoint: str | None,
-                   docs: dict[str, dict], tmp: Path, progress: bool) -> int:
-    needed = sorted({oid for doc in docs.values() for oid in _objects_of(doc) if not repo.store.has(oid)})
-    if not needed:
-        return 0
-    covered: dict[str, tuple[str, str]] = {}
-    manifest: dict[str, str] = {}
-    if checkpoint is not None:
-        manifest, files = _state_at(repo, docs, checkpoint)
-        covered = _covered(manifest, files)
-    from_weights: dict[str, list[tuple[str, str]]] = {}  # shard -> [(object id, tensor name)]
-    index: dict | None = None
-    with repo.store.batch():
-        for oid in progress_bar(needed, desc="objects", disable=not progress):
-            st, blob = _object_path(oid, "st"), _object_path(oid, "blob")
-            if st in tree or blob in tree:
-                path = st if st in tree else blob
-                _put_verified(repo, oid, hub.download(path, sha, tmp), path == blob)
-            elif oid in covered and covered[oid][0] == "file":
-                _put_verified(repo, oid, hub.download(covered[oid][1], sha, tmp), True)
-            elif oid in covered:
-                if index is None:
-                    index = hub.read_json(INDEX_FILE, sha, tmp) or {}
-                name = covered[oid][1]
-                shard = index.get("weight_map", {}).get(name)
-                if shard is None:
-                    raise HubError(f"the remote weights do not hold {name}, which the history needs")
-                from_weights.setdefault(shard, []).append((oid, name))
-            else:
-                raise HubError(f"the remote history is incomplete: object {oid} is missing from {hub.where}")
-        for shard, wanted in sorted(from_weights.items()):
-            tensors, _ = read_safetensors(hub.download(shard, sha, tmp))
-            for oid, name in wanted:
-                value = tensors.get(name)
-                if value is None or hash_tensor(value) != manifest[name]:
-                    raise CorruptObjectError(oid, f"{name} in the downloaded {shard} does not match its hash")
-                repo.store.put_tensors({"value": value}, tensor_hashes={"value": manifest[name]})
-            del tensors
-    return len(needed)
-
-
-def _put_verified(repo: Repository, oid: str, file: Path, is_blob: bool) -> None:
-    """Store a downloaded object only if its content hashes to its id."""
-    if is_blob:
-        data = file.read_bytes()
-        if hash_bytes(data) != oid:
-            raise CorruptObjectError(oid, "the downloaded content does not match its id; nothing was changed")
-        repo.store.put_blob(data)
-        return
-    try:
-        tensors, metadata = read_safetensors(file)
-    except (SafetensorError, OSError, ValueError) as e:
-        raise CorruptObjectError(oid, f"the download is not a safetensors file ({e})") from None
-    hashes = {n: hash_tensor(t) for n, t in tensors.items()}
-    if tensors_object_id(hashes, metadata) != oid:
-        raise CorruptObjectError(oid, "the downloaded content does not match its id; nothing was changed")
-    repo.store.put_tensors(tensors, metadata, tensor_hashes=hashes)
-
-
-def _record(repo: Repository, remote: str, docs: dict[str, dict], found: dict[str, Fetched]) -> None:
-    """Insert the fetched commits (parents first) and move the remote-tracking refs, atomically."""
-    depth: dict[str, int] = {}
-
-    def depth_of(cid: str) -> int:
-        if cid not in depth:
-            parent = docs[cid]["parent"]
-            depth[cid] = 0 if parent is None else (
-                depth_of(parent) if parent in docs else repo.get_commit(parent).depth) + 1
-        return depth[cid]
-
-    with dbm.write(repo.db):
-        for cid in sorted(docs, key=depth_of):
-            doc = docs[cid]
-            record = json.loads(doc["record"])
-            repo._insert_commit(cid, doc["parent"], depth_of(cid), record, method=doc["method"],
-                                hparams=doc["hparams"], requests=doc["requests"], info=doc["info"])
-            for ch in doc["changes"]:
-                repo._insert_change(cid, ch["name"], ch["source"], ch["hash"], ch["dtype"], ch["shape"],
-                                    ch["encoding"], ch["rank"], ch["norm"], ch["rel"], ch["stored"],
-                                    [tuple(s) for s in ch["steps"]])
-            repo.db["adapter_ops"].insert_all([
-                {"commit_id": cid, "seq": i, "op": op, "object_id": oid, "kind": kind, "origin_commit": origin}
-                for i, (op, oid, kind, origin) in enumerate(doc["adapter_ops"])])
-            repo.db["files"].insert_all([{"commit_id": cid, "path": p, "object_id": o}
-                                         for p, o in doc["files"].items()])
-            repo.db["metrics"].upsert_all([{"commit_id": cid, **m} for m in doc["metrics"]],
-                                          pk=("commit_id", "name", "stage", "suite"))
-        for f in found.values():
-            old = remotes.tracking(repo.db, remote, f.branch)
-            new = remotes.Tracking(f.tip, f.hub_commit, f.checkpoint)
-            if old != new:
-                remotes.set_tracking(repo.db, repo.refs, remote, f.branch, new, old, f"fetch: {f.tip[:12]}")
-
-
-# -- clone and pull ------------------------------------------------------------------------
-
-
-def clone(url: str, directory: Path | None = None, *, progress: bool = False) -> tuple[Repository, dict]:
-    """A new repository at `directory` holding every kedit branch of the Hub repository `url`."""
-    _endpoint, repo_id = remotes.parse_url(url)
-    directory = directory or Path(repo_id.split("/")[-1])
-    path = directory / REPO_DIR
-    if path.exists():
-        raise RepositoryExistsError(f"a kedit repository already exists at {path}")
-    made_dir = not directory.exists()
-    try:
-        path.mkdir(parents=True)
-        repo = Repository._create(path, worktree=True)
-        remotes.add(repo.db, "origin", url)
-        found = fetch(repo, "origin", progress=progress)
-        if not found:
-            raise HubError(f"{url} holds no kedit history", hint="push to it first with 'kedit push'")
-        default = "main" if "main" in found else sorted(found)[0]
-        with repo.lock(), dbm.write(repo.db):
-            for f in found.values():
-                repo.refs.create(BRANCH_PREFIX + f.branch, f.tip, f"clone: from {url}")
-            repo.refs.update(HEAD, BRANCH_PREFIX + default, None, "clone", symbolic=True)
-            repo.refs.log(HEAD, None, found[default].tip, f"clone: from {url}")
-        with repo.lock():
-            repo._sync_worktree(progress=progress)
-    except BaseException:
-        shutil.rmtree(directory if made_dir else path, ignore_errors=True)
-        raise
-    return repo, found
-
-
-@dataclass
-class PullResult:
-    remote: str
-    branch: str
-    old: str
-    new: str
-    fetched: int
-    status: str  # up-to-date | fast-forward | ahead
-
-
-def pull(repo: Repository, remote_name: str | None = None, remote_branch: str | None = None, *,
-         progress: bool = False) -> PullResult:
-    """Fetch the remote branch and fast-forward the current branch to it."""
-    branch = repo.head_branch()
-    if branch is None:
-        raise KeditError("HEAD is detached: check out the branch to pull into", hint="kedit checkout main")
-    remote = remotes.get(repo.db, remote_name)
-    rbranch = remote_branch or branch
-    found = fetch(repo, remote.name, [rbranch], progress=progress)[rbranch]
-    with repo.lock():
-        local = repo.refs.deref(BRANCH_PREFIX + branch)
-        result = PullResult(remote.name, branch, local, found.tip, found.new_commits, "up-to-date")
-        if local == found.tip:
-            return result
-        if found.tip in history.ancestors(repo.db, local):
-            result.status, result.new = "ahead", local
-            return result
-        if local not in history.ancestors(repo.db, found.tip):
-            ahead = len(set(history.ancestors(repo.db, local)) - set(history.ancestors(repo.db, found.tip)))
-            raise PushRejectedError(
-                f"{branch} and {remote.name}/{rbranch} have diverged ({ahead} local commit(s) not on the remote); "
-                "the remote commits were fetched but kedit does not merge",
-                hint=f"keep yours on a branch (kedit branch mine), then kedit reset refs/remotes/{remote.name}/"
-                     f"{rbranch} and re-apply your edits")
-        repo._update_worktree(found.tip, force=False, progress=progress)
-        with dbm.write(repo.db):
-            repo._advance_head(local, found.tip, f"pull: fast-forward to {found.tip[:12]}")
-        result.status = "fast-forward"
-    return result

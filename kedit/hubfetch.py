@@ -1,0 +1,330 @@
+"""fetch, clone and pull: bringing a Hub repository's kedit history here (layout: kedit/hub.py).
+
+`fetch` walks the remote's commits back to ones it knows, checks each record against its id
+(`hub.verify_document`) and each object against its hash; objects that the branch's weights hold
+are rebuilt from the shards and checked the same way. The objects are stored first, then the
+commits and the remote-tracking ref are recorded in one transaction, so a failure leaves at
+most unreferenced objects (for `kedit gc`). `clone` is a fresh repository plus a fetch of every
+kedit branch; `pull` is a fetch plus a fast-forward, or with `--rebase` a replay of the local
+edits on top of the remote's.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import tempfile
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+from safetensors import SafetensorError
+
+from kedit import db as dbm
+from kedit import history, remotes
+from kedit.errors import CorruptObjectError, HubError, KeditError, PushRejectedError, RepositoryExistsError
+from kedit.hashing import hash_bytes, hash_tensor, tensors_object_id
+from kedit.hub import (
+    INDEX_FILE,
+    REFS_FILE,
+    commit_path,
+    covered_by_weights,
+    object_path,
+    objects_of,
+    verify_document,
+)
+from kedit.hubapi import Hub
+from kedit.progress import progress_bar
+from kedit.refs import BRANCH_PREFIX, HEAD
+from kedit.repo import REPO_DIR, Repository
+from kedit.store import read_safetensors
+
+_ID_RE = re.compile(r"^[0-9a-f]{32}$")
+
+
+@dataclass
+class Fetched:
+    branch: str
+    hub_commit: str
+    tip: str
+    checkpoint: str | None
+    new_commits: int = 0
+    objects: int = 0
+
+
+def fetch(repo: Repository, remote_name: str | None = None, branches: Iterable[str] | None = None,
+          *, progress: bool = False) -> dict[str, Fetched]:
+    """Bring the remote's commits and objects here and move its remote-tracking refs."""
+    remote = remotes.get(repo.db, remote_name)
+    hub = Hub(remote)
+    hub_branches = hub.branches()
+    wanted = list(branches) if branches is not None else sorted(hub_branches)
+    missing = [b for b in wanted if b not in hub_branches]
+    if missing:
+        raise HubError(f"branch {missing[0]!r} does not exist in {hub.where}")
+    with tempfile.TemporaryDirectory(prefix="kedit-fetch-") as tmp_name, repo.lock():
+        tmp = Path(tmp_name)
+        docs: dict[str, dict] = {}
+        found: dict[str, Fetched] = {}
+        for rbranch in wanted:
+            sha = hub_branches[rbranch]
+            state = hub.read_json(REFS_FILE, sha, tmp / sha)
+            if state is None:
+                if branches is not None:
+                    raise HubError(f"the branch {rbranch!r} of {hub.where} holds no kedit history")
+                continue
+            tip, checkpoint = state.get("commit"), state.get("checkpoint")
+            if not (isinstance(tip, str) and _ID_RE.match(tip)) or not (
+                    checkpoint is None or (isinstance(checkpoint, str) and _ID_RE.match(checkpoint))):
+                raise HubError(f"{REFS_FILE} on {rbranch!r} in {hub.where} is damaged")
+            fetched = Fetched(rbranch, sha, tip, checkpoint)
+            tree = hub.tree(sha)
+            before = len(docs)
+            _fetch_commits(repo, hub, tree, sha, tip, docs, tmp / sha)
+            fetched.new_commits = len(docs) - before
+            fetched.objects = _fetch_objects(repo, hub, tree, sha, checkpoint, docs, tmp / sha, progress)
+            found[rbranch] = fetched
+        _record(repo, remote.name, docs, found)
+    return found
+
+
+def _known(repo: Repository, cid: str) -> bool:
+    return dbm.one(repo.db, "SELECT 1 FROM commits WHERE id = ?", [cid]) is not None
+
+
+def _fetch_commits(repo: Repository, hub: Hub, tree: dict[str, str], sha: str, tip: str,
+                   docs: dict[str, dict], tmp: Path) -> None:
+    cid: str | None = tip
+    while cid is not None and cid not in docs and not _known(repo, cid):
+        path = commit_path(cid)
+        if path not in tree:
+            raise HubError(f"the remote history is incomplete: commit {cid[:12]} is missing from {hub.where}")
+        try:
+            doc = json.loads(hub.download(path, sha, tmp).read_text())
+        except ValueError:
+            doc = None
+        verify_document(doc, cid)
+        docs[cid] = doc
+        cid = doc["parent"]
+
+
+def _state_at(repo: Repository, docs: dict[str, dict], commit: str) -> tuple[dict[str, str], dict[str, str]]:
+    """Tensor hashes and files at `commit`, from the fetched documents and the local history."""
+    manifest: dict[str, str] = {}
+    files: dict[str, str] = {}
+    cid: str | None = commit
+    while cid in docs:
+        for ch in docs[cid]["changes"]:
+            manifest.setdefault(ch["name"], ch["hash"])
+        for path, oid in docs[cid]["files"].items():
+            files.setdefault(path, oid)
+        cid = docs[cid]["parent"]
+    if cid is not None:
+        for name, entry in history.manifest(repo.db, cid).items():
+            manifest.setdefault(name, entry.hash)
+        for path, oid in history.files(repo.db, cid).items():
+            files.setdefault(path, oid)
+    return manifest, files
+
+
+def _fetch_objects(repo: Repository, hub: Hub, tree: dict[str, str], sha: str, checkpoint: str | None,
+                   docs: dict[str, dict], tmp: Path, progress: bool) -> int:
+    needed = sorted({oid for doc in docs.values() for oid in objects_of(doc) if not repo.store.has(oid)})
+    if not needed:
+        return 0
+    covered: dict[str, tuple[str, str]] = {}
+    manifest: dict[str, str] = {}
+    if checkpoint is not None:
+        manifest, files = _state_at(repo, docs, checkpoint)
+        covered = covered_by_weights(manifest, files)
+    from_weights: dict[str, list[tuple[str, str]]] = {}  # shard -> [(object id, tensor name)]
+    index: dict | None = None
+    with repo.store.batch():
+        for oid in progress_bar(needed, desc="objects", disable=not progress):
+            st, blob = object_path(oid, "st"), object_path(oid, "blob")
+            if st in tree or blob in tree:
+                path = st if st in tree else blob
+                _put_verified(repo, oid, hub.download(path, sha, tmp), path == blob)
+            elif oid in covered and covered[oid][0] == "file":
+                _put_verified(repo, oid, hub.download(covered[oid][1], sha, tmp), True)
+            elif oid in covered:
+                if index is None:
+                    index = hub.read_json(INDEX_FILE, sha, tmp) or {}
+                name = covered[oid][1]
+                shard = index.get("weight_map", {}).get(name)
+                if shard is None:
+                    raise HubError(f"the remote weights do not hold {name}, which the history needs")
+                from_weights.setdefault(shard, []).append((oid, name))
+            else:
+                raise HubError(f"the remote history is incomplete: object {oid} is missing from {hub.where}")
+        for shard, wanted in sorted(from_weights.items()):
+            tensors, _ = read_safetensors(hub.download(shard, sha, tmp))
+            for oid, name in wanted:
+                value = tensors.get(name)
+                if value is None or hash_tensor(value) != manifest[name]:
+                    raise CorruptObjectError(oid, f"{name} in the downloaded {shard} does not match its hash")
+                repo.store.put_tensors({"value": value}, tensor_hashes={"value": manifest[name]})
+            del tensors
+    return len(needed)
+
+
+def _put_verified(repo: Repository, oid: str, file: Path, is_blob: bool) -> None:
+    """Store a downloaded object only if its content hashes to its id."""
+    if is_blob:
+        data = file.read_bytes()
+        if hash_bytes(data) != oid:
+            raise CorruptObjectError(oid, "the downloaded content does not match its id; nothing was changed")
+        repo.store.put_blob(data)
+        return
+    try:
+        tensors, metadata = read_safetensors(file)
+    except (SafetensorError, OSError, ValueError) as e:
+        raise CorruptObjectError(oid, f"the download is not a safetensors file ({e})") from None
+    hashes = {n: hash_tensor(t) for n, t in tensors.items()}
+    if tensors_object_id(hashes, metadata) != oid:
+        raise CorruptObjectError(oid, "the downloaded content does not match its id; nothing was changed")
+    repo.store.put_tensors(tensors, metadata, tensor_hashes=hashes)
+
+
+def _record(repo: Repository, remote: str, docs: dict[str, dict], found: dict[str, Fetched]) -> None:
+    """Insert the fetched commits (parents first) and move the remote-tracking refs, atomically."""
+    depth: dict[str, int] = {}
+
+    def depth_of(cid: str) -> int:
+        if cid not in depth:
+            parent = docs[cid]["parent"]
+            depth[cid] = 0 if parent is None else (
+                depth_of(parent) if parent in docs else repo.get_commit(parent).depth) + 1
+        return depth[cid]
+
+    with dbm.write(repo.db):
+        for cid in sorted(docs, key=depth_of):
+            doc = docs[cid]
+            record = json.loads(doc["record"])
+            repo._insert_commit(cid, doc["parent"], depth_of(cid), record, method=doc["method"],
+                                hparams=doc["hparams"], requests=doc["requests"], info=doc["info"])
+            for ch in doc["changes"]:
+                repo._insert_change(cid, ch["name"], ch["source"], ch["hash"], ch["dtype"], ch["shape"],
+                                    ch["encoding"], ch["rank"], ch["norm"], ch["rel"], ch["stored"],
+                                    [tuple(s) for s in ch["steps"]])
+            repo.db["adapter_ops"].insert_all([
+                {"commit_id": cid, "seq": i, "op": op, "object_id": oid, "kind": kind, "origin_commit": origin}
+                for i, (op, oid, kind, origin) in enumerate(doc["adapter_ops"])])
+            repo.db["files"].insert_all([{"commit_id": cid, "path": p, "object_id": o}
+                                         for p, o in doc["files"].items()])
+            repo.db["metrics"].upsert_all([{"commit_id": cid, **m} for m in doc["metrics"]],
+                                          pk=("commit_id", "name", "stage", "suite"))
+        for f in found.values():
+            old = remotes.tracking(repo.db, remote, f.branch)
+            new = remotes.Tracking(f.tip, f.hub_commit, f.checkpoint)
+            if old != new:
+                remotes.set_tracking(repo.db, repo.refs, remote, f.branch, new, old, f"fetch: {f.tip[:12]}")
+
+
+# -- clone and pull ------------------------------------------------------------------------
+
+
+def clone(url: str, directory: Path | None = None, *, progress: bool = False) -> tuple[Repository, dict]:
+    """A new repository at `directory` holding every kedit branch of the Hub repository `url`."""
+    _endpoint, repo_id = remotes.parse_url(url)
+    directory = directory or Path(repo_id.split("/")[-1])
+    path = directory / REPO_DIR
+    if path.exists():
+        raise RepositoryExistsError(f"a kedit repository already exists at {path}")
+    made_dir = not directory.exists()
+    try:
+        path.mkdir(parents=True)
+        repo = Repository._create(path, worktree=True)
+        remotes.add(repo.db, "origin", url)
+        found = fetch(repo, "origin", progress=progress)
+        if not found:
+            raise HubError(f"{url} holds no kedit history", hint="push to it first with 'kedit push'")
+        default = "main" if "main" in found else sorted(found)[0]
+        with repo.lock(), dbm.write(repo.db):
+            for f in found.values():
+                repo.refs.create(BRANCH_PREFIX + f.branch, f.tip, f"clone: from {url}")
+            repo.refs.update(HEAD, BRANCH_PREFIX + default, None, "clone", symbolic=True)
+            repo.refs.log(HEAD, None, found[default].tip, f"clone: from {url}")
+        with repo.lock():
+            repo._sync_worktree(progress=progress)
+    except BaseException:
+        shutil.rmtree(directory if made_dir else path, ignore_errors=True)
+        raise
+    return repo, found
+
+
+@dataclass
+class PullResult:
+    remote: str
+    branch: str
+    old: str
+    new: str
+    fetched: int
+    status: str  # up-to-date | fast-forward | ahead | rebased
+
+
+def pull(repo: Repository, remote_name: str | None = None, remote_branch: str | None = None, *,
+         rebase: bool = False, progress: bool = False) -> PullResult:
+    """Fetch the remote branch and fast-forward the current branch to it; with `rebase`, a
+    branch that diverged has its own edits replayed on top of the remote's."""
+    branch = repo.head_branch()
+    if branch is None:
+        raise KeditError("HEAD is detached: check out the branch to pull into", hint="kedit checkout main")
+    remote = remotes.get(repo.db, remote_name)
+    rbranch = remote_branch or branch
+    found = fetch(repo, remote.name, [rbranch], progress=progress)[rbranch]
+    with repo.lock():
+        local = repo.refs.deref(BRANCH_PREFIX + branch)
+        result = PullResult(remote.name, branch, local, found.tip, found.new_commits, "up-to-date")
+        if local == found.tip:
+            return result
+        if found.tip in history.ancestors(repo.db, local):
+            result.status, result.new = "ahead", local
+            return result
+        remote_history = set(history.ancestors(repo.db, found.tip))
+        mine = [c for c in reversed(history.ancestors(repo.db, local)) if c not in remote_history]
+        if local not in remote_history and not rebase:
+            raise PushRejectedError(
+                f"{branch} and {remote.name}/{rbranch} have diverged ({len(mine)} local commit(s) not on the "
+                "remote); the remote commits were fetched", hint="kedit pull --rebase replays yours on top of them")
+        if local not in remote_history:
+            refused = [c for c in mine if repo.get_commit(c).kind != "edit"]
+            if refused:
+                raise KeditError(f"cannot rebase {refused[0][:12]}: only edit commits can be replayed; "
+                                 "nothing was changed")
+        repo._update_worktree(found.tip, force=False, progress=progress)
+        with dbm.write(repo.db):
+            repo._advance_head(local, found.tip, f"pull: fast-forward to {found.tip[:12]}")
+        result.status = "fast-forward"
+    if local not in remote_history:
+        result.new, result.status = _replay(repo, mine, restore=local), "rebased"
+    return result
+
+
+def _replay(repo: Repository, commits: list[str], *, restore: str) -> str:
+    """Re-commit each edit's own deltas and adapters, oldest first, on top of HEAD (a rebase).
+
+    The deltas are the stored ones, applied to the new parent; metrics measured on the old
+    parent are not copied (the info says where the commit came from: re-evaluate it). If any
+    replay fails, the branch goes back to `restore` and the error is raised.
+    """
+    from kedit.delta import Adapter
+    from kedit.materialize import load_step
+
+    try:
+        for cid in commits:
+            c = repo.get_commit(cid)
+            deltas = {ch.name: load_step(repo.store, s) for ch in history.changes(repo.db, cid)
+                      for s in ch.steps if s.origin == cid}
+            adapters = []
+            for oid, kind in repo.db.execute("SELECT object_id, kind FROM adapter_ops WHERE commit_id = ? "
+                                             "AND op = 'add' AND origin_commit = ? ORDER BY seq", [cid, cid]):
+                tensors, metadata = repo.store.get_tensors(oid)
+                adapters.append(Adapter(kind, tensors, json.loads(metadata.get("config", "{}"))))
+            repo.commit(deltas, adapters=adapters, requests=c.requests, method=c.method, hparams=c.hparams,
+                        info={**c.info, "rebased_from": cid}, message=c.message)
+    except BaseException:
+        repo.reset(restore, force=True)
+        raise
+    return repo.head()
