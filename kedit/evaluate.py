@@ -16,7 +16,11 @@ EasyEdit until 2026), so every score carries a `protocol` string to be stored be
 - ngram_entropy: ROME's fluency: (2/3·H₂ + 4/3·H₃)/2 in bits over words of greedy generations.
 
 Tokenisation: the prompt and " " + target are tokenised separately and their ids concatenated,
-so the prompt/target boundary is exact (EasyEdit's re-tokenisation can shift it).
+so the prompt/target boundary is exact (EasyEdit's re-tokenisation can shift it). A tokenizer that
+adds no BOS (GPT-2, SmolLM2) gets a document separator in front of every prompt (`prompt_ids`):
+otherwise a prompt's first token sits at the attention sink, whose state is unlike any other, and a
+fact about a one-token subject ("Italy's capital is") could be neither edited nor measured. Methods
+encode their prompts the same way, so what is edited is what is scored.
 """
 
 from __future__ import annotations
@@ -44,7 +48,9 @@ __all__ = [
     "locality_reference",
     "ngram_entropy",
     "portability",
+    "prompt_ids",
     "reliability",
+    "start_token_id",
     "target_nll",
     "teacher_forced",
 ]
@@ -88,6 +94,27 @@ def answer_ids(tok: Any, answer: str) -> list[int]:
     return list(ids)
 
 
+def start_token_id(tok: Any) -> int | None:
+    """The token put in front of every prompt, or None when the tokenizer adds its own BOS.
+
+    A document separator reads as a fresh start: "<|endoftext|>" where the vocabulary has it
+    (GPT-2, SmolLM2, Qwen; SmolLM2's declared BOS is the chat token <|im_start|>), else BOS, else EOS.
+    """
+    if tok.bos_token_id is not None and tok("a")["input_ids"][:1] == [tok.bos_token_id]:
+        return None
+    tid = tok.convert_tokens_to_ids("<|endoftext|>")
+    if isinstance(tid, int) and tid != tok.unk_token_id and tid < len(tok):
+        return tid
+    return next((int(t) for t in (tok.bos_token_id, tok.eos_token_id) if t is not None), None)
+
+
+def prompt_ids(tok: Any, text: str) -> list[int]:
+    """The ids of a prompt as every metric and method feeds it: after `start_token_id`, if any."""
+    start = start_token_id(tok)
+    ids = list(tok(text)["input_ids"])
+    return ids if start is None else [start, *ids]
+
+
 def _pad_id(tok: Any) -> int:
     return next(int(t) for t in (tok.pad_token_id, tok.eos_token_id, 0) if t is not None)
 
@@ -104,7 +131,7 @@ def teacher_forced(
     for start in range(0, len(prompts), batch_size):
         rows, spans = [], []
         for p, a in zip(prompts[start : start + batch_size], answers[start : start + batch_size], strict=True):
-            p_ids, a_ids = list(tok(p)["input_ids"]), answer_ids(tok, a)
+            p_ids, a_ids = prompt_ids(tok, p), answer_ids(tok, a)
             rows.append(p_ids + a_ids)
             spans.append((len(p_ids), a_ids))
         width = max(len(r) for r in rows)
@@ -204,7 +231,7 @@ def _greedy(model: Any, tok: Any, prompts: Sequence[str], max_new_tokens: Sequen
     device = model.get_input_embeddings().weight.device
     out = []
     for p, n in zip(prompts, max_new_tokens, strict=True):
-        ids = torch.tensor([tok(p)["input_ids"]], device=device)
+        ids = torch.tensor([prompt_ids(tok, p)], device=device)
         gen = model.generate(
             input_ids=ids,
             attention_mask=torch.ones_like(ids),

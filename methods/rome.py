@@ -13,15 +13,17 @@ result is one `LowRank` delta (rank = number of requests) in the parameter's sto
 
 Speed (CPU, small models): a step of the v* optimisation runs only layers L.. and only the
 positions from the subject's last token on, from a no-grad pass that caches the rest
-(`_SuffixForward`, for the architectures in `_PARTIAL_TYPES`; others run the full forward), and
+(`SuffixForward`, for the architectures in `PARTIAL_TYPES`; others run the full forward), and
 the output head's loss and gradient come from one pass over its weight (`_FusedHeadLoss`).
 Both give the full forward's loss trajectory up to float rounding (tests/methods/test_rome.py).
 C's Cholesky factor is kept across edits (`_factor`).
 
 Position-0 hazard: a tokenizer that adds no BOS (SmolLM2) puts a one-token subject at position 0
 of the bare template, the attention-sink position, whose key is unlike any other; keys read
-there gave divisors near zero and updates ten times too large. Prompts whose subject would end at
-position 0 get the tokenizer's BOS (or EOS) token in front (`info["position0_guarded"]`).
+there gave divisors near zero and updates ten times too large. Every prompt is encoded as the
+metrics encode it (`kedit.evaluate.prompt_ids`: a document separator first), so no key is read at
+the sink and the edited key is the one evaluation and use will meet (`info["position0_guarded"]`
+counts the prompts whose subject would otherwise have started there).
 """
 
 from __future__ import annotations
@@ -40,7 +42,7 @@ from kedit.methods import rome_math
 from kedit.methods.base import EditRequest, EditResult, LowRank, register_method
 
 from kedit.arch import arch_for, get_module, n_layers
-from kedit.evaluate import answer_ids
+from kedit.evaluate import answer_ids, start_token_id
 
 __all__ = [
     "ROMEHyperParams",
@@ -132,36 +134,15 @@ def second_moment_needed(hparams: ROMEHyperParams) -> tuple[str, int] | None:
 # tokenisation
 
 
-def _input_device(model: Any) -> torch.device:
+def input_device(model: Any) -> torch.device:
     return model.get_input_embeddings().weight.device
 
 
-def _pad_id(tok: Any) -> int:
+def pad_id(tok: Any) -> int:
     for tid in (tok.pad_token_id, tok.eos_token_id, tok.bos_token_id):
         if tid is not None:
             return int(tid)
     return 0
-
-
-def _adds_bos(tok: Any) -> bool:
-    """Whether the tokenizer starts every text with its BOS token itself."""
-    ids = tok("a")["input_ids"]
-    return bool(ids) and tok.bos_token_id is not None and ids[0] == tok.bos_token_id
-
-
-def guard_token_id(tok: Any) -> int:
-    """The token put in front of prompts that would otherwise start at the attention sink.
-
-    A document separator reads as a fresh start: "<|endoftext|>" where the vocabulary has it
-    (GPT-2, SmolLM2, Qwen; SmolLM2's declared BOS is the chat token <|im_start|>), else BOS, else EOS.
-    """
-    tid = tok.convert_tokens_to_ids("<|endoftext|>")
-    if isinstance(tid, int) and tid != tok.unk_token_id and tid < len(tok):
-        return tid
-    for tid in (tok.bos_token_id, tok.eos_token_id):
-        if tid is not None:
-            return int(tid)
-    raise ValueError("the tokenizer has no BOS or EOS token to guard position 0; set guard_position0=false")
 
 
 # Targets are tokenised exactly as the metrics read them, so an edit optimises what is scored.
@@ -181,12 +162,15 @@ def encode_with_subject(tok: Any, template: str, subject: str, guard: bool) -> t
         ids = list(tok(text)["input_ids"])
         last = len(tok(text[:end])["input_ids"]) - 1
     guarded = guard and last == 0
-    if guarded:
-        ids, last = [guard_token_id(tok), *ids], 1
+    start = start_token_id(tok) if guard else None
+    if start is not None:
+        ids, last = [start, *ids], last + 1
+    elif guarded:
+        raise ValueError("the tokenizer has no BOS or EOS token to guard position 0; set guard_position0=false")
     return ids, last, guarded
 
 
-def _pad_right(seqs: Sequence[Sequence[int]], pad_id: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+def pad_right(seqs: Sequence[Sequence[int]], pad_id: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     width = max(len(s) for s in seqs)
     ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
     mask = torch.zeros((len(seqs), width), dtype=torch.long)
@@ -207,17 +191,17 @@ def _generate(model: Any, tok: Any, seeds: Sequence[str], n_tokens: int, seed: i
     """Sampled continuations of the seeds (top-k 5 as in ROME), left-padded with an attention mask."""
     # Without BOS a lone seed word sits at the attention sink and the model writes junk
     # ("The-the-world-is"); a separator token in front gives ordinary prose.
-    prefix = [] if _adds_bos(tok) else [guard_token_id(tok)]
-    encoded = [prefix + list(tok(s)["input_ids"]) for s in seeds]
+    start = start_token_id(tok)
+    encoded = [([] if start is None else [start]) + list(tok(s)["input_ids"]) for s in seeds]
     width = max(len(e) for e in encoded)
-    pad = _pad_id(tok)
+    pad = pad_id(tok)
     ids = torch.tensor([[pad] * (width - len(e)) + list(e) for e in encoded])
     mask = torch.tensor([[0] * (width - len(e)) + [1] * len(e) for e in encoded])
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         out = model.generate(
-            input_ids=ids.to(_input_device(model)),
-            attention_mask=mask.to(_input_device(model)),
+            input_ids=ids.to(input_device(model)),
+            attention_mask=mask.to(input_device(model)),
             do_sample=True,
             top_k=5,
             max_new_tokens=n_tokens,
@@ -276,7 +260,7 @@ def subject_key(
         rows.append(ids)
         positions.append(last)
         n_guarded += guarded
-    ids, mask = _pad_right(rows, _pad_id(tok), _input_device(model))
+    ids, mask = pad_right(rows, pad_id(tok), input_device(model))
     captured: list[torch.Tensor] = []
 
     def hook(_mod: Any, args: tuple) -> None:
@@ -292,7 +276,7 @@ def subject_key(
     return keys.to(torch.float64).mean(0), n_guarded
 
 
-def _head(model: Any, hidden: torch.Tensor) -> torch.Tensor:
+def head_logits(model: Any, hidden: torch.Tensor) -> torch.Tensor:
     """The output head (with Gemma-2's soft cap) on final hidden states, in float32."""
     logits = model.get_output_embeddings()(hidden)
     cap = getattr(model.config, "final_logit_softcapping", None)
@@ -306,7 +290,7 @@ def _logits_at(
 ) -> torch.Tensor:
     """Logits at the given (row, position) pairs only: the head is applied where the loss needs it."""
     hidden = model.base_model(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state  # (B, T, H)
-    return _head(model, hidden[rows, cols])  # (N, V)
+    return head_logits(model, hidden[rows, cols])  # (N, V)
 
 
 class _FusedHeadLoss(torch.autograd.Function):
@@ -374,7 +358,7 @@ def _fused_head_ok(model: Any) -> bool:
 # Architectures whose decoder layers can be run one by one from kedit (same call as their model's
 # forward: 4D mask, position ids, rotary position embeddings, a cache with `update`). Each is checked
 # against the full forward in tests/methods/test_rome.py; any other architecture uses the full forward.
-_PARTIAL_TYPES = frozenset({"llama", "mistral", "qwen2", "qwen3", "gemma", "gpt_neox"})
+PARTIAL_TYPES = frozenset({"llama", "mistral", "qwen2", "qwen3", "gemma", "gpt_neox"})
 
 
 class _PrefixKV:
@@ -388,10 +372,10 @@ class _PrefixKV:
         return torch.cat([pk, keys], dim=-2), torch.cat([pv, values], dim=-2)
 
 
-def _partial_unsupported(model: Any, width: int) -> str | None:
+def partial_unsupported(model: Any, width: int) -> str | None:
     """Why the suffix-only forward cannot be used for this model (None: it can)."""
     config = model.config
-    if getattr(config, "model_type", None) not in _PARTIAL_TYPES:
+    if getattr(config, "model_type", None) not in PARTIAL_TYPES:
         return f"model_type {getattr(config, 'model_type', None)!r} is not checked for the partial forward"
     if getattr(config, "_attn_implementation", None) not in ("eager", "sdpa"):
         return f"attention implementation {getattr(config, '_attn_implementation', None)!r}"
@@ -405,7 +389,7 @@ def _partial_unsupported(model: Any, width: int) -> str | None:
     return None
 
 
-class _SuffixForward:
+class SuffixForward:
     """Layers L.. of the model over the columns from the subject's last token on.
 
     δ enters at the subject's last token of layer L, so every hidden state below layer L and every
@@ -424,7 +408,7 @@ class _SuffixForward:
         self.final_norm = get_module(model, arch.final_norm)
         params = inspect.signature(self.layers[0].forward).parameters
         self.cache_kw = "layer_past" if "layer_past" in params else "past_key_values"
-        device = _input_device(model)
+        device = input_device(model)
         p_len = max(edit_pos)
         s_len = max(len(r) - e for r, e in zip(rows, edit_pos, strict=True))
         width = p_len + s_len
@@ -513,8 +497,8 @@ def optimise_value(
     """δ added to the projection's output at the subject's last token, trained for the new target.
 
     One batched forward pass per step over every rewrite prompt and the KL prompt. With `partial`
-    (and an architecture in `_PARTIAL_TYPES`), a step runs only layers L.. on the positions from
-    the subject's last token on (`_SuffixForward`); with `fused_head` the head's loss and gradient
+    (and an architecture in `PARTIAL_TYPES`), a step runs only layers L.. on the positions from
+    the subject's last token on (`SuffixForward`); with `fused_head` the head's loss and gradient
     come from one pass over its weight (`_FusedHeadLoss`). The loss is the same up to float rounding.
     """
     tgt = target_ids(tok, request.target_new)
@@ -540,18 +524,18 @@ def optimise_value(
     rows.append(kl_ids)
     edit_pos.append(kl_last)
 
-    device = _input_device(model)
+    device = input_device(model)
     n_labels = len(labels)
     label_t = torch.tensor(labels, device=device)
     row_of_label = torch.tensor(label_rows, device=device)
     per_row = torch.bincount(row_of_label, minlength=kl_row).clamp(min=1).float()
     sel_rows = torch.tensor([*label_rows, kl_row], device=device)
 
-    reason = _partial_unsupported(model, max(len(r) for r in rows)) if partial else "disabled"
+    reason = partial_unsupported(model, max(len(r) for r in rows)) if partial else "disabled"
     if reason is None and hp.layer >= n_layers(model):
         reason = "layer out of range"
     if reason is None:
-        runner = _SuffixForward(model, rows, edit_pos, hp.layer, _pad_id(tok))
+        runner = SuffixForward(model, rows, edit_pos, hp.layer, pad_id(tok))
         sel_cols = torch.tensor(
             [c - edit_pos[r] for r, c in zip(label_rows, label_cols, strict=True)] + [0], device=device
         )
@@ -563,7 +547,7 @@ def optimise_value(
 
     else:
         log.debug("ROME: full forward per step (%s)", reason)
-        ids, mask = _pad_right(rows, _pad_id(tok), device)
+        ids, mask = pad_right(rows, pad_id(tok), device)
         B, T = ids.shape
         where = torch.zeros((B, T, 1), device=device)  # (B, T, 1): 1 where δ is added
         where[torch.arange(B), torch.tensor(edit_pos)] = 1.0
@@ -594,11 +578,11 @@ def optimise_value(
             hidden = hidden_fn()  # (n_labels + 1, H)
             if kl_init is None:  # δ = 0 at step 0: the unedited distribution
                 with torch.no_grad():
-                    kl_init = _head(model, hidden[n_labels:]).log_softmax(-1)  # (1, V)
+                    kl_init = head_logits(model, hidden[n_labels:]).log_softmax(-1)  # (1, V)
             if fused:
                 nll, kl_raw = _FusedHeadLoss.apply(hidden, head_w, label_t, label_w, kl_init)
             else:
-                logp = _head(model, hidden).log_softmax(-1)  # (n_labels + 1, V)
+                logp = head_logits(model, hidden).log_softmax(-1)  # (n_labels + 1, V)
                 tok_lp = logp[:n_labels].gather(1, label_t[:, None])[:, 0]  # (n_labels,)
                 nll = -(torch.zeros(kl_row, device=device).index_add(0, row_of_label, tok_lp) / per_row).mean()
                 kl_raw = F.kl_div(kl_init, logp[n_labels:], log_target=True, reduction="batchmean")
@@ -625,7 +609,7 @@ def optimise_value(
 # the method
 
 
-class _Frozen:
+class Frozen:
     """Context: eval mode and no parameter gradients, restored on exit."""
 
     def __init__(self, model: Any) -> None:
@@ -751,7 +735,7 @@ def apply(
     original = module.weight.detach().clone()
     lams, us, infos = [], [], []
     try:
-        with _Frozen(model):
+        with Frozen(model):
             for i, request in enumerate(requests):
                 upd, info = _edit_one(model, tok, module, request, hparams, c)
                 lams.append(upd.lam)

@@ -37,6 +37,8 @@ import torch
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
+from kedit.evaluate import start_token_id
+
 __all__ = [
     "CorpusSource",
     "GeneratedSource",
@@ -190,9 +192,8 @@ class GeneratedSource(TextSource):
         tok, model = self.tok, self.model
         seeds = [self.SEEDS[(index * self.batch_size + j) % len(self.SEEDS)] for j in range(self.batch_size)]
         pad = next(t for t in (tok.pad_token_id, tok.eos_token_id, 0) if t is not None)
-        sep = tok.convert_tokens_to_ids("<|endoftext|>")
-        bos_added = tok.bos_token_id is not None and tok("a")["input_ids"][:1] == [tok.bos_token_id]
-        prefix = [] if bos_added or not isinstance(sep, int) or sep == tok.unk_token_id else [sep]
+        start = start_token_id(tok)
+        prefix = [] if start is None else [start]
         encoded = [prefix + list(tok(s)["input_ids"]) for s in seeds]
         width = max(len(e) for e in encoded)
         ids = torch.tensor([[pad] * (width - len(e)) + e for e in encoded])
@@ -240,10 +241,12 @@ def accumulate_second_moment(
     total: int | None = None,
     on_batch: Any = None,
 ) -> MomentState:
-    """Add Σ k kᵀ over every non-pad token of `texts` to `state` (k = input of `module_name`).
+    """Add Σ k kᵀ over the non-pad tokens of `texts` to `state` (k = input of `module_name`).
 
-    on_batch(state) is called after each batch (checkpointing). The forward pass stops at the
-    module: layers above it are never run.
+    Texts are encoded as prompts are (a start token first where the tokenizer adds no BOS) and
+    position 0 is left out: no edit ever reads a key at the attention sink, whose states are
+    outliers large enough to distort C. on_batch(state) is called after each batch
+    (checkpointing). The forward pass stops at the module: layers above it are never run.
     """
     module = model.get_submodule(module_name)
     captured: list[torch.Tensor] = []
@@ -253,6 +256,8 @@ def accumulate_second_moment(
         raise _StopForward
 
     pad = next(t for t in (tok.pad_token_id, tok.eos_token_id, 0) if t is not None)
+    start = start_token_id(tok)
+    prefix = [] if start is None else [start]
     device = model.get_input_embeddings().weight.device
     was_training = model.training
     model.eval()
@@ -260,8 +265,8 @@ def accumulate_second_moment(
     try:
         it = iter(texts)
         while batch := list(islice(it, batch_size)):
-            enc = [tok(t, truncation=True, max_length=max_length)["input_ids"] for t in batch]
-            enc = [e for e in enc if e]
+            enc = [prefix + tok(t, truncation=True, max_length=max_length)["input_ids"] for t in batch]
+            enc = [e for e in enc if len(e) > 1]
             if enc:
                 width = max(len(e) for e in enc)
                 ids = torch.tensor([list(e) + [pad] * (width - len(e)) for e in enc], device=device)
@@ -274,6 +279,7 @@ def accumulate_second_moment(
                         model(input_ids=ids, attention_mask=mask, use_cache=False)
                 finally:
                     handle.remove()
+                mask[:, 0] = 0  # the attention sink
                 keys = captured[0][mask.bool()].to(torch.float64)  # (n_tokens, d)
                 if state is None:
                     state = MomentState.empty(keys.shape[1])
@@ -296,6 +302,11 @@ def accumulate_second_moment(
 # cache
 
 
+# How keys are read (start token, position 0 left out); part of every cache name, so statistics
+# gathered under an older protocol are recomputed rather than mixed in.
+KEY_PROTOCOL = "k1"
+
+
 @dataclass(frozen=True)
 class StatsKey:
     base_hash: str
@@ -307,7 +318,7 @@ class StatsKey:
     def filename(self) -> str:
         safe = re.sub(r"[^A-Za-z0-9._-]+", "_", f"{self.corpus_id}")
         mod = re.sub(r"[^A-Za-z0-9._-]+", "_", self.module)
-        return f"{self.base_hash}/L{self.layer}{'-' + mod if mod else ''}__{safe}__n{self.n_samples}"
+        return f"{self.base_hash}/L{self.layer}{'-' + mod if mod else ''}__{safe}__n{self.n_samples}__{KEY_PROTOCOL}"
 
 
 class StatsCache:

@@ -19,8 +19,8 @@ def model(tok):
 
 
 def hand_teacher_forced(model, tok, prompt, answer):
-    """One unpadded pass, positions read by hand."""
-    p = tok(prompt)["input_ids"]
+    """One unpadded pass after the start token, positions read by hand."""
+    p = [evaluate.start_token_id(tok), *tok(prompt)["input_ids"]]
     a = evaluate.answer_ids(tok, answer)
     with torch.no_grad():
         logits = model(input_ids=torch.tensor([p + a])).logits[0]
@@ -41,6 +41,12 @@ def test_teacher_forced_matches_unpadded_passes(model, tok):
         assert list(g.predicted) == preds and list(g.target) == ids
         assert g.nll == pytest.approx(nll, rel=1e-4)
         assert g.accuracy == sum(x == y for x, y in zip(preds, ids, strict=True)) / len(ids)
+
+
+def test_prompts_start_after_a_separator(tok):
+    """The tiny tokenizer adds no BOS, so every prompt gets one token in front, never two."""
+    assert evaluate.start_token_id(tok) is not None
+    assert evaluate.prompt_ids(tok, "Tokyo is in") == [evaluate.start_token_id(tok), *tok("Tokyo is in")["input_ids"]]
 
 
 def test_answer_ids_boundary(tok):

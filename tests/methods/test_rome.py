@@ -9,6 +9,7 @@ from kedit.methods.hparams import hparams_from_overrides, hparams_to_dict
 
 from kedit.arch import arch_for, get_module
 from kedit.delta import LowRank, apply_step
+from kedit.evaluate import start_token_id
 from tests.tiny import MODEL_TYPES, make_model, make_tokenizer
 
 REQ = EditRequest(prompt="The capital of France is", subject="France", target_new="Rome")
@@ -171,7 +172,7 @@ def test_position0_guard(tiny_llama, tiny_tok):
     ids, last, guarded = rome.encode_with_subject(tiny_tok, template, subject, guard=False)
     assert last == 0 and not guarded
     ids_g, last_g, guarded_g = rome.encode_with_subject(tiny_tok, template, subject, guard=True)
-    assert guarded_g and last_g == 1 and ids_g[1:] == ids and ids_g[0] == rome.guard_token_id(tiny_tok)
+    assert guarded_g and last_g == 1 and ids_g[1:] == ids and ids_g[0] == start_token_id(tiny_tok)
     req = EditRequest(prompt="The capital is", subject="The", target_new="Rome")
     result = rome.apply(tiny_llama, tiny_tok, [req], fast_hparams(tiny_llama, v_num_grad_steps=2))
     assert result.info["requests"][0]["position0_guarded"] == 3  # bare template (key and value) + KL prompt
@@ -234,16 +235,16 @@ def test_suffix_forward_logits_equal_full_forward(model_type, tiny_tok):
     hp = fast_hparams(model, layer=1)
     module = get_module(model, hp.module_name)
     rows, edit_pos = _rows_for(tiny_tok, model, hp, REQ)
-    supported = rome._partial_unsupported(model, max(map(len, rows))) is None
-    assert supported == (model.config.model_type in rome._PARTIAL_TYPES)
+    supported = rome.partial_unsupported(model, max(map(len, rows))) is None
+    assert supported == (model.config.model_type in rome.PARTIAL_TYPES)
     if not supported:
         pytest.skip(f"{model.config.model_type}: full forward (fallback)")
     torch.manual_seed(3)
     delta = torch.randn(module.weight.shape[0])
-    ids, mask = rome._pad_right(rows, rome._pad_id(tiny_tok), torch.device("cpu"))
+    ids, mask = rome.pad_right(rows, rome.pad_id(tiny_tok), torch.device("cpu"))
     where_full = torch.zeros((*ids.shape, 1))
     where_full[torch.arange(len(rows)), torch.tensor(edit_pos)] = 1.0
-    runner = rome._SuffixForward(model, rows, edit_pos, hp.layer, rome._pad_id(tiny_tok))
+    runner = rome.SuffixForward(model, rows, edit_pos, hp.layer, rome.pad_id(tiny_tok))
     where = [where_full]
     handle = module.register_forward_hook(lambda _m, _a, out: out + where[0] * delta)
     try:
@@ -253,7 +254,7 @@ def test_suffix_forward_logits_equal_full_forward(model_type, tiny_tok):
             full = rome._logits_at(model, ids, mask, rr, cc)
             where[0] = torch.zeros((len(rows), runner.width - runner.p_len, 1))
             where[0][:, 0] = 1.0
-            part = rome._head(model, runner.hidden()[rr, cc - torch.tensor(edit_pos)[rr]])
+            part = rome.head_logits(model, runner.hidden()[rr, cc - torch.tensor(edit_pos)[rr]])
     finally:
         handle.remove()
     torch.testing.assert_close(part, full, rtol=1e-4, atol=1e-4)
@@ -269,10 +270,10 @@ def test_suffix_forward_gives_the_same_loss_trajectory(model_type, tiny_tok, gua
     req = REQ if guard else EditRequest(prompt="The capital is", subject="The", target_new="Rome")
     module = get_module(model, hp.module_name)
     templates = rome.context_templates(model, tiny_tok, hp)
-    with rome._Frozen(model):
+    with rome.Frozen(model):
         fast = rome.optimise_value(model, tiny_tok, module, templates, req, 1.0, hp)
         plain = rome.optimise_value(model, tiny_tok, module, templates, req, 1.0, hp, partial=False, fused_head=False)
-    assert fast.partial == (model.config.model_type in rome._PARTIAL_TYPES) and not plain.partial
+    assert fast.partial == (model.config.model_type in rome.PARTIAL_TYPES) and not plain.partial
     assert len(fast.losses) == len(plain.losses) == 12
     assert fast.losses[-1] < fast.losses[0]
     torch.testing.assert_close(torch.tensor(fast.losses), torch.tensor(plain.losses), rtol=1e-5, atol=1e-5)

@@ -15,6 +15,7 @@ from kedit.methods.stats import (
 )
 
 from kedit.arch import arch_for, get_module
+from kedit.evaluate import start_token_id
 
 TEXTS = [
     "The Eiffel Tower is located in the city of Paris.",
@@ -29,16 +30,15 @@ TEXTS = [
 
 
 def direct_second_moment(model, tok, module_name, texts, max_length=128):
-    """Σ k kᵀ / n over every token, one text at a time (no padding at all)."""
+    """Σ k kᵀ / n over every token after the start token, one text at a time (no padding at all)."""
     module = get_module(model, module_name)
     keys = []
-    handle = module.register_forward_pre_hook(lambda _m, args: keys.append(args[0][0].double()))
+    handle = module.register_forward_pre_hook(lambda _m, args: keys.append(args[0][0, 1:].double()))
     try:
         with torch.no_grad():
             for t in texts:
-                ids = tok(t, truncation=True, max_length=max_length)["input_ids"]
-                if ids:
-                    model(input_ids=torch.tensor([ids]))
+                ids = [start_token_id(tok), *tok(t, truncation=True, max_length=max_length)["input_ids"]]
+                model(input_ids=torch.tensor([ids]))
     finally:
         handle.remove()
     k = torch.cat(keys)
