@@ -13,6 +13,7 @@ Covariance statistics a method asks for are computed on the base model and cache
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import logging
 import math
@@ -114,10 +115,17 @@ class StatsProvider:
 
 
 def _apply_method(method: Any, model: Any, tok: Any, batch: list[EditRequest], hparams: Any,
-                  stats: Callable[[str, int], torch.Tensor]) -> Any:
-    kwargs = {}
-    if "stats_provider" in inspect.signature(method.apply).parameters:
+                  stats: Callable[[str, int], torch.Tensor], repo: Repository) -> Any:
+    kwargs: dict[str, Any] = {}
+    params = inspect.signature(method.apply).parameters
+    if "stats_provider" in params:
         kwargs["stats_provider"] = stats
+    if "memory" in params:
+        kwargs["memory"] = repo.memory(method.name)
+    if "load_editor_fn" in params:
+        from kedit.editors import editor_loader
+
+        kwargs["load_editor_fn"] = editor_loader(repo)
     try:
         return method.apply(model, tok, batch, hparams, **kwargs)
     except ValueError as e:  # methods report bad requests and hyper-parameters as ValueError
@@ -138,6 +146,10 @@ def run_edits(repo: Repository, requests: list[EditRequest], options: EditOption
         hparams = hparams_from_overrides(method.hparams_cls, model, overrides, options.hparams_file)
     except (ValueError, TypeError, OSError) as e:
         raise KeditError(f"bad hyper-parameters for {method.name}: {e}") from e
+    if "editor" in getattr(method.hparams_cls, "__dataclass_fields__", {}):  # trained methods: record the full id
+        from kedit.editors import resolve_editor
+
+        hparams = dataclasses.replace(hparams, editor=resolve_editor(repo, method.name, hparams.editor).id)
     stats = StatsProvider(repo, options, hparams, (model, tok), repo.head())
     size = options.batch_size or (len(requests) if method.batched else 1)
     commits = []
@@ -149,12 +161,13 @@ def run_edits(repo: Repository, requests: list[EditRequest], options: EditOption
         scoring = {"fluency": options.fluency, "generation": method.generation_metrics}
         pre = measure(model, tok, batch, reference, **scoring) if options.measure else []
         t0 = time.perf_counter()
-        result = _apply_method(method, model, tok, batch, hparams, stats)
+        result = _apply_method(method, model, tok, batch, hparams, stats, repo)
         edit_s = time.perf_counter() - t0
         info = {**result.info, "edit_seconds": round(edit_s, 3), **({"stats": stats.used} if stats.used else {})}
         commit = repo.commit(result.deltas, adapters=result.adapters, requests=[r.to_dict() for r in batch],
                              method=method.name, hparams=hparams_to_dict(hparams), info=info,
-                             message=options.message if len(requests) == 1 else None)
+                             message=options.message if len(requests) == 1 else None,
+                             memory=result.memory or None)
         _load_committed(repo, model, commit.id, result.deltas)
         if result.adapters:  # the measured model must carry them; appending keeps the install incremental
             in_effect = [a for _, a in repo.adapters(commit.id)] if in_effect is None else in_effect + result.adapters

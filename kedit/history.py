@@ -137,6 +137,26 @@ def effective_steps(db: sqlite_utils.Database, commit_id: str, name: str) -> lis
     return [step for ch in reversed(chain) for step in ch.steps]
 
 
+def origins_in_effect(db: sqlite_utils.Database, commit_id: str) -> set[str]:
+    """Commits whose weight deltas make up the tensors at `commit_id`; a reverted commit's do not."""
+    origins: set[str] = set()
+    for name, entry in manifest(db, commit_id).items():
+        origins.update(step.origin for step in effective_steps(db, entry.commit_id, name))
+    return origins
+
+
+def method_memory(db: sqlite_utils.Database, commit_id: str, method: str) -> list[tuple[str, str]]:
+    """(commit, object) of `method`'s memory for the commits in effect at `commit_id`, oldest first."""
+    sql = _ANCESTORS + """
+        SELECT m.commit_id, m.object_id FROM anc JOIN method_memory m ON m.commit_id = anc.id
+        WHERE m.method = :method ORDER BY anc.dist DESC"""
+    rows = db.execute(sql, {"commit": commit_id, "method": method}).fetchall()
+    if not rows:
+        return []
+    live = origins_in_effect(db, commit_id)
+    return [(cid, oid) for cid, oid in rows if cid in live]
+
+
 @dataclass(frozen=True)
 class AdapterRef:
     object_id: str

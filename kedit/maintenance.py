@@ -145,7 +145,8 @@ def _referenced_objects(repo: Repository) -> dict[str, str]:
     """object id -> a commit that needs it."""
     found: dict[str, str] = {}
     for sql in ("SELECT object_id, commit_id FROM tensor_steps", "SELECT object_id, commit_id FROM adapter_ops",
-                "SELECT object_id, commit_id FROM files", "SELECT id, 'editor ' || id FROM editors"):
+                "SELECT object_id, commit_id FROM files", "SELECT object_id, commit_id FROM method_memory",
+                "SELECT id, 'editor ' || id FROM editors"):
         for oid, cid in repo.db.execute(sql):
             found.setdefault(oid, cid)
     return found

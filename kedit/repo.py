@@ -252,6 +252,10 @@ class Repository:
         """The config and tokenizer files at `rev`."""
         return {p: self.store.get_blob(oid) for p, oid in history.files(self.db, self.resolve(rev)).items()}
 
+    def memory(self, method: str, rev: str = HEAD) -> list[dict[str, torch.Tensor]]:
+        """`method`'s memory of the edits in effect at `rev`, oldest first (reverted edits drop out)."""
+        return [self.store.get_tensors(oid)[0] for _, oid in history.method_memory(self.db, self.resolve(rev), method)]
+
     def adapters(self, rev: str = HEAD) -> list[tuple[history.AdapterRef, Adapter]]:
         """Adapters in effect at `rev`, loaded."""
         out = []
@@ -334,8 +338,11 @@ class Repository:
     def commit(self, deltas: Mapping[str, WeightDelta], *, adapters: Iterable[Adapter] = (),
                requests: Iterable[Mapping[str, Any]] = (), method: str | None = None,
                hparams: Mapping[str, Any] | None = None, info: Mapping[str, Any] | None = None,
-               message: str | None = None, metrics: Iterable[Metric] = ()) -> CommitInfo:
+               message: str | None = None, metrics: Iterable[Metric] = (),
+               memory: Mapping[str, torch.Tensor] | None = None) -> CommitInfo:
         """Record an edit on top of HEAD and move the current branch to it.
+
+        `memory`: tensors the method keeps for its later edits (`Repository.memory`).
 
         Each delta is applied to HEAD's tensor with the canonical arithmetic; the result's hash
         is recorded and the smallest exact encoding stored (low-rank factors or a dense delta;
@@ -356,6 +363,8 @@ class Repository:
                             for a in adapters]
             if not staged and not adapters:
                 raise DeltaError("the edit changes no tensor: nothing to commit")
+            memory_obj = self.store.put_tensors(dict(memory), {"kind": "memory", "method": method or ""}) \
+                if memory else None
             requests = [_jsonable(dict(r)) for r in requests]
             record = {
                 "kind": "edit", "parents": [parent], "method": method, "hparams": _jsonable(dict(hparams or {})),
@@ -365,6 +374,8 @@ class Repository:
                 "adapters": [["add", o.id, a.kind, ""] for o, a in zip(adapter_objs, adapters, strict=True)],
                 "author": _author(), "created": now_iso(), "kedit_version": kedit.__version__,
             }
+            if memory_obj is not None:
+                record["memory"] = memory_obj.id
             cid = record_id(record)
             depth = self.get_commit(parent).depth + 1
             with dbm.write(self.db):
@@ -377,6 +388,9 @@ class Repository:
                 self.db["adapter_ops"].insert_all([
                     {"commit_id": cid, "seq": i, "op": "add", "object_id": o.id, "kind": a.kind, "origin_commit": cid}
                     for i, (o, a) in enumerate(zip(adapter_objs, adapters, strict=True))])
+                if memory_obj is not None:
+                    self.db["method_memory"].insert(
+                        {"commit_id": cid, "method": method or "", "object_id": memory_obj.id})
                 self._insert_metrics(cid, metrics)
                 self._advance_head(parent, cid, f"commit: {record['message']}")
             self._sync_worktree(known_values={n: s["value"] for n, s in staged.items()})
