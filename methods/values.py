@@ -1,0 +1,262 @@
+"""Keys and target values for many requests at once: the machinery MEMIT and AlphaEdit share.
+
+MEMIT (methods.md 3.3) needs, for every request, the template-averaged key at each edited layer
+and a target z = h + δ for the residual stream at the last edited layer, δ optimised like
+ROME's v* (target NLL + KL on "{subject} is a" + weight decay + norm clamp). The peers optimise
+one request at a time; here all the requests of a chunk share one forward pass per step:
+δ is a (requests × hidden) matrix and each prompt row adds its own request's row. The losses are
+separable (a row depends on its request's δ only) and Adam is elementwise, so each δ follows the
+same trajectory as alone, and a request that reaches the early-stop loss is frozen.
+
+δ is added at the output of the MLP projection of the last edited layer, which feeds the residual
+stream directly in every supported architecture: the same as adding it to the block's output.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from kedit.methods.base import EditRequest
+from kedit.methods.rome import (
+    SuffixForward,
+    encode_with_subject,
+    head_logits,
+    input_device,
+    pad_id,
+    pad_right,
+    partial_unsupported,
+    target_ids,
+)
+
+from kedit.arch import n_layers
+
+__all__ = ["ValueFit", "ValueSettings", "module_outputs_at_subject", "optimise_values", "subject_keys"]
+
+
+@dataclass(frozen=True)
+class ValueSettings:
+    """The knobs of the δ optimisation (the names of ROME's and MEMIT's hyper-parameters)."""
+
+    v_num_grad_steps: int
+    v_lr: float
+    v_weight_decay: float
+    clamp_norm_factor: float
+    kl_factor: float
+    early_stop_loss: float
+    kl_prompt: str = "{} is a"
+    guard_position0: bool = True
+
+
+@torch.no_grad()
+def _capture_at_subject(
+    model: Any, tok: Any, module: Any, prompts: Sequence[tuple[str, str]], guard: bool, *, output: bool,
+    batch_size: int = 64,
+) -> torch.Tensor:
+    """The module's input (or output) at the subject's last token of each (template, subject), float64."""
+    out: list[torch.Tensor] = []
+    for start in range(0, len(prompts), batch_size):
+        rows, positions = [], []
+        for template, subject in prompts[start : start + batch_size]:
+            ids, last, _ = encode_with_subject(tok, template, subject, guard)
+            rows.append(ids)
+            positions.append(last)
+        ids, mask = pad_right(rows, pad_id(tok), input_device(model))
+        captured: list[torch.Tensor] = []
+        handle = _capture(module, captured, output)
+        try:
+            model(input_ids=ids, attention_mask=mask, use_cache=False)
+        finally:
+            handle.remove()
+        x = captured[0]
+        out.append(x[torch.arange(len(rows)), torch.tensor(positions)].to(torch.float64).cpu())
+    return torch.cat(out)
+
+
+def _capture(module: Any, into: list[torch.Tensor], output: bool) -> Any:
+    """Hook that appends the module's first input (or its output) to `into`; returns the handle."""
+    if output:
+        return module.register_forward_hook(lambda _m, _a, o: into.append(o[0] if isinstance(o, tuple) else o))
+    return module.register_forward_pre_hook(lambda _m, a: into.append(a[0]))
+
+
+def subject_keys(
+    model: Any, tok: Any, module: Any, templates: Sequence[str], requests: Sequence[EditRequest], guard: bool
+) -> torch.Tensor:
+    """K: each request's key (the module's input at the subject's last token), averaged over templates.
+
+    Returns (d_in, n) in float64, one column per request.
+    """
+    prompts = [(ctx.replace("{}", r.template, 1), r.subject) for r in requests for ctx in templates]
+    keys = _capture_at_subject(model, tok, module, prompts, guard, output=False)
+    return keys.view(len(requests), len(templates), -1).mean(1).t()
+
+
+def module_outputs_at_subject(
+    model: Any, tok: Any, module: Any, requests: Sequence[EditRequest], guard: bool
+) -> torch.Tensor:
+    """The module's output at the subject's last token of each request's own prompt, (d_out, n) float64."""
+    prompts = [(r.template, r.subject) for r in requests]
+    return _capture_at_subject(model, tok, module, prompts, guard, output=True).t()
+
+
+@dataclass
+class ValueFit:
+    delta: torch.Tensor  # (n, d): one δ per request
+    losses: list[list[float]] = field(default_factory=list)  # per request, per step it ran
+    nll: list[list[float]] = field(default_factory=list)
+
+
+def optimise_values(
+    model: Any,
+    tok: Any,
+    module: Any,
+    layer: int,
+    templates: Sequence[str],
+    requests: Sequence[EditRequest],
+    init_norms: torch.Tensor,
+    settings: ValueSettings,
+    *,
+    chunk: int = 32,
+) -> ValueFit:
+    """δ for each request, added to `module`'s output (at `layer`) at the subject's last token.
+
+    `init_norms[i]` is the norm of the state δ_i is added to (weight decay and clamp are relative
+    to it). Requests are optimised `chunk` at a time, each chunk in one batch per step.
+    """
+    fit = ValueFit(delta=torch.zeros(len(requests), 0))
+    parts = []
+    for start in range(0, len(requests), chunk):
+        part = _optimise_chunk(
+            model, tok, module, layer, templates, requests[start : start + chunk], init_norms[start : start + chunk],
+            settings,
+        )
+        parts.append(part.delta)
+        fit.losses += part.losses
+        fit.nll += part.nll
+    fit.delta = torch.cat(parts)
+    return fit
+
+
+def _optimise_chunk(
+    model: Any,
+    tok: Any,
+    module: Any,
+    layer: int,
+    templates: Sequence[str],
+    requests: Sequence[EditRequest],
+    init_norms: torch.Tensor,
+    s: ValueSettings,
+) -> ValueFit:
+    n = len(requests)
+    rows: list[list[int]] = []
+    edit_pos: list[int] = []
+    row_request: list[int] = []
+    label_rows: list[int] = []
+    label_cols: list[int] = []
+    labels: list[int] = []
+    label_weight: list[float] = []
+    for i, request in enumerate(requests):
+        tgt = target_ids(tok, request.target_new)
+        for ctx in templates:
+            ids, last, _ = encode_with_subject(tok, ctx.replace("{}", request.template, 1), request.subject,
+                                               s.guard_position0)
+            r = len(rows)
+            rows.append(ids + tgt[:-1])
+            edit_pos.append(last)
+            row_request.append(i)
+            for j, t in enumerate(tgt):  # token j of the target is predicted at position len(ids)-1+j
+                label_rows.append(r)
+                label_cols.append(len(ids) - 1 + j)
+                labels.append(t)
+                label_weight.append(1.0 / (len(tgt) * len(templates)))  # mean over tokens, then prompts
+    kl_rows = []
+    for i, request in enumerate(requests):
+        ids, last, _ = encode_with_subject(tok, s.kl_prompt, request.subject, s.guard_position0)
+        kl_rows.append(len(rows))
+        rows.append(ids)
+        edit_pos.append(last)
+        row_request.append(i)
+
+    device = input_device(model)
+    n_labels = len(labels)
+    label_t = torch.tensor(labels, device=device)
+    label_req = torch.tensor([row_request[r] for r in label_rows], device=device)
+    label_w = torch.tensor(label_weight, device=device)
+    sel_rows = torch.tensor([*label_rows, *kl_rows], device=device)
+    row_req = torch.tensor(row_request, device=device)
+
+    reason = partial_unsupported(model, max(len(r) for r in rows))
+    if reason is None and layer >= n_layers(model):
+        reason = "layer out of range"
+    if reason is None:
+        runner = SuffixForward(model, rows, edit_pos, layer, pad_id(tok))
+        sel_cols = torch.tensor(
+            [c - edit_pos[r] for r, c in zip(label_rows, label_cols, strict=True)] + [0] * n, device=device
+        )
+        where = torch.zeros((len(rows), runner.width - runner.p_len, 1), device=device)
+        where[:, 0] = 1.0  # every row's edit position is its first suffix column
+
+        def hidden_fn() -> torch.Tensor:
+            return runner.hidden()[sel_rows, sel_cols]
+
+    else:
+        ids, mask = pad_right(rows, pad_id(tok), device)
+        where = torch.zeros((ids.shape[0], ids.shape[1], 1), device=device)
+        where[torch.arange(ids.shape[0]), torch.tensor(edit_pos)] = 1.0
+        sel_cols = torch.tensor([*label_cols, *[edit_pos[r] for r in kl_rows]], device=device)
+
+        def hidden_fn() -> torch.Tensor:
+            out = model.base_model(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state
+            return out[sel_rows, sel_cols]
+
+    d_out = _module_out_dim(module)
+    delta = torch.zeros(n, d_out, device=device, dtype=torch.float32, requires_grad=True)
+    opt = torch.optim.Adam([delta], lr=s.v_lr)
+    norms = init_norms.to(device=device, dtype=torch.float32)
+    max_norm = s.clamp_norm_factor * norms
+
+    def hook(_mod: Any, _args: tuple, out: torch.Tensor) -> torch.Tensor:
+        return out + where.to(out.dtype) * delta[row_req].to(out.dtype)[:, None, :]
+
+    fit = ValueFit(delta=delta, losses=[[] for _ in range(n)], nll=[[] for _ in range(n)])
+    active = torch.ones(n, dtype=torch.bool, device=device)
+    kl_init: torch.Tensor | None = None
+    handle = module.register_forward_hook(hook)
+    try:
+        for step in range(s.v_num_grad_steps):
+            opt.zero_grad()
+            logp = head_logits(model, hidden_fn()).log_softmax(-1)  # (n_labels + n, V)
+            if kl_init is None:  # δ = 0 at step 0: the unedited distributions
+                kl_init = logp[n_labels:].detach()
+            tok_lp = logp[:n_labels].gather(1, label_t[:, None])[:, 0]
+            nll = -torch.zeros(n, device=device).index_add(0, label_req, tok_lp * label_w)  # (n,)
+            kl = F.kl_div(kl_init, logp[n_labels:], log_target=True, reduction="none").sum(-1)  # (n,)
+            decay = s.v_weight_decay * delta.norm(dim=1) / norms**2
+            loss = nll + s.kl_factor * kl + decay  # (n,)
+            for i in torch.nonzero(active).flatten().tolist():
+                fit.losses[i].append(round(float(loss[i].detach()), 5))
+                fit.nll[i].append(round(float(nll[i].detach()), 5))
+            active &= loss.detach() >= s.early_stop_loss
+            if not bool(active.any()) or step == s.v_num_grad_steps - 1:
+                break
+            kept = delta.detach().clone()
+            loss.sum().backward()
+            opt.step()
+            with torch.no_grad():
+                delta[~active] = kept[~active]  # converged requests stay where they stopped
+                scale = (max_norm / delta.norm(dim=1).clamp(min=1e-12)).clamp(max=1.0)
+                delta.mul_(scale[:, None])
+    finally:
+        handle.remove()
+    fit.delta = delta.detach().cpu()
+    return fit
+
+
+def _module_out_dim(module: Any) -> int:
+    """Width of the module's output (GPT-2's Conv1D stores its weight transposed)."""
+    w = module.weight
+    return int(w.shape[1] if type(module).__name__ == "Conv1D" else w.shape[0])
