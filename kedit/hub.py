@@ -83,7 +83,7 @@ def commit_document(repo: Repository, cid: str) -> dict[str, Any]:
             "adapter_ops": adapter_ops, "files": files, "metrics": metrics}
 
 
-def _document_bytes(doc: dict[str, Any]) -> bytes:
+def document_bytes(doc: dict[str, Any]) -> bytes:
     return json.dumps(doc, sort_keys=True, indent=1, ensure_ascii=False).encode()
 
 
@@ -209,15 +209,15 @@ def push(repo: Repository, remote_name: str | None = None, branch: str | None = 
             raise PushRejectedError(f"push rejected: {remote.name}/{rbranch} has commits that {branch} does not")
         new_checkpoint = checkpoint if history_only else tip
         result = PushResult(remote.name, branch, rbranch, tip, None)
-        if remote_tip == tip and new_checkpoint == checkpoint:
+        remote_tree = hub.tree(base_sha)
+        ops = _history_ops(repo, tip, new_checkpoint, remote_tree, tmp)
+        if remote_tip == tip and new_checkpoint == checkpoint and not ops:  # (new metrics make ops)
             result.up_to_date, result.hub_commit = True, base_sha
             if tracked is None:  # e.g. our own earlier push whose answer was lost: remember it now
                 with repo.lock(), dbm.write(repo.db):
                     remotes.set_tracking(repo.db, repo.refs, remote.name, rbranch,
                                          remotes.Tracking(tip, base_sha, checkpoint), None, "push: already there")
             return result
-        remote_tree = hub.tree(base_sha)
-        ops = _history_ops(repo, tip, new_checkpoint, remote_tree, tmp)
         if not history_only:
             ops += _checkpoint_ops(repo, tip, checkpoint, tmp, repo_id=remote.repo_id, base_model=base_model,
                                    progress=progress)
@@ -274,7 +274,7 @@ def _history_ops(repo: Repository, tip: str, checkpoint: str | None, remote_tree
     for cid in history.ancestors(repo.db, tip):
         doc = commit_document(repo, cid)
         needed |= objects_of(doc)
-        data = _document_bytes(doc)
+        data = document_bytes(doc)
         if remote_tree.get(commit_path(cid)) != git_hash(data):
             ops.append(_add(commit_path(cid), data))
     covered = _localcovered_by_weights(repo, checkpoint)

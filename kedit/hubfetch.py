@@ -28,8 +28,10 @@ from kedit.hashing import hash_bytes, hash_tensor, tensors_object_id
 from kedit.hub import (
     INDEX_FILE,
     REFS_FILE,
+    commit_document,
     commit_path,
     covered_by_weights,
+    document_bytes,
     object_path,
     objects_of,
     verify_document,
@@ -66,6 +68,7 @@ def fetch(repo: Repository, remote_name: str | None = None, branches: Iterable[s
     with tempfile.TemporaryDirectory(prefix="kedit-fetch-") as tmp_name, repo.lock():
         tmp = Path(tmp_name)
         docs: dict[str, dict] = {}
+        metrics: dict[str, list[dict]] = {}
         found: dict[str, Fetched] = {}
         for rbranch in wanted:
             sha = hub_branches[rbranch]
@@ -81,11 +84,11 @@ def fetch(repo: Repository, remote_name: str | None = None, branches: Iterable[s
             fetched = Fetched(rbranch, sha, tip, checkpoint)
             tree = hub.tree(sha)
             before = len(docs)
-            _fetch_commits(repo, hub, tree, sha, tip, docs, tmp / sha)
+            _fetch_commits(repo, hub, tree, sha, tip, docs, metrics, tmp / sha)
             fetched.new_commits = len(docs) - before
             fetched.objects = _fetch_objects(repo, hub, tree, sha, checkpoint, docs, tmp / sha, progress)
             found[rbranch] = fetched
-        _record(repo, remote.name, docs, found)
+        _record(repo, remote.name, docs, metrics, found)
     return found
 
 
@@ -93,20 +96,34 @@ def _known(repo: Repository, cid: str) -> bool:
     return dbm.one(repo.db, "SELECT 1 FROM commits WHERE id = ?", [cid]) is not None
 
 
+def _download_document(hub: Hub, tree: dict[str, str], sha: str, cid: str, tmp: Path) -> dict:
+    path = commit_path(cid)
+    if path not in tree:
+        raise HubError(f"the remote history is incomplete: commit {cid[:12]} is missing from {hub.where}")
+    try:
+        doc = json.loads(hub.download(path, sha, tmp).read_text())
+    except ValueError:
+        doc = None
+    verify_document(doc, cid)
+    return doc
+
+
 def _fetch_commits(repo: Repository, hub: Hub, tree: dict[str, str], sha: str, tip: str,
-                   docs: dict[str, dict], tmp: Path) -> None:
+                   docs: dict[str, dict], metrics: dict[str, list[dict]], tmp: Path) -> None:
+    """The remote commits missing here, tip first; and the metrics of known commits that differ
+    (measurements are not part of a commit's id: a later `kedit eval` changes them)."""
+    from huggingface_hub.utils.sha import git_hash
+
     cid: str | None = tip
     while cid is not None and cid not in docs and not _known(repo, cid):
-        path = commit_path(cid)
-        if path not in tree:
-            raise HubError(f"the remote history is incomplete: commit {cid[:12]} is missing from {hub.where}")
-        try:
-            doc = json.loads(hub.download(path, sha, tmp).read_text())
-        except ValueError:
-            doc = None
-        verify_document(doc, cid)
-        docs[cid] = doc
-        cid = doc["parent"]
+        docs[cid] = _download_document(hub, tree, sha, cid, tmp)
+        cid = docs[cid]["parent"]
+    for known in history.ancestors(repo.db, cid) if cid is not None and _known(repo, cid) else []:
+        remote_blob = tree.get(commit_path(known))
+        if remote_blob is None or known in metrics:
+            continue
+        if git_hash(document_bytes(commit_document(repo, known))) != remote_blob:
+            metrics[known] = _download_document(hub, tree, sha, known, tmp)["metrics"]
 
 
 def _state_at(repo: Repository, docs: dict[str, dict], commit: str) -> tuple[dict[str, str], dict[str, str]]:
@@ -187,8 +204,10 @@ def _put_verified(repo: Repository, oid: str, file: Path, is_blob: bool) -> None
     repo.store.put_tensors(tensors, metadata, tensor_hashes=hashes)
 
 
-def _record(repo: Repository, remote: str, docs: dict[str, dict], found: dict[str, Fetched]) -> None:
-    """Insert the fetched commits (parents first) and move the remote-tracking refs, atomically."""
+def _record(repo: Repository, remote: str, docs: dict[str, dict], metrics: dict[str, list[dict]],
+            found: dict[str, Fetched]) -> None:
+    """Insert the fetched commits (parents first) and their metrics, update known commits'
+    metrics, and move the remote-tracking refs, atomically."""
     depth: dict[str, int] = {}
 
     def depth_of(cid: str) -> int:
@@ -214,6 +233,9 @@ def _record(repo: Repository, remote: str, docs: dict[str, dict], found: dict[st
             repo.db["files"].insert_all([{"commit_id": cid, "path": p, "object_id": o}
                                          for p, o in doc["files"].items()])
             repo.db["metrics"].upsert_all([{"commit_id": cid, **m} for m in doc["metrics"]],
+                                          pk=("commit_id", "name", "stage", "suite"))
+        for cid, rows in metrics.items():
+            repo.db["metrics"].upsert_all([{"commit_id": cid, **m} for m in rows],
                                           pk=("commit_id", "name", "stage", "suite"))
         for f in found.values():
             old = remotes.tracking(repo.db, remote, f.branch)

@@ -139,12 +139,26 @@ def test_the_first_push_of_an_edited_tensor_sends_its_base_value(origin: Reposit
     assert f".kedit/objects/{base_oid[:2]}/{base_oid[2:]}.st" in out["files"]
 
 
+def test_later_metrics_travel_with_push_and_pull(origin: Repository, hub: HubServer, tmp_path: Path) -> None:
+    run(origin.root, "push")
+    run(tmp_path, "clone", URL, str(tmp_path / "copy"))
+    first = origin.log()[1].id
+    origin.record_metrics(first, [Metric("portability", 0.5, "teacher_forced_token_acc", stage="eval")])
+    out = json.loads(run(origin.root, "push", "--json"))
+    assert not out["up_to_date"] and f".kedit/commits/{first}.json" in out["files"]
+    assert "up to date" in run(tmp_path / "copy", "pull")
+    got = Repository.open(tmp_path / "copy").get_commit(first).metrics
+    assert Metric("portability", 0.5, "teacher_forced_token_acc", "eval") in got
+    assert log_json(tmp_path / "copy") == log_json(origin.root)
+
+
 def test_a_push_over_someone_elses_is_refused_until_pull(origin: Repository, hub: HubServer, tmp_path: Path) -> None:
     run(origin.root, "push")
     run(tmp_path, "clone", URL, str(tmp_path / "bob"))
     bob = Repository.open(tmp_path / "bob")
     theirs = edit(bob, DOWN0, "bob's edit", 5)
-    run(bob.root, "push")
+    pushed = json.loads(run(bob.root, "push", "--json"))["files"]  # a clone's records are byte-identical:
+    assert [f for f in pushed if f.startswith(".kedit/commits/")] == [f".kedit/commits/{theirs}.json"]
     mine = edit(origin, DOWN1, "alice's edit", 6)
     hub_tip = hub.store.refs(REPO_ID)["main"]
     before = snapshot(origin)
