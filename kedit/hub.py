@@ -44,6 +44,8 @@ from kedit.store import save_tensors_atomic
 FORMAT = 1
 REFS_FILE = f"{KEDIT_DIR}/refs.json"
 INDEX_FILE = "model.safetensors.index.json"
+GENERATED = frozenset({"README.md", "kedit.json", INDEX_FILE})  # written by push, never a stored file
+_FOREIGN_WEIGHTS = re.compile(r"^[^/]*\.(safetensors|bin|pt|pth|gguf)(\.index\.json)?$")
 _LAYER_RE = re.compile(r"\.(\d+)\.")
 
 
@@ -146,11 +148,11 @@ def covered_by_weights(manifest: dict[str, str], files: dict[str, str]) -> dict[
     """
     out: dict[str, tuple[str, str]] = {
         tensors_object_id({"value": h}, {}): ("tensor", name) for name, h in manifest.items()}
-    out.update({oid: ("file", path) for path, oid in files.items()})
+    out.update({oid: ("file", path) for path, oid in files.items() if path not in GENERATED})
     return out
 
 
-def _localcovered_by_weights(repo: Repository, commit: str | None) -> dict[str, tuple[str, str]]:
+def _local_covered(repo: Repository, commit: str | None) -> dict[str, tuple[str, str]]:
     if commit is None:
         return {}
     manifest = {n: e.hash for n, e in history.manifest(repo.db, commit).items()}
@@ -176,6 +178,12 @@ def _add(path: str, source: Path | bytes):
     from huggingface_hub import CommitOperationAdd
 
     return CommitOperationAdd(path_in_repo=path, path_or_fileobj=source)
+
+
+def _delete(path: str):
+    from huggingface_hub import CommitOperationDelete
+
+    return CommitOperationDelete(path_in_repo=path)
 
 
 def push(repo: Repository, remote_name: str | None = None, branch: str | None = None, *,
@@ -221,6 +229,9 @@ def push(repo: Repository, remote_name: str | None = None, branch: str | None = 
         if not history_only:
             ops += _checkpoint_ops(repo, tip, checkpoint, tmp, repo_id=remote.repo_id, base_model=base_model,
                                    progress=progress)
+            if checkpoint is None:  # weights someone else put there would shadow ours in from_pretrained
+                ours = {op.path_in_repo for op in ops}
+                ops += [_delete(p) for p in hub.root_files(base_sha) if _FOREIGN_WEIGHTS.match(p) and p not in ours]
         # A fresh push id makes every push a real commit: were all files unchanged, huggingface_hub
         # would skip the commit, and with it the Hub's parent_commit check.
         state = {"format": FORMAT, "branch": rbranch, "commit": tip, "checkpoint": new_checkpoint,
@@ -231,6 +242,8 @@ def push(repo: Repository, remote_name: str | None = None, branch: str | None = 
         message = f"kedit push {tip[:12]}: {repo.get_commit(tip).message}"[:200]
         result.hub_commit = hub.commit(ops, branch=rbranch, parent=base_sha, message=message)
     for op in ops:
+        if not hasattr(op, "upload_info"):  # a deletion
+            continue
         if getattr(op, "_remote_oid", None) is None or op._remote_oid != op._local_oid:
             result.files.append(op.path_in_repo)
             result.bytes += op.upload_info.size
@@ -277,7 +290,7 @@ def _history_ops(repo: Repository, tip: str, checkpoint: str | None, remote_tree
         data = document_bytes(doc)
         if remote_tree.get(commit_path(cid)) != git_hash(data):
             ops.append(_add(commit_path(cid), data))
-    covered = _localcovered_by_weights(repo, checkpoint)
+    covered = _local_covered(repo, checkpoint)
     for oid in sorted(needed - set(covered)):
         kind = repo.store.kind_of(oid)
         if kind is None:
@@ -318,7 +331,7 @@ def _checkpoint_ops(repo: Repository, tip: str, old: str | None, tmp: Path, *, r
     files = history.files(repo.db, tip)
     old_files = history.files(repo.db, old) if old else {}
     ops += [_add(path, repo.store.get_blob(oid)) for path, oid in sorted(files.items())
-            if old_files.get(path) != oid and path != "README.md"]
+            if old_files.get(path) != oid and path not in GENERATED]
     index = {"metadata": {"total_size": sum(e.nbytes for e in manifest.values())},
              "weight_map": {n: shard_of(n) for n in sorted(manifest)}}
     ops.append(_add(INDEX_FILE, json.dumps(index, indent=2).encode()))

@@ -14,6 +14,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from kedit.errors import HubError, PushRejectedError
+from kedit.progress import progress_enabled
 from kedit.remotes import Remote, scrub
 
 KEDIT_DIR = ".kedit"
@@ -24,7 +25,10 @@ class Hub:
 
     def __init__(self, remote: Remote) -> None:
         from huggingface_hub import HfApi, get_token
+        from huggingface_hub.utils import disable_progress_bars
 
+        if not progress_enabled():  # not a terminal, --quiet or --json: huggingface_hub's bars too
+            disable_progress_bars()
         self.remote = remote
         self.token = get_token()
         self.api = HfApi(endpoint=remote.endpoint, token=self.token or False)
@@ -49,10 +53,9 @@ class Hub:
             raise HubError(f"cannot {doing}: branch {branch!r} does not exist in {self.where}") from None
         except hf.HfHubHTTPError as e:
             raise self._http_error(doing, e, branch) from None
-        except (OSError, ValueError, RuntimeError) as e:
+        except Exception as e:
             root = _root_cause(e)
-            if type(root).__module__.startswith(("httpx", "httpcore", "socket", "ssl")) or isinstance(
-                    root, ConnectionError | TimeoutError):
+            if _is_network(e) or _is_network(root):
                 raise HubError(f"cannot {doing}: the Hub at {self.remote.endpoint} cannot be reached "
                                f"({scrub(str(root) or type(root).__name__, self.token)})",
                                hint="check the network and HF_ENDPOINT, then run the command again") from None
@@ -97,6 +100,12 @@ class Hub:
                 return {}
         return {e.path: e.blob_id for e in entries if hasattr(e, "blob_id")}
 
+    def root_files(self, sha: str) -> list[str]:
+        """The files at the top of the repository at commit `sha`."""
+        with self.errors(f"list the files of {self.remote.repo_id}"):
+            entries = list(self.api.list_repo_tree(self.remote.repo_id, revision=sha))
+        return [e.path for e in entries if hasattr(e, "blob_id")]
+
     def download(self, path: str, sha: str, dest: Path) -> Path:
         with self.errors(f"download {path} from {self.remote.repo_id}"):
             return Path(self.api.hf_hub_download(self.remote.repo_id, path, revision=sha, local_dir=dest))
@@ -131,6 +140,12 @@ class Hub:
             info = self.api.create_commit(self.remote.repo_id, operations, commit_message=message,
                                           revision=branch, parent_commit=parent)
         return info.oid
+
+
+def _is_network(e: BaseException) -> bool:
+    """A transport failure (refused, reset, timed out, DNS), whichever HTTP library raised it."""
+    return type(e).__module__.split(".")[0] in ("httpx", "httpx2", "httpcore", "ssl", "socket") or isinstance(
+        e, ConnectionError | TimeoutError)
 
 
 def _root_cause(e: BaseException) -> BaseException:

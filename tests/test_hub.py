@@ -320,6 +320,17 @@ def test_branches_map_to_hub_branches(origin: Repository, hub: HubServer, tmp_pa
     assert fetched["exp/one"]["new_commits"] == 0
 
 
+def test_a_first_push_removes_weights_that_would_shadow_its_own(origin: Repository, hub: HubServer) -> None:
+    from huggingface_hub import CommitOperationAdd, HfApi
+
+    api = HfApi(endpoint=hub.url, token=TOKEN)
+    api.create_commit(REPO_ID, [CommitOperationAdd("model.safetensors", b"\0" * 64),
+                                CommitOperationAdd("notes.txt", b"keep me")], commit_message="someone's upload")
+    run(origin.root, "push")
+    tree = hub.store.tree(REPO_ID, "main")[1]
+    assert "model.safetensors" not in tree and "notes.txt" in tree and "model-layer-000.safetensors" in tree
+
+
 def test_remote_commands(repo: Repository, tmp_path: Path) -> None:
     run(repo.root, "remote", "add", "origin", "hf://alice/model")
     run(repo.root, "remote", "add", "mirror", "http://127.0.0.1:8080/bob/model")
