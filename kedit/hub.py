@@ -128,7 +128,19 @@ def _check_document(doc: dict[str, Any], expected_id: str, bad) -> dict[str, Any
     ops = [[op, oid, kind, own(origin)] for op, oid, kind, origin in record.get("adapters", [])]
     if ops != doc["adapter_ops"] or record.get("files", {}) != doc["files"]:
         raise bad("its adapters or files differ from the record's")
+    if not all(_is_metric(m) for m in doc["metrics"]):
+        raise bad("its metrics are malformed")
     return record
+
+
+_METRIC_TEXT = ("name", "protocol", "stage", "suite", "created")
+
+
+def _is_metric(m: Any) -> bool:
+    """Metrics are not hashed into the id: check their shape before they reach the database."""
+    return (isinstance(m, dict) and set(m) == {*_METRIC_TEXT, "value"}
+            and all(isinstance(m[k], str) for k in _METRIC_TEXT)
+            and isinstance(m["value"], int | float) and not isinstance(m["value"], bool))
 
 
 def objects_of(doc: dict[str, Any]) -> set[str]:

@@ -290,6 +290,29 @@ def test_a_corrupted_download_is_refused(origin: Repository, hub: HubServer, tmp
     assert not (tmp_path / "copy").exists()
 
 
+def _forge(doc: dict, how: str) -> None:
+    if how == "change":
+        doc["changes"][0]["steps"][0][1] = "0" * 32  # another object for the delta
+    elif how == "record":
+        doc["record"] = doc["record"].replace('"second"', '"forged"')
+    else:
+        doc["metrics"] = [{"name": "reliability", "value": "high"}]
+
+
+@pytest.mark.parametrize("how", ["change", "record", "metrics"])
+def test_a_forged_commit_is_refused(origin: Repository, hub: HubServer, tmp_path: Path, how: str) -> None:
+    from huggingface_hub import CommitOperationAdd, HfApi
+
+    run(origin.root, "push")
+    path = f".kedit/commits/{origin.head()}.json"
+    doc = json.loads(hub.store.read(hub.store.tree(REPO_ID, "main")[1][path]))
+    _forge(doc, how)
+    HfApi(endpoint=hub.url, token=TOKEN).create_commit(
+        REPO_ID, [CommitOperationAdd(path, json.dumps(doc).encode())], commit_message="forge")
+    err = run(tmp_path, "clone", URL, str(tmp_path / "copy"), code=1)
+    assert "damaged or forged" in err and err.count("\n") == 1 and not (tmp_path / "copy").exists()
+
+
 def test_history_only_then_full_push(origin: Repository, hub: HubServer, tmp_path: Path) -> None:
     out = json.loads(run(origin.root, "push", "--history-only", "--json"))
     assert not any(f.endswith(".safetensors") or f == "README.md" for f in out["files"])
