@@ -98,7 +98,8 @@ def remove(db, name: str) -> None:
     with dbm.write(db):
         if not dbm.one(db, "SELECT 1 FROM remotes WHERE name = ?", [name]):
             raise RemoteError(f"no remote named {name!r}", hint="kedit remote list")
-        db.execute("DELETE FROM refs WHERE name LIKE ?", [f"{REMOTE_PREFIX}{name}/%"])
+        prefix = f"{REMOTE_PREFIX}{name}/"
+        db.execute("DELETE FROM refs WHERE substr(name, 1, ?) = ?", [len(prefix), prefix])  # LIKE would treat _
         db.execute("DELETE FROM remotes WHERE name = ?", [name])  # cascades to remote_branches
 
 

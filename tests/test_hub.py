@@ -354,6 +354,19 @@ def test_a_first_push_removes_weights_that_would_shadow_its_own(origin: Reposito
     assert "model.safetensors" not in tree and "notes.txt" in tree and "model-layer-000.safetensors" in tree
 
 
+def test_removing_a_remote_forgets_its_refs_and_readding_finds_the_history(origin: Repository,
+                                                                           hub: HubServer) -> None:
+    run(origin.root, "push")
+    run(origin.root, "remote", "add", "other_one", URL)  # '_' must not match like a LIKE pattern
+    run(origin.root, "push", "other_one")
+    run(origin.root, "remote", "remove", "origin")
+    assert origin.refs.deref("refs/remotes/origin/main") is None
+    assert origin.refs.deref("refs/remotes/other_one/main") == origin.head()
+    run(origin.root, "remote", "add", "origin", URL)
+    assert "up to date" in run(origin.root, "push", "origin")
+    assert origin.refs.deref("refs/remotes/origin/main") == origin.head()
+
+
 def test_remote_commands(repo: Repository, tmp_path: Path) -> None:
     run(repo.root, "remote", "add", "origin", "hf://alice/model")
     run(repo.root, "remote", "add", "mirror", "http://127.0.0.1:8080/bob/model")
