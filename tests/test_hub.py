@@ -290,6 +290,20 @@ def test_a_corrupted_download_is_refused(origin: Repository, hub: HubServer, tmp
     assert not (tmp_path / "copy").exists()
 
 
+def test_a_pull_that_fails_verification_changes_no_history(origin: Repository, hub: HubServer,
+                                                          tmp_path: Path) -> None:
+    run(origin.root, "push")
+    run(tmp_path, "clone", URL, str(tmp_path / "copy"))
+    copy = Repository.open(tmp_path / "copy")
+    before = snapshot(copy)
+    edit(origin, DOWN0, "third", 3)
+    out = json.loads(run(origin.root, "push", "--json"))
+    _tamper(hub, next(f for f in out["files"] if f.startswith(".kedit/objects/")))
+    err = run(copy.root, "pull", code=1)
+    assert "damaged" in err and err.count("\n") == 1
+    assert snapshot(copy) == before  # the damaged object was the only one to fetch: nothing stored
+
+
 def _forge(doc: dict, how: str) -> None:
     if how == "change":
         doc["changes"][0]["steps"][0][1] = "0" * 32  # another object for the delta
