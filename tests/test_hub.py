@@ -112,6 +112,22 @@ def test_push_clone_gives_the_same_log_and_export_hashes(origin: Repository, hub
     assert json.loads(run(origin.root, "push", "--json"))["up_to_date"]
 
 
+def test_the_pushed_branch_loads_with_from_pretrained(origin: Repository, hub: HubServer, tmp_path: Path) -> None:
+    from huggingface_hub import snapshot_download
+    from transformers import AutoModelForCausalLM
+
+    from kedit.hashing import hash_tensor
+
+    run(origin.root, "push")
+    folder = snapshot_download(REPO_ID, endpoint=hub.url, local_dir=tmp_path / "snap", ignore_patterns=[".kedit/*"])
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+    expected = json.loads((Path(folder) / "kedit.json").read_text())["tensors"]
+    state = model.state_dict()
+    loaded = [n for n in expected if n in state]
+    assert {n: hash_tensor(state[n]) for n in loaded} == {n: expected[n] for n in loaded}
+    assert set(expected) == set(state)
+
+
 def test_a_one_edit_push_uploads_only_its_shard_delta_and_records(origin: Repository, hub: HubServer) -> None:
     run(origin.root, "push")
     before = hub.uploaded_bytes
