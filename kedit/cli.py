@@ -192,10 +192,21 @@ def _decorations(repo) -> dict[str, list[str]]:
     return out
 
 
+def _echo_per_request(metrics: list) -> None:
+    """A batch commit's per-request scores, one line per request (all of them in --json)."""
+    by_request: dict[str, list] = {}
+    for m in metrics:
+        by_request.setdefault(m.suite, []).append(m)
+    for suite in sorted(by_request, key=lambda s: int(s.split()[1]))[:50]:
+        click.echo(f"  {suite:<10} " + " ".join(f"{m.name}={m.value:.2f}" for m in by_request[suite]))
+    if len(by_request) > 50:
+        click.echo(f"  ... {len(by_request) - 50} more requests (kedit show --json)")
+
+
 def _metric_summary(commit) -> str:
     parts = []
     for m in commit.metrics:
-        if m.stage in ("post", "eval") and m.name in SHORT_METRICS:
+        if m.stage in ("post", "eval") and m.name in SHORT_METRICS and not m.suite.startswith("request "):
             parts.append(f"{SHORT_METRICS[m.name]}={m.value:.2f}")
     return " ".join(dict.fromkeys(parts))
 
@@ -307,9 +318,12 @@ def show(ctx: click.Context, rev: str, as_json: bool) -> None:
                                                for k, v in scalars.items()))
     if commit.metrics:
         click.echo("Metrics:")
+        per_request = [m for m in commit.metrics if m.suite.startswith("request ")]
         for m in commit.metrics:
-            suite = f" [{m.suite}]" if m.suite else ""
-            click.echo(f"  {m.name:<16} {m.stage:<5} {m.value:8.4f}  ({m.protocol}){suite}")
+            if m not in per_request:
+                suite = f" [{m.suite}]" if m.suite else ""
+                click.echo(f"  {m.name:<16} {m.stage:<5} {m.value:8.4f}  ({m.protocol}){suite}")
+        _echo_per_request(per_request)
     if changes:
         click.echo(f"Tensors ({len(changes)}):")
         click.echo(f"  {'name':<44} {'encoding':<8} {'rank':>5} {'|delta|':>10} {'rel':>9} {'stored':>10}")

@@ -173,12 +173,26 @@ def run_edits(repo: Repository, requests: list[EditRequest], options: EditOption
             in_effect = [a for _, a in repo.adapters(commit.id)] if in_effect is None else in_effect + result.adapters
             install_adapters(model, in_effect)
         post = measure(model, tok, batch, reference, **scoring) if options.measure else []
-        repo.record_metrics(commit.id, _as_repo_metrics(pre, "pre") + _as_repo_metrics(post, "post"))
+        per_request = _per_request(model, tok, batch, reference, scoring) if options.measure and len(batch) > 1 else []
+        repo.record_metrics(commit.id, _as_repo_metrics(pre, "pre") + _as_repo_metrics(post, "post") + per_request)
         add_probes(repo, [("edit", r.text, r.target_new, commit.id) for r in batch]
                    + [("locality", p, a, None) for p, a in pairs])
         commits.append(repo.get_commit(commit.id))
         log.info("committed %s: %s", commit.short, commit.message)
     return commits
+
+
+def _per_request(model: Any, tok: Any, batch: list[EditRequest], reference: list[list[int]] | None,
+                 scoring: dict[str, Any]) -> list[Metric]:
+    """Each request's own post-edit metrics, as suite "request <i>" (i indexes the commit's requests)."""
+    out: list[Metric] = []
+    start = 0
+    for i, request in enumerate(batch):
+        n_pairs = len(locality_pairs(request))
+        ref = reference[start:start + n_pairs] if reference is not None else None
+        start += n_pairs
+        out += _as_repo_metrics(measure(model, tok, [request], ref, **scoring), "post", f"request {i}")
+    return out
 
 
 @torch.no_grad()

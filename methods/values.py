@@ -69,6 +69,8 @@ def _capture_at_subject(
         handle = _capture(module, captured, output)
         try:
             model(input_ids=ids, attention_mask=mask, use_cache=False)
+        except _Captured:
+            pass
         finally:
             handle.remove()
         x = captured[0]
@@ -76,11 +78,20 @@ def _capture_at_subject(
     return torch.cat(out)
 
 
+class _Captured(Exception):
+    """Raised by a capture hook: nothing above the module is needed, so the forward pass stops."""
+
+
 def _capture(module: Any, into: list[torch.Tensor], output: bool) -> Any:
-    """Hook that appends the module's first input (or its output) to `into`; returns the handle."""
+    """Hook that appends the module's first input (or its output) to `into` and stops the pass."""
+
+    def grab(x: torch.Tensor) -> None:
+        into.append(x)
+        raise _Captured
+
     if output:
-        return module.register_forward_hook(lambda _m, _a, o: into.append(o[0] if isinstance(o, tuple) else o))
-    return module.register_forward_pre_hook(lambda _m, a: into.append(a[0]))
+        return module.register_forward_hook(lambda _m, _a, o: grab(o[0] if isinstance(o, tuple) else o))
+    return module.register_forward_pre_hook(lambda _m, a: grab(a[0]))
 
 
 def subject_keys(

@@ -93,7 +93,7 @@ def test_alphaedit_prior_keys_pull_toward_keeping_earlier_edits():
 def tiny_memit_hparams(model, cls=memit.MEMITHyperParams, **kw):
     hp = cls.for_model(model)
     # tiny random models have tiny residuals: the clamp and decay of a real model would pin δ at 0
-    base = dict(context_template_length_params=((3, 2),), v_num_grad_steps=30, v_weight_decay=0.0,
+    base = dict(context_template_length_params=((3, 2),), v_num_grad_steps=30, v_lr=0.5, v_weight_decay=0.0,
                 clamp_norm_factor=50.0, early_stop_loss=0.0, mom2_adjustment=False, mom2_update_weight=0.05,
                 v_batch_size=2)
     base.update(kw)

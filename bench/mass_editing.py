@@ -1,0 +1,377 @@
+"""MEMIT, AlphaEdit, FT-L and ROME on SmolLM2-135M with CounterFact-style edits from known_dev.json.
+
+Three experiments (issue 4), each written to bench/results/<name>.json and .md:
+
+  batch       N facts in one edit (memit | alphaedit | ft), or ROME applied one fact after another
+              to the same facts; efficacy / paraphrase / neighbourhood (ROME's NLL-margin
+              protocol), fluency, wall time and peak memory, next to the unedited model.
+              Run one method per process so that peak memory is the method's own.
+  speedup     MEMIT's value optimisation with all requests in one batch per step against one
+              request at a time (the peers' way), same requests and settings.
+  sequential  N facts in batches of B through the product path (a kedit repository, one branch
+              per method, `kedit.editing.run_edits`, so AlphaEdit's earlier keys come from the
+              repository's history); after each batch every fact edited so far is scored. Then the
+              batch in the middle is reverted: the state must equal the history without it, hash
+              for hash, and `kedit check` reports what the revert did to the other edits.
+  plot        the curves of `sequential` as a PNG (needs the `bench` extra: matplotlib).
+
+    python bench/mass_editing.py batch --method memit --n 100
+    python bench/mass_editing.py sequential --methods memit,alphaedit --n 500 --batch 50
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import os
+import resource
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from kedit.methods import memit
+from kedit.methods.base import EditRequest, get_method
+from kedit.methods.stats import GeneratedSource, StatsCache, cached_second_moment
+
+from bench._common import CACHE_DIR, counterfact_requests, load_smollm2
+from kedit import evaluate, history
+from kedit.delta import apply_step
+from kedit.editing import EditOptions, run_edits
+from kedit.hashing import hash_tensor
+from kedit.materialize import load_step
+from kedit.model import load_model
+from kedit.probes import check
+from kedit.repo import Repository
+
+log = logging.getLogger("bench.mass_editing")
+RESULTS = Path("bench/results")
+STATS_DIR = Path("/tmp/kedit-work/stats")
+BASE_HASH = "smollm2-135m-instruct-q4_1"
+STATS_TEXTS = 256
+
+
+def rss_mb() -> float:
+    """Peak resident set size of this process so far, MB (Linux reports KB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def score(model: Any, tok: Any, requests: list[EditRequest], fluency_n: int = 0) -> dict[str, float]:
+    cf = evaluate.counterfact_scores(model, tok, requests)
+    out = {k: round(m.value, 4) for k, m in cf.items()}
+    if fluency_n:
+        out["fluency"] = round(evaluate.fluency(model, tok, [r.text for r in requests[:fluency_n]], 20).value, 4)
+    return out
+
+
+def stats_for(model: Any, tok: Any, hp: Any) -> dict[int, torch.Tensor]:
+    layers = hp.layers
+    source = GeneratedSource(model, tok, n_texts=STATS_TEXTS, max_new_tokens=32, batch_size=128)
+    return {layer: cached_second_moment(model, tok, layer, hp.module_name(layer), source, n_samples=STATS_TEXTS,
+                                        cache=StatsCache(STATS_DIR), base_hash=BASE_HASH)
+            for layer in layers}
+
+
+def hparams_for(method: str, model: Any, overrides: dict[str, Any]) -> Any:
+    hp = get_method(method).hparams_cls.for_model(model)
+    return dataclasses.replace(hp, **overrides) if overrides else hp
+
+
+def apply_deltas(model: Any, deltas: dict[str, Any]) -> None:
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for name, delta in deltas.items():
+            params[name].copy_(apply_step(params[name].detach(), delta))
+
+
+# ------------------------------------------------------------------------------------------- batch
+
+
+def run_batch(args: argparse.Namespace) -> dict[str, Any]:
+    model, tok = load_smollm2()
+    requests = counterfact_requests(args.n)
+    unedited = score(model, tok, requests, fluency_n=args.fluency_n)
+    overrides = json.loads(args.hp) if args.hp else {}
+    hp = hparams_for(args.method, model, overrides)
+    kwargs: dict[str, Any] = {}
+    if args.method in ("memit", "alphaedit"):
+        kwargs["second_moments_by_layer"] = stats_for(model, tok, hp)
+    rss_before = rss_mb()
+    t0 = time.perf_counter()
+    infos = []
+    if args.method == "rome":  # one fact after another, each on top of the last
+        from kedit.methods import rome
+
+        c = stats_for(model, tok, _RomeLayers(hp))
+        for r in requests:
+            result = rome.apply(model, tok, [r], hp, second_moment=c[hp.layer])
+            apply_deltas(model, result.deltas)
+            infos.append(result.info["requests"][0]["update_norm"])
+    else:
+        result = get_method(args.method).apply(model, tok, requests, hp, **kwargs)
+        apply_deltas(model, result.deltas)
+        infos.append(result.info)
+    wall = time.perf_counter() - t0
+    edited = score(model, tok, requests, fluency_n=args.fluency_n)
+    return {
+        "experiment": "batch", "method": args.method, "n": len(requests), "hparams": dataclasses.asdict(hp),
+        "unedited": unedited, "edited": edited, "wall_s": round(wall, 1),
+        "peak_rss_mb": round(rss_mb(), 1), "rss_before_edit_mb": round(rss_before, 1),
+        "threads": torch.get_num_threads(), "load_average": os.getloadavg(),
+        "info": infos[0] if args.method != "rome" else {"update_norms": infos},
+    }
+
+
+class _RomeLayers:
+    """ROME's hyper-parameters seen as a one-layer MEMIT for `stats_for`."""
+
+    def __init__(self, hp: Any) -> None:
+        self.layers = (hp.layer,)
+        self._name = hp.module_name
+
+    def module_name(self, _layer: int) -> str:
+        return self._name
+
+
+# ----------------------------------------------------------------------------------------- speedup
+
+
+def run_speedup(args: argparse.Namespace) -> dict[str, Any]:
+    model, tok = load_smollm2()
+    requests = counterfact_requests(args.n)
+    hp = hparams_for("memit", model, {})
+    cs = stats_for(model, tok, hp)
+    rows = {}
+    for label, chunk in (("one at a time (v_batch_size=1)", 1), (f"batched (v_batch_size={args.n})", args.n)):
+        t0 = time.perf_counter()
+        result = memit.apply(model, tok, requests, dataclasses.replace(hp, v_batch_size=chunk),
+                             second_moments_by_layer=cs)
+        rows[label] = {"total_s": round(time.perf_counter() - t0, 1), "values_s": result.info["timings"]["values_s"],
+                       "mean_steps": statistics.mean(r["steps"] for r in result.info["requests"])}
+        log.info("%s: %s", label, rows[label])
+    return {"experiment": "speedup", "n": len(requests), "rows": rows, "load_average": os.getloadavg()}
+
+
+# -------------------------------------------------------------------------------------- sequential
+
+
+def run_sequential(args: argparse.Namespace) -> dict[str, Any]:
+    work = Path(args.workdir)
+    repo_dir = work / "repo"
+    if not (repo_dir / ".kedit").exists():
+        work.mkdir(parents=True, exist_ok=True)
+        Repository.init(repo_dir, str(CACHE_DIR), progress=False)
+    repo = Repository.open(repo_dir)
+    base = history.ancestors(repo.db, repo.head())[-1]
+    requests = counterfact_requests(args.n)
+    batches = [requests[i : i + args.batch] for i in range(0, len(requests), args.batch)]
+    model, tok = load_model(repo, base)
+    unedited = score(model, tok, requests, fluency_n=args.fluency_n)
+    out: dict[str, Any] = {"experiment": "sequential", "n": len(requests), "batch": args.batch,
+                           "unedited": unedited, "methods": {}}
+    path = RESULTS / f"{args.name}.json"
+    if path.exists():  # resume: keep the methods already measured
+        out["methods"] = json.loads(path.read_text()).get("methods", {})
+    for method in args.methods.split(","):
+        if method in out["methods"]:
+            continue
+        branch = f"seq-{method}"
+        if branch not in repo.branches():
+            repo.branch(branch, base)
+        repo.checkout(branch)
+        curve, commits_per_batch = [], []
+        t_start = time.perf_counter()
+        for b, batch in enumerate(batches):
+            t0 = time.perf_counter()
+            made = run_edits(repo, batch, EditOptions(method=method, measure=False, stats_samples=STATS_TEXTS))
+            edit_s = time.perf_counter() - t0
+            commits_per_batch.append([c.id for c in made])
+            model, tok = load_model(repo, "HEAD")
+            done = [r for bt in batches[: b + 1] for r in bt]
+            point = {"batch": b + 1, "facts": len(done), "edit_s": round(edit_s, 1), **score(model, tok, done)}
+            curve.append(point)
+            log.info("%s batch %d: %s", method, b + 1, point)
+        final = score(model, tok, requests, fluency_n=args.fluency_n)
+        result: dict[str, Any] = {"curve": curve, "final": final,
+                                  "total_edit_s": round(sum(p["edit_s"] for p in curve), 1),
+                                  "wall_s": round(time.perf_counter() - t_start, 1)}
+        if len(commits_per_batch[0]) == 1 and len(batches) > 2:
+            result["revert"] = revert_middle(repo, commits_per_batch, batches, requests)
+        out["methods"][method] = result
+        out["load_average"] = os.getloadavg()
+        write(out, args.name, markdown_sequential(out))
+    return out
+
+
+def revert_middle(repo: Repository, commits_per_batch: list[list[str]], batches: list[list[EditRequest]],
+                  requests: list[EditRequest]) -> dict[str, Any]:
+    """Revert the middle batch; compare with an independent fold of the other batches' deltas."""
+    middle = len(commits_per_batch) // 2
+    target = commits_per_batch[middle][0]
+    head_before = repo.head()
+    reverted = repo.revert(target)
+    # the oracle: the base, plus every other batch's stored steps in order, folded afresh
+    base = history.ancestors(repo.db, head_before)[-1]
+    names = sorted({c.name for ids in commits_per_batch for cid in ids for c in history.changes(repo.db, cid)})
+    expected = {}
+    for name in names:
+        value = repo.materialize(base, names=[name])[name]
+        for ids in commits_per_batch:
+            if ids[0] == target:
+                continue
+            for step in history.change(repo.db, ids[0], name).steps if _changed(repo, ids[0], name) else ():
+                value = apply_step(value, load_step(repo.store, step))
+        expected[name] = hash_tensor(value)
+    manifest = history.manifest(repo.db, reverted.id)
+    equal = all(manifest[n].hash == expected[n] for n in names)
+    model_loader = lambda c: load_model(repo, c)  # noqa: E731
+    t0 = time.perf_counter()
+    report = check(repo, "HEAD", model_loader)
+    check_s = time.perf_counter() - t0
+    model, tok = load_model(repo, "HEAD")
+    kept = [r for i, bt in enumerate(batches) if i != middle for r in bt]
+    return {
+        "reverted_batch": middle + 1, "reverted_commit": target, "revert_commit": reverted.id,
+        "hashes_equal_to_history_without_it": equal, "tensors_compared": len(names),
+        "check": {"broken": len(report.broken), "results": len(report.results), "summary": report.summary(),
+                  "broken_kinds": _count(p.probe.kind for p in report.broken), "seconds": round(check_s, 1)},
+        "after_revert_on_remaining": score(model, tok, kept),
+        "after_revert_on_reverted": score(model, tok, batches[middle]),
+    }
+
+
+def _changed(repo: Repository, commit_id: str, name: str) -> bool:
+    return repo.db.execute("SELECT 1 FROM tensor_changes WHERE commit_id = ? AND name = ?",
+                           [commit_id, name]).fetchone() is not None
+
+
+def _count(items: Any) -> dict[str, int]:
+    out: dict[str, int] = {}
+    for x in items:
+        out[x] = out.get(x, 0) + 1
+    return out
+
+
+# ------------------------------------------------------------------------------------------ output
+
+
+def write(result: dict[str, Any], name: str, markdown: str) -> None:
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    for suffix, text in ((".json", json.dumps(result, indent=1, default=str)), (".md", markdown)):
+        path = RESULTS / f"{name}{suffix}"
+        tmp = path.with_suffix(suffix + ".tmp")
+        tmp.write_text(text)
+        os.replace(tmp, path)
+
+
+def _row(label: str, s: dict[str, float]) -> str:
+    flu = f"{s['fluency']:.3f}" if "fluency" in s else ""
+    return f"| {label} | {s['efficacy']:.1%} | {s['paraphrase']:.1%} | {s['neighbourhood']:.1%} | {flu} |"
+
+
+def markdown_batch(r: dict[str, Any]) -> str:
+    head = "| | efficacy | paraphrase | neighbourhood | fluency (bits) |\n|---|---|---|---|---|"
+    return "\n".join([
+        f"# {r['method']} on SmolLM2-135M: {r['n']} CounterFact-style facts "
+        + ("one after another" if r["method"] == "rome" else "in one edit"), "", head,
+        _row("unedited", r["unedited"]), _row(r["method"], r["edited"]), "",
+        f"wall time {r['wall_s']} s; peak RSS {r['peak_rss_mb']} MB (model loaded and statistics ready: "
+        f"{r['rss_before_edit_mb']} MB); {r['threads']} threads; load average {r['load_average']}", ""])
+
+
+def markdown_sequential(r: dict[str, Any]) -> str:
+    lines = [f"# Sequential editing on SmolLM2-135M: {r['n']} facts in batches of {r['batch']}", "",
+             "Scored after each batch on every fact edited so far (ROME's NLL-margin protocol).", ""]
+    u = r["unedited"]
+    lines += ["| | efficacy | paraphrase | neighbourhood | fluency (bits) |", "|---|---|---|---|---|",
+              _row("unedited (all facts)", u)]
+    for method, m in r["methods"].items():
+        lines.append(_row(f"{method}, after all batches", m["final"]))
+    for method, m in r["methods"].items():
+        lines += ["", f"## {method}: total edit time {m['total_edit_s']} s", "",
+                  "| batch | facts | efficacy | paraphrase | neighbourhood | edit s |", "|---|---|---|---|---|---|"]
+        lines += [f"| {p['batch']} | {p['facts']} | {p['efficacy']:.1%} | {p['paraphrase']:.1%} "
+                  f"| {p['neighbourhood']:.1%} | {p['edit_s']} |" for p in m["curve"]]
+        if "revert" in m:
+            rv = m["revert"]
+            lines += ["", f"Revert of batch {rv['reverted_batch']} ({rv['reverted_commit'][:12]}): state equal to the "
+                      f"history without it, hash for hash, over {rv['tensors_compared']} tensors: "
+                      f"**{rv['hashes_equal_to_history_without_it']}**. `kedit check` afterwards: "
+                      f"{rv['check']['broken']} of {rv['check']['results']} probes flagged "
+                      f"{rv['check']['broken_kinds']}, summary {rv['check']['summary']} ({rv['check']['seconds']} s). "
+                      f"Remaining facts: {rv['after_revert_on_remaining']}; reverted facts: "
+                      f"{rv['after_revert_on_reverted']}."]
+    return "\n".join(lines) + "\n"
+
+
+def run_plot(args: argparse.Namespace) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    r = json.loads((RESULTS / f"{args.name}.json").read_text())
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.8))
+    for ax, key in zip(axes, ("efficacy", "paraphrase", "neighbourhood"), strict=True):
+        for method, m in r["methods"].items():
+            ax.plot([p["facts"] for p in m["curve"]], [100 * p[key] for p in m["curve"]], marker="o", label=method)
+        ax.axhline(100 * r["unedited"][key], color="grey", linestyle="--", label="unedited")
+        ax.set_title(key)
+        ax.set_xlabel("facts edited")
+        ax.set_ylim(0, 100)
+    axes[0].set_ylabel("% of facts edited so far")
+    axes[0].legend()
+    fig.suptitle(f"SmolLM2-135M, {r['n']} CounterFact-style facts in batches of {r['batch']}")
+    fig.tight_layout()
+    out = RESULTS / f"{args.name}.png"
+    fig.savefig(out, dpi=110)
+    print(out)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = ap.add_subparsers(dest="experiment", required=True)
+    b = sub.add_parser("batch")
+    b.add_argument("--method", choices=["memit", "alphaedit", "ft", "rome"], required=True)
+    b.add_argument("--n", type=int, default=100)
+    b.add_argument("--hp", default=None, help="hyper-parameter overrides as JSON")
+    b.add_argument("--fluency-n", type=int, default=50)
+    b.add_argument("--name", default=None)
+    s = sub.add_parser("speedup")
+    s.add_argument("--n", type=int, default=20)
+    q = sub.add_parser("sequential")
+    q.add_argument("--methods", default="memit,alphaedit,rome")
+    q.add_argument("--n", type=int, default=500)
+    q.add_argument("--batch", type=int, default=50)
+    q.add_argument("--fluency-n", type=int, default=50)
+    q.add_argument("--workdir", default="/tmp/kedit-work/sequential")
+    q.add_argument("--name", default="sequential_500")
+    p = sub.add_parser("plot")
+    p.add_argument("--name", default="sequential_500")
+    args = ap.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", stream=sys.stderr)
+    torch.set_num_threads(int(os.environ.get("KEDIT_BENCH_THREADS", "2")))
+    if args.experiment == "batch":
+        r = run_batch(args)
+        write(r, args.name or f"{args.method}_batch_{args.n}", markdown_batch(r))
+        print(markdown_batch(r))
+    elif args.experiment == "speedup":
+        r = run_speedup(args)
+        md = "# MEMIT value optimisation: batched vs one request at a time\n\n" + "\n".join(
+            f"- {k}: {v}" for k, v in r["rows"].items()) + f"\n\nload average {r['load_average']}\n"
+        write(r, f"memit_speedup_{args.n}", md)
+        print(md)
+    elif args.experiment == "sequential":
+        run_sequential(args)
+    else:
+        run_plot(args)
+
+
+if __name__ == "__main__":
+    main()
