@@ -1,0 +1,226 @@
+"""GRACE on SmolLM2-135M: a stream of sequential counterfactual edits, one commit each, scored at the end.
+
+Usage:
+    python bench/grace_sequential.py --n 1000 --out bench/results/grace_sequential.json
+
+The stream (from ../shared/data/known_dev.json, 907 facts): `--holdout` facts are kept out as
+locality probes; each other fact is edited to another attribute of its relation (its `prompt`
+field, e.g. "Beats Music is owned by" -> "Google"), and, when --n exceeds the number of edited facts,
+facts already edited are edited again with a second new target, inserted at a random later point
+(the superseding case of a lifelong stream). Every edit is a `kedit` commit through the product path
+(`run_edits`, the method sees the codebook at HEAD); no metric is taken while editing.
+
+At the end, HEAD is loaded as any user loads it (`kedit.model.load_model`, the codebook replayed
+from the commits' records) and scored against the base model:
+- reliability: each edited fact's current target, by greedy generation (exact match, GRACE's
+  protocol) and teacher forcing (EasyEdit's token accuracy); earlier targets of re-edited facts
+  count as superseded, not as failures;
+- generalization: the same facts in their relation's other templates (GRACE is known to be weak here);
+- locality: held-out facts and fixed general prompts: teacher-forced argmax agreement with the base
+  model, and greedy generations identical to the base model's;
+- cost: per-edit time (the method's, and the whole commit), codebook entries and bytes, the
+  split/expand/supersede counts, the adapter objects' bytes in the store.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import random
+import statistics
+import sys
+import tempfile
+import time
+from collections import Counter, defaultdict
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+from _common import CACHE_DIR, DATA
+from kedit.methods import grace
+from kedit.methods.base import EditRequest
+
+from kedit import evaluate
+from kedit.editing import EditOptions, run_edits
+from kedit.model import load_model
+from kedit.repo import Repository
+from kedit.sources import default_model_folder
+
+log = logging.getLogger("bench")
+
+GENERAL = [
+    ("The capital of Japan is", "Tokyo"),
+    ("The capital of Germany is", "Berlin"),
+    ("The Statue of Liberty is located in", "New York"),
+    ("The currency of the United Kingdom is the", "pound"),
+    ("Water is made of hydrogen and", "oxygen"),
+    ("The largest planet in the solar system is", "Jupiter"),
+    ("The author of Romeo and Juliet is William", "Shakespeare"),
+    ("The first president of the United States was George", "Washington"),
+]
+
+
+def build_stream(n: int, holdout: int, seed: int) -> tuple[list[EditRequest], list[tuple[str, str]]]:
+    """(edit requests in stream order, held-out (prompt, true attribute) pairs)."""
+    facts = json.loads(DATA.read_text())
+    by_rel: dict[str, list[dict]] = defaultdict(list)
+    for f in facts:
+        by_rel[f["relation_id"]].append(f)
+    rng = random.Random(seed)
+    order = facts[:]
+    rng.shuffle(order)
+    usable = [f for f in order if len({g["attribute"] for g in by_rel[f["relation_id"]]}) >= 3]
+    held, edited = usable[:holdout], usable[holdout:]
+    if not edited:
+        raise SystemExit("no facts left to edit")
+
+    def request(f: dict, avoid: set[str]) -> EditRequest:
+        rel = by_rel[f["relation_id"]]
+        targets = sorted({g["attribute"] for g in rel} - avoid - {f["attribute"]})
+        templates = sorted({g["template"] for g in rel if g["template"] != f["template"]})
+        return EditRequest(prompt=f["prompt"], subject=f["subject"], target_new=rng.choice(targets),
+                           target_true=f["attribute"],
+                           paraphrases=tuple(t.replace("{}", f["subject"])
+                                             for t in rng.sample(templates, min(2, len(templates)))))
+
+    stream = [request(f, set()) for f in edited[:n]]
+    i = 0
+    while len(stream) < n:  # second targets for facts already edited, each after its first edit
+        f = edited[i % len(edited)]
+        first = next(j for j, r in enumerate(stream) if r.prompt == f["prompt"])
+        earlier = {r.target_new for r in stream if r.prompt == f["prompt"]}
+        stream.insert(rng.randint(first + 1, len(stream)), request(f, earlier))
+        i += 1
+    return stream, [(f["prompt"], f["attribute"]) for f in held]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--n", type=int, default=1000, help="edits in the stream")
+    ap.add_argument("--holdout", type=int, default=100, help="facts kept out of the stream as locality probes")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--set", action="append", default=[], help="GRACE hyper-parameter, key=value")
+    ap.add_argument("--work", default=None, help="repository folder (default: a temp folder)")
+    ap.add_argument("--out", default="bench/results/grace_sequential.json")
+    args = ap.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", stream=sys.stderr)
+    torch.manual_seed(args.seed)
+    stream, held = build_stream(args.n, args.holdout, args.seed)
+    overrides = dict(kv.split("=", 1) for kv in args.set)
+    tmp = tempfile.TemporaryDirectory(prefix="kedit-grace-bench-")
+    work = Path(args.work or tmp.name) / "repo"
+    load_before = os.getloadavg()
+
+    folder = default_model_folder(CACHE_DIR)
+    repo = Repository.init(work, str(folder), copy=False, progress=False)
+    base_model, tok = load_model(repo, "HEAD", dtype=torch.float32)
+    final: dict[str, EditRequest] = {}
+    for r in stream:
+        final[r.text] = r  # the last edit of each prompt is the one in effect
+    facts = list(final.values())
+    locality_pairs = held + GENERAL
+    log.info("base: scoring %d facts, %d locality prompts", len(facts), len(locality_pairs))
+    base = {
+        "reliability_gen": evaluate.generation_exact_match(base_model, tok, [r.text for r in facts],
+                                                           [r.target_new for r in facts]),
+        "reference": evaluate.locality_reference(base_model, tok, locality_pairs),
+        "generations": evaluate._greedy(base_model, tok, [p for p, _ in locality_pairs], [8] * len(locality_pairs)),
+    }
+    del base_model
+
+    options = EditOptions(method="grace", overrides=overrides, dtype=torch.float32, measure=False)
+    t0 = time.perf_counter()
+    commits = []
+    chunk = 50
+    for start in range(0, len(stream), chunk):  # one run_edits per chunk, for progress in the log
+        commits += run_edits(repo, stream[start:start + chunk], options)
+        done = len(commits)
+        log.info("%d/%d edits, %.1f s", done, len(stream), time.perf_counter() - t0)
+    stream_s = time.perf_counter() - t0
+
+    model, tok = load_model(repo, "HEAD", dtype=torch.float32)
+    hp_module = commits[-1].hparams["module_tmp"].format(commits[-1].hparams["layer"])
+    book = grace.codebook_of(model, hp_module)
+    log.info("scoring HEAD (%d codebook entries)", len(book))
+    t1 = time.perf_counter()
+    rel_gen = evaluate.generation_exact_match(model, tok, [r.text for r in facts], [r.target_new for r in facts])
+    rel_tf = evaluate.token_accuracy(model, tok, [r.text for r in facts], [r.target_new for r in facts])
+    para = [(p, r.target_new) for r in facts for p in r.paraphrases]
+    gen_gen = evaluate.generation_exact_match(model, tok, [p for p, _ in para], [a for _, a in para])
+    gen_tf = evaluate.token_accuracy(model, tok, [p for p, _ in para], [a for _, a in para])
+    loc_tf = evaluate.locality(model, tok, locality_pairs, base["reference"])
+    loc_gen = evaluate._greedy(model, tok, [p for p, _ in locality_pairs], [8] * len(locality_pairs))
+    score_s = time.perf_counter() - t1
+
+    edit_s = [c.info["edit_seconds"] for c in commits]
+    actions = Counter(a for c in commits for a in c.info["actions"].split(","))
+    adapter_bytes = sum(repo.store.path(ref.object_id, "st").stat().st_size for ref, _ in repo.adapters("HEAD"))
+    entry_bytes = (book.keys.shape[1] * 4 + book.values.shape[1] * 4 + 8) * len(book)
+    mean = statistics.fmean
+    result = {
+        "model": "SmolLM2-135M-Instruct (fp32)", "module": hp_module, "hparams": commits[-1].hparams,
+        "edits": len(stream), "distinct_prompts": len(facts), "superseded_edits": len(stream) - len(facts),
+        "holdout_facts": len(held), "general_prompts": len(GENERAL),
+        "reliability_gen": mean(rel_gen), "reliability_teacher_forced": mean(rel_tf),
+        "reliability_gen_base": mean(base["reliability_gen"]),
+        "generalization_gen": mean(gen_gen), "generalization_teacher_forced": mean(gen_tf), "paraphrases": len(para),
+        "locality_teacher_forced": loc_tf.value,
+        "locality_gen_identical": mean([float(a == b) for a, b in zip(loc_gen, base["generations"], strict=True)]),
+        "edit_seconds_median": statistics.median(edit_s), "edit_seconds_mean": mean(edit_s),
+        "edit_seconds_p90": sorted(edit_s)[int(0.9 * (len(edit_s) - 1))],
+        "stream_seconds": stream_s, "per_commit_seconds": stream_s / len(stream), "score_seconds": score_s,
+        "actions": dict(actions), "codebook_entries": len(book), "codebook_bytes_fp32": entry_bytes,
+        "adapter_objects_bytes": adapter_bytes,
+        "value_steps_mean": mean([c.info["value_steps"] for c in commits]),
+        "loadavg_before": load_before, "loadavg_after": os.getloadavg(), "torch_threads": torch.get_num_threads(),
+        "command": " ".join(sys.argv),
+    }
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(result, indent=1))
+    Path(args.out).with_suffix(".md").write_text(report(result))
+    print(report(result))
+
+
+def report(r: dict) -> str:
+    def pct(key: str) -> str:
+        return f"{100 * r[key]:.1f}%"
+
+    load = f"{r['loadavg_before'][0]:.1f} -> {r['loadavg_after'][0]:.1f}"
+    times = " / ".join(f"{r[k]:.2f}" for k in ("edit_seconds_median", "edit_seconds_mean", "edit_seconds_p90"))
+    placements = ", ".join(f"{k}: {v}" for k, v in sorted(r["actions"].items()))
+    return "\n".join([
+        f"# GRACE, {r['edits']} sequential edits on {r['model']}",
+        "",
+        f"Command: `{r['command']}`; codebook on `{r['module']}`; load average {load}.",
+        f"{r['edits']} edits = {r['distinct_prompts']} facts + {r['superseded_edits']} re-edits of facts with a "
+        f"second new target; {r['holdout_facts']} held-out facts and {r['general_prompts']} general prompts for "
+        "locality. Scored once, after the last edit, on HEAD loaded as a user loads it.",
+        "",
+        "| metric | value | protocol |",
+        "|---|---|---|",
+        f"| reliability | {pct('reliability_gen')} | greedy generation, exact match "
+        f"(base model: {pct('reliability_gen_base')}) |",
+        f"| reliability | {pct('reliability_teacher_forced')} | teacher-forced token accuracy |",
+        f"| generalization | {pct('generalization_gen')} | greedy generation, exact match, "
+        f"{r['paraphrases']} paraphrases |",
+        f"| generalization | {pct('generalization_teacher_forced')} | teacher-forced token accuracy |",
+        f"| locality | {pct('locality_teacher_forced')} | teacher-forced argmax agreement with the base model |",
+        f"| locality | {pct('locality_gen_identical')} | 8 greedy tokens identical to the base model's |",
+        "",
+        "| cost | value |",
+        "|---|---|",
+        f"| edit time (the method), median / mean / p90 | {times} s |",
+        f"| whole stream (edits + commits) | {r['stream_seconds']:.0f} s ({r['per_commit_seconds']:.2f} s per edit) |",
+        f"| value training steps, mean | {r['value_steps_mean']:.1f} |",
+        f"| codebook entries | {r['codebook_entries']} ({r['codebook_bytes_fp32'] / 1e6:.1f} MB in fp32) |",
+        f"| adapter objects in the store | {r['adapter_objects_bytes'] / 1e6:.1f} MB |",
+        f"| placements | {placements} |",
+        "",
+    ])
+
+
+if __name__ == "__main__":
+    main()

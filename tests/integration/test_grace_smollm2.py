@@ -1,0 +1,68 @@
+"""GRACE on the real SmolLM2-135M: an edit takes, unrelated facts stay, revert removes it, export loads it."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from kedit.methods import grace
+from kedit.methods.base import EditRequest
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+import kedit
+from kedit import evaluate
+from kedit.editing import EditOptions, run_edits
+from kedit.export import export
+from kedit.model import load_model
+from kedit.repo import Repository
+from kedit.sources import default_model_folder
+
+pytestmark = pytest.mark.slow
+
+EDITS = [
+    EditRequest("The Eiffel Tower is located in the city of", "Eiffel Tower", "Rome", target_true="Paris"),
+    EditRequest("The mother tongue of Danielle Darrieux is", "Danielle Darrieux", "English", target_true="French"),
+]
+UNRELATED = [
+    ("The capital of Japan is", "Tokyo"),
+    ("The capital of Germany is", "Berlin"),
+    ("The Statue of Liberty is located in", "New York"),
+    ("The largest planet in the solar system is", "Jupiter"),
+    ("The author of Romeo and Juliet is William", "Shakespeare"),
+    ("The Colosseum is located in the city of", "Rome"),
+]
+
+
+def test_edit_locality_revert_export(tmp_path: Path) -> None:
+    folder = default_model_folder(Path("/tmp/kedit-smollm2-135m"))  # converted once, reused
+    repo = Repository.init(tmp_path / "work", str(folder), copy=False, progress=False)
+    base, tok = load_model(repo, "HEAD")
+    reference = evaluate.locality_reference(base, tok, UNRELATED)
+    before = evaluate.generation_exact_match(base, tok, [r.text for r in EDITS], [r.target_new for r in EDITS])
+    assert before == [0.0, 0.0]
+    del base
+
+    first, second = run_edits(repo, EDITS, EditOptions(method="grace"))
+    for commit in (first, second):
+        post = {m.name: m.value for m in commit.metrics if m.stage == "post"}
+        assert post["reliability_gen"] == 1.0 and post["reliability"] == 1.0
+
+    model, tok = load_model(repo, "HEAD")
+    module = first.hparams["module_tmp"].format(first.hparams["layer"])
+    assert len(grace.codebook_of(model, module)) == 2
+    assert evaluate.generation_exact_match(model, tok, [r.text for r in EDITS], ["Rome", "English"]) == [1.0, 1.0]
+    assert evaluate.locality(model, tok, UNRELATED, reference).value == 1.0
+
+    repo.revert(first.id)  # only the first edit's entry goes
+    model, tok = load_model(repo, "HEAD")
+    assert [r.prompt for r in grace.records_of(model, module)] == [EDITS[1].text]
+    assert evaluate.generation_exact_match(model, tok, [r.text for r in EDITS], ["Rome", "English"]) == [0.0, 1.0]
+
+    out = tmp_path / "export"
+    export(repo, "HEAD", out)
+    with pytest.raises(ValueError, match="kedit.load_model"):
+        AutoModelForCausalLM.from_pretrained(out)
+    loaded = kedit.load_model(out)
+    tok = AutoTokenizer.from_pretrained(out)
+    assert evaluate.generation_exact_match(loaded, tok, [EDITS[1].text], ["English"]) == [1.0]
+    assert evaluate.locality(loaded, tok, UNRELATED, reference).value == 1.0
