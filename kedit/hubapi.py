@@ -50,7 +50,9 @@ class Hub:
             raise HubError(f"cannot {doing}: repository {self.where} not found (or the token cannot see it)",
                            hint="check the URL with 'kedit remote list'; 'kedit push --create' creates it") from None
         except hf.RevisionNotFoundError:
-            raise HubError(f"cannot {doing}: branch {branch!r} does not exist in {self.where}") from None
+            what = f"branch {branch!r}" if branch else "the Hub commit kedit last saw"
+            raise HubError(f"cannot {doing}: {what} does not exist in {self.where} (rewritten history?)",
+                           hint="kedit fetch, then push again") from None
         except hf.HfHubHTTPError as e:
             raise self._http_error(doing, e, branch) from None
         except Exception as e:
