@@ -133,3 +133,39 @@ def test_errors_are_one_line_and_change_nothing(work: Path):
              "--target", "Japan")
     assert r.exit_code == 1 and "no editor 'zzzz'" in r.stderr
     assert repo.head() == head and _run(work, "editors").stdout == ""
+
+
+ZSRE_SAMPLE = Path(__file__).resolve().parents[2] / "shared" / "data" / "zsre_sample.json"
+
+
+def test_training_loaders_read_every_format_with_its_task(tmp_path: Path):
+    from kedit.requests import load_training_requests
+
+    records = [
+        {"case_id": 0, "requested_rewrite": {"prompt": "The mother tongue of {} is", "subject": "Danielle Darrieux",
+                                             "target_new": {"str": "English"}, "target_true": {"str": "French"}},
+         "paraphrase_prompts": ["Danielle Darrieux spoke"], "neighborhood_prompts": ["Léon Blum's mother tongue is"]},
+        {"subject": "Watts Humphrey", "src": "What university did Watts Humphrey attend?", "alt": "Michigan",
+         "answers": ["Illinois"], "rephrase": "Which university did Watts Humphrey go to?",
+         "loc": "nq question: who wrote hamlet", "loc_ans": "Shakespeare"},
+        {"prompt": "The capital of France is", "subject": "France", "target_new": "Rome", "ground_truth": "Paris",
+         "rephrase_prompt": "France's capital is", "locality_prompt": "The capital of Japan is",
+         "locality_ground_truth": "Tokyo"},  # EasyEdit flat
+        {"subject": "Dublin", "prompt": "Dublin is the capital of", "target_new": "Wales", "ground_truth": "Ireland",
+         "portability": {"Reasoning": [{"prompt": "The river of Dublin's country", "ground_truth": [["Liffey"]]}]},
+         "locality": {"Relation_Specificity": [{"prompt": "Dublin's mayor is", "ground_truth": ["X"]}]},
+         "type": "recent"},  # KnowEdit, with InstructEdit's task field
+    ]
+    path = tmp_path / "mixed.json"
+    path.write_text(json.dumps(records))
+    got = load_training_requests([path])
+    assert [t for _, t in got] == ["counterfact", "zsre", "facts", "recent"]
+    cf, zs, flat, know = (r for r, _ in got)
+    assert cf.paraphrases == ("Danielle Darrieux spoke",) and cf.neighbourhood and cf.target_true == "French"
+    assert zs.paraphrases and zs.locality == (("nq question: who wrote hamlet", "Shakespeare"),)
+    assert flat.locality == (("The capital of Japan is", "Tokyo"),)
+    assert know.locality == (("Dublin's mayor is", "X"),) and know.portability[0][1] == "Liffey"
+    if ZSRE_SAMPLE.exists():  # the real zsRE (MEND) file format
+        real = load_training_requests([ZSRE_SAMPLE])
+        assert len(real) == 34 and {t for _, t in real} == {"zsre"}
+        assert all(r.paraphrases and r.locality for r, _ in real)
