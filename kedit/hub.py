@@ -7,7 +7,7 @@ Layout of a Hub branch that kedit pushes (kedit branches are Hub branches):
     .kedit/refs.json             {"format", "branch", "commit": the tip, "checkpoint": the commit the
                                  weights above hold (older than the tip after --history-only), "push_id"}
     .kedit/commits/<id>.json     one commit: its hashed record, tensor changes, adapter ops, files,
-                                 metrics (metrics are not hashed: a later `kedit eval` re-uploads)
+                                 method memory, metrics (not hashed: a later `kedit eval` re-uploads)
     .kedit/objects/ab/cd….st|.blob  every stored object the history needs that the weights above
                                  do not hold (deltas, adapters, base values of edited tensors)
 
@@ -78,11 +78,13 @@ def commit_document(repo: Repository, cid: str) -> dict[str, Any]:
     adapter_ops = [list(r) for r in repo.db.execute(
         "SELECT op, object_id, kind, origin_commit FROM adapter_ops WHERE commit_id = ? ORDER BY seq", [cid])]
     files = dict(repo.db.execute("SELECT path, object_id FROM files WHERE commit_id = ? ORDER BY path", [cid]))
+    memory = dbm.one(repo.db, "SELECT method, object_id FROM method_memory WHERE commit_id = ?", [cid])
     metrics = dbm.rows(repo.db, "SELECT name, value, protocol, stage, suite, created FROM metrics "
                        "WHERE commit_id = ? ORDER BY suite, stage, name", [cid])
     return {"format": FORMAT, "id": cid, "parent": c.parent, "record": record, "method": c.method,
             "hparams": c.hparams, "requests": c.requests, "info": c.info, "changes": changes,
-            "adapter_ops": adapter_ops, "files": files, "metrics": metrics}
+            "adapter_ops": adapter_ops, "files": files, "metrics": metrics,
+            "memory": {"method": memory[0], "object_id": memory[1]} if memory else None}
 
 
 def document_bytes(doc: dict[str, Any]) -> bytes:
@@ -128,6 +130,10 @@ def _check_document(doc: dict[str, Any], expected_id: str, bad) -> dict[str, Any
     ops = [[op, oid, kind, own(origin)] for op, oid, kind, origin in record.get("adapters", [])]
     if ops != doc["adapter_ops"] or record.get("files", {}) != doc["files"]:
         raise bad("its adapters or files differ from the record's")
+    memory = doc.get("memory")
+    if (memory["object_id"] if memory else None) != record.get("memory") or (
+            memory and memory["method"] != (record.get("method") or "")):
+        raise bad("its method memory differs from the record's")
     if not all(_is_metric(m) for m in doc["metrics"]):
         raise bad("its metrics are malformed")
     return record
@@ -146,6 +152,8 @@ def _is_metric(m: Any) -> bool:
 def objects_of(doc: dict[str, Any]) -> set[str]:
     found = {oid for ch in doc["changes"] for _o, oid, _e in ch["steps"]}
     found |= {op[1] for op in doc["adapter_ops"]}
+    if doc.get("memory"):
+        found.add(doc["memory"]["object_id"])
     return found | set(doc["files"].values())
 
 

@@ -234,6 +234,8 @@ def _record(repo: Repository, remote: str, docs: dict[str, dict], metrics: dict[
                                          for p, o in doc["files"].items()])
             repo.db["metrics"].upsert_all([{"commit_id": cid, **m} for m in doc["metrics"]],
                                           pk=("commit_id", "name", "stage", "suite"))
+            if doc.get("memory"):
+                repo.db["method_memory"].insert({"commit_id": cid, **doc["memory"]})
         for cid, rows in metrics.items():
             repo.db["metrics"].upsert_all([{"commit_id": cid, **m} for m in rows],
                                           pk=("commit_id", "name", "stage", "suite"))
@@ -344,8 +346,10 @@ def _replay(repo: Repository, commits: list[str], *, restore: str) -> str:
                                              "AND op = 'add' AND origin_commit = ? ORDER BY seq", [cid, cid]):
                 tensors, metadata = repo.store.get_tensors(oid)
                 adapters.append(Adapter(kind, tensors, json.loads(metadata.get("config", "{}"))))
+            row = dbm.one(repo.db, "SELECT object_id FROM method_memory WHERE commit_id = ?", [cid])
+            memory = repo.store.get_tensors(row[0])[0] if row else None
             repo.commit(deltas, adapters=adapters, requests=c.requests, method=c.method, hparams=c.hparams,
-                        info={**c.info, "rebased_from": cid}, message=c.message)
+                        info={**c.info, "rebased_from": cid}, message=c.message, memory=memory)
     except BaseException:
         repo.reset(restore, force=True)
         raise

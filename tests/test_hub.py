@@ -128,6 +128,17 @@ def test_the_pushed_branch_loads_with_from_pretrained(origin: Repository, hub: H
     assert set(expected) == set(state)
 
 
+def test_method_memory_travels_with_the_history(origin: Repository, hub: HubServer, tmp_path: Path) -> None:
+    keys = torch.randn(3, 64, generator=torch.Generator().manual_seed(9))
+    origin.commit({DOWN0: LowRank(torch.randn(32, 1) * 0.1, torch.randn(1, 64) * 0.1)}, method="alphaedit",
+                  message="with memory", memory={"keys": keys})
+    run(origin.root, "push")
+    run(tmp_path, "clone", URL, str(tmp_path / "copy"))
+    got = Repository.open(tmp_path / "copy").memory("alphaedit")
+    assert len(got) == 1 and torch.equal(got[0]["keys"], keys)
+    assert run(tmp_path / "copy", "fsck").strip().endswith(": ok")
+
+
 def test_a_one_edit_push_uploads_only_its_shard_delta_and_records(origin: Repository, hub: HubServer) -> None:
     run(origin.root, "push")
     before = hub.uploaded_bytes
