@@ -132,13 +132,9 @@ def main() -> None:
     del base_model
 
     options = EditOptions(method="grace", overrides=overrides, dtype=torch.float32, measure=False)
+    logging.getLogger("kedit.editing").setLevel(logging.INFO)  # one line per commit: progress
     t0 = time.perf_counter()
-    commits = []
-    chunk = 50
-    for start in range(0, len(stream), chunk):  # one run_edits per chunk, for progress in the log
-        commits += run_edits(repo, stream[start:start + chunk], options)
-        done = len(commits)
-        log.info("%d/%d edits, %.1f s", done, len(stream), time.perf_counter() - t0)
+    commits = run_edits(repo, stream, options)
     stream_s = time.perf_counter() - t0
 
     model, tok = load_model(repo, "HEAD", dtype=torch.float32)

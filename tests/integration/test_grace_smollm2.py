@@ -60,7 +60,7 @@ def test_edit_locality_revert_export(tmp_path: Path) -> None:
 
     out = tmp_path / "export"
     export(repo, "HEAD", out)
-    with pytest.raises(ValueError, match="kedit.load_model"):
+    with pytest.raises(ValueError, match=r"kedit\.load_model"):
         AutoModelForCausalLM.from_pretrained(out)
     loaded = kedit.load_model(out)
     tok = AutoTokenizer.from_pretrained(out)

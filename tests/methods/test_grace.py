@@ -25,9 +25,9 @@ def rec(key: list[float], label: tuple[int, ...], value: float = 0.0, eps: float
 def hand_adapter(module: str, keys: torch.Tensor, values: torch.Tensor, eps: float) -> Adapter:
     """An adapter in the stored format, written by hand (one record per key, label = its index)."""
     n = keys.shape[0]
-    return Adapter("grace", {"keys": keys.float(), "values": values.float(),
-                             "label_ids": torch.arange(n, dtype=torch.int64), "label_lengths": torch.ones(n, dtype=torch.int64)},
-                   {"format": 1, "module": module, "eps_init": eps, "duplicate_tol": 1e-4})
+    tensors = {"keys": keys.float(), "values": values.float(), "label_ids": torch.arange(n, dtype=torch.int64),
+               "label_lengths": torch.ones(n, dtype=torch.int64)}
+    return Adapter("grace", tensors, {"format": 1, "module": module, "eps_init": eps, "duplicate_tol": 1e-4})
 
 
 def module_io(model, tok, module_name: str, text: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -135,3 +135,10 @@ def test_bad_hyper_parameters_are_refused(tiny_llama) -> None:
     for field, value in (("eps_init", 0.0), ("n_iter", 0), ("val_init", "hot"), ("module_tmp", "model.norm")):
         with pytest.raises(ValueError, match=field):
             dataclasses.replace(hp, **{field: value})
+
+
+def test_an_adapter_kind_nobody_installs_is_a_clear_error(tiny_llama) -> None:
+    from kedit.errors import KeditError
+
+    with pytest.raises(KeditError, match="no installer for adapter kind 'wise'"):
+        install_adapters(tiny_llama, [Adapter("wise", {"x": torch.zeros(1)}, {})])
