@@ -30,9 +30,11 @@ Replacement position: EasyEdit's `replace_last` replaces the last position only,
 position passed in while training. Here every position is a query, which gives the same result
 for a prompt, and makes teacher-forced scoring, cached generation and uncached generation agree.
 
-Speed: while a value trains, the prompt minus its last token runs once (its key/value cache is
-kept) and each step runs only the last prompt token and the target tokens, with the model's
-weights frozen (no weight gradients); the cache is cropped back after every step.
+Speed: the model's weights are frozen while a value trains (no weight gradients). On the
+architectures ROME's `SuffixForward` is checked for, a step runs only decoder layers L.. on the
+last prompt token and the target tokens (everything below layer L, and every earlier position, is
+the same at each step); elsewhere the prompt minus its last token runs once, its key/value cache
+is kept, and each step runs the model on the last prompt token and the target tokens.
 """
 
 from __future__ import annotations
@@ -47,6 +49,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from kedit.methods.base import Adapter, EditRequest, EditResult, register_method
+from kedit.methods.rome import SuffixForward, partial_unsupported
 
 from kedit.adapters import register_installer
 from kedit.arch import arch_for, get_module, n_layers
@@ -78,6 +81,7 @@ class GRACEHyperParams:
     early_stop_loss: float = 1e-2  # stop training once the target's mean NLL is below this (0: never)
     val_init: str = "cold"  # cold: uniform [0, 1) as in the original; warm: the module's current output
     duplicate_tol: float = 1e-4  # a key this close to an existing one re-edits that entry (negative: off)
+    partial_forward: bool = True  # train through layers L.. only, where checked (same losses, faster)
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -389,18 +393,47 @@ def _key(model: Any, layer: _Layer, ids: list[int]) -> tuple[torch.Tensor, torch
     return x.float().cpu(), own.float().cpu()
 
 
+class _CachedPrefix:
+    """Any architecture: the prompt minus its last token runs once; each step runs the rest on its cache."""
+
+    def __init__(self, model: Any, ids: list[int], target_ids: list[int]) -> None:
+        device = _device(model)
+        self.model, self.prefix, suffix = model, ids[:-1], [ids[-1], *target_ids[:-1]]
+        self.cache = None
+        if self.prefix:
+            with torch.no_grad():
+                batch = torch.tensor([self.prefix], device=device)
+                self.cache = model(input_ids=batch, attention_mask=torch.ones_like(batch),
+                                   use_cache=True).past_key_values
+        self.suffix = torch.tensor([suffix], device=device)
+        self.mask = torch.ones(1, len(self.prefix) + len(suffix), dtype=torch.long, device=device)
+
+    def logits(self) -> torch.Tensor:
+        out = self.model(input_ids=self.suffix, attention_mask=self.mask, past_key_values=self.cache,
+                         use_cache=self.cache is not None).logits[0]
+        if self.cache is not None:
+            self.cache.crop(-self.suffix.shape[1])  # negative: drop this step's tokens (transformers 4 and 5)
+        return out
+
+
+class _Suffix:
+    """Checked architectures: only layers L.. on the last prompt token and the target (ROME's SuffixForward)."""
+
+    def __init__(self, model: Any, ids: list[int], target_ids: list[int], layer: int) -> None:
+        self.runner = SuffixForward(model, [ids + target_ids[:-1]], [len(ids) - 1], layer, 0)
+        self.head = model.get_output_embeddings()
+
+    def logits(self) -> torch.Tensor:
+        return self.head(self.runner.hidden())[0]
+
+
 def _train_value(model: Any, layer: _Layer, slot: int, init: torch.Tensor, ids: list[int],
                  target_ids: list[int], hp: GRACEHyperParams) -> tuple[torch.Tensor, int, float]:
     """Adam on the target's cross-entropy, the codebook in place with `slot`'s value trainable."""
     device = _device(model)
-    prefix, suffix = ids[:-1], [ids[-1], *target_ids[:-1]]
-    cache = None
-    if prefix:
-        with torch.no_grad():
-            ids = torch.tensor([prefix], device=device)
-            cache = model(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=True).past_key_values
-    suffix_ids = torch.tensor([suffix], device=device)
-    mask = torch.ones(1, len(prefix) + len(suffix), dtype=torch.long, device=device)
+    width = len(ids) + len(target_ids) - 1
+    runner = (_Suffix(model, ids, target_ids, hp.layer) if hp.partial_forward and _owns_layer(model, hp)
+              and partial_unsupported(model, width) is None else _CachedPrefix(model, ids, target_ids))
     target = torch.tensor(target_ids, device=device)
     param = torch.nn.Parameter(init.to(device=device, dtype=torch.float32).clone())
     opt = torch.optim.Adam([param], lr=hp.edit_lr)
@@ -409,11 +442,7 @@ def _train_value(model: Any, layer: _Layer, slot: int, init: torch.Tensor, ids: 
     try:
         with _FrozenWeights(model):
             for _ in range(hp.n_iter):
-                logits = model(input_ids=suffix_ids, attention_mask=mask, past_key_values=cache,
-                               use_cache=cache is not None).logits[0]
-                if cache is not None:
-                    cache.crop(-len(suffix))  # negative: drop this step's tokens (transformers 4 and 5)
-                loss = F.cross_entropy(logits.float(), target)
+                loss = F.cross_entropy(runner.logits().float(), target)
                 loss_value = float(loss.detach())
                 if loss_value < hp.early_stop_loss:
                     break
@@ -424,6 +453,14 @@ def _train_value(model: Any, layer: _Layer, slot: int, init: torch.Tensor, ids: 
     finally:
         layer.trainable = None
     return param.detach().float().cpu(), steps, loss_value
+
+
+def _owns_layer(model: Any, hp: GRACEHyperParams) -> bool:
+    """The partial forward starts at decoder layer `hp.layer`: the codebook module must be inside it."""
+    try:
+        return hp.module_name.startswith(arch_for(model).layer_tmp.format(hp.layer) + ".")
+    except ValueError:
+        return False
 
 
 def _init_value(hp: GRACEHyperParams, own_output: torch.Tensor, index: int) -> torch.Tensor:

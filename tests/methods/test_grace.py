@@ -142,3 +142,14 @@ def test_an_adapter_kind_nobody_installs_is_a_clear_error(tiny_llama) -> None:
 
     with pytest.raises(KeditError, match="no installer for adapter kind 'wise'"):
         install_adapters(tiny_llama, [Adapter("wise", {"x": torch.zeros(1)}, {})])
+
+
+@pytest.mark.parametrize("model_type", ["llama", "gpt_neox"])
+def test_partial_forward_trains_the_same_value_as_the_full_model(model_type: str, tiny_tok) -> None:
+    model = make_model(model_type, len(tiny_tok))
+    hp = dataclasses.replace(grace.GRACEHyperParams.for_model(model), n_iter=8, early_stop_loss=0.0)
+    request = EditRequest("Toko Yasuda plays the", "Toko Yasuda", "piano")  # a four-token target
+    fast = get_method("grace").apply(model, tiny_tok, [request], hp).adapters[0]
+    full = get_method("grace").apply(model, tiny_tok, [request], dataclasses.replace(hp, partial_forward=False))
+    assert torch.allclose(fast.tensors["values"], full.adapters[0].tensors["values"], atol=1e-4)
+    assert fast.config["entries"][0]["loss"] == pytest.approx(full.adapters[0].config["entries"][0]["loss"], rel=1e-4)
