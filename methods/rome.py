@@ -252,6 +252,9 @@ def subject_key(
 ) -> tuple[torch.Tensor, int]:
     """k*: the projection's input at the subject's last token, averaged over the templates.
 
+    Each template holds `{}` where the subject goes: ROME passes the context templates with the
+    request's prompt written in, so k* is read in the context the fact is asked in.
+
     Returns (k* in float64, number of prompts that needed the position-0 guard).
     """
     rows, positions, n_guarded = [], [], 0
@@ -655,7 +658,8 @@ def _edit_one(
     timings["templates_s"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
-    k_star, n_guard_k = subject_key(model, tok, module, templates, request.subject, hp.guard_position0)
+    prompts = [t.replace("{}", request.template, 1) for t in templates]  # ROME's templ.format(prompt)
+    k_star, n_guard_k = subject_key(model, tok, module, prompts, request.subject, hp.guard_position0)
     w = _linear_weight(module, hp.out_proj_transposed)  # (d_out, d_in)
     bias = getattr(module, "bias", None)
     with torch.no_grad():
@@ -673,6 +677,7 @@ def _edit_one(
     u = rome_math.left_vector(k_star, c, hp.mom2_ridge, factor=_factor(c, hp.mom2_ridge))
     upd = rome_math.rank_one_update(w, k_star, v_star, u, bias)
     timings["solve_s"] = time.perf_counter() - t0
+    overlap = neighbour_overlap(model, tok, module, request, u, k_star)
 
     info = {
         "subject": request.subject,
@@ -691,7 +696,50 @@ def _edit_one(
         "position0_guarded": n_guard_k + value.n_guarded,
         "timings": {k: round(v, 4) for k, v in timings.items()},
     }
+    if overlap is not None:
+        info["neighbour_overlap"] = overlap
+        if overlap[1] > OVERLAP_WARNING:
+            log.warning("ROME edit of %r also moves %r (key overlap %.2f): subjects that share the edited key "
+                        "are changed with it", request.subject, overlap[0], overlap[1])
     return upd, info
+
+
+# A neighbour whose key projects onto u this much (relative to k* itself) receives that fraction of the
+# edit: at 0.5 its answer usually flips with the subject's.
+OVERLAP_WARNING = 0.5
+
+
+@torch.no_grad()
+def neighbour_overlap(
+    model: Any, tok: Any, module: Any, request: EditRequest, u: torch.Tensor, k_star: torch.Tensor
+) -> tuple[str, float] | None:
+    """The request's neighbourhood or locality prompt most moved by the update, and by how much.
+
+    A rank-one update changes the output at key k by (u·k)/(u·k*) of what it does at k*. ROME's
+    known failure is a neighbour whose key at some token is close to k* in that metric (subjects
+    sharing their last token, "Mawson Glacier" and "Debenham Glacier"): it is edited too. Every
+    position after the start token is checked, since the neighbour's subject span is unknown.
+    """
+    prompts = list(request.neighbourhood) + [p for p, _ in request.locality]
+    if not prompts:
+        return None
+    start = start_token_id(tok)
+    rows = [([] if start is None else [start]) + list(tok(p)["input_ids"]) for p in prompts]
+    ids, mask = pad_right(rows, pad_id(tok), input_device(model))
+    captured: list[torch.Tensor] = []
+    handle = module.register_forward_pre_hook(lambda _m, a: captured.append(a[0]))
+    try:
+        model(input_ids=ids, attention_mask=mask, use_cache=False)
+    finally:
+        handle.remove()
+    keys = captured[0].to(torch.float64)  # (B, T, d_in)
+    ratio = (keys @ u.to(keys.device)) / float(u @ k_star)  # (B, T)
+    ratio = ratio.masked_fill(~mask.bool(), 0.0)
+    if start is not None:
+        ratio[:, 0] = 0.0
+    per_prompt = ratio.abs().amax(dim=1)
+    worst = int(per_prompt.argmax())
+    return prompts[worst], round(float(per_prompt[worst]), 4)
 
 
 def apply(
