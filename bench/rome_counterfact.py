@@ -128,6 +128,7 @@ def _run(model, tok, requests, hp, c, weight, original, per_nb_base, rows, args)
             "update_norm": round(info["update_norm"], 3),
             "denominator": round(info["denominator"], 4),
             "position0_guarded": info["position0_guarded"],
+            "neighbour_overlap": info.get("neighbour_overlap"),
             "efficacy": cf["efficacy"].value,
             "paraphrase": cf["paraphrase"].value,
             "neighbourhood": cf["neighbourhood"].value,
@@ -206,6 +207,9 @@ def _summarise(model, hp, c, stats_s, rows, requests, base_cf, base_rel, base_fl
             "max": max(r["update_norm"] for r in rows),
         },
         "collapsed_neighbourhoods": [r["subject"] for r in rows if r["neighbourhood_collapsed"]],
+        "collapsed_overlap": [r["neighbour_overlap"][1] for r in rows if r["neighbourhood_collapsed"]],
+        "overlap_warned": [r["subject"] for r in rows
+                           if (r["neighbour_overlap"] or ("", 0))[1] > rome.OVERLAP_WARNING],
         "edits": rows,
     }
     out = Path(args.out)
@@ -232,7 +236,9 @@ def _summarise(model, hp, c, stats_s, rows, requests, base_cf, base_rel, base_fl
         f"{summary['steps']['early_stopped']} early-stopped, {summary['seconds_per_step_median']} s/step; "
         f"load average at the end {summary['load_average_at_end']}); "
         f"update norm median {summary['update_norm']['median']:.1f}, max {summary['update_norm']['max']:.1f}; "
-        f"collapsed neighbourhoods: {len(summary['collapsed_neighbourhoods'])} {summary['collapsed_neighbourhoods']}",
+        f"collapsed neighbourhoods: {len(summary['collapsed_neighbourhoods'])} {summary['collapsed_neighbourhoods']} "
+        f"(largest neighbour key overlap (u·k)/(u·k*) of each: {summary['collapsed_overlap']}); "
+        f"edits whose overlap warning fired (> {rome.OVERLAP_WARNING}): {summary['overlap_warned']}",
     ]
     out.with_suffix(".md").write_text("\n".join(md) + "\n")
     print("\n".join(md))

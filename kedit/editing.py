@@ -99,6 +99,8 @@ class StatsProvider:
         self.current, self.current_commit = current, current_commit
         self.base = history.ancestors(repo.db, current_commit)[-1]
         self.used: dict[str, Any] = {}  # what the last statistics were computed from, for the record
+        self._generated: dict[int, Any] = {}
+        self._base_model: tuple[Any, Any] | None = None
 
     def __call__(self, module_name: str, layer: int) -> torch.Tensor:
         from kedit.methods.stats import GeneratedSource, StatsCache, cached_second_moment, corpus_source
@@ -106,8 +108,14 @@ class StatsProvider:
         n = getattr(self.hparams, "mom2_n_samples", None) or self.options.stats_samples or 10000
         model, tok = self.current
         if self.current_commit != self.base:
-            model, tok = load_model(self.repo, self.base, dtype=self.options.dtype, device=self.options.device)
-        source = corpus_source(self.options.corpus) if self.options.corpus else GeneratedSource(model, tok, n)
+            if self._base_model is None:  # statistics are always of the base; loaded once per run
+                self._base_model = load_model(self.repo, self.base, dtype=self.options.dtype,
+                                              device=self.options.device)
+            model, tok = self._base_model
+        if self.options.corpus:
+            source = corpus_source(self.options.corpus)
+        else:  # one source for every layer: the texts are generated once
+            source = self._generated.get(n) or self._generated.setdefault(n, GeneratedSource(model, tok, n))
         self.used = {"corpus": source.corpus_id, "samples": n, "layer": layer}
         return cached_second_moment(model, tok, layer, module_name, source, n_samples=n,
                                     cache=StatsCache(self.repo.path / "stats"), base_hash=self.base,

@@ -186,9 +186,15 @@ class GeneratedSource(TextSource):
             top_k,
         )
         self.corpus_id = f"self-gen-s{seed}-t{max_new_tokens}-k{top_k}-b{batch_size}"
+        self._generated: dict[int, list[str]] = {}  # batches kept: statistics for several layers share them
+
+    def _batch(self, index: int) -> list[str]:
+        if index not in self._generated:
+            self._generated[index] = self._sample(index)
+        return self._generated[index]
 
     @torch.no_grad()
-    def _batch(self, index: int) -> list[str]:
+    def _sample(self, index: int) -> list[str]:
         tok, model = self.tok, self.model
         seeds = [self.SEEDS[(index * self.batch_size + j) % len(self.SEEDS)] for j in range(self.batch_size)]
         pad = next(t for t in (tok.pad_token_id, tok.eos_token_id, 0) if t is not None)
