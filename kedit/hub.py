@@ -8,8 +8,9 @@ Layout of a Hub branch that kedit pushes (kedit branches are Hub branches):
                                  weights above hold (older than the tip after --history-only), "push_id"}
     .kedit/commits/<id>.json     one commit: its hashed record, tensor changes, adapter ops, files,
                                  method memory, metrics (not hashed: a later `kedit eval` re-uploads)
+    .kedit/editors/<id>.json     trained editors (MEND, InstructEdit) for a base in this history
     .kedit/objects/ab/cd….st|.blob  every stored object the history needs that the weights above
-                                 do not hold (deltas, adapters, base values of edited tensors)
+                                 do not hold (deltas, adapters, base values of edited tensors, editors)
 
 Calling sequence: `push` reads the remote branch's tree at the Hub commit it last saw (the
 remote-tracking state), uploads what is missing and makes ONE Hub commit holding the files and
@@ -47,6 +48,7 @@ INDEX_FILE = "model.safetensors.index.json"
 GENERATED = frozenset({"README.md", "kedit.json", INDEX_FILE})  # written by push, never a stored file
 _FOREIGN_WEIGHTS = re.compile(r"^[^/]*\.(safetensors|bin|pt|pth|gguf)(\.index\.json)?$")
 _LAYER_RE = re.compile(r"\.(\d+)\.")
+_ID_RE = re.compile(r"^[0-9a-f]{32}$")
 
 
 def shard_of(tensor_name: str) -> str:
@@ -147,6 +149,25 @@ def _is_metric(m: Any) -> bool:
     return (isinstance(m, dict) and set(m) == {*_METRIC_TEXT, "value"}
             and all(isinstance(m[k], str) for k in _METRIC_TEXT)
             and isinstance(m["value"], int | float) and not isinstance(m["value"], bool))
+
+
+EDITOR_FIELDS = ("id", "method", "base_commit", "data_hash", "hparams", "metrics", "created")
+
+
+def editor_path(editor_id: str) -> str:
+    return f"{KEDIT_DIR}/editors/{editor_id}.json"
+
+
+def editor_documents(repo: Repository, ancestors: set[str]) -> dict[str, dict[str, str]]:
+    """The trained editors (MEND, InstructEdit) for a base in this history: their records."""
+    rows = dbm.rows(repo.db, f"SELECT {', '.join(EDITOR_FIELDS)} FROM editors ORDER BY id")
+    return {r["id"]: r for r in rows if r["base_commit"] in ancestors}
+
+
+def is_editor_document(doc: Any, editor_id: str) -> bool:
+    """Its weights are checked against the id when stored; here, the record's shape."""
+    return (isinstance(doc, dict) and set(doc) == set(EDITOR_FIELDS) and doc["id"] == editor_id
+            and all(isinstance(v, str) for v in doc.values()) and _ID_RE.match(doc["base_commit"]) is not None)
 
 
 def objects_of(doc: dict[str, Any]) -> set[str]:
@@ -304,12 +325,18 @@ def _history_ops(repo: Repository, tip: str, checkpoint: str | None, remote_tree
     from huggingface_hub.utils.sha import git_hash
 
     ops, needed = [], set()
-    for cid in history.ancestors(repo.db, tip):
+    ancestors = history.ancestors(repo.db, tip)
+    for cid in ancestors:
         doc = commit_document(repo, cid)
         needed |= objects_of(doc)
         data = document_bytes(doc)
         if remote_tree.get(commit_path(cid)) != git_hash(data):
             ops.append(_add(commit_path(cid), data))
+    for editor_id, row in editor_documents(repo, set(ancestors)).items():
+        needed.add(editor_id)
+        data = canonical_json(row)
+        if remote_tree.get(editor_path(editor_id)) != git_hash(data):
+            ops.append(_add(editor_path(editor_id), data))
     covered = _local_covered(repo, checkpoint)
     for oid in sorted(needed - set(covered)):
         kind = repo.store.kind_of(oid)

@@ -26,12 +26,15 @@ from kedit import history, remotes
 from kedit.errors import CorruptObjectError, HubError, KeditError, PushRejectedError, RepositoryExistsError
 from kedit.hashing import hash_bytes, hash_tensor, tensors_object_id
 from kedit.hub import (
+    EDITOR_FIELDS,
     INDEX_FILE,
     REFS_FILE,
     commit_document,
     commit_path,
     covered_by_weights,
     document_bytes,
+    editor_path,
+    is_editor_document,
     object_path,
     objects_of,
     verify_document,
@@ -69,6 +72,7 @@ def fetch(repo: Repository, remote_name: str | None = None, branches: Iterable[s
         tmp = Path(tmp_name)
         docs: dict[str, dict] = {}
         metrics: dict[str, list[dict]] = {}
+        editors: dict[str, dict] = {}
         found: dict[str, Fetched] = {}
         for rbranch in wanted:
             sha = hub_branches[rbranch]
@@ -86,9 +90,11 @@ def fetch(repo: Repository, remote_name: str | None = None, branches: Iterable[s
             before = len(docs)
             _fetch_commits(repo, hub, tree, sha, tip, docs, metrics, tmp / sha)
             fetched.new_commits = len(docs) - before
-            fetched.objects = _fetch_objects(repo, hub, tree, sha, checkpoint, docs, tmp / sha, progress)
+            _fetch_editors(repo, hub, tree, sha, editors, tmp / sha)
+            fetched.objects = _fetch_objects(repo, hub, tree, sha, checkpoint, docs, set(editors), tmp / sha,
+                                             progress)
             found[rbranch] = fetched
-        _record(repo, remote.name, docs, metrics, found)
+        _record(repo, remote.name, docs, metrics, editors, found)
     return found
 
 
@@ -145,9 +151,27 @@ def _state_at(repo: Repository, docs: dict[str, dict], commit: str) -> tuple[dic
     return manifest, files
 
 
+def _fetch_editors(repo: Repository, hub: Hub, tree: dict[str, str], sha: str, editors: dict[str, dict],
+                   tmp: Path) -> None:
+    """Records of trained editors not known here (their weights come with the objects)."""
+    prefix = editor_path("")[:-len(".json")]
+    for path in sorted(p for p in tree if p.startswith(prefix) and p.endswith(".json")):
+        editor_id = path[len(prefix):-len(".json")]
+        if editor_id in editors or dbm.one(repo.db, "SELECT 1 FROM editors WHERE id = ?", [editor_id]):
+            continue
+        try:
+            doc = json.loads(hub.download(path, sha, tmp).read_text())
+        except ValueError:
+            doc = None
+        if not is_editor_document(doc, editor_id):
+            raise HubError(f"the remote editor record {editor_id[:12]} is damaged; nothing was changed")
+        editors[editor_id] = doc
+
+
 def _fetch_objects(repo: Repository, hub: Hub, tree: dict[str, str], sha: str, checkpoint: str | None,
-                   docs: dict[str, dict], tmp: Path, progress: bool) -> int:
-    needed = sorted({oid for doc in docs.values() for oid in objects_of(doc) if not repo.store.has(oid)})
+                   docs: dict[str, dict], extra: set[str], tmp: Path, progress: bool) -> int:
+    wanted = extra | {oid for doc in docs.values() for oid in objects_of(doc)}
+    needed = sorted(oid for oid in wanted if not repo.store.has(oid))
     if not needed:
         return 0
     covered: dict[str, tuple[str, str]] = {}
@@ -205,7 +229,7 @@ def _put_verified(repo: Repository, oid: str, file: Path, is_blob: bool) -> None
 
 
 def _record(repo: Repository, remote: str, docs: dict[str, dict], metrics: dict[str, list[dict]],
-            found: dict[str, Fetched]) -> None:
+            editors: dict[str, dict], found: dict[str, Fetched]) -> None:
     """Insert the fetched commits (parents first) and their metrics, update known commits'
     metrics, and move the remote-tracking refs, atomically."""
     depth: dict[str, int] = {}
@@ -236,6 +260,9 @@ def _record(repo: Repository, remote: str, docs: dict[str, dict], metrics: dict[
                                           pk=("commit_id", "name", "stage", "suite"))
             if doc.get("memory"):
                 repo.db["method_memory"].insert({"commit_id": cid, **doc["memory"]})
+        for doc in editors.values():
+            repo.db.execute(f"INSERT OR IGNORE INTO editors ({', '.join(EDITOR_FIELDS)}) VALUES "
+                            f"({', '.join('?' * len(EDITOR_FIELDS))})", [doc[k] for k in EDITOR_FIELDS])
         for cid, rows in metrics.items():
             repo.db["metrics"].upsert_all([{"commit_id": cid, **m} for m in rows],
                                           pk=("commit_id", "name", "stage", "suite"))
