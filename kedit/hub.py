@@ -48,7 +48,7 @@ INDEX_FILE = "model.safetensors.index.json"
 GENERATED = frozenset({"README.md", "kedit.json", INDEX_FILE})  # written by push, never a stored file
 _FOREIGN_WEIGHTS = re.compile(r"^[^/]*\.(safetensors|bin|pt|pth|gguf)(\.index\.json)?$")
 _LAYER_RE = re.compile(r"\.(\d+)\.")
-_ID_RE = re.compile(r"^[0-9a-f]{32}$")
+ID_RE = re.compile(r"^[0-9a-f]{32}$")
 
 
 def shard_of(tensor_name: str) -> str:
@@ -167,7 +167,7 @@ def editor_documents(repo: Repository, ancestors: set[str]) -> dict[str, dict[st
 def is_editor_document(doc: Any, editor_id: str) -> bool:
     """Its weights are checked against the id when stored; here, the record's shape."""
     return (isinstance(doc, dict) and set(doc) == set(EDITOR_FIELDS) and doc["id"] == editor_id
-            and all(isinstance(v, str) for v in doc.values()) and _ID_RE.match(doc["base_commit"]) is not None)
+            and all(isinstance(v, str) for v in doc.values()) and ID_RE.match(doc["base_commit"]) is not None)
 
 
 def objects_of(doc: dict[str, Any]) -> set[str]:

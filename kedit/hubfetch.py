@@ -12,7 +12,6 @@ edits on top of the remote's.
 from __future__ import annotations
 
 import json
-import re
 import shutil
 import tempfile
 from collections.abc import Iterable
@@ -27,6 +26,7 @@ from kedit.errors import CorruptObjectError, HubError, KeditError, PushRejectedE
 from kedit.hashing import hash_bytes, hash_tensor, tensors_object_id
 from kedit.hub import (
     EDITOR_FIELDS,
+    ID_RE,
     INDEX_FILE,
     REFS_FILE,
     commit_document,
@@ -44,8 +44,6 @@ from kedit.progress import progress_bar
 from kedit.refs import BRANCH_PREFIX, HEAD
 from kedit.repo import REPO_DIR, Repository
 from kedit.store import read_safetensors
-
-_ID_RE = re.compile(r"^[0-9a-f]{32}$")
 
 
 @dataclass
@@ -82,8 +80,8 @@ def fetch(repo: Repository, remote_name: str | None = None, branches: Iterable[s
                     raise HubError(f"the branch {rbranch!r} of {hub.where} holds no kedit history")
                 continue
             tip, checkpoint = state.get("commit"), state.get("checkpoint")
-            if not (isinstance(tip, str) and _ID_RE.match(tip)) or not (
-                    checkpoint is None or (isinstance(checkpoint, str) and _ID_RE.match(checkpoint))):
+            if not (isinstance(tip, str) and ID_RE.match(tip)) or not (
+                    checkpoint is None or (isinstance(checkpoint, str) and ID_RE.match(checkpoint))):
                 raise HubError(f"{REFS_FILE} on {rbranch!r} in {hub.where} is damaged")
             fetched = Fetched(rbranch, sha, tip, checkpoint)
             tree = hub.tree(sha)
