@@ -45,7 +45,8 @@ def remote_list(ctx: click.Context, as_json: bool) -> None:
         _emit_json(found)
         return
     for r in found:
-        click.echo(f"{r['name']}\t{r['url']}")
+        seen = " ".join(f"{b}={c[:12]}" for b, c in sorted(r["branches"].items()))
+        click.echo(f"{r['name']}\t{r['url']}" + (f"\t{seen}" if seen else ""))
 
 
 @remote.command("add")
