@@ -103,6 +103,11 @@ def test_train_list_edit_and_resume(work: Path):
     assert r.exit_code == 0, r.output
     assert repo.get_commit(json.loads(r.stdout)[0]["id"]).hparams["editor"] == first["id"]
 
+    # editors are kept by gc and checked by fsck like every object
+    assert _run(work, "gc", "--prune", "now").exit_code == 0
+    assert repo.store.has(first["id"]) and repo.store.has(second["id"])
+    assert _run(work, "fsck").exit_code == 0
+
 
 def test_instructedit_trains_on_tasks_and_edits_with_an_instruction(work: Path):
     (work / "mixed.json").write_text(json.dumps(_records("counterfact")[:5] + _records("sentiment")[5:]))
