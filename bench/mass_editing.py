@@ -182,8 +182,8 @@ def run_sequential(args: argparse.Namespace) -> dict[str, Any]:
         if method in out["methods"]:
             continue
         branch = f"seq-{method}"
-        if branch not in repo.branches():
-            repo.branch(branch, base)
+        if branch not in repo.refs.branches():
+            repo.create_branch(branch, base)
         repo.checkout(branch)
         curve, commits_per_batch = [], []
         t_start = time.perf_counter()
