@@ -78,7 +78,7 @@ class MENDTrainParams:
     transposed: bool = False  # GPT-2 Conv1D stores Wᵀ
     rank: int = 256
     n_hidden: int = 1  # hidden layers of the identity MLP (MEND: 1, so two layers in all)
-    edit_lr: float = 1e-3  # initial step α_ℓ of every edited layer
+    edit_lr: float = 0.0  # initial step α_ℓ of every edited layer; 0: line search on the first batch
     lr: float = 1e-4  # Adam on the editor network
     lr_lr: float = 1e-3  # Adam on the step sizes (MEND trains them apart)
     cedit: float = 1.0  # weight of the edit NLL (on the prompt and its paraphrases)
@@ -104,10 +104,10 @@ class MENDTrainParams:
         for name in ("rank", "batch_size", "max_steps", "val_every", "patience", "max_length", "checkpoint_every"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("n_hidden", "n_paraphrases", "val_size", "max_minutes", "cedit", "cloc"):
+        for name in ("n_hidden", "n_paraphrases", "val_size", "max_minutes", "cedit", "cloc", "edit_lr"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
-        for name in ("edit_lr", "lr", "lr_lr", "grad_clip"):
+        for name in ("lr", "lr_lr", "grad_clip"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
 
@@ -233,7 +233,7 @@ class MENDEditor(nn.Module):
 
 
 def build_editor(params: MENDTrainParams, shapes: Sequence[tuple[int, int]]) -> MENDEditor:
-    return MENDEditor(shapes, params.rank, params.n_hidden, params.edit_lr)
+    return MENDEditor(shapes, params.rank, params.n_hidden, params.edit_lr or 1e-3)
 
 
 def module_shapes(model: Any, params: MENDTrainParams) -> list[tuple[int, int]]:

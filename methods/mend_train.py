@@ -269,6 +269,28 @@ def run_batch(model: Any, tok: Any, editor: MENDEditor, params: MENDTrainParams,
 # the loop
 
 
+# Candidate initial steps for the line search (edit_lr = 0): the right scale differs by orders of
+# magnitude between models (MEND's configs: 1e-4 to 1e-3 for GPT-2 XL and GPT-J).
+STEP_GRID = (1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 0.1, 0.3, 1.0, 3.0)
+
+
+@torch.no_grad()
+def line_search_step(model: Any, tok: Any, editor: MENDEditor, params: MENDTrainParams, forward: TopForward,
+                     batch: Sequence[tuple[_Prepared, list[int]]]) -> float:
+    """The initial α with the lowest training loss on one batch for the untrained editor (one step
+    of gradient descent: it is the identity), the locality KL included so that no step is too large."""
+    losses = {}
+    for a in STEP_GRID:
+        editor.step.fill_(a)
+        res = run_batch(model, tok, editor, params, forward, batch, train=False)
+        losses[a] = float(res.loss) if math.isfinite(float(res.loss)) else math.inf
+    best = min(losses, key=losses.__getitem__)
+    editor.step.fill_(best)
+    log.info("initial step %g (training loss of one gradient step: %s)", best,
+             ", ".join(f"{a:g}: {v:.3f}" for a, v in losses.items()))
+    return best
+
+
 def _mean(xs: Sequence[float]) -> float:
     return float(sum(xs) / len(xs)) if xs else float("nan")
 
@@ -337,21 +359,30 @@ def train(model: Any, tok: Any, items: Sequence[TrainItem], val_items: Sequence[
                          f"{params.max_length} tokens are dropped); at least 2 are needed")
     if not val_pairs:
         raise ValueError("no usable validation records")
-    step, best, bad, elapsed, history = 0, math.inf, 0, 0.0, []
+    step, best, bad, elapsed, history, initial_step = 0, math.inf, 0, 0.0, [], params.edit_lr
     best_state = {k: v.detach().clone() for k, v in editor.state_dict().items()}
     best_metrics: dict[str, Any] = {}
-    if checkpoint is not None and (saved := checkpoint.load()) is not None:
+    saved = checkpoint.load() if checkpoint is not None else None
+    if saved is not None:
         tensors, state = saved
         editor.load_state_dict({k[len("editor."):]: v for k, v in tensors.items() if k.startswith("editor.")})
         best_state = {k[len("best."):]: v for k, v in tensors.items() if k.startswith("best.")}
         _load_opt("opt", opt, tensors, state["opt_groups"])
         _load_opt("optlr", opt_lr, tensors, state["optlr_groups"])
         step, best, bad, elapsed = state["step"], state["best"], state["bad"], state["elapsed"]
-        history, best_metrics = state["history"], state["best_metrics"]
+        history, best_metrics, initial_step = state["history"], state["best_metrics"], state["initial_step"]
         log.info("resuming from the checkpoint at step %d (%.0f s of training done)", step, elapsed)
     forward = TopForward(model, min(params.layers))
     if not forward.enabled:
         log.info("model_type %r: every step runs the whole model", model.config.model_type)
+
+    def batch_at(step: int) -> list[tuple[_Prepared, list[int]]]:
+        order = [train_idx[k] for k in _batch_order(len(train_idx), step, params.batch_size, params.seed)]
+        return [(prepared[i], prompt_ids(tok, edit_text(items[i], step, True))) for i in order]  # type: ignore[misc]
+
+    if step == 0 and not params.edit_lr:
+        initial_step = line_search_step(model, tok, editor, params, forward, batch_at(0))
+        best_state = {k: v.detach().clone() for k, v in editor.state_dict().items()}
 
     def save() -> None:
         if checkpoint is None:
@@ -361,7 +392,8 @@ def train(model: Any, tok: Any, items: Sequence[TrainItem], val_items: Sequence[
         tensors = {**{f"editor.{k}": v for k, v in editor.state_dict().items()},
                    **{f"best.{k}": v for k, v in best_state.items()}, **t1, **t2}
         checkpoint.save(tensors, {"step": step, "best": best, "bad": bad, "elapsed": elapsed, "history": history,
-                                  "best_metrics": best_metrics, "opt_groups": g1["param_groups"],
+                                  "best_metrics": best_metrics, "initial_step": initial_step,
+                                  "opt_groups": g1["param_groups"],
                                   "optlr_groups": g2["param_groups"]})
 
     stopped = "max_steps"
@@ -376,9 +408,7 @@ def train(model: Any, tok: Any, items: Sequence[TrainItem], val_items: Sequence[
         if params.max_minutes and time.perf_counter() - started >= params.max_minutes * 60:
             stopped = "max_minutes"
             break
-        order = [train_idx[k] for k in _batch_order(len(train_idx), step, params.batch_size, params.seed)]
-        batch = [(prepared[i], prompt_ids(tok, edit_text(items[i], step, True))) for i in order]
-        res = run_batch(model, tok, editor, params, forward, batch, train=True)  # type: ignore[arg-type]
+        res = run_batch(model, tok, editor, params, forward, batch_at(step), train=True)
         opt.zero_grad()
         opt_lr.zero_grad()
         res.loss.backward()
@@ -416,7 +446,8 @@ def train(model: Any, tok: Any, items: Sequence[TrainItem], val_items: Sequence[
     config = {"shapes": [list(s) for s in editor.shapes], "params": _params_dict(params), **(extra_config or {})}
     metrics = {**{f"val_{k}": v for k, v in best_metrics.items() if k not in ("step", "seconds")},
                "best_step": best_metrics.get("step"), "steps": step, "train_seconds": round(elapsed, 1),
-               "stopped": stopped, "n_train": len(train_idx), "n_val": len(val_pairs)}
+               "stopped": stopped, "n_train": len(train_idx), "n_val": len(val_pairs),
+               "initial_step": initial_step, "learned_steps": [round(float(x), 6) for x in best_state["step"]]}
     return TrainedEditor({k: v.cpu() for k, v in best_state.items()}, config, metrics, history)
 
 

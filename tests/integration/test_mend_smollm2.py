@@ -50,7 +50,7 @@ def work(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def test_train_then_edit(work: Path):
     repo = Repository.open(work / "work")
     info = train_editor(repo, TrainOptions(method="mend", data=[work / "train.json"], device="cpu", overrides={
-        "max_steps": "12", "batch_size": "4", "val_every": "12", "val_size": "2", "rank": "64", "edit_lr": "0.3"}))
+        "max_steps": "12", "batch_size": "4", "val_every": "12", "val_size": "2", "rank": "64"}))
     assert list_editors(repo)[0].id == info.id and info.metrics["steps"] == 12
     assert info.hparams["layers"] == [27, 28, 29] and info.size < 20_000_000
 
