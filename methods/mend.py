@@ -228,9 +228,6 @@ class MENDEditor(nn.Module):
         out = mean + std * z
         return out[:, :d_in], out[:, d_in:]
 
-    def config(self) -> dict[str, Any]:
-        return {"shapes": [list(s) for s in self.shapes]}
-
 
 def build_editor(params: MENDTrainParams, shapes: Sequence[tuple[int, int]]) -> MENDEditor:
     return MENDEditor(shapes, params.rank, params.n_hidden, params.edit_lr or 1e-3)
