@@ -96,6 +96,8 @@ def test_train_list_edit_and_resume(work: Path):
     assert all(ch.encoding == "lowrank" for ch in repo.changes(commit.id))
     listed = json.loads(_run(work, "editors", "--json").stdout)
     assert listed[0]["used_by"] == [commit.id]
+    human = _run(work, "editors").stdout.splitlines()
+    assert human[0].startswith(second["id"][:12]) and "mend" in human[0] and "used-by=1" in human[0]
 
     # an older editor by prefix
     r = _run(work, "edit", "--method", "mend", "--editor", first["id"][:8], "--prompt", "{} is in",
