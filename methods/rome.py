@@ -817,6 +817,8 @@ def apply(
         "mom2_adjustment": hparams.mom2_adjustment,
         "update_norm": float(sum(i["update_norm"] for i in infos)),
         "requests": infos,
+        **({"max_neighbour_overlap": max(i["neighbour_overlap"][1] for i in infos if "neighbour_overlap" in i)}
+           if any("neighbour_overlap" in i for i in infos) else {}),
         "total_s": round(time.perf_counter() - t_start, 4),
     }
     return EditResult(deltas={name + ".weight": LowRank(a, b)}, info=info_all)
