@@ -31,7 +31,7 @@ def _scores(metrics: dict) -> str:
               help="Training records (repeatable): kedit/EasyEdit JSON(L), CounterFact, zsRE (MEND format), "
                    "KnowEdit; a record's `task` (or `type`) field names its task family.")
 @click.option("--val", type=click.Path(exists=True, dir_okay=False, path_type=Path),
-              help="Validation records (default: the last records of the training data).")
+              help="Validation records (default: val_size records spread evenly over the training data).")
 @click.option("--set", "overrides", multiple=True,
               help="Override a training hyper-parameter: key=value (layers, rank, lr, batch_size, max_steps, "
                    "max_minutes, ...).")

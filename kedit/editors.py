@@ -218,12 +218,13 @@ def train_editor(repo: Repository, options: TrainOptions) -> EditorInfo:
         params = hparams_from_overrides(method.train_hparams_cls, model, options.overrides, options.hparams_file)
     except (ValueError, TypeError, OSError) as e:
         raise KeditError(f"bad training hyper-parameters for {method.name}: {e}") from e
-    if not val:  # MEND's way: the last records of the training data validate
+    if not val:  # held out evenly across the data, so that every file and task family validates
         n_val = min(params.val_size, len(items) // 5)
         if n_val < 1:
             raise KeditError(f"{len(items)} training records are too few to hold some out for validation",
                              hint="give more records, or a --val FILE")
-        items, val = items[:-n_val], items[-n_val:]
+        held = {round((k + 0.5) * len(items) / n_val) for k in range(n_val)}
+        items, val = [it for i, it in enumerate(items) if i not in held], [items[i] for i in sorted(held)]
     hp = hparams_to_dict(params)
     dhash = data_hash(items, val)
     shape = {k: v for k, v in hp.items() if k not in _BUDGET}
