@@ -215,6 +215,7 @@ def _summarise(model, hp, c, stats_s, rows, requests, base_cf, base_rel, base_fl
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(summary, indent=1))
+    out.with_suffix(".partial.json").unlink(missing_ok=True)
     e, u = summary["edited"], summary["unedited"]
     md = [
         f"# ROME on SmolLM2-135M: {len(rows)} CounterFact-style edits (known_dev.json), each on the base alone"
