@@ -62,6 +62,7 @@ class MEMITHyperParams:
     mom2_update_weight: float = 15000.0  # λ
     mom2_adjustment: bool = True  # false: C = I
     mom2_n_samples: int = 256
+    mom2_ridge: float = 1e-2  # C + ridge·mean(diag C)·I: few-sample statistics are singular
     # EasyEdit's llama files: 25 steps at lr 0.5; on SmolLM2 ROME reached the same scores with 12
     # steps at lr 1.0 in half the time (methods/rome.py), and MEMIT's δ is ROME's v* at the residual.
     v_num_grad_steps: int = 12
@@ -88,7 +89,7 @@ class MEMITHyperParams:
         for name in ("v_lr", "clamp_norm_factor", "mom2_update_weight"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
-        for name in ("v_weight_decay", "kl_factor", "early_stop_loss"):
+        for name in ("v_weight_decay", "kl_factor", "early_stop_loss", "mom2_ridge"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         self.context_template_length_params = tuple(tuple(p) for p in self.context_template_length_params)  # type: ignore[assignment]
@@ -231,7 +232,7 @@ def apply(
     cs = second_moments(model, hparams, stats_provider, second_moments_by_layer)
 
     def solve(layer: int, _name: str, resid: torch.Tensor, keys: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return memit_math.memit_update(resid, keys, cs[layer], hparams.mom2_update_weight)
+        return memit_math.memit_update(resid, keys, cs[layer], hparams.mom2_update_weight, hparams.mom2_ridge)
 
     deltas, _keys, info = spread_over_layers(model, tok, requests, hparams, solve)
     info.update(method="memit", mom2_adjustment=hparams.mom2_adjustment, total_s=round(time.perf_counter() - t0, 3))

@@ -24,17 +24,21 @@ def _f64(x: torch.Tensor) -> torch.Tensor:
 
 
 def memit_update(
-    resid: torch.Tensor, keys: torch.Tensor, second_moment: torch.Tensor | None, lam: float
+    resid: torch.Tensor, keys: torch.Tensor, second_moment: torch.Tensor | None, lam: float, ridge: float = 0.0
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(A, B) with Δ = A Bᵀ = R Kᵀ (λC + KKᵀ)⁻¹; C = I when `second_moment` is None.
 
-    resid: R, (d_out, n); keys: K, (d_in, n); second_moment: C, (d_in, d_in).
+    resid: R, (d_out, n); keys: K, (d_in, n); second_moment: C, (d_in, d_in). `ridge` adds
+    ridge·mean(diag C)·I to C: statistics from fewer tokens than C has dimensions leave directions
+    that cost nothing, and the update would spend itself there, on every other prompt's keys too.
     """
     r, k = _f64(resid), _f64(keys)
     if r.shape[1] != k.shape[1]:
         raise ValueError(f"{r.shape[1]} residuals but {k.shape[1]} keys")
     d = k.shape[0]
     c = torch.eye(d, dtype=torch.float64) if second_moment is None else _f64(second_moment)
+    if ridge > 0:
+        c = c + ridge * c.diagonal().mean() * torch.eye(d, dtype=torch.float64)
     m = lam * c + k @ k.t()  # symmetric positive definite when λ > 0 and C is
     b = torch.linalg.solve(m, k)  # (d_in, n) = M⁻¹K, so Δ = R (M⁻¹K)ᵀ = R Kᵀ M⁻¹
     return r, b

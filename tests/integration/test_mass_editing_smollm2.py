@@ -29,7 +29,7 @@ FACTS = [
     EditRequest(prompt="The Amazon River flows through the continent of", subject="Amazon River",
                 target_new="Africa", target_true="South America"),
 ]
-STATS = 16  # texts behind C: enough for a test (bench/stats_samples.py), a benchmark uses more
+STATS = 64  # texts behind C (about 2,000 tokens for 1,536-wide keys); a benchmark uses more
 
 
 @pytest.fixture
