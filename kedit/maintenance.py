@@ -197,7 +197,7 @@ def gc(repo: Repository, *, grace: timedelta = DEFAULT_GRACE,
                 path.unlink(missing_ok=True)
                 report.keyframes_removed += 1
         repo.store.clean_tmp(TMP_GRACE_S, time.time())
-        for leftover in repo.cache.root.glob("*/.tmp-*"):  # keyframes whose writer was killed
+        for leftover in repo.cache.root.glob("*/.tmp*"):  # keyframes whose writer was killed (ours or safetensors')
             if time.time() - leftover.stat().st_mtime > TMP_GRACE_S:
                 leftover.unlink(missing_ok=True)
     return report

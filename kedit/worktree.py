@@ -120,7 +120,9 @@ class Worktree:
         config/tokenizer paths to their bytes (None: unchanged, keep the file).
         """
         self.folder.mkdir(parents=True, exist_ok=True)
-        for leftover in self.folder.glob(".tmp-*"):  # from an update killed mid-write (we hold the lock)
+        # from an update killed mid-write (we hold the lock): ours are .tmp-<hex>, and safetensors' own
+        # writer (the Rust tempfile crate) leaves .tmpXXXXXX beside the file it was writing
+        for leftover in self.folder.glob(".tmp*"):
             leftover.unlink(missing_ok=True)
         index = json.loads(self.index_path.read_text()) if self.index_path.exists() else copy.deepcopy(
             self.read_index())  # a private, mutable copy
