@@ -11,7 +11,6 @@ from kedit.editing import _as_repo_metrics, locality_pairs, measure
 from kedit.errors import KeditError
 from kedit.methods.base import EditRequest
 from kedit.model import load_model
-from kedit.probes import edits_in_effect
 from kedit.repo import Metric, Repository
 from kedit.requests import load_requests
 
@@ -20,7 +19,7 @@ HISTORY_SUITE = "history"
 
 def edited_requests(repo: Repository, commit_id: str) -> list[EditRequest]:
     """The requests of every edit in effect at `commit_id`, oldest first."""
-    active = edits_in_effect(repo, commit_id)
+    active = history.edits_in_effect(repo.db, commit_id)
     requests = []
     for cid in reversed(history.ancestors(repo.db, commit_id)):
         if cid in active:

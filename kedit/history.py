@@ -137,12 +137,23 @@ def effective_steps(db: sqlite_utils.Database, commit_id: str, name: str) -> lis
     return [step for ch in reversed(chain) for step in ch.steps]
 
 
-def origins_in_effect(db: sqlite_utils.Database, commit_id: str) -> set[str]:
-    """Commits whose weight deltas make up the tensors at `commit_id`; a reverted commit's do not."""
-    origins: set[str] = set()
-    for name, entry in manifest(db, commit_id).items():
-        origins.update(step.origin for step in effective_steps(db, entry.commit_id, name))
-    return origins
+def edits_in_effect(db: sqlite_utils.Database, commit_id: str) -> set[str]:
+    """Edit commits whose change is in effect at `commit_id` (reverts and re-applies followed)."""
+    sql = _ANCESTORS + "SELECT c.id, c.kind, c.info FROM anc JOIN commits c ON c.id = anc.id ORDER BY anc.dist DESC"
+    active: set[str] = set()
+    kinds: dict[str, str] = {}
+    reverts: dict[str, str | None] = {}
+    for cid, kind, info in db.execute(sql, {"commit": commit_id}):
+        kinds[cid] = kind
+        if kind == "edit":
+            active.add(cid)
+        elif kind == "revert":
+            target = reverts[cid] = json.loads(info or "{}").get("reverts")
+            if target in active:
+                active.discard(target)
+            elif target and kinds.get(target) == "revert":  # a revert of a revert re-applies the edit
+                active.add(reverts[target])
+    return active
 
 
 def method_memory(db: sqlite_utils.Database, commit_id: str, method: str) -> list[tuple[str, str]]:
@@ -153,7 +164,7 @@ def method_memory(db: sqlite_utils.Database, commit_id: str, method: str) -> lis
     rows = db.execute(sql, {"commit": commit_id, "method": method}).fetchall()
     if not rows:
         return []
-    live = origins_in_effect(db, commit_id)
+    live = edits_in_effect(db, commit_id)
     return [(cid, oid) for cid, oid in rows if cid in live]
 
 

@@ -67,22 +67,6 @@ def remove_probe(repo: Repository, probe_id: int) -> None:
             raise KeditError(f"no probe with id {probe_id}", hint="kedit probe list")
 
 
-def edits_in_effect(repo: Repository, commit_id: str) -> set[str]:
-    """Edit commits whose change is in effect at `commit_id` (reverts and re-applies followed)."""
-    active: set[str] = set()
-    for cid in reversed(history.ancestors(repo.db, commit_id)):
-        commit = repo.get_commit(cid)
-        if commit.kind == "edit":
-            active.add(cid)
-        elif commit.kind == "revert":
-            target = commit.info.get("reverts")
-            if target in active:
-                active.discard(target)
-            elif target and repo.get_commit(target).kind == "revert":
-                active.add(repo.get_commit(target).info.get("reverts"))
-    return active
-
-
 def probe_outputs(repo: Repository, commit_id: str, probes: list[Probe], load: ModelLoader,
                   setting: str) -> dict[int, tuple[list[int], float]]:
     """Argmax ids and accuracy of each probe at `commit_id`, computed once and kept."""
@@ -144,10 +128,10 @@ def check(repo: Repository, rev: str, load: ModelLoader, *, threshold: float = D
     report = CheckReport(commit_id, parent, threshold)
     if not probes:
         return report
-    in_effect = edits_in_effect(repo, commit_id)
+    in_effect = history.edits_in_effect(repo.db, commit_id)
     locality = [p for p in probes if p.kind == "locality"]
     edits_now = [p for p in probes if p.kind == "edit" and p.commit_id in in_effect]
-    before = edits_in_effect(repo, parent) if parent else set()
+    before = history.edits_in_effect(repo.db, parent) if parent else set()
     edits_before = [p for p in edits_now if p.commit_id in before]
     now = probe_outputs(repo, commit_id, locality + edits_now, load, setting)
     base_out = probe_outputs(repo, base, locality, load, setting)
