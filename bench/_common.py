@@ -29,13 +29,8 @@ def load_smollm2(cache_dir: Path = CACHE_DIR) -> tuple[Any, Any]:
     return model, tok
 
 
-def counterfact_requests(n: int, seed: int = 0, n_neighbours: int = 10) -> list[EditRequest]:
-    """Counterfactual edits from known_dev.json.
-
-    target_new: another fact's attribute of the same relation; paraphrases: the subject in the
-    relation's other templates (up to 2); neighbourhood: other subjects of the relation whose true
-    attribute is the edited fact's (CounterFact's definition, so P(true) > P(new) is checkable).
-    """
+def shuffled_facts(seed: int) -> tuple[dict[str, list[dict]], list[dict], random.Random]:
+    """known_dev.json's facts by relation, the facts in a seeded random order, and the generator."""
     facts = json.loads(DATA.read_text())
     by_rel: dict[str, list[dict]] = defaultdict(list)
     for f in facts:
@@ -43,6 +38,17 @@ def counterfact_requests(n: int, seed: int = 0, n_neighbours: int = 10) -> list[
     rng = random.Random(seed)
     order = facts[:]
     rng.shuffle(order)
+    return by_rel, order, rng
+
+
+def counterfact_requests(n: int, seed: int = 0, n_neighbours: int = 10) -> list[EditRequest]:
+    """Counterfactual edits from known_dev.json.
+
+    target_new: another fact's attribute of the same relation; paraphrases: the subject in the
+    relation's other templates (up to 2); neighbourhood: other subjects of the relation whose true
+    attribute is the edited fact's (CounterFact's definition, so P(true) > P(new) is checkable).
+    """
+    by_rel, order, rng = shuffled_facts(seed)
     out: list[EditRequest] = []
     seen_subjects: set[str] = set()
     for f in order:

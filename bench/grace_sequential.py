@@ -34,14 +34,14 @@ import statistics
 import sys
 import tempfile
 import time
-from collections import Counter, defaultdict
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _common import CACHE_DIR, DATA
+from _common import CACHE_DIR, shuffled_facts
 from kedit.methods import grace
 from kedit.methods.base import EditRequest
 
@@ -67,13 +67,7 @@ GENERAL = [
 
 def build_stream(n: int, holdout: int, seed: int) -> tuple[list[EditRequest], list[tuple[str, str]]]:
     """(edit requests in stream order, held-out (prompt, true attribute) pairs)."""
-    facts = json.loads(DATA.read_text())
-    by_rel: dict[str, list[dict]] = defaultdict(list)
-    for f in facts:
-        by_rel[f["relation_id"]].append(f)
-    rng = random.Random(seed)
-    order = facts[:]
-    rng.shuffle(order)
+    by_rel, order, rng = shuffled_facts(seed)
     usable = [f for f in order if len({g["attribute"] for g in by_rel[f["relation_id"]]}) >= 3]
     held, edited = usable[:holdout], usable[holdout:]
     if not edited:
