@@ -70,12 +70,16 @@ def score(model: Any, tok: Any, requests: list[EditRequest], fluency_n: int = 0)
     return out
 
 
-def stats_for(model: Any, tok: Any, hp: Any) -> dict[int, torch.Tensor]:
-    layers = hp.layers
+def stats_for(model: Any, tok: Any, modules: dict[int, str]) -> dict[int, torch.Tensor]:
+    """C for each {layer: module name}, from one set of self-generated texts, cached on disk."""
     source = GeneratedSource(model, tok, n_texts=STATS_TEXTS, max_new_tokens=32, batch_size=128)
-    return {layer: cached_second_moment(model, tok, layer, hp.module_name(layer), source, n_samples=STATS_TEXTS,
+    return {layer: cached_second_moment(model, tok, layer, name, source, n_samples=STATS_TEXTS,
                                         cache=StatsCache(STATS_DIR), base_hash=BASE_HASH)
-            for layer in layers}
+            for layer, name in modules.items()}
+
+
+def layer_modules(hp: Any) -> dict[int, str]:
+    return {layer: hp.module_name(layer) for layer in hp.layers}
 
 
 def hparams_for(method: str, model: Any, overrides: dict[str, Any]) -> Any:
@@ -101,14 +105,14 @@ def run_batch(args: argparse.Namespace) -> dict[str, Any]:
     hp = hparams_for(args.method, model, overrides)
     kwargs: dict[str, Any] = {}
     if args.method in ("memit", "alphaedit"):
-        kwargs["second_moments_by_layer"] = stats_for(model, tok, hp)
+        kwargs["second_moments_by_layer"] = stats_for(model, tok, layer_modules(hp))
     rss_before = rss_mb()
     t0 = time.perf_counter()
     infos = []
     if args.method == "rome":  # one fact after another, each on top of the last
         from kedit.methods import rome
 
-        c = stats_for(model, tok, _RomeLayers(hp))
+        c = stats_for(model, tok, {hp.layer: hp.module_name})
         for r in requests:
             result = rome.apply(model, tok, [r], hp, second_moment=c[hp.layer])
             apply_deltas(model, result.deltas)
@@ -128,17 +132,6 @@ def run_batch(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
-class _RomeLayers:
-    """ROME's hyper-parameters seen as a one-layer MEMIT for `stats_for`."""
-
-    def __init__(self, hp: Any) -> None:
-        self.layers = (hp.layer,)
-        self._name = hp.module_name
-
-    def module_name(self, _layer: int) -> str:
-        return self._name
-
-
 # ----------------------------------------------------------------------------------------- speedup
 
 
@@ -146,7 +139,7 @@ def run_speedup(args: argparse.Namespace) -> dict[str, Any]:
     model, tok = load_smollm2()
     requests = counterfact_requests(args.n)
     hp = hparams_for("memit", model, {})
-    cs = stats_for(model, tok, hp)
+    cs = stats_for(model, tok, layer_modules(hp))
     rows = {}
     for label, chunk in (("one at a time (v_batch_size=1)", 1), (f"batched (v_batch_size={args.n})", args.n)):
         t0 = time.perf_counter()
