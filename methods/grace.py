@@ -62,6 +62,10 @@ log = logging.getLogger(__name__)
 KIND = "grace"
 FORMAT = 1
 SPLIT_MARGIN = 1e-5  # the older radius stops just short of the midpoint (EasyEdit's split_epsilons_in_half)
+# An expanded radius reaches just past the new key: a key exactly on the boundary is a coin toss
+# once the same prompt's activation is recomputed by another forward path (float32 noise ~1e-5
+# relative). At the boundary the 1,000-edit benchmark lost a value's only path to the loss.
+COVER_MARGIN = 1e-3
 
 # The codebook's layer as a fraction of depth: EasyEdit edits layer 27 of Llama-2-7B's 32 and
 # layer 35 of GPT-2 XL's 48 (methods.md 1.3); SmolLM2-135M (30 layers) lands at layer 25.
@@ -195,7 +199,7 @@ class Codebook:
             self.radii[j] = d / 2 - SPLIT_MARGIN
             return Placement(self._add(rec, d / 2), "split", d, d / 2, other)
         elif d > float(self.radii[j]):
-            self.radii[j] = d
+            self.radii[j] = d + COVER_MARGIN
             action = "expand"
         else:
             action = "reuse"
@@ -444,6 +448,9 @@ def _train_value(model: Any, layer: _Layer, slot: int, init: torch.Tensor, ids: 
             for _ in range(hp.n_iter):
                 loss = F.cross_entropy(runner.logits().float(), target)
                 loss_value = float(loss.detach())
+                if not loss.requires_grad:
+                    raise RuntimeError(f"GRACE: the prompt's key fell outside codebook entry {slot}, "
+                                       "so its value cannot be trained (a radius/key mismatch: please report it)")
                 if loss_value < hp.early_stop_loss:
                     break
                 opt.zero_grad()

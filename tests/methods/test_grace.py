@@ -72,9 +72,10 @@ def test_rules_add_split_expand_reuse_supersede() -> None:
     assert book.radii.tolist()[:3] == pytest.approx([0.75 - grace.SPLIT_MARGIN, 1.0, 0.75])
     expand = book.place(rec([6.8, 0], (2,), value=4.0))  # same label as [5, 0], 1.8 away: coverage
     assert (expand.action, expand.slot, len(book)) == ("expand", 1, 3)
-    assert float(book.radii[1]) == pytest.approx(1.8) and book.values[1].tolist() == [4.0, 4.0]
+    assert float(book.radii[1]) == pytest.approx(1.8 + grace.COVER_MARGIN) and book.values[1].tolist() == [4.0, 4.0]
+    assert book.nearest(torch.tensor([6.8 + grace.COVER_MARGIN / 2, 0]))[1] <= float(book.radii[1])  # the key is inside
     reuse = book.place(rec([5.5, 0], (2,), value=5.0))  # inside the expanded radius: the value trains on
-    assert (reuse.action, float(book.radii[1])) == ("reuse", pytest.approx(1.8))
+    assert (reuse.action, float(book.radii[1])) == ("reuse", pytest.approx(1.8 + grace.COVER_MARGIN))
     again = book.place(rec([0, 0], (9,), value=9.0))  # the same key re-edited with a new target
     assert (again.action, again.slot, book.labels[0]) == ("supersede", 0, (9,))
     assert float(book.radii[0]) == pytest.approx(0.75 - grace.SPLIT_MARGIN)
