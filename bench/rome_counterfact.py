@@ -129,6 +129,9 @@ def _run(model, tok, requests, hp, c, weight, original, per_nb_base, rows, args)
             "denominator": round(info["denominator"], 4),
             "position0_guarded": info["position0_guarded"],
             "neighbour_overlap": info.get("neighbour_overlap"),
+            "prompt_gain": info["prompt_gain"],
+            "rome_prompt_gain": info["rome_prompt_gain"],
+            "equal_gain": info["equal_gain"],
             "efficacy": cf["efficacy"].value,
             "paraphrase": cf["paraphrase"].value,
             "neighbourhood": cf["neighbourhood"].value,
@@ -210,6 +213,11 @@ def _summarise(model, hp, c, stats_s, rows, requests, base_cf, base_rel, base_fl
         "collapsed_overlap": [r["neighbour_overlap"][1] for r in rows if r["neighbourhood_collapsed"]],
         "overlap_warned": [r["subject"] for r in rows
                            if (r["neighbour_overlap"] or ("", 0))[1] > rome.OVERLAP_WARNING],
+        "equal_gain_edits": [
+            {k: r[k] for k in ("subject", "rome_prompt_gain", "efficacy", "paraphrase", "neighbourhood",
+                               "neighbourhood_unedited", "update_norm")}
+            for r in rows if r["equal_gain"]
+        ],
         "edits": rows,
     }
     out = Path(args.out)
@@ -240,6 +248,15 @@ def _summarise(model, hp, c, stats_s, rows, requests, base_cf, base_rel, base_fl
         f"collapsed neighbourhoods: {len(summary['collapsed_neighbourhoods'])} {summary['collapsed_neighbourhoods']} "
         f"(largest neighbour key overlap (u·k)/(u·k*) of each: {summary['collapsed_overlap']}); "
         f"edits whose overlap warning fired (> {rome.OVERLAP_WARNING}): {summary['overlap_warned']}",
+        "",
+        f"Edits where ROME's u gave the prompt less than {hp.equal_gain_below} of the edit, so the equal-gain u "
+        "was used (rome_prompt_gain is ROME's (u·k)/(u·k*) at the prompt as asked):",
+        "",
+        "| subject | ROME's prompt gain | efficacy | paraphrase | neighbourhood (unedited) | update norm |",
+        "|---|---|---|---|---|---|",
+        *[f"| {r['subject']} | {r['rome_prompt_gain']:.3f} | {r['efficacy']:.0f} | {r['paraphrase']:.2f} "
+          f"| {r['neighbourhood']:.2f} ({r['neighbourhood_unedited']:.2f}) | {r['update_norm']:.1f} |"
+          for r in summary["equal_gain_edits"]],
     ]
     out.with_suffix(".md").write_text("\n".join(md) + "\n")
     print("\n".join(md))

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["RankOne", "factor_second_moment", "left_vector", "rank_one_update", "to_stored_layout"]
+__all__ = ["RankOne", "equal_gain_vector", "factor_second_moment", "left_vector", "rank_one_update", "to_stored_layout"]
 
 
 @dataclass(frozen=True)
@@ -72,6 +72,42 @@ def left_vector(
         if ridge > 0:
             c = c + ridge * c.diagonal().mean() * torch.eye(d, dtype=c.dtype, device=c.device)
         u = torch.linalg.solve(c, k)  # (d_in,)
+    return u / u.norm()
+
+
+def equal_gain_vector(
+    keys: torch.Tensor,
+    second_moment: torch.Tensor | None,
+    ridge: float = 0.0,
+    *,
+    factor: torch.Tensor | None = None,
+    gram_ridge: float = 1e-3,
+) -> torch.Tensor:
+    """The u of least C-norm with u·kᵢ equal for every key: u = C⁻¹Kᵀa, (K C⁻¹ Kᵀ) a = 1.
+
+    ROME's u = C⁻¹k̄ moves each template's key kᵢ by (u·kᵢ)/(u·k̄) of the edit, and that ratio can
+    be near 0 for the one prompt that matters (measured on SmolLM2: 0.01-0.06 for the bare prompt,
+    the subject right after the start token, while the prefixed templates get 1.1-1.3). With this u
+    the rank-one update W + (v* − Wk̄)uᵀ/(u·k̄) adds the same δ at every template's key, which is what
+    ROME's value optimisation assumes. One key gives ROME's u. `gram_ridge` (relative to the
+    Gram matrix's mean diagonal) keeps nearly collinear keys from blowing up a. Unit norm, float64.
+    """
+    k = keys.to(torch.float64)
+    assert k.dim() == 2, f"keys must be (n, d_in), got shape {tuple(k.shape)}"
+    n, d = k.shape
+    if factor is not None:
+        y = torch.cholesky_solve(k.t(), factor.to(device=k.device, dtype=torch.float64))  # (d, n) = C⁻¹Kᵀ
+    elif second_moment is None:
+        y = k.t()
+    else:
+        c = second_moment.to(device=k.device, dtype=torch.float64)
+        if ridge > 0:
+            c = c + ridge * c.diagonal().mean() * torch.eye(d, dtype=c.dtype, device=c.device)
+        y = torch.linalg.solve(c, k.t())
+    gram = k @ y  # (n, n)
+    gram = gram + gram_ridge * gram.diagonal().mean() * torch.eye(n, dtype=gram.dtype, device=gram.device)
+    a = torch.linalg.solve(gram, torch.ones(n, dtype=k.dtype, device=k.device))
+    u = y @ a
     return u / u.norm()
 
 

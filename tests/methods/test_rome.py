@@ -337,6 +337,34 @@ def test_factored_left_vector_equals_solve():
     assert rome._factor(c32.clone(), 1e-6) is not rome._factor(c32, 1e-6)
 
 
+def test_equal_gain_vector_gives_every_key_the_same_gain_at_least_c_norm():
+    _, c = random_second_moment(16)
+    g = torch.Generator().manual_seed(1)
+    keys = torch.randn(4, 16, generator=g, dtype=torch.float64)
+    u = rome_math.equal_gain_vector(keys, c, gram_ridge=0.0)
+    gains = keys @ u
+    torch.testing.assert_close(gains, gains.mean().expand(4))
+    # least C-norm among unit-gain directions: uᵀCu ≤ that of u plus anything orthogonal to the keys
+    u1 = u / gains[0]
+    other = torch.randn(16, generator=g, dtype=torch.float64)
+    other -= keys.t() @ torch.linalg.lstsq(keys.t(), other).solution  # now keys @ other = 0
+    assert float(u1 @ c @ u1) < float((u1 + 0.1 * other) @ c @ (u1 + 0.1 * other))
+    # one key: ROME's u = C⁻¹k*
+    torch.testing.assert_close(rome_math.equal_gain_vector(keys[:1], c), rome_math.left_vector(keys[0], c))
+
+
+def test_equal_gain_gives_the_prompt_the_whole_edit(tiny_llama, tiny_tok):
+    hp = fast_hparams(tiny_llama, mom2_adjustment=True, v_num_grad_steps=3)
+    d_in = get_module(tiny_llama, hp.module_name).weight.shape[1]
+    c = random_second_moment(d_in)[1].float()
+    rome_u = rome.apply(tiny_llama, tiny_tok, [REQ], dataclasses.replace(hp, equal_gain_below=0.0), second_moment=c)
+    equal = rome.apply(tiny_llama, tiny_tok, [REQ], dataclasses.replace(hp, equal_gain_below=10.0), second_moment=c)
+    info_r, info_e = rome_u.info["requests"][0], equal.info["requests"][0]
+    assert not info_r["equal_gain"] and info_r["prompt_gain"] == info_r["rome_prompt_gain"]
+    assert info_e["equal_gain"] and info_e["prompt_gain"] == pytest.approx(1.0, abs=0.02)
+    assert info_e["rome_prompt_gain"] == info_r["rome_prompt_gain"]
+
+
 def test_fused_head_in_chunks_equals_log_softmax(monkeypatch, tiny_tok):
     """The one-pass head (running max and sums over vocabulary chunks) gives autograd's loss and gradient."""
     monkeypatch.setattr(rome._FusedHeadLoss, "CHUNK", 37)  # several chunks of a 300-token vocabulary
