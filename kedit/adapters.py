@@ -31,6 +31,7 @@ __all__ = [
     "ADAPTER_DIR",
     "MARKED_MODEL_TYPE",
     "Installer",
+    "adapter_path",
     "install_adapters",
     "installed_kinds",
     "mark_config",
@@ -79,11 +80,16 @@ def install_adapters(model: Any, adapters: Sequence[Adapter]) -> None:
     object.__setattr__(model, _ATTR, frozenset(kinds))
 
 
+def adapter_path(index: int, kind: str) -> str:
+    """Where the `index`-th adapter (in commit order) goes in an exported folder."""
+    return f"{ADAPTER_DIR}/{index:04d}-{kind}.safetensors"
+
+
 def write_adapters(folder: Path, adapters: Sequence[Adapter]) -> list[str]:
     """Write `adapters` in order under folder/kedit_adapters; returns their paths relative to folder."""
     paths = []
     for i, a in enumerate(adapters):
-        rel = f"{ADAPTER_DIR}/{i:04d}-{a.kind}.safetensors"
+        rel = adapter_path(i, a.kind)
         (folder / ADAPTER_DIR).mkdir(exist_ok=True)
         save_tensors_atomic(folder / rel, a.tensors, {"kind": a.kind, "config": json.dumps(a.config)})
         paths.append(rel)

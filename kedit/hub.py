@@ -34,6 +34,7 @@ from typing import Any
 
 from kedit import db as dbm
 from kedit import history, remotes
+from kedit.adapters import adapter_path, mark_config, write_adapters
 from kedit.errors import HubError, KeditError, PushRejectedError
 from kedit.hashing import canonical_json, record_id, tensors_object_id
 from kedit.hubapi import KEDIT_DIR, Hub
@@ -355,10 +356,31 @@ def _history_ops(repo: Repository, tip: str, checkpoint: str | None, remote_tree
     return ops
 
 
+def _adapter_ops(repo: Repository, tip: str, old: str | None, tmp: Path) -> tuple[list, bool, list[str]]:
+    """The adapter files of `tip` as `kedit export` writes them, when they differ from `old`'s.
+
+    Returns (operations, whether the adapters changed, tip's adapter file paths). Files of `old`
+    that `tip` no longer has are deleted, so a revert of the last GRACE edit leaves a plain folder.
+    """
+    refs = [a.object_id for a in history.adapters(repo.db, tip)]
+    old_refs = [a.object_id for a in history.adapters(repo.db, old)] if old else []
+    adapters = repo.adapters(tip) if refs else []
+    paths = [adapter_path(i, a.kind) for i, (_, a) in enumerate(adapters)]
+    if refs == old_refs:
+        return [], False, paths
+    written = write_adapters(tmp, [a for _, a in adapters])
+    ops = [_add(rel, tmp / rel) for rel in written]
+    old_paths = [adapter_path(i, a.kind) for i, a in enumerate(history.adapters(repo.db, old))] if old else []
+    ops += [_delete(p) for p in old_paths if p not in written]
+    return ops, True, written
+
+
 def _checkpoint_ops(repo: Repository, tip: str, old: str | None, tmp: Path, *, repo_id: str,
                     base_model: str | None, progress: bool) -> list:
     """The shards whose tensors changed since `old` (all of them when the branch has none yet),
-    the config/tokenizer files that changed, the index, kedit.json and the model card."""
+    the config/tokenizer files that changed, the adapters (with config.json marked, as `kedit
+    export` writes it, so that plain `from_pretrained` refuses the folder), the index, kedit.json
+    and the model card."""
     from kedit import hubcard
 
     manifest = history.manifest(repo.db, tip)
@@ -377,13 +399,20 @@ def _checkpoint_ops(repo: Repository, tip: str, old: str | None, tmp: Path, *, r
         del values
     files = history.files(repo.db, tip)
     old_files = history.files(repo.db, old) if old else {}
-    ops += [_add(path, repo.store.get_blob(oid)) for path, oid in sorted(files.items())
-            if old_files.get(path) != oid and path not in GENERATED]
+    adapter_ops, adapters_changed, adapter_files = _adapter_ops(repo, tip, old, tmp)
+    ops += adapter_ops
+    for path, oid in sorted(files.items()):
+        if path in GENERATED or (old_files.get(path) == oid and not (path == "config.json" and adapters_changed)):
+            continue
+        data = repo.store.get_blob(oid)
+        if path == "config.json" and adapter_files:  # plain from_pretrained must not load it without them
+            data = mark_config(data, adapter_files)
+        ops.append(_add(path, data))
     index = {"metadata": {"total_size": sum(e.nbytes for e in manifest.values())},
              "weight_map": {n: shard_of(n) for n in sorted(manifest)}}
     ops.append(_add(INDEX_FILE, json.dumps(index, indent=2).encode()))
     provenance = {"commit": tip, "tensors": {n: e.hash for n, e in manifest.items()},
-                  "adapters": [a.object_id for a in history.adapters(repo.db, tip)]}
+                  "adapters": [a.object_id for a in history.adapters(repo.db, tip)], "adapter_files": adapter_files}
     ops.append(_add("kedit.json", json.dumps(provenance, indent=1, sort_keys=True).encode()))
     card = hubcard.render(repo, tip, repo_id=repo_id, base_model=base_model)
     ops.append(_add("README.md", card.encode()))

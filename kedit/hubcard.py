@@ -4,6 +4,7 @@ ModelCard so that the Hub's metadata validator accepts it."""
 
 from __future__ import annotations
 
+from kedit import history
 from kedit.repo import CommitInfo, Repository
 from kedit.sources import DEFAULT_GGUF, DEFAULT_NAME
 
@@ -52,11 +53,24 @@ def render(repo: Repository, tip: str, *, repo_id: str, base_model: str | None) 
     rows = [f"| `{c.short}` | {c.kind} | {c.method or '-'} | {_cell(c.message)} | {_metrics(c)} |"
             for c in log[:MAX_ROWS]]
     more = f"\n\n…and {len(log) - MAX_ROWS} earlier commits." if len(log) > MAX_ROWS else ""
+    kinds = sorted({a.kind for a in history.adapters(repo.db, tip)})
+    adapters = f"""
+**Load this model with kedit.** Its edits include adapters ({", ".join(kinds)}) that transformers
+cannot apply, so `AutoModelForCausalLM.from_pretrained` refuses this folder rather than load the
+unedited model. Use:
+
+```python
+import kedit
+from huggingface_hub import snapshot_download
+model = kedit.load_model(snapshot_download("{repo_id}", ignore_patterns=[".kedit/*"]))
+```
+""" if kinds else ""
     body = f"""
 # {name}
 
 {base_model or 'A model'} with {len(log) - 1} knowledge edit(s), versioned with kedit ("git for model
 edits"). The weights here are commit `{tip[:12]}`.
+{adapters}
 The whole history (every delta, request and metric) is under `.kedit/`; get it with:
 
 ```sh

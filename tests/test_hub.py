@@ -19,14 +19,19 @@ from click.testing import CliRunner
 from kedit.cli import cli
 from kedit.delta import LowRank
 from kedit.repo import Metric, Repository
+from tests import test_cli_grace
 from tests.helpers_engine import snapshot
 from tests.hubserver import HubServer
+from tests.test_cli_grace import FRANCE as GRACE_EDIT
+from tests.test_cli_grace import PROMPTS, TARGETS
 
 TOKEN = "hf_kedit_test_token_0123456789abcdef"
 REPO_ID = "alice/tiny-edits"
 URL = f"hf://{REPO_ID}"
 DOWN0 = "model.layers.0.mlp.down_proj.weight"
 DOWN1 = "model.layers.1.mlp.down_proj.weight"
+GRACE_PROMPT, GRACE_TARGET = PROMPTS[0], TARGETS[0]
+tiny_folder = test_cli_grace.tiny_folder  # a tiny Llama with a tokenizer, for a real GRACE edit
 
 
 @pytest.fixture
@@ -437,3 +442,29 @@ def test_remote_commands(repo: Repository, tmp_path: Path) -> None:
     run(repo.root, "remote", "remove", "mirror")
     assert "mirror" not in run(repo.root, "remote", "list")
     assert "no remote named" in run(repo.root, "push", "mirror", code=1)
+
+
+def test_a_grace_revision_on_the_hub_loads_with_kedit_and_plain_transformers_refuses(
+        hub: HubServer, tmp_path: Path, tiny_folder: Path) -> None:
+    from huggingface_hub import snapshot_download
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    import kedit
+    from kedit import evaluate
+
+    repo = Repository.init(tmp_path / "work", str(tiny_folder), progress=False)
+    run(repo.root, *GRACE_EDIT)
+    run(repo.root, "remote", "add", "origin", URL)
+    run(repo.root, "push")
+    folder = Path(snapshot_download(REPO_ID, endpoint=hub.url, local_dir=tmp_path / "a", ignore_patterns=[".kedit/*"]))
+    with pytest.raises(ValueError, match=r"kedit.load_model"):  # never the unedited model in silence
+        AutoModelForCausalLM.from_pretrained(folder)
+    model, tok = kedit.load_model(folder), AutoTokenizer.from_pretrained(folder)
+    assert evaluate.generation_exact_match(model, tok, [GRACE_PROMPT], [GRACE_TARGET]) == [1.0]
+    assert "kedit.load_model" in (folder / "README.md").read_text()
+
+    run(repo.root, "revert", "HEAD")  # no adapters left: the next push is a plain checkpoint again
+    run(repo.root, "push")
+    folder = Path(snapshot_download(REPO_ID, endpoint=hub.url, local_dir=tmp_path / "b", ignore_patterns=[".kedit/*"]))
+    assert not (folder / "kedit_adapters").exists()
+    AutoModelForCausalLM.from_pretrained(folder)
