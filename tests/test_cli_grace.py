@@ -112,6 +112,15 @@ def test_export_loads_with_kedit_and_plain_transformers_refuses(repo: Repository
         assert torch.equal(a, b), name  # the weights are the base's: the edit lives in the codebook
 
 
+def test_eval_of_a_grace_history_scores_by_generation_too(repo: Repository) -> None:
+    run(repo, *FRANCE)
+    run(repo, *BERLIN)
+    scores_ = {m["name"]: m["value"] for m in json.loads(run(repo, "eval", "HEAD", "--json"))}
+    assert scores_["reliability_gen"] == 1.0 and scores_["reliability"] == 1.0
+    stored = {m.name for m in repo.get_commit(repo.head()).metrics if m.stage == "eval"}
+    assert {"reliability", "reliability_gen"} <= stored
+
+
 def test_bad_grace_hyper_parameters_are_one_line_errors(repo: Repository) -> None:
     head = repo.head()
     out = run(repo, *BERLIN[:-2], "--set", "eps_init=-1", code=1)
