@@ -249,8 +249,8 @@ def _summarise(model, hp, c, stats_s, rows, requests, base_cf, base_rel, base_fl
         f"(largest neighbour key overlap (u·k)/(u·k*) of each: {summary['collapsed_overlap']}); "
         f"edits whose overlap warning fired (> {rome.OVERLAP_WARNING}): {summary['overlap_warned']}",
         "",
-        f"Edits where ROME's u gave the prompt less than {hp.equal_gain_below} of the edit, so the equal-gain u "
-        "was used (rome_prompt_gain is ROME's (u·k)/(u·k*) at the prompt as asked):",
+        f"Edits where ROME's u gave the prompt less than {hp.prompt_gain_floor} of the edit, so u was moved "
+        "toward the equal-gain u (rome_prompt_gain is ROME's (u·k)/(u·k*) at the prompt as asked):",
         "",
         "| subject | ROME's prompt gain | efficacy | paraphrase | neighbourhood (unedited) | update norm |",
         "|---|---|---|---|---|---|",

@@ -18,7 +18,15 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["RankOne", "equal_gain_vector", "factor_second_moment", "left_vector", "rank_one_update", "to_stored_layout"]
+__all__ = [
+    "RankOne",
+    "equal_gain_vector",
+    "factor_second_moment",
+    "left_vector",
+    "rank_one_update",
+    "to_stored_layout",
+    "toward_gain",
+]
 
 
 @dataclass(frozen=True)
@@ -108,6 +116,21 @@ def equal_gain_vector(
     gram = gram + gram_ridge * gram.diagonal().mean() * torch.eye(n, dtype=gram.dtype, device=gram.device)
     a = torch.linalg.solve(gram, torch.ones(n, dtype=k.dtype, device=k.device))
     u = y @ a
+    return u / u.norm()
+
+
+def toward_gain(u_from: torch.Tensor, u_to: torch.Tensor, k: torch.Tensor, k_star: torch.Tensor,
+                gain: float) -> torch.Tensor:
+    """The point on the line from u_from to u_to (each scaled to u·k* = 1) where (u·k)/(u·k*) = gain.
+
+    The update's norm grows along that line, so this is the least move that gives the key k the
+    wanted share of the edit; if u_to cannot give it (its own gain is lower), u_to. Unit norm.
+    """
+    a = u_from.to(torch.float64) / float(u_from.to(torch.float64) @ k_star)
+    b = u_to.to(torch.float64) / float(u_to.to(torch.float64) @ k_star)
+    ga, gb = float(a @ k), float(b @ k)
+    beta = 1.0 if gb <= ga else min(1.0, max(0.0, (gain - ga) / (gb - ga)))
+    u = (1 - beta) * a + beta * b
     return u / u.norm()
 
 

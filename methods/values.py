@@ -95,14 +95,18 @@ def _capture(module: Any, into: list[torch.Tensor], output: bool) -> Any:
 
 
 def subject_keys(
-    model: Any, tok: Any, module: Any, templates: Sequence[str], requests: Sequence[EditRequest], guard: bool
+    model: Any, tok: Any, module: Any, templates: Sequence[str], requests: Sequence[EditRequest], guard: bool,
+    *, average: bool = True,
 ) -> torch.Tensor:
     """K: each request's key (the module's input at the subject's last token), averaged over templates.
 
-    Returns (d_in, n) in float64, one column per request.
+    Returns (d_in, n) in float64, one column per request; with `average=False`, (d_in, n·T), the
+    request's T template keys side by side.
     """
     prompts = [(ctx.replace("{}", r.template, 1), r.subject) for r in requests for ctx in templates]
     keys = _capture_at_subject(model, tok, module, prompts, guard, output=False)
+    if not average:
+        return keys.t()
     return keys.view(len(requests), len(templates), -1).mean(1).t()
 
 

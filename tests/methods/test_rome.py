@@ -357,12 +357,31 @@ def test_equal_gain_gives_the_prompt_the_whole_edit(tiny_llama, tiny_tok):
     hp = fast_hparams(tiny_llama, mom2_adjustment=True, v_num_grad_steps=3)
     d_in = get_module(tiny_llama, hp.module_name).weight.shape[1]
     c = random_second_moment(d_in)[1].float()
-    rome_u = rome.apply(tiny_llama, tiny_tok, [REQ], dataclasses.replace(hp, equal_gain_below=0.0), second_moment=c)
-    equal = rome.apply(tiny_llama, tiny_tok, [REQ], dataclasses.replace(hp, equal_gain_below=10.0), second_moment=c)
-    info_r, info_e = rome_u.info["requests"][0], equal.info["requests"][0]
+    runs = {f: rome.apply(tiny_llama, tiny_tok, [REQ], dataclasses.replace(hp, prompt_gain_floor=f), second_moment=c)
+            for f in (0.0, 10.0)}
+    info_r, info_e = (runs[f].info["requests"][0] for f in (0.0, 10.0))
     assert not info_r["equal_gain"] and info_r["prompt_gain"] == info_r["rome_prompt_gain"]
     assert info_e["equal_gain"] and info_e["prompt_gain"] == pytest.approx(1.0, abs=0.02)
     assert info_e["rome_prompt_gain"] == info_r["rome_prompt_gain"]
+
+
+def test_toward_gain_is_the_least_move_that_gives_the_key_its_share():
+    _, c = random_second_moment(16)
+    g = torch.Generator().manual_seed(2)
+    keys = torch.randn(3, 16, generator=g, dtype=torch.float64)
+    keys[0] = 0.05 * keys[0] + keys[1:].mean(0)  # a prompt key the mean direction barely reaches
+    k_star = keys.mean(0)
+    u_r, u_e = rome_math.left_vector(k_star, c), rome_math.equal_gain_vector(keys, c, gram_ridge=0.0)
+
+    def gain(u):
+        return float(u @ keys[0]) / float(u @ k_star)
+
+    g_r = gain(u_r)
+    floor = (g_r + 1) / 2
+    u = rome_math.toward_gain(u_r, u_e, keys[0], k_star, floor)
+    assert gain(u) == pytest.approx(floor)
+    torch.testing.assert_close(rome_math.toward_gain(u_r, u_e, keys[0], k_star, 5.0), u_e)  # as far as u_e goes
+
 
 
 def test_fused_head_in_chunks_equals_log_softmax(monkeypatch, tiny_tok):
