@@ -76,10 +76,6 @@ class MEMITHyperParams:
     context_template_seeds: tuple[str, ...] = ("The", "Therefore", "Because", "I", "You")
     guard_position0: bool = True
     v_batch_size: int = 32  # requests per batch of the δ optimisation; 1 is the peers' one-at-a-time
-    # Fit every template's key to the request's residual instead of the template average (each
-    # weighted 1/T, so λ keeps its meaning): the least-squares counterpart of ROME's equal-gain u,
-    # for prompts whose own key is far from the average.
-    keys_per_template: bool = False
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -160,13 +156,9 @@ def spread_over_layers(
             t0 = time.perf_counter()
             for i, layer in enumerate(hp.layers):
                 name = hp.module_name(layer)
-                keys = subject_keys(model, tok, modules[layer], templates, requests, hp.guard_position0,
-                                    average=not hp.keys_per_template)
+                keys = subject_keys(model, tok, modules[layer], templates, requests, hp.guard_position0)
                 h = module_outputs_at_subject(model, tok, block, requests, hp.guard_position0)
                 resid = (z - h) / (len(hp.layers) - i)
-                if hp.keys_per_template:  # T columns per request, each weighted 1/T in KKᵀ and RKᵀ
-                    scale = len(templates) ** -0.5
-                    keys, resid = keys * scale, resid.repeat_interleave(len(templates), dim=1) * scale
                 a, b = solve(layer, name, resid, keys)
                 weight = modules[layer].weight
                 if hp.out_proj_transposed:  # Conv1D stores Wᵀ: Δᵀ = B Aᵀ
