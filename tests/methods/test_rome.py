@@ -9,7 +9,7 @@ from kedit.methods.hparams import hparams_from_overrides, hparams_to_dict
 
 from kedit.arch import arch_for, get_module
 from kedit.delta import LowRank, apply_step
-from kedit.evaluate import start_token_id
+from kedit.evaluate import start_token_id, token_accuracy
 from tests.tiny import MODEL_TYPES, make_model, make_tokenizer
 
 REQ = EditRequest(prompt="The capital of France is", subject="France", target_new="Rome")
@@ -357,12 +357,35 @@ def test_equal_gain_gives_the_prompt_the_whole_edit(tiny_llama, tiny_tok):
     hp = fast_hparams(tiny_llama, mom2_adjustment=True, v_num_grad_steps=3)
     d_in = get_module(tiny_llama, hp.module_name).weight.shape[1]
     c = random_second_moment(d_in)[1].float()
-    runs = {f: rome.apply(tiny_llama, tiny_tok, [REQ], dataclasses.replace(hp, prompt_gain_floor=f), second_moment=c)
+    runs = {f: rome.apply(tiny_llama, tiny_tok, [REQ], dataclasses.replace(hp, prompt_gain_floor=f,
+                                                                            escalate_gain_floors=()),
+                          second_moment=c)
             for f in (0.0, 10.0)}
     info_r, info_e = (runs[f].info["requests"][0] for f in (0.0, 10.0))
     assert not info_r["equal_gain"] and info_r["prompt_gain"] == info_r["rome_prompt_gain"]
     assert info_e["equal_gain"] and info_e["prompt_gain"] == pytest.approx(1.0, abs=0.02)
     assert info_e["rome_prompt_gain"] == info_r["rome_prompt_gain"]
+
+
+def test_an_edit_that_does_not_show_on_its_prompt_raises_the_gain_floor(tiny_llama, tiny_tok):
+    """The check runs the edited model: an edit that takes keeps ROME's u; one whose value never
+    moved (one step: δ = 0) is tried at every floor, then with v* optimised again."""
+    d_in = get_module(tiny_llama, fast_hparams(tiny_llama).module_name).weight.shape[1]
+    c = random_second_moment(d_in)[1].float()
+    hp = fast_hparams(tiny_llama, mom2_adjustment=True, escalate_gain_floors=(0.5, 1.0))
+    req = dataclasses.replace(REQ_DIRECT, target_new="Paris")  # one token: it can become the argmax
+    assert token_accuracy(tiny_llama, tiny_tok, [req.text], ["Paris"]) == [0.0]
+    took = rome.apply(tiny_llama, tiny_tok, [req], hp, second_moment=c).info["requests"][0]
+    assert took["shows_on_prompt"] and took["gain_floor"] == 0.0 and not took["equal_gain"]
+    stuck = rome.apply(tiny_llama, tiny_tok, [req], dataclasses.replace(hp, v_num_grad_steps=1, retry_grad_steps=0),
+                       second_moment=c).info["requests"][0]
+    assert stuck["shows_on_prompt"] is False and stuck["gain_floor"] == 1.0 and not stuck["retried"]
+    # with a retry, v* is optimised again with more steps and the edit shows
+    retried = rome.apply(tiny_llama, tiny_tok, [req], dataclasses.replace(hp, v_num_grad_steps=1),
+                         second_moment=c).info["requests"][0]
+    assert retried["retried"] and retried["shows_on_prompt"] and retried["steps"] > 1
+    with pytest.raises(ValueError, match="escalate_gain_floors"):
+        dataclasses.replace(hp, escalate_gain_floors=(0.0,))
 
 
 def test_toward_gain_is_the_least_move_that_gives_the_key_its_share():
