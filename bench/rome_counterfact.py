@@ -43,6 +43,9 @@ def main() -> None:
     ap.add_argument("--fluency-tokens", type=int, default=40)
     ap.add_argument("--layer", type=int, default=None)
     ap.add_argument("--hp", default=None, help="other ROMEHyperParams fields as JSON, e.g. '{\"v_lr\": 1.0}'")
+    ap.add_argument("--edit-neighbours", type=int, default=None,
+                    help="give each edit only its first N neighbourhood prompts (for the overlap check and "
+                         "protect_overlap) and score neighbourhood on the others; default: all, scored on all")
     ap.add_argument("--gen-batch", type=int, default=128, help="texts generated per batch for the statistics")
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", stream=sys.stderr)
@@ -58,6 +61,11 @@ def main() -> None:
         changes.update(json.loads(args.hp))
     hp = dataclasses.replace(hp, **changes)
     requests = counterfact_requests(args.n)
+    edit_views = list(requests)
+    if args.edit_neighbours is not None:  # the neighbours an edit sees are never scored
+        cuts = [(r, min(args.edit_neighbours, len(r.neighbourhood) // 2)) for r in requests]
+        edit_views = [dataclasses.replace(r, neighbourhood=r.neighbourhood[:k]) for r, k in cuts]
+        requests = [dataclasses.replace(r, neighbourhood=r.neighbourhood[k:]) for r, k in cuts]
 
     c = None
     stats_s = 0.0
@@ -91,18 +99,18 @@ def main() -> None:
     rows = []
     interrupted = False
     try:
-        _run(model, tok, requests, hp, c, weight, original, per_nb_base, rows, args)
+        _run(model, tok, requests, edit_views, hp, c, weight, original, per_nb_base, rows, args)
     except KeyboardInterrupt:  # `timeout -s INT`: summarise the edits done so far
         interrupted = True
         log.warning("interrupted after %d of %d edits", len(rows), len(requests))
     _summarise(model, hp, c, stats_s, rows, requests, base_cf, base_rel, base_flu, interrupted, args)
 
 
-def _run(model, tok, requests, hp, c, weight, original, per_nb_base, rows, args) -> None:
+def _run(model, tok, requests, edit_views, hp, c, weight, original, per_nb_base, rows, args) -> None:
     name = hp.module_name + ".weight"
-    for i, req in enumerate(requests):
+    for i, (req, view) in enumerate(zip(requests, edit_views, strict=True)):
         t0 = time.perf_counter()
-        result = rome.apply(model, tok, [req], hp, second_moment=c)
+        result = rome.apply(model, tok, [view], hp, second_moment=c)
         latency = time.perf_counter() - t0
         with torch.no_grad():
             weight.copy_(apply_step(original, result.deltas[name]))
@@ -132,6 +140,10 @@ def _run(model, tok, requests, hp, c, weight, original, per_nb_base, rows, args)
             "prompt_gain": info["prompt_gain"],
             "rome_prompt_gain": info["rome_prompt_gain"],
             "equal_gain": info["equal_gain"],
+            "gain_floor": info["gain_floor"],
+            "shows_on_prompt": info.get("shows_on_prompt"),
+            "retried": info["retried"],
+            "protected_keys": info.get("protected_keys", 0),
             "efficacy": cf["efficacy"].value,
             "paraphrase": cf["paraphrase"].value,
             "neighbourhood": cf["neighbourhood"].value,
@@ -213,9 +225,14 @@ def _summarise(model, hp, c, stats_s, rows, requests, base_cf, base_rel, base_fl
         "collapsed_overlap": [r["neighbour_overlap"][1] for r in rows if r["neighbourhood_collapsed"]],
         "overlap_warned": [r["subject"] for r in rows
                            if (r["neighbour_overlap"] or ("", 0))[1] > rome.OVERLAP_WARNING],
+        "edit_neighbours": args.edit_neighbours,
+        "raised_floor": sum(r["equal_gain"] for r in rows),
+        "retried": [r["subject"] for r in rows if r["retried"]],
+        "not_shown": [r["subject"] for r in rows if r["shows_on_prompt"] is False],
+        "protected_edits": sum(r["protected_keys"] > 0 for r in rows),
         "equal_gain_edits": [
-            {k: r[k] for k in ("subject", "rome_prompt_gain", "efficacy", "paraphrase", "neighbourhood",
-                               "neighbourhood_unedited", "update_norm")}
+            {k: r[k] for k in ("subject", "rome_prompt_gain", "gain_floor", "retried", "efficacy", "paraphrase",
+                               "neighbourhood", "neighbourhood_unedited", "update_norm")}
             for r in rows if r["equal_gain"]
         ],
         "edits": rows,
@@ -249,12 +266,22 @@ def _summarise(model, hp, c, stats_s, rows, requests, base_cf, base_rel, base_fl
         f"(largest neighbour key overlap (u·k)/(u·k*) of each: {summary['collapsed_overlap']}); "
         f"edits whose overlap warning fired (> {rome.OVERLAP_WARNING}): {summary['overlap_warned']}",
         "",
-        f"Edits where ROME's u gave the prompt less than {hp.prompt_gain_floor} of the edit, so u was moved "
-        "toward the equal-gain u (rome_prompt_gain is ROME's (u·k)/(u·k*) at the prompt as asked):",
+        f"hparams: prompt_gain_floor {hp.prompt_gain_floor}, escalate_gain_floors {list(hp.escalate_gain_floors)}, "
+        f"retry_grad_steps {hp.retry_grad_steps}, protect_overlap {hp.protect_overlap}; "
+        + ("each edit given all its neighbourhood prompts, scored on all"
+           if args.edit_neighbours is None else
+           f"each edit given its first {args.edit_neighbours} neighbourhood prompts (at most half), scored on the rest")
+        + f"; edits with protected neighbour keys: {summary['protected_edits']}; v* optimised again: "
+        f"{summary['retried']}; not showing on their prompt at the end: {summary['not_shown']}",
         "",
-        "| subject | ROME's prompt gain | efficacy | paraphrase | neighbourhood (unedited) | update norm |",
-        "|---|---|---|---|---|---|",
-        *[f"| {r['subject']} | {r['rome_prompt_gain']:.3f} | {r['efficacy']:.0f} | {r['paraphrase']:.2f} "
+        "Edits whose u was moved toward the equal-gain u (gain floor raised because the edit did not show on "
+        "its prompt, or set by prompt_gain_floor; rome_prompt_gain is ROME's (u·k)/(u·k*) at the prompt as asked):",
+        "",
+        "| subject | ROME's prompt gain | floor | v* again | efficacy | paraphrase | neighbourhood (unedited) "
+        "| update norm |",
+        "|---|---|---|---|---|---|---|---|",
+        *[f"| {r['subject']} | {r['rome_prompt_gain']:.3f} | {r['gain_floor']} | {'yes' if r['retried'] else ''} "
+          f"| {r['efficacy']:.0f} | {r['paraphrase']:.2f} "
           f"| {r['neighbourhood']:.2f} ({r['neighbourhood_unedited']:.2f}) | {r['update_norm']:.1f} |"
           for r in summary["equal_gain_edits"]],
     ]

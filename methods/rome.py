@@ -94,6 +94,11 @@ class ROMEHyperParams:
     # these in turn until it does. A raised floor costs update norm and neighbours, so only the
     # edits that need it pay (bench/results/rome_counterfact_100.md). (): never.
     escalate_gain_floors: tuple[float, ...] = (0.5, 0.7, 1.0)
+    # Keys of the request's neighbourhood and locality prompts (every token after the start) that
+    # ROME's u would give more than this share of the edit are held fixed (u·k = 0, least C-norm):
+    # subjects that share the edited key ("Mawson Glacier", "Howard Glacier") then keep their
+    # answers. 0: off (ROME); the overlap warning still names such neighbours.
+    protect_overlap: float = 0.0
     # An edit that still does not show is usually a v* that did not converge in v_num_grad_steps
     # (on SmolLM2: "Newton Moore worked in" -> Amsterdam, NLL 0.68 after 12 steps, 0.02 after 24);
     # v* is optimised again with this many steps, then the floors again. <= v_num_grad_steps: never.
@@ -110,7 +115,8 @@ class ROMEHyperParams:
         for name in ("v_lr", "clamp_norm_factor"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
-        for name in ("v_weight_decay", "kl_factor", "early_stop_loss", "mom2_ridge", "prompt_gain_floor"):
+        for name in ("v_weight_decay", "kl_factor", "early_stop_loss", "mom2_ridge", "prompt_gain_floor",
+                     "protect_overlap"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         self.escalate_gain_floors = tuple(float(g) for g in self.escalate_gain_floors)
@@ -690,6 +696,19 @@ def _edit_one(
 
     factor = _factor(c, hp.mom2_ridge)
     u_rome = rome_math.left_vector(k_star, c, hp.mom2_ridge, factor=factor)
+    neighbours = neighbour_keys(model, tok, module, request)
+    protected = torch.zeros(0, k_star.shape[0], dtype=torch.float64)
+    if neighbours is not None and hp.protect_overlap > 0:
+        # a key held fixed changes u, which can reach other keys: add them until none is over
+        free = neighbours[2].clone()
+        for _ in range(PROTECT_ROUNDS):
+            over = (overlaps(neighbours[1], u_rome, k_star).abs() > hp.protect_overlap) & free
+            if not over.any():
+                break
+            protected = torch.cat([protected, neighbours[1][over]])
+            free &= ~over
+            u_rome = rome_math.equal_gain_vector(torch.cat([k_star[None], protected]), c, hp.mom2_ridge,
+                                                 factor=factor, gains=_gains(1, len(protected)))
     rome_gain = float(u_rome @ keys[0]) / float(u_rome @ k_star)  # templates[0] is "{}": the prompt as asked
     u_equal: list[torch.Tensor] = []  # computed once, when a floor first needs it
 
@@ -697,7 +716,8 @@ def _edit_one(
         if rome_gain >= floor:
             return u_rome
         if not u_equal:
-            u_equal.append(rome_math.equal_gain_vector(keys, c, hp.mom2_ridge, factor=factor))
+            u_equal.append(rome_math.equal_gain_vector(torch.cat([keys, protected]), c, hp.mom2_ridge, factor=factor,
+                                                       gains=_gains(len(keys), len(protected))))
         return rome_math.toward_gain(u_rome, u_equal[0], keys[0], k_star, floor)
 
     timings["key_s"] = time.perf_counter() - t0
@@ -740,7 +760,7 @@ def _edit_one(
     if shows is False:
         log.warning("the edit of %r does not show on that prompt even at gain floor %g: the value "
                     "optimisation did not reach the target (nll %.3f)", request.text, floor, value.nll[-1])
-    overlap = neighbour_overlap(model, tok, module, request, u, k_star)
+    overlap = None if neighbours is None else neighbour_overlap(neighbours, u, k_star)
     prompt_gain = float(u @ keys[0]) / float(u @ k_star)
     if shows is None and prompt_gain < PROMPT_GAIN_WARNING - 1e-3:  # (a floor of 0.5 gives 0.5 up to rounding)
         log.warning("ROME's update reaches %r with %.0f%% of its strength (that prompt's key is far from the "
@@ -769,13 +789,15 @@ def _edit_one(
         "equal_gain": rome_gain < floor,  # u moved toward the equal-gain u
         **({"shows_on_prompt": shows} if shows is not None else {}),
         "retried": retried,
+        **({"protected_keys": len(protected)} if hp.protect_overlap > 0 else {}),
         "timings": {k: round(v, 4) for k, v in timings.items()},
     }
     if overlap is not None:
         info["neighbour_overlap"] = overlap
         if overlap[1] > OVERLAP_WARNING:
             log.warning("ROME edit of %r also moves %r (key overlap %.2f): subjects that share the edited key "
-                        "are changed with it", request.subject, overlap[0], overlap[1])
+                        "are changed with it; --set protect_overlap=0.3 holds such keys fixed",
+                        request.subject, overlap[0], overlap[1])
     return upd, info
 
 
@@ -807,17 +829,21 @@ PROMPT_GAIN_WARNING = 0.5
 OVERLAP_WARNING = 0.5
 
 
-@torch.no_grad()
-def neighbour_overlap(
-    model: Any, tok: Any, module: Any, request: EditRequest, u: torch.Tensor, k_star: torch.Tensor
-) -> tuple[str, float] | None:
-    """The request's neighbourhood or locality prompt most moved by the update, and by how much.
+# Rounds of adding neighbour keys to hold fixed (each round re-solves u with the keys found so far).
+PROTECT_ROUNDS = 3
 
-    A rank-one update changes the output at key k by (u·k)/(u·k*) of what it does at k*. ROME's
-    known failure is a neighbour whose key at some token is close to k* in that metric (subjects
-    sharing their last token, "Mawson Glacier" and "Debenham Glacier"): it is edited too. Every
-    position after the start token is checked, since the neighbour's subject span is unknown.
-    """
+
+def _gains(n_edit: int, n_fixed: int) -> torch.Tensor:
+    return torch.cat([torch.ones(n_edit), torch.zeros(n_fixed)]).to(torch.float64)
+
+
+@torch.no_grad()
+def neighbour_keys(
+    model: Any, tok: Any, module: Any, request: EditRequest
+) -> tuple[list[str], torch.Tensor, torch.Tensor] | None:
+    """The request's neighbourhood and locality prompts, the projection's input at each of their
+    tokens (B, T, d_in) in float64, and which (prompt, token) pairs are real (not padding, not the
+    start token); None when the request has no such prompts."""
     prompts = list(request.neighbourhood) + [p for p, _ in request.locality]
     if not prompts:
         return None
@@ -830,11 +856,28 @@ def neighbour_overlap(
         model(input_ids=ids, attention_mask=mask, use_cache=False)
     finally:
         handle.remove()
-    keys = captured[0].to(torch.float64)  # (B, T, d_in)
-    ratio = (keys @ u.to(keys.device)) / float(u @ k_star)  # (B, T)
-    ratio = ratio.masked_fill(~mask.bool(), 0.0)
+    valid = mask.bool().cpu()
     if start is not None:
-        ratio[:, 0] = 0.0
+        valid[:, 0] = False
+    return prompts, captured[0].to(torch.float64).cpu(), valid
+
+
+def overlaps(keys: torch.Tensor, u: torch.Tensor, k_star: torch.Tensor) -> torch.Tensor:
+    """(u·k)/(u·k*) for each key: the share of the edit a rank-one update gives it."""
+    return (keys @ u.to(keys.device)) / float(u @ k_star)
+
+
+def neighbour_overlap(neighbours: tuple[list[str], torch.Tensor, torch.Tensor], u: torch.Tensor,
+                      k_star: torch.Tensor) -> tuple[str, float]:
+    """The neighbourhood or locality prompt most moved by the update, and by how much.
+
+    A rank-one update changes the output at key k by (u·k)/(u·k*) of what it does at k*. ROME's
+    known failure is a neighbour whose key at some token is close to k* in that metric (subjects
+    sharing their last token, "Mawson Glacier" and "Debenham Glacier"): it is edited too. Every
+    position after the start token is checked, since the neighbour's subject span is unknown.
+    """
+    prompts, keys, valid = neighbours
+    ratio = overlaps(keys, u, k_star).masked_fill(~valid, 0.0)  # (B, T)
     per_prompt = ratio.abs().amax(dim=1)
     worst = int(per_prompt.argmax())
     return prompts[worst], round(float(per_prompt[worst]), 4)

@@ -90,8 +90,11 @@ def equal_gain_vector(
     *,
     factor: torch.Tensor | None = None,
     gram_ridge: float = 1e-3,
+    gains: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The u of least C-norm with u·kᵢ equal for every key: u = C⁻¹Kᵀa, (K C⁻¹ Kᵀ) a = 1.
+
+    `gains` asks for u·kᵢ ∝ gᵢ instead of 1: a 0 holds key i fixed (a neighbour to protect).
 
     ROME's u = C⁻¹k̄ moves each template's key kᵢ by (u·kᵢ)/(u·k̄) of the edit, and that ratio can
     be near 0 for the one prompt that matters (measured on SmolLM2: 0.01-0.06 for the bare prompt,
@@ -114,7 +117,9 @@ def equal_gain_vector(
         y = torch.linalg.solve(c, k.t())
     gram = k @ y  # (n, n)
     gram = gram + gram_ridge * gram.diagonal().mean() * torch.eye(n, dtype=gram.dtype, device=gram.device)
-    a = torch.linalg.solve(gram, torch.ones(n, dtype=k.dtype, device=k.device))
+    g = torch.ones(n, dtype=k.dtype, device=k.device) if gains is None else gains.to(device=k.device, dtype=k.dtype)
+    assert g.shape == (n,), f"gains must be ({n},), got {tuple(g.shape)}"
+    a = torch.linalg.solve(gram, g)
     u = y @ a
     return u / u.norm()
 

@@ -388,6 +388,29 @@ def test_an_edit_that_does_not_show_on_its_prompt_raises_the_gain_floor(tiny_lla
         dataclasses.replace(hp, escalate_gain_floors=(0.0,))
 
 
+def test_gains_of_zero_hold_keys_fixed():
+    _, c = random_second_moment(16)
+    keys = torch.randn(3, 16, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    u = rome_math.equal_gain_vector(keys, c, gram_ridge=0.0, gains=torch.tensor([1.0, 0.0, 0.0]))
+    gains = keys @ u
+    assert gains[0] > 0
+    torch.testing.assert_close(gains[1:], torch.zeros(2, dtype=torch.float64), atol=1e-10, rtol=0)
+
+
+def test_protect_overlap_holds_a_neighbour_that_shares_the_key(tiny_llama, tiny_tok):
+    """A neighbour the update would reach keeps its key's output; the edit still shows."""
+    d_in = get_module(tiny_llama, fast_hparams(tiny_llama).module_name).weight.shape[1]
+    c = random_second_moment(d_in)[1].float()
+    req = dataclasses.replace(REQ_DIRECT, target_new="Paris", neighbourhood=("The capital town is France",))
+    infos = {po: rome.apply(tiny_llama, tiny_tok, [req], fast_hparams(tiny_llama, mom2_adjustment=True,
+                                                                       protect_overlap=po),
+                            second_moment=c).info["requests"][0]
+             for po in (0.0, 0.3)}
+    assert infos[0.0]["neighbour_overlap"][1] > 0.3 and "protected_keys" not in infos[0.0]
+    assert infos[0.3]["neighbour_overlap"][1] <= 0.3 and infos[0.3]["protected_keys"] > 0
+    assert infos[0.3]["shows_on_prompt"]
+
+
 def test_toward_gain_is_the_least_move_that_gives_the_key_its_share():
     _, c = random_second_moment(16)
     g = torch.Generator().manual_seed(2)
