@@ -272,6 +272,33 @@ def _linear_weight(module: Any, transposed: bool) -> torch.Tensor:
     return w.t() if transposed else w
 
 
+class _Captured(Exception):
+    """Raised by a capture hook: nothing above the module is needed, so the forward pass stops."""
+
+
+@torch.no_grad()
+def capture_at_module(model: Any, module: Any, ids: torch.Tensor, mask: torch.Tensor, *,
+                      output: bool = False) -> torch.Tensor:
+    """The module's input (or output) for a batch, (B, T, d); the layers above it are not run."""
+    captured: list[torch.Tensor] = []
+
+    def grab(x: torch.Tensor) -> None:
+        captured.append(x.detach())
+        raise _Captured
+
+    if output:
+        handle = module.register_forward_hook(lambda _m, _a, o: grab(o[0] if isinstance(o, tuple) else o))
+    else:
+        handle = module.register_forward_pre_hook(lambda _m, a: grab(a[0]))
+    try:
+        model(input_ids=ids, attention_mask=mask, use_cache=False)
+    except _Captured:
+        pass
+    finally:
+        handle.remove()
+    return captured[0]
+
+
 @torch.no_grad()
 def subject_key(
     model: Any, tok: Any, module: Any, templates: Sequence[str], subject: str, guard: bool
@@ -290,17 +317,7 @@ def subject_key(
         positions.append(last)
         n_guarded += guarded
     ids, mask = pad_right(rows, pad_id(tok), input_device(model))
-    captured: list[torch.Tensor] = []
-
-    def hook(_mod: Any, args: tuple) -> None:
-        captured.append(args[0].detach())
-
-    handle = module.register_forward_pre_hook(hook)
-    try:
-        model(input_ids=ids, attention_mask=mask, use_cache=False)
-    finally:
-        handle.remove()
-    x = captured[0]  # (B, T, d_in)
+    x = capture_at_module(model, module, ids, mask)  # (B, T, d_in)
     keys = x[torch.arange(len(rows)), torch.tensor(positions)]  # (B, d_in)
     return keys.to(torch.float64), n_guarded
 
@@ -850,16 +867,11 @@ def neighbour_keys(
     start = start_token_id(tok)
     rows = [([] if start is None else [start]) + list(tok(p)["input_ids"]) for p in prompts]
     ids, mask = pad_right(rows, pad_id(tok), input_device(model))
-    captured: list[torch.Tensor] = []
-    handle = module.register_forward_pre_hook(lambda _m, a: captured.append(a[0]))
-    try:
-        model(input_ids=ids, attention_mask=mask, use_cache=False)
-    finally:
-        handle.remove()
+    keys = capture_at_module(model, module, ids, mask)
     valid = mask.bool().cpu()
     if start is not None:
         valid[:, 0] = False
-    return prompts, captured[0].to(torch.float64).cpu(), valid
+    return prompts, keys.to(torch.float64).cpu(), valid
 
 
 def overlaps(keys: torch.Tensor, u: torch.Tensor, k_star: torch.Tensor) -> torch.Tensor:

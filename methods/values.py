@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from kedit.methods.base import EditRequest
 from kedit.methods.rome import (
     SuffixForward,
+    capture_at_module,
     encode_with_subject,
     head_logits,
     input_device,
@@ -65,33 +66,9 @@ def _capture_at_subject(
             rows.append(ids)
             positions.append(last)
         ids, mask = pad_right(rows, pad_id(tok), input_device(model))
-        captured: list[torch.Tensor] = []
-        handle = _capture(module, captured, output)
-        try:
-            model(input_ids=ids, attention_mask=mask, use_cache=False)
-        except _Captured:
-            pass
-        finally:
-            handle.remove()
-        x = captured[0]
+        x = capture_at_module(model, module, ids, mask, output=output)
         out.append(x[torch.arange(len(rows)), torch.tensor(positions)].to(torch.float64).cpu())
     return torch.cat(out)
-
-
-class _Captured(Exception):
-    """Raised by a capture hook: nothing above the module is needed, so the forward pass stops."""
-
-
-def _capture(module: Any, into: list[torch.Tensor], output: bool) -> Any:
-    """Hook that appends the module's first input (or its output) to `into` and stops the pass."""
-
-    def grab(x: torch.Tensor) -> None:
-        into.append(x)
-        raise _Captured
-
-    if output:
-        return module.register_forward_hook(lambda _m, _a, o: grab(o[0] if isinstance(o, tuple) else o))
-    return module.register_forward_pre_hook(lambda _m, a: grab(a[0]))
 
 
 def subject_keys(
