@@ -97,8 +97,9 @@ class ROMEHyperParams:
     # Keys of the request's neighbourhood and locality prompts (every token after the start) that
     # ROME's u would give more than this share of the edit are held fixed (u·k = 0, least C-norm):
     # subjects that share the edited key ("Mawson Glacier", "Howard Glacier") then keep their
-    # answers. 0: off (ROME); the overlap warning still names such neighbours.
-    protect_overlap: float = 0.0
+    # answers (on SmolLM2, 100 edits scored on neighbours they never saw: 5 collapsed
+    # neighbourhoods without, 2 with). Only prompts given with the edit count. 0: off (ROME).
+    protect_overlap: float = 0.3
     # An edit that still does not show is usually a v* that did not converge in v_num_grad_steps
     # (on SmolLM2: "Newton Moore worked in" -> Amsterdam, NLL 0.68 after 12 steps, 0.02 after 24);
     # v* is optimised again with this many steps, then the floors again. <= v_num_grad_steps: never.

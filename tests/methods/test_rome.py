@@ -454,7 +454,7 @@ def test_neighbour_overlap_flags_a_neighbour_that_shares_the_key(tiny_llama, tin
     """A neighbour with the subject's own key gets (u·k)/(u·k*) = 1: the edit moves it fully."""
     same = dataclasses.replace(REQ_DIRECT, neighbourhood=(REQ_DIRECT.text + " again",))
     other = dataclasses.replace(REQ_DIRECT, neighbourhood=("Tokyo is in Japan",))
-    hp = fast_hparams(tiny_llama, v_num_grad_steps=2, context_template_length_params=())
+    hp = fast_hparams(tiny_llama, v_num_grad_steps=2, context_template_length_params=(), protect_overlap=0.0)
     (prompt, shared), = [rome.apply(tiny_llama, tiny_tok, [same], hp).info["requests"][0]["neighbour_overlap"]]
     _, unrelated = rome.apply(tiny_llama, tiny_tok, [other], hp).info["requests"][0]["neighbour_overlap"]
     assert prompt == same.neighbourhood[0] and shared == pytest.approx(1.0, abs=1e-3) and unrelated < 0.5
