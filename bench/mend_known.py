@@ -20,6 +20,7 @@ multi: three task families built from the same split: counterfact (as above), se
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import os
@@ -159,7 +160,7 @@ def evaluate_editor(model: Any, tok: Any, repo: Repository, method: str, editor_
     before_rel = evaluate.reliability(model, tok, requests).value
     before_gen = evaluate.generalization(model, tok, requests).value
     params = dict(model.named_parameters())
-    rel, gen, loc, latency, ranks = [], [], [], [], []
+    rel, gen, loc, latency, ranks, rel_wrapped = [], [], [], [], [], []
     k = 0
     for r, ps in zip(requests, pairs, strict=True):
         t0 = time.perf_counter()
@@ -171,6 +172,9 @@ def evaluate_editor(model: Any, tok: Any, repo: Repository, method: str, editor_
                 params[n].add_((d.a @ d.b).to(params[n].dtype))
                 ranks.append(d.rank)
         rel.append(evaluate.reliability(model, tok, [r]).value)
+        if method == "instructedit":  # EasyEdit's protocol: the query carries the instruction too
+            wrapped = dataclasses.replace(r, prompt=result.info["wrapped_prompt"])
+            rel_wrapped.append(evaluate.reliability(model, tok, [wrapped]).value)
         if r.paraphrases:
             gen.append(evaluate.generalization(model, tok, [r]).value)
         if ps:
@@ -184,7 +188,8 @@ def evaluate_editor(model: Any, tok: Any, repo: Repository, method: str, editor_
             "unedited_reliability": round(before_rel, 4), "unedited_generalization": round(before_gen, 4),
             "latency_median_s": round(statistics.median(latency), 3),
             "latency_p90_s": round(sorted(latency)[int(0.9 * (len(latency) - 1))], 3),
-            "rank_median": statistics.median(ranks) if ranks else 0}
+            "rank_median": statistics.median(ranks) if ranks else 0,
+            **({"reliability_instruction_in_query": mean(rel_wrapped)} if rel_wrapped else {})}
 
 
 def requests_of(records: list[dict]) -> list[EditRequest]:
@@ -194,6 +199,9 @@ def requests_of(records: list[dict]) -> list[EditRequest]:
 
 
 def make_repo(folder: Path) -> Repository:
+    """The repository in `folder` (kept with --workdir: a second run re-uses its finished editors)."""
+    if (folder / "work" / ".kedit").exists():
+        return Repository.open(folder / "work")
     default_model_folder(CACHE_DIR)
     return Repository.init(folder / "work", str(CACHE_DIR), copy=False, progress=False)
 
@@ -265,15 +273,16 @@ def report(out: dict[str, Any], argv: str) -> str:
              f"{out['n_train_facts']} training facts (known_id % 5 != 0), {out['n_test_facts']} test facts "
              f"(known_id % 5 == 0). Teacher-forced protocols (EasyEdit); each edit applied to the base alone.", "",
              "| editor | test set | n | reliability | generalization | locality | unedited rel. "
-             "| latency median / p90 |",
-             "|---|---|---|---|---|---|---|---|"]
+             "| latency median / p90 | reliability, instruction in the query |",
+             "|---|---|---|---|---|---|---|---|---|"]
     tests = out["test"]
     rows = [("mend", t, r) for t, r in tests.items()] if out["mode"] == "single" else \
         [(m, t, r) for m, per in tests.items() for t, r in per.items()]
     for method, task, r in rows:
         lines.append(f"| {method} | {task} | {r['n']} | {r['reliability']:.3f} | {r['generalization']:.3f} | "
                      f"{r['locality']:.3f} | {r['unedited_reliability']:.3f} | "
-                     f"{r['latency_median_s']:.3f} s / {r['latency_p90_s']:.3f} s |")
+                     f"{r['latency_median_s']:.3f} s / {r['latency_p90_s']:.3f} s | "
+                     f"{r.get('reliability_instruction_in_query', float('nan')):.3f} |".replace("nan", ""))
     lines += ["", "Training (validation on held-out training records, single edits):", ""]
     for key in [k for k in out if k.startswith("editor")]:
         m = out[key]["metrics"]

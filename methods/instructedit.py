@@ -125,8 +125,9 @@ def apply(model: Any, tok: Any, requests: Sequence[EditRequest], hparams: Instru
     editor, params, _ = load_editor(load_editor_fn, hparams.editor, "instructedit")
     check_model(model, params, editor)
     desc = instruction(hparams.task, hparams.instruction)
-    deltas, info = edit_with(model, tok, requests, editor, params, [wrap(hparams.task, desc, r.text) for r in requests])
-    info.update({"editor": hparams.editor, "task": hparams.task, "instruction": desc,
+    texts = [wrap(hparams.task, desc, r.text) for r in requests]
+    deltas, info = edit_with(model, tok, requests, editor, params, texts)
+    info.update({"editor": hparams.editor, "task": hparams.task, "instruction": desc, "wrapped_prompt": texts[0],
                  "method_seconds": round(time.perf_counter() - t0, 3)})
     return EditResult(deltas=deltas, info=info)
 

@@ -523,7 +523,7 @@ class SuffixForward:
 @dataclass
 class _ValueResult:
     delta: torch.Tensor  # (d_out,)
-    losses: list[float] = field(default_factory=list)
+    losses: list[float] = field(default_factory=list)  # before each update (the δ after the last is not scored)
     nll: list[float] = field(default_factory=list)
     n_guarded: int = 0
     partial: bool = False  # whether the suffix-only forward was used
@@ -620,7 +620,10 @@ def optimise_value(
     kl_init: torch.Tensor | None = None
     handle = module.register_forward_hook(hook)
     try:
+        last = hp.v_num_grad_steps - 1
         for step in range(hp.v_num_grad_steps):
+            if step == last and step > 0:  # its forward pass would only report a loss: δ is final
+                break
             opt.zero_grad()
             hidden = hidden_fn()  # (n_labels + 1, H)
             if kl_init is None:  # δ = 0 at step 0: the unedited distribution
@@ -638,7 +641,7 @@ def optimise_value(
             loss = nll + kl + decay
             result.losses.append(float(loss.detach()))
             result.nll.append(float(nll.detach()))
-            if result.losses[-1] < hp.early_stop_loss or step == hp.v_num_grad_steps - 1:
+            if result.losses[-1] < hp.early_stop_loss or step == last:
                 break
             loss.backward()
             opt.step()
