@@ -582,17 +582,15 @@ def optimise_value(
     if reason is None and hp.layer >= n_layers(model):
         reason = "layer out of range"
     if reason is None:
-        # The KL term reads only the KL prompt's subject column, so that row runs on its own, one
-        # column wide, instead of padded to the rewrite prompts' width (a seventh of each step).
-        runner = SuffixForward(model, rows[:kl_row], edit_pos[:kl_row], hp.layer, pad_id(tok))
-        kl_runner = SuffixForward(model, [kl_ids[: kl_last + 1]], [kl_last], hp.layer, pad_id(tok))
-        label_rows_t = torch.tensor(label_rows, device=device)
-        label_cols_t = torch.tensor([c - edit_pos[r] for r, c in zip(label_rows, label_cols, strict=True)],
-                                    device=device)
-        where = None  # every row's edit position is its first suffix column
+        runner = SuffixForward(model, rows, edit_pos, hp.layer, pad_id(tok))
+        sel_cols = torch.tensor(
+            [c - edit_pos[r] for r, c in zip(label_rows, label_cols, strict=True)] + [0], device=device
+        )
+        where = torch.zeros((len(rows), runner.width - runner.p_len, 1), device=device)
+        where[:, 0] = 1.0  # every row's edit position is its first suffix column
 
         def hidden_fn() -> torch.Tensor:
-            return torch.cat([runner.hidden()[label_rows_t, label_cols_t], kl_runner.hidden()[:, 0]])
+            return runner.hidden()[sel_rows, sel_cols]
 
     else:
         log.debug("ROME: full forward per step (%s)", reason)
@@ -612,8 +610,6 @@ def optimise_value(
     max_norm = hp.clamp_norm_factor * v_init_norm
 
     def hook(_mod: Any, _args: tuple, out: torch.Tensor) -> torch.Tensor:
-        if where is None:  # suffix columns: δ at the first
-            return torch.cat([out[:, :1] + delta.to(out.dtype), out[:, 1:]], dim=1)
         return out + where.to(out.dtype) * delta.to(out.dtype)
 
     # NLL = mean over prompts of the mean over its target tokens: one weight per label
