@@ -41,6 +41,7 @@ import torch
 import torch.nn.functional as F
 from kedit.methods import rome_math
 from kedit.methods.base import EditRequest, EditResult, LowRank, register_method
+from kedit.methods.capture import capture_at_module
 
 from kedit.arch import arch_for, get_module, n_layers
 from kedit.evaluate import answer_ids, start_token_id, target_nll, token_accuracy
@@ -271,33 +272,6 @@ def _linear_weight(module: Any, transposed: bool) -> torch.Tensor:
     """The projection's weight in (d_out, d_in) layout, whatever its storage."""
     w = module.weight
     return w.t() if transposed else w
-
-
-class _Captured(Exception):
-    """Raised by a capture hook: nothing above the module is needed, so the forward pass stops."""
-
-
-@torch.no_grad()
-def capture_at_module(model: Any, module: Any, ids: torch.Tensor, mask: torch.Tensor, *,
-                      output: bool = False) -> torch.Tensor:
-    """The module's input (or output) for a batch, (B, T, d); the layers above it are not run."""
-    captured: list[torch.Tensor] = []
-
-    def grab(x: torch.Tensor) -> None:
-        captured.append(x.detach())
-        raise _Captured
-
-    if output:
-        handle = module.register_forward_hook(lambda _m, _a, o: grab(o[0] if isinstance(o, tuple) else o))
-    else:
-        handle = module.register_forward_pre_hook(lambda _m, a: grab(a[0]))
-    try:
-        model(input_ids=ids, attention_mask=mask, use_cache=False)
-    except _Captured:
-        pass
-    finally:
-        handle.remove()
-    return captured[0]
 
 
 @torch.no_grad()

@@ -20,7 +20,6 @@ pad tokens are skipped through the attention mask; texts are truncated to `max_l
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import logging
@@ -34,6 +33,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from kedit.methods.capture import capture_at_module
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
@@ -54,10 +54,6 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
-
-
-class _StopForward(Exception):
-    """Raised by the capture hook: nothing above the measured layer needs computing."""
 
 
 @dataclass
@@ -255,12 +251,6 @@ def accumulate_second_moment(
     (checkpointing). The forward pass stops at the module: layers above it are never run.
     """
     module = model.get_submodule(module_name)
-    captured: list[torch.Tensor] = []
-
-    def hook(_mod: Any, args: tuple) -> None:
-        captured.append(args[0])
-        raise _StopForward
-
     pad = next(t for t in (tok.pad_token_id, tok.eos_token_id, 0) if t is not None)
     start = start_token_id(tok)
     prefix = [] if start is None else [start]
@@ -277,16 +267,10 @@ def accumulate_second_moment(
                 width = max(len(e) for e in enc)
                 ids = torch.tensor([list(e) + [pad] * (width - len(e)) for e in enc], device=device)
                 mask = torch.tensor([[1] * len(e) + [0] * (width - len(e)) for e in enc], device=device)
-                captured.clear()
                 # Hooked only around this call: the text source may run the model itself (generation).
-                handle = module.register_forward_pre_hook(hook)
-                try:
-                    with contextlib.suppress(_StopForward):
-                        model(input_ids=ids, attention_mask=mask, use_cache=False)
-                finally:
-                    handle.remove()
+                x = capture_at_module(model, module, ids, mask)
                 mask[:, 0] = 0  # the attention sink
-                keys = captured[0][mask.bool()].to(torch.float64)  # (n_tokens, d)
+                keys = x[mask.bool()].to(torch.float64)  # (n_tokens, d)
                 if state is None:
                     state = MomentState.empty(keys.shape[1])
                 state.sum += (keys.t() @ keys).cpu()

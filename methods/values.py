@@ -21,9 +21,9 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from kedit.methods.base import EditRequest
+from kedit.methods.capture import capture_at_module
 from kedit.methods.rome import (
     SuffixForward,
-    capture_at_module,
     encode_with_subject,
     head_logits,
     input_device,
