@@ -173,7 +173,7 @@ def evaluate_editor(model: Any, tok: Any, repo: Repository, method: str, editor_
                 ranks.append(d.rank)
         rel.append(evaluate.reliability(model, tok, [r]).value)
         if method == "instructedit":  # EasyEdit's protocol: the query carries the instruction too
-            wrapped = dataclasses.replace(r, prompt=result.info["wrapped_prompt"])
+            wrapped = dataclasses.replace(r, prompt=result.info["wrapped_prompts"][0])
             rel_wrapped.append(evaluate.reliability(model, tok, [wrapped]).value)
         if r.paraphrases:
             gen.append(evaluate.generalization(model, tok, [r]).value)
@@ -279,10 +279,10 @@ def report(out: dict[str, Any], argv: str) -> str:
     rows = [("mend", t, r) for t, r in tests.items()] if out["mode"] == "single" else \
         [(m, t, r) for m, per in tests.items() for t, r in per.items()]
     for method, task, r in rows:
+        in_query = f"{r['reliability_instruction_in_query']:.3f}" if "reliability_instruction_in_query" in r else ""
         lines.append(f"| {method} | {task} | {r['n']} | {r['reliability']:.3f} | {r['generalization']:.3f} | "
                      f"{r['locality']:.3f} | {r['unedited_reliability']:.3f} | "
-                     f"{r['latency_median_s']:.3f} s / {r['latency_p90_s']:.3f} s | "
-                     f"{r.get('reliability_instruction_in_query', float('nan')):.3f} |".replace("nan", ""))
+                     f"{r['latency_median_s']:.3f} s / {r['latency_p90_s']:.3f} s | {in_query} |")
     lines += ["", "Training (validation on held-out training records, single edits):", ""]
     for key in [k for k in out if k.startswith("editor")]:
         m = out[key]["metrics"]

@@ -127,7 +127,7 @@ def apply(model: Any, tok: Any, requests: Sequence[EditRequest], hparams: Instru
     desc = instruction(hparams.task, hparams.instruction)
     texts = [wrap(hparams.task, desc, r.text) for r in requests]
     deltas, info = edit_with(model, tok, requests, editor, params, texts)
-    info.update({"editor": hparams.editor, "task": hparams.task, "instruction": desc, "wrapped_prompt": texts[0],
+    info.update({"editor": hparams.editor, "task": hparams.task, "instruction": desc, "wrapped_prompts": texts,
                  "method_seconds": round(time.perf_counter() - t0, 3)})
     return EditResult(deltas=deltas, info=info)
 

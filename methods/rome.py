@@ -93,7 +93,7 @@ class ROMEHyperParams:
     # When the edited model does not give the target on the prompt as asked (not every target
     # token the argmax, nor the new target likelier than the true one), the floor is raised to
     # these in turn until it does. A raised floor costs update norm and neighbours, so only the
-    # edits that need it pay (bench/results/rome_counterfact_100.md). (): never.
+    # edits that need it pay (bench/results/rome_counterfact_100.md). (): checked, never raised.
     escalate_gain_floors: tuple[float, ...] = (0.5, 0.7, 1.0)
     # Keys of the request's neighbourhood and locality prompts (every token after the start) that
     # ROME's u would give more than this share of the edit are held fixed (u·k = 0, least C-norm):
@@ -594,10 +594,10 @@ def optimise_value(
     kl_init: torch.Tensor | None = None
     handle = module.register_forward_hook(hook)
     try:
-        last = hp.v_num_grad_steps - 1
-        for step in range(hp.v_num_grad_steps):
-            if step == last and step > 0:  # its forward pass would only report a loss: δ is final
-                break
+        # v_num_grad_steps forward passes in ROME's count, the last of which only scored the final
+        # δ: here n − 1 updates, each after the forward pass it needs (one pass and no update for n = 1)
+        n_updates = hp.v_num_grad_steps - 1
+        for _ in range(max(n_updates, 1)):
             opt.zero_grad()
             hidden = hidden_fn()  # (n_labels + 1, H)
             if kl_init is None:  # δ = 0 at step 0: the unedited distribution
@@ -615,7 +615,7 @@ def optimise_value(
             loss = nll + kl + decay
             result.losses.append(float(loss.detach()))
             result.nll.append(float(nll.detach()))
-            if result.losses[-1] < hp.early_stop_loss or step == last:
+            if result.losses[-1] < hp.early_stop_loss or n_updates == 0:
                 break
             loss.backward()
             opt.step()
@@ -719,16 +719,14 @@ def _edit_one(
 
     floors = [hp.prompt_gain_floor, *sorted(g for g in hp.escalate_gain_floors if g > hp.prompt_gain_floor)]
 
-    def solve(v_star: torch.Tensor) -> tuple[rome_math.RankOne, torch.Tensor, float, bool | None]:
+    def solve(v_star: torch.Tensor) -> tuple[rome_math.RankOne, torch.Tensor, float, bool]:
         """The update at the lowest floor whose edit shows on the prompt (the last floor if none)."""
-        shows, u = None, None
+        u = None
         for floor in floors:
             if u is not None and rome_gain >= floor:  # same u as the floor before
                 continue
             u = u_for(floor)
             upd = rome_math.rank_one_update(w, k_star, v_star, u, bias)
-            if floor == floors[-1] and shows is None:  # nothing to escalate to: no check needed
-                break
             shows = _edit_shows(model, tok, module, upd, request, hp.out_proj_transposed)
             if shows:
                 break
@@ -740,7 +738,7 @@ def _edit_one(
     t0 = time.perf_counter()
     upd, u, floor, shows = solve(v_init + value.delta.to(torch.float64))
     timings["solve_s"] = time.perf_counter() - t0
-    retried = shows is False and hp.retry_grad_steps > hp.v_num_grad_steps
+    retried = not shows and hp.retry_grad_steps > hp.v_num_grad_steps
     if retried:
         log.info("the edit of %r does not show on that prompt (nll %.3f after %d steps): optimising v* again "
                  "with %d steps", request.text, value.nll[-1], len(value.nll), hp.retry_grad_steps)
@@ -752,16 +750,11 @@ def _edit_one(
     if floor > hp.prompt_gain_floor:
         log.info("ROME's u gives %r %.0f%% of the edit and it did not show there: gain floor raised to %g",
                  request.text, 100 * rome_gain, floor)
-    if shows is False:
+    if not shows:
         log.warning("the edit of %r does not show on that prompt even at gain floor %g: the value "
                     "optimisation did not reach the target (nll %.3f)", request.text, floor, value.nll[-1])
     overlap = None if neighbours is None else neighbour_overlap(neighbours, u, k_star)
     prompt_gain = float(u @ keys[0]) / float(u @ k_star)
-    if shows is None and prompt_gain < PROMPT_GAIN_WARNING - 1e-3:  # (a floor of 0.5 gives 0.5 up to rounding)
-        log.warning("ROME's update reaches %r with %.0f%% of its strength (that prompt's key is far from the "
-                    "template average): the edit may not show there; raise --set prompt_gain_floor "
-                    "(up to 1: every template gets the whole edit), at the cost of a larger update",
-                    request.text, 100 * prompt_gain)
 
     info = {
         "subject": request.subject,
@@ -782,7 +775,7 @@ def _edit_one(
         "rome_prompt_gain": round(rome_gain, 4),
         "gain_floor": floor,
         "equal_gain": rome_gain < floor,  # u moved toward the equal-gain u
-        **({"shows_on_prompt": shows} if shows is not None else {}),
+        "shows_on_prompt": shows,
         "retried": retried,
         **({"protected_keys": len(protected)} if hp.protect_overlap > 0 else {}),
         "timings": {k: round(v, 4) for k, v in timings.items()},
@@ -814,10 +807,6 @@ def _edit_shows(model: Any, tok: Any, module: Any, upd: rome_math.RankOne, reque
     finally:
         module.weight.copy_(saved)
 
-
-# The prompt as asked gets (u·k)/(u·k*) of the edit. On SmolLM2 (100 CounterFact edits), ROME's u
-# gave 6 prompts 0.015-0.055, and 5 of them failed; at 0.3 one of those still failed, at 0.5 not.
-PROMPT_GAIN_WARNING = 0.5
 
 # A neighbour whose key projects onto u this much (relative to k* itself) receives that fraction of the
 # edit: at 0.5 its answer usually flips with the subject's.
