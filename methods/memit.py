@@ -25,6 +25,7 @@ from typing import Any
 import torch
 from kedit.methods import memit_math, rome
 from kedit.methods.base import EditRequest, EditResult, LowRank, register_method
+from kedit.methods.lowp import check_dtype
 from kedit.methods.values import ValueSettings, module_outputs_at_subject, optimise_values, subject_keys
 
 from kedit.arch import arch_for, get_module, n_layers
@@ -76,6 +77,7 @@ class MEMITHyperParams:
     context_template_seeds: tuple[str, ...] = ("The", "Therefore", "Because", "I", "You")
     guard_position0: bool = True
     v_batch_size: int = 32  # requests per batch of the δ optimisation; 1 is the peers' one-at-a-time
+    v_dtype: str = "bfloat16"  # the layers above the last edited one while δ is optimised (methods/lowp.py)
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -93,6 +95,7 @@ class MEMITHyperParams:
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         self.context_template_length_params = tuple(tuple(p) for p in self.context_template_length_params)  # type: ignore[assignment]
+        check_dtype(self.v_dtype)
         if "{}" not in self.kl_prompt:
             raise ValueError(f"kl_prompt must contain '{{}}' for the subject, got {self.kl_prompt!r}")
 
@@ -114,7 +117,7 @@ class MEMITHyperParams:
 
     def value_settings(self) -> ValueSettings:
         return ValueSettings(self.v_num_grad_steps, self.v_lr, self.v_weight_decay, self.clamp_norm_factor,
-                             self.kl_factor, self.early_stop_loss, self.kl_prompt, self.guard_position0)
+                             self.kl_factor, self.early_stop_loss, self.kl_prompt, self.guard_position0, self.v_dtype)
 
 
 def _key_width(model: Any, module_name: str, transposed: bool) -> int:
@@ -178,6 +181,7 @@ def spread_over_layers(
             with torch.no_grad():
                 h_end = module_outputs_at_subject(model, tok, block, requests, hp.guard_position0)
             reached = 1 - (z - h_end).norm(dim=0) / (z - h0).norm(dim=0).clamp(min=1e-12)
+            shows = rome.shows_on_prompt(model, tok, requests)  # the model holds every layer's Δ here
     finally:
         with torch.no_grad():
             for layer, m in modules.items():
@@ -188,7 +192,7 @@ def spread_over_layers(
         "requests": [
             {"subject": r.subject, "target_new": r.target_new, "steps": len(fit.losses[i]),
              "loss": fit.losses[i][-1] if fit.losses[i] else None, "delta_norm": float(fit.delta[i].norm()),
-             "target_reached": round(float(reached[i]), 4)}
+             "target_reached": round(float(reached[i]), 4), "shows_on_prompt": shows[i]}
             for i, r in enumerate(requests)
         ],
         "timings": {k: round(v, 3) for k, v in timings.items()},

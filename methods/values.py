@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from kedit.methods.base import EditRequest
 from kedit.methods.capture import capture_at_module
+from kedit.methods.lowp import DTYPES
 from kedit.methods.rome import (
     SuffixForward,
     encode_with_subject,
@@ -50,6 +51,7 @@ class ValueSettings:
     early_stop_loss: float
     kl_prompt: str = "{} is a"
     guard_position0: bool = True
+    v_dtype: str = "bfloat16"  # the layers above the edited one (methods/lowp.py)
 
 
 @torch.no_grad()
@@ -183,7 +185,7 @@ def _optimise_chunk(
     if reason is None and layer >= n_layers(model):
         reason = "layer out of range"
     if reason is None:
-        runner = SuffixForward(model, rows, edit_pos, layer, pad_id(tok))
+        runner = SuffixForward(model, rows, edit_pos, layer, pad_id(tok), DTYPES[s.v_dtype])
         sel_cols = torch.tensor(
             [c - edit_pos[r] for r, c in zip(label_rows, label_cols, strict=True)] + [0] * n, device=device
         )

@@ -1,0 +1,57 @@
+"""Low-precision copies of the frozen layers a δ optimisation only differentiates through.
+
+ROME's v* and MEMIT's δ are trained through every layer above the edited one. Those weights are
+frozen, and a step reads each of them twice (forward, input gradient): on a CPU that memory
+traffic, not arithmetic, is most of the step. A bfloat16 copy halves it and runs on the CPU's
+bf16 matrix units; δ, the edited layer and the loss stay in float32, so only the activations
+above the edit are rounded (on SmolLM2 a v* step takes about half the time; the benchmark scores
+are in bench/results/rome_counterfact_100.md).
+
+Attention in the copies runs eagerly: PyTorch's CPU flash-attention backward is several times
+slower in bfloat16 than in float32, and eager attention over a few dozen columns costs little.
+A copy is kept while its original's weights are unchanged (same storage, same in-place version),
+so a session of edits, each changing one layer, converts the others once.
+"""
+
+from __future__ import annotations
+
+import copy
+import weakref
+from typing import Any
+
+import torch
+
+__all__ = ["DTYPES", "check_dtype", "low_precision"]
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+_COPIES: weakref.WeakKeyDictionary[torch.nn.Module, tuple[tuple[tuple[int, int], ...], torch.nn.Module]] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def check_dtype(name: str) -> None:
+    """Reject a dtype name a hyper-parameter file could carry that is not one of DTYPES."""
+    if name not in DTYPES:
+        raise ValueError(f"v_dtype must be one of {', '.join(DTYPES)}, got {name!r}")
+
+
+def _signature(module: torch.nn.Module) -> tuple[tuple[int, int], ...]:
+    return tuple((p.data_ptr(), p._version) for p in module.parameters())
+
+
+def low_precision(module: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
+    """`module` in `dtype`, frozen, with eager attention: a cached copy, or `module` if already in it."""
+    if all(p.dtype == dtype for p in module.parameters()):
+        return module
+    signature = _signature(module)
+    hit = _COPIES.get(module)
+    if hit is not None and hit[0] == signature:
+        return hit[1]
+    low = copy.deepcopy(module).to(dtype).requires_grad_(False)
+    for sub in low.modules():
+        config: Any = getattr(sub, "config", None)
+        if config is not None and hasattr(config, "_attn_implementation"):
+            config._attn_implementation = "eager"  # the deep copy has its own config
+    _COPIES[module] = (signature, low)
+    return low
