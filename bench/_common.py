@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import random
@@ -77,3 +78,13 @@ def counterfact_requests(n: int, seed: int = 0, n_neighbours: int = 10) -> list[
     if len(out) < n:
         log.warning("only %d usable facts for %d edits", len(out), n)
     return out
+
+
+def split_neighbourhood(requests: list[EditRequest], k: int) -> tuple[list[EditRequest], list[EditRequest]]:
+    """(what each edit is given, what it is scored on): the first k neighbourhood prompts (at most
+    half) go with the edit, as a user's `--locality`, and are not scored, so a method that protects
+    the prompts it is given cannot flatter its neighbourhood score. k = 0: all are scored."""
+    cuts = [(r, min(k, len(r.neighbourhood) // 2)) for r in requests]
+    given = [dataclasses.replace(r, neighbourhood=r.neighbourhood[:c]) for r, c in cuts]
+    scored = [dataclasses.replace(r, neighbourhood=r.neighbourhood[c:]) for r, c in cuts]
+    return given, scored

@@ -40,7 +40,7 @@ from kedit.methods import memit
 from kedit.methods.base import EditRequest, get_method
 from kedit.methods.stats import GeneratedSource, StatsCache, cached_second_moment
 
-from bench._common import CACHE_DIR, counterfact_requests, load_smollm2
+from bench._common import CACHE_DIR, counterfact_requests, load_smollm2, split_neighbourhood
 from kedit import evaluate, history
 from kedit.delta import apply_step
 from kedit.editing import EditOptions, run_edits
@@ -99,7 +99,7 @@ def apply_deltas(model: Any, deltas: dict[str, Any]) -> None:
 
 def run_batch(args: argparse.Namespace) -> dict[str, Any]:
     model, tok = load_smollm2()
-    requests = counterfact_requests(args.n)
+    given, requests = split_neighbourhood(counterfact_requests(args.n), args.edit_neighbours)
     unedited = score(model, tok, requests, fluency_n=args.fluency_n)
     overrides = json.loads(args.hp) if args.hp else {}
     hp = hparams_for(args.method, model, overrides)
@@ -113,18 +113,19 @@ def run_batch(args: argparse.Namespace) -> dict[str, Any]:
         from kedit.methods import rome
 
         c = stats_for(model, tok, {hp.layer: hp.module_name})
-        for r in requests:
+        for r in given:
             result = rome.apply(model, tok, [r], hp, second_moment=c[hp.layer])
             apply_deltas(model, result.deltas)
             infos.append(result.info["requests"][0]["update_norm"])
     else:
-        result = get_method(args.method).apply(model, tok, requests, hp, **kwargs)
+        result = get_method(args.method).apply(model, tok, given, hp, **kwargs)
         apply_deltas(model, result.deltas)
         infos.append(result.info)
     wall = time.perf_counter() - t0
     edited = score(model, tok, requests, fluency_n=args.fluency_n)
     return {
-        "experiment": "batch", "method": args.method, "n": len(requests), "hparams": dataclasses.asdict(hp),
+        "experiment": "batch", "method": args.method, "n": len(requests), "edit_neighbours": args.edit_neighbours,
+        "hparams": dataclasses.asdict(hp),
         "unedited": unedited, "edited": edited, "wall_s": round(wall, 1),
         "peak_rss_mb": round(rss_mb(), 1), "rss_before_edit_mb": round(rss_before, 1),
         "threads": torch.get_num_threads(), "load_average": os.getloadavg(),
@@ -162,12 +163,13 @@ def run_sequential(args: argparse.Namespace) -> dict[str, Any]:
         Repository.init(repo_dir, str(CACHE_DIR), progress=False)
     repo = Repository.open(repo_dir)
     base = history.ancestors(repo.db, repo.head())[-1]
-    requests = counterfact_requests(args.n)
+    given, requests = split_neighbourhood(counterfact_requests(args.n), args.edit_neighbours)
     batches = [requests[i : i + args.batch] for i in range(0, len(requests), args.batch)]
+    given_batches = [given[i : i + args.batch] for i in range(0, len(given), args.batch)]
     model, tok = load_model(repo, base)
     unedited = score(model, tok, requests, fluency_n=args.fluency_n)
     out: dict[str, Any] = {"experiment": "sequential", "n": len(requests), "batch": args.batch,
-                           "unedited": unedited, "methods": {}}
+                           "edit_neighbours": args.edit_neighbours, "unedited": unedited, "methods": {}}
     path = RESULTS / f"{args.name}.json"
     if path.exists():  # resume: keep the methods already measured
         out["methods"] = json.loads(path.read_text()).get("methods", {})
@@ -180,7 +182,7 @@ def run_sequential(args: argparse.Namespace) -> dict[str, Any]:
         repo.checkout(branch)
         curve, commits_per_batch = [], []
         t_start = time.perf_counter()
-        for b, batch in enumerate(batches):
+        for b, batch in enumerate(given_batches):
             t0 = time.perf_counter()
             made = run_edits(repo, batch, EditOptions(method=method, measure=False, stats_samples=STATS_TEXTS))
             edit_s = time.perf_counter() - t0
@@ -198,6 +200,8 @@ def run_sequential(args: argparse.Namespace) -> dict[str, Any]:
             result["revert"] = revert_middle(repo, commits_per_batch, batches, requests)
         out["methods"][method] = result
         out["load_average"] = os.getloadavg()
+        if path.exists():  # another process may have added its methods meanwhile (--workdir apart)
+            out["methods"] = {**json.loads(path.read_text()).get("methods", {}), **out["methods"]}
         write(out, args.name, markdown_sequential(out))
     return out
 
@@ -345,6 +349,9 @@ def main() -> None:
     q.add_argument("--fluency-n", type=int, default=50)
     q.add_argument("--workdir", default="/tmp/kedit-work/sequential")
     q.add_argument("--name", default="sequential_500")
+    for sp in (b, q):
+        sp.add_argument("--edit-neighbours", type=int, default=5,
+                        help="neighbourhood prompts given with each edit and not scored (0: none given, all scored)")
     p = sub.add_parser("plot")
     p.add_argument("--name", default="sequential_500")
     args = ap.parse_args()

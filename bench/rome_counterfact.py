@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _common import counterfact_requests, load_smollm2
+from _common import counterfact_requests, load_smollm2, split_neighbourhood
 from kedit.methods import rome
 from kedit.methods.hparams import hparams_to_dict
 from kedit.methods.stats import GeneratedSource, StatsCache, cached_second_moment
@@ -63,10 +63,7 @@ def main() -> None:
         changes.update(json.loads(args.hp))
     hp = dataclasses.replace(hp, **changes)
     requests = counterfact_requests(args.n)
-    # the neighbours an edit sees (to check and protect) are never scored
-    cuts = [(r, min(args.edit_neighbours, len(r.neighbourhood) // 2)) for r in requests]
-    edit_views = [dataclasses.replace(r, neighbourhood=r.neighbourhood[:k]) for r, k in cuts]
-    requests = [dataclasses.replace(r, neighbourhood=r.neighbourhood[k:]) for r, k in cuts]
+    edit_views, requests = split_neighbourhood(requests, args.edit_neighbours)
 
     c = None
     stats_s = 0.0
