@@ -10,7 +10,9 @@ are in bench/results/rome_counterfact_100.md).
 Attention in the copies runs eagerly: PyTorch's CPU flash-attention backward is several times
 slower in bfloat16 than in float32, and eager attention over a few dozen columns costs little.
 A copy is kept while its original's weights are unchanged (same storage, same in-place version),
-so a session of edits, each changing one layer, converts the others once.
+so a session of edits, each changing one layer, converts the others once. Modules with hooks
+(GRACE's codebook, another tool's) are not copied: a copy would carry a snapshot of the hook's
+state in the wrong dtype, so callers run them as they are (`has_hooks`).
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["DTYPES", "check_dtype", "low_precision"]
+__all__ = ["DTYPES", "check_dtype", "has_hooks", "low_precision"]
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -36,6 +38,11 @@ def check_dtype(name: str) -> None:
         raise ValueError(f"v_dtype must be one of {', '.join(DTYPES)}, got {name!r}")
 
 
+def has_hooks(module: torch.nn.Module) -> bool:
+    """Whether any submodule has forward hooks or pre-hooks (whose state a copy would freeze)."""
+    return any(m._forward_hooks or m._forward_pre_hooks for m in module.modules())
+
+
 def _signature(module: torch.nn.Module) -> tuple[tuple[int, int], ...]:
     return tuple((p.data_ptr(), p._version) for p in module.parameters())
 
@@ -44,6 +51,8 @@ def low_precision(module: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Modul
     """`module` in `dtype`, frozen, with eager attention: a cached copy, or `module` if already in it."""
     if all(p.dtype == dtype for p in module.parameters()):
         return module
+    if has_hooks(module):
+        raise ValueError("a module with hooks cannot be copied: its hooks' state would be frozen")
     signature = _signature(module)
     hit = _COPIES.get(module)
     if hit is not None and hit[0] == signature:

@@ -42,7 +42,7 @@ import torch.nn.functional as F
 from kedit.methods import rome_math
 from kedit.methods.base import EditRequest, EditResult, LowRank, register_method
 from kedit.methods.capture import capture_at_module
-from kedit.methods.lowp import DTYPES, check_dtype, low_precision
+from kedit.methods.lowp import DTYPES, check_dtype, has_hooks, low_precision
 
 from kedit.arch import arch_for, get_module, n_layers
 from kedit.evaluate import answer_ids, start_token_id, target_nll, token_accuracy
@@ -426,6 +426,7 @@ class SuffixForward:
 
     With `upper_dtype`, the layers above L and the final norm run as frozen copies in that dtype
     (`lowp.low_precision`); layer L, where δ enters, and the returned states keep the model's.
+    If any of them carries hooks (an installed GRACE codebook), all run as they are.
     """
 
     def __init__(self, model: Any, rows: Sequence[Sequence[int]], edit_pos: Sequence[int], layer: int, pad: int,
@@ -491,7 +492,7 @@ class SuffixForward:
             self.position_embeddings = model.base_model.rotary_emb(self.h_in, self.pos)
         # the layers above L: (layers, final norm, prefix keys/values, mask, rotary embeddings)
         upper = self.layers[layer + 1 :]
-        if upper_dtype is None or upper_dtype == dtype:
+        if upper_dtype is None or upper_dtype == dtype or any(has_hooks(m) for m in (*upper, self.final_norm)):
             self.upper = (upper, self.final_norm, self.prefix_kv, self.mask, self.position_embeddings)
         else:
             self.upper = (

@@ -298,6 +298,15 @@ def test_bfloat16_upper_layers_follow_the_float32_trajectory(model_type, tiny_to
     cosine = torch.nn.functional.cosine_similarity(low.delta, exact.delta, dim=0)
     assert cosine > 0.95  # Adam steps by sign early on: small gradient differences show
     assert all(p.dtype == torch.float32 for p in model.parameters())  # the model itself is untouched
+    arch = arch_for(model)
+    top = get_module(model, arch.layer_tmp.format(hp.layer + 1))
+    handle = top.register_forward_hook(lambda _m, _a, out: out)  # hooked layers are run as they are
+    try:
+        with rome.Frozen(model):
+            hooked = rome.optimise_value(model, tiny_tok, module, templates, REQ, 1.0, hp)
+    finally:
+        handle.remove()
+    torch.testing.assert_close(torch.tensor(hooked.losses), torch.tensor(exact.losses), rtol=1e-5, atol=1e-5)
 
 
 def test_low_precision_copies_follow_their_original(tiny_tok):
@@ -314,6 +323,12 @@ def test_low_precision_copies_follow_their_original(tiny_tok):
     assert fresh is not low
     torch.testing.assert_close(fresh.mlp.down_proj.weight.float(), layer.mlp.down_proj.weight, rtol=1e-2, atol=1e-2)
     assert lowp.low_precision(layer, torch.float32) is layer
+    handle = layer.mlp.register_forward_hook(lambda _m, _a, out: out)  # e.g. an installed GRACE codebook
+    try:
+        with pytest.raises(ValueError, match="hooks"):
+            lowp.low_precision(layer, torch.bfloat16)
+    finally:
+        handle.remove()
     with pytest.raises(ValueError, match="v_dtype must be one of"):
         rome.ROMEHyperParams(layer=0, rewrite_module_tmp="m.{}", v_dtype="int8")
 
