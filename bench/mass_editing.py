@@ -171,8 +171,8 @@ def run_sequential(args: argparse.Namespace) -> dict[str, Any]:
     out: dict[str, Any] = {"experiment": "sequential", "n": len(requests), "batch": args.batch,
                            "edit_neighbours": args.edit_neighbours, "unedited": unedited, "methods": {}}
     path = RESULTS / f"{args.name}.json"
-    if path.exists():  # resume: keep the methods already measured
-        out["methods"] = json.loads(path.read_text()).get("methods", {})
+    if path.exists():  # resume: keep the methods already measured in full
+        out["methods"] = {k: m for k, m in json.loads(path.read_text()).get("methods", {}).items() if "final" in m}
     for method in args.methods.split(","):
         if method in out["methods"]:
             continue
@@ -192,18 +192,24 @@ def run_sequential(args: argparse.Namespace) -> dict[str, Any]:
             point = {"batch": b + 1, "facts": len(done), "edit_s": round(edit_s, 1), **score(model, tok, done)}
             curve.append(point)
             log.info("%s batch %d: %s", method, b + 1, point)
+            _save_method(out, path, args.name, method, {"curve": curve, "stopped_after_batch": b + 1})
         final = score(model, tok, requests, fluency_n=args.fluency_n)
         result: dict[str, Any] = {"curve": curve, "final": final,
                                   "total_edit_s": round(sum(p["edit_s"] for p in curve), 1),
                                   "wall_s": round(time.perf_counter() - t_start, 1)}
         if len(commits_per_batch[0]) == 1 and len(batches) > 2:
             result["revert"] = revert_middle(repo, commits_per_batch, batches, requests)
-        out["methods"][method] = result
-        out["load_average"] = os.getloadavg()
-        if path.exists():  # another process may have added its methods meanwhile (--workdir apart)
-            out["methods"] = {**json.loads(path.read_text()).get("methods", {}), **out["methods"]}
-        write(out, args.name, markdown_sequential(out))
+        _save_method(out, path, args.name, method, result)
     return out
+
+
+def _save_method(out: dict[str, Any], path: Path, name: str, method: str, result: dict[str, Any]) -> None:
+    """Write `method`'s result (partial while it runs), keeping what other processes wrote meanwhile."""
+    out["methods"][method] = result
+    out["load_average"] = os.getloadavg()
+    if path.exists():  # another process may have added its methods (--workdir apart)
+        out["methods"] = {**json.loads(path.read_text()).get("methods", {}), method: result}
+    write(out, name, markdown_sequential(out))
 
 
 def revert_middle(repo: Repository, commits_per_batch: list[list[str]], batches: list[list[EditRequest]],
@@ -289,9 +295,13 @@ def markdown_sequential(r: dict[str, Any]) -> str:
     lines += ["| | efficacy | paraphrase | neighbourhood | fluency (bits) |", "|---|---|---|---|---|",
               _row("unedited (all facts)", u)]
     for method, m in r["methods"].items():
-        lines.append(_row(f"{method}, after all batches", m["final"]))
+        if "final" in m:
+            lines.append(_row(f"{method}, after all batches", m["final"]))
+        else:
+            lines.append(_row(f"{method}, stopped after batch {m['stopped_after_batch']}", m["curve"][-1]))
     for method, m in r["methods"].items():
-        lines += ["", f"## {method}: total edit time {m['total_edit_s']} s", "",
+        total = m.get("total_edit_s", round(sum(p["edit_s"] for p in m["curve"]), 1))
+        lines += ["", f"## {method}: total edit time {total} s", "",
                   "| batch | facts | efficacy | paraphrase | neighbourhood | edit s |", "|---|---|---|---|---|---|"]
         lines += [f"| {p['batch']} | {p['facts']} | {p['efficacy']:.1%} | {p['paraphrase']:.1%} "
                   f"| {p['neighbourhood']:.1%} | {p['edit_s']} |" for p in m["curve"]]
