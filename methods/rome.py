@@ -833,11 +833,11 @@ def shows_on_prompt(model: Any, tok: Any, requests: Sequence[EditRequest]) -> li
     argmax = token_accuracy(model, tok, texts, [r.target_new for r in requests])
     out = [acc == 1.0 for acc in argmax]
     rest = [i for i, ok in enumerate(out) if not ok and requests[i].target_true]
-    if rest:
-        new = target_nll(model, tok, [texts[i] for i in rest], [requests[i].target_new for i in rest])
-        true = target_nll(model, tok, [texts[i] for i in rest], [requests[i].target_true or "" for i in rest])
-        for i, n_new, n_true in zip(rest, new, true, strict=True):
-            out[i] = n_new < n_true
+    if rest:  # one batched pass: each prompt with its new target, then with its true one
+        answers = [requests[i].target_new for i in rest] + [str(requests[i].target_true) for i in rest]
+        nll = target_nll(model, tok, [texts[i] for i in rest] * 2, answers)
+        for j, i in enumerate(rest):
+            out[i] = nll[j] < nll[len(rest) + j]
     return out
 
 
