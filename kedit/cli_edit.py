@@ -234,18 +234,22 @@ def check(ctx: click.Context, rev: str, threshold: float, device: str, dtype: st
     if as_json:
         _emit_json({"commit": report.commit_id, "ok": not report.broken, "summary": report.summary(),
                     "results": [{"probe": r.probe.__dict__, "base": r.base, "parent": r.parent, "now": r.now,
-                                 "broke": r.broke} for r in report.results]})
+                                 "broke": r.broke, "edited_by": r.edited_by} for r in report.results]})
     else:
         if not report.results:
             _say(ctx, "the probe suite is empty (kedit edit adds probes; or kedit probe add)")
+        by_edits = {r.probe.id: r.edited_by for r in report.changed_by_edits}
         for r in report.results:
-            mark = click.style("BROKE", fg="red") if r.broke else "ok   "
+            mark = click.style("BROKE", fg="red") if r.broke else "EDIT " if r.probe.id in by_edits else "ok   "
             parent = "-" if r.parent is None else f"{r.parent:.2f}"
+            named = f"  (names the subject of {by_edits[r.probe.id][:12]})" if r.probe.id in by_edits else ""
             click.echo(f"{mark} {r.probe.kind:<8} #{r.probe.id:<4} {parent}->{r.now:.2f}  "
-                       f"{r.probe.prompt!r} -> {r.probe.answer!r}")
+                       f"{r.probe.prompt!r} -> {r.probe.answer!r}{named}")
         summary = ", ".join(f"{k} {v:.3f}" for k, v in report.summary().items())
         click.echo(f"{len(report.broken)} broken of {len(report.results)} probes"
-                   + (f" ({summary})" if summary else ""))
+                   + (f" ({summary})" if summary else "")
+                   + (f"; {len(by_edits)} locality probes changed with an edit of their own subject, not counted"
+                      if by_edits else ""))
     if report.broken:
         raise SystemExit(1)
 

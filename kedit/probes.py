@@ -4,7 +4,9 @@ Two kinds of probe:
   - edit: a fact an edit wrote (its prompt and new target). It is checked wherever that edit
     is in effect, so a later edit that undoes it is caught.
   - locality: a fact no edit should change. Its score is the fraction of answer tokens whose
-    argmax equals the base model's (EasyEdit's teacher-forced agreement).
+    argmax equals the base model's (EasyEdit's teacher-forced agreement). A locality probe whose
+    prompt names the subject of an edit in effect is that edit's business, not collateral damage:
+    its change is reported with the edit, not counted as a regression.
 
 `check(rev)` scores every probe at `rev`, at its parent and at the base, and reports the
 probes whose score at `rev` fell more than `threshold` below the parent's. Outputs are kept
@@ -14,6 +16,7 @@ per commit (a commit's state never changes), so re-running a check is cheap.
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
@@ -92,6 +95,7 @@ class ProbeResult:
     parent: float | None
     now: float
     broke: bool
+    edited_by: str | None = None  # locality: the edit in effect whose subject the prompt names
 
 
 @dataclass
@@ -105,6 +109,11 @@ class CheckReport:
     def broken(self) -> list[ProbeResult]:
         return [r for r in self.results if r.broke]
 
+    @property
+    def changed_by_edits(self) -> list[ProbeResult]:
+        """Locality probes that fell as much as a regression, about a subject an edit in effect changed."""
+        return [r for r in self.results if r.edited_by and r.parent is not None and r.now < r.parent - self.threshold]
+
     def summary(self) -> dict[str, float]:
         out = {}
         for kind in KINDS:
@@ -112,6 +121,22 @@ class CheckReport:
             if scores:
                 out[kind] = sum(scores) / len(scores)
         return out
+
+
+def edited_subjects(repo: Repository, edit_ids: Iterable[str]) -> dict[str, str]:
+    """{subject: edit commit} for the given edits (the later edit wins when two share a subject)."""
+    subjects: dict[str, str] = {}
+    for commit in sorted((repo.get_commit(c) for c in edit_ids), key=lambda c: c.depth):
+        subjects.update({r["subject"]: commit.id for r in commit.requests if r.get("subject")})
+    return subjects
+
+
+def naming_edit(prompt: str, subjects: dict[str, str]) -> str | None:
+    """The edit whose subject `prompt` names as a whole word or phrase, if any."""
+    for subject, cid in subjects.items():
+        if re.search(rf"(?<!\w){re.escape(subject)}(?!\w)", prompt):
+            return cid
+    return None
 
 
 def _agreement(a: list[int], b: list[int]) -> float:
@@ -136,10 +161,12 @@ def check(repo: Repository, rev: str, load: ModelLoader, *, threshold: float = D
     now = probe_outputs(repo, commit_id, locality + edits_now, load, setting)
     base_out = probe_outputs(repo, base, locality, load, setting)
     parent_out = probe_outputs(repo, parent, locality + edits_before, load, setting) if parent else {}
+    subjects = edited_subjects(repo, in_effect)
     for p in locality:
         score = _agreement(now[p.id][0], base_out[p.id][0])
         previous = _agreement(parent_out[p.id][0], base_out[p.id][0]) if parent else 1.0
-        report.results.append(ProbeResult(p, 1.0, previous, score, score < previous - threshold))
+        by = naming_edit(p.prompt, subjects)
+        report.results.append(ProbeResult(p, 1.0, previous, score, score < previous - threshold and not by, by))
     for p in edits_now:
         previous = parent_out[p.id][1] if p.id in parent_out else None
         broke = previous is not None and now[p.id][1] < previous - threshold

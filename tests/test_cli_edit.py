@@ -115,6 +115,24 @@ def test_check_flags_a_commit_that_breaks_probes(tiny_repo: Repository) -> None:
         n: e.hash for n, e in tiny_repo.manifest("HEAD~2").items()}
 
 
+def test_check_counts_a_probe_about_an_edited_subject_with_the_edit(tiny_repo: Repository) -> None:
+    kedit(tiny_repo, "probe", "add", "--prompt", "Tokyo is in", "--answer", "Japan",
+          "--prompt", "The language of Japan is", "--answer", "Japanese")
+    gen = torch.Generator().manual_seed(0)
+    down = [n for n in tiny_repo.manifest() if n.endswith("mlp.down_proj.weight")]
+    edit = tiny_repo.commit({n: Dense(torch.randn(tiny_repo.manifest()[n].shape, generator=gen) * 2.0) for n in down},
+                            requests=[{"prompt": "{} is in", "subject": "Tokyo", "target_new": "France"}],
+                            method="manual")
+    report = json.loads(kedit(tiny_repo, "check", "--json", "--threshold", "0", code=1))
+    by_prompt = {r["probe"]["prompt"]: r for r in report["results"]}
+    tokyo, japan = by_prompt["Tokyo is in"], by_prompt["The language of Japan is"]
+    assert tokyo["now"] < tokyo["parent"] and not tokyo["broke"] and tokyo["edited_by"] == edit.id
+    assert japan["broke"] and japan["edited_by"] is None  # no edit names Japan: a regression
+    out = kedit(tiny_repo, "check", "--threshold", "0", code=1)
+    assert f"names the subject of {edit.short}" in out and "1 broken of 2 probes" in out
+    assert "1 locality probes changed with an edit of their own subject" in out
+
+
 def test_eval_stores_metrics_and_log_shows_them(tiny_repo: Repository) -> None:
     kedit(tiny_repo, *EDIT, "--set", "mom2_adjustment=false", "--no-eval")
     metrics = json.loads(kedit(tiny_repo, "eval", "--json"))
