@@ -88,3 +88,17 @@ def split_neighbourhood(requests: list[EditRequest], k: int) -> tuple[list[EditR
     given = [dataclasses.replace(r, neighbourhood=r.neighbourhood[:c]) for r, c in cuts]
     scored = [dataclasses.replace(r, neighbourhood=r.neighbourhood[c:]) for r, c in cuts]
     return given, scored
+
+
+def drop_edited_neighbours(requests: list[EditRequest], edited_subjects: set[str]) -> list[EditRequest]:
+    """`requests` with only the neighbourhood prompts about subjects that no edit of the run touches.
+
+    The neighbours come from the same known facts as the edits, so in a run of many edits most of
+    them are about a subject that another edit changes on purpose (86% of the scored neighbours at
+    500 facts, 22% at 100); such a prompt tests that edit, not whether unrelated knowledge stayed.
+    """
+    subject_of = {f["template"].replace("{}", f["subject"]): f["subject"] for f in json.loads(DATA.read_text())}
+    return [dataclasses.replace(r, neighbourhood=tuple(p for p in r.neighbourhood
+                                                       if subject_of[p] not in edited_subjects))
+            for r in requests]
+

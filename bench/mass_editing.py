@@ -40,7 +40,13 @@ from kedit.methods import memit
 from kedit.methods.base import EditRequest, get_method
 from kedit.methods.stats import GeneratedSource, StatsCache, cached_second_moment
 
-from bench._common import CACHE_DIR, counterfact_requests, load_smollm2, split_neighbourhood
+from bench._common import (
+    CACHE_DIR,
+    counterfact_requests,
+    drop_edited_neighbours,
+    load_smollm2,
+    split_neighbourhood,
+)
 from kedit import evaluate, history
 from kedit.delta import apply_step
 from kedit.editing import EditOptions, run_edits
@@ -55,6 +61,7 @@ RESULTS = Path("bench/results")
 STATS_DIR = Path("/tmp/kedit-work/stats")
 BASE_HASH = "smollm2-135m-instruct-q4_1"
 STATS_TEXTS = 256
+SCORED_NEIGHBOURS = "about subjects that no edit of the run touches"
 
 
 def rss_mb() -> float:
@@ -62,12 +69,23 @@ def rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+def edits_and_scored(n: int, edit_neighbours: int) -> tuple[list[EditRequest], list[EditRequest]]:
+    """(the edits as made, the same facts as scored): neighbours split off for the edits, and only
+    neighbours about subjects that no edit of the run touches scored (bench._common explains why)."""
+    given, scored = split_neighbourhood(counterfact_requests(n), edit_neighbours)
+    return given, drop_edited_neighbours(scored, {r.subject for r in scored})
+
+
 def score(model: Any, tok: Any, requests: list[EditRequest], fluency_n: int = 0) -> dict[str, float]:
     cf = evaluate.counterfact_scores(model, tok, requests)
     out = {k: round(m.value, 4) for k, m in cf.items()}
     if fluency_n:
-        out["fluency"] = round(evaluate.fluency(model, tok, [r.text for r in requests[:fluency_n]], 20).value, 4)
+        out["fluency"] = fluency(model, tok, requests, fluency_n)
     return out
+
+
+def fluency(model: Any, tok: Any, requests: list[EditRequest], n: int) -> float:
+    return round(evaluate.fluency(model, tok, [r.text for r in requests[:n]], 20).value, 4)
 
 
 def stats_for(model: Any, tok: Any, modules: dict[int, str]) -> dict[int, torch.Tensor]:
@@ -99,7 +117,7 @@ def apply_deltas(model: Any, deltas: dict[str, Any]) -> None:
 
 def run_batch(args: argparse.Namespace) -> dict[str, Any]:
     model, tok = load_smollm2()
-    given, requests = split_neighbourhood(counterfact_requests(args.n), args.edit_neighbours)
+    given, requests = edits_and_scored(args.n, args.edit_neighbours)
     unedited = score(model, tok, requests, fluency_n=args.fluency_n)
     overrides = json.loads(args.hp) if args.hp else {}
     hp = hparams_for(args.method, model, overrides)
@@ -125,6 +143,7 @@ def run_batch(args: argparse.Namespace) -> dict[str, Any]:
     edited = score(model, tok, requests, fluency_n=args.fluency_n)
     return {
         "experiment": "batch", "method": args.method, "n": len(requests), "edit_neighbours": args.edit_neighbours,
+        "scored_neighbours": SCORED_NEIGHBOURS,
         "hparams": dataclasses.asdict(hp),
         "unedited": unedited, "edited": edited, "wall_s": round(wall, 1),
         "peak_rss_mb": round(rss_mb(), 1), "rss_before_edit_mb": round(rss_before, 1),
@@ -163,16 +182,23 @@ def run_sequential(args: argparse.Namespace) -> dict[str, Any]:
         Repository.init(repo_dir, str(CACHE_DIR), progress=False)
     repo = Repository.open(repo_dir)
     base = history.ancestors(repo.db, repo.head())[-1]
-    given, requests = split_neighbourhood(counterfact_requests(args.n), args.edit_neighbours)
+    given, requests = edits_and_scored(args.n, args.edit_neighbours)
     batches = [requests[i : i + args.batch] for i in range(0, len(requests), args.batch)]
     given_batches = [given[i : i + args.batch] for i in range(0, len(given), args.batch)]
     model, tok = load_model(repo, base)
-    unedited = score(model, tok, requests, fluency_n=args.fluency_n)
     out: dict[str, Any] = {"experiment": "sequential", "n": len(requests), "batch": args.batch,
-                           "edit_neighbours": args.edit_neighbours, "unedited": unedited, "methods": {}}
+                           "edit_neighbours": args.edit_neighbours, "scored_neighbours": SCORED_NEIGHBOURS,
+                           "methods": {}}
     path = RESULTS / f"{args.name}.json"
-    if path.exists():  # resume: keep the methods already measured in full
-        out["methods"] = {k: m for k, m in json.loads(path.read_text()).get("methods", {}).items() if "final" in m}
+    partial: dict[str, Any] = {}
+    previous = json.loads(path.read_text()) if path.exists() else {}
+    if all(previous.get(k) == out[k] for k in ("n", "batch", "edit_neighbours")):
+        # resume: keep the methods measured in full, the curves of those stopped early, the unedited scores
+        out["methods"] = {k: m for k, m in previous["methods"].items() if "final" in m}
+        partial = {k: m for k, m in previous["methods"].items() if "final" not in m}
+        out["unedited"] = previous["unedited"]
+    else:
+        out["unedited"] = score(model, tok, requests, fluency_n=args.fluency_n)
     for method in args.methods.split(","):
         if method in out["methods"]:
             continue
@@ -180,27 +206,117 @@ def run_sequential(args: argparse.Namespace) -> dict[str, Any]:
         if branch not in repo.refs.branches():
             repo.create_branch(branch, base)
         repo.checkout(branch)
-        curve, commits_per_batch = [], []
+        commits_per_batch = commits_so_far(repo, base, given_batches)
+        curve = list(partial.get(method, {}).get("curve", []))[: len(commits_per_batch)]
+        if commits_per_batch:
+            log.info("%s: resuming after %d batches already on %s", method, len(commits_per_batch), branch)
         t_start = time.perf_counter()
         for b, batch in enumerate(given_batches):
+            if b < len(commits_per_batch) and len(curve) > b:
+                continue  # committed and scored by an earlier run
             t0 = time.perf_counter()
-            made = run_edits(repo, batch, EditOptions(method=method, measure=False, stats_samples=STATS_TEXTS))
+            if b < len(commits_per_batch):  # committed (perhaps in part) by an earlier run
+                rest = batch[sum(len(repo.get_commit(c).requests) for c in commits_per_batch[b]):]
+            else:
+                commits_per_batch.append([])
+                rest = batch
+            made = run_edits(repo, rest, EditOptions(method=method, measure=False, stats_samples=STATS_TEXTS)) \
+                if rest else []
             edit_s = time.perf_counter() - t0
-            commits_per_batch.append([c.id for c in made])
-            model, tok = load_model(repo, "HEAD")
+            commits_per_batch[b] += [c.id for c in made]
+            model, tok = load_model(repo, commits_per_batch[b][-1])
             done = [r for bt in batches[: b + 1] for r in bt]
-            point = {"batch": b + 1, "facts": len(done), "edit_s": round(edit_s, 1), **score(model, tok, done)}
+            point = {"batch": b + 1, "facts": len(done), "edit_s": round(edit_s, 1) if rest else None,
+                     **score(model, tok, done)}
+            if len(rest) < len(batch):
+                point["resumed"] = f"{len(batch) - len(rest)} of its edits were made by an earlier run"
             curve.append(point)
             log.info("%s batch %d: %s", method, b + 1, point)
             _save_method(out, path, args.name, method, {"curve": curve, "stopped_after_batch": b + 1})
-        final = score(model, tok, requests, fluency_n=args.fluency_n)
+        model, tok = load_model(repo, "HEAD")
+        final = {k: curve[-1][k] for k in ("efficacy", "paraphrase", "neighbourhood")}  # the last batch: all facts
+        if args.fluency_n:
+            final["fluency"] = fluency(model, tok, requests, args.fluency_n)
         result: dict[str, Any] = {"curve": curve, "final": final,
-                                  "total_edit_s": round(sum(p["edit_s"] for p in curve), 1),
+                                  "total_edit_s": total_edit_s(curve),
                                   "wall_s": round(time.perf_counter() - t_start, 1)}
         if len(commits_per_batch[0]) == 1 and len(batches) > 2:
             result["revert"] = revert_middle(repo, commits_per_batch, batches, requests)
         _save_method(out, path, args.name, method, result)
     return out
+
+
+def commits_so_far(repo: Repository, base: str, given_batches: list[list[EditRequest]]) -> list[list[str]]:
+    """The commits an earlier run made on the checked-out branch, grouped by batch (the last may be partial).
+
+    The repository is the run's state, so a run stopped by the clock goes on from its history; each
+    commit's recorded requests must be the next ones of the sequence, or the branch is not this run's.
+    """
+    ids = list(reversed(history.ancestors(repo.db, repo.head())))
+    ids = [c for c in ids[ids.index(base) + 1:] if repo.get_commit(c).kind == "edit"]  # not a revert at the end
+    expected = iter(r.to_dict() for batch in given_batches for r in batch)
+    grouped: list[list[str]] = []
+    sizes = iter(len(batch) for batch in given_batches)
+    room = 0
+    for cid in ids:
+        requests = repo.get_commit(cid).requests
+        for recorded in requests:
+            want = next(expected)
+            if (recorded["subject"], recorded["target_new"]) != (want["subject"], want["target_new"]):
+                raise SystemExit(f"branch {repo.head_branch()} holds {recorded['subject']!r} where this run "
+                                 f"edits {want['subject']!r}: use a fresh --workdir")
+        if room == 0:
+            grouped.append([])
+            room = next(sizes)
+        grouped[-1].append(cid)
+        room -= len(requests)
+    return grouped
+
+
+def run_rescore(args: argparse.Namespace) -> None:
+    """Score a sequential run's neighbourhood again from its repository, where every batch is a commit.
+
+    For runs made before the bench scored only neighbours about unedited subjects; efficacy and
+    paraphrase do not depend on that and are kept.
+    """
+    repo = Repository.open(Path(args.workdir) / "repo")
+    path = RESULTS / f"{args.name}.json"
+    out = json.loads(path.read_text())
+    given, requests = edits_and_scored(out["n"], out["edit_neighbours"])
+    batches = [requests[i : i + out["batch"]] for i in range(0, len(requests), out["batch"])]
+    given_batches = [given[i : i + out["batch"]] for i in range(0, len(given), out["batch"])]
+    repo.checkout(f"seq-{args.method}")
+    base = history.ancestors(repo.db, repo.head())[-1]
+    commits = commits_so_far(repo, base, given_batches)
+    m = out["methods"][args.method]
+
+    def neighbourhood(rev: str, facts: list[EditRequest]) -> float:
+        model, tok = load_model(repo, rev)
+        return round(evaluate.counterfact_scores(model, tok, facts, which=("neighbourhood",))["neighbourhood"].value, 4)
+
+    unedited = neighbourhood(base, requests)
+    for point in m["curve"]:
+        point["neighbourhood"] = neighbourhood(commits[point["batch"] - 1][-1], [r for bt in batches[: point["batch"]]
+                                                                               for r in bt])
+        log.info("%s batch %d: neighbourhood %.4f", args.method, point["batch"], point["neighbourhood"])
+    if "final" in m:
+        m["final"]["neighbourhood"] = m["curve"][-1]["neighbourhood"]
+    if "revert" in m:
+        rv = m["revert"]
+        middle = rv["reverted_batch"] - 1
+        kept = [r for i, bt in enumerate(batches) if i != middle for r in bt]
+        rv["after_revert_on_remaining"]["neighbourhood"] = neighbourhood(rv["revert_commit"], kept)
+        rv["after_revert_on_reverted"]["neighbourhood"] = neighbourhood(rv["revert_commit"], batches[middle])
+    m["rescored"] = "neighbourhood again from the repository's commits, on prompts about unedited subjects"
+    out = json.loads(path.read_text()) | {"unedited": {**out["unedited"], "neighbourhood": unedited},
+                                          "scored_neighbours": SCORED_NEIGHBOURS}
+    out["methods"][args.method] = m
+    write(out, args.name, markdown_sequential(out))
+
+
+def total_edit_s(curve: list[dict[str, Any]]) -> float:
+    """Edit time summed over the batches whose time is known (a batch an earlier run made has none)."""
+    return round(sum(p["edit_s"] or 0 for p in curve), 1)
 
 
 def _save_method(out: dict[str, Any], path: Path, name: str, method: str, result: dict[str, Any]) -> None:
@@ -300,11 +416,11 @@ def markdown_sequential(r: dict[str, Any]) -> str:
         else:
             lines.append(_row(f"{method}, stopped after batch {m['stopped_after_batch']}", m["curve"][-1]))
     for method, m in r["methods"].items():
-        total = m.get("total_edit_s", round(sum(p["edit_s"] for p in m["curve"]), 1))
+        total = m.get("total_edit_s", total_edit_s(m["curve"]))
         lines += ["", f"## {method}: total edit time {total} s", "",
                   "| batch | facts | efficacy | paraphrase | neighbourhood | edit s |", "|---|---|---|---|---|---|"]
         lines += [f"| {p['batch']} | {p['facts']} | {p['efficacy']:.1%} | {p['paraphrase']:.1%} "
-                  f"| {p['neighbourhood']:.1%} | {p['edit_s']} |" for p in m["curve"]]
+                  f"| {p['neighbourhood']:.1%} | {p['edit_s'] or '(earlier run)'} |" for p in m["curve"]]
         if "revert" in m:
             rv = m["revert"]
             lines += ["", f"Revert of batch {rv['reverted_batch']} ({rv['reverted_commit'][:12]}): state equal to the "
@@ -362,6 +478,10 @@ def main() -> None:
     for sp in (b, q):
         sp.add_argument("--edit-neighbours", type=int, default=5,
                         help="neighbourhood prompts given with each edit and not scored (0: none given, all scored)")
+    r = sub.add_parser("rescore")
+    r.add_argument("--method", required=True)
+    r.add_argument("--workdir", required=True)
+    r.add_argument("--name", default="sequential_500")
     p = sub.add_parser("plot")
     p.add_argument("--name", default="sequential_500")
     args = ap.parse_args()
@@ -379,6 +499,8 @@ def main() -> None:
         print(md)
     elif args.experiment == "sequential":
         run_sequential(args)
+    elif args.experiment == "rescore":
+        run_rescore(args)
     else:
         run_plot(args)
 

@@ -198,8 +198,13 @@ def target_nll(model: Any, tok: Any, prompts: Sequence[str], targets: Sequence[s
     return [r.nll for r in teacher_forced(model, tok, prompts, targets)]
 
 
-def counterfact_scores(model: Any, tok: Any, requests: Sequence[Any]) -> dict[str, Metric]:
-    """Efficacy, paraphrase and neighbourhood scores (ES, PS, NS of Meng et al. 2022).
+COUNTERFACT_SCORES = ("efficacy", "paraphrase", "neighbourhood")
+
+
+def counterfact_scores(
+    model: Any, tok: Any, requests: Sequence[Any], which: Sequence[str] = COUNTERFACT_SCORES
+) -> dict[str, Metric]:
+    """Efficacy, paraphrase and neighbourhood scores (ES, PS, NS of Meng et al. 2022), or those in `which`.
 
     ES/PS: fraction of prompts where NLL(new) < NLL(true); NS: fraction of neighbourhood
     prompts where NLL(true) < NLL(new). Requests need `target_true`.
@@ -212,7 +217,7 @@ def counterfact_scores(model: Any, tok: Any, requests: Sequence[Any]) -> dict[st
         groups["paraphrase"] += [(p, r.target_new, r.target_true) for p in r.paraphrases]
         groups["neighbourhood"] += [(p, r.target_true, r.target_new) for p in r.neighbourhood]
     out = {}
-    for name, items in groups.items():
+    for name, items in ((k, groups[k]) for k in which):
         if not items:
             out[name] = Metric(name, float("nan"), "counterfact_nll_margin", 0)
             continue

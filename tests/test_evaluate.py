@@ -96,6 +96,8 @@ def test_counterfact_scores_by_hand(model, tok):
     ns = [float(nll(p, "Paris") < nll(p, "Rome")) for p in req.neighbourhood]
     assert scores["neighbourhood"].value == sum(ns) / 2 and scores["neighbourhood"].n == 2
     assert all(m.protocol == "counterfact_nll_margin" for m in scores.values())
+    only = evaluate.counterfact_scores(model, tok, [req], which=("neighbourhood",))
+    assert list(only) == ["neighbourhood"] and only["neighbourhood"] == scores["neighbourhood"]
     with pytest.raises(ValueError, match="target_true"):
         evaluate.counterfact_scores(model, tok, [EditRequest(prompt="{} is", subject="X", target_new="Y")])
 
