@@ -307,6 +307,7 @@ def run_rescore(args: argparse.Namespace) -> None:
         kept = [r for i, bt in enumerate(batches) if i != middle for r in bt]
         rv["after_revert_on_remaining"]["neighbourhood"] = neighbourhood(rv["revert_commit"], kept)
         rv["after_revert_on_reverted"]["neighbourhood"] = neighbourhood(rv["revert_commit"], batches[middle])
+        rv["check"] = check_summary(repo, rv["revert_commit"]) | {"first_run_seconds": rv["check"]["seconds"]}
     m["rescored"] = "neighbourhood again from the repository's commits, on prompts about unedited subjects"
     out = json.loads(path.read_text()) | {"unedited": {**out["unedited"], "neighbourhood": unedited},
                                           "scored_neighbours": SCORED_NEIGHBOURS}
@@ -349,20 +350,25 @@ def revert_middle(repo: Repository, commits_per_batch: list[list[str]], batches:
         expected[name] = hash_tensor(value)
     manifest = history.manifest(repo.db, reverted.id)
     equal = all(manifest[n].hash == expected[n] for n in names)
-    model_loader = lambda c: load_model(repo, c)  # noqa: E731
-    t0 = time.perf_counter()
-    report = check(repo, "HEAD", model_loader)
-    check_s = time.perf_counter() - t0
     model, tok = load_model(repo, "HEAD")
     kept = [r for i, bt in enumerate(batches) if i != middle for r in bt]
     return {
         "reverted_batch": middle + 1, "reverted_commit": target, "revert_commit": reverted.id,
         "hashes_equal_to_history_without_it": equal, "tensors_compared": len(names),
-        "check": {"broken": len(report.broken), "results": len(report.results), "summary": report.summary(),
-                  "broken_kinds": _count(p.probe.kind for p in report.broken), "seconds": round(check_s, 1)},
+        "check": check_summary(repo, reverted.id),
         "after_revert_on_remaining": score(model, tok, kept),
         "after_revert_on_reverted": score(model, tok, batches[middle]),
     }
+
+
+def check_summary(repo: Repository, rev: str) -> dict[str, Any]:
+    """`kedit check` at `rev`, in figures (probe outputs are kept per commit, so a second call is quick)."""
+    t0 = time.perf_counter()
+    report = check(repo, rev, lambda c: load_model(repo, c))
+    return {"broken": len(report.broken), "results": len(report.results), "summary": report.summary(),
+            "broken_kinds": _count(p.probe.kind for p in report.broken),
+            "locality_changed_with_their_subject": len(report.changed_by_edits),
+            "seconds": round(time.perf_counter() - t0, 1)}
 
 
 def _changed(repo: Repository, commit_id: str, name: str) -> bool:
@@ -427,7 +433,10 @@ def markdown_sequential(r: dict[str, Any]) -> str:
                       f"history without it, hash for hash, over {rv['tensors_compared']} tensors: "
                       f"**{rv['hashes_equal_to_history_without_it']}**. `kedit check` afterwards: "
                       f"{rv['check']['broken']} of {rv['check']['results']} probes flagged "
-                      f"{rv['check']['broken_kinds']}, summary {rv['check']['summary']} ({rv['check']['seconds']} s). "
+                      f"{rv['check']['broken_kinds']}, summary {rv['check']['summary']} "
+                      f"({rv['check'].get('first_run_seconds', rv['check']['seconds'])} s); "
+                      f"{rv['check'].get('locality_changed_with_their_subject', 0)} locality probes changed with an "
+                      "edit of their own subject (not counted). "
                       f"Remaining facts: {rv['after_revert_on_remaining']}; reverted facts: "
                       f"{rv['after_revert_on_reverted']}."]
     return "\n".join(lines) + "\n"
