@@ -406,13 +406,15 @@ def markdown_batch(r: dict[str, Any]) -> str:
         f"# {r['method']} on SmolLM2-135M: {r['n']} CounterFact-style facts "
         + ("one after another" if r["method"] == "rome" else "in one edit"), "", head,
         _row("unedited", r["unedited"]), _row(r["method"], r["edited"]), "",
+        f"Neighbourhood on the neighbours {r.get('scored_neighbours', 'given in the data')}.", "",
         f"wall time {r['wall_s']} s; peak RSS {r['peak_rss_mb']} MB (model loaded and statistics ready: "
         f"{r['rss_before_edit_mb']} MB); {r['threads']} threads; load average {r['load_average']}", ""])
 
 
 def markdown_sequential(r: dict[str, Any]) -> str:
     lines = [f"# Sequential editing on SmolLM2-135M: {r['n']} facts in batches of {r['batch']}", "",
-             "Scored after each batch on every fact edited so far (ROME's NLL-margin protocol).", ""]
+             "Scored after each batch on every fact edited so far (ROME's NLL-margin protocol); neighbourhood on "
+             f"the neighbours {r.get('scored_neighbours', 'given in the data')}.", ""]
     u = r["unedited"]
     lines += ["| | efficacy | paraphrase | neighbourhood | fluency (bits) |", "|---|---|---|---|---|",
               _row("unedited (all facts)", u)]
