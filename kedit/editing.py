@@ -32,7 +32,7 @@ from kedit.errors import KeditError
 from kedit.methods.base import EditRequest, get_method
 from kedit.methods.hparams import hparams_from_overrides, hparams_to_dict
 from kedit.model import load_model
-from kedit.probes import add_probes
+from kedit.probes import add_probes, naming_edit
 from kedit.repo import CommitInfo, Metric, Repository
 
 log = logging.getLogger(__name__)
@@ -159,6 +159,7 @@ def run_edits(repo: Repository, requests: list[EditRequest], options: EditOption
 
         hparams = dataclasses.replace(hparams, editor=resolve_editor(repo, method.name, hparams.editor).id)
     stats = StatsProvider(repo, options, hparams, (model, tok), repo.head())
+    _warn_locality_about_edited_subjects(requests)
     size = options.batch_size or (len(requests) if method.batched else 1)
     commits = []
     in_effect: list[Adapter] | None = None  # adapters installed in `model`, once an edit has added one
@@ -188,6 +189,18 @@ def run_edits(repo: Repository, requests: list[EditRequest], options: EditOption
         commits.append(repo.get_commit(commit.id))
         log.info("committed %s: %s", commit.short, commit.message)
     return commits
+
+
+def _warn_locality_about_edited_subjects(requests: list[EditRequest]) -> None:
+    """A locality prompt about another request's subject will change on purpose and count against locality."""
+    subjects = {r.subject: r.subject for r in requests if r.subject}
+    clashes = [(p, s) for r in requests for p, _ in locality_pairs(r)
+               if (s := naming_edit(p, subjects)) and s != r.subject]
+    if clashes:
+        prompt, subject = clashes[0]
+        log.warning("%d locality prompts name the subject of another request (e.g. %r in %r): they will change "
+                    "on purpose and lower the locality score; kedit check does not count them", len(clashes),
+                    subject, prompt)
 
 
 def _per_request(model: Any, tok: Any, batch: list[EditRequest], reference: list[list[int]] | None,

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -131,11 +131,11 @@ def edited_subjects(repo: Repository, edit_ids: Iterable[str]) -> dict[str, str]
     return subjects
 
 
-def naming_edit(prompt: str, subjects: dict[str, str]) -> str | None:
-    """The edit whose subject `prompt` names as a whole word or phrase, if any."""
-    for subject, cid in subjects.items():
+def naming_edit(prompt: str, subjects: Mapping[str, str]) -> str | None:
+    """subjects[s] for the first subject s that `prompt` names as a whole word or phrase, if any."""
+    for subject, value in subjects.items():
         if re.search(rf"(?<!\w){re.escape(subject)}(?!\w)", prompt):
-            return cid
+            return value
     return None
 
 

@@ -82,3 +82,15 @@ def test_memit_bad_hparams_are_one_line(tiny_repo: Repository, facts_file: Path)
 
 def test_requests_round_trip() -> None:
     assert EditRequest.from_dict(FACTS[0] | {"paraphrases": []}).subject == "France"
+
+
+def test_locality_prompt_about_another_requests_subject_is_warned(
+    tiny_repo: Repository, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    facts = [dict(FACTS[0], neighbourhood=["Tokyo is the capital of"]), FACTS[1]]
+    path = tmp_path / "clash.jsonl"
+    path.write_text("".join(json.dumps(f) + "\n" for f in facts))
+    kedit(tiny_repo, "edit", "--method", "ft", "--requests", str(path), "--no-eval",
+          "--set", "lr=0.05", "--set", "num_steps=2")
+    (warning,) = [r.getMessage() for r in caplog.records if "locality prompts name the subject" in r.getMessage()]
+    assert "1 locality prompts" in warning and "'Tokyo'" in warning
