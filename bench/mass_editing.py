@@ -185,7 +185,7 @@ def run_sequential(args: argparse.Namespace) -> dict[str, Any]:
     given, requests = edits_and_scored(args.n, args.edit_neighbours)
     batches = [requests[i : i + args.batch] for i in range(0, len(requests), args.batch)]
     given_batches = [given[i : i + args.batch] for i in range(0, len(given), args.batch)]
-    model, tok = load_model(repo, base)
+    unedited_model = model, tok = load_model(repo, base)
     out: dict[str, Any] = {"experiment": "sequential", "n": len(requests), "batch": args.batch,
                            "edit_neighbours": args.edit_neighbours, "scored_neighbours": SCORED_NEIGHBOURS,
                            "methods": {}}
@@ -228,6 +228,7 @@ def run_sequential(args: argparse.Namespace) -> dict[str, Any]:
             done = [r for bt in batches[: b + 1] for r in bt]
             point = {"batch": b + 1, "facts": len(done), "edit_s": round(edit_s, 1) if rest else None,
                      **score(model, tok, done)}
+            point["neighbourhood_unedited"], point["neighbourhood_prompts"] = neighbourhood_of(*unedited_model, done)
             if len(rest) < len(batch):
                 point["resumed"] = f"{len(batch) - len(rest)} of its edits were made by an earlier run"
             curve.append(point)
@@ -289,15 +290,16 @@ def run_rescore(args: argparse.Namespace) -> None:
     base = history.ancestors(repo.db, repo.head())[-1]
     commits = commits_so_far(repo, base, given_batches)
     m = out["methods"][args.method]
+    unedited_model = load_model(repo, base)
 
     def neighbourhood(rev: str, facts: list[EditRequest]) -> float:
-        model, tok = load_model(repo, rev)
-        return round(evaluate.counterfact_scores(model, tok, facts, which=("neighbourhood",))["neighbourhood"].value, 4)
+        return neighbourhood_of(*load_model(repo, rev), facts)[0]
 
-    unedited = neighbourhood(base, requests)
+    unedited = neighbourhood_of(*unedited_model, requests)[0]
     for point in m["curve"]:
-        point["neighbourhood"] = neighbourhood(commits[point["batch"] - 1][-1], [r for bt in batches[: point["batch"]]
-                                                                               for r in bt])
+        done = [r for bt in batches[: point["batch"]] for r in bt]
+        point["neighbourhood"] = neighbourhood(commits[point["batch"] - 1][-1], done)
+        point["neighbourhood_unedited"], point["neighbourhood_prompts"] = neighbourhood_of(*unedited_model, done)
         log.info("%s batch %d: neighbourhood %.4f", args.method, point["batch"], point["neighbourhood"])
     if "final" in m:
         m["final"]["neighbourhood"] = m["curve"][-1]["neighbourhood"]
@@ -313,6 +315,12 @@ def run_rescore(args: argparse.Namespace) -> None:
                                           "scored_neighbours": SCORED_NEIGHBOURS}
     out["methods"][args.method] = m
     write(out, args.name, markdown_sequential(out))
+
+
+def neighbourhood_of(model: Any, tok: Any, facts: list[EditRequest]) -> tuple[float, int]:
+    """(neighbourhood score, number of neighbour prompts scored)."""
+    m = evaluate.counterfact_scores(model, tok, facts, which=("neighbourhood",))["neighbourhood"]
+    return round(m.value, 4), m.n
 
 
 def total_edit_s(curve: list[dict[str, Any]]) -> float:
@@ -426,9 +434,11 @@ def markdown_sequential(r: dict[str, Any]) -> str:
     for method, m in r["methods"].items():
         total = m.get("total_edit_s", total_edit_s(m["curve"]))
         lines += ["", f"## {method}: total edit time {total} s", "",
-                  "| batch | facts | efficacy | paraphrase | neighbourhood | edit s |", "|---|---|---|---|---|---|"]
+                  "| batch | facts | efficacy | paraphrase | neighbourhood (unedited, prompts) | edit s |",
+                  "|---|---|---|---|---|---|"]
         lines += [f"| {p['batch']} | {p['facts']} | {p['efficacy']:.1%} | {p['paraphrase']:.1%} "
-                  f"| {p['neighbourhood']:.1%} | {p['edit_s'] or '(earlier run)'} |" for p in m["curve"]]
+                  f"| {p['neighbourhood']:.1%}{_unedited_note(p)} | {p['edit_s'] or '(earlier run)'} |"
+                  for p in m["curve"]]
         if "revert" in m:
             rv = m["revert"]
             lines += ["", f"Revert of batch {rv['reverted_batch']} ({rv['reverted_commit'][:12]}): state equal to the "
@@ -442,6 +452,12 @@ def markdown_sequential(r: dict[str, Any]) -> str:
                       f"Remaining facts: {rv['after_revert_on_remaining']}; reverted facts: "
                       f"{rv['after_revert_on_reverted']}."]
     return "\n".join(lines) + "\n"
+
+
+def _unedited_note(point: dict[str, Any]) -> str:
+    if "neighbourhood_unedited" not in point:
+        return ""
+    return f" ({point['neighbourhood_unedited']:.1%}, {point['neighbourhood_prompts']})"
 
 
 def run_plot(args: argparse.Namespace) -> None:
