@@ -471,7 +471,12 @@ def run_plot(args: argparse.Namespace) -> None:
     for ax, key in zip(axes, ("efficacy", "paraphrase", "neighbourhood"), strict=True):
         for method, m in r["methods"].items():
             ax.plot([p["facts"] for p in m["curve"]], [100 * p[key] for p in m["curve"]], marker="o", label=method)
-        ax.axhline(100 * r["unedited"][key], color="grey", linestyle="--", label="unedited")
+        curve = next(iter(r["methods"].values()))["curve"]
+        if key == "neighbourhood" and "neighbourhood_unedited" in curve[0]:  # the same prompts at each point
+            ax.plot([p["facts"] for p in curve], [100 * p["neighbourhood_unedited"] for p in curve], color="grey",
+                    linestyle="--", label="unedited")
+        else:
+            ax.axhline(100 * r["unedited"][key], color="grey", linestyle="--", label="unedited")
         ax.set_title(key)
         ax.set_xlabel("facts edited")
         ax.set_ylim(0, 100)
