@@ -309,7 +309,8 @@ def run_rescore(args: argparse.Namespace) -> None:
         kept = [r for i, bt in enumerate(batches) if i != middle for r in bt]
         rv["after_revert_on_remaining"]["neighbourhood"] = neighbourhood(rv["revert_commit"], kept)
         rv["after_revert_on_reverted"]["neighbourhood"] = neighbourhood(rv["revert_commit"], batches[middle])
-        rv["check"] = check_summary(repo, rv["revert_commit"]) | {"first_run_seconds": rv["check"]["seconds"]}
+        first_s = rv["check"].get("first_run_seconds", rv["check"]["seconds"])  # scoring the probes, not reading them
+        rv["check"] = check_summary(repo, rv["revert_commit"]) | {"first_run_seconds": first_s}
     m["rescored"] = "neighbourhood again from the repository's commits, on prompts about unedited subjects"
     out = json.loads(path.read_text()) | {"unedited": {**out["unedited"], "neighbourhood": unedited},
                                           "scored_neighbours": SCORED_NEIGHBOURS}
