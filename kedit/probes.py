@@ -131,7 +131,7 @@ def edited_subjects(repo: Repository, edit_ids: Iterable[str]) -> dict[str, str]
     return subjects
 
 
-def naming_edit(prompt: str, subjects: Mapping[str, str]) -> str | None:
+def named_in(prompt: str, subjects: Mapping[str, str]) -> str | None:
     """subjects[s] for the first subject s that `prompt` names as a whole word or phrase, if any."""
     for subject, value in subjects.items():
         if re.search(rf"(?<!\w){re.escape(subject)}(?!\w)", prompt):
@@ -165,7 +165,7 @@ def check(repo: Repository, rev: str, load: ModelLoader, *, threshold: float = D
     for p in locality:
         score = _agreement(now[p.id][0], base_out[p.id][0])
         previous = _agreement(parent_out[p.id][0], base_out[p.id][0]) if parent else 1.0
-        by = naming_edit(p.prompt, subjects)
+        by = named_in(p.prompt, subjects)
         report.results.append(ProbeResult(p, 1.0, previous, score, score < previous - threshold and not by, by))
     for p in edits_now:
         previous = parent_out[p.id][1] if p.id in parent_out else None
