@@ -76,6 +76,10 @@ def edits_and_scored(n: int, edit_neighbours: int) -> tuple[list[EditRequest], l
     return given, drop_edited_neighbours(scored, {r.subject for r in scored})
 
 
+def chunks(requests: list[EditRequest], size: int) -> list[list[EditRequest]]:
+    return [requests[i : i + size] for i in range(0, len(requests), size)]
+
+
 def score(model: Any, tok: Any, requests: list[EditRequest], fluency_n: int = 0) -> dict[str, float]:
     cf = evaluate.counterfact_scores(model, tok, requests)
     out = {k: round(m.value, 4) for k, m in cf.items()}
@@ -183,8 +187,7 @@ def run_sequential(args: argparse.Namespace) -> dict[str, Any]:
     repo = Repository.open(repo_dir)
     base = history.ancestors(repo.db, repo.head())[-1]
     given, requests = edits_and_scored(args.n, args.edit_neighbours)
-    batches = [requests[i : i + args.batch] for i in range(0, len(requests), args.batch)]
-    given_batches = [given[i : i + args.batch] for i in range(0, len(given), args.batch)]
+    batches, given_batches = chunks(requests, args.batch), chunks(given, args.batch)
     unedited_model = model, tok = load_model(repo, base)
     out: dict[str, Any] = {"experiment": "sequential", "n": len(requests), "batch": args.batch,
                            "edit_neighbours": args.edit_neighbours, "scored_neighbours": SCORED_NEIGHBOURS,
@@ -284,8 +287,7 @@ def run_rescore(args: argparse.Namespace) -> None:
     path = RESULTS / f"{args.name}.json"
     out = json.loads(path.read_text())
     given, requests = edits_and_scored(out["n"], out["edit_neighbours"])
-    batches = [requests[i : i + out["batch"]] for i in range(0, len(requests), out["batch"])]
-    given_batches = [given[i : i + out["batch"]] for i in range(0, len(given), out["batch"])]
+    batches, given_batches = chunks(requests, out["batch"]), chunks(given, out["batch"])
     repo.checkout(f"seq-{args.method}")
     base = history.ancestors(repo.db, repo.head())[-1]
     commits = commits_so_far(repo, base, given_batches)

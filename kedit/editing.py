@@ -32,7 +32,7 @@ from kedit.errors import KeditError
 from kedit.methods.base import EditRequest, get_method
 from kedit.methods.hparams import hparams_from_overrides, hparams_to_dict
 from kedit.model import load_model
-from kedit.probes import add_probes, named_in
+from kedit.probes import add_probes, subject_finder
 from kedit.repo import CommitInfo, Metric, Repository
 
 log = logging.getLogger(__name__)
@@ -193,9 +193,8 @@ def run_edits(repo: Repository, requests: list[EditRequest], options: EditOption
 
 def _warn_locality_about_edited_subjects(requests: list[EditRequest]) -> None:
     """A locality prompt about another request's subject will change on purpose and count against locality."""
-    subjects = {r.subject: r.subject for r in requests if r.subject}
-    clashes = [(p, s) for r in requests for p, _ in locality_pairs(r)
-               if (s := named_in(p, subjects)) and s != r.subject]
+    subject_named = subject_finder({r.subject: r.subject for r in requests})
+    clashes = [(p, s) for r in requests for p, _ in locality_pairs(r) if (s := subject_named(p)) and s != r.subject]
     if clashes:
         prompt, subject = clashes[0]
         log.warning("%d locality prompts name the subject of another request (e.g. %r in %r): they will change "

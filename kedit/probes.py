@@ -131,12 +131,21 @@ def edited_subjects(repo: Repository, edit_ids: Iterable[str]) -> dict[str, str]
     return subjects
 
 
-def named_in(prompt: str, subjects: Mapping[str, str]) -> str | None:
-    """subjects[s] for the first subject s that `prompt` names as a whole word or phrase, if any."""
-    for subject, value in subjects.items():
-        if re.search(rf"(?<!\w){re.escape(subject)}(?!\w)", prompt):
-            return value
-    return None
+def subject_finder(subjects: Mapping[str, str]) -> Callable[[str], str | None]:
+    """prompt -> subjects[s] for a subject s the prompt names as a whole word or phrase, else None.
+
+    One compiled alternation (longest subjects first), as a check may match thousands of probes
+    against hundreds of subjects."""
+    if not subjects:
+        return lambda prompt: None
+    alternatives = "|".join(re.escape(s) for s in sorted(subjects, key=len, reverse=True))
+    pattern = re.compile(rf"(?<!\w)(?:{alternatives})(?!\w)")
+
+    def find(prompt: str) -> str | None:
+        match = pattern.search(prompt)
+        return subjects[match.group(0)] if match else None
+
+    return find
 
 
 def _agreement(a: list[int], b: list[int]) -> float:
@@ -161,11 +170,11 @@ def check(repo: Repository, rev: str, load: ModelLoader, *, threshold: float = D
     now = probe_outputs(repo, commit_id, locality + edits_now, load, setting)
     base_out = probe_outputs(repo, base, locality, load, setting)
     parent_out = probe_outputs(repo, parent, locality + edits_before, load, setting) if parent else {}
-    subjects = edited_subjects(repo, in_effect)
+    edit_naming = subject_finder(edited_subjects(repo, in_effect))
     for p in locality:
         score = _agreement(now[p.id][0], base_out[p.id][0])
         previous = _agreement(parent_out[p.id][0], base_out[p.id][0]) if parent else 1.0
-        by = named_in(p.prompt, subjects)
+        by = edit_naming(p.prompt)
         report.results.append(ProbeResult(p, 1.0, previous, score, score < previous - threshold and not by, by))
     for p in edits_now:
         previous = parent_out[p.id][1] if p.id in parent_out else None
