@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import os
 import random
 from collections import defaultdict
 from pathlib import Path
@@ -18,7 +19,8 @@ from kedit.sources import default_model_folder
 
 log = logging.getLogger(__name__)
 
-DATA = Path("/work/shared/data/known_dev.json")
+# KEDIT_BENCH_DATA: the same file elsewhere (a machine without ../shared, such as the GPU run of gpu.py)
+DATA = Path(os.environ.get("KEDIT_BENCH_DATA", "/work/shared/data/known_dev.json"))
 CACHE_DIR = Path("/tmp/kedit-smollm2-135m")
 
 

@@ -169,7 +169,7 @@ def spread_over_layers(
                 else:
                     delta = LowRank(a.float().contiguous(), b.t().float().contiguous())
                 with torch.no_grad():
-                    weight.add_((delta.a @ delta.b).to(weight.dtype))
+                    weight.add_((delta.a @ delta.b).to(device=weight.device, dtype=weight.dtype))
                 deltas[name + ".weight"] = delta
                 written[f"keys.{layer}"] = keys.float().contiguous()
                 layer_info.append({

@@ -716,7 +716,7 @@ def _edit_one(
     factor = _factor(c, hp.mom2_ridge)
     u_rome = rome_math.left_vector(k_star, c, hp.mom2_ridge, factor=factor)
     neighbours = neighbour_keys(model, tok, module, request)
-    protected = torch.zeros(0, k_star.shape[0], dtype=torch.float64)
+    protected = torch.zeros(0, k_star.shape[0], dtype=torch.float64, device=k_star.device)
     if neighbours is not None and hp.protect_overlap > 0:
         # a key held fixed changes u, which can reach other keys: add them until none is over
         free = neighbours[2].clone()
@@ -724,7 +724,7 @@ def _edit_one(
             over = (overlaps(neighbours[1], u_rome, k_star).abs() > hp.protect_overlap) & free
             if not over.any():
                 break
-            protected = torch.cat([protected, neighbours[1][over]])
+            protected = torch.cat([protected, neighbours[1][over].to(protected.device)])
             free &= ~over
             u_rome = rome_math.equal_gain_vector(torch.cat([k_star[None], protected]), c, hp.mom2_ridge,
                                                  factor=factor, gains=_gains(1, len(protected)))
@@ -819,7 +819,7 @@ def _edit_shows(model: Any, tok: Any, module: Any, upd: rome_math.RankOne, reque
     """Whether the model with the update gives the target on the request's own prompt (`shows_on_prompt`)."""
     saved = module.weight.detach().clone()
     a, b = rome_math.to_stored_layout(upd, transposed)
-    module.weight.add_((a @ b).to(module.weight.dtype))
+    module.weight.add_((a @ b).to(device=module.weight.device, dtype=module.weight.dtype))
     try:
         return shows_on_prompt(model, tok, [request])[0]
     finally:
@@ -952,7 +952,7 @@ def apply(
                 if i + 1 < len(requests):  # later requests see the earlier edits
                     a, b = rome_math.to_stored_layout(upd, hparams.out_proj_transposed)
                     with torch.no_grad():
-                        module.weight.add_((a @ b).to(module.weight.dtype))
+                        module.weight.add_((a @ b).to(device=module.weight.device, dtype=module.weight.dtype))
     finally:
         with torch.no_grad():
             module.weight.copy_(original)
