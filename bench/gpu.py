@@ -16,8 +16,8 @@ For each dtype the model is loaded on `--device` and, in turn:
          teacher-forced reliability and generalization; `--rome-budget-s` stops the edits after that
          many seconds (the report says how many were made), so both dtypes finish in a bounded time.
 Peak GPU memory is torch.cuda.max_memory_allocated, reset at the start of each phase (and of each
-ROME edit). `--profile` runs one ROME edit and a 10-fact MEMIT edit under torch.profiler and
-records the time of each operator on the CPU and on the GPU, which shows where each part ran.
+ROME edit). `--profile` runs one ROME edit under torch.profiler and records the time of each
+operator on the CPU and on the GPU, which shows where each part ran.
 `--random-init DIR` builds SmolLM2's architecture from DIR's config and tokenizer with random
 weights (timing only: the scores mean nothing), for a machine the model file cannot reach.
 Results are written after every phase, so a run stopped part way keeps what it measured.
@@ -264,8 +264,9 @@ def run_rome(model: Any, tok: Any, c: torch.Tensor, args: argparse.Namespace, de
         out["unedited"]["fluency"] = round(evaluate.fluency(model, tok, [r.text for r in done],
                                                             args.fluency_tokens).value, 4)
         lat = sorted(r["latency_s"] for r in rows)
-        out["latency_s"] = {"median": statistics.median(lat), "p90": lat[min(len(lat) - 1, int(0.9 * len(lat)))],
-                            "max": lat[-1], "first": rows[0]["latency_s"], "mean": round(statistics.fmean(lat), 4)}
+        out["latency_s"] = {"median": round(statistics.median(lat), 4),
+                            "p90": lat[min(len(lat) - 1, int(0.9 * len(lat)))], "max": lat[-1],
+                            "first": rows[0]["latency_s"], "mean": round(statistics.fmean(lat), 4)}
         out["breakdown_median_s"] = {k: round(statistics.median(r["timings"].get(k, 0.0) for r in rows), 4)
                                      for k in rows[0]["timings"]}
         out["steps_median"] = statistics.median(r["steps"] for r in rows)
@@ -280,18 +281,16 @@ def run_rome(model: Any, tok: Any, c: torch.Tensor, args: argparse.Namespace, de
 
 def run_profile(model: Any, tok: Any, cs: dict[int, torch.Tensor], args: argparse.Namespace, device: Device,
                 out_dir: Path, label: str) -> dict[str, Any]:
-    """One ROME edit and a 10-fact MEMIT edit under torch.profiler: time per operator, CPU and GPU."""
+    """One ROME edit under torch.profiler: time per operator, CPU and GPU. (MEMIT runs the same kinds of
+    kernels; a 10-fact MEMIT edit took over a minute under the CUDA profiler, so it is left out.)"""
     from torch.profiler import ProfilerActivity, profile
 
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.cuda else [])
-    requests, _ = split_neighbourhood(counterfact_requests(10), args.edit_neighbours)
+    requests, _ = split_neighbourhood(counterfact_requests(2), args.edit_neighbours)
     r_hp = rome.ROMEHyperParams.for_model(model)
-    m_hp = memit.MEMITHyperParams.for_model(model)
     result: dict[str, Any] = {}
     for what, call in (
         ("rome_1", lambda: rome.apply(model, tok, requests[1:2], r_hp, second_moment=cs[r_hp.layer])),
-        ("memit_10", lambda: memit.apply(model, tok, requests, m_hp,
-                                         second_moments_by_layer={x: cs[x] for x in m_hp.layers})),
     ):
         device.sync()
         t0 = time.perf_counter()
@@ -430,7 +429,7 @@ def cpu_reference(result: dict[str, Any]) -> dict[str, Any]:
                              "edited": {k: round(statistics.fmean(r[k] for r in rows), 4)
                                         for k in ("efficacy", "paraphrase", "neighbourhood", "reliability",
                                                   "generalization", "fluency")},
-                             "latency_s": {"median": statistics.median(lat),
+                             "latency_s": {"median": round(statistics.median(lat), 4),
                                            "p90": lat[min(len(lat) - 1, int(0.9 * len(lat)))], "max": lat[-1]}}
         if me and me["n"] == cpu_memit["n"]:
             entry["memit"] = {"source": str(CPU_MEMIT), "threads": cpu_memit["threads"],
@@ -458,6 +457,7 @@ def markdown(r: dict[str, Any]) -> str:
              f"torch {r['torch']}" + (f", CUDA {r['cuda']}" if r.get("cuda") else "")
              + f", transformers {r['transformers']}, kedit {r.get('commit') or '(commit not recorded)'}, "
              f"{r['cpu_threads']} CPU threads" + (" (interrupted)" if r.get("interrupted") else ""), ""]
+    lines += [f"Note: {n}" for n in r.get("notes", [])] + ([""] if r.get("notes") else [])
     head = "| | efficacy | paraphrase | neighbourhood | reliability | generalization | fluency (bits) |"
     lines += ["| model dtype | stats: generate + accumulate (s) | stats peak MB | MEMIT edit (s) | MEMIT peak MB "
               "| ROME latency median / p90 / first (s) | ROME peak MB | weights MB |",
@@ -493,6 +493,10 @@ def markdown(r: dict[str, Any]) -> str:
             lines += ["", f"MEMIT: {me.get('timings')} (values: v* optimisation; layers: keys and closed-form "
                       f"solve), apply {me.get('apply_s')} s, deltas computed on {me.get('delta_device')}; "
                       f"{me.get('shows_on_prompt')} of {me['n']} show on their prompt"]
+        if "rome_run" in run:
+            rr, rs = run["rome_run"], run["rome_run"]["stats"]
+            lines += ["", f"ROME from a run of its own: load {rr['load_s']} s, weights {rr['weights_mb']} MB, "
+                      f"statistics {rs['generate_s']} + {rs['accumulate_s']} s (peak {rs['peak_mb']} MB)"]
         if ro.get("n"):
             lines += ["", f"ROME: {ro['n']} of {ro['n_planned']} edits (budget {ro['budget_s']} s), median breakdown "
                       f"{ro.get('breakdown_median_s')}, {ro.get('steps_median')} steps median, "
