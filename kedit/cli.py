@@ -322,7 +322,8 @@ def show(ctx: click.Context, rev: str, as_json: bool) -> None:
         for m in commit.metrics:
             if m not in per_request:
                 suite = f" [{m.suite}]" if m.suite else ""
-                click.echo(f"  {m.name:<16} {m.stage:<5} {m.value:8.4f}  ({m.protocol}){suite}")
+                source = f" (from {m.source}, not verified here)" if m.source else ""
+                click.echo(f"  {m.name:<16} {m.stage:<5} {m.value:8.4f}  ({m.protocol}){suite}{source}")
         _echo_per_request(per_request)
     if changes:
         click.echo(f"Tensors ({len(changes)}):")

@@ -427,7 +427,8 @@ class Repository:
     def _insert_metrics(self, cid: str, metrics: Iterable[Metric]) -> None:
         self.db["metrics"].upsert_all([
             {"commit_id": cid, "name": m.name, "value": float(m.value), "protocol": m.protocol, "stage": m.stage,
-             "suite": m.suite, "created": now_iso()} for m in metrics], pk=("commit_id", "name", "stage", "suite"))
+             "suite": m.suite, "created": now_iso(), "source": ""}  # measured here, replacing a remote's
+            for m in metrics], pk=("commit_id", "name", "stage", "suite"))
 
     def record_metrics(self, rev: str, metrics: Iterable[Metric]) -> None:
         """Store (or replace) measurements of a commit; they are not part of its id."""
