@@ -63,6 +63,7 @@ class Metric:
     protocol: str
     stage: str = "post"  # pre | post | eval
     suite: str = ""
+    source: str = field(default="", compare=False)  # the remote it was fetched from; '' = measured here
 
 
 @dataclass
@@ -220,7 +221,7 @@ class Repository:
                           json.loads(info or "{}"), message, author, created, self.metrics(cid))
 
     def metrics(self, commit_id: str) -> list[Metric]:
-        return dbm.rows(self.db, "SELECT name, value, protocol, stage, suite FROM metrics WHERE commit_id = ? "
+        return dbm.rows(self.db, "SELECT name, value, protocol, stage, suite, source FROM metrics WHERE commit_id = ? "
                         "ORDER BY suite, stage, name", [commit_id], factory=Metric)
 
     def log(self, rev: str = HEAD, limit: int | None = None) -> list[CommitInfo]:
