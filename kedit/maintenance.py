@@ -168,7 +168,7 @@ def _proved_records(repo: Repository, report: FsckReport) -> dict[str, dict]:
             report.warnings.append(f"commit {cid[:12]}: a record of kind {record.get('kind')!r}, which this kedit "
                                    "does not know; its rows are not checked (pip install -U kedit)")
         parent = parent_of(record)
-        if parent is not None and dbm.one(repo.db, "SELECT 1 FROM commits WHERE id = ?", [parent]) is None:
+        if parent is not None and not _is_commit(repo, parent):
             report.errors.append(f"commit {cid[:12]}: its parent {parent[:12]} is missing; {NOT_REPAIRABLE} "
                                  "(fetch it again from a remote)")
     return records
@@ -179,17 +179,18 @@ def _is_commit(repo: Repository, cid: str) -> bool:
 
 
 def _check_refs(repo: Repository, report: FsckReport) -> None:
+    commits = {r[0] for r in repo.db.execute("SELECT id FROM commits")}
     for name, target, symbolic in repo.db.execute("SELECT name, target, symbolic FROM refs"):
         if symbolic:
             if repo.refs.get(target) is None:
                 report.errors.append(f"{name} points to {target}, which does not exist "
-                                     f"(kedit checkout a branch to set it)")
-        elif not _is_commit(repo, target):
+                                     "(kedit checkout a branch to set it)")
+        elif target not in commits:
             report.bad_refs.append(name)
             report.errors.append(f"{name} points to {target[:12]}, which is not a commit "
                                  "(kedit fsck --repair moves it back to its last reflog position)")
     for entry, ref, old, new in repo.db.execute("SELECT id, ref, old, new FROM reflog ORDER BY id"):
-        missing = [x for x in (old, new) if x and not x.startswith("refs/") and not _is_commit(repo, x)]
+        missing = [x for x in (old, new) if x and not x.startswith("refs/") and x not in commits]
         if missing:
             report.bad_reflog.append(entry)
             report.errors.append(f"reflog entry {entry} of {ref} names {missing[0][:12]}, which is not a commit "

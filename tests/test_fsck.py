@@ -13,6 +13,7 @@ import json
 import os
 import shutil
 import sqlite3
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -24,7 +25,9 @@ from kedit.cli import cli
 from kedit.delta import Adapter, Dense, LowRank
 from kedit.repo import Metric, Repository
 from kedit.worktree import shard_name
+from tests import test_cli_grace
 from tests.hubserver import HubServer
+from tests.test_crash_safety import _kedit_command as kedit_command
 from tests.test_hub import URL as HUB_URL
 from tests.test_hub import hub, origin  # noqa: F401  (fixtures: a local Hub, a repository with a remote)
 from tests.test_hub import run as hub_run
@@ -32,6 +35,8 @@ from tests.test_hub import run as hub_run
 DOWN0 = "model.layers.0.mlp.down_proj.weight"
 UP1 = "model.layers.1.mlp.up_proj.weight"
 FORGED = "f" * 32  # an id no commit has
+GRACE_FRANCE = test_cli_grace.FRANCE
+tiny_folder = test_cli_grace.tiny_folder  # a tiny Llama with a tokenizer, for a real GRACE edit
 
 
 @pytest.fixture(autouse=True)
@@ -266,3 +271,25 @@ def test_metrics_fetched_from_a_remote_are_labelled_as_the_remotes(origin: Repos
     # a measurement made here replaces the remote's claim, and says so
     Repository.open(copy).record_metrics("HEAD", [Metric("reliability", 0.5, "teacher_forced_token_acc")])
     assert "1 metrics measured here, 3 metrics fetched from origin" in kedit(copy, "fsck").stdout
+
+
+def test_repair_waits_for_the_writer_lock_and_changes_nothing_without_it(work: Path, ids: dict[str, str]) -> None:
+    sql(work, f"UPDATE commits SET message = 'harmless' WHERE id = '{ids['first']}'")
+    env = {**os.environ, "KEDIT_LOCK_TIMEOUT": "0.5"}
+    with Repository.open(work).lock():  # another writer (a separate process below) holds it
+        proc = subprocess.run([*kedit_command(), "--repo", str(work), "fsck", "--repair"],
+                              capture_output=True, text=True, env=env, timeout=120)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    assert proc.stderr.strip().startswith("kedit: error: another kedit command is writing"), proc.stderr
+    assert Repository.open(work).get_commit(ids["first"]).message == "harmless"  # nothing was rewritten
+
+
+def test_a_real_grace_commit_forged_adapter_row_is_repaired(tmp_path: Path, tiny_folder: Path) -> None:
+    work = tmp_path / "work"
+    Repository.init(work, str(tiny_folder), progress=False)
+    assert kedit(work, *GRACE_FRANCE).exit_code == 0
+    before = json.loads(kedit(work, "show", "--json").stdout)
+    sql(work, "UPDATE adapter_ops SET kind = 'lora'")
+    assert "its adapter rows differ from the record's" in kedit(work, "fsck").stdout
+    assert kedit(work, "fsck", "--repair").exit_code == 0
+    assert json.loads(kedit(work, "show", "--json").stdout) == before
