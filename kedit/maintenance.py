@@ -62,6 +62,7 @@ class FsckReport:
     value_fixes: dict[tuple[str, str], tuple[str, list[int]]] = field(default_factory=dict)
     bad_refs: list[str] = field(default_factory=list)
     bad_reflog: list[int] = field(default_factory=list)
+    editor_fixes: dict[str, str] = field(default_factory=dict)  # editor id -> the method its object says
     damaged_shards: list[str] = field(default_factory=list)
     damaged_files: list[str] = field(default_factory=list)
 
@@ -129,6 +130,7 @@ def fsck(repo: Repository, *, progress: bool = False) -> FsckReport:
         report.warnings.append(f"{len(unreferenced)} unreferenced objects (kedit gc removes them)")
 
     _check_refs(repo, report)
+    _check_editors(repo, report)
     _replay_all(repo, report, progress)
 
     for tensor_hash, path in repo.cache.entries():
@@ -195,6 +197,19 @@ def _check_refs(repo: Repository, report: FsckReport) -> None:
             report.bad_reflog.append(entry)
             report.errors.append(f"reflog entry {entry} of {ref} names {missing[0][:12]}, which is not a commit "
                                  "(kedit fsck --repair removes the entry)")
+
+
+def _check_editors(repo: Repository, report: FsckReport) -> None:
+    """An editor's method is in its weights' metadata, which its id hashes; the rest of its row is not."""
+    for editor_id, method in repo.db.execute("SELECT id, method FROM editors"):
+        try:
+            said = repo.store.get_tensors(editor_id)[1].get("method")
+        except KeditError:
+            continue  # a missing or damaged object: reported with the objects
+        if said != method:
+            report.editor_fixes[editor_id] = said
+            report.errors.append(f"editor {editor_id[:12]}: its row says method {method!r}, its weights (hashed into "
+                                 f"its id) say {said!r}; kedit fsck --repair rewrites it")
 
 
 def _replay_all(repo: Repository, report: FsckReport, progress: bool) -> None:
@@ -265,10 +280,11 @@ def _unproved(repo: Repository) -> dict[str, int]:
     """Rows that no hash covers, counted by kind: fsck can only say they are there."""
     counts = {f"metrics fetched from {source}" if source else "metrics measured here": n
               for source, n in repo.db.execute("SELECT source, COUNT(*) FROM metrics GROUP BY source ORDER BY source")}
-    for label, sql in (("probe outputs", "SELECT COUNT(*) FROM probe_outputs"),
+    for label, sql in (("probe facts", "SELECT COUNT(*) FROM probes"),
+                       ("probe outputs", "SELECT COUNT(*) FROM probe_outputs"),
                        ("commit diagnostics (info)", "SELECT COUNT(*) FROM commits WHERE info NOT IN ('{}', 'null')"),
                        ("delta statistics (rank, norms, stored size)", "SELECT COUNT(*) FROM tensor_changes"),
-                       ("editor training records", "SELECT COUNT(*) FROM editors")):
+                       ("editor training records (base, data, metrics)", "SELECT COUNT(*) FROM editors")):
         counts[label] = dbm.one(repo.db, sql)[0]
     return {k: v for k, v in counts.items() if v}
 
@@ -284,6 +300,9 @@ def repair(repo: Repository, *, progress: bool = False) -> FsckReport:
                 repo.db.execute("UPDATE tensor_changes SET dtype = ?, shape = ? WHERE commit_id = ? AND name = ?",
                                 [dtype, json.dumps(shape), cid, name])
                 repaired.append(f"commit {cid[:12]} tensor {name}: dtype and shape from its value")
+            for editor_id, method in sorted(found.editor_fixes.items()):
+                repo.db.execute("UPDATE editors SET method = ? WHERE id = ?", [method, editor_id])
+                repaired.append(f"editor {editor_id[:12]}: method from its weights' metadata")
             for entry in found.bad_reflog:
                 repo.db.execute("DELETE FROM reflog WHERE id = ?", [entry])
                 repaired.append(f"reflog entry {entry} removed (it named a missing commit)")

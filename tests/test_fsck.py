@@ -23,6 +23,7 @@ from transformers import AutoModelForCausalLM
 
 from kedit.cli import cli
 from kedit.delta import Adapter, Dense, LowRank
+from kedit.editors import store_editor
 from kedit.repo import Metric, Repository
 from kedit.worktree import shard_name
 from tests import test_cli_grace
@@ -61,6 +62,7 @@ def template(tmp_path_factory: pytest.TempPathFactory, tiny_llama_dir: Path) -> 
                                                 {"entries": []})], method="grace", message="adapter",
                           memory={"keys": torch.randn(3, 32, generator=gen)})
     revert = repo.revert(first.id)
+    store_editor(repo, "mend", {"w": torch.randn(4, 4, generator=gen)}, {}, repo.log()[-1].id, "0" * 32, {}, {})
     ids = {"init": repo.log()[-1].id, "first": first.id, "second": second.id, "adapter": adapter.id,
            "revert": revert.id}
     repo.db.conn.close()  # checkpoints the WAL, so the folder can be copied
@@ -92,8 +94,9 @@ def sql(work: Path, statement: str, params: tuple = ()) -> None:
 
 
 def views(work: Path, ids: dict[str, str]) -> dict[str, object]:
-    """What a user reads: the log of every branch, and `show` of every commit."""
-    out: dict[str, object] = {"log": kedit(work, "log", "--json").output}
+    """What a user reads: the log, `show` of every commit, the trained editors."""
+    out: dict[str, object] = {"log": kedit(work, "log", "--json").output,
+                              "editors": kedit(work, "editors", "--json").output}
     for name, cid in ids.items():
         out[name] = json.loads(kedit(work, "show", cid, "--json").output)
     return out
@@ -129,6 +132,7 @@ TAMPERING = [
     ("file-row", f"UPDATE files SET object_id = '{FORGED}' WHERE path = 'config.json'", "its file rows differ"),
     ("method-memory", "UPDATE method_memory SET method = 'alphaedit' WHERE commit_id = '{adapter}'",
      "{adapter:.12}: its method memory row is"),
+    ("editor-method", "UPDATE editors SET method = 'instructedit'", "its row says method 'instructedit', its weights"),
     ("branch", f"UPDATE refs SET target = '{FORGED}' WHERE name = 'refs/heads/main'",
      f"refs/heads/main points to {FORGED[:12]}, which is not a commit"),
     ("reflog", f"UPDATE reflog SET new = '{FORGED}' WHERE id = (SELECT MIN(id) FROM reflog WHERE ref = 'HEAD')",
