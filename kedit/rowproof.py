@@ -3,7 +3,8 @@
 Calling sequence: `records = implied.load_records(...)`; `problems = check_rows(db, records)`
 lists every row or column that differs from what its commit's record says; inside a write
 transaction, `rewrite_rows(db, store, value_of, cid, rows)` makes the commit's rows say exactly
-what the record says, for each commit with a problem.
+what the record says, for each commit with a problem (`rewrite_commit_columns` first for all
+of them when parent columns may be wrong: replaying a value walks them).
 
 Caveats: only what a record proves is rewritten. A change row the record names but the database
 lacks is re-inserted with its dtype and shape taken from the replayed value (proved by its hash)
@@ -132,9 +133,8 @@ def _differences(cid: str, rows: ImpliedRows, actual: _Rows) -> list[str]:
 ValueOf = Callable[[history.Change], torch.Tensor]
 
 
-def rewrite_rows(db: sqlite_utils.Database, store: ObjectStore, value_of: ValueOf, cid: str,
-                 rows: ImpliedRows) -> None:
-    """Make every row about `cid` say what its record says (inside the caller's write transaction)."""
+def rewrite_commit_columns(db: sqlite_utils.Database, cid: str, rows: ImpliedRows) -> None:
+    """The commit row's columns (and a revert's target in `info`) as the record says."""
     columns = {c: (json.dumps(v) if c in JSON_COLUMNS else v) for c, v in rows.columns.items()
                if v is not None or c not in ("depth", "requests")}
     db.execute(f"UPDATE commits SET {', '.join(f'{c} = ?' for c in columns)} WHERE id = ?", [*columns.values(), cid])
@@ -142,6 +142,12 @@ def rewrite_rows(db: sqlite_utils.Database, store: ObjectStore, value_of: ValueO
         info = _json(db.execute("SELECT info FROM commits WHERE id = ?", [cid]).fetchone()[0])
         info = {**(info if isinstance(info, dict) else {}), "reverts": rows.reverts}
         db.execute("UPDATE commits SET info = ? WHERE id = ?", [json.dumps(info), cid])
+
+
+def rewrite_rows(db: sqlite_utils.Database, store: ObjectStore, value_of: ValueOf, cid: str,
+                 rows: ImpliedRows) -> None:
+    """Make every row about `cid` say what its record says (inside the caller's write transaction)."""
+    rewrite_commit_columns(db, cid, rows)
     have = {r[0] for r in db.execute("SELECT name FROM tensor_changes WHERE commit_id = ?", [cid])}
     for name in have - set(rows.changes):
         db.execute("DELETE FROM tensor_steps WHERE commit_id = ? AND name = ?", [cid, name])

@@ -105,6 +105,7 @@ def views(work: Path, ids: dict[str, str]) -> dict[str, object]:
 # (case id, tampering statement with {commit ids}, the words fsck must say)
 TAMPERING = [
     ("parent", "UPDATE commits SET parent = '{init}' WHERE id = '{second}'", "{second:.12}: column parent is"),
+    ("parent-cycle", "UPDATE commits SET parent = '{second}' WHERE id = '{first}'", "the parent columns form a cycle"),
     ("depth", "UPDATE commits SET depth = 7 WHERE id = '{second}'", "{second:.12}: column depth is 7"),
     ("kind", "UPDATE commits SET kind = 'init' WHERE id = '{second}'", "{second:.12}: column kind is"),
     ("method", "UPDATE commits SET method = 'memit' WHERE id = '{first}'", "{first:.12}: column method is 'memit'"),
