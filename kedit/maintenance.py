@@ -119,7 +119,8 @@ def fsck(repo: Repository, *, progress: bool = False) -> FsckReport:
         try:
             repo.store.verify(object_id)
         except KeditError as e:
-            report.errors.append(f"{e}; {NOT_REPAIRABLE} (fetch it again from a remote)")
+            fix = e.hint if e.hint and "fsck" not in e.hint else "fetch it again from a remote"
+            report.errors.append(f"{e}; {NOT_REPAIRABLE} ({fix})")
     for object_id in sorted(set(referenced) - stored):
         needed_by = referenced[object_id]
         report.errors.append(f"object {object_id} is missing (needed by commit {needed_by[:12]}); " + (
