@@ -322,7 +322,8 @@ def show(ctx: click.Context, rev: str, as_json: bool) -> None:
         for m in commit.metrics:
             if m not in per_request:
                 suite = f" [{m.suite}]" if m.suite else ""
-                click.echo(f"  {m.name:<16} {m.stage:<5} {m.value:8.4f}  ({m.protocol}){suite}")
+                source = f" (from {m.source}, not verified here)" if m.source else ""
+                click.echo(f"  {m.name:<16} {m.stage:<5} {m.value:8.4f}  ({m.protocol}){suite}{source}")
         _echo_per_request(per_request)
     if changes:
         click.echo(f"Tensors ({len(changes)}):")
@@ -597,25 +598,40 @@ def export(ctx: click.Context, rev: str, directory: Path, max_shard_size: str, f
 
 
 @cli.command()
+@click.option("--repair", is_flag=True,
+              help="Rebuild the rows, refs, reflog and working model that hashes prove, then check again.")
 @json_option
 @click.pass_context
-def fsck(ctx: click.Context, as_json: bool) -> None:
-    """Re-hash every object and prove every commit materialises to its recorded hashes.
+def fsck(ctx: click.Context, repair: bool, as_json: bool) -> None:
+    """Prove every object, commit row, ref and working-model shard against the hashes.
 
-    Exit status 1 when anything is damaged.
+    Rows no hash covers (metrics, probe outputs) are counted as unproved. Exit status 1 when
+    anything is damaged (after --repair: when anything is left that it cannot repair).
+
+    \b
+    Example:
+        kedit fsck
+        kedit fsck --repair
     """
     from kedit.maintenance import fsck as run_fsck
+    from kedit.maintenance import repair as run_repair
 
     repo = _open(ctx)
-    report = run_fsck(repo, progress=progress_enabled())
+    report = (run_repair if repair else run_fsck)(repo, progress=progress_enabled())
     if as_json:
-        _emit_json({"ok": report.ok, **report.__dict__})
+        _emit_json(report.summary())
     else:
+        for line in report.repaired:
+            click.echo(f"repaired: {line}")
         for w in report.warnings:
             click.echo(f"warning: {w}", err=True)
         for e in report.errors:
             click.echo(f"error: {e}")
-        click.echo(f"checked {report.objects} objects, {report.commits} commits, {report.tensors} tensor changes: "
+        if report.unproved:
+            click.echo("unproved (no hash covers them): "
+                       + ", ".join(f"{n} {what}" for what, n in report.unproved.items()))
+        click.echo(f"checked {report.objects} objects, {report.commits} commits, {report.tensors} tensor changes, "
+                   f"{report.worktree_shards} working-model shards: "
                    + ("ok" if report.ok else f"{len(report.errors)} problem(s)"))
     if not report.ok:
         sys.exit(1)

@@ -174,6 +174,10 @@ CREATE TABLE editors (
 """
 MIGRATIONS.append(("0003_editors", _EDITORS))
 
+# Metrics are not hashed into a commit's id: record where each came from, so that fsck (and
+# show) can tell a measurement made here from one a remote claims. '' = measured here.
+MIGRATIONS.append(("0006_metric_source", "ALTER TABLE metrics ADD COLUMN source TEXT NOT NULL DEFAULT ''"))
+
 
 def connect(path: Path, *, create: bool = False) -> sqlite_utils.Database:
     """Open the history database, configured for kedit, with its schema up to date."""

@@ -254,7 +254,7 @@ def _record(repo: Repository, remote: str, docs: dict[str, dict], metrics: dict[
                 for i, (op, oid, kind, origin) in enumerate(doc["adapter_ops"])])
             repo.db["files"].insert_all([{"commit_id": cid, "path": p, "object_id": o}
                                          for p, o in doc["files"].items()])
-            repo.db["metrics"].upsert_all([{"commit_id": cid, **m} for m in doc["metrics"]],
+            repo.db["metrics"].upsert_all([{"commit_id": cid, **m, "source": remote} for m in doc["metrics"]],
                                           pk=("commit_id", "name", "stage", "suite"))
             if doc.get("memory"):
                 repo.db["method_memory"].insert({"commit_id": cid, **doc["memory"]})
@@ -262,7 +262,7 @@ def _record(repo: Repository, remote: str, docs: dict[str, dict], metrics: dict[
             repo.db.execute(f"INSERT OR IGNORE INTO editors ({', '.join(EDITOR_FIELDS)}) VALUES "
                             f"({', '.join('?' * len(EDITOR_FIELDS))})", [doc[k] for k in EDITOR_FIELDS])
         for cid, rows in metrics.items():
-            repo.db["metrics"].upsert_all([{"commit_id": cid, **m} for m in rows],
+            repo.db["metrics"].upsert_all([{"commit_id": cid, **m, "source": remote} for m in rows],
                                           pk=("commit_id", "name", "stage", "suite"))
         for f in found.values():
             old = remotes.tracking(repo.db, remote, f.branch)

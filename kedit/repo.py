@@ -63,6 +63,7 @@ class Metric:
     protocol: str
     stage: str = "post"  # pre | post | eval
     suite: str = ""
+    source: str = field(default="", compare=False)  # the remote it was fetched from; '' = measured here
 
 
 @dataclass
@@ -220,7 +221,7 @@ class Repository:
                           json.loads(info or "{}"), message, author, created, self.metrics(cid))
 
     def metrics(self, commit_id: str) -> list[Metric]:
-        return dbm.rows(self.db, "SELECT name, value, protocol, stage, suite FROM metrics WHERE commit_id = ? "
+        return dbm.rows(self.db, "SELECT name, value, protocol, stage, suite, source FROM metrics WHERE commit_id = ? "
                         "ORDER BY suite, stage, name", [commit_id], factory=Metric)
 
     def log(self, rev: str = HEAD, limit: int | None = None) -> list[CommitInfo]:
@@ -427,7 +428,8 @@ class Repository:
     def _insert_metrics(self, cid: str, metrics: Iterable[Metric]) -> None:
         self.db["metrics"].upsert_all([
             {"commit_id": cid, "name": m.name, "value": float(m.value), "protocol": m.protocol, "stage": m.stage,
-             "suite": m.suite, "created": now_iso()} for m in metrics], pk=("commit_id", "name", "stage", "suite"))
+             "suite": m.suite, "created": now_iso(), "source": ""}  # measured here, replacing a remote's
+            for m in metrics], pk=("commit_id", "name", "stage", "suite"))
 
     def record_metrics(self, rev: str, metrics: Iterable[Metric]) -> None:
         """Store (or replace) measurements of a commit; they are not part of its id."""

@@ -86,6 +86,13 @@ class Worktree:
         value = self._load_shard(tensor_name)
         return hash_tensor(value) if value is not None else "unreadable"
 
+    def hash_on_disk(self, tensor_name: str) -> str | None:
+        """The shard's hash from its bytes, whatever its stat says (fsck does not trust the stat)."""
+        if self._stat(tensor_name) is None:
+            return None
+        value = self._load_shard(tensor_name)
+        return hash_tensor(value) if value is not None else "unreadable"
+
     def lookup(self, tensor_name: str, tensor_hash: str) -> torch.Tensor | None:
         """The shard's value if it holds exactly `tensor_hash` (a cache for materialisation)."""
         entry = self.read_index()["tensors"].get(tensor_name)
@@ -162,6 +169,21 @@ class Worktree:
         index["files"] = sorted(set(index.get("files", [])) | set(files))
         self._write_index(index)
         return stale
+
+    def restore(self, values: dict[str, tuple[str, torch.Tensor]], files: dict[str, bytes]) -> None:
+        """Rewrite damaged shards (name -> (hash, value verified by the caller)) and files, in place.
+
+        Unlike `update`, nothing else is touched: shards with hand-made changes stay as they are.
+        """
+        index = json.loads(self.index_path.read_text())
+        for name, (tensor_hash, value) in values.items():
+            save_tensors_atomic(self.folder / shard_name(name), {name: value}, {"format": "pt"}, durable=False)
+            index["tensors"][name] = {"hash": tensor_hash, "stat": self._stat(name)}
+        for path, data in files.items():
+            target = self.folder / path
+            target.parent.mkdir(parents=True, exist_ok=True)
+            atomic_write_bytes(target, data, durable=False)
+        self._write_index(index)
 
     def _write_weight_map(self, manifest: dict[str, ManifestEntry]) -> None:
         total = sum(m.nbytes for m in manifest.values())

@@ -80,7 +80,8 @@ def export_hashes(where: Path, rev: str, out: Path) -> dict:
 
 
 def log_json(where: Path, rev: str = "HEAD") -> list[dict]:
-    return [{k: c[k] for k in ("id", "parent", "kind", "method", "message", "requests", "metrics")}
+    return [{k: c[k] for k in ("id", "parent", "kind", "method", "message", "requests")}
+            | {"metrics": [{k: v for k, v in m.items() if k != "source"} for m in c["metrics"]]}  # fetched: 'origin'
             for c in json.loads(run(where, "log", rev, "--json"))]
 
 
