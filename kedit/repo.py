@@ -287,7 +287,9 @@ class Repository:
         if _initialised(path):
             raise RepositoryExistsError(f"a kedit repository already exists at {path}")
         path.mkdir(parents=True, exist_ok=True)
-        _clear(path)
+        if any(entry.name != LOCK_FILE for entry in path.iterdir()):
+            log.info("clearing what an interrupted init left in %s", path)
+            _clear(path)
         db = dbm.connect(path / DB_FILE, create=True)
         with dbm.write(db):
             db["meta"].insert_all([{"key": INITIALISING, "value": "1"},
