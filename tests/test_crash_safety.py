@@ -435,3 +435,43 @@ def test_an_init_killed_midway_is_reported_then_finished(point: str, tmp_path: P
     report = fsck(repo)
     assert report.ok and not report.warnings, (report.errors, report.warnings)  # nothing of the killed init left
     _check_worktree_at_head(repo, f"init killed at {point}")
+
+
+@pytest.fixture
+def crash_run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    """Repositories over a tiny Llama with a tokenizer, a local Hub, and the forker (tests/crashkit.py)."""
+    from huggingface_hub import constants as hf_constants
+
+    from tests import crashkit
+    from tests.hubserver import HubServer
+    from tests.tiny import make_model, make_tokenizer
+
+    model = tmp_path / "model"
+    tok = make_tokenizer()
+    make_model("llama", len(tok)).save_pretrained(model)
+    tok.save_pretrained(model)
+    monkeypatch.setattr(hf_constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(hf_constants, "HF_HUB_DISABLE_XET", True)
+    server = HubServer(tmp_path / "hub", {crashkit.TOKEN: crashkit.HUB_USER}).start()
+    monkeypatch.setenv("HF_ENDPOINT", server.url)
+    monkeypatch.setenv("HF_TOKEN", crashkit.TOKEN)
+    run = crashkit.CrashRun(tmp_path / "crash", model, server.url, server.store, seed=20261204)
+    try:
+        run.start(dict(os.environ))
+        yield run
+    finally:
+        run.close()
+        server.stop()
+
+
+def test_sigkill_of_every_writing_command_leaves_a_whole_repository(crash_run) -> None:
+    """Two random kills of each writing command, init, edit and the Hub commands included."""
+    from tests.crashkit import COMMANDS, Tally
+
+    tallies = {}
+    for command in COMMANDS:
+        tallies[command] = Tally()
+        crash_run.run_command(command, 2, tallies[command])
+    failures = [f for t in tallies.values() for f in t.failures]
+    assert not failures, "\n".join(failures)
+    assert sum(t.kills for t in tallies.values()) >= len(COMMANDS), {c: t.kills for c, t in tallies.items()}
