@@ -172,3 +172,33 @@ def test_leaving_commits_behind_a_detached_head_warns(repo: Repository, caplog: 
     kedit(repo, "branch", "keep")
     kedit(repo, "checkout", "main")
     assert warnings() == []
+
+
+def test_a_checkout_while_the_model_is_read_makes_the_load_start_again(tiny_repo: Repository,
+                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """A checkout there and back (ABA) while the working model is read could mix two commits' shards."""
+    from kedit import model as model_module
+    from kedit.hashing import hash_tensor
+
+    main = tiny_repo.head()
+    kedit(tiny_repo, "branch", "side")
+    kedit(tiny_repo, "checkout", "side")
+    tiny_repo.commit({"model.norm.weight": Dense(torch.full((32,), 0.5))}, message="side differs")
+    kedit(tiny_repo, "checkout", "main")
+    folders: list[Path] = []
+    read_folder = model_module._from_folder
+
+    def reading(folder, *args, **kwargs):
+        folders.append(Path(folder))
+        loaded = read_folder(folder, *args, **kwargs)
+        if len(folders) == 1:  # another process switches there and back meanwhile
+            other = Repository.open(tiny_repo.root)
+            other.checkout("side")
+            other.checkout("main")
+        return loaded
+
+    monkeypatch.setattr(model_module, "_from_folder", reading)
+    model, _ = model_module.load_model(tiny_repo, main)
+    assert folders[0] == tiny_repo.worktree.folder and len(folders) == 2 and folders[1] != folders[0]
+    norm = dict(model.named_parameters())["model.norm.weight"].detach()
+    assert hash_tensor(norm) == tiny_repo.manifest(main)["model.norm.weight"].hash
