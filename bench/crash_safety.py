@@ -52,6 +52,7 @@ def main() -> None:
         make_model("llama", len(tok)).save_pretrained(model)
         tok.save_pretrained(model)
         server = HubServer(tmp / "hub", {crashkit.TOKEN: crashkit.HUB_USER}).start()
+        server.handle_error = lambda request, address: None  # clients killed mid-request: expected here
         os.environ.update({"HF_ENDPOINT": server.url, "HF_TOKEN": crashkit.TOKEN, "HF_HUB_OFFLINE": "0"})
         run = crashkit.CrashRun(tmp / "crash", model, server.url, server.store, seed=args.seed)
         tallies = {}

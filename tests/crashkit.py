@@ -267,7 +267,11 @@ class CrashRun:
     # -- each command: what it acts on, its arguments, and what must hold after it ----------
 
     def run_command(self, command: str, runs: int, tally: Tally) -> None:
-        """Run `command` once to completion (its duration), then `runs` times with a kill."""
+        """Run `command` once to completion (its duration), then `runs` times with a kill.
+
+        The kill delay is drawn up to the fastest complete run seen so far (the first one is
+        slowed by cold caches), so that most runs are killed rather than finish first.
+        """
         started = time.monotonic()
         getattr(self, f"_{command}")(0, None)
         duration = self.duration
@@ -285,6 +289,7 @@ class CrashRun:
                 tally.survived += 1
             else:
                 tally.finished += 1
+                duration = min(duration, self.duration)
         tally.seconds += time.monotonic() - started
 
     def _local_command(self, i: int, delay: float | None, args: list[str], label: str,
