@@ -784,9 +784,10 @@ class Repository:
         if behind:
             shown = ", ".join(f"{c[:12]} {self.get_commit(c).message!r}" for c in behind[:4])
             more = f" and {len(behind) - 4} more" if len(behind) > 4 else ""
+            one = len(behind) == 1
             log.warning("warning: you are leaving %d commit%s behind, not connected to any branch: %s%s; "
-                        "to keep them: kedit branch NAME %s", len(behind), "" if len(behind) == 1 else "s",
-                        shown, more, old[:12])
+                        "to keep %s: kedit branch NAME %s", len(behind), "" if one else "s", shown, more,
+                        "it" if one else "them", old[:12])
 
     def reset(self, rev: str, *, force: bool = False, expected: HeadState | None = None,
               message: str | None = None) -> str:
