@@ -13,7 +13,7 @@ either the old state or the new one, plus at most some unreferenced objects for 
 Every commit row is written by `write_commits` (edit, revert, the base and Hub fetch alike);
 given `expected_parent` (the `HeadState` an edit's model was loaded at), it refuses to commit
 when HEAD moved meanwhile. `init` marks the repository as initialising until the transaction
-that records the base, so an interrupted init is recognised (and finished by the next one).
+that records its branches, so an interrupted init is recognised (and cleared by the next one).
 
 Caveats: history is first-parent only (no merges yet). The working model under
 `.kedit/worktree` follows HEAD; commands that write bring it up to date first.
@@ -171,17 +171,22 @@ def find_repository(start: Path) -> Path:
     raise RepositoryNotFoundError(f"not a kedit repository (or any parent up to /): {start}")
 
 
+def _finished(meta_keys: Iterable[str]) -> bool:
+    """Whether init finished, from the keys of `meta` (repositories older than the initialising
+    mark have `created_by` and no mark; a database killed before its first row has neither)."""
+    keys = set(meta_keys)
+    return "created_by" in keys and INITIALISING not in keys
+
+
 def _initialised(path: Path) -> bool:
-    """Whether `path` holds a repository whose init finished (repositories older than the
-    marker have `created_by` and no marker)."""
+    """Whether `path` holds a repository whose init finished."""
     if not (path / DB_FILE).exists():
         return False
     db = dbm.connect(path / DB_FILE)
     try:
-        keys = {row[0] for row in db.execute("SELECT key FROM meta")}
+        return _finished(row[0] for row in db.execute("SELECT key FROM meta"))
     finally:
         db.conn.close()
-    return "created_by" in keys and INITIALISING not in keys
 
 
 @contextlib.contextmanager
@@ -314,8 +319,7 @@ class Repository:
     @property
     def initialising(self) -> bool:
         """True until init (or clone) has recorded the repository's branches."""
-        config = self.config
-        return INITIALISING in config or "created_by" not in config
+        return not _finished(self.config)
 
     @property
     def config(self) -> dict[str, str]:
@@ -453,10 +457,8 @@ class Repository:
         with dbm.write(self.db):
             if expected_parent is not None:
                 (commit,) = staged
-                current = self.head_state()
-                if current != expected_parent or commit.parent != expected_parent.commit:
-                    raise HeadMovedError(f"HEAD moved from {expected_parent} to {current} while the edit ran on "
-                                         f"{expected_parent.commit[:12]}; nothing was committed")
+                assert commit.parent == expected_parent.commit, "a commit is staged on its expected parent"
+                self._check_head(expected_parent, _edit_ran(expected_parent))
             depths = self._depths(staged)
             for c in sorted(staged, key=lambda c: depths[c.id]):
                 self._insert(c, depths[c.id])
@@ -528,8 +530,9 @@ class Repository:
         adapters = list(adapters)
         with self.lock():
             self._sync_worktree()
-            at = expected_parent or self.head_state()
-            parent = at.commit
+            at = self._check_head(expected_parent, _edit_ran(expected_parent)) if expected_parent \
+                else self.head_state()
+            parent = at.commit  # refused before the work, and again when recorded
             manifest = history.manifest(self.db, parent)
             staged: dict[str, dict] = {}
             for name in sorted(deltas):
@@ -607,6 +610,13 @@ class Repository:
     def head_state(self) -> HeadState:
         """Where HEAD is now: pass it as `expected_parent` to commit what was computed there."""
         return HeadState(self.head_branch(), self._require_head())
+
+    def _check_head(self, expected: HeadState, doing: str) -> HeadState:
+        """HEAD's state, if it is still `expected`; else HeadMovedError saying what was going on."""
+        current = self.head_state()
+        if current != expected:
+            raise HeadMovedError(f"HEAD moved from {expected} to {current} while {doing}")
+        return current
 
     def _require_head(self) -> str:
         head = self.head()
@@ -797,9 +807,7 @@ class Repository:
         """
         with self.lock():
             commit_id = self.resolve(rev)
-            at = self.head_state()
-            if expected is not None and at != expected:
-                raise HeadMovedError(f"HEAD moved from {expected} to {at} while this command ran; nothing was changed")
+            at = self._check_head(expected, "this command ran; nothing was changed") if expected else self.head_state()
             if self.worktree is not None:
                 self._update_worktree(commit_id, force=force)
             with dbm.write(self.db):
@@ -878,6 +886,11 @@ def _encode(delta: WeightDelta, before: torch.Tensor) -> tuple[WeightDelta, str]
     if isinstance(delta, Replace):
         return Replace(delta.value.detach().cpu().to(before.dtype).contiguous()), "exact"
     raise DeltaError(f"unsupported delta type {type(delta).__name__}")
+
+
+def _edit_ran(at: HeadState) -> str:
+    """What a commit refused because HEAD moved was doing."""
+    return f"the edit ran on {at.commit[:12]}; nothing was committed"
 
 
 def _default_message(method: str | None, requests: list[dict[str, Any]]) -> str:
