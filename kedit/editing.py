@@ -3,7 +3,8 @@
 For each batch of requests (one request per commit for single-edit methods such as ROME):
   1. measure the model before the edit (reliability, generalization, locality reference, ...),
   2. ask the method for deltas (it never writes the repository),
-  3. commit them (the engine applies them with its canonical arithmetic),
+  3. commit them (the engine applies them with its canonical arithmetic) onto the commit the
+     model was loaded from: if HEAD moved meanwhile (a checkout, another edit), nothing is committed,
   4. copy the committed tensors (and install its adapters) into the in-memory model and measure again,
   5. store both sets of metrics with the commit and add the edit to the probe suite.
 
@@ -33,7 +34,7 @@ from kedit.methods.base import EditRequest, get_method
 from kedit.methods.hparams import hparams_from_overrides, hparams_to_dict
 from kedit.model import load_model
 from kedit.probes import add_probes, subject_finder
-from kedit.repo import CommitInfo, Metric, Repository
+from kedit.repo import CommitInfo, HeadState, Metric, Repository
 
 log = logging.getLogger(__name__)
 
@@ -146,7 +147,8 @@ def run_edits(repo: Repository, requests: list[EditRequest], options: EditOption
         method = get_method(options.method)
     except KeyError as e:
         raise KeditError(str(e.args[0])) from e
-    model, tok = load_model(repo, "HEAD", dtype=options.dtype, device=options.device)
+    at = repo.head_state()  # each commit must land where the model was loaded (compare-and-swap)
+    model, tok = load_model(repo, at.commit, dtype=options.dtype, device=options.device)
     overrides = dict(options.overrides)
     if options.stats_samples and "mom2_n_samples" in getattr(method.hparams_cls, "__dataclass_fields__", {}):
         overrides.setdefault("mom2_n_samples", str(options.stats_samples))  # record what C was built from
@@ -158,7 +160,7 @@ def run_edits(repo: Repository, requests: list[EditRequest], options: EditOption
         from kedit.editors import resolve_editor
 
         hparams = dataclasses.replace(hparams, editor=resolve_editor(repo, method.name, hparams.editor).id)
-    stats = StatsProvider(repo, options, hparams, (model, tok), repo.head())
+    stats = StatsProvider(repo, options, hparams, (model, tok), at.commit)
     _warn_locality_about_edited_subjects(requests)
     size = options.batch_size or (len(requests) if method.batched else 1)
     commits = []
@@ -176,7 +178,8 @@ def run_edits(repo: Repository, requests: list[EditRequest], options: EditOption
         commit = repo.commit(result.deltas, adapters=result.adapters, requests=[r.to_dict() for r in batch],
                              method=method.name, hparams=hparams_to_dict(hparams), info=info,
                              message=options.message if len(requests) == 1 else None,
-                             memory=result.memory or None)
+                             memory=result.memory or None, expected_parent=at)
+        at = HeadState(at.branch, commit.id)
         _load_committed(repo, model, commit.id, result.deltas)
         if result.adapters:  # the measured model must carry them; appending keeps the install incremental
             in_effect = [a for _, a in repo.adapters(commit.id)] if in_effect is None else in_effect + result.adapters

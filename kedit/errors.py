@@ -38,6 +38,15 @@ class LockedError(KeditError, TimeoutError):
     hint = "wait for the other kedit command to finish (or raise KEDIT_LOCK_TIMEOUT)"
 
 
+class IncompleteRepositoryError(KeditError, RuntimeError):
+    """A repository whose `kedit init` (or `kedit clone`) was interrupted before it finished."""
+
+    def __init__(self, path: object) -> None:
+        super().__init__(f"the repository at {path} was not completely initialised (interrupted init?); "
+                         "run 'kedit init' again to finish or clear it")
+        self.path = path
+
+
 class SchemaError(KeditError, RuntimeError):
     """The database was written by a newer kedit."""
 
@@ -63,6 +72,12 @@ class RefExistsError(KeditError, FileExistsError):
 
 class StaleRefError(KeditError, RuntimeError):
     """A ref moved between reading and updating it (compare-and-swap failed)."""
+
+
+class HeadMovedError(StaleRefError):
+    """HEAD (or the branch it is on) moved while an edit was computed on the model it pointed to."""
+
+    hint = "run the edit again"
 
 
 # OBJECT AND INTEGRITY ERRORS

@@ -15,7 +15,9 @@ Layout of a Hub branch that kedit pushes (kedit branches are Hub branches):
 Calling sequence: `push` reads the remote branch's tree at the Hub commit it last saw (the
 remote-tracking state), uploads what is missing and makes ONE Hub commit holding the files and
 the records that name them, with `parent_commit` = that Hub commit: if anyone pushed since, the
-Hub refuses it (412) and nothing is overwritten. fetch, clone and pull are in kedit/hubfetch.py.
+Hub refuses it (412) and nothing is overwritten. A branch that moved to history this branch
+holds (our own push killed before it recorded the Hub's answer) is pushed on from where it is.
+fetch, clone and pull are in kedit/hubfetch.py.
 
 Error handling: nothing local changes before the Hub has answered: a failed push leaves the
 repository as it was (the remote keeps at most unreferenced LFS uploads, or a new branch
@@ -253,6 +255,9 @@ def push(repo: Repository, remote_name: str | None = None, branch: str | None = 
                 raise HubError(f"the branch {rbranch!r} was deleted from {hub.where} since the last push",
                                hint=f"kedit remote remove {remote.name}, add it again, then push")
             base_sha, remote_tip, checkpoint = tracked.hub_commit, tracked.kedit_commit, tracked.checkpoint_commit
+            if hub_branches[rbranch] != base_sha:
+                base_sha, remote_tip, checkpoint = _moved_base(hub, hub_branches[rbranch], ancestors, tmp) or (
+                    base_sha, remote_tip, checkpoint)  # someone else's: the Hub refuses the commit (412)
         else:
             base_sha, remote_tip, checkpoint = _untracked_base(repo, hub, hub_branches, rbranch, ancestors, tmp)
         if remote_tip is not None and remote_tip not in ancestors:
@@ -263,10 +268,10 @@ def push(repo: Repository, remote_name: str | None = None, branch: str | None = 
         ops = _history_ops(repo, tip, new_checkpoint, remote_tree, tmp)
         if remote_tip == tip and new_checkpoint == checkpoint and not ops:  # (new metrics make ops)
             result.up_to_date, result.hub_commit = True, base_sha
-            if tracked is None:  # e.g. our own earlier push whose answer was lost: remember it now
+            if tracked is None or tracked.hub_commit != base_sha:  # our own push whose answer was lost
                 with repo.lock(), dbm.write(repo.db):
                     remotes.set_tracking(repo.db, repo.refs, remote.name, rbranch,
-                                         remotes.Tracking(tip, base_sha, checkpoint), None, "push: already there")
+                                         remotes.Tracking(tip, base_sha, checkpoint), tracked, "push: already there")
             return result
         if not history_only:
             ops += _checkpoint_ops(repo, tip, checkpoint, tmp, repo_id=remote.repo_id, base_model=base_model,
@@ -293,6 +298,16 @@ def push(repo: Repository, remote_name: str | None = None, branch: str | None = 
     with repo.lock(), dbm.write(repo.db):
         remotes.set_tracking(repo.db, repo.refs, remote.name, rbranch, new, tracked, f"push: {tip[:12]}")
     return result
+
+
+def _moved_base(hub: Hub, sha: str, ancestors: set[str], tmp: Path) -> tuple[str, str, str | None] | None:
+    """Where to push from when the Hub branch moved since kedit last saw it, if what is there now is
+    history this branch contains (our own push killed before it recorded the answer, or commits
+    fetched since); None when it is someone else's."""
+    state = hub.read_json(REFS_FILE, sha, tmp)
+    if state is None or state.get("commit") not in ancestors:
+        return None
+    return sha, state["commit"], state.get("checkpoint")
 
 
 def _untracked_base(repo: Repository, hub: Hub, hub_branches: dict[str, str], rbranch: str,

@@ -41,8 +41,8 @@ from kedit.hub import (
 )
 from kedit.hubapi import Hub
 from kedit.progress import progress_bar
-from kedit.refs import BRANCH_PREFIX, HEAD
-from kedit.repo import REPO_DIR, Repository
+from kedit.refs import BRANCH_PREFIX
+from kedit.repo import REPO_DIR, HeadState, Repository, StagedChange, StagedCommit
 from kedit.store import read_safetensors
 
 
@@ -228,36 +228,13 @@ def _put_verified(repo: Repository, oid: str, file: Path, is_blob: bool) -> None
 
 def _record(repo: Repository, remote: str, docs: dict[str, dict], metrics: dict[str, list[dict]],
             editors: dict[str, dict], found: dict[str, Fetched]) -> None:
-    """Insert the fetched commits (parents first) and their metrics, update known commits'
-    metrics, and move the remote-tracking refs, atomically."""
-    depth: dict[str, int] = {}
-
-    def depth_of(cid: str) -> int:
-        if cid not in depth:
-            parent = docs[cid]["parent"]
-            depth[cid] = 0 if parent is None else (
-                depth_of(parent) if parent in docs else repo.get_commit(parent).depth) + 1
-        return depth[cid]
-
+    """Insert the fetched commits (with the parents their records name) and their metrics,
+    update known commits' metrics, and move the remote-tracking refs, atomically."""
     with dbm.write(repo.db):
-        for cid in sorted(docs, key=depth_of):
-            doc = docs[cid]
-            record = json.loads(doc["record"])
-            repo._insert_commit(cid, doc["parent"], depth_of(cid), record, method=doc["method"],
-                                hparams=doc["hparams"], requests=doc["requests"], info=doc["info"])
-            for ch in doc["changes"]:
-                repo._insert_change(cid, ch["name"], ch["source"], ch["hash"], ch["dtype"], ch["shape"],
-                                    ch["encoding"], ch["rank"], ch["norm"], ch["rel"], ch["stored"],
-                                    [tuple(s) for s in ch["steps"]])
-            repo.db["adapter_ops"].insert_all([
-                {"commit_id": cid, "seq": i, "op": op, "object_id": oid, "kind": kind, "origin_commit": origin}
-                for i, (op, oid, kind, origin) in enumerate(doc["adapter_ops"])])
-            repo.db["files"].insert_all([{"commit_id": cid, "path": p, "object_id": o}
-                                         for p, o in doc["files"].items()])
+        repo.write_commits([_staged(cid, doc) for cid, doc in docs.items()])
+        for cid, doc in docs.items():
             repo.db["metrics"].upsert_all([{"commit_id": cid, **m, "source": remote} for m in doc["metrics"]],
                                           pk=("commit_id", "name", "stage", "suite"))
-            if doc.get("memory"):
-                repo.db["method_memory"].insert({"commit_id": cid, **doc["memory"]})
         for doc in editors.values():
             repo.db.execute(f"INSERT OR IGNORE INTO editors ({', '.join(EDITOR_FIELDS)}) VALUES "
                             f"({', '.join('?' * len(EDITOR_FIELDS))})", [doc[k] for k in EDITOR_FIELDS])
@@ -271,6 +248,18 @@ def _record(repo: Repository, remote: str, docs: dict[str, dict], metrics: dict[
                 remotes.set_tracking(repo.db, repo.refs, remote, f.branch, new, old, f"fetch: {f.tip[:12]}")
 
 
+def _staged(cid: str, doc: dict) -> StagedCommit:
+    """A fetched commit document (checked against its id by `verify_document`) as a staged commit."""
+    memory = doc.get("memory")
+    return StagedCommit(
+        cid, doc["parent"], json.loads(doc["record"]), doc["method"], doc["hparams"], doc["requests"], doc["info"],
+        changes=[StagedChange(ch["name"], ch["source"], ch["hash"], ch["dtype"], ch["shape"], ch["encoding"],
+                              ch["rank"], ch["norm"], ch["rel"], ch["stored"], [tuple(s) for s in ch["steps"]])
+                 for ch in doc["changes"]],
+        adapter_ops=[tuple(op) for op in doc["adapter_ops"]], files=dict(doc["files"]),
+        memory=(memory["method"], memory["object_id"]) if memory else None)
+
+
 # -- clone and pull ------------------------------------------------------------------------
 
 
@@ -279,24 +268,19 @@ def clone(url: str, directory: Path | None = None, *, progress: bool = False) ->
     _endpoint, repo_id = remotes.parse_url(url)
     directory = directory or Path(repo_id.split("/")[-1])
     path = directory / REPO_DIR
-    if path.exists():
-        raise RepositoryExistsError(f"a kedit repository already exists at {path}")
     made_dir = not directory.exists()
     try:
-        path.mkdir(parents=True)
-        repo = Repository._create(path, worktree=True)
+        repo = Repository.create(path)  # clears what an interrupted clone or init left there
         remotes.add(repo.db, "origin", url)
         found = fetch(repo, "origin", progress=progress)
         if not found:
             raise HubError(f"{url} holds no kedit history", hint="push to it first with 'kedit push'")
         default = "main" if "main" in found else sorted(found)[0]
-        with repo.lock(), dbm.write(repo.db):
-            for f in found.values():
-                repo.refs.create(BRANCH_PREFIX + f.branch, f.tip, f"clone: from {url}")
-            repo.refs.update(HEAD, BRANCH_PREFIX + default, None, "clone", symbolic=True)
-            repo.refs.log(HEAD, None, found[default].tip, f"clone: from {url}")
         with repo.lock():
-            repo._sync_worktree(progress=progress)
+            repo.finish_init({f.branch: f.tip for f in found.values()}, default, f"clone: from {url}",
+                             progress=progress)
+    except RepositoryExistsError:
+        raise
     except BaseException:
         shutil.rmtree(directory if made_dir else path, ignore_errors=True)
         raise
@@ -323,36 +307,34 @@ def pull(repo: Repository, remote_name: str | None = None, remote_branch: str | 
     remote = remotes.get(repo.db, remote_name)
     rbranch = remote_branch or branch
     found = fetch(repo, remote.name, [rbranch], progress=progress)[rbranch]
-    with repo.lock():
-        local = repo.refs.deref(BRANCH_PREFIX + branch)
-        result = PullResult(remote.name, branch, local, found.tip, found.new_commits, "up-to-date")
-        if local == found.tip:
-            return result
-        if found.tip in history.ancestors(repo.db, local):
-            result.status, result.new = "ahead", local
-            return result
-        remote_history = set(history.ancestors(repo.db, found.tip))
-        mine = [c for c in reversed(history.ancestors(repo.db, local)) if c not in remote_history]
-        if local not in remote_history and not rebase:
-            raise PushRejectedError(
-                f"{branch} and {remote.name}/{rbranch} have diverged ({len(mine)} local commit(s) not on the "
-                "remote); the remote commits were fetched", hint="kedit pull --rebase replays yours on top of them")
-        if local not in remote_history:
-            refused = [c for c in mine if repo.get_commit(c).kind != "edit"]
-            if refused:
-                raise KeditError(f"cannot rebase {refused[0][:12]}: only edit commits can be replayed; "
-                                 "nothing was changed")
-        repo._update_worktree(found.tip, force=False, progress=progress)
-        with dbm.write(repo.db):
-            repo._advance_head(local, found.tip, f"pull: fast-forward to {found.tip[:12]}")
-        result.status = "fast-forward"
+    local = repo.refs.deref(BRANCH_PREFIX + branch)
+    result = PullResult(remote.name, branch, local, found.tip, found.new_commits, "up-to-date")
+    if local == found.tip:
+        return result
+    if found.tip in history.ancestors(repo.db, local):
+        result.status, result.new = "ahead", local
+        return result
+    remote_history = set(history.ancestors(repo.db, found.tip))
+    mine = [c for c in reversed(history.ancestors(repo.db, local)) if c not in remote_history]
+    if local not in remote_history and not rebase:
+        raise PushRejectedError(
+            f"{branch} and {remote.name}/{rbranch} have diverged ({len(mine)} local commit(s) not on the "
+            "remote); the remote commits were fetched", hint="kedit pull --rebase replays yours on top of them")
     if local not in remote_history:
-        result.new, result.status = _replay(repo, mine, restore=local), "rebased"
+        refused = [c for c in mine if repo.get_commit(c).kind != "edit"]
+        if refused:
+            raise KeditError(f"cannot rebase {refused[0][:12]}: only edit commits can be replayed; "
+                             "nothing was changed")
+    # Decided on what was read above: the move is a compare-and-swap from there.
+    repo.reset(found.tip, expected=HeadState(branch, local), message=f"pull: fast-forward to {found.tip[:12]}")
+    result.status = "fast-forward"
+    if local not in remote_history:
+        result.new, result.status = _replay(repo, mine, HeadState(branch, found.tip), restore=local), "rebased"
     return result
 
 
-def _replay(repo: Repository, commits: list[str], *, restore: str) -> str:
-    """Re-commit each edit's own deltas and adapters, oldest first, on top of HEAD (a rebase).
+def _replay(repo: Repository, commits: list[str], at: HeadState, *, restore: str) -> str:
+    """Re-commit each edit's own deltas and adapters, oldest first, on top of `at` (a rebase).
 
     The deltas are the stored ones, applied to the new parent; metrics measured on the old
     parent are not copied (the info says where the commit came from: re-evaluate it). If any
@@ -373,8 +355,10 @@ def _replay(repo: Repository, commits: list[str], *, restore: str) -> str:
                 adapters.append(Adapter(kind, tensors, json.loads(metadata.get("config", "{}"))))
             row = dbm.one(repo.db, "SELECT object_id FROM method_memory WHERE commit_id = ?", [cid])
             memory = repo.store.get_tensors(row[0])[0] if row else None
-            repo.commit(deltas, adapters=adapters, requests=c.requests, method=c.method, hparams=c.hparams,
-                        info={**c.info, "rebased_from": cid}, message=c.message, memory=memory)
+            made = repo.commit(deltas, adapters=adapters, requests=c.requests, method=c.method,
+                               hparams=c.hparams, info={**c.info, "rebased_from": cid}, message=c.message,
+                               memory=memory, expected_parent=at)
+            at = HeadState(at.branch, made.id)
     except BaseException:
         repo.reset(restore, force=True)
         raise

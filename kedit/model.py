@@ -3,8 +3,9 @@
 Adapters in effect at the revision (GRACE codebooks) are installed into the loaded model
 (kedit/adapters.py), so what is measured or used is the edited model.
 
-HEAD loads straight from the working model (memory-mapped safetensors); any other revision
-is exported to a temporary folder first, so that transformers builds the model exactly as it
+HEAD loads straight from the working model (memory-mapped safetensors), unless a checkout
+rewrote it while it was read (its index file changed: then the model could mix two commits);
+any other revision is exported to a temporary folder first, so that transformers builds the model exactly as it
 would from a checkpoint on disk (buffers, tied weights, dtype handling all its own).
 """
 
@@ -77,6 +78,15 @@ def load_folder(folder: str | Path, *, dtype: torch.dtype | None = None, device:
     return _from_folder(folder, dtype, device, device_map)
 
 
+def _stamp(path: Path) -> tuple[int, int] | None:
+    """Identifies one version of a file written by atomic rename (a new inode each time)."""
+    try:
+        stat = path.stat()
+    except FileNotFoundError:
+        return None
+    return stat.st_ino, stat.st_mtime_ns
+
+
 def load_model(repo: Repository, rev: str = "HEAD", *, dtype: torch.dtype | None = None, device: str = "cpu",
                device_map: str | None = None) -> tuple[Any, Any]:
     """(model, tokenizer) at `rev`, in `dtype` (default: as stored) on `device`.
@@ -92,9 +102,12 @@ def load_model(repo: Repository, rev: str = "HEAD", *, dtype: torch.dtype | None
                          hint="init from a Hugging Face folder rather than a bare .safetensors file")
     wt = repo.worktree
     if wt is not None and wt.commit == commit_id and not wt.modified():
+        before = _stamp(wt.index_path)
         model, tokenizer = _from_folder(wt.folder, dtype, device, device_map)
-        install_adapters(model, [a for _, a in repo.adapters(commit_id)])  # the working model holds weights only
-        return model, tokenizer
+        if _stamp(wt.index_path) == before:
+            install_adapters(model, [a for _, a in repo.adapters(commit_id)])  # the working model holds weights only
+            return model, tokenizer
+        log.info("the working model changed while it was read; loading %s from the repository", commit_id[:12])
     from kedit.export import export
 
     with tempfile.TemporaryDirectory(prefix="kedit-load-") as tmp:

@@ -10,6 +10,10 @@ Error handling: every write takes the writer lock (`.kedit/LOCK`, an fcntl lock 
 releases if the process dies), writes objects first, then records the commit and moves the
 ref in one SQLite transaction with a compare-and-swap on the ref. A crash at any point leaves
 either the old state or the new one, plus at most some unreferenced objects for `kedit gc`.
+Every commit row is written by `write_commits` (edit, revert, the base and Hub fetch alike);
+given `expected_parent` (the `HeadState` an edit's model was loaded at), it refuses to commit
+when HEAD moved meanwhile. `init` marks the repository as initialising until the transaction
+that records its branches, so an interrupted init is recognised (and cleared by the next one).
 
 Caveats: history is first-parent only (no merges yet). The working model under
 `.kedit/worktree` follows HEAD; commands that write bring it up to date first.
@@ -20,8 +24,10 @@ from __future__ import annotations
 import contextlib
 import getpass
 import json
+import logging
 import os
-from collections.abc import Iterable, Iterator, Mapping
+import shutil
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -35,6 +41,8 @@ from kedit import history
 from kedit.delta import Adapter, Dense, LowRank, Replace, WeightDelta, apply_step, delta_size_bytes
 from kedit.errors import (
     DeltaError,
+    HeadMovedError,
+    IncompleteRepositoryError,
     KeditError,
     LockedError,
     RepositoryExistsError,
@@ -54,6 +62,9 @@ REPO_DIR = ".kedit"
 DB_FILE = "kedit.db"
 LOCK_FILE = "LOCK"
 DEFAULT_LOCK_TIMEOUT_S = 10.0
+INITIALISING = "initialising"  # meta key present from the first write of init (or clone) until the base is recorded
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -86,6 +97,55 @@ class CommitInfo:
         return self.id[:12]
 
 
+@dataclass(frozen=True)
+class HeadState:
+    """Where HEAD is: the branch it is on (None when detached) and the commit it points to."""
+
+    branch: str | None
+    commit: str
+
+    def __str__(self) -> str:
+        return f"{self.branch} at {self.commit[:12]}" if self.branch else f"detached {self.commit[:12]}"
+
+
+@dataclass(frozen=True)
+class StagedChange:
+    """A tensor change ready to be recorded: the rows `tensor_changes` and `tensor_steps` hold."""
+
+    name: str
+    source: str | None  # whose value the steps start from
+    hash: str
+    dtype: str
+    shape: list[int]
+    encoding: str
+    rank: int | None
+    norm: float | None
+    rel: float | None
+    stored: int
+    steps: list[tuple[str, str, str]]  # (origin commit, object id, encoding)
+
+
+@dataclass
+class StagedCommit:
+    """A commit ready to be recorded: its hashed record and the rows derived from it.
+
+    Its objects are already in the store; `Repository.write_commits` records it.
+    """
+
+    id: str
+    parent: str | None
+    record: dict[str, Any]
+    method: str | None = None
+    hparams: dict[str, Any] = field(default_factory=dict)
+    requests: list[dict[str, Any]] = field(default_factory=list)
+    info: dict[str, Any] = field(default_factory=dict)
+    changes: list[StagedChange] = field(default_factory=list)
+    adapter_ops: list[tuple[str, str, str, str]] = field(default_factory=list)  # (op, object, kind, origin)
+    files: dict[str, str] = field(default_factory=dict)
+    memory: tuple[str, str] | None = None  # (method, object id)
+    metrics: list[Metric] = field(default_factory=list)
+
+
 def _jsonable(value: Any) -> Any:
     """Make method diagnostics JSON-safe: tensors become lists or floats, unknowns strings."""
     if isinstance(value, Mapping):
@@ -107,7 +167,60 @@ def find_repository(start: Path) -> Path:
     for folder in (start, *start.parents):
         if (folder / REPO_DIR / DB_FILE).exists():
             return folder / REPO_DIR
+        if (folder / REPO_DIR).is_dir():  # killed before init created the database
+            raise IncompleteRepositoryError(folder / REPO_DIR)
     raise RepositoryNotFoundError(f"not a kedit repository (or any parent up to /): {start}")
+
+
+def _finished(meta_keys: Iterable[str]) -> bool:
+    """Whether init finished, from the keys of `meta` (repositories older than the initialising
+    mark have `created_by` and no mark; a database killed before its first row has neither)."""
+    keys = set(meta_keys)
+    return "created_by" in keys and INITIALISING not in keys
+
+
+def _initialised(path: Path) -> bool:
+    """Whether `path` holds a repository whose init finished."""
+    if not (path / DB_FILE).exists():
+        return False
+    db = dbm.connect(path / DB_FILE)
+    try:
+        return _finished(row[0] for row in db.execute("SELECT key FROM meta"))
+    finally:
+        db.conn.close()
+
+
+@contextlib.contextmanager
+def _writer_lock(path: Path, timeout: float | None = None) -> Iterator[None]:
+    """Hold `path`'s writer lock; wait up to `timeout` s ($KEDIT_LOCK_TIMEOUT) for another writer."""
+    if timeout is None:
+        timeout = float(os.environ.get("KEDIT_LOCK_TIMEOUT", DEFAULT_LOCK_TIMEOUT_S))
+    lock = FileLock(path / LOCK_FILE, timeout=timeout)
+    try:
+        lock.acquire()
+    except Timeout:
+        raise LockedError(f"another kedit command is writing to {path} (waited {timeout:g} s)") from None
+    try:
+        yield
+    finally:
+        lock.release()
+
+
+def _clear(path: Path) -> None:
+    """Remove what an interrupted init left in `path`, keeping the lock file the caller holds."""
+    for entry in path.iterdir():
+        if entry.name == LOCK_FILE:
+            continue
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry)
+        else:
+            entry.unlink()
+
+
+def repository_dir(where: str | Path | None) -> Path:
+    """The `.kedit` folder a new repository at `where` (or $KEDIT_DIR, or the current folder) gets."""
+    where = Path(where or os.environ.get("KEDIT_DIR") or Path.cwd())
+    return where if where.name == REPO_DIR else where / REPO_DIR
 
 
 def _author() -> str:
@@ -138,43 +251,76 @@ class Repository:
     def open(cls, where: str | Path | None = None) -> Repository:
         """Open the repository at `where` (or $KEDIT_DIR, or the current directory and its parents)."""
         where = where or os.environ.get("KEDIT_DIR") or Path.cwd()
-        return cls(find_repository(Path(where)))
+        repo = cls(find_repository(Path(where)))
+        if repo.initialising:
+            repo.db.conn.close()
+            raise IncompleteRepositoryError(repo.path)
+        return repo
 
     @classmethod
     def init(cls, where: str | Path | None, source: str | None = None, *, copy: bool = True,
              worktree: bool = True, dtype: torch.dtype | None = None, progress: bool = True,
              message: str | None = None) -> Repository:
-        """Create a repository at `where`/.kedit holding `source` (default: the embedded SmolLM2)."""
-        where = Path(where or os.environ.get("KEDIT_DIR") or Path.cwd())
-        path = where if where.name == REPO_DIR else where / REPO_DIR
-        if (path / DB_FILE).exists():
+        """Create a repository at `where`/.kedit holding `source` (default: the embedded SmolLM2).
+
+        An interrupted init (or clone) left there is cleared first: the repository is marked
+        initialising until the base is recorded, and nothing outside it refers to it.
+        """
+        path = repository_dir(where)
+        if _initialised(path):  # before reading the source, which can take a while
             raise RepositoryExistsError(f"a kedit repository already exists at {path}")
         with open_source(source) as src:
             if not copy and not src.can_reference:
                 raise KeditError("--no-copy needs safetensors weights; a GGUF file is dequantised at init "
                                  "and its tensors must be stored")
             path.mkdir(parents=True, exist_ok=True)
-            try:
-                repo = cls._create(path, worktree)
-                with repo.lock():
+            with _writer_lock(path):  # held throughout: a second init waits, then finds this one done
+                repo = cls.create(path, worktree=worktree)
+                try:
                     repo._commit_base(src, copy=copy, dtype=dtype, progress=progress, message=message)
-            except BaseException:
-                # Nothing refers to a half-made repository: remove it so init can be re-run.
-                import shutil
-
-                shutil.rmtree(path, ignore_errors=True)
-                raise
+                except BaseException:
+                    # Nothing refers to a half-made repository: remove it so init can be re-run.
+                    repo.db.conn.close()
+                    shutil.rmtree(path, ignore_errors=True)
+                    raise
         return repo
 
     @classmethod
-    def _create(cls, path: Path, worktree: bool) -> Repository:
+    def create(cls, path: Path, *, worktree: bool = True) -> Repository:
+        """An empty repository at `path` (a `.kedit` folder), marked initialising until
+        `finish_init` gives it its branches; what an interrupted init left there is cleared.
+        The caller holds `path`'s writer lock or is the only one to know `path`."""
+        if _initialised(path):
+            raise RepositoryExistsError(f"a kedit repository already exists at {path}")
+        path.mkdir(parents=True, exist_ok=True)
+        if any(entry.name != LOCK_FILE for entry in path.iterdir()):
+            log.info("clearing what an interrupted init left in %s", path)
+            _clear(path)
         db = dbm.connect(path / DB_FILE, create=True)
         with dbm.write(db):
-            db["meta"].insert_all([{"key": "worktree", "value": "1" if worktree else "0"},
+            db["meta"].insert_all([{"key": INITIALISING, "value": "1"},
+                                   {"key": "worktree", "value": "1" if worktree else "0"},
                                    {"key": "created_by", "value": f"kedit {kedit.__version__}"}])
         db.conn.close()
         ObjectStore(path / "objects").create()
         return cls(path)
+
+    def finish_init(self, branches: Mapping[str, str], default: str, message: str, *,
+                    progress: bool = False) -> None:
+        """Give a new repository its branches and HEAD and clear its initialising mark, in one
+        transaction; then bring the working model to HEAD. Before this, commands refuse it."""
+        with dbm.write(self.db):
+            for name, commit_id in branches.items():
+                self.refs.create(BRANCH_PREFIX + name, commit_id, message)
+            self.refs.update(HEAD, BRANCH_PREFIX + default, None, message, symbolic=True)
+            self.refs.log(HEAD, None, branches[default], message)
+            self.db.execute("DELETE FROM meta WHERE key = ?", [INITIALISING])
+        self._sync_worktree(progress=progress)
+
+    @property
+    def initialising(self) -> bool:
+        """True until init (or clone) has recorded the repository's branches."""
+        return not _finished(self.config)
 
     @property
     def config(self) -> dict[str, str]:
@@ -188,17 +334,8 @@ class Repository:
     @contextlib.contextmanager
     def lock(self, timeout: float | None = None) -> Iterator[None]:
         """Hold the writer lock; wait up to `timeout` s ($KEDIT_LOCK_TIMEOUT) for another writer."""
-        if timeout is None:
-            timeout = float(os.environ.get("KEDIT_LOCK_TIMEOUT", DEFAULT_LOCK_TIMEOUT_S))
-        lock = FileLock(self.path / LOCK_FILE, timeout=timeout)
-        try:
-            lock.acquire()
-        except Timeout:
-            raise LockedError(f"another kedit command is writing to {self.path} (waited {timeout:g} s)") from None
-        try:
+        with _writer_lock(self.path, timeout):
             yield
-        finally:
-            lock.release()
 
     # -- reading ---------------------------------------------------------------------------
 
@@ -278,17 +415,12 @@ class Repository:
             "files": files, "author": _author(), "created": now_iso(), "kedit_version": kedit.__version__,
         }
         cid = record_id(record)
+        staged = StagedCommit(cid, None, record, info={"origin": src.origin, "bytes": total}, files=files, changes=[
+            StagedChange(name, None, c["hash"], c["dtype"], c["shape"], "exact", None, None, None, c["stored"],
+                         [(cid, c["object"], "exact")]) for name, c in changes.items()])
         with dbm.write(self.db):
-            self._insert_commit(cid, None, 0, record, method=None, hparams={}, requests=[],
-                                info={"origin": src.origin, "bytes": total})
-            for name, c in changes.items():
-                self._insert_change(cid, name, None, c["hash"], c["dtype"], c["shape"], "exact", None, None, None,
-                                    c["stored"], [(cid, c["object"], "exact")])
-            self.db["files"].insert_all([{"commit_id": cid, "path": p, "object_id": o} for p, o in files.items()])
-            self.refs.update(BRANCH_PREFIX + DEFAULT_BRANCH, cid, None, "init")
-            self.refs.update(HEAD, BRANCH_PREFIX + DEFAULT_BRANCH, None, "init", symbolic=True)
-            self.refs.log(HEAD, None, cid, "init")
-        self._sync_worktree(progress=progress)
+            self.write_commits([staged])
+            self.finish_init({DEFAULT_BRANCH: cid}, DEFAULT_BRANCH, "init", progress=progress)
 
     def _store_base(self, src, *, copy: bool, dtype: torch.dtype | None,
                     progress: bool) -> tuple[dict[str, dict], dict[str, str], int]:
@@ -312,27 +444,69 @@ class Repository:
         files = {path: self.store.put_blob(p.read_bytes()).id for path, p in src.kept_files.items()}
         return changes, files, total
 
-    def _insert_commit(self, cid: str, parent: str | None, depth: int, record: dict, *, method: str | None,
-                       hparams: dict, requests: list, info: dict) -> None:
+    def write_commits(self, staged: Sequence[StagedCommit], *, expected_parent: HeadState | None = None,
+                      message: str = "") -> None:
+        """Record `staged` commits (their objects already stored) in one transaction: the one
+        writer of commit rows, for edits, reverts, the base and Hub fetch alike.
+
+        Without `expected_parent`, refs are left alone (fetch moves remote-tracking refs, init
+        creates branches). With it, the single staged commit must have `expected_parent.commit`
+        as its parent, and HEAD (its branch, or HEAD itself when detached) moves to it by
+        compare-and-swap: if HEAD is no longer `expected_parent`, HeadMovedError and nothing is
+        written. The caller holds the writer lock.
+        """
+        with dbm.write(self.db):
+            if expected_parent is not None:
+                (commit,) = staged
+                assert commit.parent == expected_parent.commit, "a commit is staged on its expected parent"
+                self._check_head(expected_parent, _edit_ran(expected_parent))
+            depths = self._depths(staged)
+            for c in sorted(staged, key=lambda c: depths[c.id]):
+                self._insert(c, depths[c.id])
+            if expected_parent is not None:
+                self._advance_head(expected_parent.commit, staged[0].id, message)
+
+    def _depths(self, staged: Sequence[StagedCommit]) -> dict[str, int]:
+        """Each staged commit's first-parent distance from the initial commit."""
+        by_id = {c.id: c for c in staged}
+        depths: dict[str, int] = {}
+        for c in staged:
+            chain: list[StagedCommit] = []  # c and its staged ancestors whose depth is not known yet
+            while c.id not in depths and c not in chain:
+                chain.append(c)
+                if c.parent not in by_id:
+                    break
+                c = by_id[c.parent]
+            for x in reversed(chain):
+                depths[x.id] = 0 if x.parent is None else (
+                    depths[x.parent] if x.parent in depths else self.get_commit(x.parent).depth) + 1
+        return depths
+
+    def _insert(self, c: StagedCommit, depth: int) -> None:
+        record = c.record
         self.db["commits"].insert({
-            "id": cid, "parent": parent, "depth": depth, "kind": record["kind"], "method": method,
-            "hparams": json.dumps(hparams), "requests": json.dumps(requests), "info": json.dumps(info),
+            "id": c.id, "parent": c.parent, "depth": depth, "kind": record["kind"], "method": c.method,
+            "hparams": json.dumps(c.hparams), "requests": json.dumps(c.requests), "info": json.dumps(c.info),
             "message": record["message"], "author": record["author"], "created": record["created"],
             "record": canonical_json(record).decode(),
         })
-
-    def _insert_change(self, cid: str, name: str, source: str | None, result_hash: str, dtype: str,
-                       shape: list[int], encoding: str, rank: int | None, norm: float | None, rel: float | None,
-                       stored: int, steps: list[tuple[str, str, str]]) -> None:
-        self.db["tensor_changes"].insert({
-            "commit_id": cid, "name": name, "source_commit": source, "result_hash": result_hash, "dtype": dtype,
-            "shape": json.dumps(shape), "encoding": encoding, "rank": rank, "delta_norm": norm,
-            "rel_change": rel, "stored_bytes": stored,
-        })
-        self.db["tensor_steps"].insert_all([
-            {"commit_id": cid, "name": name, "seq": i, "origin_commit": origin, "object_id": oid, "encoding": enc}
-            for i, (origin, oid, enc) in enumerate(steps)
-        ])
+        for ch in c.changes:
+            self.db["tensor_changes"].insert({
+                "commit_id": c.id, "name": ch.name, "source_commit": ch.source, "result_hash": ch.hash,
+                "dtype": ch.dtype, "shape": json.dumps(ch.shape), "encoding": ch.encoding, "rank": ch.rank,
+                "delta_norm": ch.norm, "rel_change": ch.rel, "stored_bytes": ch.stored,
+            })
+            self.db["tensor_steps"].insert_all([
+                {"commit_id": c.id, "name": ch.name, "seq": i, "origin_commit": origin, "object_id": oid,
+                 "encoding": enc} for i, (origin, oid, enc) in enumerate(ch.steps)
+            ])
+        self.db["adapter_ops"].insert_all([
+            {"commit_id": c.id, "seq": i, "op": op, "object_id": oid, "kind": kind, "origin_commit": origin}
+            for i, (op, oid, kind, origin) in enumerate(c.adapter_ops)])
+        self.db["files"].insert_all([{"commit_id": c.id, "path": p, "object_id": o} for p, o in c.files.items()])
+        if c.memory is not None:
+            self.db["method_memory"].insert({"commit_id": c.id, "method": c.memory[0], "object_id": c.memory[1]})
+        self._insert_metrics(c.id, c.metrics)
 
     # -- writing: edits --------------------------------------------------------------------
 
@@ -340,10 +514,14 @@ class Repository:
                requests: Iterable[Mapping[str, Any]] = (), method: str | None = None,
                hparams: Mapping[str, Any] | None = None, info: Mapping[str, Any] | None = None,
                message: str | None = None, metrics: Iterable[Metric] = (),
-               memory: Mapping[str, torch.Tensor] | None = None) -> CommitInfo:
+               memory: Mapping[str, torch.Tensor] | None = None,
+               expected_parent: HeadState | None = None) -> CommitInfo:
         """Record an edit on top of HEAD and move the current branch to it.
 
         `memory`: tensors the method keeps for its later edits (`Repository.memory`).
+        `expected_parent`: where HEAD was when the edit's model was loaded (`head_state()`);
+        the deltas apply to that commit, and if HEAD has moved since (another edit, a
+        checkout), HeadMovedError is raised and nothing is committed.
 
         Each delta is applied to HEAD's tensor with the canonical arithmetic; the result's hash
         is recorded and the smallest exact encoding stored (low-rank factors or a dense delta;
@@ -353,7 +531,9 @@ class Repository:
         adapters = list(adapters)
         with self.lock():
             self._sync_worktree()
-            parent = self._require_head()
+            at = self._check_head(expected_parent, _edit_ran(expected_parent)) if expected_parent \
+                else self.head_state()
+            parent = at.commit  # refused before the work, and again when recorded
             manifest = history.manifest(self.db, parent)
             staged: dict[str, dict] = {}
             for name in sorted(deltas):
@@ -378,22 +558,14 @@ class Repository:
             if memory_obj is not None:
                 record["memory"] = memory_obj.id
             cid = record_id(record)
-            depth = self.get_commit(parent).depth + 1
-            with dbm.write(self.db):
-                self._insert_commit(cid, parent, depth, record, method=method, hparams=record["hparams"],
-                                    requests=requests, info=_jsonable(dict(info or {})))
-                for name, s in staged.items():
-                    steps = [(cid, s["object"], s["encoding"])]
-                    self._insert_change(cid, name, parent, s["hash"], s["dtype"], s["shape"], s["encoding"],
-                                        s["rank"], s["norm"], s["rel"], s["stored"], steps)
-                self.db["adapter_ops"].insert_all([
-                    {"commit_id": cid, "seq": i, "op": "add", "object_id": o.id, "kind": a.kind, "origin_commit": cid}
-                    for i, (o, a) in enumerate(zip(adapter_objs, adapters, strict=True))])
-                if memory_obj is not None:
-                    self.db["method_memory"].insert(
-                        {"commit_id": cid, "method": method or "", "object_id": memory_obj.id})
-                self._insert_metrics(cid, metrics)
-                self._advance_head(parent, cid, f"commit: {record['message']}")
+            self.write_commits([StagedCommit(
+                cid, parent, record, method, record["hparams"], requests, _jsonable(dict(info or {})),
+                changes=[StagedChange(name, parent, s["hash"], s["dtype"], s["shape"], s["encoding"], s["rank"],
+                                      s["norm"], s["rel"], s["stored"], [(cid, s["object"], s["encoding"])])
+                         for name, s in staged.items()],
+                adapter_ops=[("add", o.id, a.kind, cid) for o, a in zip(adapter_objs, adapters, strict=True)],
+                memory=(method or "", memory_obj.id) if memory_obj is not None else None, metrics=list(metrics),
+            )], expected_parent=at, message=f"commit: {record['message']}")
             self._sync_worktree(known_values={n: s["value"] for n, s in staged.items()})
             return self.get_commit(cid)
 
@@ -437,6 +609,17 @@ class Repository:
         with dbm.write(self.db):
             self._insert_metrics(cid, metrics)
 
+    def head_state(self) -> HeadState:
+        """Where HEAD is now: pass it as `expected_parent` to commit what was computed there."""
+        return HeadState(self.head_branch(), self._require_head())
+
+    def _check_head(self, expected: HeadState, doing: str) -> HeadState:
+        """HEAD's state, if it is still `expected`; else HeadMovedError saying what was going on."""
+        current = self.head_state()
+        if current != expected:
+            raise HeadMovedError(f"HEAD moved from {expected} to {current} while {doing}")
+        return current
+
     def _require_head(self) -> str:
         head = self.head()
         if head is None:
@@ -454,7 +637,8 @@ class Repository:
         base (never subtracted), so reverting every edit gives the base bit for bit."""
         with self.lock():
             self._sync_worktree()
-            head = self._require_head()
+            at = self.head_state()
+            head = at.commit
             target = self.resolve(rev)
             if target not in history.ancestors(self.db, head):
                 raise RevisionError(f"{rev} is not in the history of HEAD", rev=rev)
@@ -494,16 +678,12 @@ class Repository:
                      if c != target and self.get_commit(c).depth > reverted.depth]
             info = {"reverts": target, "later_commits": later,
                     "note": "later edits were computed on a model that contained the reverted one; re-evaluate"}
-            with dbm.write(self.db):
-                self._insert_commit(cid, head, self.get_commit(head).depth + 1, record, method=None, hparams={},
-                                    requests=reverted.requests, info=info)
-                for name, s in staged.items():
-                    self._insert_change(cid, name, s["source"], s["hash"], s["dtype"], s["shape"], "replay", None,
-                                        s["norm"], s["rel"], 0, s["steps"])
-                self.db["adapter_ops"].insert_all([
-                    {"commit_id": cid, "seq": i, "op": op, "object_id": oid, "kind": kind, "origin_commit": origin}
-                    for i, (op, oid, kind, origin) in enumerate(adapter_ops)])
-                self._advance_head(head, cid, f"revert: {msg}")
+            self.write_commits([StagedCommit(
+                cid, head, record, requests=reverted.requests, info=info,
+                changes=[StagedChange(name, s["source"], s["hash"], s["dtype"], s["shape"], "replay", None,
+                                      s["norm"], s["rel"], 0, s["steps"]) for name, s in staged.items()],
+                adapter_ops=[(op, oid, kind, origin) for op, oid, kind, origin in adapter_ops],
+            )], expected_parent=at, message=f"revert: {msg}")
             self._sync_worktree(known_values={n: s["value"] for n, s in staged.items()})
             return self.get_commit(cid)
 
@@ -581,7 +761,12 @@ class Repository:
             return self.worktree.update(commit_id, manifest, files, value_of, known_values, keep=self.cache.adopt)
 
     def checkout(self, rev: str, *, force: bool = False) -> str:
-        """Switch HEAD (and the working model) to a branch, or detach it at a commit."""
+        """Switch HEAD (and the working model) to a branch, or detach it at a commit.
+
+        `HEAD` itself stays where it is (on its branch), so `checkout --force HEAD` only
+        discards changes made by hand. Leaving commits that no branch or tag holds behind a
+        detached HEAD logs a warning naming them, as git does (the reflog still has them).
+        """
         with self.lock():
             commit_id = self.resolve(rev)
             is_branch = self.refs.deref(BRANCH_PREFIX + rev) is not None
@@ -591,6 +776,10 @@ class Repository:
             old_commit = self.head()
             with dbm.write(self.db):
                 new = (BRANCH_PREFIX + rev, True) if is_branch else (commit_id, False)
+                if rev == HEAD and current is not None:
+                    new = current
+                if current is not None and not current[1] and current != new:
+                    self._warn_left_behind(current[0], commit_id)
                 if current != new:
                     message = f"checkout: moving to {rev}"
                     self.refs.update(HEAD, new[0], current[0] if current else None, message, symbolic=new[1])
@@ -598,15 +787,33 @@ class Repository:
                         self.refs.log(HEAD, old_commit, commit_id, message)
             return commit_id
 
-    def reset(self, rev: str, *, force: bool = False) -> str:
-        """Move the current branch (or a detached HEAD) to `rev`; the reflog keeps the old position."""
+    def _warn_left_behind(self, old: str, new: str) -> None:
+        """Warn about the commits a detached HEAD leaves at `old` that nothing else holds."""
+        kept = set(history.ancestors(self.db, new))
+        for tip in [*self.refs.branches().values(), *self.refs.tags().values()]:
+            kept.update(history.ancestors(self.db, tip))
+        behind = [c for c in history.ancestors(self.db, old) if c not in kept]
+        if behind:
+            shown = ", ".join(f"{c[:12]} {self.get_commit(c).message!r}" for c in behind[:4])
+            more = f" and {len(behind) - 4} more" if len(behind) > 4 else ""
+            one = len(behind) == 1
+            log.warning("warning: you are leaving %d commit%s behind, not connected to any branch: %s%s; "
+                        "to keep %s: kedit branch NAME %s", len(behind), "" if one else "s", shown, more,
+                        "it" if one else "them", old[:12])
+
+    def reset(self, rev: str, *, force: bool = False, expected: HeadState | None = None,
+              message: str | None = None) -> str:
+        """Move the current branch (or a detached HEAD) to `rev`; the reflog keeps the old position.
+
+        With `expected`, refuse (HeadMovedError, nothing changed) unless HEAD is still there.
+        """
         with self.lock():
             commit_id = self.resolve(rev)
-            old = self._require_head()
+            at = self._check_head(expected, "this command ran; nothing was changed") if expected else self.head_state()
             if self.worktree is not None:
                 self._update_worktree(commit_id, force=force)
             with dbm.write(self.db):
-                self._advance_head(old, commit_id, f"reset: moving to {rev}")
+                self._advance_head(at.commit, commit_id, message or f"reset: moving to {rev}")
             return commit_id
 
     def create_branch(self, name: str, rev: str = HEAD) -> str:
@@ -681,6 +888,11 @@ def _encode(delta: WeightDelta, before: torch.Tensor) -> tuple[WeightDelta, str]
     if isinstance(delta, Replace):
         return Replace(delta.value.detach().cpu().to(before.dtype).contiguous()), "exact"
     raise DeltaError(f"unsupported delta type {type(delta).__name__}")
+
+
+def _edit_ran(at: HeadState) -> str:
+    """What a commit refused because HEAD moved was doing."""
+    return f"the edit ran on {at.commit[:12]}; nothing was committed"
 
 
 def _default_message(method: str | None, requests: list[dict[str, Any]]) -> str:

@@ -30,8 +30,10 @@ import time
 from pathlib import Path
 
 import pytest
+from click.testing import CliRunner
 
 from kedit import history
+from kedit.cli import cli
 from kedit.hashing import hash_tensor
 from kedit.maintenance import fsck
 from kedit.repo import Repository
@@ -391,3 +393,88 @@ def test_second_writer_gets_locked_error_and_readers_do_not_block(repo_dir: Path
     assert reader.returncode == 0, (r_out, r_err)
     assert r_out.startswith(head[:12])
     assert "x" not in repo.refs.branches() and repo.head() == head
+
+
+# Where `kedit init` is killed: (the function whose call kills it, what the repository then holds).
+INIT_KILLS = {
+    "lock-taken": ("create", "an empty .kedit (the lock file only)"),
+    "objects-stored": ("write_commits", "the database and every object, no commit"),
+    "base-recorded": ("finish_init", "the base commit, no branch and no HEAD"),
+}
+
+_KILLED_INIT = r'''
+import os, signal, sys
+from kedit.repo import Repository
+where, source, method = sys.argv[1:]
+def die(*args, **kwargs):
+    os.kill(os.getpid(), signal.SIGKILL)
+setattr(Repository, method, die)
+Repository.init(where, source, progress=False)
+'''
+
+
+@pytest.mark.parametrize("point", sorted(INIT_KILLS))
+def test_an_init_killed_midway_is_reported_then_finished(point: str, tmp_path: Path, tiny_llama_dir: Path) -> None:
+    where = tmp_path / "work"
+    method, holds = INIT_KILLS[point]
+    killed = subprocess.run([sys.executable, "-c", _KILLED_INIT, str(where), str(tiny_llama_dir), method],
+                            capture_output=True, text=True, timeout=120)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    assert (where / ".kedit").is_dir()
+
+    expected = (f"kedit: error: the repository at {where / '.kedit'} was not completely initialised "
+                "(interrupted init?); run 'kedit init' again to finish or clear it\n")
+    for command in (["status"], ["log"], ["fsck"], ["branch", "x"]):
+        done = CliRunner().invoke(cli, ["--repo", str(where), *command])
+        assert (done.exit_code, done.stdout, done.stderr) == (1, "", expected), (command, holds)
+
+    again = CliRunner().invoke(cli, ["--repo", str(where), "init", str(tiny_llama_dir)])
+    assert again.exit_code == 0, again.stderr
+    repo = Repository.open(where)
+    assert len(repo.log()) == 1 and repo.head_branch() == "main" and repo.status()["modified"] == {}
+    report = fsck(repo)
+    assert report.ok and not report.warnings, (report.errors, report.warnings)  # nothing of the killed init left
+    _check_worktree_at_head(repo, f"init killed at {point}")
+
+
+@pytest.fixture
+def crash_run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    """Repositories over a tiny Llama with a tokenizer, a local Hub, and the forker (tests/crashkit.py)."""
+    from huggingface_hub import constants as hf_constants
+
+    from tests import crashkit
+    from tests.hubserver import HubServer
+    from tests.tiny import make_model, make_tokenizer
+
+    model = tmp_path / "model"
+    tok = make_tokenizer()
+    make_model("llama", len(tok)).save_pretrained(model)
+    tok.save_pretrained(model)
+    monkeypatch.setattr(hf_constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(hf_constants, "HF_HUB_DISABLE_XET", True)
+    server = HubServer(tmp_path / "hub", {crashkit.TOKEN: crashkit.HUB_USER}).start()
+    monkeypatch.setenv("HF_ENDPOINT", server.url)
+    monkeypatch.setenv("HF_TOKEN", crashkit.TOKEN)
+    run = crashkit.CrashRun(tmp_path / "crash", model, server.url, server.store, seed=20261204)
+    try:
+        run.start(dict(os.environ))
+        yield run
+    finally:
+        run.close()
+        server.stop()
+
+
+def test_sigkill_of_every_writing_command_leaves_a_whole_repository(crash_run) -> None:
+    """Each writing command, init, edit and the Hub commands included, run once to completion and
+    once killed at random (bench/crash_safety.py does many more)."""
+    from tests.crashkit import COMMANDS, Tally
+
+    tallies = {}
+    for command in COMMANDS:
+        tallies[command] = Tally()
+        crash_run.run_command(command, 1, tallies[command])
+    failures = [f for t in tallies.values() for f in t.failures]
+    assert not failures, "\n".join(failures)
+    killed = sum(t.kills for t in tallies.values())
+    assert killed >= len(COMMANDS) - 4, {c: t.kills for c, t in tallies.items()}  # a few may finish first
+    print(f"{killed} kills, every one survived: {({c: t.kills for c, t in tallies.items()})}")
