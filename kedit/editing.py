@@ -3,8 +3,10 @@
 For each batch of requests (one request per commit for single-edit methods such as ROME):
   1. measure the model before the edit (reliability, generalization, locality reference, ...),
   2. ask the method for deltas (it never writes the repository),
-  3. commit them (the engine applies them with its canonical arithmetic),
-  4. copy the committed tensors (and install its adapters) into the in-memory model and measure again,
+  3. apply them (and install its adapters) in memory and check that each edit shows in greedy
+     generation on its prompt as the user sends it (`shows_in_generation` in the commit's info),
+  4. commit them (the engine applies them with its canonical arithmetic), copy the committed tensors
+     into the in-memory model and measure again,
   5. store both sets of metrics with the commit and add the edit to the probe suite.
 
 Covariance statistics a method asks for are computed on the base model and cached under
@@ -27,7 +29,7 @@ import torch
 
 from kedit import evaluate, history
 from kedit.adapters import install_adapters
-from kedit.delta import Adapter
+from kedit.delta import Adapter, apply_step
 from kedit.errors import KeditError
 from kedit.methods.base import EditRequest, get_method
 from kedit.methods.hparams import hparams_from_overrides, hparams_to_dict
@@ -189,15 +191,18 @@ def run_edits(repo: Repository, requests: list[EditRequest], options: EditOption
         t0 = time.perf_counter()
         result = _apply_method(method, model, tok, batch, hparams, stats, repo)
         edit_s = time.perf_counter() - t0
-        info = {**result.info, "edit_seconds": round(edit_s, 3), **({"stats": stats.used} if stats.used else {})}
+        _apply_deltas(model, result.deltas)
+        if result.adapters:  # the checked and measured model carries them; appending keeps the install incremental
+            in_effect = (in_effect if in_effect is not None else [a for _, a in repo.adapters(repo.head())]) \
+                + result.adapters
+            install_adapters(model, in_effect)
+        info = {**result.info, "edit_seconds": round(edit_s, 3), **({"stats": stats.used} if stats.used else {}),
+                **_generation_check(model, tok, batch, result.info)}
         commit = repo.commit(result.deltas, adapters=result.adapters, requests=[r.to_dict() for r in batch],
                              method=method.name, hparams=hparams_to_dict(hparams), info=info,
                              message=options.message if len(requests) == 1 else None,
                              memory=result.memory or None)
         _load_committed(repo, model, commit.id, result.deltas)
-        if result.adapters:  # the measured model must carry them; appending keeps the install incremental
-            in_effect = [a for _, a in repo.adapters(commit.id)] if in_effect is None else in_effect + result.adapters
-            install_adapters(model, in_effect)
         post = measure(model, tok, batch, reference, fluency=options.fluency) if options.measure else []
         per_request = _per_request(model, tok, batch, reference, options.fluency) \
             if options.measure and len(batch) > 1 else []
@@ -207,6 +212,24 @@ def run_edits(repo: Repository, requests: list[EditRequest], options: EditOption
         commits.append(repo.get_commit(commit.id))
         log.info("committed %s: %s", commit.short, commit.message)
     return commits
+
+
+def _generation_check(model: Any, tok: Any, batch: list[EditRequest], method_info: dict[str, Any]) -> dict[str, Any]:
+    """Does each edit show where it will be used: its prompt as the user sends it, greedy generation?
+
+    `model` holds the edit. A method that checked this itself (ROME, MEMIT: `shows_in_generation`
+    per request in its info) is taken at its word; for the others it is checked here. An edit that
+    does not show is committed (the method did what it could) but reported: a warning, and
+    `shows_in_generation: false` with the prompts in the commit's info."""
+    reported = [r.get("shows_in_generation") for r in method_info.get("requests", [])]
+    if len(reported) != len(batch) or not all(isinstance(x, bool) for x in reported):
+        reported = evaluate.shows_in_generation(model, tok, [r.text for r in batch], [r.target_new for r in batch])
+    missed = [r.text for r, ok in zip(batch, reported, strict=True) if not ok]
+    if missed:
+        log.warning("%d of %d edits do not show in greedy generation on their own prompt (e.g. %r); committed "
+                    "with shows_in_generation false", len(missed), len(batch), missed[0])
+        return {"shows_in_generation": False, "not_shown_in_generation": missed}
+    return {"shows_in_generation": True}
 
 
 def _warn_locality_about_edited_subjects(requests: list[EditRequest]) -> None:
@@ -234,6 +257,14 @@ def _per_request(model: Any, tok: Any, batch: list[EditRequest], reference: Refe
         out += _as_repo_metrics(measure(model, tok, [request], ref, fluency=fluency, generation=False), "post",
                                 f"request {i}")
     return out
+
+
+@torch.no_grad()
+def _apply_deltas(model: Any, deltas: dict[str, Any]) -> None:
+    """Add a method's deltas to the in-memory model with the engine's canonical arithmetic."""
+    params = dict(model.named_parameters())
+    for name, step in deltas.items():
+        params[name].copy_(apply_step(params[name].detach().cpu(), step).to(params[name].device))
 
 
 @torch.no_grad()
