@@ -33,14 +33,16 @@ from __future__ import annotations
 import math
 import re
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 __all__ = [
+    "PROBE_PROTOCOLS",
     "Metric",
+    "ProbeProtocol",
     "TeacherForced",
     "answer_ids",
     "counterfact_scores",
@@ -307,6 +309,44 @@ def generation_scores(model: Any, tok: Any, requests: Sequence[Any], pairs: Sequ
         out.append(Metric("gen_locality", _mean(kept), f"{PROMPT_PROTOCOL}_greedy{max_new_tokens}_holds_or_unchanged",
                           len(kept)))
     return out
+
+
+def _teacher_forced_outputs(model: Any, tok: Any, prompts: Sequence[str],
+                            answers: Sequence[str]) -> list[tuple[Any, float]]:
+    return [(list(r.predicted), r.accuracy) for r in teacher_forced(model, tok, prompts, answers)]
+
+
+def _generation_outputs(model: Any, tok: Any, prompts: Sequence[str],
+                        answers: Sequence[str]) -> list[tuple[Any, float]]:
+    texts = greedy_continuations(model, tok, prompts)
+    return [(text, float(shows(text, a))) for text, a in zip(texts, answers, strict=True)]
+
+
+def _argmax_agreement(now: Any, reference: Any, answer: str) -> float:
+    return sum(x == y for x, y in zip(now, reference, strict=True)) / len(reference)
+
+
+def _continuation_holds(now: Any, reference: Any, answer: str) -> float:
+    return float(holds(now, answer, reference))
+
+
+@dataclass(frozen=True)
+class ProbeProtocol:
+    """How a probe is scored (`kedit check --protocol`): `outputs` gives each probe's output at a
+    commit (kept, JSON) and its score as a fact; `agreement` scores a locality probe's output
+    against the base's. `name` keys the kept outputs, so protocols never share them."""
+
+    name: str
+    outputs: Callable[[Any, Any, Sequence[str], Sequence[str]], list[tuple[Any, float]]]
+    agreement: Callable[[Any, Any, str], float]
+
+
+PROBE_PROTOCOLS = {
+    # the argmax at each answer position; a fact's score is its token accuracy
+    "teacher-forced": ProbeProtocol(f"{PROMPT_PROTOCOL}_teacher_forced", _teacher_forced_outputs, _argmax_agreement),
+    # the greedy continuation; a fact scores 1 when it shows, a locality probe when it `holds`
+    "generation": ProbeProtocol(f"{PROMPT_PROTOCOL}_greedy{GEN_TOKENS}", _generation_outputs, _continuation_holds),
+}
 
 
 _WORD = re.compile(r"\w+|[^\w\s]")
