@@ -200,9 +200,9 @@ def _summarise(model, hp, c, stats_s, rows, requests, base_cf, base_rel, base_fl
             "fluency": base_flu.value,
         },
         "protocols": {
-            "efficacy/paraphrase/neighbourhood": "counterfact_nll_margin",
-            "reliability/generalization": "teacher_forced_token_acc",
-            "fluency": f"ngram_entropy_greedy{args.fluency_tokens}",
+            "efficacy/paraphrase/neighbourhood": "user_prompt_counterfact_nll_margin",
+            "reliability/generalization": "user_prompt_teacher_forced_token_acc",
+            "fluency": f"user_prompt_ngram_entropy_greedy{args.fluency_tokens}",
         },
         "latency_s": {"median": statistics.median(lat), "max": max(lat), "mean": statistics.fmean(lat)},
         "breakdown_median_s": {
