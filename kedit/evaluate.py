@@ -40,7 +40,9 @@ from typing import Any
 import torch
 
 __all__ = [
+    "GEN_TOKENS",
     "PROBE_PROTOCOLS",
+    "PROMPT_PROTOCOL",
     "Metric",
     "ProbeProtocol",
     "TeacherForced",
@@ -58,6 +60,7 @@ __all__ = [
     "prompt_ids",
     "reliability",
     "shows",
+    "shows_in_generation",
     "start_token_id",
     "target_nll",
     "teacher_forced",
