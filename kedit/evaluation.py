@@ -19,17 +19,11 @@ HISTORY_SUITE = "history"
 
 def edited_requests(repo: Repository, commit_id: str) -> list[EditRequest]:
     """The requests of every edit in effect at `commit_id`, oldest first."""
-    return [r for _, r in _edits(repo, commit_id)]
-
-
-def _edits(repo: Repository, commit_id: str) -> list[tuple[str | None, EditRequest]]:
-    """(method, request) of every edit in effect at `commit_id`, oldest first."""
     active = history.edits_in_effect(repo.db, commit_id)
     out = []
     for cid in reversed(history.ancestors(repo.db, commit_id)):
         if cid in active:
-            commit = repo.get_commit(cid)
-            out += [(commit.method, EditRequest.from_dict(r)) for r in commit.requests]
+            out += [EditRequest.from_dict(r) for r in repo.get_commit(cid).requests]
     return out
 
 
@@ -37,8 +31,7 @@ def evaluate_revision(repo: Repository, rev: str, *, suite: Path | None = None, 
                       dtype: torch.dtype | None = None, device: str = "cpu") -> list[Metric]:
     """Score `rev` and store the scores with it (stage 'eval'); locality is measured against the base."""
     commit_id = repo.resolve(rev)
-    edits = _edits(repo, commit_id)
-    requests = load_requests([suite]) if suite else [r for _, r in edits]
+    requests = load_requests([suite]) if suite else edited_requests(repo, commit_id)
     if not requests:
         raise KeditError(f"nothing to evaluate at {rev}: no edits in effect", hint="pass --suite FILE")
     name = suite.name if suite else HISTORY_SUITE
