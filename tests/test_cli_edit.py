@@ -162,11 +162,15 @@ def test_check_counts_a_probe_about_an_edited_subject_with_the_edit(tiny_repo: R
 def test_eval_stores_metrics_and_log_shows_them(tiny_repo: Repository) -> None:
     kedit(tiny_repo, *EDIT, "--set", "mom2_adjustment=false", "--no-eval")
     metrics = json.loads(kedit(tiny_repo, "eval", "--json"))
-    names = {m["name"] for m in metrics}
-    assert {"reliability", "generalization", "locality", "efficacy"} <= names
+    protocols = {m["name"]: m["protocol"] for m in metrics}
+    assert {"reliability", "generalization", "locality", "efficacy"} <= set(protocols)
+    # generation scores for every method (ROME here), each named with its user-prompt protocol
+    assert protocols["gen_efficacy"] == protocols["gen_paraphrase"] == "user_prompt_greedy10_contains"
+    assert protocols["gen_locality"] == "user_prompt_greedy10_holds_or_unchanged"
+    assert all(p.startswith("user_prompt_") for p in protocols.values())
     stored = {(m.name, m.stage, m.suite) for m in tiny_repo.log()[0].metrics}
-    assert ("reliability", "eval", "history") in stored
-    assert "rel=" in kedit(tiny_repo, "log", "--oneline")
+    assert ("reliability", "eval", "history") in stored and ("gen_efficacy", "eval", "history") in stored
+    assert "rel=" in kedit(tiny_repo, "log", "--oneline") and "geff=" in kedit(tiny_repo, "log", "--oneline")
 
 
 def test_stats_command_caches_second_moment(tiny_repo: Repository) -> None:
