@@ -116,9 +116,8 @@ def test_rome_one_commit_per_fact(work: Path, base_said: dict[str, str]) -> None
 
 
 # Measured: MEMIT's batch of the three facts moves one unrelated continuation, "The Statue of Liberty
-# is located in" " New York City, and ..." -> " the United States, and ..." (5 of 6 hold), a side
-# effect that teacher-forced locality on these prompts does not show. AlphaEdit solves the same
-# problem over the same layers and is given the same allowance.
+# is located in" " New York City, and ..." -> " the United States, and ..." (5 of 6 hold). AlphaEdit
+# solves the same problem over the same layers and is given the same allowance.
 BATCH_MAY_MOVE = 1
 
 
