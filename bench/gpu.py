@@ -196,7 +196,7 @@ def run_memit(model: Any, tok: Any, cs: dict[int, torch.Tensor], args: argparse.
     out["peak_mb"] = device.peak_mb()
     out["timings"] = result.info["timings"]
     out["delta_device"] = str(next(iter(result.deltas.values())).a.device)
-    out["shows_on_prompt"] = sum(bool(r["shows_on_prompt"]) for r in result.info["requests"])
+    out["shows_in_generation"] = sum(bool(r["shows_in_generation"]) for r in result.info["requests"])
     params = dict(model.named_parameters())
     originals = {name: params[name].detach().cpu().clone() for name in result.deltas}
     with device.timed(out, "apply_s"):
@@ -234,7 +234,7 @@ def run_rome(model: Any, tok: Any, c: torch.Tensor, args: argparse.Namespace, de
         row["peak_mb"] = device.peak_mb()
         info = result.info["requests"][0]
         row |= {"steps": info["steps"], "timings": info["timings"], "update_norm": round(info["update_norm"], 3),
-                "shows_on_prompt": info["shows_on_prompt"], "retried": info["retried"],
+                "shows_in_generation": info["shows_in_generation"], "retried": info["retried"],
                 "delta_device": str(result.deltas[name].a.device)}
         with device.timed(row, "apply_s"):
             apply_deltas(model, result.deltas, originals)
@@ -492,7 +492,7 @@ def markdown(r: dict[str, Any]) -> str:
         if me:
             lines += ["", f"MEMIT: {me.get('timings')} (values: v* optimisation; layers: keys and closed-form "
                       f"solve), apply {me.get('apply_s')} s, deltas computed on {me.get('delta_device')}; "
-                      f"{me.get('shows_on_prompt')} of {me['n']} show on their prompt"]
+                      f"{me.get('shows_in_generation', me.get('shows_on_prompt'))} of {me['n']} show on their prompt"]
         if "rome_run" in run:
             rr, rs = run["rome_run"], run["rome_run"]["stats"]
             lines += ["", f"ROME from a run of its own: load {rr['load_s']} s, weights {rr['weights_mb']} MB, "

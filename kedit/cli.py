@@ -177,7 +177,8 @@ def init(ctx: click.Context, model: str | None, no_copy: bool, bare: bool, dtype
 # -- log, show, status -------------------------------------------------------------------------
 
 SHORT_METRICS = {"reliability": "rel", "generalization": "gen", "locality": "loc", "portability": "port",
-                 "efficacy": "eff", "paraphrase": "para", "neighbourhood": "nbhd", "fluency": "flu"}
+                 "efficacy": "eff", "paraphrase": "para", "neighbourhood": "nbhd", "fluency": "flu",
+                 "gen_efficacy": "geff", "gen_paraphrase": "gpara", "gen_locality": "gloc"}
 
 
 def _decorations(repo) -> dict[str, list[str]]:

@@ -34,10 +34,9 @@ def _locality_arg(text: str) -> tuple[str, str | None]:
 
 
 def _greedy_answer(model, tok, prompt: str, n_tokens: int = 4) -> str:
-    from kedit.evaluate import _greedy
+    from kedit.evaluate import greedy_continuations
 
-    ids = _greedy(model, tok, [prompt], [n_tokens])[0]
-    return tok.decode(ids, skip_special_tokens=True).strip() or tok.decode(ids)
+    return greedy_continuations(model, tok, [prompt], n_tokens)[0].strip()
 
 
 @cli.command()
@@ -211,11 +210,15 @@ def eval_(ctx: click.Context, rev: str, suite: Path | None, fluency: bool, devic
 @click.argument("rev", default="HEAD")
 @click.option("--threshold", type=float, default=0.1, show_default=True,
               help="A probe breaks when its score falls more than this below the parent's.")
+@click.option("--protocol", type=click.Choice(["teacher-forced", "generation"]), default="teacher-forced",
+              show_default=True, help="Score probes by teacher-forced argmax, or by 10-token greedy generation "
+              "(a fact shows in it; a locality probe still holds its answer or the base's continuation).")
 @device_option
 @dtype_option
 @json_option
 @click.pass_context
-def check(ctx: click.Context, rev: str, threshold: float, device: str, dtype: str | None, as_json: bool) -> None:
+def check(ctx: click.Context, rev: str, threshold: float, protocol: str, device: str, dtype: str | None,
+          as_json: bool) -> None:
     """Re-run the probe suite at REV against its parent and the base; exit 1 if anything broke.
 
     Run it in CI after every edit.
@@ -223,6 +226,7 @@ def check(ctx: click.Context, rev: str, threshold: float, device: str, dtype: st
     \b
     Example:
         kedit check && echo "no regressions"
+        kedit check --protocol generation    # what users reading the model's output see
     """
     from kedit.model import load_model, parse_dtype
     from kedit.probes import check as run_check
@@ -230,9 +234,10 @@ def check(ctx: click.Context, rev: str, threshold: float, device: str, dtype: st
     repo = _open(ctx)
     torch_dtype = parse_dtype(dtype)
     report = run_check(repo, rev, lambda c: load_model(repo, c, dtype=torch_dtype, device=device),
-                       threshold=threshold, setting=f"{device}/{dtype or 'auto'}")
+                       threshold=threshold, setting=f"{device}/{dtype or 'auto'}", protocol=protocol)
     if as_json:
-        _emit_json({"commit": report.commit_id, "ok": not report.broken, "summary": report.summary(),
+        _emit_json({"commit": report.commit_id, "ok": not report.broken, "protocol": protocol,
+                    "summary": report.summary(),
                     "results": [{"probe": r.probe.__dict__, "base": r.base, "parent": r.parent, "now": r.now,
                                  "broke": r.broke, "edited_by": r.edited_by} for r in report.results]})
     else:
@@ -246,7 +251,7 @@ def check(ctx: click.Context, rev: str, threshold: float, device: str, dtype: st
             click.echo(f"{mark} {r.probe.kind:<8} #{r.probe.id:<4} {parent}->{r.now:.2f}  "
                        f"{r.probe.prompt!r} -> {r.probe.answer!r}{named}")
         summary = ", ".join(f"{k} {v:.3f}" for k, v in report.summary().items())
-        click.echo(f"{len(report.broken)} broken of {len(report.results)} probes"
+        click.echo(f"{len(report.broken)} broken of {len(report.results)} probes [{protocol}]"
                    + (f" ({summary})" if summary else "")
                    + (f"; {len(by_edits)} locality probes changed with an edit of their own subject, not counted"
                       if by_edits else ""))

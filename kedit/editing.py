@@ -3,9 +3,11 @@
 For each batch of requests (one request per commit for single-edit methods such as ROME):
   1. measure the model before the edit (reliability, generalization, locality reference, ...),
   2. ask the method for deltas (it never writes the repository),
-  3. commit them (the engine applies them with its canonical arithmetic) onto the commit the
-     model was loaded from: if HEAD moved meanwhile (a checkout, another edit), nothing is committed,
-  4. copy the committed tensors (and install its adapters) into the in-memory model and measure again,
+  3. apply them (and install its adapters) in memory and check that each edit shows in greedy
+     generation on its prompt as the user sends it (`shows_in_generation` in the commit's info),
+  4. commit them (the engine applies them with its canonical arithmetic) onto the commit the model
+     was loaded from (if HEAD moved meanwhile, nothing is committed), copy the committed tensors
+     into the in-memory model and measure again,
   5. store both sets of metrics with the commit and add the edit to the probe suite.
 
 Covariance statistics a method asks for are computed on the base model and cached under
@@ -28,7 +30,7 @@ import torch
 
 from kedit import evaluate, history
 from kedit.adapters import install_adapters
-from kedit.delta import Adapter
+from kedit.delta import Adapter, apply_step
 from kedit.errors import KeditError
 from kedit.methods.base import EditRequest, get_method
 from kedit.methods.hparams import hparams_from_overrides, hparams_to_dict
@@ -63,19 +65,37 @@ def locality_pairs(request: EditRequest) -> list[tuple[str, str]]:
     return pairs
 
 
-def measure(model: Any, tok: Any, requests: Sequence[EditRequest], reference: list[list[int]] | None,
-            *, fluency: bool = False, generation: bool = False) -> list[evaluate.Metric]:
-    """Every metric the requests carry data for (`generation`: also by greedy generation, exact match)."""
+@dataclass(frozen=True)
+class Reference:
+    """The unedited model on the locality pairs: its argmax at each answer position (teacher-forced
+    locality) and its greedy continuation of each prompt (gen_locality)."""
+
+    argmax: list[list[int]]
+    continuations: list[str]
+
+    def rows(self, start: int, stop: int) -> Reference:
+        return Reference(self.argmax[start:stop], self.continuations[start:stop])
+
+
+def reference_of(model: Any, tok: Any, pairs: Sequence[tuple[str, str]]) -> Reference:
+    return Reference(evaluate.locality_reference(model, tok, pairs),
+                     evaluate.greedy_continuations(model, tok, [p for p, _ in pairs]))
+
+
+def measure(model: Any, tok: Any, requests: Sequence[EditRequest], reference: Reference | None,
+            *, fluency: bool = False, generation: bool = True) -> list[evaluate.Metric]:
+    """Every metric the requests carry data for; `generation`: also greedy-generation scores (gen_*)."""
     metrics = [evaluate.reliability(model, tok, requests)]
+    pairs = [p for r in requests for p in locality_pairs(r)]
     if generation:
-        metrics += evaluate.generation_scores(model, tok, requests)
+        metrics += evaluate.generation_scores(model, tok, requests, pairs,
+                                              reference.continuations if reference is not None else None)
     for fn in (evaluate.generalization, evaluate.portability):
         m = fn(model, tok, requests)
         if m.n:
             metrics.append(m)
-    pairs = [p for r in requests for p in locality_pairs(r)]
     if pairs and reference is not None:
-        metrics.append(evaluate.locality(model, tok, pairs, reference))
+        metrics.append(evaluate.locality(model, tok, pairs, reference.argmax))
     if all(r.target_true for r in requests):
         metrics += [m for m in evaluate.counterfact_scores(model, tok, requests).values() if m.n]
     if fluency:
@@ -168,30 +188,51 @@ def run_edits(repo: Repository, requests: list[EditRequest], options: EditOption
     for start in range(0, len(requests), size):
         batch = requests[start:start + size]
         pairs = [p for r in batch for p in locality_pairs(r)]
-        reference = evaluate.locality_reference(model, tok, pairs) if pairs and options.measure else None
-        scoring = {"fluency": options.fluency, "generation": method.generation_metrics}
-        pre = measure(model, tok, batch, reference, **scoring) if options.measure else []
+        reference = reference_of(model, tok, pairs) if pairs and options.measure else None
+        pre = measure(model, tok, batch, reference, fluency=options.fluency) if options.measure else []
         t0 = time.perf_counter()
         result = _apply_method(method, model, tok, batch, hparams, stats, repo)
         edit_s = time.perf_counter() - t0
-        info = {**result.info, "edit_seconds": round(edit_s, 3), **({"stats": stats.used} if stats.used else {})}
+        _apply_deltas(model, result.deltas)
+        if result.adapters:  # the checked and measured model carries them; appending keeps the install incremental
+            in_effect = (in_effect if in_effect is not None else [a for _, a in repo.adapters(repo.head())]) \
+                + result.adapters
+            install_adapters(model, in_effect)
+        info = {**result.info, "edit_seconds": round(edit_s, 3), **({"stats": stats.used} if stats.used else {}),
+                **_generation_check(model, tok, batch, result.info)}
         commit = repo.commit(result.deltas, adapters=result.adapters, requests=[r.to_dict() for r in batch],
                              method=method.name, hparams=hparams_to_dict(hparams), info=info,
                              message=options.message if len(requests) == 1 else None,
                              memory=result.memory or None, expected_parent=at)
         at = HeadState(at.branch, commit.id)
         _load_committed(repo, model, commit.id, result.deltas)
-        if result.adapters:  # the measured model must carry them; appending keeps the install incremental
-            in_effect = [a for _, a in repo.adapters(commit.id)] if in_effect is None else in_effect + result.adapters
-            install_adapters(model, in_effect)
-        post = measure(model, tok, batch, reference, **scoring) if options.measure else []
-        per_request = _per_request(model, tok, batch, reference, scoring) if options.measure and len(batch) > 1 else []
+        post = measure(model, tok, batch, reference, fluency=options.fluency) if options.measure else []
+        per_request = _per_request(model, tok, batch, reference, options.fluency) \
+            if options.measure and len(batch) > 1 else []
         repo.record_metrics(commit.id, _as_repo_metrics(pre, "pre") + _as_repo_metrics(post, "post") + per_request)
         add_probes(repo, [("edit", r.text, r.target_new, commit.id) for r in batch]
                    + [("locality", p, a, None) for p, a in pairs])
         commits.append(repo.get_commit(commit.id))
         log.info("committed %s: %s", commit.short, commit.message)
     return commits
+
+
+def _generation_check(model: Any, tok: Any, batch: list[EditRequest], method_info: dict[str, Any]) -> dict[str, Any]:
+    """Does each edit show where it will be used: its prompt as the user sends it, greedy generation?
+
+    `model` holds the edit. A method that checked this itself (ROME, MEMIT: `shows_in_generation`
+    per request in its info) is taken at its word; for the others it is checked here. An edit that
+    does not show is committed (the method did what it could) but reported: a warning, and
+    `shows_in_generation: false` with the prompts in the commit's info."""
+    reported = [r.get("shows_in_generation") for r in method_info.get("requests", [])]
+    if len(reported) != len(batch) or not all(isinstance(x, bool) for x in reported):
+        reported = evaluate.shows_in_generation(model, tok, [r.text for r in batch], [r.target_new for r in batch])
+    missed = [r.text for r, ok in zip(batch, reported, strict=True) if not ok]
+    if missed:
+        log.warning("%d of %d edits do not show in greedy generation on their own prompt (e.g. %r); committed "
+                    "with shows_in_generation false", len(missed), len(batch), missed[0])
+        return {"shows_in_generation": False, "not_shown_in_generation": missed}
+    return {"shows_in_generation": True}
 
 
 def _warn_locality_about_edited_subjects(requests: list[EditRequest]) -> None:
@@ -205,17 +246,28 @@ def _warn_locality_about_edited_subjects(requests: list[EditRequest]) -> None:
                     subject, prompt)
 
 
-def _per_request(model: Any, tok: Any, batch: list[EditRequest], reference: list[list[int]] | None,
-                 scoring: dict[str, Any]) -> list[Metric]:
-    """Each request's own post-edit metrics, as suite "request <i>" (i indexes the commit's requests)."""
+def _per_request(model: Any, tok: Any, batch: list[EditRequest], reference: Reference | None,
+                 fluency: bool) -> list[Metric]:
+    """Each request's own post-edit metrics, as suite "request <i>" (i indexes the commit's requests).
+    Generation scores are the batch's only: per request they would cost a generate call each; the
+    method's info says which requests show in generation."""
     out: list[Metric] = []
     start = 0
     for i, request in enumerate(batch):
         n_pairs = len(locality_pairs(request))
-        ref = reference[start:start + n_pairs] if reference is not None else None
+        ref = reference.rows(start, start + n_pairs) if reference is not None else None
         start += n_pairs
-        out += _as_repo_metrics(measure(model, tok, [request], ref, **scoring), "post", f"request {i}")
+        out += _as_repo_metrics(measure(model, tok, [request], ref, fluency=fluency, generation=False), "post",
+                                f"request {i}")
     return out
+
+
+@torch.no_grad()
+def _apply_deltas(model: Any, deltas: dict[str, Any]) -> None:
+    """Add a method's deltas to the in-memory model with the engine's canonical arithmetic."""
+    params = dict(model.named_parameters())
+    for name, step in deltas.items():
+        params[name].copy_(apply_step(params[name].detach().cpu(), step).to(params[name].device))
 
 
 @torch.no_grad()

@@ -4,7 +4,8 @@ An editor is a network trained for one base model. It is stored like any object:
 file named by the hash of its content (its id), with the method and the structure it needs in the
 file's metadata. The `editors` table records, per editor, the base commit it was trained on, the
 hash of its training and validation data, its training hyper-parameters and its validation
-metrics. A commit made with an editor names it in its hyper-parameters (`editor`) and info.
+metrics, with the prompt protocol it was trained and validated under (`prompt_protocol`). A commit
+made with an editor names it in its hyper-parameters (`editor`) and info.
 
 Calling sequence:
     info = train_editor(repo, TrainOptions(method="mend", data=[Path("train.json")]))
@@ -35,6 +36,7 @@ import torch
 
 from kedit import db as dbm
 from kedit.errors import KeditError
+from kedit.evaluate import PROMPT_PROTOCOL
 from kedit.hashing import canonical_json, hash_bytes
 from kedit.refs import now_iso
 from kedit.repo import Repository
@@ -68,6 +70,11 @@ class EditorInfo:
     def short(self) -> str:
         return self.id[:12]
 
+    @property
+    def prompt_protocol(self) -> str | None:
+        """How its training fed prompts (None: before kedit named it, after a private start token)."""
+        return self.metrics.get("prompt_protocol")
+
 
 def _row_to_info(repo: Repository, row: dict[str, Any]) -> EditorInfo:
     used = [r[0] for r in repo.db.execute(
@@ -87,15 +94,25 @@ def base_commit(repo: Repository) -> str:
     return repo.log("HEAD")[-1].id
 
 
+def _retrain_hint(method: str) -> str:
+    return f"run 'kedit train-editor --method {method} --data FILE'"
+
+
 def resolve_editor(repo: Repository, method: str, ref: str | None) -> EditorInfo:
-    """The editor `ref` names (an id or a unique prefix of 4+ characters), or the latest for this base."""
+    """The editor `ref` names (an id or a unique prefix of 4+ characters), or the latest for this base.
+
+    Only editors trained under the current prompt protocol (`kedit.evaluate.PROMPT_PROTOCOL`, kept in
+    their metrics) are used: one trained on prompts after a private start token learnt keys that the
+    prompts users send do not produce."""
     if ref is None:
         base = base_commit(repo)
         found = [e for e in list_editors(repo, method) if e.base_commit == base]
-        if not found:
-            raise EditorNotFoundError(f"no trained {method} editor for this repository's base model",
-                                      hint=f"run 'kedit train-editor --method {method} --data FILE'")
-        return found[0]
+        current = [e for e in found if e.prompt_protocol == PROMPT_PROTOCOL]
+        if not current:
+            old = f" ({len(found)} trained under an older prompt protocol)" if found else ""
+            raise EditorNotFoundError(f"no trained {method} editor for this repository's base model{old}",
+                                      hint=_retrain_hint(method))
+        return current[0]
     if len(ref) < 4:
         raise EditorNotFoundError(f"editor id {ref!r} is too short (give at least 4 characters)")
     rows = dbm.rows(repo.db, "SELECT * FROM editors WHERE id LIKE ?", [ref.lower() + "%"])
@@ -107,6 +124,10 @@ def resolve_editor(repo: Repository, method: str, ref: str | None) -> EditorInfo
     if info.method != method:
         raise EditorNotFoundError(f"editor {info.short} was trained for {info.method}, not {method}",
                                   hint=f"use --method {info.method}")
+    if info.prompt_protocol != PROMPT_PROTOCOL:
+        raise EditorNotFoundError(f"editor {info.short} was trained under an older prompt protocol (a start "
+                                  f"token before every prompt), not on prompts as users send them",
+                                  hint=_retrain_hint(method))
     return info
 
 
@@ -228,7 +249,8 @@ def train_editor(repo: Repository, options: TrainOptions) -> EditorInfo:
     hp = hparams_to_dict(params)
     dhash = data_hash(items, val)
     shape = {k: v for k, v in hp.items() if k not in _BUDGET}
-    run = hash_bytes(canonical_json({"method": method.name, "base": base, "data": dhash, "hparams": shape}))
+    run = hash_bytes(canonical_json({"method": method.name, "base": base, "data": dhash, "hparams": shape,
+                                     "prompt_protocol": PROMPT_PROTOCOL}))
     checkpoint = RunCheckpoint(repo.path / TRAINING_DIR / run[:16])
     if options.restart:
         checkpoint.remove()
@@ -238,7 +260,8 @@ def train_editor(repo: Repository, options: TrainOptions) -> EditorInfo:
         result = method.train(model, tok, items, val, params, checkpoint=checkpoint, progress=options.progress)
     except ValueError as e:
         raise KeditError(f"{method.name} training: {e}") from e
-    metrics = {**result.metrics, "tasks": sorted({it.task for it in items}), "history": result.history}
+    metrics = {**result.metrics, "tasks": sorted({it.task for it in items}), "history": result.history,
+               "prompt_protocol": PROMPT_PROTOCOL}
     info = store_editor(repo, method.name, result.state, result.config, base, dhash, hp, metrics)
     if result.metrics.get("stopped") == "early_stopping":  # done; a budget stop may be continued
         checkpoint.remove()

@@ -6,10 +6,10 @@ from pathlib import Path
 
 import torch
 
-from kedit import evaluate, history
-from kedit.editing import _as_repo_metrics, locality_pairs, measure
+from kedit import history
+from kedit.editing import _as_repo_metrics, locality_pairs, measure, reference_of
 from kedit.errors import KeditError
-from kedit.methods.base import EditRequest, get_method
+from kedit.methods.base import EditRequest
 from kedit.model import load_model
 from kedit.repo import Metric, Repository
 from kedit.requests import load_requests
@@ -19,33 +19,19 @@ HISTORY_SUITE = "history"
 
 def edited_requests(repo: Repository, commit_id: str) -> list[EditRequest]:
     """The requests of every edit in effect at `commit_id`, oldest first."""
-    return [r for _, r in _edits(repo, commit_id)]
-
-
-def _edits(repo: Repository, commit_id: str) -> list[tuple[str | None, EditRequest]]:
-    """(method, request) of every edit in effect at `commit_id`, oldest first."""
     active = history.edits_in_effect(repo.db, commit_id)
     out = []
     for cid in reversed(history.ancestors(repo.db, commit_id)):
         if cid in active:
-            commit = repo.get_commit(cid)
-            out += [(commit.method, EditRequest.from_dict(r)) for r in commit.requests]
+            out += [EditRequest.from_dict(r) for r in repo.get_commit(cid).requests]
     return out
-
-
-def _scored_by_generation(method: str | None) -> bool:
-    try:
-        return method is not None and get_method(method).generation_metrics
-    except KeyError:  # a method this installation does not have: teacher-forced scores only
-        return False
 
 
 def evaluate_revision(repo: Repository, rev: str, *, suite: Path | None = None, fluency: bool = False,
                       dtype: torch.dtype | None = None, device: str = "cpu") -> list[Metric]:
     """Score `rev` and store the scores with it (stage 'eval'); locality is measured against the base."""
     commit_id = repo.resolve(rev)
-    edits = _edits(repo, commit_id)
-    requests = load_requests([suite]) if suite else [r for _, r in edits]
+    requests = load_requests([suite]) if suite else edited_requests(repo, commit_id)
     if not requests:
         raise KeditError(f"nothing to evaluate at {rev}: no edits in effect", hint="pass --suite FILE")
     name = suite.name if suite else HISTORY_SUITE
@@ -54,11 +40,9 @@ def evaluate_revision(repo: Repository, rev: str, *, suite: Path | None = None, 
     if pairs:
         base = history.ancestors(repo.db, commit_id)[-1]
         base_model, base_tok = load_model(repo, base, dtype=dtype, device=device)
-        reference = evaluate.locality_reference(base_model, base_tok, pairs)
+        reference = reference_of(base_model, base_tok, pairs)
         del base_model
     model, tok = load_model(repo, commit_id, dtype=dtype, device=device)
-    generation = any(_scored_by_generation(m) for m, _ in edits)  # e.g. GRACE: its authors' protocol too
-    metrics = _as_repo_metrics(measure(model, tok, requests, reference, fluency=fluency, generation=generation),
-                               "eval", name)
+    metrics = _as_repo_metrics(measure(model, tok, requests, reference, fluency=fluency), "eval", name)
     repo.record_metrics(commit_id, metrics)
     return metrics

@@ -4,13 +4,16 @@ Two kinds of probe:
   - edit: a fact an edit wrote (its prompt and new target). It is checked wherever that edit
     is in effect, so a later edit that undoes it is caught.
   - locality: a fact no edit should change. Its score is the fraction of answer tokens whose
-    argmax equals the base model's (EasyEdit's teacher-forced agreement). A locality probe whose
+    argmax equals the base model's (EasyEdit's teacher-forced agreement), or with
+    `protocol="generation"` whether its greedy continuation still holds the answer or equals the
+    base's (`kedit.evaluate.holds`; an edit probe then scores 1 when its continuation shows the
+    target). Prompts are fed as the user sends them. A locality probe whose
     prompt names the subject of an edit in effect is that edit's business, not collateral damage:
     its change is reported with the edit, not counted as a regression.
 
 `check(rev)` scores every probe at `rev`, at its parent and at the base, and reports the
 probes whose score at `rev` fell more than `threshold` below the parent's. Outputs are kept
-per commit (a commit's state never changes), so re-running a check is cheap.
+per commit and protocol (a commit's state never changes), so re-running a check is cheap.
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ from typing import Any
 from kedit import db as dbm
 from kedit import history
 from kedit.errors import KeditError
-from kedit.evaluate import teacher_forced
+from kedit.evaluate import PROBE_PROTOCOLS, ProbeProtocol
 from kedit.refs import now_iso
 from kedit.repo import Repository
 
@@ -71,20 +74,23 @@ def remove_probe(repo: Repository, probe_id: int) -> None:
 
 
 def probe_outputs(repo: Repository, commit_id: str, probes: list[Probe], load: ModelLoader,
-                  setting: str) -> dict[int, tuple[list[int], float]]:
-    """Argmax ids and accuracy of each probe at `commit_id`, computed once and kept."""
+                  setting: str, protocol: ProbeProtocol = PROBE_PROTOCOLS["teacher-forced"]
+                  ) -> dict[int, tuple[Any, float]]:
+    """Each probe's output (`protocol`'s: argmax ids, or a continuation) and score at `commit_id`,
+    computed once and kept under the protocol's name and the setting."""
+    key = f"{protocol.name}:{setting}"
     known = {pid: (json.loads(pred), acc) for pid, pred, acc in repo.db.execute(
         "SELECT probe_id, predicted, accuracy FROM probe_outputs WHERE commit_id = ? AND setting = ?",
-        [commit_id, setting])}
+        [commit_id, key])}
     missing = [p for p in probes if p.id not in known]
     if missing:
         model, tok = load(commit_id)
-        results = teacher_forced(model, tok, [p.prompt for p in missing], [p.answer for p in missing])
+        results = protocol.outputs(model, tok, [p.prompt for p in missing], [p.answer for p in missing])
         with dbm.write(repo.db):
-            for p, r in zip(missing, results, strict=True):
-                known[p.id] = (list(r.predicted), r.accuracy)
+            for p, (output, score) in zip(missing, results, strict=True):
+                known[p.id] = (output, score)
                 repo.db.execute("INSERT OR REPLACE INTO probe_outputs VALUES (?, ?, ?, ?, ?)",
-                                [p.id, commit_id, setting, json.dumps(list(r.predicted)), r.accuracy])
+                                [p.id, commit_id, key, json.dumps(output), score])
     return {p.id: known[p.id] for p in probes}
 
 
@@ -148,13 +154,11 @@ def subject_finder(subjects: Mapping[str, str]) -> Callable[[str], str | None]:
     return find
 
 
-def _agreement(a: list[int], b: list[int]) -> float:
-    return sum(x == y for x, y in zip(a, b, strict=True)) / len(b)
-
-
 def check(repo: Repository, rev: str, load: ModelLoader, *, threshold: float = DEFAULT_THRESHOLD,
-          setting: str = "cpu/auto") -> CheckReport:
-    """Score the probe suite at `rev`, its parent and the base; flag what regressed."""
+          setting: str = "cpu/auto", protocol: str = "teacher-forced") -> CheckReport:
+    """Score the probe suite at `rev`, its parent and the base under `protocol` (a PROBE_PROTOCOLS
+    name); flag what regressed."""
+    scoring = PROBE_PROTOCOLS[protocol]
     commit_id = repo.resolve(rev)
     parent = repo.get_commit(commit_id).parent
     base = history.ancestors(repo.db, commit_id)[-1]
@@ -167,13 +171,13 @@ def check(repo: Repository, rev: str, load: ModelLoader, *, threshold: float = D
     edits_now = [p for p in probes if p.kind == "edit" and p.commit_id in in_effect]
     before = history.edits_in_effect(repo.db, parent) if parent else set()
     edits_before = [p for p in edits_now if p.commit_id in before]
-    now = probe_outputs(repo, commit_id, locality + edits_now, load, setting)
-    base_out = probe_outputs(repo, base, locality, load, setting)
-    parent_out = probe_outputs(repo, parent, locality + edits_before, load, setting) if parent else {}
+    now = probe_outputs(repo, commit_id, locality + edits_now, load, setting, scoring)
+    base_out = probe_outputs(repo, base, locality, load, setting, scoring)
+    parent_out = probe_outputs(repo, parent, locality + edits_before, load, setting, scoring) if parent else {}
     edit_naming = subject_finder(edited_subjects(repo, in_effect))
     for p in locality:
-        score = _agreement(now[p.id][0], base_out[p.id][0])
-        previous = _agreement(parent_out[p.id][0], base_out[p.id][0]) if parent else 1.0
+        score = scoring.agreement(now[p.id][0], base_out[p.id][0], p.answer)
+        previous = scoring.agreement(parent_out[p.id][0], base_out[p.id][0], p.answer) if parent else 1.0
         by = edit_naming(p.prompt)
         report.results.append(ProbeResult(p, 1.0, previous, score, score < previous - threshold and not by, by))
     for p in edits_now:

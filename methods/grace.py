@@ -2,10 +2,11 @@
 
 The model's weights never change. A codebook sits on one module (by default the MLP output
 projection of a late layer): each entry holds a key (the module's input at the last token of an
-edit prompt), a value (a learned replacement for the module's output there), a deflection radius
-ε and a label (the edit's target token ids). At inference every position's input is a query: if
-its nearest key lies within that key's radius, the module's output at that position is replaced
-by the key's value (methods.md 3.7).
+edit prompt, the prompt read exactly as `tokenizer(prompt)` encodes it: the key a user's query
+meets, through `generate` or a pipeline), a value (a learned replacement for the module's output
+there), a deflection radius ε and a label (the edit's target token ids). At inference every
+position's input is a query: if its nearest key lies within that key's radius, the module's output
+at that position is replaced by the key's value (methods.md 3.7).
 
 Editing one request (the paper's rules, applied when the new key q is placed):
 - empty codebook, or the nearest key k_j is farther than ε_init + ε_j: a new entry (q, ε_init);
@@ -551,4 +552,4 @@ def apply(model: Any, tok: Any, requests: Sequence[EditRequest], hparams: GRACEH
     return EditResult(adapters=[adapter], info=info)
 
 
-register_method("grace", GRACEHyperParams, apply, generation_metrics=True)
+register_method("grace", GRACEHyperParams, apply)

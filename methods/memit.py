@@ -29,6 +29,7 @@ from kedit.methods.lowp import check_dtype
 from kedit.methods.values import ValueSettings, module_outputs_at_subject, optimise_values, subject_keys
 
 from kedit.arch import arch_for, get_module, n_layers
+from kedit.evaluate import shows_in_generation
 
 __all__ = ["MEMITHyperParams", "apply", "default_layers", "spread_over_layers"]
 
@@ -181,7 +182,8 @@ def spread_over_layers(
             with torch.no_grad():
                 h_end = module_outputs_at_subject(model, tok, block, requests, hp.guard_position0)
             reached = 1 - (z - h_end).norm(dim=0) / (z - h0).norm(dim=0).clamp(min=1e-12)
-            shows = rome.shows_on_prompt(model, tok, requests)  # the model holds every layer's Δ here
+            # the model holds every layer's Δ here: does each prompt, as the user sends it, generate its target?
+            shows = shows_in_generation(model, tok, [r.text for r in requests], [r.target_new for r in requests])
     finally:
         with torch.no_grad():
             for layer, m in modules.items():
@@ -192,7 +194,7 @@ def spread_over_layers(
         "requests": [
             {"subject": r.subject, "target_new": r.target_new, "steps": len(fit.losses[i]),
              "loss": fit.losses[i][-1] if fit.losses[i] else None, "delta_norm": float(fit.delta[i].norm()),
-             "target_reached": round(float(reached[i]), 4), "shows_on_prompt": shows[i]}
+             "target_reached": round(float(reached[i]), 4), "shows_in_generation": shows[i]}
             for i, r in enumerate(requests)
         ],
         "timings": {k: round(v, 3) for k, v in timings.items()},

@@ -20,10 +20,15 @@ C's Cholesky factor is kept across edits (`_factor`).
 
 Position-0 hazard: a tokenizer that adds no BOS (SmolLM2) puts a one-token subject at position 0
 of the bare template, the attention-sink position, whose key is unlike any other; keys read
-there gave divisors near zero and updates ten times too large. Every prompt is encoded as the
-metrics encode it (`kedit.evaluate.prompt_ids`: a document separator first), so no key is read at
-the sink and the edited key is the one evaluation and use will meet (`info["position0_guarded"]`
-counts the prompts whose subject would otherwise have started there).
+there gave divisors near zero and updates ten times too large. The context templates are read
+after a document separator (`kedit.evaluate.start_token_id`); the bare prompt "{}" is read as the
+user sends it (`tokenizer(prompt)`), so the key a user's query meets is one of those k* averages,
+and only where its subject's last token would sit at the sink does it get the separator too
+(`info["position0_guarded"]` counts those prompts).
+
+Each edit is checked where it will be used: the edited model, given the prompt as sent, must
+generate the target within kedit.evaluate's greedy continuation (`shows_in_generation`); if not,
+the gain floor is raised, then v* optimised again (see `_edit_one`).
 """
 
 from __future__ import annotations
@@ -45,7 +50,7 @@ from kedit.methods.capture import capture_at_module
 from kedit.methods.lowp import DTYPES, check_dtype, has_hooks, low_precision
 
 from kedit.arch import arch_for, get_module, n_layers
-from kedit.evaluate import answer_ids, start_token_id, target_nll, token_accuracy
+from kedit.evaluate import answer_ids, prompt_ids, shows_in_generation, start_token_id
 
 __all__ = [
     "ROMEHyperParams",
@@ -182,8 +187,13 @@ def pad_id(tok: Any) -> int:
 target_ids = answer_ids
 
 
-def encode_with_subject(tok: Any, template: str, subject: str, guard: bool) -> tuple[list[int], int, bool]:
-    """Ids of template with the subject, the index of the subject's last token, and whether guarded."""
+def encode_with_subject(tok: Any, template: str, subject: str, guard: bool,
+                        as_sent: bool = False) -> tuple[list[int], int, bool]:
+    """Ids of template with the subject, the index of the subject's last token, and whether guarded.
+
+    `guard`: a start token goes in front (away from the attention sink). `as_sent`: the text is
+    encoded as the user sends it (`tokenizer(text)`), the start token only where the subject's last
+    token would otherwise sit at position 0, the sink, whose key no edit can use."""
     start = template.index("{}")
     text = template[:start] + subject + template[start + 2 :]
     end = start + len(subject)  # subject occupies chars [start, end)
@@ -195,7 +205,7 @@ def encode_with_subject(tok: Any, template: str, subject: str, guard: bool) -> t
         ids = list(tok(text)["input_ids"])
         last = len(tok(text[:end])["input_ids"]) - 1
     guarded = guard and last == 0
-    start = start_token_id(tok) if guard else None
+    start = start_token_id(tok) if guard and (guarded or not as_sent) else None
     if start is not None:
         ids, last = [start, *ids], last + 1
     elif guarded:
@@ -281,18 +291,21 @@ def _linear_weight(module: Any, transposed: bool) -> torch.Tensor:
 
 @torch.no_grad()
 def subject_key(
-    model: Any, tok: Any, module: Any, templates: Sequence[str], subject: str, guard: bool
+    model: Any, tok: Any, module: Any, templates: Sequence[str], subject: str, guard: bool,
+    as_sent: Sequence[bool] = (),
 ) -> tuple[torch.Tensor, int]:
     """The projection's input at the subject's last token in each template (k* is their mean).
 
     Each template holds `{}` where the subject goes: ROME passes the context templates with the
     request's prompt written in, so the keys are read in the context the fact is asked in.
 
+    `as_sent[i]`: template i is encoded as the user sends it (see `encode_with_subject`).
+
     Returns (keys (n_templates, d_in) in float64, number of prompts that needed the position-0 guard).
     """
     rows, positions, n_guarded = [], [], 0
-    for t in templates:
-        ids, last, guarded = encode_with_subject(tok, t, subject, guard)
+    for i, t in enumerate(templates):
+        ids, last, guarded = encode_with_subject(tok, t, subject, guard, i < len(as_sent) and as_sent[i])
         rows.append(ids)
         positions.append(last)
         n_guarded += guarded
@@ -555,7 +568,7 @@ def optimise_value(
     n_guarded = 0
     for r, ctx in enumerate(templates):
         full = ctx.replace("{}", request.template, 1)
-        ids, last, guarded = encode_with_subject(tok, full, request.subject, hp.guard_position0)
+        ids, last, guarded = encode_with_subject(tok, full, request.subject, hp.guard_position0, ctx == "{}")
         n_guarded += guarded
         rows.append(ids + tgt[:-1])
         edit_pos.append(last)
@@ -704,7 +717,8 @@ def _edit_one(
 
     t0 = time.perf_counter()
     prompts = [t.replace("{}", request.template, 1) for t in templates]  # ROME's templ.format(prompt)
-    keys, n_guard_k = subject_key(model, tok, module, prompts, request.subject, hp.guard_position0)
+    keys, n_guard_k = subject_key(model, tok, module, prompts, request.subject, hp.guard_position0,
+                                  [t == "{}" for t in templates])  # the bare prompt as the user sends it
     k_star = keys.mean(0)
     w = _linear_weight(module, hp.out_proj_transposed)  # (d_out, d_in)
     bias = getattr(module, "bias", None)
@@ -764,7 +778,7 @@ def _edit_one(
     timings["solve_s"] = time.perf_counter() - t0
     retried = not shows and hp.retry_grad_steps > hp.v_num_grad_steps
     if retried:
-        log.info("the edit of %r does not show on that prompt (nll %.3f after %d steps): optimising v* again "
+        log.info("the edit of %r does not show in generation (nll %.3f after %d steps): optimising v* again "
                  "with %d steps", request.text, value.nll[-1], len(value.nll), hp.retry_grad_steps)
         t0 = time.perf_counter()
         value = optimise_value(model, tok, module, templates, request, float(v_init.norm()),
@@ -775,8 +789,8 @@ def _edit_one(
         log.info("ROME's u gives %r %.0f%% of the edit and it did not show there: gain floor raised to %g",
                  request.text, 100 * rome_gain, floor)
     if not shows:
-        log.warning("the edit of %r does not show on that prompt even at gain floor %g: the value "
-                    "optimisation did not reach the target (nll %.3f)", request.text, floor, value.nll[-1])
+        log.warning("the edit of %r does not show in generation even at gain floor %g (nll %.3f): "
+                    "committed with shows_in_generation false", request.text, floor, value.nll[-1])
     overlap = None if neighbours is None else neighbour_overlap(neighbours, u, k_star)
     prompt_gain = float(u @ keys[0]) / float(u @ k_star)
 
@@ -799,7 +813,7 @@ def _edit_one(
         "rome_prompt_gain": round(rome_gain, 4),
         "gain_floor": floor,
         "equal_gain": rome_gain < floor,  # u moved toward the equal-gain u
-        "shows_on_prompt": shows,
+        "shows_in_generation": shows,
         "retried": retried,
         **({"protected_keys": len(protected)} if hp.protect_overlap > 0 else {}),
         "timings": {k: round(v, 4) for k, v in timings.items()},
@@ -816,29 +830,15 @@ def _edit_one(
 @torch.no_grad()
 def _edit_shows(model: Any, tok: Any, module: Any, upd: rome_math.RankOne, request: EditRequest,
                 transposed: bool) -> bool:
-    """Whether the model with the update gives the target on the request's own prompt (`shows_on_prompt`)."""
+    """Whether the model with the update, given the prompt as the user sends it, generates the target
+    (`shows_in_generation`: kedit.evaluate's greedy continuation and comparison rule)."""
     saved = module.weight.detach().clone()
     a, b = rome_math.to_stored_layout(upd, transposed)
     module.weight.add_((a @ b).to(device=module.weight.device, dtype=module.weight.dtype))
     try:
-        return shows_on_prompt(model, tok, [request])[0]
+        return shows_in_generation(model, tok, [request.text], [request.target_new])[0]
     finally:
         module.weight.copy_(saved)
-
-
-def shows_on_prompt(model: Any, tok: Any, requests: Sequence[EditRequest]) -> list[bool]:
-    """Whether the model gives each request's target on its own prompt: every target token the
-    teacher-forced argmax, or (when the true answer is known) the new target likelier."""
-    texts = [r.text for r in requests]
-    argmax = token_accuracy(model, tok, texts, [r.target_new for r in requests])
-    out = [acc == 1.0 for acc in argmax]
-    rest = [i for i, ok in enumerate(out) if not ok and requests[i].target_true]
-    if rest:  # one batched pass: each prompt with its new target, then with its true one
-        answers = [requests[i].target_new for i in rest] + [str(requests[i].target_true) for i in rest]
-        nll = target_nll(model, tok, [texts[i] for i in rest] * 2, answers)
-        for j, i in enumerate(rest):
-            out[i] = nll[j] < nll[len(rest) + j]
-    return out
 
 
 # A neighbour whose key projects onto u this much (relative to k* itself) receives that fraction of the
@@ -859,18 +859,16 @@ def neighbour_keys(
     model: Any, tok: Any, module: Any, request: EditRequest
 ) -> tuple[list[str], torch.Tensor, torch.Tensor] | None:
     """The request's neighbourhood and locality prompts, the projection's input at each of their
-    tokens (B, T, d_in) in float64, and which (prompt, token) pairs are real (not padding, not the
-    start token); None when the request has no such prompts."""
+    tokens (B, T, d_in) in float64, and which (prompt, token) pairs are real (not padding, not
+    position 0); None when the request has no such prompts. The prompts are read as the user sends
+    them (`tokenizer(prompt)`), as they will be queried and scored."""
     prompts = list(request.neighbourhood) + [p for p, _ in request.locality]
     if not prompts:
         return None
-    start = start_token_id(tok)
-    rows = [([] if start is None else [start]) + list(tok(p)["input_ids"]) for p in prompts]
-    ids, mask = pad_right(rows, pad_id(tok), input_device(model))
+    ids, mask = pad_right([prompt_ids(tok, p) for p in prompts], pad_id(tok), input_device(model))
     keys = capture_at_module(model, module, ids, mask)
     valid = mask.bool().cpu()
-    if start is not None:
-        valid[:, 0] = False
+    valid[:, 0] = False  # the attention sink (or a BOS): its key is unlike any subject's
     return prompts, keys.to(torch.float64).cpu(), valid
 
 

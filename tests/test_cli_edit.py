@@ -115,6 +115,32 @@ def test_check_flags_a_commit_that_breaks_probes(tiny_repo: Repository) -> None:
         n: e.hash for n, e in tiny_repo.manifest("HEAD~2").items()}
 
 
+def test_check_by_generation_gates_on_what_users_read(tiny_repo: Repository) -> None:
+    """--protocol generation: an edit's fact must show in the greedy continuation, a locality probe
+    must still hold its answer or the base's continuation; outputs are kept apart per protocol."""
+    kedit(tiny_repo, "probe", "add", "--prompt", "Tokyo is in", "--answer", "Japan")
+    kedit(tiny_repo, *EDIT, "--set", "mom2_adjustment=false", "--no-eval")
+    assert tiny_repo.log()[0].info["shows_in_generation"] is True  # the edit's own check, at commit time
+    report = json.loads(kedit(tiny_repo, "check", "--protocol", "generation", "--json"))
+    assert report["ok"] and report["protocol"] == "generation"
+    by_kind = {r["probe"]["kind"]: r for r in report["results"] if r["probe"]["prompt"] != "Tokyo is in"}
+    assert by_kind["edit"]["now"] == 1.0 and by_kind["locality"]["now"] == 1.0
+    gen = torch.Generator().manual_seed(0)
+    down = [n for n in tiny_repo.manifest() if n.endswith("mlp.down_proj.weight")]
+    tiny_repo.commit({n: Dense(torch.randn(tiny_repo.manifest()[n].shape, generator=gen) * 2.0) for n in down},
+                     message="careless")
+    report = json.loads(kedit(tiny_repo, "check", "--protocol", "generation", "--json", code=1))
+    (edit_probe,) = [r for r in report["results"] if r["probe"]["kind"] == "edit"]
+    assert edit_probe["broke"] and edit_probe["parent"] == 1.0 and edit_probe["now"] == 0.0
+    assert "[generation]" in kedit(tiny_repo, "check", "--protocol", "generation", code=1)
+    kept = dict(tiny_repo.db.execute("SELECT setting, predicted FROM probe_outputs WHERE commit_id = ?",
+                                     [tiny_repo.head()]).fetchall())
+    assert set(kept) == {"user_prompt_greedy10:cpu/auto"} and isinstance(json.loads(kept.popitem()[1]), str)
+    kedit(tiny_repo, "check", "--json", code=1)  # teacher-forced: measured anew, not read from the above
+    settings = {s for (s,) in tiny_repo.db.execute("SELECT DISTINCT setting FROM probe_outputs")}
+    assert settings == {"user_prompt_greedy10:cpu/auto", "user_prompt_teacher_forced:cpu/auto"}
+
+
 def test_check_counts_a_probe_about_an_edited_subject_with_the_edit(tiny_repo: Repository) -> None:
     kedit(tiny_repo, "probe", "add", "--prompt", "Tokyo is in", "--answer", "Japan",
           "--prompt", "The language of Japan is", "--answer", "Japanese")
@@ -136,11 +162,15 @@ def test_check_counts_a_probe_about_an_edited_subject_with_the_edit(tiny_repo: R
 def test_eval_stores_metrics_and_log_shows_them(tiny_repo: Repository) -> None:
     kedit(tiny_repo, *EDIT, "--set", "mom2_adjustment=false", "--no-eval")
     metrics = json.loads(kedit(tiny_repo, "eval", "--json"))
-    names = {m["name"] for m in metrics}
-    assert {"reliability", "generalization", "locality", "efficacy"} <= names
+    protocols = {m["name"]: m["protocol"] for m in metrics}
+    assert {"reliability", "generalization", "locality", "efficacy"} <= set(protocols)
+    # generation scores for every method (ROME here), each named with its user-prompt protocol
+    assert protocols["gen_efficacy"] == protocols["gen_paraphrase"] == "user_prompt_greedy10_contains"
+    assert protocols["gen_locality"] == "user_prompt_greedy10_holds_or_unchanged"
+    assert all(p.startswith("user_prompt_") for p in protocols.values())
     stored = {(m.name, m.stage, m.suite) for m in tiny_repo.log()[0].metrics}
-    assert ("reliability", "eval", "history") in stored
-    assert "rel=" in kedit(tiny_repo, "log", "--oneline")
+    assert ("reliability", "eval", "history") in stored and ("gen_efficacy", "eval", "history") in stored
+    assert "rel=" in kedit(tiny_repo, "log", "--oneline") and "geff=" in kedit(tiny_repo, "log", "--oneline")
 
 
 def test_stats_command_caches_second_moment(tiny_repo: Repository) -> None:

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
+from kedit import db as dbm
 from kedit.cli import cli
 from kedit.repo import Repository
 from tests.tiny import make_model, make_tokenizer
@@ -140,6 +141,26 @@ def test_errors_are_one_line_and_change_nothing(work: Path):
              "--target", "Japan")
     assert r.exit_code == 1 and "no editor 'zzzz'" in r.stderr
     assert repo.head() == head and _run(work, "editors").stdout == ""
+
+
+def test_an_editor_trained_under_the_old_prompt_protocol_is_not_used(work: Path):
+    """An editor from an older kedit (trained on prompts after a private start token) is neither
+    picked as the latest nor accepted by id: its keys are not those of the prompts users send."""
+    r = _run(work, "train-editor", "--method", "mend", "--data", str(work / "train.json"), *TRAIN,
+             "--set", "max_steps=2", "--json")
+    assert r.exit_code == 0, r.output
+    editor = json.loads(r.stdout)
+    assert editor["metrics"]["prompt_protocol"] == "user_prompt"
+    repo = Repository.open(work / "work")
+    with dbm.write(repo.db):  # what an older kedit recorded: no protocol
+        repo.db.execute("UPDATE editors SET metrics = json_remove(metrics, '$.prompt_protocol')")
+    head = repo.head()
+    edit = ["edit", "--method", "mend", "--prompt", "{} is in", "--subject", "Madrid", "--target", "Japan"]
+    r = _run(work, *edit)
+    assert r.exit_code == 1 and "1 trained under an older prompt protocol" in r.stderr and "train-editor" in r.stderr
+    r = _run(work, *edit, "--editor", editor["id"][:8])
+    assert r.exit_code == 1 and "older prompt protocol" in r.stderr and "Traceback" not in r.stderr
+    assert repo.head() == head
 
 
 ZSRE_SAMPLE = Path(__file__).resolve().parents[2] / "shared" / "data" / "zsre_sample.json"

@@ -38,25 +38,25 @@ def test_edit_locality_revert_export(tmp_path: Path) -> None:
     repo = Repository.init(tmp_path / "work", str(folder), copy=False, progress=False)
     base, tok = load_model(repo, "HEAD")
     reference = evaluate.locality_reference(base, tok, UNRELATED)
-    before = evaluate.generation_exact_match(base, tok, [r.text for r in EDITS], [r.target_new for r in EDITS])
-    assert before == [0.0, 0.0]
+    before = evaluate.shows_in_generation(base, tok, [r.text for r in EDITS], [r.target_new for r in EDITS])
+    assert before == [False, False]
     del base
 
     first, second = run_edits(repo, EDITS, EditOptions(method="grace"))
     for commit in (first, second):
         post = {m.name: m.value for m in commit.metrics if m.stage == "post"}
-        assert post["reliability_gen"] == 1.0 and post["reliability"] == 1.0
+        assert post["gen_efficacy"] == 1.0 and post["reliability"] == 1.0
 
     model, tok = load_model(repo, "HEAD")
     module = first.hparams["module_tmp"].format(first.hparams["layer"])
     assert len(grace.codebook_of(model, module)) == 2
-    assert evaluate.generation_exact_match(model, tok, [r.text for r in EDITS], ["Rome", "English"]) == [1.0, 1.0]
+    assert evaluate.shows_in_generation(model, tok, [r.text for r in EDITS], ["Rome", "English"]) == [True, True]
     assert evaluate.locality(model, tok, UNRELATED, reference).value == 1.0
 
     repo.revert(first.id)  # only the first edit's entry goes
     model, tok = load_model(repo, "HEAD")
     assert [r.prompt for r in grace.records_of(model, module)] == [EDITS[1].text]
-    assert evaluate.generation_exact_match(model, tok, [r.text for r in EDITS], ["Rome", "English"]) == [0.0, 1.0]
+    assert evaluate.shows_in_generation(model, tok, [r.text for r in EDITS], ["Rome", "English"]) == [False, True]
 
     out = tmp_path / "export"
     export(repo, "HEAD", out)
@@ -64,5 +64,5 @@ def test_edit_locality_revert_export(tmp_path: Path) -> None:
         AutoModelForCausalLM.from_pretrained(out)
     loaded = kedit.load_model(out)
     tok = AutoTokenizer.from_pretrained(out)
-    assert evaluate.generation_exact_match(loaded, tok, [EDITS[1].text], ["English"]) == [1.0]
+    assert evaluate.shows_in_generation(loaded, tok, [EDITS[1].text], ["English"]) == [True]
     assert evaluate.locality(loaded, tok, UNRELATED, reference).value == 1.0

@@ -66,3 +66,6 @@ def test_train_then_edit(work: Path):
     edited, _ = load_model(repo, "HEAD")
     after = evaluate.target_nll(edited, tok, [request.text], [request.target_new])[0]
     assert after < before - 0.5
+    # checked in generation on the prompt as sent: a 12-step editor moves the target; the commit says if it shows
+    shown = commit.info["shows_in_generation"]
+    assert shown is True or commit.info["not_shown_in_generation"] == [request.text]

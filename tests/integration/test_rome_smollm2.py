@@ -66,7 +66,7 @@ def test_counterfactual_edit(smollm2, tmp_path):
     with torch.no_grad():
         weight.copy_(apply_step(original, delta))
     try:
-        assert evaluate.generation_accuracy(model, tok, [req.text], ["Rome"]) == [1.0]
+        assert evaluate.shows_in_generation(model, tok, [req.text], ["Rome"]) == [True]
         cf = evaluate.counterfact_scores(model, tok, [req])
         assert cf["efficacy"].value == 1.0 and cf["paraphrase"].value == 1.0
         assert evaluate.reliability(model, tok, [req]).value == 1.0

@@ -121,7 +121,7 @@ def test_memit_edits_every_request_in_one_update(tiny_llama, tiny_tok):
     assert set(result.deltas) == {arch.out_proj_weight(layer) for layer in hp.layers}
     assert all(isinstance(d, LowRank) and d.rank == len(REQS) for d in result.deltas.values())
     assert [r["target_reached"] > 0.9 for r in result.info["requests"]] == [True] * len(REQS)
-    assert [r["shows_on_prompt"] for r in result.info["requests"]] == [True] * len(REQS)
+    assert [r["shows_in_generation"] for r in result.info["requests"]] == [True] * len(REQS)
     assert target_acc(tiny_llama, tiny_tok, REQS) != [1.0] * len(REQS)
     try:
         apply_deltas(tiny_llama, result.deltas)

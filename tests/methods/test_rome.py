@@ -435,16 +435,16 @@ def test_an_edit_that_does_not_show_on_its_prompt_raises_the_gain_floor(tiny_lla
     req = dataclasses.replace(REQ_DIRECT, target_new="Paris")  # one token: it can become the argmax
     assert token_accuracy(tiny_llama, tiny_tok, [req.text], ["Paris"]) == [0.0]
     took = rome.apply(tiny_llama, tiny_tok, [req], hp, second_moment=c).info["requests"][0]
-    assert took["shows_on_prompt"] and took["gain_floor"] == 0.0 and not took["equal_gain"]
+    assert took["shows_in_generation"] and took["gain_floor"] == 0.0 and not took["equal_gain"]
     stuck = rome.apply(
         tiny_llama, tiny_tok, [req], dataclasses.replace(hp, v_num_grad_steps=1, retry_grad_steps=0), second_moment=c
     ).info["requests"][0]
-    assert stuck["shows_on_prompt"] is False and stuck["gain_floor"] == 1.0 and not stuck["retried"]
+    assert stuck["shows_in_generation"] is False and stuck["gain_floor"] == 1.0 and not stuck["retried"]
     # with a retry, v* is optimised again with more steps and the edit shows
     retried = rome.apply(
         tiny_llama, tiny_tok, [req], dataclasses.replace(hp, v_num_grad_steps=1), second_moment=c
     ).info["requests"][0]
-    assert retried["retried"] and retried["shows_on_prompt"] and retried["steps"] > 1
+    assert retried["retried"] and retried["shows_in_generation"] and retried["steps"] > 1
     with pytest.raises(ValueError, match="escalate_gain_floors"):
         dataclasses.replace(hp, escalate_gain_floors=(0.0,))
 
@@ -475,7 +475,7 @@ def test_protect_overlap_holds_a_neighbour_that_shares_the_key(tiny_llama, tiny_
     }
     assert infos[0.0]["neighbour_overlap"][1] > 0.3 and "protected_keys" not in infos[0.0]
     assert infos[0.3]["neighbour_overlap"][1] <= 0.3 and infos[0.3]["protected_keys"] > 0
-    assert infos[0.3]["shows_on_prompt"]
+    assert infos[0.3]["shows_in_generation"]
 
 
 def test_toward_gain_is_the_least_move_that_gives_the_key_its_share():
@@ -519,7 +519,7 @@ def test_fused_head_in_chunks_equals_log_softmax(monkeypatch, tiny_tok):
 def test_neighbour_overlap_flags_a_neighbour_that_shares_the_key(tiny_llama, tiny_tok):
     """A neighbour with the subject's own key gets (u·k)/(u·k*) = 1: the edit moves it fully."""
     same = dataclasses.replace(REQ_DIRECT, neighbourhood=(REQ_DIRECT.text + " again",))
-    other = dataclasses.replace(REQ_DIRECT, neighbourhood=("Tokyo is in Japan",))
+    other = dataclasses.replace(REQ_DIRECT, neighbourhood=("Madrid is in Spain",))
     hp = fast_hparams(tiny_llama, v_num_grad_steps=2, context_template_length_params=(), protect_overlap=0.0)
     ((prompt, shared),) = [rome.apply(tiny_llama, tiny_tok, [same], hp).info["requests"][0]["neighbour_overlap"]]
     _, unrelated = rome.apply(tiny_llama, tiny_tok, [other], hp).info["requests"][0]["neighbour_overlap"]
