@@ -210,19 +210,24 @@ def eval_(ctx: click.Context, rev: str, suite: Path | None, fluency: bool, devic
 @cli.command()
 @click.argument("rev", default="HEAD")
 @click.option("--threshold", type=float, default=0.1, show_default=True,
-              help="A probe breaks when its score falls more than this below the parent's.")
+              help="A probe breaks when its score falls more than this below the parent's or the reference's.")
+@click.option("--against", metavar="REV",
+              help="Also hold every probe against this earlier revision (default: the base).")
 @device_option
 @dtype_option
 @json_option
 @click.pass_context
-def check(ctx: click.Context, rev: str, threshold: float, device: str, dtype: str | None, as_json: bool) -> None:
+def check(ctx: click.Context, rev: str, threshold: float, against: str | None, device: str, dtype: str | None,
+          as_json: bool) -> None:
     """Re-run the probe suite at REV against its parent and the base; exit 1 if anything broke.
 
-    Run it in CI after every edit.
+    A probe also breaks when it drifted below its score at the base (or --against REV) over many
+    commits; each broken probe names the commit where it first fell. Run it in CI after every edit.
 
     \b
     Example:
         kedit check && echo "no regressions"
+        kedit check --against v1.0 --json
     """
     from kedit.model import load_model, parse_dtype
     from kedit.probes import check as run_check
@@ -230,11 +235,13 @@ def check(ctx: click.Context, rev: str, threshold: float, device: str, dtype: st
     repo = _open(ctx)
     torch_dtype = parse_dtype(dtype)
     report = run_check(repo, rev, lambda c: load_model(repo, c, dtype=torch_dtype, device=device),
-                       threshold=threshold, setting=f"{device}/{dtype or 'auto'}")
+                       threshold=threshold, setting=f"{device}/{dtype or 'auto'}", against=against)
     if as_json:
-        _emit_json({"commit": report.commit_id, "ok": not report.broken, "summary": report.summary(),
+        _emit_json({"commit": report.commit_id, "against": report.against, "ok": not report.broken,
+                    "summary": report.summary(),
                     "results": [{"probe": r.probe.__dict__, "base": r.base, "parent": r.parent, "now": r.now,
-                                 "broke": r.broke, "edited_by": r.edited_by} for r in report.results]})
+                                 "against": r.against, "broke": r.broke, "first_broke": r.first_broke,
+                                 "edited_by": r.edited_by} for r in report.results]})
     else:
         if not report.results:
             _say(ctx, "the probe suite is empty (kedit edit adds probes; or kedit probe add)")
@@ -243,8 +250,9 @@ def check(ctx: click.Context, rev: str, threshold: float, device: str, dtype: st
             mark = click.style("BROKE", fg="red") if r.broke else "EDIT " if r.probe.id in by_edits else "ok   "
             parent = "-" if r.parent is None else f"{r.parent:.2f}"
             named = f"  (names the subject of {by_edits[r.probe.id][:12]})" if r.probe.id in by_edits else ""
+            first = f"  (first broke at {r.first_broke[:12]}, held {r.against:.2f})" if r.first_broke else ""
             click.echo(f"{mark} {r.probe.kind:<8} #{r.probe.id:<4} {parent}->{r.now:.2f}  "
-                       f"{r.probe.prompt!r} -> {r.probe.answer!r}{named}")
+                       f"{r.probe.prompt!r} -> {r.probe.answer!r}{named}{first}")
         summary = ", ".join(f"{k} {v:.3f}" for k, v in report.summary().items())
         click.echo(f"{len(report.broken)} broken of {len(report.results)} probes"
                    + (f" ({summary})" if summary else "")

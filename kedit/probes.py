@@ -8,9 +8,12 @@ Two kinds of probe:
     prompt names the subject of an edit in effect is that edit's business, not collateral damage:
     its change is reported with the edit, not counted as a regression.
 
-`check(rev)` scores every probe at `rev`, at its parent and at the base, and reports the
-probes whose score at `rev` fell more than `threshold` below the parent's. Outputs are kept
-per commit (a commit's state never changes), so re-running a check is cheap.
+`check(rev)` scores every probe at `rev`, at its parent and at a reference (the base, or a
+chosen revision), and reports the probes whose score at `rev` fell more than `threshold` below
+either: a probe that one edit broke stays broken at every later commit, and one that drifted a
+little at each of many commits fails too. Each broken probe names the first commit where it fell,
+found by binary search over the first-parent history. Outputs are kept per commit (a commit's
+state never changes), so re-running a check, or searching the same history again, is cheap.
 """
 
 from __future__ import annotations
@@ -96,6 +99,8 @@ class ProbeResult:
     now: float
     broke: bool
     edited_by: str | None = None  # locality: the edit in effect whose subject the prompt names
+    against: float | None = None  # the score at the reference (`--against`, or the edit's own commit)
+    first_broke: str | None = None  # a broken probe: the first commit where it fell
 
 
 @dataclass
@@ -103,6 +108,7 @@ class CheckReport:
     commit_id: str
     parent_id: str | None
     threshold: float
+    against: str  # the reference commit every probe is also held against
     results: list[ProbeResult] = field(default_factory=list)
 
     @property
@@ -152,32 +158,102 @@ def _agreement(a: list[int], b: list[int]) -> float:
     return sum(x == y for x, y in zip(a, b, strict=True)) / len(b)
 
 
+class _Scores:
+    """Probe scores at any commit, from kept outputs where there are any, else by running the model.
+
+    A locality probe's score is its agreement with the base's outputs; an edit probe's, its accuracy."""
+
+    def __init__(self, repo: Repository, load: ModelLoader, setting: str, base: str, locality: list[Probe]) -> None:
+        self.repo, self.load, self.setting = repo, load, setting
+        self.base_out = probe_outputs(repo, base, locality, load, setting)
+
+    def _score(self, probe: Probe, output: tuple[list[int], float]) -> float:
+        return _agreement(output[0], self.base_out[probe.id][0]) if probe.kind == "locality" else output[1]
+
+    def at(self, commit_id: str, probes: list[Probe]) -> dict[int, float]:
+        outputs = probe_outputs(self.repo, commit_id, probes, self.load, self.setting)
+        return {p.id: self._score(p, outputs[p.id]) for p in probes}
+
+    def kept(self, commit_ids: list[str], probe: Probe) -> dict[str, float]:
+        """{commit: score} where outputs of `probe` are kept; loads no model."""
+        marks = ", ".join("?" * len(commit_ids))
+        return {cid: self._score(probe, (json.loads(pred), acc)) for cid, pred, acc in self.repo.db.execute(
+            f"SELECT commit_id, predicted, accuracy FROM probe_outputs WHERE probe_id = ? AND setting = ? "
+            f"AND commit_id IN ({marks})", [probe.id, self.setting, *commit_ids])}
+
+
+def first_fall(scores: _Scores, line: list[str], falls: dict[int, tuple[Probe, int, float]]) -> dict[int, str]:
+    """The commit of `line` (oldest first) where each probe first fell below its floor.
+
+    `falls` maps a probe to (probe, index of a commit where it was at or above the floor, floor);
+    the last commit of `line` is below it. Kept outputs narrow each range first; then a binary
+    search, in rounds, scores every probe whose range has the same midpoint in one model load, so
+    a check after n commits materialises about log2(n) revisions, not n. Scores that fall and rise
+    again make this find *a* commit where the probe fell, not necessarily the first."""
+    position = {cid: i for i, cid in enumerate(line)}
+    ranges: dict[int, list[int]] = {}  # probe -> [last index at or above the floor, first index below]
+    for pid, (probe, good, floor) in falls.items():
+        bad = len(line) - 1
+        for cid, score in sorted(scores.kept(line[good + 1:bad], probe).items(), key=lambda kv: position[kv[0]]):
+            if score < floor:
+                bad = position[cid]
+                break
+            good = position[cid]
+        ranges[pid] = [good, bad]
+    while open_ := [pid for pid, (good, bad) in ranges.items() if bad - good > 1]:
+        by_mid: dict[int, list[Probe]] = {}
+        for pid in open_:
+            by_mid.setdefault(sum(ranges[pid]) // 2, []).append(falls[pid][0])
+        for mid, probes in by_mid.items():
+            for pid, score in scores.at(line[mid], probes).items():
+                ranges[pid][1 if score < falls[pid][2] else 0] = mid
+    return {pid: line[bad] for pid, (_, bad) in ranges.items()}
+
+
 def check(repo: Repository, rev: str, load: ModelLoader, *, threshold: float = DEFAULT_THRESHOLD,
-          setting: str = "cpu/auto") -> CheckReport:
-    """Score the probe suite at `rev`, its parent and the base; flag what regressed."""
+          setting: str = "cpu/auto", against: str | None = None) -> CheckReport:
+    """Score the probe suite at `rev` and flag what regressed: a probe falls more than `threshold`
+    below its score at the parent, or at `against` (default: the base), so drift over many commits
+    fails too; each broken probe names the commit where it first fell (see `first_fall`).
+
+    An edit probe is held against `against` where its edit is in effect there, else against the
+    commit of the edit itself."""
     commit_id = repo.resolve(rev)
     parent = repo.get_commit(commit_id).parent
-    base = history.ancestors(repo.db, commit_id)[-1]
+    line = history.ancestors(repo.db, commit_id)[::-1]  # first-parent history, base first
+    reference = repo.resolve(against) if against else line[0]
+    if reference not in line:
+        raise KeditError(f"{against} ({reference[:12]}) is not in the first-parent history of {rev}",
+                         hint=f"kedit log {rev}")
     probes = list_probes(repo)
-    report = CheckReport(commit_id, parent, threshold)
+    report = CheckReport(commit_id, parent, threshold, reference)
     if not probes:
         return report
     in_effect = history.edits_in_effect(repo.db, commit_id)
     locality = [p for p in probes if p.kind == "locality"]
     edits_now = [p for p in probes if p.kind == "edit" and p.commit_id in in_effect]
     before = history.edits_in_effect(repo.db, parent) if parent else set()
-    edits_before = [p for p in edits_now if p.commit_id in before]
-    now = probe_outputs(repo, commit_id, locality + edits_now, load, setting)
-    base_out = probe_outputs(repo, base, locality, load, setting)
-    parent_out = probe_outputs(repo, parent, locality + edits_before, load, setting) if parent else {}
+    at_reference = history.edits_in_effect(repo.db, reference)
+    held_at = {p.id: reference if p.kind == "locality" or p.commit_id in at_reference else p.commit_id
+               for p in locality + edits_now}
+    scores = _Scores(repo, load, setting, line[0], locality)
+    now = scores.at(commit_id, locality + edits_now)
+    previous = scores.at(parent, locality + [p for p in edits_now if p.commit_id in before]) if parent else {}
+    held = {}
+    for cid in set(held_at.values()):
+        held.update(scores.at(cid, [p for p in locality + edits_now if held_at[p.id] == cid]))
     edit_naming = subject_finder(edited_subjects(repo, in_effect))
-    for p in locality:
-        score = _agreement(now[p.id][0], base_out[p.id][0])
-        previous = _agreement(parent_out[p.id][0], base_out[p.id][0]) if parent else 1.0
-        by = edit_naming(p.prompt)
-        report.results.append(ProbeResult(p, 1.0, previous, score, score < previous - threshold and not by, by))
-    for p in edits_now:
-        previous = parent_out[p.id][1] if p.id in parent_out else None
-        broke = previous is not None and now[p.id][1] < previous - threshold
-        report.results.append(ProbeResult(p, None, previous, now[p.id][1], broke))
+    falls: dict[int, tuple[Probe, int, float]] = {}
+    for p in locality + edits_now:
+        by = edit_naming(p.prompt) if p.kind == "locality" else None
+        before_score = previous.get(p.id, 1.0 if p.kind == "locality" and not parent else None)
+        drifted = now[p.id] < held[p.id] - threshold
+        fell = before_score is not None and now[p.id] < before_score - threshold
+        report.results.append(ProbeResult(p, 1.0 if p.kind == "locality" else None, before_score, now[p.id],
+                                          (drifted or fell) and not by, edited_by=by, against=held[p.id]))
+        if drifted and not by:
+            falls[p.id] = (p, line.index(held_at[p.id]), held[p.id] - threshold)
+    first = first_fall(scores, line, falls)
+    for r in report.broken:
+        r.first_broke = first.get(r.probe.id, commit_id)
     return report
