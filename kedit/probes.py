@@ -56,9 +56,11 @@ def add_probes(repo: Repository, probes: Iterable[tuple[str, str, str, str | Non
             raise KeditError("a probe needs a non-empty prompt and answer")
         rows.append({"kind": kind, "prompt": prompt, "answer": answer, "commit_id": commit_id, "created": now_iso()})
     with dbm.write(repo.db):
-        for row in rows:
-            repo.db.execute("""INSERT OR IGNORE INTO probes (kind, prompt, answer, commit_id, created)
-                               VALUES (:kind, :prompt, :answer, :commit_id, :created)""", row)
+        for row in rows:  # (not INSERT OR IGNORE: UNIQUE holds rows with a NULL commit id apart)
+            repo.db.execute("""INSERT INTO probes (kind, prompt, answer, commit_id, created)
+                               SELECT :kind, :prompt, :answer, :commit_id, :created WHERE NOT EXISTS (
+                                   SELECT 1 FROM probes WHERE kind = :kind AND prompt = :prompt
+                                   AND answer = :answer AND commit_id IS :commit_id)""", row)
     wanted = {(r["kind"], r["prompt"], r["answer"], r["commit_id"]) for r in rows}
     return [p for p in list_probes(repo) if (p.kind, p.prompt, p.answer, p.commit_id) in wanted]
 
