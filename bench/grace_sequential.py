@@ -127,7 +127,7 @@ def main() -> None:
     log.info("base: %d locality prompts", len(locality_pairs))
     base = {
         "reference": evaluate.locality_reference(base_model, tok, locality_pairs),
-        "generations": evaluate._greedy(base_model, tok, [p for p, _ in locality_pairs], [8] * len(locality_pairs)),
+        "generations": evaluate.greedy_continuations(base_model, tok, [p for p, _ in locality_pairs], 8),
     }
 
     options = EditOptions(method="grace", overrides=overrides, dtype=torch.float32, measure=False)
@@ -163,14 +163,14 @@ def main() -> None:
     rng = random.Random(args.seed)
     sample = rng.sample(range(len(facts)), min(args.gen_sample, len(facts)))
     psample = rng.sample(range(len(para)), min(args.gen_sample, len(para)))
-    real = evaluate.generation_exact_match(model, tok, [facts[i].text for i in sample],
-                                           [facts[i].target_new for i in sample])
-    real_para = evaluate.generation_exact_match(model, tok, [para[i][0] for i in psample],
-                                                [para[i][1] for i in psample])
+    real = [float(s) for s in evaluate.shows_in_generation(model, tok, [facts[i].text for i in sample],
+                                                             [facts[i].target_new for i in sample])]
+    real_para = [float(s) for s in evaluate.shows_in_generation(model, tok, [para[i][0] for i in psample],
+                                                                  [para[i][1] for i in psample])]
     agree = [float(a == rel_gen[i]) for a, i in zip(real, sample, strict=True)]
     agree += [float(a == gen_gen[i]) for a, i in zip(real_para, psample, strict=True)]
     loc_tf = evaluate.locality(model, tok, locality_pairs, base["reference"])
-    loc_gen = evaluate._greedy(model, tok, [p for p, _ in locality_pairs], [8] * len(locality_pairs))
+    loc_gen = evaluate.greedy_continuations(model, tok, [p for p, _ in locality_pairs], 8)
     score_s = time.perf_counter() - t1
 
     edit_s = [c.info["edit_seconds"] for c in commits]

@@ -34,10 +34,9 @@ def _locality_arg(text: str) -> tuple[str, str | None]:
 
 
 def _greedy_answer(model, tok, prompt: str, n_tokens: int = 4) -> str:
-    from kedit.evaluate import _greedy
+    from kedit.evaluate import greedy_continuations
 
-    ids = _greedy(model, tok, [prompt], [n_tokens])[0]
-    return tok.decode(ids, skip_special_tokens=True).strip() or tok.decode(ids)
+    return greedy_continuations(model, tok, [prompt], n_tokens)[0].strip()
 
 
 @cli.command()

@@ -62,19 +62,37 @@ def locality_pairs(request: EditRequest) -> list[tuple[str, str]]:
     return pairs
 
 
-def measure(model: Any, tok: Any, requests: Sequence[EditRequest], reference: list[list[int]] | None,
-            *, fluency: bool = False, generation: bool = False) -> list[evaluate.Metric]:
-    """Every metric the requests carry data for (`generation`: also by greedy generation, exact match)."""
+@dataclass(frozen=True)
+class Reference:
+    """The unedited model on the locality pairs: its argmax at each answer position (teacher-forced
+    locality) and its greedy continuation of each prompt (gen_locality)."""
+
+    argmax: list[list[int]]
+    continuations: list[str]
+
+    def rows(self, start: int, stop: int) -> Reference:
+        return Reference(self.argmax[start:stop], self.continuations[start:stop])
+
+
+def reference_of(model: Any, tok: Any, pairs: Sequence[tuple[str, str]]) -> Reference:
+    return Reference(evaluate.locality_reference(model, tok, pairs),
+                     evaluate.greedy_continuations(model, tok, [p for p, _ in pairs]))
+
+
+def measure(model: Any, tok: Any, requests: Sequence[EditRequest], reference: Reference | None,
+            *, fluency: bool = False, generation: bool = True) -> list[evaluate.Metric]:
+    """Every metric the requests carry data for; `generation`: also greedy-generation scores (gen_*)."""
     metrics = [evaluate.reliability(model, tok, requests)]
+    pairs = [p for r in requests for p in locality_pairs(r)]
     if generation:
-        metrics += evaluate.generation_scores(model, tok, requests)
+        metrics += evaluate.generation_scores(model, tok, requests, pairs,
+                                              reference.continuations if reference is not None else None)
     for fn in (evaluate.generalization, evaluate.portability):
         m = fn(model, tok, requests)
         if m.n:
             metrics.append(m)
-    pairs = [p for r in requests for p in locality_pairs(r)]
     if pairs and reference is not None:
-        metrics.append(evaluate.locality(model, tok, pairs, reference))
+        metrics.append(evaluate.locality(model, tok, pairs, reference.argmax))
     if all(r.target_true for r in requests):
         metrics += [m for m in evaluate.counterfact_scores(model, tok, requests).values() if m.n]
     if fluency:
@@ -166,9 +184,8 @@ def run_edits(repo: Repository, requests: list[EditRequest], options: EditOption
     for start in range(0, len(requests), size):
         batch = requests[start:start + size]
         pairs = [p for r in batch for p in locality_pairs(r)]
-        reference = evaluate.locality_reference(model, tok, pairs) if pairs and options.measure else None
-        scoring = {"fluency": options.fluency, "generation": method.generation_metrics}
-        pre = measure(model, tok, batch, reference, **scoring) if options.measure else []
+        reference = reference_of(model, tok, pairs) if pairs and options.measure else None
+        pre = measure(model, tok, batch, reference, fluency=options.fluency) if options.measure else []
         t0 = time.perf_counter()
         result = _apply_method(method, model, tok, batch, hparams, stats, repo)
         edit_s = time.perf_counter() - t0
@@ -181,8 +198,9 @@ def run_edits(repo: Repository, requests: list[EditRequest], options: EditOption
         if result.adapters:  # the measured model must carry them; appending keeps the install incremental
             in_effect = [a for _, a in repo.adapters(commit.id)] if in_effect is None else in_effect + result.adapters
             install_adapters(model, in_effect)
-        post = measure(model, tok, batch, reference, **scoring) if options.measure else []
-        per_request = _per_request(model, tok, batch, reference, scoring) if options.measure and len(batch) > 1 else []
+        post = measure(model, tok, batch, reference, fluency=options.fluency) if options.measure else []
+        per_request = _per_request(model, tok, batch, reference, options.fluency) \
+            if options.measure and len(batch) > 1 else []
         repo.record_metrics(commit.id, _as_repo_metrics(pre, "pre") + _as_repo_metrics(post, "post") + per_request)
         add_probes(repo, [("edit", r.text, r.target_new, commit.id) for r in batch]
                    + [("locality", p, a, None) for p, a in pairs])
@@ -202,16 +220,19 @@ def _warn_locality_about_edited_subjects(requests: list[EditRequest]) -> None:
                     subject, prompt)
 
 
-def _per_request(model: Any, tok: Any, batch: list[EditRequest], reference: list[list[int]] | None,
-                 scoring: dict[str, Any]) -> list[Metric]:
-    """Each request's own post-edit metrics, as suite "request <i>" (i indexes the commit's requests)."""
+def _per_request(model: Any, tok: Any, batch: list[EditRequest], reference: Reference | None,
+                 fluency: bool) -> list[Metric]:
+    """Each request's own post-edit metrics, as suite "request <i>" (i indexes the commit's requests).
+    Generation scores are the batch's only: per request they would cost a generate call each; the
+    method's info says which requests show in generation."""
     out: list[Metric] = []
     start = 0
     for i, request in enumerate(batch):
         n_pairs = len(locality_pairs(request))
-        ref = reference[start:start + n_pairs] if reference is not None else None
+        ref = reference.rows(start, start + n_pairs) if reference is not None else None
         start += n_pairs
-        out += _as_repo_metrics(measure(model, tok, [request], ref, **scoring), "post", f"request {i}")
+        out += _as_repo_metrics(measure(model, tok, [request], ref, fluency=fluency, generation=False), "post",
+                                f"request {i}")
     return out
 
 

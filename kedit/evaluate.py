@@ -1,26 +1,31 @@
 """Edit metrics as pure functions of (model, tokenizer, requests), each named with its protocol.
 
 The peers use several protocols under one name ("locality_acc" meant different things in
-EasyEdit until 2026), so every score carries a `protocol` string to be stored beside it:
+EasyEdit until 2026), so every score carries a `protocol` string to be stored beside it. Every
+protocol starts with `user_prompt_`: the prompt is fed exactly as `tokenizer(prompt)` encodes it
+(the tokenizer's own special tokens, as transformers' pipelines send it), because that is what a
+user of the exported model gets. Scores of an older kedit, measured after a private start token,
+carry names without that prefix and are never mixed with these.
 
-- teacher_forced_token_acc: EasyEdit's reliability / generalization / portability: the prompt and
-  " target" are fed together, and the score is the fraction of target tokens that are the argmax
-  of the preceding position.
-- teacher_forced_agreement: EasyEdit's locality: the fraction of answer positions whose argmax
-  equals the reference model's (the caller computes the reference once, before any edit).
-- greedy_generation_token_acc: greedy-generate len(target) tokens and compare position by position
-  (GRACE's protocol; stricter than teacher forcing).
-- greedy_generation_exact_match: greedy-generate len(target) tokens; 1 when all equal the target.
-- counterfact_nll_margin: ROME's efficacy / paraphrase / neighbourhood: a prompt counts when the
-  mean per-token NLL of one target is below the other's.
-- ngram_entropy: ROME's fluency: (2/3·H₂ + 4/3·H₃)/2 in bits over words of greedy generations.
+- user_prompt_teacher_forced_token_acc: EasyEdit's reliability / generalization / portability: the
+  prompt and " target" are fed together, and the score is the fraction of target tokens that are
+  the argmax of the preceding position.
+- user_prompt_teacher_forced_agreement: EasyEdit's locality: the fraction of answer positions whose
+  argmax equals the reference model's (the caller computes the reference once, before any edit).
+- user_prompt_greedy{N}_contains: greedy-generate N tokens (default 10) after the prompt; 1 when the
+  continuation contains the target, case-insensitively (`shows`). What a user reading the model's
+  output sees; much harsher than teacher forcing ("The Mirage of Model Editing", arXiv 2502.11177).
+- user_prompt_greedy{N}_holds_or_unchanged: locality by generation: 1 when the continuation still
+  contains the true answer or equals the unedited model's continuation (`holds`).
+- user_prompt_counterfact_nll_margin: ROME's efficacy / paraphrase / neighbourhood: a prompt counts
+  when the mean per-token NLL of one target is below the other's.
+- user_prompt_ngram_entropy_greedy{N}: ROME's fluency: (2/3·H₂ + 4/3·H₃)/2 in bits over words of
+  greedy generations.
 
 Tokenisation: the prompt and " " + target are tokenised separately and their ids concatenated,
-so the prompt/target boundary is exact (EasyEdit's re-tokenisation can shift it). A tokenizer that
-adds no BOS (GPT-2, SmolLM2) gets a document separator in front of every prompt (`prompt_ids`):
-otherwise a prompt's first token sits at the attention sink, whose state is unlike any other, and a
-fact about a one-token subject ("Italy's capital is") could be neither edited nor measured. Methods
-encode their prompts the same way, so what is edited is what is scored.
+so the prompt/target boundary is exact (EasyEdit's re-tokenisation can shift it). Methods may read
+keys or train values in more contexts (`start_token_id` puts a document separator before a prompt,
+away from the position-0 attention sink), but what they check and what is scored is the prompt as sent.
 """
 
 from __future__ import annotations
@@ -41,15 +46,16 @@ __all__ = [
     "counterfact_scores",
     "fluency",
     "generalization",
-    "generation_accuracy",
-    "generation_exact_match",
     "generation_scores",
+    "greedy_continuations",
+    "holds",
     "locality",
     "locality_reference",
     "ngram_entropy",
     "portability",
     "prompt_ids",
     "reliability",
+    "shows",
     "start_token_id",
     "target_nll",
     "teacher_forced",
@@ -95,10 +101,12 @@ def answer_ids(tok: Any, answer: str) -> list[int]:
 
 
 def start_token_id(tok: Any) -> int | None:
-    """The token put in front of every prompt, or None when the tokenizer adds its own BOS.
+    """The token a method may put in front of a prompt it reads keys from, or None when the
+    tokenizer adds its own BOS. Never used for scoring (see the module docstring).
 
-    A document separator reads as a fresh start: "<|endoftext|>" where the vocabulary has it
-    (GPT-2, SmolLM2, Qwen; SmolLM2's declared BOS is the chat token <|im_start|>), else BOS, else EOS.
+    A document separator reads as a fresh start: "<|endoftext|>" where the vocabulary has it as a
+    token of its own (GPT-2, Qwen), else BOS (SmolLM2: <|im_start|>, as its <|endoftext|> shares
+    the unknown token's id), else EOS.
     """
     if tok.bos_token_id is not None and tok("a")["input_ids"][:1] == [tok.bos_token_id]:
         return None
@@ -108,11 +116,13 @@ def start_token_id(tok: Any) -> int | None:
     return next((int(t) for t in (tok.bos_token_id, tok.eos_token_id) if t is not None), None)
 
 
+PROMPT_PROTOCOL = "user_prompt"  # the prefix of every protocol name: prompts as `tokenizer(prompt)` encodes them
+GEN_TOKENS = 10  # greedy tokens a generation metric reads after the prompt
+
+
 def prompt_ids(tok: Any, text: str) -> list[int]:
-    """The ids of a prompt as every metric and method feeds it: after `start_token_id`, if any."""
-    start = start_token_id(tok)
-    ids = list(tok(text)["input_ids"])
-    return ids if start is None else [start, *ids]
+    """The ids of a prompt as the user sends it: `tokenizer(text)`, with the tokenizer's own special tokens."""
+    return list(tok(text)["input_ids"])
 
 
 def _pad_id(tok: Any) -> int:
@@ -161,7 +171,7 @@ def token_accuracy(model: Any, tok: Any, prompts: Sequence[str], answers: Sequen
 def reliability(model: Any, tok: Any, requests: Sequence[Any]) -> Metric:
     """Does the edit prompt give the new target? Mean teacher-forced token accuracy."""
     accs = token_accuracy(model, tok, [r.text for r in requests], [r.target_new for r in requests])
-    return Metric("reliability", _mean(accs), "teacher_forced_token_acc", len(accs))
+    return Metric("reliability", _mean(accs), f"{PROMPT_PROTOCOL}_teacher_forced_token_acc", len(accs))
 
 
 def generalization(model: Any, tok: Any, requests: Sequence[Any]) -> Metric:
@@ -169,14 +179,14 @@ def generalization(model: Any, tok: Any, requests: Sequence[Any]) -> Metric:
     prompts = [p for r in requests for p in r.paraphrases]
     answers = [r.target_new for r in requests for _ in r.paraphrases]
     accs = token_accuracy(model, tok, prompts, answers) if prompts else []
-    return Metric("generalization", _mean(accs), "teacher_forced_token_acc", len(accs))
+    return Metric("generalization", _mean(accs), f"{PROMPT_PROTOCOL}_teacher_forced_token_acc", len(accs))
 
 
 def portability(model: Any, tok: Any, requests: Sequence[Any]) -> Metric:
     """Answers that should follow from the edit (request.portability pairs)."""
     pairs = [p for r in requests for p in r.portability]
     accs = token_accuracy(model, tok, [p for p, _ in pairs], [a for _, a in pairs]) if pairs else []
-    return Metric("portability", _mean(accs), "teacher_forced_token_acc", len(accs))
+    return Metric("portability", _mean(accs), f"{PROMPT_PROTOCOL}_teacher_forced_token_acc", len(accs))
 
 
 def locality_reference(model: Any, tok: Any, pairs: Sequence[tuple[str, str]]) -> list[list[int]]:
@@ -190,7 +200,7 @@ def locality(model: Any, tok: Any, pairs: Sequence[tuple[str, str]], reference: 
         raise ValueError(f"{len(pairs)} locality pairs but {len(reference)} reference rows")
     now = locality_reference(model, tok, pairs)
     scores = [sum(a == b for a, b in zip(n, r, strict=True)) / len(r) for n, r in zip(now, reference, strict=True)]
-    return Metric("locality", _mean(scores), "teacher_forced_agreement", len(scores))
+    return Metric("locality", _mean(scores), f"{PROMPT_PROTOCOL}_teacher_forced_agreement", len(scores))
 
 
 def target_nll(model: Any, tok: Any, prompts: Sequence[str], targets: Sequence[str]) -> list[float]:
@@ -219,62 +229,83 @@ def counterfact_scores(
     out = {}
     for name, items in ((k, groups[k]) for k in which):
         if not items:
-            out[name] = Metric(name, float("nan"), "counterfact_nll_margin", 0)
+            out[name] = Metric(name, float("nan"), f"{PROMPT_PROTOCOL}_counterfact_nll_margin", 0)
             continue
         prompts = [p for p, _, _ in items] * 2
         targets = [good for _, good, _ in items] + [bad for _, _, bad in items]
         nll = target_nll(model, tok, prompts, targets)
         n = len(items)
         wins = [nll[i] < nll[n + i] for i in range(n)]
-        out[name] = Metric(name, _mean([float(w) for w in wins]), "counterfact_nll_margin", n)
+        out[name] = Metric(name, _mean([float(w) for w in wins]), f"{PROMPT_PROTOCOL}_counterfact_nll_margin", n)
     return out
 
 
 @torch.no_grad()
-def _greedy(model: Any, tok: Any, prompts: Sequence[str], max_new_tokens: Sequence[int]) -> list[list[int]]:
-    """Greedy continuations, one prompt at a time (no padding effects), as token ids."""
+def greedy_continuations(model: Any, tok: Any, prompts: Sequence[str], max_new_tokens: int = GEN_TOKENS,
+                         batch_size: int = 16) -> list[str]:
+    """The text a user gets from `generate(**tokenizer(prompt), max_new_tokens=N, do_sample=False)`, per prompt.
+
+    Batched with left padding and an attention mask, so each row continues from its own last
+    token; generation stops at EOS, and special tokens are left out of the text. Works with
+    adapter hooks installed (GRACE reads every position, padding included, and pads match no key).
+    """
     device = model.get_input_embeddings().weight.device
-    out = []
-    for p, n in zip(prompts, max_new_tokens, strict=True):
-        ids = torch.tensor([prompt_ids(tok, p)], device=device)
-        gen = model.generate(
-            input_ids=ids,
-            attention_mask=torch.ones_like(ids),
-            do_sample=False,
-            max_new_tokens=n,
-            min_new_tokens=n,
-            pad_token_id=_pad_id(tok),
-        )
-        out.append(gen[0, ids.shape[1] :].tolist())
+    pad = _pad_id(tok)
+    out: list[str] = []
+    for start in range(0, len(prompts), batch_size):
+        rows = [prompt_ids(tok, p) for p in prompts[start : start + batch_size]]
+        width = max(len(r) for r in rows)
+        ids = torch.full((len(rows), width), pad, dtype=torch.long)
+        mask = torch.zeros((len(rows), width), dtype=torch.long)
+        for i, r in enumerate(rows):
+            ids[i, width - len(r) :] = torch.tensor(r)
+            mask[i, width - len(r) :] = 1
+        gen = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), do_sample=False,
+                             max_new_tokens=max_new_tokens, pad_token_id=pad)
+        out += tok.batch_decode(gen[:, width:].tolist(), skip_special_tokens=True)
     return out
 
 
-def generation_accuracy(model: Any, tok: Any, prompts: Sequence[str], answers: Sequence[str]) -> list[float]:
-    """Greedy-generate len(answer) tokens and score position-by-position agreement (GRACE protocol)."""
-    targets = [answer_ids(tok, a) for a in answers]
-    gens = _greedy(model, tok, prompts, [len(t) for t in targets])
-    return [
-        sum(g == t for g, t in zip(gen, tgt, strict=False)) / len(tgt) for gen, tgt in zip(gens, targets, strict=True)
-    ]
+def _words(text: str) -> str:
+    return " ".join(text.casefold().split())
 
 
-def generation_exact_match(model: Any, tok: Any, prompts: Sequence[str], answers: Sequence[str]) -> list[float]:
-    """1.0 where greedy generation reproduces every token of the answer, else 0.0."""
-    targets = [answer_ids(tok, a) for a in answers]
-    gens = _greedy(model, tok, prompts, [len(t) for t in targets])
-    return [float(list(gen[: len(tgt)]) == list(tgt)) for gen, tgt in zip(gens, targets, strict=True)]
+def shows(continuation: str, answer: str) -> bool:
+    """The comparison rule for generated text: the answer appears in it, case- and spacing-insensitively."""
+    return bool(_words(answer)) and _words(answer) in _words(continuation)
 
 
-def generation_scores(model: Any, tok: Any, requests: Sequence[Any]) -> list[Metric]:
-    """Reliability (and generalization, where there are paraphrases) by greedy generation, exact match:
-    what GRACE's authors report, and what a user of the edited model sees."""
-    rel = generation_exact_match(model, tok, [r.text for r in requests], [r.target_new for r in requests])
-    out = [Metric("reliability_gen", _mean(rel), "greedy_generation_exact_match", len(rel))]
-    prompts = [p for r in requests for p in r.paraphrases]
-    if prompts:
-        answers = [r.target_new for r in requests for _ in r.paraphrases]
-        gen = generation_exact_match(model, tok, prompts, answers)
-        out.append(Metric("generalization_gen", _mean(gen), "greedy_generation_exact_match", len(gen)))
+def holds(continuation: str, answer: str, reference: str) -> bool:
+    """Locality by generation: the continuation still gives the true answer, or is the unedited model's."""
+    return shows(continuation, answer) or _words(continuation) == _words(reference)
+
+
+def shows_in_generation(model: Any, tok: Any, prompts: Sequence[str], answers: Sequence[str],
+                        max_new_tokens: int = GEN_TOKENS) -> list[bool]:
+    """Per prompt: does the greedy continuation contain its answer? (a method's own check of an edit)"""
+    gens = greedy_continuations(model, tok, prompts, max_new_tokens)
+    return [shows(g, a) for g, a in zip(gens, answers, strict=True)]
+
+
+def generation_scores(model: Any, tok: Any, requests: Sequence[Any], pairs: Sequence[tuple[str, str]] = (),
+                      reference: Sequence[str] | None = None, max_new_tokens: int = GEN_TOKENS) -> list[Metric]:
+    """gen_efficacy and gen_paraphrase (the continuation contains the new target), and gen_locality
+    on `pairs` (prompt, true answer) against `reference`, the unedited model's continuations of them."""
+    contains = f"{PROMPT_PROTOCOL}_greedy{max_new_tokens}_contains"
+    groups = [("gen_efficacy", [(r.text, r.target_new) for r in requests]),
+              ("gen_paraphrase", [(p, r.target_new) for r in requests for p in r.paraphrases])]
+    out = []
+    for name, items in groups:
+        if items:
+            hits = shows_in_generation(model, tok, [p for p, _ in items], [a for _, a in items], max_new_tokens)
+            out.append(Metric(name, _mean([float(h) for h in hits]), contains, len(hits)))
+    if pairs and reference is not None:
+        if len(pairs) != len(reference):
+            raise ValueError(f"{len(pairs)} locality pairs but {len(reference)} reference continuations")
+        now = greedy_continuations(model, tok, [p for p, _ in pairs], max_new_tokens)
+        kept = [float(holds(n, a, ref)) for n, (_, a), ref in zip(now, pairs, reference, strict=True)]
+        out.append(Metric("gen_locality", _mean(kept), f"{PROMPT_PROTOCOL}_greedy{max_new_tokens}_holds_or_unchanged",
+                          len(kept)))
     return out
 
 
@@ -295,7 +326,6 @@ def ngram_entropy(text: str) -> float:
 
 def fluency(model: Any, tok: Any, prompts: Sequence[str], max_new_tokens: int = 100) -> Metric:
     """Mean n-gram entropy of greedy generations (×100 gives the peers' tables' scale)."""
-    gens = _greedy(model, tok, prompts, [max_new_tokens] * len(prompts))
-    texts = [tok.decode(g, skip_special_tokens=True) for g in gens]
+    texts = greedy_continuations(model, tok, prompts, max_new_tokens)
     scores = [ngram_entropy(p + t) for p, t in zip(prompts, texts, strict=True)]
-    return Metric("fluency", _mean(scores), f"ngram_entropy_greedy{max_new_tokens}", len(scores))
+    return Metric("fluency", _mean(scores), f"{PROMPT_PROTOCOL}_ngram_entropy_greedy{max_new_tokens}", len(scores))

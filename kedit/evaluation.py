@@ -6,10 +6,10 @@ from pathlib import Path
 
 import torch
 
-from kedit import evaluate, history
-from kedit.editing import _as_repo_metrics, locality_pairs, measure
+from kedit import history
+from kedit.editing import _as_repo_metrics, locality_pairs, measure, reference_of
 from kedit.errors import KeditError
-from kedit.methods.base import EditRequest, get_method
+from kedit.methods.base import EditRequest
 from kedit.model import load_model
 from kedit.repo import Metric, Repository
 from kedit.requests import load_requests
@@ -33,13 +33,6 @@ def _edits(repo: Repository, commit_id: str) -> list[tuple[str | None, EditReque
     return out
 
 
-def _scored_by_generation(method: str | None) -> bool:
-    try:
-        return method is not None and get_method(method).generation_metrics
-    except KeyError:  # a method this installation does not have: teacher-forced scores only
-        return False
-
-
 def evaluate_revision(repo: Repository, rev: str, *, suite: Path | None = None, fluency: bool = False,
                       dtype: torch.dtype | None = None, device: str = "cpu") -> list[Metric]:
     """Score `rev` and store the scores with it (stage 'eval'); locality is measured against the base."""
@@ -54,11 +47,9 @@ def evaluate_revision(repo: Repository, rev: str, *, suite: Path | None = None, 
     if pairs:
         base = history.ancestors(repo.db, commit_id)[-1]
         base_model, base_tok = load_model(repo, base, dtype=dtype, device=device)
-        reference = evaluate.locality_reference(base_model, base_tok, pairs)
+        reference = reference_of(base_model, base_tok, pairs)
         del base_model
     model, tok = load_model(repo, commit_id, dtype=dtype, device=device)
-    generation = any(_scored_by_generation(m) for m, _ in edits)  # e.g. GRACE: its authors' protocol too
-    metrics = _as_repo_metrics(measure(model, tok, requests, reference, fluency=fluency, generation=generation),
-                               "eval", name)
+    metrics = _as_repo_metrics(measure(model, tok, requests, reference, fluency=fluency), "eval", name)
     repo.record_metrics(commit_id, metrics)
     return metrics

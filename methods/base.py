@@ -126,7 +126,6 @@ class Method:
     hparams_cls: type
     apply: ApplyFn
     batched: bool = False  # True: one call edits many requests at once (one commit per batch)
-    generation_metrics: bool = False  # True: also score by greedy generation (GRACE's authors' protocol)
     train: Callable[..., Any] | None = None  # trained methods (MEND): builds the editor `apply` uses
     train_hparams_cls: type | None = None  # the training hyper-parameters, stored with the editor
 
@@ -146,7 +145,7 @@ _BUILTIN_MODULES = {
 
 
 def register_method(name: str, hparams_cls: type, apply: ApplyFn, *, batched: bool = False,
-                    generation_metrics: bool = False, train: Callable[..., Any] | None = None,
+                    train: Callable[..., Any] | None = None,
                     train_hparams_cls: type | None = None) -> Method:
     """Register a method under a lower-case name; a second registration of a name is an error."""
     if name != name.lower() or not name.replace("-", "").replace("_", "").isalnum():
@@ -154,7 +153,7 @@ def register_method(name: str, hparams_cls: type, apply: ApplyFn, *, batched: bo
     if name in _REGISTRY:
         raise ValueError(f"a method named {name!r} is already registered")
     method = Method(name=name, hparams_cls=hparams_cls, apply=apply, batched=batched,
-                    generation_metrics=generation_metrics, train=train, train_hparams_cls=train_hparams_cls)
+                    train=train, train_hparams_cls=train_hparams_cls)
     _REGISTRY[name] = method
     return method
 

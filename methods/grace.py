@@ -551,4 +551,4 @@ def apply(model: Any, tok: Any, requests: Sequence[EditRequest], hparams: GRACEH
     return EditResult(adapters=[adapter], info=info)
 
 
-register_method("grace", GRACEHyperParams, apply, generation_metrics=True)
+register_method("grace", GRACEHyperParams, apply)

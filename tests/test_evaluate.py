@@ -19,8 +19,8 @@ def model(tok):
 
 
 def hand_teacher_forced(model, tok, prompt, answer):
-    """One unpadded pass after the start token, positions read by hand."""
-    p = [evaluate.start_token_id(tok), *tok(prompt)["input_ids"]]
+    """One unpadded pass of the prompt as the tokenizer encodes it, positions read by hand."""
+    p = tok(prompt)["input_ids"]
     a = evaluate.answer_ids(tok, answer)
     with torch.no_grad():
         logits = model(input_ids=torch.tensor([p + a])).logits[0]
@@ -43,10 +43,21 @@ def test_teacher_forced_matches_unpadded_passes(model, tok):
         assert g.accuracy == sum(x == y for x, y in zip(preds, ids, strict=True)) / len(ids)
 
 
-def test_prompts_start_after_a_separator(tok):
-    """The tiny tokenizer adds no BOS, so every prompt gets one token in front, never two."""
+def test_metrics_feed_the_prompt_as_the_tokenizer_encodes_it(model, tok):
+    """The user protocol: exactly tokenizer(prompt), no start token in front, even though the tiny
+    tokenizer adds no BOS and a method could put one there."""
     assert evaluate.start_token_id(tok) is not None
-    assert evaluate.prompt_ids(tok, "Tokyo is in") == [evaluate.start_token_id(tok), *tok("Tokyo is in")["input_ids"]]
+    assert evaluate.prompt_ids(tok, "Tokyo is in") == tok("Tokyo is in")["input_ids"]
+    fed = []
+    hook = model.get_input_embeddings().register_forward_hook(lambda m, args, out: fed.append(args[0][0].tolist()))
+    try:
+        evaluate.teacher_forced(model, tok, ["Tokyo is in"], ["Japan"])
+        evaluate.greedy_continuations(model, tok, ["Tokyo is in"], max_new_tokens=1)
+    finally:
+        hook.remove()
+    prompt = tok("Tokyo is in")["input_ids"]
+    assert fed[0] == prompt + evaluate.answer_ids(tok, "Japan")  # teacher forcing: prompt then answer
+    assert fed[1] == prompt  # generation: the prompt alone, then one new token
 
 
 def test_answer_ids_boundary(tok):
@@ -64,7 +75,7 @@ def test_reliability_generalization_locality(model, tok):
     rel = evaluate.reliability(model, tok, reqs)
     expected = [hand_teacher_forced(model, tok, p, a) for p, a in zip(PROMPTS, ANSWERS, strict=True)]
     accs = [sum(x == y for x, y in zip(pr, ids, strict=True)) / len(ids) for pr, ids, _ in expected]
-    assert rel.value == pytest.approx(sum(accs) / len(accs)) and rel.protocol == "teacher_forced_token_acc"
+    assert rel.value == pytest.approx(sum(accs) / len(accs)) and rel.protocol == "user_prompt_teacher_forced_token_acc"
     assert evaluate.generalization(model, tok, reqs).n == 4
     pairs = list(zip(PROMPTS, ANSWERS, strict=True))
     ref = evaluate.locality_reference(model, tok, pairs)
@@ -73,7 +84,8 @@ def test_reliability_generalization_locality(model, tok):
     bad = [list(r) for r in ref]
     bad[0][0] = bad[0][0] + 1
     loc = evaluate.locality(model, tok, pairs, bad)
-    assert loc.value == pytest.approx(1 - 1 / len(ref[0]) / len(pairs)) and loc.protocol == "teacher_forced_agreement"
+    assert loc.value == pytest.approx(1 - 1 / len(ref[0]) / len(pairs))
+    assert loc.protocol == "user_prompt_teacher_forced_agreement"
     assert math.isnan(evaluate.portability(model, tok, reqs).value)
 
 
@@ -95,7 +107,7 @@ def test_counterfact_scores_by_hand(model, tok):
     assert scores["paraphrase"].value == float(nll(req.paraphrases[0], "Rome") < nll(req.paraphrases[0], "Paris"))
     ns = [float(nll(p, "Paris") < nll(p, "Rome")) for p in req.neighbourhood]
     assert scores["neighbourhood"].value == sum(ns) / 2 and scores["neighbourhood"].n == 2
-    assert all(m.protocol == "counterfact_nll_margin" for m in scores.values())
+    assert all(m.protocol == "user_prompt_counterfact_nll_margin" for m in scores.values())
     only = evaluate.counterfact_scores(model, tok, [req], which=("neighbourhood",))
     assert list(only) == ["neighbourhood"] and only["neighbourhood"] == scores["neighbourhood"]
     with pytest.raises(ValueError, match="target_true"):
@@ -111,15 +123,43 @@ def test_ngram_entropy_by_hand():
     assert evaluate.ngram_entropy("one") == 0.0
 
 
-def test_generation_metrics(model, tok):
-    p = "The capital of France is"
-    with torch.no_grad():
-        ids = torch.tensor([tok(p)["input_ids"]])
-        greedy = model.generate(
-            input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=1, pad_token_id=0
-        )[0, -1]
-    answer = tok.decode([int(greedy)])
-    acc = evaluate.generation_accuracy(model, tok, [p], [answer])
-    assert acc == [1.0] or evaluate.answer_ids(tok, answer) != [int(greedy)]
-    flu = evaluate.fluency(model, tok, [p], max_new_tokens=8)
-    assert flu.protocol == "ngram_entropy_greedy8" and flu.value >= 0
+def test_fluency_protocol(model, tok):
+    flu = evaluate.fluency(model, tok, ["The capital of France is"], max_new_tokens=8)
+    assert flu.protocol == "user_prompt_ngram_entropy_greedy8" and flu.value >= 0
+
+
+def test_greedy_continuations_are_what_generate_gives_each_prompt_alone(model, tok):
+    """Batched, left-padded generation equals the user's own generate() on tokenizer(prompt), one at a time."""
+    prompts = [*PROMPTS, "Paris"]  # lengths 1 to 8 tokens: every row but the longest is padded
+    got = evaluate.greedy_continuations(model, tok, prompts, max_new_tokens=6, batch_size=3)
+    for prompt, text in zip(prompts, got, strict=True):
+        ids = tok(prompt, return_tensors="pt")
+        with torch.no_grad():
+            gen = model.generate(**ids, max_new_tokens=6, do_sample=False, pad_token_id=0)
+        assert text == tok.decode(gen[0, ids["input_ids"].shape[1]:], skip_special_tokens=True)
+
+
+def test_comparison_rule():
+    assert evaluate.shows(" Rome, the capital of Italy.", "rome")  # case-insensitive containment
+    assert evaluate.shows("It is in\nNew   York city", "new york")  # spacing does not matter
+    assert not evaluate.shows(" Paris, the capital of France.", "Rome")
+    assert not evaluate.shows("anything", "  ")  # an empty answer never shows
+    assert evaluate.holds(" Madrid.", "Madrid", reference=" Barcelona")  # the true answer is still there
+    assert evaluate.holds(" a city in Spain", "Madrid", reference=" a city in  Spain")  # unchanged from the base
+    assert not evaluate.holds(" Rome.", "Madrid", reference=" Madrid.")
+
+
+def test_generation_scores_count_continuations_that_contain_the_target(model, tok):
+    """gen_efficacy / gen_paraphrase / gen_locality follow the rule on the model's own continuations."""
+    prompts = ["The capital of France is", "Tokyo is in"]
+    said = evaluate.greedy_continuations(model, tok, prompts)
+    word = said[0].split()[0]  # a word the model does say after the first prompt
+    req = EditRequest(prompt=prompts[0], subject="France", target_new=word, paraphrases=(prompts[1],))
+    pairs = [(prompts[1], "zzz-not-said")]
+    scores = {m.name: m for m in evaluate.generation_scores(model, tok, [req], pairs, reference=[said[1]])}
+    assert scores["gen_efficacy"].value == 1.0 and scores["gen_efficacy"].protocol == "user_prompt_greedy10_contains"
+    assert scores["gen_paraphrase"].value == float(evaluate.shows(said[1], word))
+    assert scores["gen_locality"].value == 1.0  # unchanged from the reference
+    assert scores["gen_locality"].protocol == "user_prompt_greedy10_holds_or_unchanged"
+    changed = evaluate.generation_scores(model, tok, [req], pairs, reference=["something else"])
+    assert changed[-1].value == 0.0

@@ -45,7 +45,7 @@ def test_edit_locality_revert_export(tmp_path: Path) -> None:
     first, second = run_edits(repo, EDITS, EditOptions(method="grace"))
     for commit in (first, second):
         post = {m.name: m.value for m in commit.metrics if m.stage == "post"}
-        assert post["reliability_gen"] == 1.0 and post["reliability"] == 1.0
+        assert post["gen_efficacy"] == 1.0 and post["reliability"] == 1.0
 
     model, tok = load_model(repo, "HEAD")
     module = first.hparams["module_tmp"].format(first.hparams["layer"])
