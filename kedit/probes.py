@@ -27,7 +27,7 @@ from typing import Any
 from kedit import db as dbm
 from kedit import history
 from kedit.errors import KeditError
-from kedit.evaluate import teacher_forced
+from kedit.evaluate import CHAT_PROTOCOL, PROMPT_PROTOCOL, teacher_forced
 from kedit.refs import now_iso
 from kedit.repo import Repository
 
@@ -75,16 +75,23 @@ def remove_probe(repo: Repository, probe_id: int) -> None:
             raise KeditError(f"no probe with id {probe_id}", hint="kedit probe list")
 
 
+def output_setting(setting: str, chat: bool) -> str:
+    """What kept outputs are keyed by: the device and dtype, and the chat protocol where used."""
+    return f"{setting}/{CHAT_PROTOCOL}" if chat else setting
+
+
 def probe_outputs(repo: Repository, commit_id: str, probes: list[Probe], load: ModelLoader,
-                  setting: str) -> dict[int, tuple[list[int], float]]:
-    """Argmax ids and accuracy of each probe at `commit_id`, computed once and kept."""
+                  setting: str, *, chat: bool = False) -> dict[int, tuple[list[int], float]]:
+    """Argmax ids and accuracy of each probe at `commit_id`, computed once and kept
+    (`chat`: the prompt sent through the chat template, kept apart)."""
+    setting = output_setting(setting, chat)
     known = {pid: (json.loads(pred), acc) for pid, pred, acc in repo.db.execute(
         "SELECT probe_id, predicted, accuracy FROM probe_outputs WHERE commit_id = ? AND setting = ?",
         [commit_id, setting])}
     missing = [p for p in probes if p.id not in known]
     if missing:
         model, tok = load(commit_id)
-        results = teacher_forced(model, tok, [p.prompt for p in missing], [p.answer for p in missing])
+        results = teacher_forced(model, tok, [p.prompt for p in missing], [p.answer for p in missing], chat=chat)
         with dbm.write(repo.db):
             for p, r in zip(missing, results, strict=True):
                 known[p.id] = (list(r.predicted), r.accuracy)
@@ -111,6 +118,7 @@ class CheckReport:
     parent_id: str | None
     threshold: float
     against: str  # the reference commit every probe is also held against
+    protocol: str  # how prompts were sent: evaluate.PROMPT_PROTOCOL, or CHAT_PROTOCOL
     results: list[ProbeResult] = field(default_factory=list)
 
     @property
@@ -165,15 +173,16 @@ class _Scores:
 
     A locality probe's score is its agreement with the base's outputs; an edit probe's, its accuracy."""
 
-    def __init__(self, repo: Repository, load: ModelLoader, setting: str, base: str, locality: list[Probe]) -> None:
-        self.repo, self.load, self.setting = repo, load, setting
-        self.base_out = probe_outputs(repo, base, locality, load, setting)
+    def __init__(self, repo: Repository, load: ModelLoader, setting: str, chat: bool, base: str,
+                 locality: list[Probe]) -> None:
+        self.repo, self.load, self.setting, self.chat = repo, load, setting, chat
+        self.base_out = probe_outputs(repo, base, locality, load, setting, chat=chat)
 
     def _score(self, probe: Probe, output: tuple[list[int], float]) -> float:
         return _agreement(output[0], self.base_out[probe.id][0]) if probe.kind == "locality" else output[1]
 
     def at(self, commit_id: str, probes: list[Probe]) -> dict[int, float]:
-        outputs = probe_outputs(self.repo, commit_id, probes, self.load, self.setting)
+        outputs = probe_outputs(self.repo, commit_id, probes, self.load, self.setting, chat=self.chat)
         return {p.id: self._score(p, outputs[p.id]) for p in probes}
 
     def kept(self, commit_ids: list[str], probe: Probe) -> dict[str, float]:
@@ -181,7 +190,7 @@ class _Scores:
         marks = ", ".join("?" * len(commit_ids))
         return {cid: self._score(probe, (json.loads(pred), acc)) for cid, pred, acc in self.repo.db.execute(
             f"SELECT commit_id, predicted, accuracy FROM probe_outputs WHERE probe_id = ? AND setting = ? "
-            f"AND commit_id IN ({marks})", [probe.id, self.setting, *commit_ids])}
+            f"AND commit_id IN ({marks})", [probe.id, output_setting(self.setting, self.chat), *commit_ids])}
 
 
 def first_fall(scores: _Scores, line: list[str], falls: dict[int, tuple[Probe, int, float]]) -> dict[int, str]:
@@ -213,13 +222,14 @@ def first_fall(scores: _Scores, line: list[str], falls: dict[int, tuple[Probe, i
 
 
 def check(repo: Repository, rev: str, load: ModelLoader, *, threshold: float = DEFAULT_THRESHOLD,
-          setting: str = "cpu/auto", against: str | None = None) -> CheckReport:
+          setting: str = "cpu/auto", against: str | None = None, chat: bool = False) -> CheckReport:
     """Score the probe suite at `rev` and flag what regressed: a probe falls more than `threshold`
     below its score at the parent, or at `against` (default: the base), so drift over many commits
     fails too; each broken probe names the commit where it first fell (see `first_fall`).
 
     An edit probe is held against `against` where its edit is in effect there, else against the
-    commit of the edit itself."""
+    commit of the edit itself. `chat`: every prompt is sent as a user message through the chat
+    template (see `evaluate.prompt_ids`), a check of its own with its own kept outputs."""
     commit_id = repo.resolve(rev)
     parent = repo.get_commit(commit_id).parent
     line = history.ancestors(repo.db, commit_id)[::-1]  # first-parent history, base first
@@ -228,7 +238,7 @@ def check(repo: Repository, rev: str, load: ModelLoader, *, threshold: float = D
         raise KeditError(f"{against} ({reference[:12]}) is not in the first-parent history of {rev}",
                          hint=f"kedit log {rev}")
     probes = list_probes(repo)
-    report = CheckReport(commit_id, parent, threshold, reference)
+    report = CheckReport(commit_id, parent, threshold, reference, CHAT_PROTOCOL if chat else PROMPT_PROTOCOL)
     if not probes:
         return report
     in_effect = history.edits_in_effect(repo.db, commit_id)
@@ -238,7 +248,7 @@ def check(repo: Repository, rev: str, load: ModelLoader, *, threshold: float = D
     at_reference = history.edits_in_effect(repo.db, reference)
     held_at = {p.id: reference if p.kind == "locality" or p.commit_id in at_reference else p.commit_id
                for p in locality + edits_now}
-    scores = _Scores(repo, load, setting, line[0], locality)
+    scores = _Scores(repo, load, setting, chat, line[0], locality)
     now = scores.at(commit_id, locality + edits_now)
     previous = scores.at(parent, locality + [p for p in edits_now if p.commit_id in before]) if parent else {}
     held = {}

@@ -7,6 +7,7 @@ a hand-made delta that scrambles the MLPs, the later commits change a weight by 
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -16,9 +17,17 @@ from kedit.cli import cli
 from kedit.delta import Dense
 from kedit.repo import Repository
 from tests.test_cli_edit import kedit, tiny_folder, tiny_repo  # noqa: F401  (fixtures)
+from tests.tiny import make_model, make_tokenizer
 
 PROBES = ["probe", "add", "--prompt", "Berlin is the capital of", "--answer", "Germany",
           "--prompt", "The language of Japan is", "--answer", "Japanese"]
+
+
+def _stdout(repo: Repository, *args: str) -> str:
+    """The report of a command that exits 1 (a check that found something)."""
+    result = CliRunner().invoke(cli, ["--repo", str(repo.root), *args])
+    assert result.exit_code == 1 and "Traceback" not in result.stderr, result.stderr
+    return result.stdout
 
 
 def _down_projections(repo: Repository) -> list[str]:
@@ -96,3 +105,54 @@ def test_check_against_a_revision_outside_the_history_is_refused(tiny_repo: Repo
     assert result.exit_code != 0 and "Traceback" not in result.stderr
     assert result.stderr.startswith(f"kedit: error: {side} ({side[:12]}) is not in the first-parent history of HEAD")
     assert tiny_repo.db.execute("SELECT COUNT(*) FROM probe_outputs").fetchone()[0] == 0  # nothing was run
+
+
+# A plain chat template in the style of ChatML (SmolLM2's), with the tiny tokenizer's one special token.
+CHAT_TEMPLATE = ("{% for m in messages %}<|endoftext|>{{ m['role'] }}\n{{ m['content'] }}<|endoftext|>\n{% endfor %}"
+                 "{% if add_generation_prompt %}<|endoftext|>assistant\n{% endif %}")
+
+
+@pytest.fixture(scope="module")
+def chat_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    folder = tmp_path_factory.mktemp("tiny-chat-llama")
+    tok = make_tokenizer()
+    tok.chat_template = CHAT_TEMPLATE
+    make_model("llama", len(tok)).save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return folder
+
+
+def test_chat_probes_are_checked_and_scored_under_their_own_protocol(tmp_path: Path, chat_folder: Path) -> None:
+    repo = Repository.init(tmp_path / "work", str(chat_folder), progress=False)
+    kedit(repo, *PROBES)
+    suite = tmp_path / "suite.json"
+    suite.write_text(json.dumps([{"prompt": "Toko Yasuda plays the", "subject": "Toko Yasuda", "target_new": "piano",
+                                  "locality_prompt": "Berlin is the capital of", "locality_ground_truth": "Germany"}]))
+    gen = torch.Generator().manual_seed(0)
+    _harmless(repo, gen, 2)
+    unchanged = {m["name"]: m for m in json.loads(kedit(repo, "eval", "--chat", "--suite", str(suite), "--json"))}
+    assert set(unchanged) == {"chat_gen_efficacy", "chat_gen_locality"}
+    assert unchanged["chat_gen_locality"]["value"] == 1.0  # the reply to the chat message is the base's
+    assert unchanged["chat_gen_efficacy"]["protocol"] == "chat_template_greedy24_contains"
+    culprit = _damaging_edit(repo, gen)
+    _harmless(repo, gen, 3)
+    damaged = {m["name"]: m for m in json.loads(kedit(repo, "eval", "--chat", "--suite", str(suite), "--json"))}
+    assert damaged["chat_gen_locality"]["value"] == 0.0
+    # The plain scores of the same revision are stored apart, under their own names.
+    kedit(repo, "eval", "--suite", str(suite))
+    stored = {m.name: m.protocol for m in repo.get_commit(repo.head()).metrics}
+    assert stored["chat_gen_locality"].startswith("chat_template_") and stored["locality"].startswith("user_prompt_")
+    # check --chat: the chat replies drifted from the base's since the culprit.
+    report = json.loads(_stdout(repo, "check", "--chat", "--json"))
+    assert report["protocol"] == "chat_template" and not report["ok"]
+    assert {r["first_broke"] for r in report["results"] if r["broke"]} == {culprit}
+    settings = {s for (s,) in repo.db.execute("SELECT DISTINCT setting FROM probe_outputs")}
+    assert settings == {"cpu/auto/chat_template"}  # kept apart from the plain prompts' outputs
+
+
+def test_chat_needs_a_chat_template(tiny_repo: Repository) -> None:  # noqa: F811
+    kedit(tiny_repo, *PROBES)
+    _harmless(tiny_repo, torch.Generator().manual_seed(0), 1)
+    result = CliRunner().invoke(cli, ["--repo", str(tiny_repo.root), "check", "--chat"])
+    assert result.exit_code != 0 and result.stderr.startswith("kedit: error: the tokenizer has no chat template")
+    assert "Traceback" not in result.stderr

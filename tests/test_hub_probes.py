@@ -12,7 +12,7 @@ from kedit.hubprobes import PROBES_FILE
 from kedit.probes import add_probes
 from kedit.repo import Repository
 from tests.hubserver import HubServer
-from tests.test_cli_check import PROBES, _damaging_edit, _harmless
+from tests.test_cli_check import PROBES, _damaging_edit, _harmless, _stdout
 from tests.test_hub import REPO_ID, URL, hub, run, tiny_folder  # noqa: F401  (fixtures)
 
 
@@ -22,21 +22,12 @@ def _suite(where: Path) -> list[tuple]:
 
 
 def _verdict(where: Path, *args: str, code: int) -> dict:
-    report = json.loads(run(where, "check", "--json", *args, code=code) if code == 0 else
-                        _stdout(where, "check", "--json", *args))
+    """A check's JSON report, its results reduced to what must agree between two repositories."""
+    repo = Repository.open(where)
+    report = json.loads(run(where, "check", "--json", *args) if code == 0 else _stdout(repo, "check", "--json", *args))
     report["results"] = sorted((r["probe"]["prompt"], r["now"], r["against"], r["broke"], r["first_broke"])
                                for r in report["results"])
     return report
-
-
-def _stdout(where: Path, *args: str) -> str:
-    from click.testing import CliRunner
-
-    from kedit.cli import cli
-
-    result = CliRunner().invoke(cli, ["--repo", str(where), *args])
-    assert result.exit_code == 1 and "Traceback" not in result.stderr, result.stderr
-    return result.stdout
 
 
 def test_a_clone_checks_with_the_same_probes_and_verdict(hub: HubServer, tmp_path: Path,  # noqa: F811
