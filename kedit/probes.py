@@ -108,7 +108,8 @@ class ProbeResult:
     now: float
     broke: bool
     edited_by: str | None = None  # locality: the edit in effect whose subject the prompt names
-    against: float | None = None  # the score at the reference (`--against`, or the edit's own commit)
+    against: float | None = None  # the score at the reference (`--against`, or the edit's own commit;
+    #                               None for an edit probe so near 1 now that it cannot have fallen)
     first_broke: str | None = None  # a broken probe: the first commit where it fell
 
 
@@ -251,18 +252,21 @@ def check(repo: Repository, rev: str, load: ModelLoader, *, threshold: float = D
     scores = _Scores(repo, load, setting, chat, line[0], locality)
     now = scores.at(commit_id, locality + edits_now)
     previous = scores.at(parent, locality + [p for p in edits_now if p.commit_id in before]) if parent else {}
-    held = {}
+    # Scores are at most 1: a probe within `threshold` of 1 now cannot have drifted, so an edit's own
+    # commit is materialised only for the edit probes that might have (and the reference once).
+    held: dict[int, float] = {}
     for cid in set(held_at.values()):
-        held.update(scores.at(cid, [p for p in locality + edits_now if held_at[p.id] == cid]))
+        held.update(scores.at(cid, [p for p in locality + edits_now if held_at[p.id] == cid
+                                    and (cid == reference or now[p.id] < 1.0 - threshold)]))
     edit_naming = subject_finder(edited_subjects(repo, in_effect))
     falls: dict[int, tuple[Probe, int, float]] = {}
     for p in locality + edits_now:
         by = edit_naming(p.prompt) if p.kind == "locality" else None
         before_score = previous.get(p.id, 1.0 if p.kind == "locality" and not parent else None)
-        drifted = now[p.id] < held[p.id] - threshold
+        drifted = p.id in held and now[p.id] < held[p.id] - threshold
         fell = before_score is not None and now[p.id] < before_score - threshold
         report.results.append(ProbeResult(p, 1.0 if p.kind == "locality" else None, before_score, now[p.id],
-                                          (drifted or fell) and not by, edited_by=by, against=held[p.id]))
+                                          (drifted or fell) and not by, edited_by=by, against=held.get(p.id)))
         if drifted and not by:
             falls[p.id] = (p, line.index(held_at[p.id]), held[p.id] - threshold)
     first = first_fall(scores, line, falls)
