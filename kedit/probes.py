@@ -76,8 +76,9 @@ def remove_probe(repo: Repository, probe_id: int) -> None:
 
 
 def output_setting(setting: str, chat: bool) -> str:
-    """What kept outputs are keyed by: the device and dtype, and the chat protocol where used."""
-    return f"{setting}/{CHAT_PROTOCOL}" if chat else setting
+    """What kept outputs are keyed by: the device and dtype, and the prompt protocol (outputs kept
+    by an older kedit, under its private start token, are keyed without one and never reused)."""
+    return f"{setting}/{CHAT_PROTOCOL if chat else PROMPT_PROTOCOL}"
 
 
 def probe_outputs(repo: Repository, commit_id: str, probes: list[Probe], load: ModelLoader,

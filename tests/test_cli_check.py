@@ -156,3 +156,14 @@ def test_chat_needs_a_chat_template(tiny_repo: Repository) -> None:  # noqa: F81
     result = CliRunner().invoke(cli, ["--repo", str(tiny_repo.root), "check", "--chat"])
     assert result.exit_code != 0 and result.stderr.startswith("kedit: error: the tokenizer has no chat template")
     assert "Traceback" not in result.stderr
+
+
+def test_outputs_kept_under_the_old_prompt_protocol_are_not_reused(tiny_repo: Repository) -> None:  # noqa: F811
+    kedit(tiny_repo, *PROBES)
+    _harmless(tiny_repo, torch.Generator().manual_seed(0), 1)
+    # What an older kedit kept for HEAD (setting without a protocol; argmax after its start token).
+    for (probe_id,) in tiny_repo.db.execute("SELECT id FROM probes").fetchall():
+        tiny_repo.db.execute("INSERT INTO probe_outputs VALUES (?, ?, 'cpu/auto', '[-1]', 0.0)",
+                             [probe_id, tiny_repo.head()])
+    tiny_repo.db.conn.commit()
+    assert "0 broken of 2 probes" in kedit(tiny_repo, "check")
