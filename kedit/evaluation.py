@@ -50,13 +50,18 @@ def evaluate_revision(repo: Repository, rev: str, *, suite: Path | None = None, 
     if pairs:
         base = history.ancestors(repo.db, commit_id)[-1]
         base_model, base_tok = load_model(repo, base, dtype=dtype, device=device)
-        reference = evaluate.greedy_continuations(base_model, base_tok, [p for p, _ in pairs],
-                                                  evaluate.CHAT_GEN_TOKENS, chat=True) if chat \
-            else reference_of(base_model, base_tok, pairs)
+        if chat:  # the unedited model's replies, which chat_gen_locality holds each reply to
+            reference = evaluate.greedy_continuations(base_model, base_tok, [p for p, _ in pairs],
+                                                      evaluate.CHAT_GEN_TOKENS, chat=True)
+        else:
+            reference = reference_of(base_model, base_tok, pairs)
         del base_model
     model, tok = load_model(repo, commit_id, dtype=dtype, device=device)
-    scores = evaluate.generation_scores(model, tok, requests, pairs, reference, evaluate.CHAT_GEN_TOKENS, chat=True) \
-        if chat else measure(model, tok, requests, reference, fluency=fluency)
+    if chat:
+        scores = evaluate.generation_scores(model, tok, requests, pairs, reference, evaluate.CHAT_GEN_TOKENS,
+                                            chat=True)
+    else:
+        scores = measure(model, tok, requests, reference, fluency=fluency)
     metrics = _as_repo_metrics(scores, "eval", name)
     repo.record_metrics(commit_id, metrics)
     return metrics
