@@ -15,6 +15,9 @@ device_option = click.option("--device", default="cpu", show_default=True,
                              help="cpu, cuda, cuda:N, or auto (spread a large model over GPUs and CPU).")
 dtype_option = click.option("--dtype", default=None,
                             help="Compute dtype: float32, bfloat16, float16 (default: as stored).")
+chat_option = click.option("--chat", is_flag=True,
+                           help="Send each prompt as a user message through the tokenizer's chat template "
+                                "(its own scores and protocol, chat_template_*).")
 
 
 def _parse_overrides(pairs: tuple[str, ...]) -> dict[str, str]:
@@ -179,26 +182,30 @@ def stats(ctx: click.Context, layer: tuple[int, ...], method: str, corpus: Path 
 @click.option("--suite", type=click.Path(exists=True, dir_okay=False, path_type=Path),
               help="Requests to score (any request format); default: the edits in effect at REV.")
 @click.option("--fluency", is_flag=True, help="Also measure fluency.")
+@chat_option
 @device_option
 @dtype_option
 @json_option
 @click.pass_context
-def eval_(ctx: click.Context, rev: str, suite: Path | None, fluency: bool, device: str, dtype: str | None,
-          as_json: bool) -> None:
+def eval_(ctx: click.Context, rev: str, suite: Path | None, fluency: bool, chat: bool, device: str,
+          dtype: str | None, as_json: bool) -> None:
     """Measure REV: reliability, generalization, locality, portability, CounterFact scores.
 
     Locality compares with the base model's outputs. Results are stored with the commit and
-    shown by log and show.
+    shown by log and show. --chat measures instead what a chat user reads in the reply:
+    chat_gen_efficacy, chat_gen_paraphrase, chat_gen_locality.
 
     \b
     Example:
         kedit eval HEAD --suite probes.json --json
+        kedit eval HEAD --chat
     """
     from kedit.evaluation import evaluate_revision
     from kedit.model import parse_dtype
 
     repo = _open(ctx)
-    metrics = evaluate_revision(repo, rev, suite=suite, fluency=fluency, dtype=parse_dtype(dtype), device=device)
+    metrics = evaluate_revision(repo, rev, suite=suite, fluency=fluency, dtype=parse_dtype(dtype), device=device,
+                                chat=chat)
     if as_json:
         _emit_json([m.__dict__ for m in metrics])
         return
@@ -209,24 +216,30 @@ def eval_(ctx: click.Context, rev: str, suite: Path | None, fluency: bool, devic
 @cli.command()
 @click.argument("rev", default="HEAD")
 @click.option("--threshold", type=float, default=0.1, show_default=True,
-              help="A probe breaks when its score falls more than this below the parent's.")
+              help="A probe breaks when its score falls more than this below the parent's or the reference's.")
 @click.option("--protocol", type=click.Choice(["teacher-forced", "generation"]), default="teacher-forced",
               show_default=True, help="Score probes by teacher-forced argmax, or by 10-token greedy generation "
               "(a fact shows in it; a locality probe still holds its answer or the base's continuation).")
+@click.option("--against", metavar="REV",
+              help="Also hold every probe against this earlier revision (default: the base).")
+@chat_option
 @device_option
 @dtype_option
 @json_option
 @click.pass_context
-def check(ctx: click.Context, rev: str, threshold: float, protocol: str, device: str, dtype: str | None,
-          as_json: bool) -> None:
+def check(ctx: click.Context, rev: str, threshold: float, protocol: str, against: str | None, chat: bool,
+          device: str, dtype: str | None, as_json: bool) -> None:
     """Re-run the probe suite at REV against its parent and the base; exit 1 if anything broke.
 
-    Run it in CI after every edit.
+    A probe also breaks when it drifted below its score at the base (or --against REV) over many
+    commits; each broken probe names the commit where it first fell. Run it in CI after every edit.
 
     \b
     Example:
         kedit check && echo "no regressions"
         kedit check --protocol generation    # what users reading the model's output see
+        kedit check --against v1.0 --json
+        kedit check --chat
     """
     from kedit.model import load_model, parse_dtype
     from kedit.probes import check as run_check
@@ -234,12 +247,15 @@ def check(ctx: click.Context, rev: str, threshold: float, protocol: str, device:
     repo = _open(ctx)
     torch_dtype = parse_dtype(dtype)
     report = run_check(repo, rev, lambda c: load_model(repo, c, dtype=torch_dtype, device=device),
-                       threshold=threshold, setting=f"{device}/{dtype or 'auto'}", protocol=protocol)
+                       threshold=threshold, setting=f"{device}/{dtype or 'auto'}", protocol=protocol,
+                       against=against, chat=chat)
     if as_json:
-        _emit_json({"commit": report.commit_id, "ok": not report.broken, "protocol": protocol,
+        _emit_json({"commit": report.commit_id, "against": report.against, "protocol": report.protocol,
+                    "prompts": report.prompts, "ok": not report.broken,
                     "summary": report.summary(),
                     "results": [{"probe": r.probe.__dict__, "base": r.base, "parent": r.parent, "now": r.now,
-                                 "broke": r.broke, "edited_by": r.edited_by} for r in report.results]})
+                                 "against": r.against, "broke": r.broke, "first_broke": r.first_broke,
+                                 "edited_by": r.edited_by} for r in report.results]})
     else:
         if not report.results:
             _say(ctx, "the probe suite is empty (kedit edit adds probes; or kedit probe add)")
@@ -248,10 +264,12 @@ def check(ctx: click.Context, rev: str, threshold: float, protocol: str, device:
             mark = click.style("BROKE", fg="red") if r.broke else "EDIT " if r.probe.id in by_edits else "ok   "
             parent = "-" if r.parent is None else f"{r.parent:.2f}"
             named = f"  (names the subject of {by_edits[r.probe.id][:12]})" if r.probe.id in by_edits else ""
+            first = f"  (first broke at {r.first_broke[:12]}, held {r.against:.2f})" if r.first_broke else ""
             click.echo(f"{mark} {r.probe.kind:<8} #{r.probe.id:<4} {parent}->{r.now:.2f}  "
-                       f"{r.probe.prompt!r} -> {r.probe.answer!r}{named}")
+                       f"{r.probe.prompt!r} -> {r.probe.answer!r}{named}{first}")
         summary = ", ".join(f"{k} {v:.3f}" for k, v in report.summary().items())
-        click.echo(f"{len(report.broken)} broken of {len(report.results)} probes [{protocol}]"
+        click.echo(("chat template: " if chat else "") + f"{len(report.broken)} broken of {len(report.results)} probes"
+                   f" [{protocol}]"
                    + (f" ({summary})" if summary else "")
                    + (f"; {len(by_edits)} locality probes changed with an edit of their own subject, not counted"
                       if by_edits else ""))

@@ -21,6 +21,9 @@ carry names without that prefix and are never mixed with these.
   when the mean per-token NLL of one target is below the other's.
 - user_prompt_ngram_entropy_greedy{N}: ROME's fluency: (2/3·H₂ + 4/3·H₃)/2 in bits over words of
   greedy generations.
+- chat_template_*: the prompt sent as one user message through the tokenizer's chat template, the
+  assistant's turn opened (`prompt_ids(chat=True)`), the answer opening the reply: how a chat model
+  is used (`kedit eval --chat`: chat_gen_* over CHAT_GEN_TOKENS; `kedit check --chat`).
 
 Tokenisation: the prompt and " " + target are tokenised separately and their ids concatenated,
 so the prompt/target boundary is exact (EasyEdit's re-tokenisation can shift it). Methods may read
@@ -38,6 +41,8 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+
+from kedit.errors import KeditError
 
 __all__ = [
     "GEN_TOKENS",
@@ -93,11 +98,12 @@ class TeacherForced:
         return sum(p == t for p, t in zip(self.predicted, self.target, strict=True)) / len(self.target)
 
 
-def answer_ids(tok: Any, answer: str) -> list[int]:
-    """Ids of " answer" as it follows a prompt; a lone leading-space token is dropped."""
+def answer_ids(tok: Any, answer: str, *, chat: bool = False) -> list[int]:
+    """Ids of " answer" as it follows a prompt (`chat`: of "answer", as it opens the assistant's
+    reply); a lone leading-space token is dropped."""
     if not answer.strip():
         raise ValueError(f"the answer {answer!r} tokenizes to nothing")
-    ids = tok(" " + answer.strip(), add_special_tokens=False)["input_ids"]
+    ids = tok(("" if chat else " ") + answer.strip(), add_special_tokens=False)["input_ids"]
     if len(ids) > 1 and tok.decode(ids[:1]).strip() == "":
         ids = ids[1:]
     if not ids:
@@ -123,11 +129,21 @@ def start_token_id(tok: Any) -> int | None:
 
 PROMPT_PROTOCOL = "user_prompt"  # the prefix of every protocol name: prompts as `tokenizer(prompt)` encodes them
 GEN_TOKENS = 10  # greedy tokens a generation metric reads after the prompt
+CHAT_PROTOCOL = "chat_template"  # its `chat` counterpart: the prompt sent as a user message
+CHAT_GEN_TOKENS = 24  # a chat reply tends to restate the question before it answers
 
 
-def prompt_ids(tok: Any, text: str) -> list[int]:
-    """The ids of a prompt as the user sends it: `tokenizer(text)`, with the tokenizer's own special tokens."""
-    return list(tok(text)["input_ids"])
+def prompt_ids(tok: Any, text: str, *, chat: bool = False) -> list[int]:
+    """The ids of a prompt as the user sends it: `tokenizer(text)`, with the tokenizer's own special tokens.
+
+    `chat`: as a chat user sends it, one user message through the tokenizer's chat template with
+    the assistant's turn opened (`apply_chat_template(..., add_generation_prompt=True)`)."""
+    if not chat:
+        return list(tok(text)["input_ids"])
+    if not getattr(tok, "chat_template", None):
+        raise KeditError("the tokenizer has no chat template: chat-template scores need a chat model's tokenizer")
+    return list(tok.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True,
+                                        tokenize=True, return_dict=True)["input_ids"])
 
 
 def _pad_id(tok: Any) -> int:
@@ -136,9 +152,10 @@ def _pad_id(tok: Any) -> int:
 
 @torch.no_grad()
 def teacher_forced(
-    model: Any, tok: Any, prompts: Sequence[str], answers: Sequence[str], batch_size: int = 16
+    model: Any, tok: Any, prompts: Sequence[str], answers: Sequence[str], batch_size: int = 16, *, chat: bool = False
 ) -> list[TeacherForced]:
-    """Feed prompt + answer ids (right-padded batches) and read every answer position at once."""
+    """Feed prompt + answer ids (right-padded batches) and read every answer position at once
+    (`chat`: the prompts through the chat template, see `prompt_ids`)."""
     if len(prompts) != len(answers):
         raise ValueError(f"{len(prompts)} prompts but {len(answers)} answers")
     device = model.get_input_embeddings().weight.device
@@ -146,7 +163,7 @@ def teacher_forced(
     for start in range(0, len(prompts), batch_size):
         rows, spans = [], []
         for p, a in zip(prompts[start : start + batch_size], answers[start : start + batch_size], strict=True):
-            p_ids, a_ids = prompt_ids(tok, p), answer_ids(tok, a)
+            p_ids, a_ids = prompt_ids(tok, p, chat=chat), answer_ids(tok, a, chat=chat)
             rows.append(p_ids + a_ids)
             spans.append((len(p_ids), a_ids))
         width = max(len(r) for r in rows)
@@ -247,8 +264,9 @@ def counterfact_scores(
 
 @torch.no_grad()
 def greedy_continuations(model: Any, tok: Any, prompts: Sequence[str], max_new_tokens: int = GEN_TOKENS,
-                         batch_size: int = 16) -> list[str]:
-    """The text a user gets from `generate(**tokenizer(prompt), max_new_tokens=N, do_sample=False)`, per prompt.
+                         batch_size: int = 16, *, chat: bool = False) -> list[str]:
+    """The text a user gets from `generate(**tokenizer(prompt), max_new_tokens=N, do_sample=False)`, per prompt
+    (`chat`: the assistant's reply to the prompt sent through the chat template, see `prompt_ids`).
 
     Batched with left padding and an attention mask, so each row continues from its own last
     token; generation stops at EOS, and special tokens are left out of the text. Works with
@@ -258,7 +276,7 @@ def greedy_continuations(model: Any, tok: Any, prompts: Sequence[str], max_new_t
     pad = _pad_id(tok)
     out: list[str] = []
     for start in range(0, len(prompts), batch_size):
-        rows = [prompt_ids(tok, p) for p in prompts[start : start + batch_size]]
+        rows = [prompt_ids(tok, p, chat=chat) for p in prompts[start : start + batch_size]]
         width = max(len(r) for r in rows)
         ids = torch.full((len(rows), width), pad, dtype=torch.long)
         mask = torch.zeros((len(rows), width), dtype=torch.long)
@@ -286,42 +304,48 @@ def holds(continuation: str, answer: str, reference: str) -> bool:
 
 
 def shows_in_generation(model: Any, tok: Any, prompts: Sequence[str], answers: Sequence[str],
-                        max_new_tokens: int = GEN_TOKENS) -> list[bool]:
+                        max_new_tokens: int = GEN_TOKENS, *, chat: bool = False) -> list[bool]:
     """Per prompt: does the greedy continuation contain its answer? (a method's own check of an edit)"""
-    gens = greedy_continuations(model, tok, prompts, max_new_tokens)
+    gens = greedy_continuations(model, tok, prompts, max_new_tokens, chat=chat)
     return [shows(g, a) for g, a in zip(gens, answers, strict=True)]
 
 
 def generation_scores(model: Any, tok: Any, requests: Sequence[Any], pairs: Sequence[tuple[str, str]] = (),
-                      reference: Sequence[str] | None = None, max_new_tokens: int = GEN_TOKENS) -> list[Metric]:
+                      reference: Sequence[str] | None = None, max_new_tokens: int = GEN_TOKENS, *,
+                      chat: bool = False) -> list[Metric]:
     """gen_efficacy and gen_paraphrase (the continuation contains the new target), and gen_locality
-    on `pairs` (prompt, true answer) against `reference`, the unedited model's continuations of them."""
-    contains = f"{PROMPT_PROTOCOL}_greedy{max_new_tokens}_contains"
-    groups = [("gen_efficacy", [(r.text, r.target_new) for r in requests]),
-              ("gen_paraphrase", [(p, r.target_new) for r in requests for p in r.paraphrases])]
+    on `pairs` (prompt, true answer) against `reference`, the unedited model's continuations of them.
+
+    `chat`: the chat-template scores, named chat_gen_* under their own protocol (the prompts sent
+    as a user message; `reference` then holds the unedited model's chat replies)."""
+    name, protocol = ("chat_", CHAT_PROTOCOL) if chat else ("", PROMPT_PROTOCOL)
+    contains = f"{protocol}_greedy{max_new_tokens}_contains"
+    groups = [(f"{name}gen_efficacy", [(r.text, r.target_new) for r in requests]),
+              (f"{name}gen_paraphrase", [(p, r.target_new) for r in requests for p in r.paraphrases])]
     out = []
-    for name, items in groups:
+    for metric, items in groups:
         if items:
-            hits = shows_in_generation(model, tok, [p for p, _ in items], [a for _, a in items], max_new_tokens)
-            out.append(Metric(name, _mean([float(h) for h in hits]), contains, len(hits)))
+            hits = shows_in_generation(model, tok, [p for p, _ in items], [a for _, a in items], max_new_tokens,
+                                       chat=chat)
+            out.append(Metric(metric, _mean([float(h) for h in hits]), contains, len(hits)))
     if pairs and reference is not None:
         if len(pairs) != len(reference):
             raise ValueError(f"{len(pairs)} locality pairs but {len(reference)} reference continuations")
-        now = greedy_continuations(model, tok, [p for p, _ in pairs], max_new_tokens)
+        now = greedy_continuations(model, tok, [p for p, _ in pairs], max_new_tokens, chat=chat)
         kept = [float(holds(n, a, ref)) for n, (_, a), ref in zip(now, pairs, reference, strict=True)]
-        out.append(Metric("gen_locality", _mean(kept), f"{PROMPT_PROTOCOL}_greedy{max_new_tokens}_holds_or_unchanged",
+        out.append(Metric(f"{name}gen_locality", _mean(kept), f"{protocol}_greedy{max_new_tokens}_holds_or_unchanged",
                           len(kept)))
     return out
 
 
-def _teacher_forced_outputs(model: Any, tok: Any, prompts: Sequence[str],
-                            answers: Sequence[str]) -> list[tuple[Any, float]]:
-    return [(list(r.predicted), r.accuracy) for r in teacher_forced(model, tok, prompts, answers)]
+def _teacher_forced_outputs(model: Any, tok: Any, prompts: Sequence[str], answers: Sequence[str], *,
+                            chat: bool = False) -> list[tuple[Any, float]]:
+    return [(list(r.predicted), r.accuracy) for r in teacher_forced(model, tok, prompts, answers, chat=chat)]
 
 
-def _generation_outputs(model: Any, tok: Any, prompts: Sequence[str],
-                        answers: Sequence[str]) -> list[tuple[Any, float]]:
-    texts = greedy_continuations(model, tok, prompts)
+def _generation_outputs(model: Any, tok: Any, prompts: Sequence[str], answers: Sequence[str], *,
+                        chat: bool = False) -> list[tuple[Any, float]]:
+    texts = greedy_continuations(model, tok, prompts, CHAT_GEN_TOKENS if chat else GEN_TOKENS, chat=chat)
     return [(text, float(shows(text, a))) for text, a in zip(texts, answers, strict=True)]
 
 
@@ -340,7 +364,7 @@ class ProbeProtocol:
     against the base's. `name` keys the kept outputs, so protocols never share them."""
 
     name: str
-    outputs: Callable[[Any, Any, Sequence[str], Sequence[str]], list[tuple[Any, float]]]
+    outputs: Callable[..., list[tuple[Any, float]]]  # (model, tok, prompts, answers, *, chat) -> [(output, score)]
     agreement: Callable[[Any, Any, str], float]
 
 

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import torch
 
-from kedit import history
+from kedit import evaluate, history
 from kedit.editing import _as_repo_metrics, locality_pairs, measure, reference_of
 from kedit.errors import KeditError
 from kedit.methods.base import EditRequest
@@ -28,8 +28,11 @@ def edited_requests(repo: Repository, commit_id: str) -> list[EditRequest]:
 
 
 def evaluate_revision(repo: Repository, rev: str, *, suite: Path | None = None, fluency: bool = False,
-                      dtype: torch.dtype | None = None, device: str = "cpu") -> list[Metric]:
-    """Score `rev` and store the scores with it (stage 'eval'); locality is measured against the base."""
+                      dtype: torch.dtype | None = None, device: str = "cpu", chat: bool = False) -> list[Metric]:
+    """Score `rev` and store the scores with it (stage 'eval'); locality is measured against the base.
+
+    `chat`: instead, the chat-template scores (`evaluate.generation_scores(chat=True)`): what a chat
+    user who sends the prompt as a message reads in the reply."""
     commit_id = repo.resolve(rev)
     requests = load_requests([suite]) if suite else edited_requests(repo, commit_id)
     if not requests:
@@ -40,9 +43,18 @@ def evaluate_revision(repo: Repository, rev: str, *, suite: Path | None = None, 
     if pairs:
         base = history.ancestors(repo.db, commit_id)[-1]
         base_model, base_tok = load_model(repo, base, dtype=dtype, device=device)
-        reference = reference_of(base_model, base_tok, pairs)
+        if chat:  # the unedited model's replies, which chat_gen_locality holds each reply to
+            reference = evaluate.greedy_continuations(base_model, base_tok, [p for p, _ in pairs],
+                                                      evaluate.CHAT_GEN_TOKENS, chat=True)
+        else:
+            reference = reference_of(base_model, base_tok, pairs)
         del base_model
     model, tok = load_model(repo, commit_id, dtype=dtype, device=device)
-    metrics = _as_repo_metrics(measure(model, tok, requests, reference, fluency=fluency), "eval", name)
+    if chat:
+        scores = evaluate.generation_scores(model, tok, requests, pairs, reference, evaluate.CHAT_GEN_TOKENS,
+                                            chat=True)
+    else:
+        scores = measure(model, tok, requests, reference, fluency=fluency)
+    metrics = _as_repo_metrics(scores, "eval", name)
     repo.record_metrics(commit_id, metrics)
     return metrics

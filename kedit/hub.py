@@ -9,6 +9,7 @@ Layout of a Hub branch that kedit pushes (kedit branches are Hub branches):
     .kedit/commits/<id>.json     one commit: its hashed record, tensor changes, adapter ops, files,
                                  method memory, metrics (not hashed: a later `kedit eval` re-uploads)
     .kedit/editors/<id>.json     trained editors (MEND, InstructEdit) for a base in this history
+    .kedit/probes.json           the probe suite of this history, for `kedit check` (kedit/hubprobes.py)
     .kedit/objects/ab/cd….st|.blob  every stored object the history needs that the weights above
                                  do not hold (deltas, adapters, base values of edited tensors, editors)
 
@@ -234,6 +235,8 @@ def push(repo: Repository, remote_name: str | None = None, branch: str | None = 
          remote_branch: str | None = None, history_only: bool = False, create: bool = False,
          base_model: str | None = None, progress: bool = False) -> PushResult:
     """Send `branch`'s history (and, unless `history_only`, its weights and card) to the remote."""
+    from kedit.hubprobes import probes_ops  # (it builds on this module's layout)
+
     remote = remotes.get(repo.db, remote_name)
     branch = branch or repo.head_branch()
     if branch is None:
@@ -265,7 +268,7 @@ def push(repo: Repository, remote_name: str | None = None, branch: str | None = 
         new_checkpoint = checkpoint if history_only else tip
         result = PushResult(remote.name, branch, rbranch, tip, None)
         remote_tree = hub.tree(base_sha)
-        ops = _history_ops(repo, tip, new_checkpoint, remote_tree, tmp)
+        ops = _history_ops(repo, tip, new_checkpoint, remote_tree, tmp) + probes_ops(repo, ancestors, remote_tree)
         if remote_tip == tip and new_checkpoint == checkpoint and not ops:  # (new metrics make ops)
             result.up_to_date, result.hub_commit = True, base_sha
             if tracked is None or tracked.hub_commit != base_sha:  # our own push whose answer was lost

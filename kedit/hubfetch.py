@@ -40,6 +40,8 @@ from kedit.hub import (
     verify_document,
 )
 from kedit.hubapi import Hub
+from kedit.hubprobes import ProbeRow, read_probes
+from kedit.probes import add_probes
 from kedit.progress import progress_bar
 from kedit.refs import BRANCH_PREFIX
 from kedit.repo import REPO_DIR, HeadState, Repository, StagedChange, StagedCommit
@@ -72,6 +74,7 @@ def fetch(repo: Repository, remote_name: str | None = None, branches: Iterable[s
         metrics: dict[str, list[dict]] = {}
         editors: dict[str, dict] = {}
         found: dict[str, Fetched] = {}
+        probes: list[ProbeRow] = []
         for rbranch in wanted:
             sha = hub_branches[rbranch]
             state = hub.read_json(REFS_FILE, sha, tmp / sha)
@@ -91,8 +94,11 @@ def fetch(repo: Repository, remote_name: str | None = None, branches: Iterable[s
             _fetch_editors(repo, hub, tree, sha, editors, tmp / sha)
             fetched.objects = _fetch_objects(repo, hub, tree, sha, checkpoint, docs, set(editors), tmp / sha,
                                              progress)
+            probes += read_probes(hub, tree, sha, tmp / sha)
             found[rbranch] = fetched
-        _record(repo, remote.name, docs, metrics, editors, found)
+        with dbm.write(repo.db):  # the probes with the commits they name, in one transaction
+            _record(repo, remote.name, docs, metrics, editors, found)
+            add_probes(repo, probes)
     return found
 
 

@@ -97,11 +97,15 @@ def test_check_flags_a_commit_that_breaks_probes(tiny_repo: Repository) -> None:
     report = json.loads(kedit(tiny_repo, "check", "--json", "--threshold", "1.0"))
     (edit_probe,) = [r for r in report["results"] if r["probe"]["kind"] == "edit"]
     assert edit_probe["now"] == 1.0 and edit_probe["parent"] is None  # the new fact, not a regression
-    # A harmless change passes...
+    edit = tiny_repo.head()
+    # A harmless change passes against the edit's state (what the tiny ROME edit did to the
+    # neighbours stays its own doing: held against the base, they name it)...
     gen = torch.Generator().manual_seed(0)
     down = [n for n in tiny_repo.manifest() if n.endswith("mlp.down_proj.weight")]
     tiny_repo.commit({down[0]: Dense(torch.randn(tiny_repo.manifest()[down[0]].shape, generator=gen) * 1e-6)})
-    assert "0 broken of 4 probes" in kedit(tiny_repo, "check")
+    assert "0 broken of 4 probes" in kedit(tiny_repo, "check", "--against", edit)
+    drifted = json.loads(kedit(tiny_repo, "check", "--json", code=1))["results"]
+    assert {r["first_broke"] for r in drifted if r["broke"]} == {edit}
     # ...a careless edit that scrambles every MLP fails, naming the earlier edit and the neighbours it broke.
     tiny_repo.commit({n: Dense(torch.randn(tiny_repo.manifest()[n].shape, generator=gen) * 2.0) for n in down},
                      message="careless")
@@ -110,7 +114,7 @@ def test_check_flags_a_commit_that_breaks_probes(tiny_repo: Repository) -> None:
     assert "edit" in broken and report["ok"] is False
     # Reverting the damage passes again, and the model is the one before it, bit for bit.
     kedit(tiny_repo, "revert", "HEAD")
-    assert "0 broken" in kedit(tiny_repo, "check")
+    assert "0 broken" in kedit(tiny_repo, "check", "--against", edit)
     assert {n: e.hash for n, e in tiny_repo.manifest().items()} == {
         n: e.hash for n, e in tiny_repo.manifest("HEAD~2").items()}
 
