@@ -235,7 +235,8 @@ def check(repo: Repository, rev: str, load: ModelLoader, *, threshold: float = D
           chat: bool = False) -> CheckReport:
     """Score the probe suite at `rev` under `protocol` (a PROBE_PROTOCOLS name) and flag what
     regressed: a probe falls more than `threshold` below its score at the parent, or at `against`
-    (default: the base), so drift over many commits fails too; each broken probe names the commit where it first fell (see `first_fall`).
+    (default: the base), so drift over many commits fails too; each broken probe names the commit
+    where it first fell (see `first_fall`).
 
     An edit probe is held against `against` where its edit is in effect there, else against the
     commit of the edit itself. `chat`: every prompt is sent as a user message through the chat
