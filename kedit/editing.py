@@ -142,10 +142,9 @@ def _apply_method(method: Any, model: Any, tok: Any, batch: list[EditRequest], h
 
 def run_edits(repo: Repository, requests: list[EditRequest], options: EditOptions) -> list[CommitInfo]:
     """Edit the model at HEAD with `requests`, one commit per batch; returns the commits made."""
-    try:
-        method = get_method(options.method)
-    except KeyError as e:
-        raise KeditError(str(e.args[0])) from e
+    method = get_method(options.method)
+    if options.batch_size is not None and options.batch_size < 1:
+        raise KeditError(f"the batch size must be at least 1, got {options.batch_size}")
     model, tok = load_model(repo, "HEAD", dtype=options.dtype, device=options.device)
     overrides = dict(options.overrides)
     if options.stats_samples and "mom2_n_samples" in getattr(method.hparams_cls, "__dataclass_fields__", {}):

@@ -103,6 +103,13 @@ class ModelSourceError(KeditError, ValueError):
     """A path or id that is not a model kedit can read."""
 
 
+class MethodNotFoundError(KeditError, KeyError):
+    """An editing method no installed module registers."""
+
+    def __str__(self) -> str:  # KeyError's own would quote the message
+        return str(self.args[0])
+
+
 class DeltaError(KeditError, ValueError):
     """A delta that does not fit the tensor it is meant for, or that produces non-finite values."""
 

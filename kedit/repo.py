@@ -28,6 +28,7 @@ from typing import Any
 
 import torch
 from filelock import FileLock, Timeout
+from safetensors import SafetensorError
 
 import kedit
 from kedit import db as dbm
@@ -37,6 +38,7 @@ from kedit.errors import (
     DeltaError,
     KeditError,
     LockedError,
+    ModelSourceError,
     RepositoryExistsError,
     RepositoryNotFoundError,
     RevisionError,
@@ -295,7 +297,10 @@ class Repository:
         changes: dict[str, dict] = {}
         total = 0
         for weight_file in src.weight_files:
-            tensors, _ = read_safetensors(weight_file)
+            try:
+                tensors, _ = read_safetensors(weight_file)
+            except (SafetensorError, ValueError) as e:  # a file named .safetensors is not one yet
+                raise ModelSourceError(f"{weight_file} is not a readable safetensors file ({e})") from e
             for name in progress_bar(sorted(tensors), desc=f"hash+store {weight_file.name}", disable=not progress):
                 tensor = tensors[name]
                 if dtype is not None and tensor.is_floating_point():
@@ -350,6 +355,11 @@ class Repository:
         non-finite results, or an edit that changes nothing.
         """
         adapters = list(adapters)
+        for name, delta in deltas.items():
+            require_finite(vars(delta), f"the delta for {name}")
+        for adapter in adapters:
+            require_finite(adapter.tensors, f"the {adapter.kind} adapter")
+        require_finite(memory or {}, f"the {method or 'method'} memory")
         with self.lock():
             self._sync_worktree()
             parent = self._require_head()
@@ -656,6 +666,14 @@ class Repository:
             out["worktree_commit"] = self.worktree.commit
             out["modified"] = self.worktree.modified()
         return out
+
+
+def require_finite(tensors: Mapping[str, Any], what: str) -> None:
+    """Refuse NaN or infinite values before anything is stored: such weights load without a word and
+    answer garbage (a GRACE codebook of NaN gives NaN logits). `what` names the owner in the message."""
+    for name, tensor in tensors.items():
+        if isinstance(tensor, torch.Tensor) and tensor.is_floating_point() and not torch.isfinite(tensor).all():
+            raise DeltaError(f"{what} holds non-finite values (NaN or inf) in {name!r}; nothing was committed")
 
 
 def _encode(delta: WeightDelta, before: torch.Tensor) -> tuple[WeightDelta, str]:

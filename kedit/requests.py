@@ -26,12 +26,16 @@ def load_records(path: Path) -> list[dict[str, Any]]:
         text = path.read_text(encoding="utf-8")
     except OSError as e:
         raise RequestFormatError(f"cannot read {path}: {e.strerror}") from e
+    except UnicodeDecodeError as e:
+        raise RequestFormatError(f"{path} is not UTF-8 text (byte {e.object[e.start]:#04x} at offset {e.start})") from e
     try:
         if path.suffix == ".jsonl" or (text.lstrip()[:1] == "{" and "\n{" in text.strip()):
             return [json.loads(line) for line in text.splitlines() if line.strip()]
         data = json.loads(text)
     except json.JSONDecodeError as e:
         raise RequestFormatError(f"{path} is not valid JSON or JSONL ({e})") from e
+    except RecursionError:
+        raise RequestFormatError(f"{path} is nested too deeply to be edit requests") from None
     return data if isinstance(data, list) else [data]
 
 
@@ -65,6 +69,8 @@ def _pairs(section: Any) -> tuple[tuple[str, str], ...]:
 
 def _subject_in(prompt: str, subject: str) -> str:
     """The subject as spelled in the prompt (zsRE questions differ in case now and then)."""
+    if not isinstance(prompt, str) or not isinstance(subject, str):
+        return subject  # EditRequest names the field that is not text
     if subject in prompt or "{}" in prompt:
         return subject
     start = prompt.lower().find(subject.lower())
