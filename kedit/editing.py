@@ -143,6 +143,7 @@ def _apply_method(method: Any, model: Any, tok: Any, batch: list[EditRequest], h
 def run_edits(repo: Repository, requests: list[EditRequest], options: EditOptions) -> list[CommitInfo]:
     """Edit the model at HEAD with `requests`, one commit per batch; returns the commits made."""
     method = get_method(options.method)
+    repo.require_writable()  # before minutes of work that could not be committed
     if options.batch_size is not None and options.batch_size < 1:
         raise KeditError(f"the batch size must be at least 1, got {options.batch_size}")
     model, tok = load_model(repo, "HEAD", dtype=options.dtype, device=options.device)

@@ -42,6 +42,12 @@ class SchemaError(KeditError, RuntimeError):
     """The database was written by a newer kedit."""
 
 
+class ReadOnlyRepositoryError(KeditError, PermissionError):
+    """A command that writes, on a repository this user may only read."""
+
+    hint = "read commands (log, show, status, diff, export, fsck) work; run this one as a user who can write it"
+
+
 # REVISION AND REF ERRORS
 
 

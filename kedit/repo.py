@@ -39,6 +39,7 @@ from kedit.errors import (
     KeditError,
     LockedError,
     ModelSourceError,
+    ReadOnlyRepositoryError,
     RepositoryExistsError,
     RepositoryNotFoundError,
     RevisionError,
@@ -124,8 +125,9 @@ class Repository:
     def __init__(self, path: Path) -> None:
         self.path = path
         self.db = dbm.connect(path / DB_FILE)
+        self.read_only = bool(getattr(self.db, "read_only", False))
         self.store = ObjectStore(path / "objects")
-        self.cache = TensorCache(path / "cache")
+        self.cache = TensorCache(path / "cache", writable=not self.read_only)
         self.refs = Refs(self.db)
         self.worktree: Worktree | None = None
         if self.config.get("worktree", "1") == "1":
@@ -186,9 +188,16 @@ class Repository:
         """The directory that holds `.kedit`."""
         return self.path.parent
 
+    def require_writable(self) -> None:
+        """Refuse a writing command up front on a repository this user may only read."""
+        if self.read_only:
+            raise ReadOnlyRepositoryError(f"the repository at {self.path} is read-only for this user: "
+                                          "this command writes to it")
+
     @contextlib.contextmanager
     def lock(self, timeout: float | None = None) -> Iterator[None]:
         """Hold the writer lock; wait up to `timeout` s ($KEDIT_LOCK_TIMEOUT) for another writer."""
+        self.require_writable()
         if timeout is None:
             timeout = float(os.environ.get("KEDIT_LOCK_TIMEOUT", DEFAULT_LOCK_TIMEOUT_S))
         lock = FileLock(self.path / LOCK_FILE, timeout=timeout)
