@@ -25,6 +25,7 @@ from kedit.progress import disable_progress_bars, progress_enabled
 
 DTYPES = {"auto": None, "float32": "float32", "bfloat16": "bfloat16", "float16": "float16"}
 EXIT_ERROR = 1
+MAX_COUNT = 2**63 - 1  # SQLite's largest integer
 MAX_AGE = timedelta(days=100 * 365)  # older than any repository; larger ages overflow date arithmetic
 
 
@@ -67,12 +68,16 @@ class KeditGroup(click.Group):
                      **extra: Any) -> click.Context:
         try:
             return super().make_context(info_name, args, parent, **extra)
+        except click.exceptions.NoArgsIsHelpError:  # `kedit` alone: the help, as click shows it
+            raise
         except click.ClickException as e:  # the options before the command name
             _die(e, e.exit_code)
 
     def invoke(self, ctx: click.Context) -> Any:
         try:
             return super().invoke(ctx)
+        except click.exceptions.NoArgsIsHelpError:  # `kedit probe` alone
+            raise
         except click.ClickException as e:
             _die(e, e.exit_code)
         except (click.exceptions.Exit, click.Abort, SystemExit):
@@ -256,7 +261,7 @@ def _oneline(commit, decorations: dict[str, list[str]]) -> str:
 @cli.command()
 @click.argument("rev", default="HEAD")
 @click.option("--oneline", is_flag=True, help="One line per commit.")
-@click.option("-n", "--max-count", type=click.IntRange(min=0), help="Show at most N commits.")
+@click.option("-n", "--max-count", type=click.IntRange(0, MAX_COUNT), help="Show at most N commits.")
 @click.option("--graph", is_flag=True, help="Draw every branch's history as a graph.")
 @json_option
 @click.pass_context
@@ -529,7 +534,7 @@ def revert(ctx: click.Context, rev: str, message: str | None) -> None:
 
 @cli.command()
 @click.argument("ref", default="HEAD")
-@click.option("-n", "--max-count", type=click.IntRange(min=0), help="Show at most N entries.")
+@click.option("-n", "--max-count", type=click.IntRange(0, MAX_COUNT), help="Show at most N entries.")
 @json_option
 @click.pass_context
 def reflog(ctx: click.Context, ref: str, max_count: int | None, as_json: bool) -> None:

@@ -187,11 +187,17 @@ def stats(ctx: click.Context, layer: tuple[int, ...], method: str, corpus: Path 
     options = EditOptions(method=method, corpus=corpus, stats_samples=samples, device=device,
                           dtype=parse_dtype(dtype), progress=progress_enabled())
     provider = StatsProvider(repo, options, hp, (model, tok), base)
-    from kedit.arch import arch_for
+    from kedit.arch import arch_for, n_layers
 
+    total = n_layers(model, arch_for(model))
     for lay in layer or (hp.layer,):
+        if lay >= total:
+            raise KeditError(f"--layer {lay} is past the model's last layer ({total} layers: 0..{total - 1})")
         module = arch_for(model).out_proj(lay)
-        c = provider(module, lay)
+        try:
+            c = provider(module, lay)
+        except ValueError as e:  # a corpus without texts, statistics that cannot be computed
+            raise KeditError(f"statistics for layer {lay}: {e}") from e
         click.echo(f"layer {lay} ({module}): E[kkᵀ] {tuple(c.shape)}, trace {float(c.trace()):.4g}, cached")
 
 

@@ -49,15 +49,24 @@ def _text(value: Any) -> str:
 
 
 def _pairs(section: Any) -> tuple[tuple[str, str], ...]:
-    """Locality/portability in any of the peers' shapes -> (prompt, answer) pairs."""
+    """Locality/portability in any of the peers' shapes -> (prompt, answer) pairs.
+
+    Prompts are kept as given (EditRequest refuses one that is not text); answers go through `_text`.
+    """
     out: list[tuple[str, str]] = []
+    if section is None:
+        return ()
+    if not isinstance(section, dict | list):
+        raise ValueError(f"locality and portability must be a list or an object, got {section!r:.40}")
     if isinstance(section, dict):
         if "prompt" in section:  # EasyEdit: {"prompt": [...], "ground_truth": [...]} or scalars
             prompts, answers = section["prompt"], section.get("ground_truth", "")
             if isinstance(prompts, list):
-                out += [(str(p), _text(a)) for p, a in zip(prompts, answers, strict=False)]
+                if not isinstance(answers, list) or len(answers) != len(prompts):
+                    raise ValueError(f"{len(prompts)} prompts need as many ground_truth answers")
+                out += [(p, _text(a)) for p, a in zip(prompts, answers, strict=True)]
             else:
-                out.append((str(prompts), _text(answers)))
+                out.append((prompts, _text(answers)))
         else:  # KnowEdit: {"Relation_Specificity": [{"prompt", "ground_truth"}, ...], ...}
             for entries in section.values():
                 out += _pairs(entries)

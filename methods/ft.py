@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 from kedit.methods.base import Dense, EditRequest, EditResult, register_method
-from kedit.methods.hparams import MAX_STEPS, bounded, validate
+from kedit.methods.hparams import MAX_STEPS, bounded, layer_field, validate
 
 from kedit.arch import arch_for, get_module, n_layers
 from kedit.evaluate import answer_ids, prompt_ids
@@ -25,7 +25,7 @@ __all__ = ["FTHyperParams", "apply"]
 
 @dataclass
 class FTHyperParams:
-    layers: tuple[int, ...] = bounded(ge=0)
+    layers: tuple[int, ...] = layer_field()
     rewrite_module_tmp: str  # the MLP output projection, "{}" = layer
     lr: float = bounded(5e-4, gt=0)
     num_steps: int = bounded(25, ge=1, le=MAX_STEPS)

@@ -49,7 +49,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from kedit.methods.base import Adapter, EditRequest, EditResult, register_method
-from kedit.methods.hparams import MAX_STEPS, bounded, validate
+from kedit.methods.hparams import MAX_STEPS, bounded, layer_field, validate
 from kedit.methods.rome import SuffixForward, partial_unsupported
 
 from kedit.adapters import register_installer
@@ -78,7 +78,7 @@ _DEFAULT_FRACTION = 27 / 32
 class GRACEHyperParams:
     """GRACE's knobs; `for_model` picks the layer and module from kedit.arch."""
 
-    layer: int = bounded(ge=0)
+    layer: int = layer_field()
     module_tmp: str  # keys are this module's input, values replace its output; "{}" = layer
     eps_init: float = bounded(1.0, gt=0)  # EasyEdit's `eps` (euclidean distance in the module's input space)
     n_iter: int = bounded(50, ge=1, le=MAX_STEPS)  # EasyEdit's llama file (gpt2-xl: 200; the original repo: 100)

@@ -27,8 +27,19 @@ from typing import Any, TypeVar
 
 import yaml
 
-__all__ = ["MAX_STEPS", "bounded", "hparams_from_dict", "hparams_from_overrides", "hparams_to_dict", "parse_value",
-           "validate"]
+from kedit.arch import arch_for, n_layers
+
+__all__ = [
+    "MAX_STEPS",
+    "bounded",
+    "check_layers",
+    "hparams_from_dict",
+    "hparams_from_overrides",
+    "hparams_to_dict",
+    "layer_field",
+    "parse_value",
+    "validate",
+]
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -70,6 +81,21 @@ def bounded(default: Any = dataclasses.MISSING, *, gt: float | None = None, ge: 
         layers: tuple[int, ...] = bounded(ge=0)
     """
     return dataclasses.field(default=default, metadata={"bounds": Bounds(gt, ge, lt, le)})
+
+
+def layer_field(default: Any = dataclasses.MISSING) -> Any:
+    """A layer index, or a tuple of them: >= 0 here, below the model's layer count in `check_layers`."""
+    return dataclasses.field(default=default, metadata={"bounds": Bounds(ge=0), "layer": True})
+
+
+def check_layers(hp: Any, model: Any) -> None:
+    """Raise ValueError naming a `layer_field` of `hp` that points past `model`'s last layer."""
+    layered = [f for f in dataclasses.fields(hp) if f.metadata.get("layer")]
+    total = n_layers(model, arch_for(model)) if layered else 0
+    for f in layered:
+        for v in _numbers(getattr(hp, f.name)):
+            if v >= total:
+                raise ValueError(f"{f.name} {v} is past the model's last layer ({total} layers: 0..{total - 1})")
 
 
 def _numbers(value: Any) -> typing.Iterator[int | float]:
@@ -231,6 +257,7 @@ def hparams_from_overrides(
             )
         parsed = {k: parse_value(k, v, types_[k]) for k, v in overrides.items()}
         hp = hparams_from_dict(cls, hp, parsed)
+    check_layers(hp, model)
     return hp
 
 

@@ -25,7 +25,7 @@ from typing import Any
 import torch
 from kedit.methods import memit_math, rome
 from kedit.methods.base import EditRequest, EditResult, LowRank, register_method
-from kedit.methods.hparams import MAX_STEPS, bounded, validate
+from kedit.methods.hparams import MAX_STEPS, bounded, layer_field, validate
 from kedit.methods.lowp import check_dtype
 from kedit.methods.values import ValueSettings, module_outputs_at_subject, optimise_values, subject_keys
 
@@ -57,7 +57,7 @@ def default_layers(model: Any) -> tuple[int, ...]:
 class MEMITHyperParams:
     """MEMIT's knobs; `for_model` fills the layers, module names and λ from kedit.arch."""
 
-    layers: tuple[int, ...] = bounded(ge=0)
+    layers: tuple[int, ...] = layer_field()
     rewrite_module_tmp: str  # the MLP output projection, "{}" = layer
     layer_module_tmp: str  # the block whose output is the residual stream, "{}" = layer
     out_proj_transposed: bool = False

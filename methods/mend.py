@@ -37,7 +37,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from kedit.methods.base import EditRequest, EditResult, LowRank, register_method
-from kedit.methods.hparams import MAX_STEPS, bounded, validate
+from kedit.methods.hparams import MAX_STEPS, bounded, layer_field, validate
 from torch import nn
 
 from kedit.arch import arch_for, get_module, n_layers
@@ -74,7 +74,7 @@ class MENDTrainParams:
     layers), a rank-256 editor (MEND: min(1920, dim)), edits batched 8 to a step.
     """
 
-    layers: tuple[int, ...] = bounded(ge=0)
+    layers: tuple[int, ...] = layer_field()
     module_tmp: str  # e.g. "model.layers.{}.mlp.down_proj"
     transposed: bool = False  # GPT-2 Conv1D stores Wᵀ
     rank: int = bounded(256, ge=1, le=MAX_STEPS)

@@ -42,7 +42,7 @@ import torch.nn.functional as F
 from kedit.methods import rome_math
 from kedit.methods.base import EditRequest, EditResult, LowRank, register_method
 from kedit.methods.capture import capture_at_module
-from kedit.methods.hparams import MAX_STEPS, bounded, validate
+from kedit.methods.hparams import MAX_STEPS, bounded, layer_field, validate
 from kedit.methods.lowp import DTYPES, check_dtype, has_hooks, low_precision
 
 from kedit.arch import arch_for, get_module, n_layers
@@ -66,7 +66,7 @@ StatsProvider = Callable[[str, int], torch.Tensor]  # (module name, layer) -> E[
 class ROMEHyperParams:
     """ROME's knobs; `for_model` fills the layer and module names from kedit.arch."""
 
-    layer: int = bounded(ge=0)
+    layer: int = layer_field()
     rewrite_module_tmp: str  # the MLP output projection, "{}" = layer
     out_proj_transposed: bool = False  # GPT-2 Conv1D stores Wᵀ
     # EasyEdit's llama files: 25 steps at lr 0.5. On SmolLM2-135M the KL term keeps the loss above

@@ -27,7 +27,7 @@ from kedit.errors import DeltaError
 from kedit.repo import Repository
 from tests.tiny import make_model, make_tokenizer
 
-from .helpers_engine import refused, snapshot
+from .helpers_engine import kedit, refused, snapshot
 
 NORM = "model.norm.weight"
 PROMPT = ["--prompt", "The capital city is France", "--subject", "France"]
@@ -83,6 +83,10 @@ FILES: dict[str, bytes] = {
     "target-big.json": _request(target_new=BIG),
     "prompt-big.json": _request(prompt="France " + BIG),
     "locality-int.json": _request(locality_prompt=5, locality_ground_truth="x"),
+    "locality-number.json": _request(locality=5),
+    "portability-prompt-int.json": _request(portability={"prompt": 5, "ground_truth": "x"}),
+    "locality-answers-short.json": _request(locality={"prompt": ["a", "b"], "ground_truth": ["x"]}),
+    "locality-answers-string.json": _request(locality={"prompt": ["a", "b"], "ground_truth": "xy"}),
     "cf-string.json": _requests({"requested_rewrite": "France -> Japan"}),
     "cf-no-prompt.json": _requests({"requested_rewrite": {"subject": "France", "target_new": {"str": "Japan"}}}),
     "bad-line.jsonl": _request()[1:-1] + b"\n{not json\n",
@@ -138,6 +142,14 @@ CASES: list[tuple[str, list[str], int, str]] = [
     ("target-1.2MB", ["edit", "--requests", "{file:target-big.json}", "--no-eval"], 1, "at most 10,000"),
     ("prompt-1.2MB", ["edit", "--requests", "{file:prompt-big.json}", "--no-eval"], 1, "at most 10,000"),
     ("locality-prompt-number", ["edit", "--requests", "{file:locality-int.json}", "--no-eval"], 1, "must be text"),
+    ("locality-a-number", ["edit", "--requests", "{file:locality-number.json}", "--no-eval"], 1,
+     "must be a list or an object"),
+    ("portability-prompt-number", ["edit", "--requests", "{file:portability-prompt-int.json}", "--no-eval"], 1,
+     "portability[0] prompt must be text"),
+    ("locality-too-few-answers", ["edit", "--requests", "{file:locality-answers-short.json}", "--no-eval"], 1,
+     "2 prompts need as many ground_truth answers"),
+    ("locality-answers-a-string", ["edit", "--requests", "{file:locality-answers-string.json}", "--no-eval"], 1,
+     "2 prompts need as many ground_truth answers"),
     ("counterfact-rewrite-string", ["edit", "--requests", "{file:cf-string.json}", "--no-eval"], 1, "record 0"),
     ("counterfact-no-prompt", ["edit", "--requests", "{file:cf-no-prompt.json}", "--no-eval"], 1, "'prompt'"),
     ("jsonl-bad-line", ["edit", "--requests", "{file:bad-line.jsonl}", "--no-eval"], 1, "not valid JSON"),
@@ -183,7 +195,9 @@ CASES: list[tuple[str, list[str], int, str]] = [
     ("set-unknown-field", [*EDIT, "--set", "no_such_knob=1"], 1, "unknown ROMEHyperParams field"),
     ("set-layer-word", [*EDIT, "--set", "layer=middle"], 1, "layer must be an integer"),
     ("set-layer-negative", [*EDIT, "--set", "layer=-1"], 1, "layer must be >= 0"),
-    ("set-layer-past-model", [*EDIT, "--set", "layer=99"], 1, "layers"),
+    ("set-layer-past-model", [*EDIT, "--set", "layer=99"], 1, "layer 99 is past the model's last layer"),
+    ("grace-layer-past-model", [*EDIT, "--method", "grace", "--set", "layer=3"], 1, "(3 layers: 0..2)"),
+    ("memit-layers-past-model", [*EDIT, "--method", "memit", "--set", "layers=[1, 99]"], 1, "layers 99 is past"),
     ("set-layer-huge", [*EDIT, "--set", "layer=1e12"], 1, "layer is out of range"),
     ("set-lr-inf", [*EDIT, "--set", "v_lr=inf"], 1, "v_lr must be a finite number"),
     ("set-lr-nan", [*EDIT, "--set", "v_lr=nan"], 1, "v_lr must be a finite number"),
@@ -211,7 +225,7 @@ CASES: list[tuple[str, list[str], int, str]] = [
     ("ft-num-steps-1e12", [*EDIT, "--method", "ft", "--set", "num_steps=1e12"], 1, "num_steps must be >= 1 and <="),
     ("ft-batch-size-zero", [*EDIT, "--method", "ft", "--set", "batch_size=0"], 1, "batch_size must be >= 1"),
     ("ft-layers-empty", [*EDIT, "--method", "ft", "--set", "layers=[]"], 1, "layers must not be empty"),
-    ("ft-layers-past-model", [*EDIT, "--method", "ft", "--set", "layers=[99]"], 1, "layers"),
+    ("ft-layers-past-model", [*EDIT, "--method", "ft", "--set", "layers=[99]"], 1, "layers 99 is past"),
     ("ft-layers-negative", [*EDIT, "--method", "ft", "--set", "layers=[-2]"], 1, "layers must be >= 0"),
     ("grace-edit-lr-inf", [*EDIT, "--method", "grace", "--set", "edit_lr=inf"], 1, "edit_lr must be a finite"),
     ("grace-eps-zero", [*EDIT, "--method", "grace", "--set", "eps_init=0"], 1, "eps_init must be > 0"),
@@ -239,6 +253,8 @@ CASES: list[tuple[str, list[str], int, str]] = [
     # -- reading commands --
     ("log-count-negative", ["log", "-n", "-1"], 2, "--max-count"),
     ("log-count-word", ["log", "-n", "ten"], 2, "is not a valid integer"),
+    ("log-count-huge", ["log", "-n", "99999999999999999999"], 2, "--max-count"),
+    ("reflog-count-huge", ["reflog", "-n", "99999999999999999999"], 2, "--max-count"),
     ("log-unknown-rev", ["log", "nosuch"], 1, "unknown revision 'nosuch'"),
     ("log-past-initial", ["log", "HEAD~5"], 1, "past the initial commit"),
     ("reflog-count-negative", ["reflog", "-n", "-5"], 2, "--max-count"),
@@ -282,12 +298,18 @@ CASES: list[tuple[str, list[str], int, str]] = [
     ("stats-layer-negative", ["stats", "--layer", "-1"], 2, "--layer"),
     ("stats-samples-zero-texts", ["stats", "--samples", "0"], 2, "--samples"),
     ("stats-unknown-method", ["stats", "--method", "nosuch"], 1, "unknown method"),
+    ("stats-layer-past-model", ["stats", "--layer", "99"], 1, "--layer 99 is past the model's last layer"),
+    ("stats-empty-corpus", ["stats", "--corpus", "{file:blank.json}", "--samples", "4"], 1, "gave no texts"),
+    ("probe-add-empty-prompt", ["probe", "add", "--prompt", "", "--answer", "x"], 1, "non-empty prompt"),
+    ("export-into-a-device", ["export", "HEAD", "/dev/null"], 1, "Not a directory"),
     ("train-editor-not-trainable", ["train-editor", "--method", "rome", "--data", "{file:good.json}"], 2,
      "--method"),
     ("train-editor-bad-data", ["train-editor", "--method", "mend", "--data", "{file:ff.json}", "--device", "cpu"],
      1, "is not UTF-8 text"),
     ("train-editor-rank-zero", ["train-editor", "--method", "mend", "--data", "{file:good.json}",
                                 "--device", "cpu", "--set", "rank=0"], 1, "rank must be >= 1"),
+    ("train-editor-layers-past-model", ["train-editor", "--method", "mend", "--data", "{file:good.json}",
+                                        "--device", "cpu", "--set", "layers=[2, 3]"], 1, "layers 3 is past"),
     ("train-editor-lr-nan", ["train-editor", "--method", "mend", "--data", "{file:good.json}",
                              "--device", "cpu", "--set", "lr=nan"], 1, "lr must be a finite number"),
     ("train-editor-device-bogus", ["train-editor", "--method", "mend", "--data", "{file:ff.json}",
@@ -424,3 +446,9 @@ def test_a_non_finite_trained_editor_is_not_stored(shared_repo: Repository) -> N
     with pytest.raises(DeltaError, match="the trained mend editor holds non-finite values"):
         store_editor(shared_repo, "mend", state, {"rank": 1}, shared_repo.head(), "0" * 32, {}, {})
     assert snapshot(shared_repo) == before
+
+
+@pytest.mark.parametrize("args", [[], ["probe"]])
+def test_a_command_group_alone_shows_its_help_not_an_error(args: list[str]) -> None:
+    result = kedit(*args)
+    assert "[OPTIONS] COMMAND [ARGS]..." in result.output and "kedit: error" not in result.output
