@@ -6,8 +6,9 @@ file and then command-line overrides on top, converting each string to the field
 serialises back to a JSON-friendly dict so a commit can record exactly what ran.
 
 Validation is declared, not written out: a field made with `bounded(default, gt=..., le=...)`
-carries its range in its metadata, and `validate(hp)` (called first by every class's
-`__post_init__`) checks each number of each field against it. Every number must also be finite
+carries its range in its metadata (`layer_field()` a layer index, which `check_layers` also
+holds to the model's depth), and `validate(hp)`, called by the `__post_init__` of each class
+with numeric fields, checks each number of each field against it. Every number must also be finite
 as a float32 (1e308 would overflow to inf when a method uses it) and every integer fit in 32
 bits, bounded or not: NaN passes `nan < 0` checks unseen, so the rule is written once, here.
 
@@ -78,7 +79,7 @@ def bounded(default: Any = dataclasses.MISSING, *, gt: float | None = None, ge: 
 
     Example:
         v_lr: float = bounded(1.0, gt=0)
-        layers: tuple[int, ...] = bounded(ge=0)
+        num_steps: int = bounded(25, ge=1, le=MAX_STEPS)
     """
     return dataclasses.field(default=default, metadata={"bounds": Bounds(gt, ge, lt, le)})
 
