@@ -48,6 +48,17 @@ def _text(value: Any) -> str:
     return str(value or "").strip()
 
 
+def _listed(value: Any, name: str) -> tuple:
+    """A field that holds one text or a list of them, as a tuple (EditRequest checks each is text)."""
+    if value is None:
+        return ()
+    if isinstance(value, str):
+        return (value,)
+    if not isinstance(value, list | tuple):
+        raise ValueError(f"{name} must be a list of texts, got {value!r:.40}")
+    return tuple(value)
+
+
 def _pairs(section: Any) -> tuple[tuple[str, str], ...]:
     """Locality/portability in any of the peers' shapes -> (prompt, answer) pairs.
 
@@ -92,8 +103,8 @@ def record_to_request(record: dict[str, Any]) -> EditRequest:
         return EditRequest(
             prompt=rw["prompt"], subject=rw["subject"], target_new=_text(rw["target_new"]),
             target_true=_text(rw.get("target_true")) or None,
-            paraphrases=tuple(record.get("paraphrase_prompts", ())),
-            neighbourhood=tuple(record.get("neighborhood_prompts", ())),
+            paraphrases=_listed(record.get("paraphrase_prompts"), "paraphrase_prompts"),
+            neighbourhood=_listed(record.get("neighborhood_prompts"), "neighborhood_prompts"),
         )
     if "src" in record and "alt" in record:  # zsRE, MEND format
         loc = ((record["loc"], _text(record.get("loc_ans"))),) if record.get("loc") else ()
@@ -111,8 +122,8 @@ def record_to_request(record: dict[str, Any]) -> EditRequest:
             prompt=record["prompt"], subject=_subject_in(record["prompt"], record.get("subject", "")),
             target_new=_text(record["target_new"]),
             target_true=_text(record.get("target_true") or record.get("ground_truth")) or None,
-            paraphrases=(rephrase,) if isinstance(rephrase, str) else tuple(rephrase),
-            neighbourhood=tuple(record.get("neighbourhood", ())),
+            paraphrases=_listed(rephrase, "paraphrases"),
+            neighbourhood=_listed(record.get("neighbourhood"), "neighbourhood"),
             locality=locality, portability=_pairs(record.get("portability", {})),
         )
     raise ValueError(f"unrecognised record with keys {sorted(record)[:8]}")
