@@ -16,7 +16,7 @@ import sys
 from collections.abc import Callable
 from datetime import timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import click
 
@@ -25,6 +25,8 @@ from kedit.progress import disable_progress_bars, progress_enabled
 
 DTYPES = {"auto": None, "float32": "float32", "bfloat16": "bfloat16", "float16": "float16"}
 EXIT_ERROR = 1
+MAX_COUNT = 2**63 - 1  # SQLite's largest integer
+MAX_AGE = timedelta(days=100 * 365)  # older than any repository; larger ages overflow date arithmetic
 
 
 def _debug() -> bool:
@@ -32,10 +34,19 @@ def _debug() -> bool:
 
 
 def error_line(e: BaseException) -> str:
-    """The one line a user sees for an error."""
+    """The one line a user sees for an error (a message that spans lines is joined into one)."""
+    return re.sub(r"\s*\n\s*", " ", _error_text(e))
+
+
+def _error_text(e: BaseException) -> str:
     if isinstance(e, KeditError):
         hint = f" (hint: {e.hint})" if e.hint else ""
         return f"kedit: error: {e}{hint}"
+    if isinstance(e, click.UsageError):  # bad arguments or options: click's own check
+        where = f" (hint: {e.ctx.command_path} --help)" if e.ctx else ""
+        return f"kedit: error: {e.format_message()}{where}"
+    if isinstance(e, click.ClickException):
+        return f"kedit: error: {e.format_message()}"
     if isinstance(e, sqlite3.DatabaseError):
         return f"kedit: error: the history database cannot be used ({e}) (hint: run 'kedit fsck')"
     if isinstance(e, OSError):
@@ -43,7 +54,7 @@ def error_line(e: BaseException) -> str:
     return f"kedit: error: internal error {type(e).__name__}: {e} (set KEDIT_DEBUG=1 for the traceback)"
 
 
-def _die(e: BaseException, code: int = EXIT_ERROR) -> None:
+def _die(e: BaseException, code: int = EXIT_ERROR) -> NoReturn:
     if _debug():
         raise e
     click.echo(error_line(e), err=True)
@@ -51,10 +62,25 @@ def _die(e: BaseException, code: int = EXIT_ERROR) -> None:
 
 
 class KeditGroup(click.Group):
+    """Every error, click's usage errors included, ends as one `kedit: error:` line."""
+
+    def make_context(self, info_name: str | None, args: list[str], parent: click.Context | None = None,
+                     **extra: Any) -> click.Context:
+        try:
+            return super().make_context(info_name, args, parent, **extra)
+        except click.exceptions.NoArgsIsHelpError:  # `kedit` alone: the help, as click shows it
+            raise
+        except click.ClickException as e:  # the options before the command name
+            _die(e, e.exit_code)
+
     def invoke(self, ctx: click.Context) -> Any:
         try:
             return super().invoke(ctx)
-        except (click.exceptions.Exit, click.ClickException, click.Abort, SystemExit):
+        except click.exceptions.NoArgsIsHelpError:  # `kedit probe` alone
+            raise
+        except click.ClickException as e:
+            _die(e, e.exit_code)
+        except (click.exceptions.Exit, click.Abort, SystemExit):
             raise
         except KeyboardInterrupt:
             click.echo("kedit: interrupted", err=True)
@@ -125,7 +151,10 @@ def parse_size(text: str) -> int:
     m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?)I?B?\s*", text.upper())
     if not m:
         raise click.BadParameter(f"{text!r} is not a size like 500MB or 5GB")
-    return int(float(m.group(1)) * 1024 ** " KMGT".index(m.group(2) or " "))
+    size = int(float(m.group(1)) * 1024 ** " KMGT".index(m.group(2) or " "))
+    if size < 1:
+        raise click.BadParameter(f"{text!r}: a size must be at least 1 byte")
+    return size
 
 
 def parse_age(text: str) -> timedelta:
@@ -134,8 +163,10 @@ def parse_age(text: str) -> timedelta:
     m = re.fullmatch(r"(\d+)\s*([smhdw])", text)
     if not m:
         raise click.BadParameter(f"{text!r} is not an age like now, 30m, 12h, 14d or 2w")
-    unit = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days", "w": "weeks"}[m.group(2)]
-    return timedelta(**{unit: int(m.group(1))})
+    seconds = int(m.group(1)) * {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}[m.group(2)]
+    if seconds > MAX_AGE.total_seconds():
+        raise click.BadParameter(f"{text!r} is longer than {MAX_AGE.days // 365} years")
+    return timedelta(seconds=seconds)
 
 
 # -- init ------------------------------------------------------------------------------------
@@ -231,7 +262,7 @@ def _oneline(commit, decorations: dict[str, list[str]]) -> str:
 @cli.command()
 @click.argument("rev", default="HEAD")
 @click.option("--oneline", is_flag=True, help="One line per commit.")
-@click.option("-n", "--max-count", type=int, help="Show at most N commits.")
+@click.option("-n", "--max-count", type=click.IntRange(0, MAX_COUNT), help="Show at most N commits.")
 @click.option("--graph", is_flag=True, help="Draw every branch's history as a graph.")
 @json_option
 @click.pass_context
@@ -505,7 +536,7 @@ def revert(ctx: click.Context, rev: str, message: str | None) -> None:
 
 @cli.command()
 @click.argument("ref", default="HEAD")
-@click.option("-n", "--max-count", type=int, help="Show at most N entries.")
+@click.option("-n", "--max-count", type=click.IntRange(0, MAX_COUNT), help="Show at most N entries.")
 @json_option
 @click.pass_context
 def reflog(ctx: click.Context, ref: str, max_count: int | None, as_json: bool) -> None:

@@ -11,10 +11,30 @@ from kedit.cli import _emit_json, _open, _say, cli, json_option
 from kedit.errors import KeditError
 from kedit.progress import progress_enabled
 
-device_option = click.option("--device", default="cpu", show_default=True,
+
+def _check_device(_ctx: click.Context, _param: click.Parameter, value: str) -> str:
+    """A device torch has here: refused before any model is loaded, not after."""
+    if value == "auto":
+        return value
+    import torch
+
+    try:
+        device = torch.device(value)
+    except (RuntimeError, ValueError):
+        raise click.BadParameter(f"{value!r} is not a device: use cpu, cuda, cuda:N or auto") from None
+    if device.type not in ("cpu", "cuda", "mps"):
+        raise click.BadParameter(f"{value!r} is not a device kedit runs on: use cpu, cuda, cuda:N or auto")
+    if device.type == "cuda" and (not torch.cuda.is_available() or (device.index or 0) >= torch.cuda.device_count()):
+        raise click.BadParameter(f"{value!r}: torch sees {torch.cuda.device_count()} CUDA device(s) here")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise click.BadParameter(f"{value!r}: torch sees no MPS device here")
+    return value
+
+
+device_option = click.option("--device", default="cpu", show_default=True, callback=_check_device,
                              help="cpu, cuda, cuda:N, or auto (spread a large model over GPUs and CPU).")
-dtype_option = click.option("--dtype", default=None,
-                            help="Compute dtype: float32, bfloat16, float16 (default: as stored).")
+dtype_option = click.option("--dtype", default=None, type=click.Choice(["float32", "bfloat16", "float16"]),
+                            help="Compute dtype (default: as stored).")
 chat_option = click.option("--chat", is_flag=True,
                            help="Send each prompt as a user message through the tokenizer's chat template "
                                 "(its own scores and protocol, chat_template_*).")
@@ -60,8 +80,9 @@ def _greedy_answer(model, tok, prompt: str, n_tokens: int = 4) -> str:
 @click.option("--editor", help="The trained editor (mend, instructedit): an id from 'kedit editors' (default: latest).")
 @click.option("--corpus", type=click.Path(exists=True, path_type=Path),
               help="Text for covariance statistics (file or folder); default: text the model generates.")
-@click.option("--stats-samples", type=int, help="Texts behind the covariance statistics.")
-@click.option("--batch-size", type=int, help="Requests per commit (default: 1, or all for batch methods).")
+@click.option("--stats-samples", type=click.IntRange(1, 10_000_000), help="Texts behind the covariance statistics.")
+@click.option("--batch-size", type=click.IntRange(min=1),
+              help="Requests per commit (default: 1, or all for batch methods).")
 @click.option("--no-eval", is_flag=True, help="Skip the before/after measurements.")
 @click.option("--fluency", is_flag=True, help="Also measure fluency (n-gram entropy of 100-token generations).")
 @click.option("-m", "--message", help="Commit message (single request).")
@@ -89,10 +110,7 @@ def edit(ctx: click.Context, method: str, prompt: str | None, subject: str | Non
     from kedit.requests import load_requests
 
     repo = _open(ctx)
-    try:
-        get_method(method)
-    except KeyError as e:
-        raise KeditError(str(e.args[0])) from e
+    get_method(method)
     requests = load_requests(request_files) if request_files else []
     if prompt or subject or target:
         if not (prompt and subject and target):
@@ -135,11 +153,13 @@ def edit(ctx: click.Context, method: str, prompt: str | None, subject: str | Non
 
 
 @cli.command()
-@click.option("--layer", type=int, multiple=True, help="Layer(s) to compute (default: the method's layer).")
+@click.option("--layer", type=click.IntRange(min=0), multiple=True,
+              help="Layer(s) to compute (default: the method's layer).")
 @click.option("--method", default="rome", show_default=True, help="Whose projection and defaults to use.")
 @click.option("--corpus", type=click.Path(exists=True, path_type=Path),
               help="Plain text (one sample per line or paragraph), JSONL with a text field, or a folder of them.")
-@click.option("--samples", type=int, help="Number of texts (default: the method's mom2_n_samples).")
+@click.option("--samples", type=click.IntRange(1, 10_000_000),
+              help="Number of texts (default: the method's mom2_n_samples).")
 @click.option("--set", "overrides", multiple=True, help="Override a hyper-parameter: key=value.")
 @device_option
 @dtype_option
@@ -169,11 +189,17 @@ def stats(ctx: click.Context, layer: tuple[int, ...], method: str, corpus: Path 
     options = EditOptions(method=method, corpus=corpus, stats_samples=samples, device=device,
                           dtype=parse_dtype(dtype), progress=progress_enabled())
     provider = StatsProvider(repo, options, hp, (model, tok), base)
-    from kedit.arch import arch_for
+    from kedit.arch import arch_for, n_layers
 
+    total = n_layers(model, arch_for(model))
     for lay in layer or (hp.layer,):
+        if lay >= total:
+            raise KeditError(f"--layer {lay} is past the model's last layer ({total} layers: 0..{total - 1})")
         module = arch_for(model).out_proj(lay)
-        c = provider(module, lay)
+        try:
+            c = provider(module, lay)
+        except ValueError as e:  # a corpus without texts, statistics that cannot be computed
+            raise KeditError(f"statistics for layer {lay}: {e}") from e
         click.echo(f"layer {lay} ({module}): E[kkᵀ] {tuple(c.shape)}, trace {float(c.trace()):.4g}, cached")
 
 
@@ -215,7 +241,7 @@ def eval_(ctx: click.Context, rev: str, suite: Path | None, fluency: bool, chat:
 
 @cli.command()
 @click.argument("rev", default="HEAD")
-@click.option("--threshold", type=float, default=0.1, show_default=True,
+@click.option("--threshold", type=click.FloatRange(0, 1), default=0.1, show_default=True,
               help="A probe breaks when its score falls more than this below the parent's or the reference's.")
 @click.option("--protocol", type=click.Choice(["teacher-forced", "generation"]), default="teacher-forced",
               show_default=True, help="Score probes by teacher-forced argmax, or by 10-token greedy generation "
@@ -326,7 +352,7 @@ def probe_list(ctx: click.Context, as_json: bool) -> None:
 
 
 @probe.command(name="rm")
-@click.argument("probe_id", type=int)
+@click.argument("probe_id", type=click.IntRange(1, 2**63 - 1))
 @click.pass_context
 def probe_rm(ctx: click.Context, probe_id: int) -> None:
     """Remove a probe by id."""

@@ -8,7 +8,7 @@ from pathlib import Path
 import click
 
 from kedit.cli import _emit_json, _open, cli, json_option
-from kedit.cli_edit import _parse_overrides
+from kedit.cli_edit import _check_device, _parse_overrides
 from kedit.progress import progress_enabled
 
 _SCORES = ("reliability", "generalization", "locality")
@@ -37,7 +37,8 @@ def _scores(metrics: dict) -> str:
                    "max_minutes, ...).")
 @click.option("--hparams", "hparams_file", type=click.Path(exists=True, dir_okay=False, path_type=Path),
               help="Training hyper-parameters from a YAML file.")
-@click.option("--device", default="auto", show_default=True, help="auto (a GPU when there is one), cpu, cuda, cuda:N.")
+@click.option("--device", default="auto", show_default=True, callback=_check_device,
+              help="auto (a GPU when there is one), cpu, cuda, cuda:N.")
 @click.option("--restart", is_flag=True, help="Ignore this run's checkpoint and start over.")
 @json_option
 @click.pass_context

@@ -7,18 +7,25 @@ change, and readers never block.
 
 Caveats: WAL needs the database on a local filesystem (not NFS). Migrations are named,
 ordered and recorded in `_kedit_migrations`; a database from a newer kedit is refused.
+
+Read-only repositories: when this process may not write the database file or its folder
+(another user's repository, a read-only mount), `connect` opens it read-only (`mode=ro`, or
+`immutable=1` when WAL's shared-memory file cannot be created and no WAL content is pending),
+sets no journal mode and runs no migration, and marks it `read_only`: `write(db)` then refuses
+with ReadOnlyRepositoryError. An immutable reader does not see a writer working at the same time.
 """
 
 from __future__ import annotations
 
 import contextlib
+import os
 import sqlite3
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import sqlite_utils
 
-from kedit.errors import SchemaError
+from kedit.errors import ReadOnlyRepositoryError, SchemaError
 
 BUSY_TIMEOUT_MS = 30_000
 
@@ -183,6 +190,8 @@ def connect(path: Path, *, create: bool = False) -> sqlite_utils.Database:
     """Open the history database, configured for kedit, with its schema up to date."""
     if not create and not path.exists():
         raise FileNotFoundError(path)
+    if not create and not writable(path):
+        return _connect_read_only(path)
     conn = sqlite3.connect(str(path), isolation_level=None, timeout=BUSY_TIMEOUT_MS / 1000)
     conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")  # before WAL: see versioning.md
     conn.execute("PRAGMA journal_mode = WAL")
@@ -190,6 +199,37 @@ def connect(path: Path, *, create: bool = False) -> sqlite_utils.Database:
     conn.execute("PRAGMA foreign_keys = ON")
     db = sqlite_utils.Database(conn)
     migrate(db)
+    return db
+
+
+def writable(path: Path) -> bool:
+    """Whether this process may write the database: the file, and its folder (WAL's -wal and -shm files)."""
+    return os.access(path, os.W_OK) and os.access(path.parent, os.W_OK)
+
+
+def _connect_read_only(path: Path) -> sqlite_utils.Database:
+    from urllib.parse import quote
+
+    uri = f"file:{quote(str(path.resolve()))}"
+    conn = sqlite3.connect(f"{uri}?mode=ro", uri=True, isolation_level=None, timeout=BUSY_TIMEOUT_MS / 1000)
+    try:
+        conn.execute("SELECT COUNT(*) FROM sqlite_master").fetchone()
+    except sqlite3.OperationalError:  # WAL mode, and no -shm file we may create: read the file as it stands
+        conn.close()
+        wal = path.with_name(path.name + "-wal")
+        if wal.exists() and wal.stat().st_size > 0:
+            raise ReadOnlyRepositoryError(
+                f"{path} is read-only for this user and has commits in its write-ahead log that only a user who "
+                "can write it can bring in", hint="run any kedit command there once as that user") from None
+        conn = sqlite3.connect(f"{uri}?immutable=1", uri=True, isolation_level=None)
+    conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
+    db = sqlite_utils.Database(conn)
+    db.read_only = True  # type: ignore[attr-defined]  (write() refuses)
+    applied = ({row[0] for row in db.execute("SELECT name FROM _kedit_migrations")}
+               if "_kedit_migrations" in db.table_names() else set())
+    if applied != {name for name, _ in MIGRATIONS}:
+        raise ReadOnlyRepositoryError(f"{path} needs a schema upgrade that a read-only repository cannot be given",
+                                      hint="run any kedit command there once as a user who can write it")
     return db
 
 
@@ -224,6 +264,8 @@ def _statements(sql: str) -> Iterator[str]:
 @contextlib.contextmanager
 def write(db: sqlite_utils.Database) -> Iterator[sqlite_utils.Database]:
     """A write transaction that takes the write lock up front (BEGIN IMMEDIATE)."""
+    if getattr(db, "read_only", False):
+        raise ReadOnlyRepositoryError("the repository is read-only for this user: this command writes to it")
     if db.conn.in_transaction:
         with db.atomic():
             yield db

@@ -163,10 +163,10 @@ def _apply_method(method: Any, model: Any, tok: Any, batch: list[EditRequest], h
 
 def run_edits(repo: Repository, requests: list[EditRequest], options: EditOptions) -> list[CommitInfo]:
     """Edit the model at HEAD with `requests`, one commit per batch; returns the commits made."""
-    try:
-        method = get_method(options.method)
-    except KeyError as e:
-        raise KeditError(str(e.args[0])) from e
+    method = get_method(options.method)
+    repo.require_writable()  # before minutes of work that could not be committed
+    if options.batch_size is not None and options.batch_size < 1:
+        raise KeditError(f"the batch size must be at least 1, got {options.batch_size}")
     at = repo.head_state()  # each commit must land where the model was loaded (compare-and-swap)
     model, tok = load_model(repo, at.commit, dtype=options.dtype, device=options.device)
     overrides = dict(options.overrides)

@@ -39,7 +39,7 @@ from kedit.errors import KeditError
 from kedit.evaluate import PROMPT_PROTOCOL
 from kedit.hashing import canonical_json, hash_bytes
 from kedit.refs import now_iso
-from kedit.repo import Repository
+from kedit.repo import Repository, require_finite
 from kedit.store import read_safetensors, save_tensors_atomic
 
 __all__ = ["EditorInfo", "TrainOptions", "editor_loader", "list_editors", "resolve_editor", "train_editor"]
@@ -146,6 +146,7 @@ def editor_loader(repo: Repository) -> Callable[[str], tuple[dict[str, torch.Ten
 def store_editor(repo: Repository, method: str, state: dict[str, torch.Tensor], config: dict[str, Any],
                  base: str, data_hash: str, hparams: dict[str, Any], metrics: dict[str, Any]) -> EditorInfo:
     """Put the editor's weights in the object store and record it (the same weights: the same id)."""
+    require_finite(state, f"the trained {method} editor")
     with repo.lock():
         obj = repo.store.put_tensors(state, {"kind": "editor", "method": method,
                                              "config": canonical_json(config).decode()})
@@ -223,10 +224,7 @@ def train_editor(repo: Repository, options: TrainOptions) -> EditorInfo:
     from kedit.model import load_model
     from kedit.requests import load_training_requests
 
-    try:
-        method = get_method(options.method)
-    except KeyError as e:
-        raise KeditError(str(e.args[0])) from e
+    method = get_method(options.method)
     if method.train is None or method.train_hparams_cls is None:
         raise KeditError(f"{method.name} has no editor to train (trained methods: mend, instructedit)")
     if not options.data:

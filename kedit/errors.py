@@ -51,6 +51,12 @@ class SchemaError(KeditError, RuntimeError):
     """The database was written by a newer kedit."""
 
 
+class ReadOnlyRepositoryError(KeditError, PermissionError):
+    """A command that writes, on a repository this user may only read."""
+
+    hint = "read commands (log, show, status, diff, export, fsck) work; run this one as a user who can write it"
+
+
 # REVISION AND REF ERRORS
 
 
@@ -116,6 +122,13 @@ class ExternalFileError(KeditError, FileNotFoundError):
 
 class ModelSourceError(KeditError, ValueError):
     """A path or id that is not a model kedit can read."""
+
+
+class MethodNotFoundError(KeditError, KeyError):
+    """An editing method no installed module registers."""
+
+    def __str__(self) -> str:  # KeyError's own would quote the message
+        return str(self.args[0])
 
 
 class DeltaError(KeditError, ValueError):

@@ -42,8 +42,9 @@ class TensorCache:
     read, not a replay. The oldest entries go once the total passes $KEDIT_CACHE_BYTES (2 GiB).
     """
 
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, *, writable: bool = True) -> None:
         self.root = root
+        self.writable = writable  # False in a read-only repository: misses are recomputed, never kept
         self.budget = int(os.environ.get("KEDIT_CACHE_BYTES", DEFAULT_CACHE_BYTES))
 
     def path(self, tensor_hash: str) -> Path:
@@ -56,16 +57,20 @@ class TensorCache:
         try:
             (value,) = read_safetensors(path)[0].values()  # keyframes say "value", adopted shards their name
         except Exception:  # a damaged cache entry is only a miss
-            path.unlink(missing_ok=True)
+            self._drop(path)
             return None
         if hash_tensor(value) != tensor_hash:
-            path.unlink(missing_ok=True)
+            self._drop(path)
             return None
         return value
 
+    def _drop(self, path: Path) -> None:
+        if self.writable:
+            path.unlink(missing_ok=True)
+
     def put(self, tensor_hash: str, value: torch.Tensor) -> None:
         path = self.path(tensor_hash)
-        if path.exists():
+        if path.exists() or not self.writable:
             return
         path.parent.mkdir(parents=True, exist_ok=True)
         save_tensors_atomic(path, {"value": value}, {}, tmp_dir=path.parent, durable=False)  # a cache
@@ -78,7 +83,7 @@ class TensorCache:
         rename, so the cached inode is never written to), and a crash in between loses nothing.
         """
         path = self.path(tensor_hash)
-        if path.exists():
+        if path.exists() or not self.writable:
             return
         path.parent.mkdir(parents=True, exist_ok=True)
         try:

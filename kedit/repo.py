@@ -34,6 +34,7 @@ from typing import Any
 
 import torch
 from filelock import FileLock, Timeout
+from safetensors import SafetensorError
 
 import kedit
 from kedit import db as dbm
@@ -45,6 +46,8 @@ from kedit.errors import (
     IncompleteRepositoryError,
     KeditError,
     LockedError,
+    ModelSourceError,
+    ReadOnlyRepositoryError,
     RepositoryExistsError,
     RepositoryNotFoundError,
     RevisionError,
@@ -236,8 +239,9 @@ class Repository:
     def __init__(self, path: Path) -> None:
         self.path = path
         self.db = dbm.connect(path / DB_FILE)
+        self.read_only = bool(getattr(self.db, "read_only", False))
         self.store = ObjectStore(path / "objects")
-        self.cache = TensorCache(path / "cache")
+        self.cache = TensorCache(path / "cache", writable=not self.read_only)
         self.refs = Refs(self.db)
         self.worktree: Worktree | None = None
         if self.config.get("worktree", "1") == "1":
@@ -331,9 +335,16 @@ class Repository:
         """The directory that holds `.kedit`."""
         return self.path.parent
 
+    def require_writable(self) -> None:
+        """Refuse a writing command up front on a repository this user may only read."""
+        if self.read_only:
+            raise ReadOnlyRepositoryError(f"the repository at {self.path} is read-only for this user: "
+                                          "this command writes to it")
+
     @contextlib.contextmanager
     def lock(self, timeout: float | None = None) -> Iterator[None]:
         """Hold the writer lock; wait up to `timeout` s ($KEDIT_LOCK_TIMEOUT) for another writer."""
+        self.require_writable()
         with _writer_lock(self.path, timeout):
             yield
 
@@ -428,7 +439,10 @@ class Repository:
         changes: dict[str, dict] = {}
         total = 0
         for weight_file in src.weight_files:
-            tensors, _ = read_safetensors(weight_file)
+            try:
+                tensors, _ = read_safetensors(weight_file)
+            except (SafetensorError, ValueError) as e:  # a file named .safetensors is not one yet
+                raise ModelSourceError(f"{weight_file} is not a readable safetensors file ({e})") from e
             for name in progress_bar(sorted(tensors), desc=f"hash+store {weight_file.name}", disable=not progress):
                 tensor = tensors[name]
                 if dtype is not None and tensor.is_floating_point():
@@ -529,6 +543,11 @@ class Repository:
         non-finite results, or an edit that changes nothing.
         """
         adapters = list(adapters)
+        for name, delta in deltas.items():
+            require_finite(vars(delta), f"the delta for {name}")
+        for adapter in adapters:
+            require_finite(adapter.tensors, f"the {adapter.kind} adapter")
+        require_finite(memory or {}, f"the {method or 'method'} memory")
         with self.lock():
             self._sync_worktree()
             at = self._check_head(expected_parent, _edit_ran(expected_parent)) if expected_parent \
@@ -865,6 +884,14 @@ class Repository:
             out["worktree_commit"] = self.worktree.commit
             out["modified"] = self.worktree.modified()
         return out
+
+
+def require_finite(tensors: Mapping[str, Any], what: str) -> None:
+    """Refuse NaN or infinite values before anything is stored: such weights load without a word and
+    answer garbage (a GRACE codebook of NaN gives NaN logits). `what` names the owner in the message."""
+    for name, tensor in tensors.items():
+        if isinstance(tensor, torch.Tensor) and tensor.is_floating_point() and not torch.isfinite(tensor).all():
+            raise DeltaError(f"{what} holds non-finite values (NaN or inf) in {name!r}; nothing was committed")
 
 
 def _encode(delta: WeightDelta, before: torch.Tensor) -> tuple[WeightDelta, str]:

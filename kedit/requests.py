@@ -26,12 +26,16 @@ def load_records(path: Path) -> list[dict[str, Any]]:
         text = path.read_text(encoding="utf-8")
     except OSError as e:
         raise RequestFormatError(f"cannot read {path}: {e.strerror}") from e
+    except UnicodeDecodeError as e:
+        raise RequestFormatError(f"{path} is not UTF-8 text (byte {e.object[e.start]:#04x} at offset {e.start})") from e
     try:
         if path.suffix == ".jsonl" or (text.lstrip()[:1] == "{" and "\n{" in text.strip()):
             return [json.loads(line) for line in text.splitlines() if line.strip()]
         data = json.loads(text)
     except json.JSONDecodeError as e:
         raise RequestFormatError(f"{path} is not valid JSON or JSONL ({e})") from e
+    except RecursionError:
+        raise RequestFormatError(f"{path} is nested too deeply to be edit requests") from None
     return data if isinstance(data, list) else [data]
 
 
@@ -44,16 +48,36 @@ def _text(value: Any) -> str:
     return str(value or "").strip()
 
 
+def _listed(value: Any, name: str) -> tuple:
+    """A field that holds one text or a list of them, as a tuple (EditRequest checks each is text)."""
+    if value is None:
+        return ()
+    if isinstance(value, str):
+        return (value,)
+    if not isinstance(value, list | tuple):
+        raise ValueError(f"{name} must be a list of texts, got {value!r:.40}")
+    return tuple(value)
+
+
 def _pairs(section: Any) -> tuple[tuple[str, str], ...]:
-    """Locality/portability in any of the peers' shapes -> (prompt, answer) pairs."""
+    """Locality/portability in any of the peers' shapes -> (prompt, answer) pairs.
+
+    Prompts are kept as given (EditRequest refuses one that is not text); answers go through `_text`.
+    """
     out: list[tuple[str, str]] = []
+    if section is None:
+        return ()
+    if not isinstance(section, dict | list):
+        raise ValueError(f"locality and portability must be a list or an object, got {section!r:.40}")
     if isinstance(section, dict):
         if "prompt" in section:  # EasyEdit: {"prompt": [...], "ground_truth": [...]} or scalars
             prompts, answers = section["prompt"], section.get("ground_truth", "")
             if isinstance(prompts, list):
-                out += [(str(p), _text(a)) for p, a in zip(prompts, answers, strict=False)]
+                if not isinstance(answers, list) or len(answers) != len(prompts):
+                    raise ValueError(f"{len(prompts)} prompts need as many ground_truth answers")
+                out += [(p, _text(a)) for p, a in zip(prompts, answers, strict=True)]
             else:
-                out.append((str(prompts), _text(answers)))
+                out.append((prompts, _text(answers)))
         else:  # KnowEdit: {"Relation_Specificity": [{"prompt", "ground_truth"}, ...], ...}
             for entries in section.values():
                 out += _pairs(entries)
@@ -65,6 +89,8 @@ def _pairs(section: Any) -> tuple[tuple[str, str], ...]:
 
 def _subject_in(prompt: str, subject: str) -> str:
     """The subject as spelled in the prompt (zsRE questions differ in case now and then)."""
+    if not isinstance(prompt, str) or not isinstance(subject, str):
+        return subject  # EditRequest names the field that is not text
     if subject in prompt or "{}" in prompt:
         return subject
     start = prompt.lower().find(subject.lower())
@@ -77,8 +103,8 @@ def record_to_request(record: dict[str, Any]) -> EditRequest:
         return EditRequest(
             prompt=rw["prompt"], subject=rw["subject"], target_new=_text(rw["target_new"]),
             target_true=_text(rw.get("target_true")) or None,
-            paraphrases=tuple(record.get("paraphrase_prompts", ())),
-            neighbourhood=tuple(record.get("neighborhood_prompts", ())),
+            paraphrases=_listed(record.get("paraphrase_prompts"), "paraphrase_prompts"),
+            neighbourhood=_listed(record.get("neighborhood_prompts"), "neighborhood_prompts"),
         )
     if "src" in record and "alt" in record:  # zsRE, MEND format
         loc = ((record["loc"], _text(record.get("loc_ans"))),) if record.get("loc") else ()
@@ -96,8 +122,8 @@ def record_to_request(record: dict[str, Any]) -> EditRequest:
             prompt=record["prompt"], subject=_subject_in(record["prompt"], record.get("subject", "")),
             target_new=_text(record["target_new"]),
             target_true=_text(record.get("target_true") or record.get("ground_truth")) or None,
-            paraphrases=(rephrase,) if isinstance(rephrase, str) else tuple(rephrase),
-            neighbourhood=tuple(record.get("neighbourhood", ())),
+            paraphrases=_listed(rephrase, "paraphrases"),
+            neighbourhood=_listed(record.get("neighbourhood"), "neighbourhood"),
             locality=locality, portability=_pairs(record.get("portability", {})),
         )
     raise ValueError(f"unrecognised record with keys {sorted(record)[:8]}")

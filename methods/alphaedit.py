@@ -22,6 +22,7 @@ from typing import Any
 import torch
 from kedit.methods import memit_math
 from kedit.methods.base import EditRequest, EditResult, register_method
+from kedit.methods.hparams import bounded
 from kedit.methods.memit import MEMITHyperParams, StatsProvider, second_moments, spread_over_layers
 
 __all__ = ["AlphaEditHyperParams", "apply"]
@@ -31,16 +32,14 @@ __all__ = ["AlphaEditHyperParams", "apply"]
 class AlphaEditHyperParams(MEMITHyperParams):
     """MEMIT's knobs (λ unused) plus the null-space threshold and the ridge α (`L2`)."""
 
-    nullspace_threshold: float = 2e-2
-    L2: float = 10.0  # α in [P(KKᵀ + K_pK_pᵀ) + αI]
+    nullspace_threshold: float = bounded(2e-2, gt=0)
+    L2: float = bounded(10.0, gt=0)  # α in [P(KKᵀ + K_pK_pᵀ) + αI]
     mom2_adjustment: bool = True  # the projector needs C; always on
 
     def __post_init__(self) -> None:
         super().__post_init__()
         if not self.mom2_adjustment:
             raise ValueError("AlphaEdit projects with the statistics C; mom2_adjustment cannot be false")
-        if self.nullspace_threshold <= 0 or self.L2 <= 0:
-            raise ValueError("nullspace_threshold and L2 must be > 0")
 
     @classmethod
     def for_model(cls, model: Any) -> AlphaEditHyperParams:

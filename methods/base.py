@@ -25,6 +25,7 @@ from importlib.metadata import entry_points
 from typing import Any
 
 from kedit.delta import Adapter, Dense, LowRank, Replace, WeightDelta
+from kedit.errors import MethodNotFoundError
 
 __all__ = [
     "Adapter",
@@ -60,6 +61,10 @@ class EditRequest:
     portability: tuple[tuple[str, str], ...] = ()  # (prompt, answer) pairs that follow from the edit
 
     def __post_init__(self) -> None:
+        _check_texts(self)
+        if self.prompt.count("{}") > 1 or "{" in self.prompt.replace("{}", "") or "}" in self.prompt.replace("{}", ""):
+            raise ValueError(f"the prompt may hold '{{}}' once, where the subject goes, and no other braces: "
+                             f"{self.prompt[:80]!r}")
         if not self.subject.strip():
             raise ValueError("the subject is empty")
         if not self.target_new.strip():
@@ -103,6 +108,37 @@ class EditRequest:
             locality=tuple(tuple(p) for p in d.get("locality", ())),
             portability=tuple(tuple(p) for p in d.get("portability", ())),
         )
+
+
+# A longer prompt or target is a pasted file, not a fact: its tokens would not fit a model's context.
+MAX_TEXT_CHARS = 10_000
+
+
+def _check_texts(request: EditRequest) -> None:
+    """Every field holds text of a sane length (JSON records give numbers, nulls and lists too)."""
+    pairs = {"locality": request.locality, "portability": request.portability}
+    texts: list[tuple[str, Any]] = [("prompt", request.prompt), ("subject", request.subject),
+                                    ("target", request.target_new)]
+    if request.target_true is not None:
+        texts.append(("target_true", request.target_true))
+    for name in ("paraphrases", "neighbourhood", *pairs):
+        items = getattr(request, name)
+        if not isinstance(items, tuple):
+            raise ValueError(f"{name} must be a list, got {type(items).__name__}")
+        for i, item in enumerate(items):
+            if name in pairs:
+                if not isinstance(item, tuple) or len(item) != 2:
+                    raise ValueError(f"{name}[{i}] must be a (prompt, answer) pair, got {item!r:.80}")
+                texts += [(f"{name}[{i}] prompt", item[0]), (f"{name}[{i}] answer", item[1])]
+                if isinstance(item[0], str) and not item[0].strip():
+                    raise ValueError(f"the {name}[{i}] prompt is empty")
+            else:
+                texts.append((f"{name}[{i}]", item))
+    for name, text in texts:
+        if not isinstance(text, str):
+            raise ValueError(f"the {name} must be text, got {type(text).__name__} {text!r:.40}")
+        if len(text) > MAX_TEXT_CHARS:
+            raise ValueError(f"the {name} is {len(text):,} characters long (at most {MAX_TEXT_CHARS:,})")
 
 
 @dataclass
@@ -172,11 +208,11 @@ def available_methods() -> list[str]:
 
 
 def get_method(name: str) -> Method:
-    """The registered method `name`; raises KeyError naming the known methods."""
+    """The registered method `name`; raises MethodNotFoundError (a KeyError) naming the known methods."""
     if name not in _REGISTRY and name in _BUILTIN_MODULES:
         importlib.import_module(_BUILTIN_MODULES[name])
     if name not in _REGISTRY:
         _load_entry_points()
     if name not in _REGISTRY:
-        raise KeyError(f"unknown method {name!r}; known methods: {', '.join(available_methods())}")
+        raise MethodNotFoundError(f"unknown method {name!r}; known methods: {', '.join(available_methods())}")
     return _REGISTRY[name]

@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 from kedit.methods.base import Dense, EditRequest, EditResult, register_method
+from kedit.methods.hparams import MAX_STEPS, bounded, layer_field, validate
 
 from kedit.arch import arch_for, get_module, n_layers
 from kedit.evaluate import answer_ids, prompt_ids
@@ -24,22 +25,21 @@ __all__ = ["FTHyperParams", "apply"]
 
 @dataclass
 class FTHyperParams:
-    layers: tuple[int, ...]
+    layers: tuple[int, ...] = layer_field()
     rewrite_module_tmp: str  # the MLP output projection, "{}" = layer
-    lr: float = 5e-4
-    num_steps: int = 25
-    norm_constraint: float = 5e-4  # L∞ radius around the original weights; 0 = unconstrained
-    batch_size: int = 64  # requests per optimiser step
-    early_stop_loss: float = 1e-2
+    lr: float = bounded(5e-4, gt=0)
+    num_steps: int = bounded(25, ge=1, le=MAX_STEPS)
+    norm_constraint: float = bounded(5e-4, ge=0)  # L∞ radius around the original weights; 0 = unconstrained
+    batch_size: int = bounded(64, ge=1, le=MAX_STEPS)  # requests per optimiser step
+    early_stop_loss: float = bounded(1e-2, ge=0)
 
     def __post_init__(self) -> None:
         self.layers = tuple(int(x) for x in self.layers)
-        if not self.layers or min(self.layers) < 0:
-            raise ValueError(f"layers must be non-empty and >= 0, got {list(self.layers)}")
+        validate(self)
+        if not self.layers:
+            raise ValueError("layers must not be empty")
         if "{}" not in self.rewrite_module_tmp:
             raise ValueError("rewrite_module_tmp must contain '{}' for the layer")
-        if not self.lr > 0 or self.num_steps < 1 or self.batch_size < 1 or self.norm_constraint < 0:
-            raise ValueError("lr must be > 0, num_steps and batch_size >= 1, norm_constraint >= 0")
 
     @classmethod
     def for_model(cls, model: Any) -> FTHyperParams:

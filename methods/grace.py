@@ -50,6 +50,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from kedit.methods.base import Adapter, EditRequest, EditResult, register_method
+from kedit.methods.hparams import MAX_STEPS, bounded, layer_field, validate
 from kedit.methods.rome import SuffixForward, partial_unsupported
 
 from kedit.adapters import register_installer
@@ -78,30 +79,21 @@ _DEFAULT_FRACTION = 27 / 32
 class GRACEHyperParams:
     """GRACE's knobs; `for_model` picks the layer and module from kedit.arch."""
 
-    layer: int
+    layer: int = layer_field()
     module_tmp: str  # keys are this module's input, values replace its output; "{}" = layer
-    eps_init: float = 1.0  # EasyEdit's `eps` (euclidean distance in the module's input space)
-    n_iter: int = 50  # EasyEdit's llama file (gpt2-xl: 200; the original repo: 100)
-    edit_lr: float = 1.0
-    early_stop_loss: float = 1e-2  # stop training once the target's mean NLL is below this (0: never)
+    eps_init: float = bounded(1.0, gt=0)  # EasyEdit's `eps` (euclidean distance in the module's input space)
+    n_iter: int = bounded(50, ge=1, le=MAX_STEPS)  # EasyEdit's llama file (gpt2-xl: 200; the original repo: 100)
+    edit_lr: float = bounded(1.0, gt=0)
+    early_stop_loss: float = bounded(1e-2, ge=0)  # stop training once the target's mean NLL is below this (0: never)
     val_init: str = "cold"  # cold: uniform [0, 1) as in the original; warm: the module's current output
     duplicate_tol: float = 1e-4  # a key this close to an existing one re-edits that entry (negative: off)
     partial_forward: bool = True  # train through layers L.. only, where checked (same losses, faster)
     seed: int = 0
 
     def __post_init__(self) -> None:
-        if self.layer < 0:
-            raise ValueError(f"layer must be >= 0, got {self.layer}")
+        validate(self)
         if "{}" not in self.module_tmp:
             raise ValueError(f"module_tmp must contain '{{}}' for the layer, got {self.module_tmp!r}")
-        if not self.eps_init > 0:
-            raise ValueError(f"eps_init must be > 0, got {self.eps_init}")
-        if self.n_iter < 1:
-            raise ValueError(f"n_iter must be >= 1, got {self.n_iter}")
-        if not self.edit_lr > 0:
-            raise ValueError(f"edit_lr must be > 0, got {self.edit_lr}")
-        if self.early_stop_loss < 0:
-            raise ValueError(f"early_stop_loss must be >= 0, got {self.early_stop_loss}")
         if self.val_init not in ("cold", "warm"):
             raise ValueError(f"val_init must be 'cold' or 'warm', got {self.val_init!r}")
 

@@ -5,6 +5,13 @@ per-architecture defaults and a `__post_init__` that validates. This module laye
 file and then command-line overrides on top, converting each string to the field's type, and
 serialises back to a JSON-friendly dict so a commit can record exactly what ran.
 
+Validation is declared, not written out: a field made with `bounded(default, gt=..., le=...)`
+carries its range in its metadata (`layer_field()` a layer index, which `check_layers` also
+holds to the model's depth), and `validate(hp)`, called by the `__post_init__` of each class
+with numeric fields, checks each number of each field against it. Every number must also be finite
+as a float32 (1e308 would overflow to inf when a method uses it) and every integer fit in 32
+bits, bounded or not: NaN passes `nan < 0` checks unseen, so the rule is written once, here.
+
 Caveats: unknown keys are an error when they come from the user (a typo must not be silently
 ignored) and a warning when they come from a stored record written by another kedit version.
 """
@@ -13,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 import types
 import typing
 from pathlib import Path
@@ -20,13 +28,98 @@ from typing import Any, TypeVar
 
 import yaml
 
-__all__ = ["hparams_from_dict", "hparams_from_overrides", "hparams_to_dict", "parse_value"]
+from kedit.arch import arch_for, n_layers
+
+__all__ = [
+    "MAX_STEPS",
+    "bounded",
+    "check_layers",
+    "hparams_from_dict",
+    "hparams_from_overrides",
+    "hparams_to_dict",
+    "layer_field",
+    "parse_value",
+    "validate",
+]
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
+# Larger step counts are typos (`num_steps=1e12` would run for years), not plans.
+MAX_STEPS = 100_000
+_FLOAT32_MAX = 3.4028234663852886e38
+_INT32_MAX = 2**31 - 1
+
 _TRUE = {"true", "yes", "on", "1"}
 _FALSE = {"false", "no", "off", "0"}
+
+
+@dataclasses.dataclass(frozen=True)
+class Bounds:
+    """An interval for a field's numbers; None leaves that side open."""
+
+    gt: float | None = None
+    ge: float | None = None
+    lt: float | None = None
+    le: float | None = None
+
+    def holds(self, v: float) -> bool:
+        return ((self.gt is None or v > self.gt) and (self.ge is None or v >= self.ge)
+                and (self.lt is None or v < self.lt) and (self.le is None or v <= self.le))
+
+    def __str__(self) -> str:
+        parts = [f"{op} {limit:g}" for op, limit in ((">", self.gt), (">=", self.ge), ("<", self.lt), ("<=", self.le))
+                 if limit is not None]
+        return " and ".join(parts)
+
+
+def bounded(default: Any = dataclasses.MISSING, *, gt: float | None = None, ge: float | None = None,
+            lt: float | None = None, le: float | None = None) -> Any:
+    """A dataclass field whose number (or every number of its tuple) must lie in the given range.
+
+    Example:
+        v_lr: float = bounded(1.0, gt=0)
+        num_steps: int = bounded(25, ge=1, le=MAX_STEPS)
+    """
+    return dataclasses.field(default=default, metadata={"bounds": Bounds(gt, ge, lt, le)})
+
+
+def layer_field(default: Any = dataclasses.MISSING) -> Any:
+    """A layer index, or a tuple of them: >= 0 here, below the model's layer count in `check_layers`."""
+    return dataclasses.field(default=default, metadata={"bounds": Bounds(ge=0), "layer": True})
+
+
+def check_layers(hp: Any, model: Any) -> None:
+    """Raise ValueError naming a `layer_field` of `hp` that points past `model`'s last layer."""
+    layered = [f for f in dataclasses.fields(hp) if f.metadata.get("layer")]
+    total = n_layers(model, arch_for(model)) if layered else 0
+    for f in layered:
+        for v in _numbers(getattr(hp, f.name)):
+            if v >= total:
+                raise ValueError(f"{f.name} {v} is past the model's last layer ({total} layers: 0..{total - 1})")
+
+
+def _numbers(value: Any) -> typing.Iterator[int | float]:
+    if isinstance(value, bool):
+        return
+    if isinstance(value, int | float):
+        yield value
+    elif isinstance(value, tuple | list):
+        for v in value:
+            yield from _numbers(v)
+
+
+def validate(hp: Any) -> None:
+    """Raise ValueError naming the first field of `hp` with a number non-finite, too large or out of its bounds."""
+    for f in dataclasses.fields(hp):
+        bounds = f.metadata.get("bounds")
+        for v in _numbers(getattr(hp, f.name)):
+            if isinstance(v, float) and not (math.isfinite(v) and abs(v) <= _FLOAT32_MAX):
+                raise ValueError(f"{f.name} must be a finite number (a float32), got {v!r}")
+            if bounds is not None and not bounds.holds(v):
+                raise ValueError(f"{f.name} must be {bounds}, got {v!r}")
+            if isinstance(v, int) and abs(v) > _INT32_MAX:
+                raise ValueError(f"{f.name} is out of range (a 32-bit integer), got {v!r}")
 
 
 def _coerce(name: str, value: Any, tp: Any) -> Any:
@@ -78,7 +171,7 @@ def _coerce(name: str, value: Any, tp: Any) -> Any:
         return value
     if origin in (tuple, list):
         if isinstance(value, str):
-            value = yaml.safe_load(value)
+            value = _safe_yaml(value, f"the value of {name}")
         if not isinstance(value, list | tuple):
             raise ValueError(f"{name} must be a list, got {value!r}")
         if origin is tuple and len(args) == 2 and args[1] is Ellipsis:
@@ -94,13 +187,25 @@ def _coerce(name: str, value: Any, tp: Any) -> Any:
     return value
 
 
+def _safe_yaml(text: str, where: str) -> Any:
+    """Plain YAML only (safe_load: a tag that would build a Python object is refused, never run),
+    its errors as one line naming `where` and the position."""
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        mark = getattr(e, "problem_mark", None)
+        at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        raise ValueError(f"{where} is not plain YAML: {problem}{at}") from None
+
+
 def parse_value(name: str, text: str, tp: Any) -> Any:
     """Parse a command-line string for a field of type `tp` (YAML syntax: 1e-3, true, [5, 10])."""
     if tp is str or (typing.get_origin(tp) in (typing.Union, types.UnionType) and str in typing.get_args(tp)):
         if text.lower() in ("none", "null") and type(None) in typing.get_args(tp):
             return None
         return text
-    return _coerce(name, yaml.safe_load(text), tp)
+    return _coerce(name, _safe_yaml(text, f"the value of {name}"), tp)
 
 
 def _field_types(cls: type) -> dict[str, Any]:
@@ -137,7 +242,7 @@ def hparams_from_overrides(
     """
     hp = cls.for_model(model)  # type: ignore[attr-defined]
     if yaml_path is not None:
-        loaded = yaml.safe_load(Path(yaml_path).read_text()) or {}
+        loaded = _safe_yaml(Path(yaml_path).read_text(encoding="utf-8"), str(yaml_path)) or {}
         if not isinstance(loaded, dict):
             raise ValueError(
                 f"{yaml_path}: expected a mapping of hyper-parameters, got {type(loaded).__name__}"
@@ -153,6 +258,7 @@ def hparams_from_overrides(
             )
         parsed = {k: parse_value(k, v, types_[k]) for k, v in overrides.items()}
         hp = hparams_from_dict(cls, hp, parsed)
+    check_layers(hp, model)
     return hp
 
 

@@ -25,6 +25,7 @@ from typing import Any
 import torch
 from kedit.methods import memit_math, rome
 from kedit.methods.base import EditRequest, EditResult, LowRank, register_method
+from kedit.methods.hparams import MAX_STEPS, bounded, layer_field, validate
 from kedit.methods.lowp import check_dtype
 from kedit.methods.values import ValueSettings, module_outputs_at_subject, optimise_values, subject_keys
 
@@ -57,44 +58,38 @@ def default_layers(model: Any) -> tuple[int, ...]:
 class MEMITHyperParams:
     """MEMIT's knobs; `for_model` fills the layers, module names and λ from kedit.arch."""
 
-    layers: tuple[int, ...]
+    layers: tuple[int, ...] = layer_field()
     rewrite_module_tmp: str  # the MLP output projection, "{}" = layer
     layer_module_tmp: str  # the block whose output is the residual stream, "{}" = layer
     out_proj_transposed: bool = False
-    mom2_update_weight: float = 15000.0  # λ
+    mom2_update_weight: float = bounded(15000.0, gt=0)  # λ
     mom2_adjustment: bool = True  # false: C = I
-    mom2_n_samples: int = 256
-    mom2_ridge: float = 1e-2  # C + ridge·mean(diag C)·I: few-sample statistics are singular
+    mom2_n_samples: int = bounded(256, ge=1, le=10_000_000)
+    mom2_ridge: float = bounded(1e-2, ge=0)  # C + ridge·mean(diag C)·I: few-sample statistics are singular
     # EasyEdit's llama files: 25 steps at lr 0.5; on SmolLM2 ROME reached the same scores with 12
     # steps at lr 1.0 in half the time (methods/rome.py), and MEMIT's δ is ROME's v* at the residual.
-    v_num_grad_steps: int = 12
-    v_lr: float = 1.0
-    v_weight_decay: float = 1e-3
-    clamp_norm_factor: float = 4.0  # δ's norm at most this times the residual stream's
-    kl_factor: float = 0.0625
-    early_stop_loss: float = 5e-2
+    v_num_grad_steps: int = bounded(12, ge=1, le=MAX_STEPS)
+    v_lr: float = bounded(1.0, gt=0)
+    v_weight_decay: float = bounded(1e-3, ge=0)
+    clamp_norm_factor: float = bounded(4.0, gt=0)  # δ's norm at most this times the residual stream's
+    kl_factor: float = bounded(0.0625, ge=0)
+    early_stop_loss: float = bounded(5e-2, ge=0)
     kl_prompt: str = "{} is a"
     context_template_length_params: tuple[tuple[int, int], ...] = ((10, 5),)
     context_template_seeds: tuple[str, ...] = ("The", "Therefore", "Because", "I", "You")
     guard_position0: bool = True
-    v_batch_size: int = 32  # requests per batch of the δ optimisation; 1 is the peers' one-at-a-time
+    # requests per batch of the δ optimisation; 1 is the peers' one-at-a-time
+    v_batch_size: int = bounded(32, ge=1, le=MAX_STEPS)
     v_dtype: str = "bfloat16"  # the layers above the last edited one while δ is optimised (methods/lowp.py)
     seed: int = 0
 
     def __post_init__(self) -> None:
         self.layers = tuple(int(x) for x in self.layers)
-        if not self.layers or list(self.layers) != sorted(set(self.layers)) or self.layers[0] < 0:
+        validate(self)
+        if not self.layers or list(self.layers) != sorted(set(self.layers)):
             raise ValueError(f"layers must be distinct, ascending and >= 0, got {list(self.layers)}")
         if "{}" not in self.rewrite_module_tmp or "{}" not in self.layer_module_tmp:
             raise ValueError("rewrite_module_tmp and layer_module_tmp must contain '{}' for the layer")
-        if self.v_num_grad_steps < 1 or self.v_batch_size < 1 or self.mom2_n_samples < 1:
-            raise ValueError("v_num_grad_steps, v_batch_size and mom2_n_samples must be >= 1")
-        for name in ("v_lr", "clamp_norm_factor", "mom2_update_weight"):
-            if not getattr(self, name) > 0:
-                raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
-        for name in ("v_weight_decay", "kl_factor", "early_stop_loss", "mom2_ridge"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         self.context_template_length_params = tuple(tuple(p) for p in self.context_template_length_params)  # type: ignore[assignment]
         check_dtype(self.v_dtype)
         if "{}" not in self.kl_prompt:

@@ -37,6 +37,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from kedit.methods.base import EditRequest, EditResult, LowRank, register_method
+from kedit.methods.hparams import MAX_STEPS, bounded, layer_field, validate
 from torch import nn
 
 from kedit.arch import arch_for, get_module, n_layers
@@ -73,43 +74,36 @@ class MENDTrainParams:
     layers), a rank-256 editor (MEND: min(1920, dim)), edits batched 8 to a step.
     """
 
-    layers: tuple[int, ...]
+    layers: tuple[int, ...] = layer_field()
     module_tmp: str  # e.g. "model.layers.{}.mlp.down_proj"
     transposed: bool = False  # GPT-2 Conv1D stores Wᵀ
-    rank: int = 256
-    n_hidden: int = 1  # hidden layers of the identity MLP (MEND: 1, so two layers in all)
-    edit_lr: float = 0.0  # initial step α_ℓ of every edited layer; 0: line search on the first batch
-    lr: float = 3e-4  # Adam on the editor network (SmolLM2: 1e-4 reached 29% reliability in 50 steps, 3e-4 52% in 100)
-    lr_lr: float = 1e-3  # Adam on the step sizes (MEND trains them apart)
-    cedit: float = 1.0  # weight of the edit NLL (on the prompt and its paraphrases)
-    cloc: float = 1.0  # weight of the locality KL (unrelated prompts)
-    batch_size: int = 8  # edits per training step, applied together
-    max_steps: int = 20000
-    max_minutes: float = 0.0  # stop after this much training time (0: no limit)
-    val_every: int = 100  # steps between validations
-    patience: int = 8  # validations without improvement before stopping (the validation loss is noisy)
-    val_size: int = 48  # records held out for validation when no --val file is given
-    grad_clip: float = 100.0
-    max_length: int = 96  # tokens per row; longer rows are dropped
-    n_paraphrases: int = 2  # per edit, in the edit loss
-    checkpoint_every: int = 25
+    rank: int = bounded(256, ge=1, le=MAX_STEPS)
+    n_hidden: int = bounded(1, ge=0, le=64)  # hidden layers of the identity MLP (MEND: 1, so two layers in all)
+    edit_lr: float = bounded(0.0, ge=0)  # initial step α_ℓ of every edited layer; 0: line search on the first batch
+    # Adam on the editor network (SmolLM2: 1e-4 reached 29% reliability in 50 steps, 3e-4 52% in 100)
+    lr: float = bounded(3e-4, gt=0)
+    lr_lr: float = bounded(1e-3, gt=0)  # Adam on the step sizes (MEND trains them apart)
+    cedit: float = bounded(1.0, ge=0)  # weight of the edit NLL (on the prompt and its paraphrases)
+    cloc: float = bounded(1.0, ge=0)  # weight of the locality KL (unrelated prompts)
+    batch_size: int = bounded(8, ge=1, le=MAX_STEPS)  # edits per training step, applied together
+    max_steps: int = bounded(20000, ge=1, le=100 * MAX_STEPS)
+    max_minutes: float = bounded(0.0, ge=0)  # stop after this much training time (0: no limit)
+    val_every: int = bounded(100, ge=1)  # steps between validations
+    patience: int = bounded(8, ge=1)  # validations without improvement before stopping (the validation loss is noisy)
+    val_size: int = bounded(48, ge=0)  # records held out for validation when no --val file is given
+    grad_clip: float = bounded(100.0, gt=0)
+    max_length: int = bounded(96, ge=1, le=MAX_STEPS)  # tokens per row; longer rows are dropped
+    n_paraphrases: int = bounded(2, ge=0)  # per edit, in the edit loss
+    checkpoint_every: int = bounded(25, ge=1)
     seed: int = 0
 
     def __post_init__(self) -> None:
         self.layers = tuple(int(x) for x in self.layers)  # type: ignore[assignment]
-        if not self.layers or min(self.layers) < 0:
-            raise ValueError(f"layers must be non-negative layer indices, got {list(self.layers)}")
+        validate(self)
+        if not self.layers:
+            raise ValueError("layers must name at least one layer")
         if "{}" not in self.module_tmp:
             raise ValueError(f"module_tmp must contain '{{}}' for the layer, got {self.module_tmp!r}")
-        for name in ("rank", "batch_size", "max_steps", "val_every", "patience", "max_length", "checkpoint_every"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("n_hidden", "n_paraphrases", "val_size", "max_minutes", "cedit", "cloc", "edit_lr"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
-        for name in ("lr", "lr_lr", "grad_clip"):
-            if not getattr(self, name) > 0:
-                raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
 
     @classmethod
     def for_model(cls, model: Any) -> MENDTrainParams:

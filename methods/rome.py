@@ -47,6 +47,7 @@ import torch.nn.functional as F
 from kedit.methods import rome_math
 from kedit.methods.base import EditRequest, EditResult, LowRank, register_method
 from kedit.methods.capture import capture_at_module
+from kedit.methods.hparams import MAX_STEPS, bounded, layer_field, validate
 from kedit.methods.lowp import DTYPES, check_dtype, has_hooks, low_precision
 
 from kedit.arch import arch_for, get_module, n_layers
@@ -70,21 +71,22 @@ StatsProvider = Callable[[str, int], torch.Tensor]  # (module name, layer) -> E[
 class ROMEHyperParams:
     """ROME's knobs; `for_model` fills the layer and module names from kedit.arch."""
 
-    layer: int
+    layer: int = layer_field()
     rewrite_module_tmp: str  # the MLP output projection, "{}" = layer
     out_proj_transposed: bool = False  # GPT-2 Conv1D stores Wᵀ
     # EasyEdit's llama files: 25 steps at lr 0.5. On SmolLM2-135M the KL term keeps the loss above
     # ROME's 5e-2 early stop, so all 25 steps ran; 12 steps at lr 1.0 gave the same efficacy,
     # paraphrase and neighbourhood scores on 12 CounterFact edits at half the time (bench/results/rome_counterfact.md).
-    v_num_grad_steps: int = 12
-    v_lr: float = 1.0
-    v_weight_decay: float = 1e-3
-    clamp_norm_factor: float = 4.0
-    kl_factor: float = 0.0625
-    early_stop_loss: float = 5e-2
+    v_num_grad_steps: int = bounded(12, ge=1, le=MAX_STEPS)
+    v_lr: float = bounded(1.0, gt=0)
+    v_weight_decay: float = bounded(1e-3, ge=0)
+    clamp_norm_factor: float = bounded(4.0, gt=0)
+    kl_factor: float = bounded(0.0625, ge=0)
+    early_stop_loss: float = bounded(5e-2, ge=0)
     mom2_adjustment: bool = True  # u = C⁻¹k*; false means C = I (EasyEdit's default)
-    mom2_n_samples: int = 256  # texts behind C (bench/stats_samples.py: 16 are within a point of 256)
-    mom2_ridge: float = 1e-6  # C + ridge·mean(diag C)·I, so few-sample statistics stay invertible
+    # texts behind C (bench/stats_samples.py: 16 are within a point of 256)
+    mom2_n_samples: int = bounded(256, ge=1, le=10_000_000)
+    mom2_ridge: float = bounded(1e-6, ge=0)  # C + ridge·mean(diag C)·I, so few-sample statistics stay invertible
     # (tokens, count) of generated prefixes. ROME's [[5,10],[10,10]] (21 templates) costs 4x the
     # time per step; bench/rome_counterfact.py compares the two on SmolLM2.
     context_template_length_params: tuple[tuple[int, int], ...] = ((5, 5),)
@@ -95,48 +97,32 @@ class ROMEHyperParams:
     # for a few subjects. Below this floor, u moves toward the one with equal u·k at every
     # template's key (rome_math.equal_gain_vector) just far enough to give the prompt this much:
     # the edit shows, with a larger update. 0: ROME's u always; >= 1: the whole equal-gain u.
-    prompt_gain_floor: float = 0.0
+    prompt_gain_floor: float = bounded(0.0, ge=0)
     # When the edited model does not give the target on the prompt as asked (not every target
     # token the argmax, nor the new target likelier than the true one), the floor is raised to
     # these in turn until it does. A raised floor costs update norm and neighbours, so only the
     # edits that need it pay (bench/results/rome_counterfact_100.md). (): checked, never raised.
-    escalate_gain_floors: tuple[float, ...] = (0.5, 0.7, 1.0)
+    escalate_gain_floors: tuple[float, ...] = bounded((0.5, 0.7, 1.0), gt=0)
     # Keys of the request's neighbourhood and locality prompts (every token after the start) that
     # ROME's u would give more than this share of the edit are held fixed (u·k = 0, least C-norm):
     # subjects that share the edited key ("Mawson Glacier", "Howard Glacier") then keep their
     # answers (on SmolLM2, 100 edits scored on neighbours they never saw: 5 collapsed
     # neighbourhoods without, 2 with). Only prompts given with the edit count. 0: off (ROME).
-    protect_overlap: float = 0.3
+    protect_overlap: float = bounded(0.3, ge=0)
     # An edit that still does not show is usually a v* that did not converge in v_num_grad_steps
     # (on SmolLM2: "Newton Moore worked in" -> Amsterdam, NLL 0.68 after 12 steps, 0.02 after 24);
     # v* is optimised again with this many steps, then the floors again. <= v_num_grad_steps: never.
-    retry_grad_steps: int = 24
+    retry_grad_steps: int = bounded(24, ge=0, le=MAX_STEPS)
     # The layers above the edited one run in this dtype while v* is optimised (methods/lowp.py):
     # half the memory traffic of a step. "float32" runs them as loaded.
     v_dtype: str = "bfloat16"
     seed: int = 0
 
     def __post_init__(self) -> None:
-        if self.layer < 0:
-            raise ValueError(f"layer must be >= 0, got {self.layer}")
+        self.escalate_gain_floors = tuple(float(g) for g in self.escalate_gain_floors)
+        validate(self)
         if "{}" not in self.rewrite_module_tmp:
             raise ValueError(f"rewrite_module_tmp must contain '{{}}' for the layer, got {self.rewrite_module_tmp!r}")
-        if self.v_num_grad_steps < 1:
-            raise ValueError(f"v_num_grad_steps must be >= 1, got {self.v_num_grad_steps}")
-        for name in ("v_lr", "clamp_norm_factor"):
-            if not getattr(self, name) > 0:
-                raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
-        for name in ("v_weight_decay", "kl_factor", "early_stop_loss", "mom2_ridge", "prompt_gain_floor",
-                     "protect_overlap"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
-        self.escalate_gain_floors = tuple(float(g) for g in self.escalate_gain_floors)
-        if any(g <= 0 for g in self.escalate_gain_floors):
-            raise ValueError(f"escalate_gain_floors must be > 0, got {list(self.escalate_gain_floors)}")
-        if self.retry_grad_steps < 0:
-            raise ValueError(f"retry_grad_steps must be >= 0, got {self.retry_grad_steps}")
-        if self.mom2_n_samples < 1:
-            raise ValueError(f"mom2_n_samples must be >= 1, got {self.mom2_n_samples}")
         check_dtype(self.v_dtype)
         self.context_template_length_params = tuple(tuple(p) for p in self.context_template_length_params)  # type: ignore[assignment]
         for p in self.context_template_length_params:

@@ -15,18 +15,16 @@ from pathlib import Path
 
 import pytest
 import torch
-from click.testing import CliRunner, Result
 from safetensors.torch import load_file, save_file
 
 from kedit import history
-from kedit.cli import cli
 from kedit.delta import Dense, LowRank
 from kedit.hashing import hash_tensor
 from kedit.maintenance import fsck
 from kedit.repo import Repository
 from kedit.worktree import shard_name
 
-from .helpers_engine import snapshot
+from .helpers_engine import kedit, refused, snapshot
 
 DOWN0 = "model.layers.0.mlp.down_proj.weight"
 NORM = "model.norm.weight"
@@ -62,24 +60,6 @@ def repo(template: tuple[Path, list[str]], tmp_path: Path) -> Repository:
 @pytest.fixture
 def edits(template: tuple[Path, list[str]]) -> list[str]:
     return template[1]
-
-
-def kedit(*args: str, repo: Repository | None = None) -> Result:
-    argv = (["--repo", str(repo.root)] if repo is not None else []) + list(args)
-    return CliRunner().invoke(cli, argv)
-
-
-def refused(*args: str, repo: Repository | None = None, code: int = 1) -> str:
-    """Run a command that must fail cleanly; return its one error line."""
-    result = kedit(*args, repo=repo)
-    assert result.exit_code == code, (result.exit_code, result.output)
-    assert isinstance(result.exception, SystemExit), f"an exception escaped: {result.exception!r}"
-    assert "Traceback" not in result.output
-    lines = result.stderr.splitlines()
-    assert len(lines) == 1, f"expected one line on stderr, got {result.stderr!r}"
-    assert lines[0].startswith("kedit: error: "), lines[0]
-    assert "internal error" not in lines[0], lines[0]  # an unexpected exception type, i.e. a bug
-    return lines[0]
 
 
 def fsck_output(repo: Repository, code: int) -> str:
