@@ -147,6 +147,9 @@ CREATE TABLE remote_branches (         -- what kedit last saw of a Hub branch (k
 # Ordered, named migrations; each runs once, inside a transaction, and is recorded.
 MIGRATIONS: list[tuple[str, str]] = [("0001_initial", _SCHEMA_V1), ("0002_probes", _PROBES)]
 MIGRATIONS.append(("0004_remotes", _REMOTES))
+# The NAME of the environment variable that holds a remote's token (`--token-env`), for a remote
+# whose host is not HF_ENDPOINT's: the token itself is never stored.
+MIGRATIONS.append(("0006_remote_token_env", "ALTER TABLE remotes ADD COLUMN token_env TEXT;"))
 
 # A method's memory: tensors an edit keeps for the method's later edits (AlphaEdit: the keys it
 # wrote). Read back only for commits whose deltas are still in effect, so a revert forgets them.

@@ -22,7 +22,14 @@ from safetensors import SafetensorError
 
 from kedit import db as dbm
 from kedit import history, remotes
-from kedit.errors import CorruptObjectError, HubError, KeditError, PushRejectedError, RepositoryExistsError
+from kedit.errors import (
+    BadNameError,
+    CorruptObjectError,
+    HubError,
+    KeditError,
+    PushRejectedError,
+    RepositoryExistsError,
+)
 from kedit.hashing import hash_bytes, hash_tensor, tensors_object_id
 from kedit.hub import (
     EDITOR_FIELDS,
@@ -40,6 +47,7 @@ from kedit.hub import (
     verify_document,
 )
 from kedit.hubapi import Hub
+from kedit.names import check_fetched, loads_unique
 from kedit.progress import progress_bar
 from kedit.refs import BRANCH_PREFIX, HEAD
 from kedit.repo import REPO_DIR, Repository
@@ -72,6 +80,7 @@ def fetch(repo: Repository, remote_name: str | None = None, branches: Iterable[s
         metrics: dict[str, list[dict]] = {}
         editors: dict[str, dict] = {}
         found: dict[str, Fetched] = {}
+        seen: dict[str, tuple[dict[str, str], int, int]] = {}  # branch -> (tree, documents, editors) so far
         for rbranch in wanted:
             sha = hub_branches[rbranch]
             state = hub.read_json(REFS_FILE, sha, tmp / sha)
@@ -89,9 +98,17 @@ def fetch(repo: Repository, remote_name: str | None = None, branches: Iterable[s
             _fetch_commits(repo, hub, tree, sha, tip, docs, metrics, tmp / sha)
             fetched.new_commits = len(docs) - before
             _fetch_editors(repo, hub, tree, sha, editors, tmp / sha)
-            fetched.objects = _fetch_objects(repo, hub, tree, sha, checkpoint, docs, set(editors), tmp / sha,
-                                             progress)
             found[rbranch] = fetched
+            seen[rbranch] = (tree, len(docs), len(editors))
+        try:  # nothing is written before every name has passed
+            check_fetched(found, docs, editors)
+        except BadNameError as e:
+            raise HubError(f"refused {hub.where}: {e}; nothing was changed") from None
+        for rbranch, f in found.items():  # each branch's objects, with the documents known by then
+            tree, n_docs, n_editors = seen[rbranch]
+            f.objects = _fetch_objects(repo, hub, tree, f.hub_commit, f.checkpoint,
+                                       dict(list(docs.items())[:n_docs]), set(list(editors)[:n_editors]),
+                                       tmp / f.hub_commit, progress)
         _record(repo, remote.name, docs, metrics, editors, found)
     return found
 
@@ -105,7 +122,7 @@ def _download_document(hub: Hub, tree: dict[str, str], sha: str, cid: str, tmp: 
     if path not in tree:
         raise HubError(f"the remote history is incomplete: commit {cid[:12]} is missing from {hub.where}")
     try:
-        doc = json.loads(hub.download(path, sha, tmp).read_text())
+        doc = loads_unique(hub.download(path, sha, tmp).read_text())
     except ValueError:
         doc = None
     verify_document(doc, cid)
@@ -274,9 +291,13 @@ def _record(repo: Repository, remote: str, docs: dict[str, dict], metrics: dict[
 # -- clone and pull ------------------------------------------------------------------------
 
 
-def clone(url: str, directory: Path | None = None, *, progress: bool = False) -> tuple[Repository, dict]:
-    """A new repository at `directory` holding every kedit branch of the Hub repository `url`."""
-    _endpoint, repo_id = remotes.parse_url(url)
+def clone(url: str, directory: Path | None = None, *, token_env: str | None = None,
+          progress: bool = False) -> tuple[Repository, dict]:
+    """A new repository at `directory` holding every kedit branch of the Hub repository `url`
+    (its remote `origin` takes its token from $`token_env` when given)."""
+    endpoint, repo_id = remotes.parse_url(url)
+    remotes.check_transport(endpoint)  # refused before any folder is made
+    remotes.check_token_env(token_env)
     directory = directory or Path(repo_id.split("/")[-1])
     path = directory / REPO_DIR
     if path.exists():
@@ -285,7 +306,7 @@ def clone(url: str, directory: Path | None = None, *, progress: bool = False) ->
     try:
         path.mkdir(parents=True)
         repo = Repository._create(path, worktree=True)
-        remotes.add(repo.db, "origin", url)
+        remotes.add(repo.db, "origin", url, token_env)
         found = fetch(repo, "origin", progress=progress)
         if not found:
             raise HubError(f"{url} holds no kedit history", hint="push to it first with 'kedit push'")

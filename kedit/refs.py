@@ -27,6 +27,7 @@ DEFAULT_BRANCH = "main"
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._/-]*$")
 _SUFFIX_RE = re.compile(r"(~\d*|\^)")
 MIN_PREFIX = 4
+MAX_REF_NAME = 255
 
 
 def now_iso() -> str:
@@ -44,10 +45,14 @@ def check_ref_name(name: str, what: str = "branch") -> str:
         problem = "it may not contain '..' or '//', nor end with '/', '.' or '.lock'"
     elif any(part.startswith(".") for part in name.split("/")):
         problem = "no part of it may start with '.'"
+    elif len(name) > MAX_REF_NAME:
+        problem = f"it is longer than {MAX_REF_NAME} characters"
     elif name == HEAD:
         problem = "HEAD is reserved"
-    elif re.fullmatch(r"[0-9a-f]{4,32}", name):
-        problem = "it looks like a commit id"
+    elif name.startswith("refs/"):
+        problem = "give the short name (a full ref path could not be named by any command)"
+    elif re.fullmatch(r"[0-9a-fA-F]{4,32}", name):
+        problem = "it looks like a commit id and would shadow one"
     if problem:
         raise RefNameError(f"invalid {what} name {name!r}: {problem}")
     return name

@@ -34,9 +34,11 @@ from kedit import db as dbm
 from kedit import history
 from kedit.delta import Adapter, Dense, LowRank, Replace, WeightDelta, apply_step, delta_size_bytes
 from kedit.errors import (
+    BadNameError,
     DeltaError,
     KeditError,
     LockedError,
+    ModelSourceError,
     RepositoryExistsError,
     RepositoryNotFoundError,
     RevisionError,
@@ -44,6 +46,7 @@ from kedit.errors import (
 )
 from kedit.hashing import canonical_json, dtype_name, hash_tensor, record_id
 from kedit.materialize import Materializer, TensorCache, load_step
+from kedit.names import check_tensor_name
 from kedit.progress import progress_bar
 from kedit.refs import BRANCH_PREFIX, DEFAULT_BRANCH, HEAD, TAG_PREFIX, Refs, check_ref_name, now_iso
 from kedit.sources import open_source
@@ -296,6 +299,13 @@ class Repository:
         total = 0
         for weight_file in src.weight_files:
             tensors, _ = read_safetensors(weight_file)
+            for name in tensors:  # they become file names in the working model and on the Hub
+                try:
+                    check_tensor_name(name)
+                except BadNameError as e:
+                    raise ModelSourceError(f"{weight_file.name}: {e}") from None
+                if name in changes:
+                    raise ModelSourceError(f"{weight_file.name}: the tensor {name!r} is also in another weight file")
             for name in progress_bar(sorted(tensors), desc=f"hash+store {weight_file.name}", disable=not progress):
                 tensor = tensors[name]
                 if dtype is not None and tensor.is_floating_point():
