@@ -97,7 +97,13 @@ def _split(path: Any, what: str) -> list[str]:
         raise _refuse(what, path, "it is empty or not text")
     if len(path) > MAX_PATH:
         raise _refuse(what, path, f"it is longer than {MAX_PATH} characters")
+    if path.startswith("/") or re.match(r"^[A-Za-z]:", path):
+        raise _refuse(what, path, "it is an absolute path")
+    if "\\" in path or any(ord(c) < 32 or ord(c) == 127 for c in path):
+        raise _refuse(what, path, "it holds a backslash or a control character")
     parts = path.split("/")
+    if ".." in parts:
+        raise _refuse(what, path, "it climbs out of its folder with '..'")
     if len(parts) > MAX_PATH_PARTS or "" in parts:
         raise _refuse(what, path, f"it must be a relative path of at most {MAX_PATH_PARTS} non-empty parts")
     return parts
