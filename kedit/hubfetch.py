@@ -1,7 +1,9 @@
 """fetch, clone and pull: bringing a Hub repository's kedit history here (layout: kedit/hub.py).
 
 `fetch` walks the remote's commits back to ones it knows, checks each record against its id
-(`hub.verify_document`) and each object against its hash; objects that the branch's weights hold
+(`hub.verify_document`), then every name that all branches brought against kedit's grammar
+(`names.check_fetched`: one bad name refuses the fetch before anything is stored), and each
+object against its hash; objects that the branch's weights hold
 are rebuilt from the shards and checked the same way. The objects are stored first, then the
 commits and the remote-tracking ref are recorded in one transaction, so a failure leaves at
 most unreferenced objects (for `kedit gc`). `clone` is a fresh repository plus a fetch of every
