@@ -40,7 +40,7 @@ from kedit.hashing import canonical_json, record_id, tensors_object_id
 from kedit.hubapi import KEDIT_DIR, Hub
 from kedit.names import ID_RE
 from kedit.progress import progress_bar
-from kedit.refs import BRANCH_PREFIX
+from kedit.refs import BRANCH_PREFIX, check_ref_name
 from kedit.repo import Repository
 from kedit.store import save_tensors_atomic
 
@@ -239,7 +239,7 @@ def push(repo: Repository, remote_name: str | None = None, branch: str | None = 
     tip = repo.refs.deref(BRANCH_PREFIX + branch)
     if tip is None:
         raise KeditError(f"no branch named {branch!r}")
-    rbranch = remote_branch or branch
+    rbranch = check_ref_name(remote_branch or branch, "remote branch")  # a clone makes it a branch
     hub = Hub(remote)
     if create:
         hub.create_repo()

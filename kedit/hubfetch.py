@@ -30,6 +30,7 @@ from kedit.errors import (
     HubError,
     KeditError,
     PushRejectedError,
+    RefNameError,
     RepositoryExistsError,
 )
 from kedit.hashing import hash_bytes, hash_tensor, tensors_object_id
@@ -104,7 +105,7 @@ def fetch(repo: Repository, remote_name: str | None = None, branches: Iterable[s
             seen[rbranch] = (tree, len(docs), len(editors))
         try:  # nothing is written before every name has passed
             check_fetched(found, docs, editors)
-        except BadNameError as e:
+        except (BadNameError, RefNameError) as e:
             raise HubError(f"refused {hub.where}: {e}; nothing was changed") from None
         for rbranch, f in found.items():  # each branch's objects, with the documents known by then
             tree, n_docs, n_editors = seen[rbranch]

@@ -227,3 +227,16 @@ def test_token_env_takes_a_variable_name_not_a_token(repo: Repository) -> None:
     err = run(repo.root, "remote", "add", "x", "https://hub.example.org/bob/repo", "--token-env", TOKEN, code=1)
     assert "NAME of an environment variable" in err and TOKEN not in err
     assert json.loads(run(repo.root, "remote", "list", "--json")) == []
+
+
+@pytest.mark.parametrize("branch", ["60BC4E6E", "refs/heads/x"])
+def test_a_hub_branch_named_to_shadow_a_commit_is_refused(pushed: Repository, hub: HubServer,  # noqa: F811
+                                                          tmp_path: Path, branch: str) -> None:
+    HfApi(endpoint=hub.url, token=TOKEN).create_branch(REPO_ID, branch=branch)  # a copy of main, refs.json too
+    before = snapshot(pushed)
+    for where, args in ((tmp_path, ("clone", URL, str(tmp_path / "copy"))), (pushed.root, ("fetch",))):
+        err = run(where, *args, code=1)
+        assert err.count("\n") == 1 and "invalid remote branch name" in err and "nothing was changed" in err, err
+    assert not (tmp_path / "copy").exists() and snapshot(pushed) == before
+    err = run(pushed.root, "push", "--to", branch, code=1)
+    assert "invalid remote branch name" in err and err.count("\n") == 1
