@@ -16,15 +16,29 @@ from pathlib import Path
 
 import pytest
 import torch
+from click.testing import CliRunner
 from huggingface_hub import CommitOperationAdd, HfApi
 from safetensors.torch import save
 
+from kedit.cli import cli
 from kedit.hashing import hash_bytes, hash_tensor, record_id, tensors_object_id
 from kedit.hub import REFS_FILE, commit_path, document_bytes, object_path
 from kedit.repo import Repository
 from tests.helpers_engine import snapshot
 from tests.hubserver import HubServer
-from tests.test_hub import DOWN0, REPO_ID, TOKEN, URL, edit, hub, origin, run  # noqa: F401 - fixtures
+from tests.test_hub import DOWN0, REPO_ID, TOKEN, URL, edit, hub, origin  # noqa: F401 - fixtures
+
+OTHER_TOKEN = "hf_other_host_token_9876543210fedcba"
+
+
+def run(where: Path, *args: str, code: int = 0) -> str:
+    """The command's stdout (stderr when it fails); neither token may appear in either."""
+    result = CliRunner().invoke(cli, ["--repo", str(where), *args])
+    out = result.stdout + result.stderr
+    assert result.exit_code == code, out
+    assert "Traceback" not in out and TOKEN not in out and OTHER_TOKEN not in out
+    return result.stdout if code == 0 else result.stderr
+
 
 HOSTILE = ["file-climbs-out", "file-absolute", "file-backslash", "tensor-climbs-out", "tensor-absolute",
            "adapter-climbs-out", "duplicate-file", "duplicate-tensor"]
@@ -137,8 +151,6 @@ def test_a_hostile_repository_is_named_in_the_refusal(pushed: Repository, hub: H
 
 
 # -- the token goes only to its origin ------------------------------------------------------
-
-OTHER_TOKEN = "hf_other_host_token_9876543210fedcba"
 
 
 @pytest.fixture
