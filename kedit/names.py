@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from kedit.errors import BadNameError
+from kedit.refs import check_ref_name
 
 MAX_NAME = 512
 MAX_PATH = 1024
@@ -192,8 +193,6 @@ def check_commit_document(doc: dict[str, Any]) -> None:
 def check_fetched(branches: Iterable[str], docs: dict[str, dict[str, Any]], editors: Iterable[str]) -> None:
     """Every name a fetch brought (Hub branches, commit documents, editor ids), before any is
     written: one bad name refuses the whole fetch."""
-    from kedit.refs import check_ref_name
-
     for branch in branches:
         check_ref_name(branch, "remote branch")
     for doc in docs.values():
