@@ -2,9 +2,10 @@
 
 `fetch` walks the remote's commits back to ones it knows, checks each record against its id
 (`hub.verify_document`), then every name that all branches brought against kedit's grammar
-(`names.check_fetched`: one bad name refuses the fetch before anything is stored), and each
-object against its hash; objects that the branch's weights hold
-are rebuilt from the shards and checked the same way. The objects are stored first, then the
+(`names.check_fetched`), and the shard names of the weights' index that objects will be
+read from (`_plan_objects`): one bad name refuses the fetch before anything is stored. Each
+object is then checked against its hash; objects that the branch's weights hold are rebuilt
+from the shards and checked the same way. The objects are stored first, then the
 commits and the remote-tracking ref are recorded in one transaction, so a failure leaves at
 most unreferenced objects (for `kedit gc`). `clone` is a fresh repository plus a fetch of every
 kedit branch; `pull` is a fetch plus a fast-forward, or with `--rebase` a replay of the local
@@ -50,7 +51,7 @@ from kedit.hub import (
     verify_document,
 )
 from kedit.hubapi import Hub
-from kedit.names import check_fetched, loads_unique
+from kedit.names import check_fetched, check_plain_name, check_tensor_name, loads_unique
 from kedit.progress import progress_bar
 from kedit.refs import BRANCH_PREFIX, HEAD
 from kedit.repo import REPO_DIR, Repository
@@ -103,15 +104,19 @@ def fetch(repo: Repository, remote_name: str | None = None, branches: Iterable[s
             _fetch_editors(repo, hub, tree, sha, editors, tmp / sha)
             found[rbranch] = fetched
             seen[rbranch] = (tree, len(docs), len(editors))
-        try:  # nothing is written before every name has passed
+        try:  # nothing is written before every name, the index's shard names included, has passed
             check_fetched(found, docs, editors)
+            plans, planned = {}, set()
+            for rbranch, f in found.items():  # each branch's objects, with the documents known by then
+                tree, n_docs, n_editors = seen[rbranch]
+                plans[rbranch] = _plan_objects(repo, hub, tree, f.hub_commit, f.checkpoint,
+                                               dict(list(docs.items())[:n_docs]),
+                                               set(list(editors)[:n_editors]), planned, tmp / f.hub_commit)
         except (BadNameError, RefNameError) as e:
             raise HubError(f"refused {hub.where}: {e}; nothing was changed") from None
-        for rbranch, f in found.items():  # each branch's objects, with the documents known by then
-            tree, n_docs, n_editors = seen[rbranch]
-            f.objects = _fetch_objects(repo, hub, tree, f.hub_commit, f.checkpoint,
-                                       dict(list(docs.items())[:n_docs]), set(list(editors)[:n_editors]),
-                                       tmp / f.hub_commit, progress)
+        for rbranch, plan in plans.items():
+            found[rbranch].objects = plan.count
+            _store_objects(repo, hub, plan, tmp / plan.sha, progress)
         _record(repo, remote.name, docs, metrics, editors, found)
     return found
 
@@ -186,46 +191,76 @@ def _fetch_editors(repo: Repository, hub: Hub, tree: dict[str, str], sha: str, e
         editors[editor_id] = doc
 
 
-def _fetch_objects(repo: Repository, hub: Hub, tree: dict[str, str], sha: str, checkpoint: str | None,
-                   docs: dict[str, dict], extra: set[str], tmp: Path, progress: bool) -> int:
+@dataclass
+class _ObjectPlan:
+    """Where each object a branch needs comes from, decided before anything is stored."""
+    sha: str
+    files: list[tuple[str, str, bool]]  # (object id, Hub path, is a blob)
+    from_weights: dict[str, list[tuple[str, str]]]  # shard -> [(object id, tensor name)]
+    manifest: dict[str, str]  # tensor name -> hash, at the branch's checkpoint
+
+    @property
+    def count(self) -> int:
+        return len(self.files) + sum(len(v) for v in self.from_weights.values())
+
+
+def _plan_objects(repo: Repository, hub: Hub, tree: dict[str, str], sha: str, checkpoint: str | None,
+                  docs: dict[str, dict], extra: set[str], planned: set[str], tmp: Path) -> _ObjectPlan:
+    """The objects missing here and not `planned` for an earlier branch, and the Hub file each
+    comes from (adding them to `planned`); the index's shard names are checked here, so that a
+    hostile one refuses the fetch before any object is stored."""
     wanted = extra | {oid for doc in docs.values() for oid in objects_of(doc)}
-    needed = sorted(oid for oid in wanted if not repo.store.has(oid))
-    if not needed:
-        return 0
+    plan = _ObjectPlan(sha, [], {}, {})
     covered: dict[str, tuple[str, str]] = {}
-    manifest: dict[str, str] = {}
     if checkpoint is not None:
-        manifest, files = _state_at(repo, docs, checkpoint)
-        covered = covered_by_weights(manifest, files)
-    from_weights: dict[str, list[tuple[str, str]]] = {}  # shard -> [(object id, tensor name)]
-    index: dict | None = None
+        plan.manifest, files = _state_at(repo, docs, checkpoint)
+        covered = covered_by_weights(plan.manifest, files)
+    weight_map: dict[str, str] | None = None
+    for oid in sorted(oid for oid in wanted - planned if not repo.store.has(oid)):
+        planned.add(oid)
+        st, blob = object_path(oid, "st"), object_path(oid, "blob")
+        if st in tree or blob in tree:
+            plan.files.append((oid, st if st in tree else blob, st not in tree))
+        elif oid in covered and covered[oid][0] == "file":
+            plan.files.append((oid, covered[oid][1], True))
+        elif oid in covered:
+            if weight_map is None:
+                weight_map = _weight_map(hub, sha, tmp)
+            name = covered[oid][1]
+            shard = weight_map.get(name)
+            if shard is None:
+                raise HubError(f"the remote weights do not hold {name}, which the history needs")
+            plan.from_weights.setdefault(shard, []).append((oid, name))
+        else:
+            raise HubError(f"the remote history is incomplete: object {oid} is missing from {hub.where}")
+    return plan
+
+
+def _weight_map(hub: Hub, sha: str, tmp: Path) -> dict[str, str]:
+    """The remote index's tensor -> shard map, every name checked (a shard is a plain file name)."""
+    index = hub.read_json(INDEX_FILE, sha, tmp) or {}
+    weight_map = index.get("weight_map", {}) if isinstance(index, dict) else None
+    if not isinstance(weight_map, dict):
+        raise HubError(f"{INDEX_FILE} in {hub.where} is damaged")
+    for name, shard in weight_map.items():
+        check_tensor_name(name)
+        check_plain_name(shard, "shard name")
+    return weight_map
+
+
+def _store_objects(repo: Repository, hub: Hub, plan: _ObjectPlan, tmp: Path, progress: bool) -> None:
+    """Download, verify and store the planned objects."""
     with repo.store.batch():
-        for oid in progress_bar(needed, desc="objects", disable=not progress):
-            st, blob = object_path(oid, "st"), object_path(oid, "blob")
-            if st in tree or blob in tree:
-                path = st if st in tree else blob
-                _put_verified(repo, oid, hub.download(path, sha, tmp), path == blob)
-            elif oid in covered and covered[oid][0] == "file":
-                _put_verified(repo, oid, hub.download(covered[oid][1], sha, tmp), True)
-            elif oid in covered:
-                if index is None:
-                    index = hub.read_json(INDEX_FILE, sha, tmp) or {}
-                name = covered[oid][1]
-                shard = index.get("weight_map", {}).get(name)
-                if shard is None:
-                    raise HubError(f"the remote weights do not hold {name}, which the history needs")
-                from_weights.setdefault(shard, []).append((oid, name))
-            else:
-                raise HubError(f"the remote history is incomplete: object {oid} is missing from {hub.where}")
-        for shard, wanted in sorted(from_weights.items()):
-            tensors, _ = read_safetensors(hub.download(shard, sha, tmp))
+        for oid, path, is_blob in progress_bar(plan.files, desc="objects", disable=not progress):
+            _put_verified(repo, oid, hub.download(path, plan.sha, tmp), is_blob)
+        for shard, wanted in sorted(plan.from_weights.items()):
+            tensors, _ = read_safetensors(hub.download(shard, plan.sha, tmp))
             for oid, name in wanted:
                 value = tensors.get(name)
-                if value is None or hash_tensor(value) != manifest[name]:
+                if value is None or hash_tensor(value) != plan.manifest[name]:
                     raise CorruptObjectError(oid, f"{name} in the downloaded {shard} does not match its hash")
-                repo.store.put_tensors({"value": value}, tensor_hashes={"value": manifest[name]})
+                repo.store.put_tensors({"value": value}, tensor_hashes={"value": plan.manifest[name]})
             del tensors
-    return len(needed)
 
 
 def _put_verified(repo: Repository, oid: str, file: Path, is_blob: bool) -> None:

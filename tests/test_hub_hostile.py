@@ -22,7 +22,7 @@ from safetensors.torch import save
 
 from kedit.cli import cli
 from kedit.hashing import hash_bytes, hash_tensor, record_id, tensors_object_id
-from kedit.hub import REFS_FILE, commit_path, document_bytes, object_path
+from kedit.hub import REFS_FILE, commit_path, document_bytes, object_path, shard_of
 from kedit.repo import Repository
 from tests.helpers_engine import snapshot
 from tests.hubserver import HubServer
@@ -252,3 +252,24 @@ def test_a_hub_branch_named_to_shadow_a_commit_is_refused(pushed: Repository, hu
     assert not (tmp_path / "copy").exists() and snapshot(pushed) == before
     err = run(pushed.root, "push", "--to", branch, code=1)
     assert "invalid remote branch name" in err and err.count("\n") == 1
+
+
+# -- the weights' index is checked with the rest ------------------------------------------
+
+
+@pytest.mark.parametrize("shard", ["../" * 12 + "PWNED.safetensors", "/tmp/PWNED.safetensors",
+                                   "sub/../../PWNED.safetensors", "..\\PWNED.safetensors"])
+def test_a_hostile_shard_name_in_the_index_refuses_the_clone_before_any_object_is_fetched(
+        pushed: Repository, hub: HubServer, tmp_path: Path, shard: str) -> None:  # noqa: F811
+    """The remote's model.safetensors.index.json names the shard each base tensor is read from:
+    a hostile name is refused with the commit records, before a single object is downloaded."""
+    index = {"metadata": {}, "weight_map": {name: shard_of(name) for name in pushed.manifest()}}
+    index["weight_map"][DOWN0] = shard
+    _upload(hub, {"model.safetensors.index.json": json.dumps(index).encode()})
+    since = len(hub.requests)
+    err = run(tmp_path, "clone", URL, str(tmp_path / "copy"), code=1)
+    assert err.count("\n") == 1 and "unsafe shard name" in err and "nothing was changed" in err, err
+    fetched = [path for _method, path in hub.requests[since:] if "/resolve/" in path]
+    assert fetched and not [p for p in fetched if "/objects/" in p or p.endswith(".safetensors")], fetched
+    assert not (tmp_path / "copy").exists()
+    assert not list(tmp_path.rglob("PWNED*"))
