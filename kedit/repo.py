@@ -651,7 +651,7 @@ class Repository:
             return target
 
     def reflog(self, ref: str = HEAD, limit: int | None = None) -> list[dict[str, Any]]:
-        name = ref if ref == HEAD or ref.startswith("refs/") else BRANCH_PREFIX + ref
+        name = self.refs.reflog_name(ref)
         sql = "SELECT id, ref, old, new, message, created FROM reflog WHERE ref = ? ORDER BY id DESC"
         found = dbm.rows(self.db, sql + (f" LIMIT {int(limit)}" if limit else ""), [name])
         if not found and name != HEAD and self.refs.get(name) is None:
