@@ -671,6 +671,7 @@ def main() -> None:
 
 
 from kedit import (  # noqa: E402  (after cli exists: these modules add commands to it)
+    cli_config,  # noqa: F401  (registers config)
     cli_edit,  # noqa: F401  (registers edit, stats, eval, check, probe)
     cli_editors,  # noqa: F401  (registers train-editor, editors)
     cli_hub,  # noqa: F401  (registers remote, push, fetch, pull, clone)

@@ -7,14 +7,22 @@ from pathlib import Path
 
 import click
 
+from kedit import config
 from kedit.cli import _emit_json, _open, _say, cli, json_option
 from kedit.errors import KeditError
 from kedit.progress import progress_enabled
 
+DEFAULT_METHOD = "rome"
 device_option = click.option("--device", default="cpu", show_default=True,
                              help="cpu, cuda, cuda:N, or auto (spread a large model over GPUs and CPU).")
 dtype_option = click.option("--dtype", default=None,
                             help="Compute dtype: float32, bfloat16, float16 (default: as stored).")
+
+
+def _configured_samples(repo) -> int | None:
+    """`kedit config stats.samples`: the statistics' size when the command line gives none."""
+    value = config.get("stats.samples", repo.path)
+    return int(value) if value else None
 
 
 def _parse_overrides(pairs: tuple[str, ...]) -> dict[str, str]:
@@ -41,7 +49,7 @@ def _greedy_answer(model, tok, prompt: str, n_tokens: int = 4) -> str:
 
 
 @cli.command()
-@click.option("--method", default="rome", show_default=True, help="The editing method.")
+@click.option("--method", help="The editing method (default: config edit.method, else rome).")
 @click.option("--prompt", help="The prompt, holding the subject (or {} in its place).")
 @click.option("--subject", help="The subject whose fact changes.")
 @click.option("--target", help="The new completion.")
@@ -58,7 +66,8 @@ def _greedy_answer(model, tok, prompt: str, n_tokens: int = 4) -> str:
 @click.option("--editor", help="The trained editor (mend, instructedit): an id from 'kedit editors' (default: latest).")
 @click.option("--corpus", type=click.Path(exists=True, path_type=Path),
               help="Text for covariance statistics (file or folder); default: text the model generates.")
-@click.option("--stats-samples", type=int, help="Texts behind the covariance statistics.")
+@click.option("--stats-samples", type=int,
+              help="Texts behind the covariance statistics (default: config stats.samples, else the method's).")
 @click.option("--batch-size", type=int, help="Requests per commit (default: 1, or all for batch methods).")
 @click.option("--no-eval", is_flag=True, help="Skip the before/after measurements.")
 @click.option("--fluency", is_flag=True, help="Also measure fluency (n-gram entropy of 100-token generations).")
@@ -67,7 +76,7 @@ def _greedy_answer(model, tok, prompt: str, n_tokens: int = 4) -> str:
 @dtype_option
 @json_option
 @click.pass_context
-def edit(ctx: click.Context, method: str, prompt: str | None, subject: str | None, target: str | None,
+def edit(ctx: click.Context, method: str | None, prompt: str | None, subject: str | None, target: str | None,
          target_true: str | None, paraphrase: tuple[str, ...], locality: tuple[str, ...],
          request_files: tuple[Path, ...], overrides: tuple[str, ...], hparams_file: Path | None,
          editor: str | None, corpus: Path | None, stats_samples: int | None, batch_size: int | None, no_eval: bool,
@@ -87,6 +96,8 @@ def edit(ctx: click.Context, method: str, prompt: str | None, subject: str | Non
     from kedit.requests import load_requests
 
     repo = _open(ctx)
+    method = method or config.get("edit.method", repo.path) or DEFAULT_METHOD
+    stats_samples = stats_samples or _configured_samples(repo)
     try:
         get_method(method)
     except KeyError as e:
@@ -137,7 +148,8 @@ def edit(ctx: click.Context, method: str, prompt: str | None, subject: str | Non
 @click.option("--method", default="rome", show_default=True, help="Whose projection and defaults to use.")
 @click.option("--corpus", type=click.Path(exists=True, path_type=Path),
               help="Plain text (one sample per line or paragraph), JSONL with a text field, or a folder of them.")
-@click.option("--samples", type=int, help="Number of texts (default: the method's mom2_n_samples).")
+@click.option("--samples", type=int,
+              help="Number of texts (default: config stats.samples, else the method's mom2_n_samples).")
 @click.option("--set", "overrides", multiple=True, help="Override a hyper-parameter: key=value.")
 @device_option
 @dtype_option
@@ -158,6 +170,7 @@ def stats(ctx: click.Context, layer: tuple[int, ...], method: str, corpus: Path 
     from kedit.model import load_model, parse_dtype
 
     repo = _open(ctx)
+    samples = samples or _configured_samples(repo)
     base = repo.log("HEAD")[-1].id
     model, tok = load_model(repo, base, dtype=parse_dtype(dtype), device=device)
     values = _parse_overrides(overrides)

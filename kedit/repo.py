@@ -18,7 +18,6 @@ Caveats: history is first-parent only (no merges yet). The working model under
 from __future__ import annotations
 
 import contextlib
-import getpass
 import json
 import os
 from collections.abc import Iterable, Iterator, Mapping
@@ -30,8 +29,8 @@ import torch
 from filelock import FileLock, Timeout
 
 import kedit
+from kedit import config, history
 from kedit import db as dbm
-from kedit import history
 from kedit.delta import Adapter, Dense, LowRank, Replace, WeightDelta, apply_step, delta_size_bytes
 from kedit.errors import (
     BadNameError,
@@ -110,15 +109,6 @@ def find_repository(start: Path) -> Path:
         if (folder / REPO_DIR / DB_FILE).exists():
             return folder / REPO_DIR
     raise RepositoryNotFoundError(f"not a kedit repository (or any parent up to /): {start}")
-
-
-def _author() -> str:
-    if os.environ.get("KEDIT_AUTHOR"):
-        return os.environ["KEDIT_AUTHOR"]
-    try:
-        return getpass.getuser()
-    except (KeyError, OSError):
-        return "unknown"
 
 
 class Repository:
@@ -277,7 +267,8 @@ class Repository:
             "kind": "init", "parents": [], "origin": src.origin, "message": message or f"init from {src.description}",
             "tensors": {n: {"source": None, "steps": [["", c["object"], "exact"]], "hash": c["hash"]}
                         for n, c in changes.items()},
-            "files": files, "author": _author(), "created": now_iso(), "kedit_version": kedit.__version__,
+            "files": files, "author": config.author(self.path), "created": now_iso(),
+            "kedit_version": kedit.__version__,
         }
         cid = record_id(record)
         with dbm.write(self.db):
@@ -382,7 +373,7 @@ class Repository:
                 "tensors": {n: {"source": parent, "steps": [["", s["object"], s["encoding"]]], "hash": s["hash"]}
                             for n, s in staged.items()},
                 "adapters": [["add", o.id, a.kind, ""] for o, a in zip(adapter_objs, adapters, strict=True)],
-                "author": _author(), "created": now_iso(), "kedit_version": kedit.__version__,
+                "author": config.author(self.path), "created": now_iso(), "kedit_version": kedit.__version__,
             }
             if memory_obj is not None:
                 record["memory"] = memory_obj.id
@@ -495,7 +486,7 @@ class Repository:
                 "tensors": {n: {"source": s["source"], "steps": [list(x) for x in s["steps"]], "hash": s["hash"]}
                             for n, s in staged.items()},
                 "adapters": adapter_ops,
-                "author": _author(), "created": now_iso(), "kedit_version": kedit.__version__,
+                "author": config.author(self.path), "created": now_iso(), "kedit_version": kedit.__version__,
             }
             cid = record_id(record)
             later = [c for c in history.ancestors(self.db, head)
