@@ -431,6 +431,7 @@ def reset(ctx: click.Context, rev: str, force: bool) -> None:
     \b
     Example:
         kedit reset HEAD~1      # drop the last edit from this branch
+        kedit reset 'HEAD@{1}'  # undo that: where HEAD was before its last move
     """
     repo = _open(ctx)
     commit_id = repo.reset(rev, force=force)
@@ -527,7 +528,8 @@ def revert(ctx: click.Context, rev: str, message: str | None) -> None:
 @json_option
 @click.pass_context
 def reflog(ctx: click.Context, ref: str, max_count: int | None, as_json: bool) -> None:
-    """Show where REF (default HEAD) has pointed, newest first."""
+    """Show where REF (default HEAD) has pointed, newest first; each entry's name (HEAD@{1})
+    is a revision."""
     repo = _open(ctx)
     entries = repo.reflog(ref, limit=max_count)
     if as_json:

@@ -229,10 +229,12 @@ def _plan_objects(repo: Repository, hub: Hub, tree: dict[str, str], sha: str, ch
             name = covered[oid][1]
             shard = weight_map.get(name)
             if shard is None:
-                raise HubError(f"the remote weights do not hold {name}, which the history needs")
+                raise HubError(f"the remote weights do not hold {name}, which the history needs; "
+                               "nothing was changed")
             plan.from_weights.setdefault(shard, []).append((oid, name))
         else:
-            raise HubError(f"the remote history is incomplete: object {oid} is missing from {hub.where}")
+            raise HubError(f"the remote history is incomplete: object {oid} is missing from {hub.where}; "
+                           "nothing was changed")
     return plan
 
 

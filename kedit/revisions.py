@@ -177,6 +177,8 @@ class CommitFilter:
 
 def filtered(db: sqlite_utils.Database, ids: list[str], keep: CommitFilter, limit: int | None = None) -> list[str]:
     """The commits of `ids` (in that order) that `keep` keeps, at most `limit` of them."""
+    if keep == CommitFilter():
+        return ids[:limit]
     out: list[str] = []
     for cid in ids:
         if limit is not None and len(out) >= limit:
