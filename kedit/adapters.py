@@ -25,6 +25,7 @@ from typing import Any
 
 from kedit.delta import Adapter
 from kedit.errors import KeditError
+from kedit.names import check_adapter_file, check_adapter_kind
 from kedit.store import read_safetensors, save_tensors_atomic
 
 __all__ = [
@@ -82,7 +83,7 @@ def install_adapters(model: Any, adapters: Sequence[Adapter]) -> None:
 
 def adapter_path(index: int, kind: str) -> str:
     """Where the `index`-th adapter (in commit order) goes in an exported folder."""
-    return f"{ADAPTER_DIR}/{index:04d}-{kind}.safetensors"
+    return f"{ADAPTER_DIR}/{index:04d}-{check_adapter_kind(kind)}.safetensors"
 
 
 def write_adapters(folder: Path, adapters: Sequence[Adapter]) -> list[str]:
@@ -90,8 +91,7 @@ def write_adapters(folder: Path, adapters: Sequence[Adapter]) -> list[str]:
     paths = []
     for i, a in enumerate(adapters):
         rel = adapter_path(i, a.kind)
-        (folder / ADAPTER_DIR).mkdir(exist_ok=True)
-        save_tensors_atomic(folder / rel, a.tensors, {"kind": a.kind, "config": json.dumps(a.config)})
+        save_tensors_atomic(rel, a.tensors, {"kind": a.kind, "config": json.dumps(a.config)}, root=folder)
         paths.append(rel)
     return paths
 
@@ -119,6 +119,7 @@ def read_folder(folder: Path) -> tuple[dict[str, Any] | None, list[Adapter]]:
     config["architectures"] = marker["architectures"]
     adapters = []
     for rel in marker["files"]:
+        check_adapter_file(rel)  # a folder from elsewhere: its adapter files must lie inside it
         try:
             tensors, meta = read_safetensors(folder / rel)
         except (OSError, ValueError) as e:

@@ -260,21 +260,40 @@ def _oneline(commit, decorations: dict[str, list[str]]) -> str:
 
 
 @cli.command()
-@click.argument("rev", default="HEAD")
+@click.argument("revs", nargs=-1)
 @click.option("--oneline", is_flag=True, help="One line per commit.")
 @click.option("-n", "--max-count", type=click.IntRange(0, MAX_COUNT), help="Show at most N commits.")
 @click.option("--graph", is_flag=True, help="Draw every branch's history as a graph.")
+@click.option("--grep", help="Only commits whose message matches this regular expression.")
+@click.option("--author", help="Only commits whose author matches this regular expression.")
+@click.option("--since", "--after", "since", help="Only commits made after this date or age (2 weeks ago).")
+@click.option("--until", "--before", "until", help="Only commits made before this date or age.")
+@click.option("--subject", help="Only edits whose requests name this subject.")
+@click.option("--method", help="Only edits made with this method (rome, memit, ...).")
 @json_option
 @click.pass_context
-def log(ctx: click.Context, rev: str, oneline: bool, max_count: int | None, graph: bool, as_json: bool) -> None:
-    """Show the edit history from REV (default HEAD), newest first, with metrics.
+def log(ctx: click.Context, revs: tuple[str, ...], oneline: bool, max_count: int | None, graph: bool,
+        grep: str | None, author: str | None, since: str | None, until: str | None, subject: str | None,
+        method: str | None, as_json: bool) -> None:
+    """Show the edit history from REVS (default HEAD), newest first, with metrics.
+
+    REVS are revisions (their histories together), ranges A..B (in B, not in A) and A...B
+    (in one of them only), or ^A (not in A's history).
 
     \b
     Example:
         kedit log --oneline -n 10
+        kedit log main..experiment
+        kedit log --subject "Eiffel Tower" --method rome
         kedit log --graph
     """
+    from kedit.revisions import CommitFilter, filtered, parse_when, select
+
     repo = _open(ctx)
+    keep = CommitFilter(grep, author, parse_when(since) if since else None, parse_when(until) if until else None,
+                       subject, method)
+    if graph and (revs or keep != CommitFilter()):
+        raise KeditError("--graph draws every branch: it takes no revisions or filters")
     if graph:
         from kedit.graph import render_graph
 
@@ -286,7 +305,8 @@ def log(ctx: click.Context, rev: str, oneline: bool, max_count: int | None, grap
         for prefix, commit in commits:
             click.echo(prefix + (_oneline(commit, decorations) if commit else ""))
         return
-    commits = repo.log(rev, limit=max_count)
+    ids = filtered(repo.db, select(repo.db, repo.refs, revs or ["HEAD"]), keep, max_count)
+    commits = [repo.get_commit(c) for c in ids]
     if as_json:
         _emit_json([_commit_json(c) for c in commits])
         return
@@ -444,6 +464,7 @@ def reset(ctx: click.Context, rev: str, force: bool) -> None:
     \b
     Example:
         kedit reset HEAD~1      # drop the last edit from this branch
+        kedit reset 'HEAD@{1}'  # undo that: where HEAD was before its last move
     """
     repo = _open(ctx)
     commit_id = repo.reset(rev, force=force)
@@ -540,7 +561,8 @@ def revert(ctx: click.Context, rev: str, message: str | None) -> None:
 @json_option
 @click.pass_context
 def reflog(ctx: click.Context, ref: str, max_count: int | None, as_json: bool) -> None:
-    """Show where REF (default HEAD) has pointed, newest first."""
+    """Show where REF (default HEAD) has pointed, newest first; each entry's name (HEAD@{1})
+    is a revision."""
     repo = _open(ctx)
     entries = repo.reflog(ref, limit=max_count)
     if as_json:
@@ -555,13 +577,16 @@ def reflog(ctx: click.Context, ref: str, max_count: int | None, as_json: bool) -
 
 @cli.command()
 @click.argument("rev_a")
-@click.argument("rev_b", default="HEAD")
+@click.argument("rev_b", required=False)
 @click.option("--stat", is_flag=True, help="Only the names of differing tensors.")
 @click.option("--quiet", "quiet_diff", is_flag=True, help="No output; the exit status says it all.")
 @json_option
 @click.pass_context
-def diff(ctx: click.Context, rev_a: str, rev_b: str, stat: bool, quiet_diff: bool, as_json: bool) -> None:
+def diff(ctx: click.Context, rev_a: str, rev_b: str | None, stat: bool, quiet_diff: bool, as_json: bool) -> None:
     """Per-tensor weight differences between REV_A and REV_B (default HEAD).
+
+    REV_A may instead be a range: A..B compares A with B, A...B compares B with the commit
+    where A and B diverged (their merge base).
 
     Exit status: 0 when the models are equal, 1 when they differ, 2 on error.
 
@@ -569,12 +594,15 @@ def diff(ctx: click.Context, rev_a: str, rev_b: str, stat: bool, quiet_diff: boo
     Example:
         kedit diff HEAD~1 HEAD
         kedit diff main experiment --json
+        kedit diff main...experiment
     """
     from kedit.diff import adapter_diff
     from kedit.diff import diff as compute_diff
+    from kedit.revisions import diff_endpoints
 
     ctx.obj["exit_code"] = 2  # 1 means "the models differ"
     repo = _open(ctx)
+    rev_a, rev_b = diff_endpoints(repo.refs, repo.db, rev_a, rev_b)
     diffs = compute_diff(repo, rev_a, rev_b)
     adapters = adapter_diff(repo, rev_a, rev_b)
     differ = bool(diffs or adapters["added"] or adapters["removed"])
@@ -693,6 +721,7 @@ def main() -> None:
 
 
 from kedit import (  # noqa: E402  (after cli exists: these modules add commands to it)
+    cli_config,  # noqa: F401  (registers config)
     cli_edit,  # noqa: F401  (registers edit, stats, eval, check, probe)
     cli_editors,  # noqa: F401  (registers train-editor, editors)
     cli_hub,  # noqa: F401  (registers remote, push, fetch, pull, clone)

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import click
 
+from kedit import config
 from kedit.cli import _emit_json, _open, _say, cli, json_option
 from kedit.errors import KeditError
 from kedit.progress import progress_enabled
@@ -31,6 +32,7 @@ def _check_device(_ctx: click.Context, _param: click.Parameter, value: str) -> s
     return value
 
 
+DEFAULT_METHOD = "rome"
 device_option = click.option("--device", default="cpu", show_default=True, callback=_check_device,
                              help="cpu, cuda, cuda:N, or auto (spread a large model over GPUs and CPU).")
 dtype_option = click.option("--dtype", default=None, type=click.Choice(["float32", "bfloat16", "float16"]),
@@ -38,6 +40,12 @@ dtype_option = click.option("--dtype", default=None, type=click.Choice(["float32
 chat_option = click.option("--chat", is_flag=True,
                            help="Send each prompt as a user message through the tokenizer's chat template "
                                 "(its own scores and protocol, chat_template_*).")
+
+
+def _configured_samples(repo) -> int | None:
+    """`kedit config stats.samples`: the statistics' size when the command line gives none."""
+    value = config.get("stats.samples", repo.path)
+    return int(value) if value else None
 
 
 def _parse_overrides(pairs: tuple[str, ...]) -> dict[str, str]:
@@ -63,7 +71,7 @@ def _greedy_answer(model, tok, prompt: str, n_tokens: int = 4) -> str:
 
 
 @cli.command()
-@click.option("--method", default="rome", show_default=True, help="The editing method.")
+@click.option("--method", help="The editing method (default: config edit.method, else rome).")
 @click.option("--prompt", help="The prompt, holding the subject (or {} in its place).")
 @click.option("--subject", help="The subject whose fact changes.")
 @click.option("--target", help="The new completion.")
@@ -80,7 +88,8 @@ def _greedy_answer(model, tok, prompt: str, n_tokens: int = 4) -> str:
 @click.option("--editor", help="The trained editor (mend, instructedit): an id from 'kedit editors' (default: latest).")
 @click.option("--corpus", type=click.Path(exists=True, path_type=Path),
               help="Text for covariance statistics (file or folder); default: text the model generates.")
-@click.option("--stats-samples", type=click.IntRange(1, 10_000_000), help="Texts behind the covariance statistics.")
+@click.option("--stats-samples", type=click.IntRange(1, 10_000_000),
+              help="Texts behind the covariance statistics (default: config stats.samples, else the method's).")
 @click.option("--batch-size", type=click.IntRange(min=1),
               help="Requests per commit (default: 1, or all for batch methods).")
 @click.option("--no-eval", is_flag=True, help="Skip the before/after measurements.")
@@ -90,7 +99,7 @@ def _greedy_answer(model, tok, prompt: str, n_tokens: int = 4) -> str:
 @dtype_option
 @json_option
 @click.pass_context
-def edit(ctx: click.Context, method: str, prompt: str | None, subject: str | None, target: str | None,
+def edit(ctx: click.Context, method: str | None, prompt: str | None, subject: str | None, target: str | None,
          target_true: str | None, paraphrase: tuple[str, ...], locality: tuple[str, ...],
          request_files: tuple[Path, ...], overrides: tuple[str, ...], hparams_file: Path | None,
          editor: str | None, corpus: Path | None, stats_samples: int | None, batch_size: int | None, no_eval: bool,
@@ -110,6 +119,8 @@ def edit(ctx: click.Context, method: str, prompt: str | None, subject: str | Non
     from kedit.requests import load_requests
 
     repo = _open(ctx)
+    method = method or config.get("edit.method", repo.path) or DEFAULT_METHOD
+    stats_samples = stats_samples or _configured_samples(repo)
     get_method(method)
     requests = load_requests(request_files) if request_files else []
     if prompt or subject or target:
@@ -159,7 +170,7 @@ def edit(ctx: click.Context, method: str, prompt: str | None, subject: str | Non
 @click.option("--corpus", type=click.Path(exists=True, path_type=Path),
               help="Plain text (one sample per line or paragraph), JSONL with a text field, or a folder of them.")
 @click.option("--samples", type=click.IntRange(1, 10_000_000),
-              help="Number of texts (default: the method's mom2_n_samples).")
+              help="Number of texts (default: config stats.samples, else the method's mom2_n_samples).")
 @click.option("--set", "overrides", multiple=True, help="Override a hyper-parameter: key=value.")
 @device_option
 @dtype_option
@@ -180,6 +191,7 @@ def stats(ctx: click.Context, layer: tuple[int, ...], method: str, corpus: Path 
     from kedit.model import load_model, parse_dtype
 
     repo = _open(ctx)
+    samples = samples or _configured_samples(repo)
     base = repo.log("HEAD")[-1].id
     model, tok = load_model(repo, base, dtype=parse_dtype(dtype), device=device)
     values = _parse_overrides(overrides)

@@ -1,8 +1,7 @@
 """kedit remote / push / fetch / pull / clone: sharing a repository through the Hugging Face Hub.
 
 The endpoint is $HF_ENDPOINT for hf:// URLs (else huggingface.co) or the URL's own; the token
-comes from huggingface_hub ($HF_TOKEN, then `hf auth login`'s cache) and is never printed,
-logged or stored.
+goes only to its origin (kedit/remotes.py) and is never printed, logged or stored.
 """
 
 from __future__ import annotations
@@ -38,7 +37,7 @@ def remote_list(ctx: click.Context, as_json: bool) -> None:
     from kedit import remotes
 
     repo = _open(ctx)
-    found = [{"name": r.name, "url": r.url, "endpoint": r.endpoint, "repo_id": r.repo_id,
+    found = [{"name": r.name, "url": r.url, "endpoint": r.endpoint, "repo_id": r.repo_id, "token_env": r.token_env,
               "branches": {b: t.kedit_commit for b, t in remotes.tracked_branches(repo.db, r.name).items()}}
              for r in remotes.list_all(repo.db)]
     if as_json:
@@ -49,15 +48,25 @@ def remote_list(ctx: click.Context, as_json: bool) -> None:
         click.echo(f"{r['name']}\t{r['url']}" + (f"\t{seen}" if seen else ""))
 
 
+_TOKEN_ENV_HELP = ("The environment variable that holds the token for this remote's host (only its name is "
+                   "stored). HF_TOKEN and the login cache go only to HF_ENDPOINT's host (default huggingface.co).")
+
+
 @remote.command("add")
 @click.argument("name")
 @click.argument("url")
+@click.option("--token-env", metavar="VAR", help=_TOKEN_ENV_HELP)
 @click.pass_context
-def remote_add(ctx: click.Context, name: str, url: str) -> None:
-    """Add a remote: hf://OWNER/REPO, or https://HOST/OWNER/REPO for another endpoint."""
+def remote_add(ctx: click.Context, name: str, url: str, token_env: str | None) -> None:
+    """Add a remote: hf://OWNER/REPO, or https://HOST/OWNER/REPO for another endpoint.
+
+    \b
+    Example:
+        kedit remote add mirror https://hub.example.org/me/model --token-env MIRROR_TOKEN
+    """
     from kedit import remotes
 
-    r = remotes.add(_open(ctx).db, name, url)
+    r = remotes.add(_open(ctx).db, name, url, token_env)
     _say(ctx, f"added remote {r.name}: {r.repo_id} at {r.endpoint}")
 
 
@@ -159,9 +168,10 @@ def pull(ctx: click.Context, remote_name: str | None, branch: str | None, rebase
 @cli.command()
 @click.argument("url")
 @click.argument("directory", required=False, type=click.Path(path_type=Path))
+@click.option("--token-env", metavar="VAR", help=_TOKEN_ENV_HELP)
 @json_option
 @click.pass_context
-def clone(ctx: click.Context, url: str, directory: Path | None, as_json: bool) -> None:
+def clone(ctx: click.Context, url: str, directory: Path | None, token_env: str | None, as_json: bool) -> None:
     """Make a repository from a Hub repository that kedit pushed: every branch, the whole log.
 
     Every commit record is checked against its id and every object against its hash.
@@ -172,7 +182,7 @@ def clone(ctx: click.Context, url: str, directory: Path | None, as_json: bool) -
     """
     from kedit import hubfetch
 
-    repo, found = hubfetch.clone(url, directory, progress=progress_enabled() and not as_json)
+    repo, found = hubfetch.clone(url, directory, token_env=token_env, progress=progress_enabled() and not as_json)
     if as_json:
         _emit_json({"path": str(repo.root), "branches": {b: f.tip for b, f in found.items()}})
         return

@@ -185,6 +185,10 @@ MIGRATIONS.append(("0003_editors", _EDITORS))
 # show) can tell a measurement made here from one a remote claims. '' = measured here.
 MIGRATIONS.append(("0006_metric_source", "ALTER TABLE metrics ADD COLUMN source TEXT NOT NULL DEFAULT ''"))
 
+# The NAME of the environment variable that holds a remote's token (`--token-env`), for a remote
+# whose host is not HF_ENDPOINT's: the token itself is never stored.
+MIGRATIONS.append(("0007_remote_token_env", "ALTER TABLE remotes ADD COLUMN token_env TEXT;"))
+
 
 def connect(path: Path, *, create: bool = False) -> sqlite_utils.Database:
     """Open the history database, configured for kedit, with its schema up to date."""

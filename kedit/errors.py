@@ -72,6 +72,11 @@ class RefNameError(KeditError, ValueError):
     """A branch or tag name that is not allowed."""
 
 
+class BadNameError(KeditError, ValueError):
+    """A name from outside (tensor, file, id, Hub path) that breaks kedit's grammar (kedit/names.py),
+    or a write whose destination would leave its folder."""
+
+
 class RefExistsError(KeditError, FileExistsError):
     """Creating a branch or tag that already exists."""
 

@@ -16,9 +16,10 @@ from pathlib import Path
 from kedit import history
 from kedit.adapters import mark_config, write_adapters
 from kedit.errors import KeditError
+from kedit.names import check_file_set, check_tensor_name
 from kedit.progress import progress_bar
 from kedit.repo import Repository
-from kedit.store import fsync_dir, save_tensors_atomic
+from kedit.store import atomic_write_bytes, fsync_dir, save_tensors_atomic
 
 DEFAULT_MAX_SHARD_BYTES = 5 * 1024**3  # transformers' own default ("5GB")
 
@@ -59,6 +60,7 @@ def export(repo: Repository, rev: str, out_dir: Path, *, max_shard_bytes: int = 
             for shard_names, file_name in zip(shards, names, strict=True):
                 tensors = {}
                 for name in shard_names:
+                    check_tensor_name(name)
                     tensors[name] = repo.materializer.value_of(history.change(repo.db, manifest[name].commit_id, name))
                     weight_map[name] = file_name
                     bar.update(1)
@@ -67,17 +69,18 @@ def export(repo: Repository, rev: str, out_dir: Path, *, max_shard_bytes: int = 
         if len(shards) > 1:
             total = sum(e.nbytes for e in manifest.values())
             body = {"metadata": {"total_size": total}, "weight_map": weight_map}
-            (staging / "model.safetensors.index.json").write_text(json.dumps(body, indent=2))
+            atomic_write_bytes(staging / "model.safetensors.index.json", json.dumps(body, indent=2).encode())
         adapters = repo.adapters(commit_id)
         adapter_files = write_adapters(staging, [a for _, a in adapters])
-        for path, data in repo.files(commit_id).items():
+        files = repo.files(commit_id)
+        check_file_set(files)
+        for path, data in files.items():
             if path == "config.json" and adapters:  # plain from_pretrained must not load it without them
                 data = mark_config(data, adapter_files)
-            (staging / path).parent.mkdir(parents=True, exist_ok=True)
-            (staging / path).write_bytes(data)
+            atomic_write_bytes(path, data, root=staging)
         provenance = {"commit": commit_id, "tensors": {n: e.hash for n, e in manifest.items()},
                       "adapters": [ref.object_id for ref, _ in adapters], "adapter_files": adapter_files}
-        (staging / "kedit.json").write_text(json.dumps(provenance, indent=1, sort_keys=True))
+        atomic_write_bytes(staging / "kedit.json", json.dumps(provenance, indent=1, sort_keys=True).encode())
         fsync_dir(staging)
         if out_dir.exists():
             shutil.rmtree(out_dir)

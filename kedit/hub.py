@@ -41,8 +41,9 @@ from kedit.adapters import adapter_path, mark_config, write_adapters
 from kedit.errors import HubError, KeditError, PushRejectedError
 from kedit.hashing import canonical_json, record_id, tensors_object_id
 from kedit.hubapi import KEDIT_DIR, Hub
+from kedit.names import ID_RE
 from kedit.progress import progress_bar
-from kedit.refs import BRANCH_PREFIX
+from kedit.refs import BRANCH_PREFIX, check_ref_name
 from kedit.repo import Repository
 from kedit.store import save_tensors_atomic
 
@@ -52,7 +53,6 @@ INDEX_FILE = "model.safetensors.index.json"
 GENERATED = frozenset({"README.md", "kedit.json", INDEX_FILE})  # written by push, never a stored file
 _FOREIGN_WEIGHTS = re.compile(r"^[^/]*\.(safetensors|bin|pt|pth|gguf)(\.index\.json)?$")
 _LAYER_RE = re.compile(r"\.(\d+)\.")
-ID_RE = re.compile(r"^[0-9a-f]{32}$")
 
 
 def shard_of(tensor_name: str) -> str:
@@ -244,7 +244,7 @@ def push(repo: Repository, remote_name: str | None = None, branch: str | None = 
     tip = repo.refs.deref(BRANCH_PREFIX + branch)
     if tip is None:
         raise KeditError(f"no branch named {branch!r}")
-    rbranch = remote_branch or branch
+    rbranch = check_ref_name(remote_branch or branch, "remote branch")  # a clone makes it a branch
     hub = Hub(remote)
     if create:
         hub.create_repo()

@@ -13,25 +13,38 @@ import json
 from collections.abc import Iterator
 from pathlib import Path
 
-from kedit.errors import HubError, PushRejectedError
+from kedit.errors import BadNameError, HubError, PushRejectedError
+from kedit.names import check_hub_commit, check_hub_path
 from kedit.progress import progress_enabled
-from kedit.remotes import Remote, scrub
+from kedit.remotes import Remote, check_transport, is_home, scrub, token_for
 
 KEDIT_DIR = ".kedit"
 
 
 class Hub:
-    """One remote's repository on the Hub, with the token read once from huggingface_hub."""
+    """One remote's repository on the Hub, with the token bound to its origin (`remotes.token_for`)."""
 
     def __init__(self, remote: Remote) -> None:
-        from huggingface_hub import HfApi, get_token
+        from huggingface_hub import HfApi
         from huggingface_hub.utils import disable_progress_bars
 
+        check_transport(remote.endpoint)
         if not progress_enabled():  # not a terminal, --quiet or --json: huggingface_hub's bars too
             disable_progress_bars()
         self.remote = remote
-        self.token = get_token()
+        self.token = token_for(remote)
+        # token=False, never None: with None huggingface_hub would send $HF_TOKEN to any host
         self.api = HfApi(endpoint=remote.endpoint, token=self.token or False)
+
+    @property
+    def token_hint(self) -> str:
+        """How to give this remote a token, which depends on where it is."""
+        if self.remote.token_env:
+            return f"set ${self.remote.token_env} (the variable this remote names for its token)"
+        if is_home(self.remote.endpoint):
+            return "set HF_TOKEN or run 'hf auth login'"
+        return ("HF_TOKEN goes only to HF_ENDPOINT's host: put this host's token in a variable the remote "
+                "names (kedit remote add NAME URL --token-env VAR)")
 
     @property
     def where(self) -> str:
@@ -73,10 +86,9 @@ class Hub:
                                      f"last pull (someone else pushed)")
         if status == 401:
             if not self.token:
-                return HubError(f"cannot {doing}: the Hub asks for a token and none is set",
-                                hint="set HF_TOKEN or run 'hf auth login'")
+                return HubError(f"cannot {doing}: the Hub asks for a token and none is set", hint=self.token_hint)
             return HubError(f"cannot {doing}: the Hub refused the token (401 {server.strip()})",
-                            hint="check HF_TOKEN or run 'hf auth login' again")
+                            hint=self.token_hint)
         if status == 403:
             return HubError(f"cannot {doing}: the token may not write to {self.where} (403)",
                             hint="use a token with write access")
@@ -109,6 +121,8 @@ class Hub:
         return [e.path for e in entries if hasattr(e, "blob_id")]
 
     def download(self, path: str, sha: str, dest: Path) -> Path:
+        """`path` at `sha`, written under `dest` (both named by the remote: checked first)."""
+        self._check_names(path, sha)
         with self.errors(f"download {path} from {self.remote.repo_id}"):
             return Path(self.api.hf_hub_download(self.remote.repo_id, path, revision=sha, local_dir=dest))
 
@@ -116,6 +130,7 @@ class Hub:
         """A small JSON file at `sha`, or None when the file is not there."""
         from huggingface_hub import errors as hf
 
+        self._check_names(path, sha)
         with self.errors(f"read {path} from {self.remote.repo_id}"):
             try:
                 file = Path(self.api.hf_hub_download(self.remote.repo_id, path, revision=sha, local_dir=dest))
@@ -125,6 +140,13 @@ class Hub:
             return json.loads(file.read_text())
         except (OSError, ValueError) as e:
             raise HubError(f"{path} in {self.where} is not valid JSON ({e})") from None
+
+    def _check_names(self, path: str, sha: str) -> None:
+        try:
+            check_hub_path(path)
+            check_hub_commit(sha)
+        except BadNameError as e:
+            raise HubError(f"refused {self.where}: {e}; nothing was changed") from None
 
     # -- writing ---------------------------------------------------------------------------
 

@@ -1,8 +1,11 @@
 """fetch, clone and pull: bringing a Hub repository's kedit history here (layout: kedit/hub.py).
 
 `fetch` walks the remote's commits back to ones it knows, checks each record against its id
-(`hub.verify_document`) and each object against its hash; objects that the branch's weights hold
-are rebuilt from the shards and checked the same way. The objects are stored first, then the
+(`hub.verify_document`), then every name that all branches brought against kedit's grammar
+(`names.check_fetched`), and the shard names of the weights' index that objects will be
+read from (`_plan_objects`): one bad name refuses the fetch before anything is stored. Each
+object is then checked against its hash; objects that the branch's weights hold are rebuilt
+from the shards and checked the same way. The objects are stored first, then the
 commits and the remote-tracking ref are recorded in one transaction, so a failure leaves at
 most unreferenced objects (for `kedit gc`). `clone` is a fresh repository plus a fetch of every
 kedit branch; `pull` is a fetch plus a fast-forward, or with `--rebase` a replay of the local
@@ -22,7 +25,15 @@ from safetensors import SafetensorError
 
 from kedit import db as dbm
 from kedit import history, remotes
-from kedit.errors import CorruptObjectError, HubError, KeditError, PushRejectedError, RepositoryExistsError
+from kedit.errors import (
+    BadNameError,
+    CorruptObjectError,
+    HubError,
+    KeditError,
+    PushRejectedError,
+    RefNameError,
+    RepositoryExistsError,
+)
 from kedit.hashing import hash_bytes, hash_tensor, tensors_object_id
 from kedit.hub import (
     EDITOR_FIELDS,
@@ -41,6 +52,7 @@ from kedit.hub import (
 )
 from kedit.hubapi import Hub
 from kedit.hubprobes import ProbeRow, read_probes
+from kedit.names import check_fetched, check_plain_name, check_tensor_name, loads_unique
 from kedit.probes import add_probes
 from kedit.progress import progress_bar
 from kedit.refs import BRANCH_PREFIX
@@ -75,6 +87,7 @@ def fetch(repo: Repository, remote_name: str | None = None, branches: Iterable[s
         editors: dict[str, dict] = {}
         found: dict[str, Fetched] = {}
         probes: list[ProbeRow] = []
+        seen: dict[str, tuple[dict[str, str], int, int]] = {}  # branch -> (tree, documents, editors) so far
         for rbranch in wanted:
             sha = hub_branches[rbranch]
             state = hub.read_json(REFS_FILE, sha, tmp / sha)
@@ -92,10 +105,22 @@ def fetch(repo: Repository, remote_name: str | None = None, branches: Iterable[s
             _fetch_commits(repo, hub, tree, sha, tip, docs, metrics, tmp / sha)
             fetched.new_commits = len(docs) - before
             _fetch_editors(repo, hub, tree, sha, editors, tmp / sha)
-            fetched.objects = _fetch_objects(repo, hub, tree, sha, checkpoint, docs, set(editors), tmp / sha,
-                                             progress)
             probes += read_probes(hub, tree, sha, tmp / sha)
             found[rbranch] = fetched
+            seen[rbranch] = (tree, len(docs), len(editors))
+        try:  # nothing is written before every name, the index's shard names included, has passed
+            check_fetched(found, docs, editors)
+            plans, planned = {}, set()
+            for rbranch, f in found.items():  # each branch's objects, with the documents known by then
+                tree, n_docs, n_editors = seen[rbranch]
+                plans[rbranch] = _plan_objects(repo, hub, tree, f.hub_commit, f.checkpoint,
+                                               dict(list(docs.items())[:n_docs]),
+                                               set(list(editors)[:n_editors]), planned, tmp / f.hub_commit)
+        except (BadNameError, RefNameError) as e:
+            raise HubError(f"refused {hub.where}: {e}; nothing was changed") from None
+        for rbranch, plan in plans.items():
+            found[rbranch].objects = plan.count
+            _store_objects(repo, hub, plan, tmp / plan.sha, progress)
         with dbm.write(repo.db):  # the probes with the commits they name, in one transaction
             _record(repo, remote.name, docs, metrics, editors, found)
             add_probes(repo, probes)
@@ -111,7 +136,7 @@ def _download_document(hub: Hub, tree: dict[str, str], sha: str, cid: str, tmp: 
     if path not in tree:
         raise HubError(f"the remote history is incomplete: commit {cid[:12]} is missing from {hub.where}")
     try:
-        doc = json.loads(hub.download(path, sha, tmp).read_text())
+        doc = loads_unique(hub.download(path, sha, tmp).read_text())
     except ValueError:
         doc = None
     verify_document(doc, cid)
@@ -172,46 +197,78 @@ def _fetch_editors(repo: Repository, hub: Hub, tree: dict[str, str], sha: str, e
         editors[editor_id] = doc
 
 
-def _fetch_objects(repo: Repository, hub: Hub, tree: dict[str, str], sha: str, checkpoint: str | None,
-                   docs: dict[str, dict], extra: set[str], tmp: Path, progress: bool) -> int:
+@dataclass
+class _ObjectPlan:
+    """Where each object a branch needs comes from, decided before anything is stored."""
+    sha: str
+    files: list[tuple[str, str, bool]]  # (object id, Hub path, is a blob)
+    from_weights: dict[str, list[tuple[str, str]]]  # shard -> [(object id, tensor name)]
+    manifest: dict[str, str]  # tensor name -> hash, at the branch's checkpoint
+
+    @property
+    def count(self) -> int:
+        return len(self.files) + sum(len(v) for v in self.from_weights.values())
+
+
+def _plan_objects(repo: Repository, hub: Hub, tree: dict[str, str], sha: str, checkpoint: str | None,
+                  docs: dict[str, dict], extra: set[str], planned: set[str], tmp: Path) -> _ObjectPlan:
+    """The objects missing here and not `planned` for an earlier branch, and the Hub file each
+    comes from (adding them to `planned`); the index's shard names are checked here, so that a
+    hostile one refuses the fetch before any object is stored."""
     wanted = extra | {oid for doc in docs.values() for oid in objects_of(doc)}
-    needed = sorted(oid for oid in wanted if not repo.store.has(oid))
-    if not needed:
-        return 0
+    plan = _ObjectPlan(sha, [], {}, {})
     covered: dict[str, tuple[str, str]] = {}
-    manifest: dict[str, str] = {}
     if checkpoint is not None:
-        manifest, files = _state_at(repo, docs, checkpoint)
-        covered = covered_by_weights(manifest, files)
-    from_weights: dict[str, list[tuple[str, str]]] = {}  # shard -> [(object id, tensor name)]
-    index: dict | None = None
+        plan.manifest, files = _state_at(repo, docs, checkpoint)
+        covered = covered_by_weights(plan.manifest, files)
+    weight_map: dict[str, str] | None = None
+    for oid in sorted(oid for oid in wanted - planned if not repo.store.has(oid)):
+        planned.add(oid)
+        st, blob = object_path(oid, "st"), object_path(oid, "blob")
+        if st in tree or blob in tree:
+            plan.files.append((oid, st if st in tree else blob, st not in tree))
+        elif oid in covered and covered[oid][0] == "file":
+            plan.files.append((oid, covered[oid][1], True))
+        elif oid in covered:
+            if weight_map is None:
+                weight_map = _weight_map(hub, sha, tmp)
+            name = covered[oid][1]
+            shard = weight_map.get(name)
+            if shard is None:
+                raise HubError(f"the remote weights do not hold {name}, which the history needs; "
+                               "nothing was changed")
+            plan.from_weights.setdefault(shard, []).append((oid, name))
+        else:
+            raise HubError(f"the remote history is incomplete: object {oid} is missing from {hub.where}; "
+                           "nothing was changed")
+    return plan
+
+
+def _weight_map(hub: Hub, sha: str, tmp: Path) -> dict[str, str]:
+    """The remote index's tensor -> shard map, every name checked (a shard is a plain file name)."""
+    index = hub.read_json(INDEX_FILE, sha, tmp) or {}
+    weight_map = index.get("weight_map", {}) if isinstance(index, dict) else None
+    if not isinstance(weight_map, dict):
+        raise HubError(f"{INDEX_FILE} in {hub.where} is damaged")
+    for name, shard in weight_map.items():
+        check_tensor_name(name)
+        check_plain_name(shard, "shard name")
+    return weight_map
+
+
+def _store_objects(repo: Repository, hub: Hub, plan: _ObjectPlan, tmp: Path, progress: bool) -> None:
+    """Download, verify and store the planned objects."""
     with repo.store.batch():
-        for oid in progress_bar(needed, desc="objects", disable=not progress):
-            st, blob = object_path(oid, "st"), object_path(oid, "blob")
-            if st in tree or blob in tree:
-                path = st if st in tree else blob
-                _put_verified(repo, oid, hub.download(path, sha, tmp), path == blob)
-            elif oid in covered and covered[oid][0] == "file":
-                _put_verified(repo, oid, hub.download(covered[oid][1], sha, tmp), True)
-            elif oid in covered:
-                if index is None:
-                    index = hub.read_json(INDEX_FILE, sha, tmp) or {}
-                name = covered[oid][1]
-                shard = index.get("weight_map", {}).get(name)
-                if shard is None:
-                    raise HubError(f"the remote weights do not hold {name}, which the history needs")
-                from_weights.setdefault(shard, []).append((oid, name))
-            else:
-                raise HubError(f"the remote history is incomplete: object {oid} is missing from {hub.where}")
-        for shard, wanted in sorted(from_weights.items()):
-            tensors, _ = read_safetensors(hub.download(shard, sha, tmp))
+        for oid, path, is_blob in progress_bar(plan.files, desc="objects", disable=not progress):
+            _put_verified(repo, oid, hub.download(path, plan.sha, tmp), is_blob)
+        for shard, wanted in sorted(plan.from_weights.items()):
+            tensors, _ = read_safetensors(hub.download(shard, plan.sha, tmp))
             for oid, name in wanted:
                 value = tensors.get(name)
-                if value is None or hash_tensor(value) != manifest[name]:
+                if value is None or hash_tensor(value) != plan.manifest[name]:
                     raise CorruptObjectError(oid, f"{name} in the downloaded {shard} does not match its hash")
-                repo.store.put_tensors({"value": value}, tensor_hashes={"value": manifest[name]})
+                repo.store.put_tensors({"value": value}, tensor_hashes={"value": plan.manifest[name]})
             del tensors
-    return len(needed)
 
 
 def _put_verified(repo: Repository, oid: str, file: Path, is_blob: bool) -> None:
@@ -269,15 +326,19 @@ def _staged(cid: str, doc: dict) -> StagedCommit:
 # -- clone and pull ------------------------------------------------------------------------
 
 
-def clone(url: str, directory: Path | None = None, *, progress: bool = False) -> tuple[Repository, dict]:
-    """A new repository at `directory` holding every kedit branch of the Hub repository `url`."""
-    _endpoint, repo_id = remotes.parse_url(url)
+def clone(url: str, directory: Path | None = None, *, token_env: str | None = None,
+          progress: bool = False) -> tuple[Repository, dict]:
+    """A new repository at `directory` holding every kedit branch of the Hub repository `url`
+    (its remote `origin` takes its token from $`token_env` when given)."""
+    endpoint, repo_id = remotes.parse_url(url)
+    remotes.check_transport(endpoint)  # refused before any folder is made
+    remotes.check_token_env(token_env)
     directory = directory or Path(repo_id.split("/")[-1])
     path = directory / REPO_DIR
     made_dir = not directory.exists()
     try:
         repo = Repository.create(path)  # clears what an interrupted clone or init left there
-        remotes.add(repo.db, "origin", url)
+        remotes.add(repo.db, "origin", url, token_env)
         found = fetch(repo, "origin", progress=progress)
         if not found:
             raise HubError(f"{url} holds no kedit history", hint="push to it first with 'kedit push'")

@@ -5,8 +5,11 @@ inside a write transaction; the expected old value makes it a compare-and-swap, 
 ref transactions, so two writers cannot silently overwrite each other. Each move is logged
 in the reflog, which `kedit reflog` shows and `kedit gc` treats as reachable.
 
-Revisions: a full id, a unique prefix of at least 4 hex digits, a branch, a tag or HEAD,
-followed by any number of `~N` (N first parents back) or `^` (one back).
+Revisions: a full id, a unique prefix of at least 4 hex digits, a branch, a tag, HEAD or `@`
+(HEAD), or a reflog entry `REF@{n}` (where REF pointed n moves ago, as `kedit reflog` numbers
+them: `HEAD@{1}` is where HEAD was before its last move; `@{n}` is the current branch's),
+followed by any number of `~N` (N first parents back) or `^` (one back). Ranges of commits
+(`A..B`, `A...B`) are in kedit/revisions.py.
 """
 
 from __future__ import annotations
@@ -26,7 +29,9 @@ DEFAULT_BRANCH = "main"
 
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._/-]*$")
 _SUFFIX_RE = re.compile(r"(~\d*|\^)")
+_REFLOG_RE = re.compile(r"^(.*)@\{(\d+)\}$")
 MIN_PREFIX = 4
+MAX_REF_NAME = 255
 
 
 def now_iso() -> str:
@@ -44,10 +49,14 @@ def check_ref_name(name: str, what: str = "branch") -> str:
         problem = "it may not contain '..' or '//', nor end with '/', '.' or '.lock'"
     elif any(part.startswith(".") for part in name.split("/")):
         problem = "no part of it may start with '.'"
+    elif len(name) > MAX_REF_NAME:
+        problem = f"it is longer than {MAX_REF_NAME} characters"
     elif name == HEAD:
         problem = "HEAD is reserved"
-    elif re.fullmatch(r"[0-9a-f]{4,32}", name):
-        problem = "it looks like a commit id"
+    elif name.startswith("refs/"):
+        problem = "give the short name (a full ref path could not be named by any command)"
+    elif re.fullmatch(r"[0-9a-fA-F]{4,32}", name):
+        problem = "it looks like a commit id and would shadow one"
     if problem:
         raise RefNameError(f"invalid {what} name {name!r}: {problem}")
     return name
@@ -141,6 +150,11 @@ class Refs:
         return commit
 
     def _resolve_base(self, base: str, rev: str) -> str:
+        if base == "@":
+            base = HEAD
+        reflog = _REFLOG_RE.match(base)
+        if reflog:
+            return self._reflog_entry(reflog.group(1), int(reflog.group(2)), rev)
         if base == HEAD or base.startswith("refs/"):
             target = self.deref(base)
             if target is None:
@@ -160,6 +174,27 @@ class Refs:
                 shown = ", ".join(f[:12] for f in found[:5])
                 raise RevisionError(f"ambiguous revision {rev!r}: it matches {shown}", rev=rev)
         raise RevisionError(f"unknown revision {rev!r}: not a commit, branch or tag", rev=rev)
+
+
+    def reflog_name(self, ref: str) -> str:
+        """The full name whose reflog `ref` means: HEAD, a full ref path, or a branch's short name."""
+        return ref if ref == HEAD or ref.startswith("refs/") else BRANCH_PREFIX + ref
+
+    def _reflog_entry(self, ref: str, n: int, rev: str) -> str:
+        """Where `ref` pointed `n` moves ago (`kedit reflog`'s REF@{n}); '' is the current branch."""
+        if ref == "":
+            branch = self.head_branch()
+            ref = branch if branch is not None else HEAD
+        name = self.reflog_name(HEAD if ref == "@" else ref)
+        row = dbm.one(self.db, "SELECT new FROM reflog WHERE ref = ? ORDER BY id DESC LIMIT 1 OFFSET ?", [name, n])
+        if row is None:
+            count = dbm.one(self.db, "SELECT COUNT(*) FROM reflog WHERE ref = ?", [name])[0]
+            if count == 0:
+                raise RevisionError(f"unknown revision {rev!r}: {ref} has no reflog", rev=rev)
+            raise RevisionError(f"unknown revision {rev!r}: the reflog of {ref} has only {count} entries", rev=rev)
+        if row[0] is None:
+            raise RevisionError(f"revision {rev!r}: {ref} was deleted at that point", rev=rev)
+        return row[0]
 
 
 def _split_revision(rev: str) -> tuple[str, list[str]]:

@@ -7,12 +7,16 @@ transaction as the commits it brings, where the remote branch was: the remote-tr
 `refs/remotes/NAME/BRANCH` (a kedit commit, kept alive by gc like any ref) and the Hub commit
 sha, which is the `parent_commit` of the next push.
 
-The token is never stored: `hub_api` asks huggingface_hub for it ($HF_TOKEN, then the login
-cache) each time, and `scrub` removes it from any text that might be shown.
+The token goes only to its origin (`token_for`): the token of huggingface_hub ($HF_TOKEN, then
+the login cache) only to the scheme, host and port of $HF_ENDPOINT (else huggingface.co); a
+remote elsewhere gets a token only from the environment variable it names (`--token-env`: the
+variable's name is stored, never the token). Plain http is refused except to this machine
+(`check_transport`), and `scrub` removes the token from any text that might be shown.
 """
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import re
 from dataclasses import dataclass
@@ -24,6 +28,8 @@ from kedit.refs import check_ref_name, now_iso
 
 DEFAULT_ENDPOINT = "https://huggingface.co"
 REMOTE_PREFIX = "refs/remotes/"
+_DEFAULT_PORTS = {"http": 80, "https": 443}
+_ENV_NAME_RE = re.compile(r"^[A-Z_][A-Z0-9_]{0,127}$")  # upper case: a token (hf_...) is refused
 _REPO_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,95}/[A-Za-z0-9][A-Za-z0-9._-]{0,95}$")
 
 
@@ -33,6 +39,7 @@ class Remote:
     url: str
     endpoint: str
     repo_id: str
+    token_env: str | None = None  # the environment variable holding this remote's token
 
 
 @dataclass(frozen=True)
@@ -52,7 +59,7 @@ def parse_url(url: str) -> tuple[str, str]:
                           hint="put the token in HF_TOKEN or run 'hf auth login'")
     if parts.scheme == "hf":
         repo_id = (parts.netloc + parts.path).strip("/")
-        endpoint = os.environ.get("HF_ENDPOINT", DEFAULT_ENDPOINT).rstrip("/")
+        endpoint = home_endpoint()
     elif parts.scheme in ("http", "https") and parts.netloc:
         repo_id = parts.path.strip("/")
         endpoint = f"{parts.scheme}://{parts.netloc}"
@@ -64,16 +71,74 @@ def parse_url(url: str) -> tuple[str, str]:
     return endpoint, repo_id
 
 
-def add(db, name: str, url: str) -> Remote:
+def home_endpoint() -> str:
+    """The Hub that huggingface_hub's own token is for: $HF_ENDPOINT, else huggingface.co."""
+    return os.environ.get("HF_ENDPOINT", DEFAULT_ENDPOINT).rstrip("/")
+
+
+def _origin(url: str) -> tuple[str, str, int | None]:
+    parts = urlsplit(url)
+    try:
+        port = parts.port or _DEFAULT_PORTS.get(parts.scheme)
+    except ValueError:  # a port that is not a number: matches nothing
+        port = -1
+    return parts.scheme, (parts.hostname or ""), port
+
+
+def check_transport(endpoint: str) -> None:
+    """Refuse plain http except to this machine: a token (and the weights) would cross the network in clear."""
+    scheme, host, _port = _origin(endpoint)
+    if scheme == "http" and not _is_loopback(host):
+        raise RemoteError(f"{endpoint} is plain http: kedit speaks http only to this machine "
+                          "(127.0.0.0/8, ::1, localhost)", hint="use https://")
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def is_home(endpoint: str) -> bool:
+    """Whether `endpoint` has the origin (scheme, host, port) of the Hub huggingface_hub's token is for."""
+    return _origin(endpoint) == _origin(home_endpoint())
+
+
+def token_for(remote: Remote) -> str | None:
+    """The token to send to `remote`, bound to its origin (see the module docstring)."""
+    if remote.token_env:
+        return os.environ.get(remote.token_env) or None
+    if not is_home(remote.endpoint):
+        return None
+    from huggingface_hub import get_token
+
+    return get_token()
+
+
+def check_token_env(name: str | None) -> str | None:
+    if name is not None and not _ENV_NAME_RE.match(name):
+        # not echoed: it may be the token itself, given by mistake
+        raise RemoteError("--token-env takes the NAME of an environment variable (upper case, digits and '_')",
+                          hint="e.g. --token-env OTHER_HUB_TOKEN, with the token in $OTHER_HUB_TOKEN")
+    return name
+
+
+def add(db, name: str, url: str, token_env: str | None = None) -> Remote:
     check_ref_name(name, "remote")
     if "/" in name:
         raise RemoteError(f"invalid remote name {name!r}: it may not contain '/'")
     endpoint, repo_id = parse_url(url)
+    check_transport(endpoint)
+    check_token_env(token_env)
     with dbm.write(db):
         if dbm.one(db, "SELECT 1 FROM remotes WHERE name = ?", [name]):
             raise RemoteError(f"a remote named {name!r} already exists", hint=f"kedit remote remove {name}")
-        db.execute("INSERT INTO remotes (name, url, created) VALUES (?, ?, ?)", [name, url, now_iso()])
-    return Remote(name, url, endpoint, repo_id)
+        db.execute("INSERT INTO remotes (name, url, created, token_env) VALUES (?, ?, ?, ?)",
+                   [name, url, now_iso(), token_env])
+    return Remote(name, url, endpoint, repo_id, token_env)
 
 
 def get(db, name: str | None) -> Remote:
@@ -83,11 +148,11 @@ def get(db, name: str | None) -> Remote:
         if not names:
             raise RemoteError("this repository has no remote", hint="kedit remote add origin hf://OWNER/REPO")
         name = "origin" if "origin" in names or len(names) != 1 else names[0]
-    row = dbm.one(db, "SELECT url FROM remotes WHERE name = ?", [name])
+    row = dbm.one(db, "SELECT url, token_env FROM remotes WHERE name = ?", [name])
     if row is None:
         raise RemoteError(f"no remote named {name!r}", hint="kedit remote list")
     endpoint, repo_id = parse_url(row[0])
-    return Remote(name, row[0], endpoint, repo_id)
+    return Remote(name, row[0], endpoint, repo_id, row[1])
 
 
 def list_all(db) -> list[Remote]:

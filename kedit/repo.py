@@ -22,7 +22,6 @@ Caveats: history is first-parent only (no merges yet). The working model under
 from __future__ import annotations
 
 import contextlib
-import getpass
 import json
 import logging
 import os
@@ -37,10 +36,11 @@ from filelock import FileLock, Timeout
 from safetensors import SafetensorError
 
 import kedit
+from kedit import config, history
 from kedit import db as dbm
-from kedit import history
 from kedit.delta import Adapter, Dense, LowRank, Replace, WeightDelta, apply_step, delta_size_bytes
 from kedit.errors import (
+    BadNameError,
     DeltaError,
     HeadMovedError,
     IncompleteRepositoryError,
@@ -55,6 +55,7 @@ from kedit.errors import (
 )
 from kedit.hashing import canonical_json, dtype_name, hash_tensor, record_id
 from kedit.materialize import Materializer, TensorCache, load_step
+from kedit.names import check_tensor_name
 from kedit.progress import progress_bar
 from kedit.refs import BRANCH_PREFIX, DEFAULT_BRANCH, HEAD, TAG_PREFIX, Refs, check_ref_name, now_iso
 from kedit.sources import open_source
@@ -224,15 +225,6 @@ def repository_dir(where: str | Path | None) -> Path:
     """The `.kedit` folder a new repository at `where` (or $KEDIT_DIR, or the current folder) gets."""
     where = Path(where or os.environ.get("KEDIT_DIR") or Path.cwd())
     return where if where.name == REPO_DIR else where / REPO_DIR
-
-
-def _author() -> str:
-    if os.environ.get("KEDIT_AUTHOR"):
-        return os.environ["KEDIT_AUTHOR"]
-    try:
-        return getpass.getuser()
-    except (KeyError, OSError):
-        return "unknown"
 
 
 class Repository:
@@ -423,7 +415,8 @@ class Repository:
             "kind": "init", "parents": [], "origin": src.origin, "message": message or f"init from {src.description}",
             "tensors": {n: {"source": None, "steps": [["", c["object"], "exact"]], "hash": c["hash"]}
                         for n, c in changes.items()},
-            "files": files, "author": _author(), "created": now_iso(), "kedit_version": kedit.__version__,
+            "files": files, "author": config.author(self.path), "created": now_iso(),
+            "kedit_version": kedit.__version__,
         }
         cid = record_id(record)
         staged = StagedCommit(cid, None, record, info={"origin": src.origin, "bytes": total}, files=files, changes=[
@@ -443,6 +436,13 @@ class Repository:
                 tensors, _ = read_safetensors(weight_file)
             except (SafetensorError, ValueError) as e:  # a file named .safetensors is not one yet
                 raise ModelSourceError(f"{weight_file} is not a readable safetensors file ({e})") from e
+            for name in tensors:  # they become file names in the working model and on the Hub
+                try:
+                    check_tensor_name(name)
+                except BadNameError as e:
+                    raise ModelSourceError(f"{weight_file.name}: {e}") from None
+                if name in changes:
+                    raise ModelSourceError(f"{weight_file.name}: the tensor {name!r} is also in another weight file")
             for name in progress_bar(sorted(tensors), desc=f"hash+store {weight_file.name}", disable=not progress):
                 tensor = tensors[name]
                 if dtype is not None and tensor.is_floating_point():
@@ -572,7 +572,7 @@ class Repository:
                 "tensors": {n: {"source": parent, "steps": [["", s["object"], s["encoding"]]], "hash": s["hash"]}
                             for n, s in staged.items()},
                 "adapters": [["add", o.id, a.kind, ""] for o, a in zip(adapter_objs, adapters, strict=True)],
-                "author": _author(), "created": now_iso(), "kedit_version": kedit.__version__,
+                "author": config.author(self.path), "created": now_iso(), "kedit_version": kedit.__version__,
             }
             if memory_obj is not None:
                 record["memory"] = memory_obj.id
@@ -690,7 +690,7 @@ class Repository:
                 "tensors": {n: {"source": s["source"], "steps": [list(x) for x in s["steps"]], "hash": s["hash"]}
                             for n, s in staged.items()},
                 "adapters": adapter_ops,
-                "author": _author(), "created": now_iso(), "kedit_version": kedit.__version__,
+                "author": config.author(self.path), "created": now_iso(), "kedit_version": kedit.__version__,
             }
             cid = record_id(record)
             later = [c for c in history.ancestors(self.db, head)
@@ -869,7 +869,7 @@ class Repository:
             return target
 
     def reflog(self, ref: str = HEAD, limit: int | None = None) -> list[dict[str, Any]]:
-        name = ref if ref == HEAD or ref.startswith("refs/") else BRANCH_PREFIX + ref
+        name = self.refs.reflog_name(ref)
         sql = "SELECT id, ref, old, new, message, created FROM reflog WHERE ref = ? ORDER BY id DESC"
         found = dbm.rows(self.db, sql + (f" LIMIT {int(limit)}" if limit else ""), [name])
         if not found and name != HEAD and self.refs.get(name) is None:

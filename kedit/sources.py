@@ -19,7 +19,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from kedit.errors import ModelSourceError
+from kedit.errors import BadNameError, ModelSourceError
+from kedit.names import check_plain_name
 
 log = logging.getLogger(__name__)
 
@@ -89,7 +90,10 @@ def _from_folder(folder: Path, description: str) -> ModelSource:
             weight_map = json.loads(index.read_text())["weight_map"]
         except (ValueError, KeyError) as e:
             raise ModelSourceError(f"{index} is not a valid safetensors index ({e})") from e
-        weights = [folder / name for name in sorted(set(weight_map.values()))]
+        try:
+            weights = [folder / check_plain_name(name, "shard name") for name in sorted(set(weight_map.values()))]
+        except BadNameError as e:
+            raise ModelSourceError(f"{index}: {e}") from None
         missing = [w.name for w in weights if not w.exists()]
         if missing:
             raise ModelSourceError(f"{folder} is incomplete: shard {missing[0]} listed in the index is missing")

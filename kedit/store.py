@@ -35,6 +35,7 @@ from safetensors.torch import save_file
 
 from kedit.errors import CorruptObjectError, ExternalFileError, ObjectMissingError
 from kedit.hashing import hash_bytes, hash_tensor, tensors_object_id
+from kedit.names import inside
 
 KINDS = ("st", "ref", "blob")
 
@@ -62,9 +63,17 @@ def _fsync_file(path: Path) -> None:
         os.close(fd)
 
 
-def _atomic_replace(path: Path, write: Callable[[Path], None], tmp_dir: Path | None, durable: bool) -> None:
+def _atomic_replace(path: Path, write: Callable[[Path], None], tmp_dir: Path | None, durable: bool,
+                    root: Path | None) -> None:
     """Write through a temp file and a rename, fsynced unless `durable` is off: caches that
-    kedit can rebuild (the working model, keyframes) skip the fsync; the history never does."""
+    kedit can rebuild (the working model, keyframes) skip the fsync; the history never does.
+
+    With `root`, `path` (relative to it, or absolute) must resolve inside it (`names.inside`):
+    every destination built from a name that came from outside is written this way. Its
+    parent folders are made."""
+    if root is not None:
+        path = inside(root, path)
+        path.parent.mkdir(parents=True, exist_ok=True)
     tmp = (tmp_dir or path.parent) / f".tmp-{secrets.token_hex(8)}"
     try:
         write(tmp)
@@ -77,14 +86,15 @@ def _atomic_replace(path: Path, write: Callable[[Path], None], tmp_dir: Path | N
         fsync_dir(path.parent)
 
 
-def atomic_write_bytes(path: Path, data: bytes, tmp_dir: Path | None = None, *, durable: bool = True) -> None:
-    _atomic_replace(path, lambda tmp: tmp.write_bytes(data) and None, tmp_dir, durable)
+def atomic_write_bytes(path: Path, data: bytes, tmp_dir: Path | None = None, *, durable: bool = True,
+                       root: Path | None = None) -> None:
+    _atomic_replace(path, lambda tmp: tmp.write_bytes(data) and None, tmp_dir, durable, root)
 
 
 def save_tensors_atomic(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str],
-                        tmp_dir: Path | None = None, *, durable: bool = True) -> None:
+                        tmp_dir: Path | None = None, *, durable: bool = True, root: Path | None = None) -> None:
     cpu = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
-    _atomic_replace(path, lambda tmp: save_file(cpu, str(tmp), metadata=metadata), tmp_dir, durable)
+    _atomic_replace(path, lambda tmp: save_file(cpu, str(tmp), metadata=metadata), tmp_dir, durable, root)
 
 
 def read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
@@ -156,7 +166,8 @@ class ObjectStore:
         object_id = tensors_object_id(hashes, metadata)
         path = self._place(object_id, "st")
         if path is not None and not self.path(object_id, "ref").exists():
-            save_tensors_atomic(path, tensors, metadata, tmp_dir=self.tmp, durable=self._durable(path))
+            save_tensors_atomic(path, tensors, metadata, tmp_dir=self.tmp, durable=self._durable(path),
+                                root=self.root)
         stored = self.path(object_id, "st")
         return StoredObject(object_id, stored.stat().st_size if stored.exists() else 0, hashes)
 
@@ -169,14 +180,15 @@ class ObjectStore:
                   "size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
         path = self._place(object_id, "ref")
         if path is not None and not self.path(object_id, "st").exists():
-            atomic_write_bytes(path, json.dumps(record).encode(), tmp_dir=self.tmp, durable=self._durable(path))
+            atomic_write_bytes(path, json.dumps(record).encode(), tmp_dir=self.tmp, durable=self._durable(path),
+                               root=self.root)
         return StoredObject(object_id, 0, hashes)
 
     def put_blob(self, data: bytes) -> StoredObject:
         object_id = hash_bytes(data)
         path = self._place(object_id, "blob")
         if path is not None:
-            atomic_write_bytes(path, data, tmp_dir=self.tmp, durable=self._durable(path))
+            atomic_write_bytes(path, data, tmp_dir=self.tmp, durable=self._durable(path), root=self.root)
         return StoredObject(object_id, len(data), {})
 
     # -- reading ---------------------------------------------------------------------------

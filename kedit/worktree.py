@@ -25,6 +25,7 @@ import torch
 
 from kedit.hashing import hash_tensor
 from kedit.history import ManifestEntry
+from kedit.names import check_file_set, check_tensor_name
 from kedit.store import atomic_write_bytes, read_safetensors, save_tensors_atomic
 
 INDEX_FILE = "model.safetensors.index.json"
@@ -126,6 +127,9 @@ class Worktree:
         `keep(hash, path)` may take a shard about to be replaced (to cache it). `files` maps
         config/tokenizer paths to their bytes (None: unchanged, keep the file).
         """
+        for name in manifest:  # names from the history: checked again where they become file names
+            check_tensor_name(name)
+        check_file_set(files)
         self.folder.mkdir(parents=True, exist_ok=True)
         # from an update killed mid-write (we hold the lock): ours are .tmp-<hex>, and safetensors' own
         # writer (the Rust tempfile crate) leaves .tmpXXXXXX beside the file it was writing
@@ -153,16 +157,14 @@ class Worktree:
             old = entries.get(name)
             if keep is not None and old is not None and old.get("stat") == self._stat(name):
                 keep(old["hash"], self.folder / shard_name(name))  # the replaced value, for the way back
-            save_tensors_atomic(self.folder / shard_name(name), {name: value}, {"format": "pt"}, durable=False)
+            save_tensors_atomic(shard_name(name), {name: value}, {"format": "pt"}, durable=False, root=self.folder)
             entries[name] = {"hash": manifest[name].hash, "stat": self._stat(name)}
         for name in removed:
             (self.folder / shard_name(name)).unlink(missing_ok=True)
             del entries[name]
         for path, data in files.items():
             if data is not None:
-                target = self.folder / path
-                target.parent.mkdir(parents=True, exist_ok=True)
-                atomic_write_bytes(target, data, durable=False)
+                atomic_write_bytes(path, data, durable=False, root=self.folder)
         if set(manifest) != names_before or not (self.folder / INDEX_FILE).exists():
             self._write_weight_map(manifest)
         index.update(commit=commit_id, tensors=entries, pending={})

@@ -1,6 +1,7 @@
 """Shared fixtures: tiny random models of real architectures, and fresh repositories.
 
-Every test runs offline, without progress bars, with the Hugging Face cache in a temp dir.
+Every test runs offline, without progress bars, with the Hugging Face cache and kedit's global
+config in temp dirs.
 """
 
 from __future__ import annotations
@@ -15,12 +16,14 @@ from tests.tiny import make_model
 
 
 @pytest.fixture(autouse=True)
-def _offline_env(monkeypatch: pytest.MonkeyPatch, tmp_path_factory: pytest.TempPathFactory) -> None:
+def _offline_env(monkeypatch: pytest.MonkeyPatch, tmp_path_factory: pytest.TempPathFactory,
+                 tmp_path: Path) -> None:
     monkeypatch.setenv("KEDIT_DISABLE_PROGRESS_BARS", "1")
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     monkeypatch.setenv("HF_HOME", str(tmp_path_factory.getbasetemp() / "hf-home"))
     monkeypatch.setenv("KEDIT_AUTHOR", "tester")
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "xdg-config"))  # kedit config --global: a temp file
     monkeypatch.delenv("KEDIT_DIR", raising=False)
     monkeypatch.delenv("HF_TOKEN", raising=False)
 

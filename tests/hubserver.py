@@ -222,7 +222,9 @@ class HubHandler(BaseHTTPRequestHandler):
         self._send(status, json.dumps(value).encode(), headers)
 
     def _error(self, e: HubError) -> None:
-        headers = {"X-Error-Message": e.message}
+        # A refused request's body may be unread: close the connection, or it would be read as the next request.
+        self.close_connection = True
+        headers = {"X-Error-Message": e.message, "Connection": "close"}
         if e.code:
             headers["X-Error-Code"] = e.code
         self._json({"error": e.message}, e.status, headers)
@@ -244,6 +246,7 @@ class HubHandler(BaseHTTPRequestHandler):
         parts = [unquote(p) for p in url.path.split("/")[1:]]
         query = {k: v[-1] for k, v in parse_qs(url.query).items()}
         self.server.requests.append((self.command, url.path))
+        self.server.authorizations.append(self.headers.get("Authorization"))
         try:
             self._route(parts, query)
         except HubError as e:
@@ -488,6 +491,7 @@ class HubServer(ThreadingHTTPServer):
         self.reject_commit: str | None = None  # a message: commits are refused with 400, as the Hub's checks do
         self.uploaded_bytes = 0
         self.requests: list[tuple[str, str]] = []
+        self.authorizations: list[str | None] = []  # each request's Authorization header, in order
         self._thread: threading.Thread | None = None
 
     @property
