@@ -119,7 +119,8 @@ def edit(ctx: click.Context, method: str | None, prompt: str | None, subject: st
     from kedit.requests import load_requests
 
     repo = _open(ctx)
-    method = method or config.get("edit.method", repo.path) or DEFAULT_METHOD
+    if method is None:
+        method = config.get("edit.method", repo.path) or DEFAULT_METHOD
     stats_samples = stats_samples or _configured_samples(repo)
     get_method(method)
     requests = load_requests(request_files) if request_files else []

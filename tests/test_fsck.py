@@ -24,6 +24,7 @@ from transformers import AutoModelForCausalLM
 from kedit.cli import cli
 from kedit.delta import Adapter, Dense, LowRank
 from kedit.editors import store_editor
+from kedit.evaluate import PROMPT_PROTOCOL
 from kedit.repo import Metric, Repository
 from kedit.worktree import shard_name
 from tests import test_cli_grace
@@ -62,7 +63,8 @@ def template(tmp_path_factory: pytest.TempPathFactory, tiny_llama_dir: Path) -> 
                                                 {"entries": []})], method="grace", message="adapter",
                           memory={"keys": torch.randn(3, 32, generator=gen)})
     revert = repo.revert(first.id)
-    store_editor(repo, "mend", {"w": torch.randn(4, 4, generator=gen)}, {}, repo.log()[-1].id, "0" * 32, {}, {})
+    store_editor(repo, "mend", {"w": torch.randn(4, 4, generator=gen)}, {}, repo.log()[-1].id, "0" * 32, {},
+                 {"prompt_protocol": PROMPT_PROTOCOL})
     ids = {"init": repo.log()[-1].id, "first": first.id, "second": second.id, "adapter": adapter.id,
            "revert": revert.id}
     repo.db.conn.close()  # checkpoints the WAL, so the folder can be copied

@@ -147,15 +147,17 @@ def test_method_memory_travels_with_the_history(origin: Repository, hub: HubServ
 
 def test_trained_editors_travel_with_the_history(origin: Repository, hub: HubServer, tmp_path: Path) -> None:
     from kedit.editors import editor_loader, list_editors, store_editor
+    from kedit.evaluate import PROMPT_PROTOCOL
 
     state = {"w": torch.randn(4, 8, generator=torch.Generator().manual_seed(3))}
+    trained = {"val_acc": 0.9, "prompt_protocol": PROMPT_PROTOCOL}
     info = store_editor(origin, "mend", state, {"rank": 2}, base=origin.log()[-1].id, data_hash="d" * 32,
-                        hparams={"lr": 1e-4}, metrics={"val_acc": 0.9})
+                        hparams={"lr": 1e-4}, metrics=trained)
     run(origin.root, "push")
     run(tmp_path, "clone", URL, str(tmp_path / "copy"))
     copy = Repository.open(tmp_path / "copy")
     [got] = list_editors(copy)
-    assert (got.id, got.method, got.base_commit, got.metrics) == (info.id, "mend", info.base_commit, {"val_acc": 0.9})
+    assert (got.id, got.method, got.base_commit, got.metrics) == (info.id, "mend", info.base_commit, trained)
     tensors, meta = editor_loader(copy)(info.id)
     assert torch.equal(tensors["w"], state["w"]) and meta["config"] == {"rank": 2}
     assert run(copy.root, "fsck").strip().endswith(": ok")
