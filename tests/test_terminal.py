@@ -1,0 +1,121 @@
+"""git's terminal habits, tried as a user would: through the installed `kedit` in a real process,
+with real pipes and a pseudo-terminal."""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import pty
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+from kedit.cli import cli
+from kedit.delta import Dense
+from kedit.repo import Repository
+from tests.test_cli_edit import EDIT, tiny_folder, tiny_repo  # noqa: F401  (fixtures: a tiny model with a tokenizer)
+
+KEDIT = str(Path(sys.executable).parent / "kedit")
+F_SETPIPE_SZ = 1031  # Linux: shrink a pipe to one page, so a few KB of output fill it
+DOWN0 = "model.layers.0.mlp.down_proj.weight"
+
+
+@pytest.fixture
+def long_history(repo: Repository) -> Repository:
+    """Enough commits that `kedit log` writes more than a one-page pipe holds."""
+    for i in range(40):
+        repo.commit({DOWN0: Dense(torch.full((32, 64), 1e-3 * (i + 1)))}, message=f"edit number {i} " + "x" * 60)
+    return repo
+
+
+def kedit(repo: Repository, *args: str, **kwargs) -> subprocess.CompletedProcess:
+    return subprocess.run([KEDIT, "--repo", str(repo.root), *args], capture_output=True, text=True, timeout=120,
+                          **kwargs)
+
+
+def test_a_pipe_closed_early_exits_141_without_a_word(long_history: Repository) -> None:
+    read_end, write_end = os.pipe()
+    fcntl.fcntl(read_end, F_SETPIPE_SZ, 4096)
+    proc = subprocess.Popen([KEDIT, "--repo", str(long_history.root), "log"], stdout=write_end,
+                            stderr=subprocess.PIPE)
+    os.close(write_end)
+    first = b""
+    while not first.endswith(b"\n"):  # `head -1`: one line, then the reader goes away
+        first += os.read(read_end, 1)
+    os.close(read_end)
+    stderr = proc.communicate(timeout=120)[1]
+    assert first.startswith(b"commit ")
+    assert proc.returncode == 141
+    assert stderr == b""
+
+
+def test_no_color_and_the_color_option(repo: Repository) -> None:
+    env = {**os.environ, "NO_COLOR": "1"}
+    forced = kedit(repo, "--color", "always", "log", "--oneline", env=env)
+    assert "\x1b[" in forced.stdout  # always wins over NO_COLOR, as in git
+    assert "\x1b[" not in kedit(repo, "--color", "never", "log", env=env).stdout
+    # auto on a terminal: colour, unless NO_COLOR is set to anything
+    assert "\x1b[" in on_a_terminal(repo, ["--no-pager", "log", "--oneline"], {})
+    assert "\x1b[" not in on_a_terminal(repo, ["--no-pager", "log", "--oneline"], {"NO_COLOR": "1"})
+
+
+def on_a_terminal(repo: Repository, args: list[str], env: dict[str, str]) -> str:
+    """Run kedit with stdout on a pseudo-terminal; what the terminal received."""
+    leader, follower = pty.openpty()
+    inherited = {k: v for k, v in os.environ.items() if k != "NO_COLOR"}
+    proc = subprocess.Popen([KEDIT, "--repo", str(repo.root), *args], stdout=follower, stderr=subprocess.PIPE,
+                            env={**inherited, **env})
+    os.close(follower)
+    received = b""
+    while True:
+        try:
+            chunk = os.read(leader, 4096)
+        except OSError:  # EIO: the last writer closed the terminal
+            break
+        if not chunk:
+            break
+        received += chunk
+    proc.wait(timeout=120)
+    os.close(leader)
+    assert proc.returncode == 0, proc.stderr.read()
+    return received.decode()
+
+
+def test_the_pager_runs_on_a_terminal_only(repo: Repository, tmp_path: Path) -> None:
+    paged = tmp_path / "paged.txt"
+    pager = {"KEDIT_PAGER": f"cat > {paged}", "PAGER": "false"}
+    on_screen = on_a_terminal(repo, ["log"], pager)
+    assert "init from" in paged.read_text()  # the log went through KEDIT_PAGER, not to the terminal
+    assert "init from" not in on_screen
+    paged.unlink()
+    assert "init from" in on_a_terminal(repo, ["--no-pager", "log"], pager)
+    assert not paged.exists()
+    piped = kedit(repo, "log", env={**os.environ, **pager})  # stdout is a pipe: never paged
+    assert "init from" in piped.stdout and not paged.exists()
+
+
+def test_quiet_and_json_after_the_subcommand(repo: Repository) -> None:
+    runner = CliRunner()
+    after = runner.invoke(cli, ["--repo", str(repo.root), "log", "-q", "--json"])
+    before = runner.invoke(cli, ["--repo", str(repo.root), "-q", "--json", "log"])
+    assert after.exit_code == before.exit_code == 0
+    assert json.loads(after.stdout) == json.loads(before.stdout)
+    assert json.loads(after.stdout)[0]["id"] == repo.head()
+    quiet_branch = runner.invoke(cli, ["--repo", str(repo.root), "branch", "exp", "-q"])
+    assert quiet_branch.exit_code == 0 and quiet_branch.stderr == ""
+    no_json = runner.invoke(cli, ["--repo", str(repo.root), "--json", "revert", "HEAD"])
+    assert no_json.exit_code == 2 and "has no JSON output" in no_json.stderr
+
+
+def test_an_edit_is_announced_once(tiny_repo: Repository) -> None:  # noqa: F811  (the imported fixture)
+    result = CliRunner().invoke(cli, ["--repo", str(tiny_repo.root), *EDIT, "--set", "mom2_adjustment=false",
+                                      "--no-eval", "-m", "France -> Japan"])
+    assert result.exit_code == 0, result.stderr
+    commit = tiny_repo.get_commit(tiny_repo.head())
+    assert f"[main {commit.short}] France -> Japan" in result.stdout  # git's line, on stdout
+    assert commit.short not in result.stderr and "committed" not in result.stderr
