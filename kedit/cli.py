@@ -19,6 +19,7 @@ from typing import Any
 
 import click
 
+from kedit.completion import add_completion
 from kedit.errors import KeditError
 from kedit.progress import disable_progress_bars, progress_enabled
 from kedit.terminal import (
@@ -67,8 +68,8 @@ def _quiet_after_subcommand(ctx: click.Context, _param: click.Parameter, value: 
 
 
 class KeditCommand(click.Command):
-    """A subcommand that also takes the global -q/--quiet after its name (`kedit log -q`), and
-    turns the global --json (`kedit --json log`) into its own."""
+    """A subcommand that also takes the global -q/--quiet after its name (`kedit log -q`), turns
+    the global --json (`kedit --json log`) into its own, and completes revisions in the shell."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -76,6 +77,7 @@ class KeditCommand(click.Command):
         if not taken & {"-q", "--quiet"}:  # diff has its own --quiet (no output, as git's)
             self.params.append(click.Option(["-q", "--quiet", "global_quiet"], is_flag=True, expose_value=False,
                                             callback=_quiet_after_subcommand, help="No progress bars or messages."))
+        add_completion(self)
 
     def invoke(self, ctx: click.Context) -> Any:
         if ctx.find_root().obj.get("json"):

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import sqlite_utils
 
-from kedit.errors import SchemaError
+from kedit.errors import RepositoryNotFoundError, SchemaError
 
 BUSY_TIMEOUT_MS = 30_000
 
@@ -177,6 +177,21 @@ MIGRATIONS.append(("0003_editors", _EDITORS))
 # Metrics are not hashed into a commit's id: record where each came from, so that fsck (and
 # show) can tell a measurement made here from one a remote claims. '' = measured here.
 MIGRATIONS.append(("0006_metric_source", "ALTER TABLE metrics ADD COLUMN source TEXT NOT NULL DEFAULT ''"))
+
+
+REPO_DIR = ".kedit"
+DB_FILE = "kedit.db"
+
+
+def find_repository(start: Path) -> Path:
+    """The `.kedit` directory for `start`: itself, inside it, or inside one of its parents."""
+    start = start.resolve()
+    if (start / DB_FILE).exists():
+        return start
+    for folder in (start, *start.parents):
+        if (folder / REPO_DIR / DB_FILE).exists():
+            return folder / REPO_DIR
+    raise RepositoryNotFoundError(f"not a kedit repository (or any parent up to /): {start}")
 
 
 def connect(path: Path, *, create: bool = False) -> sqlite_utils.Database:

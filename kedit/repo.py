@@ -32,13 +32,13 @@ from filelock import FileLock, Timeout
 import kedit
 from kedit import db as dbm
 from kedit import history
+from kedit.db import DB_FILE, REPO_DIR, find_repository
 from kedit.delta import Adapter, Dense, LowRank, Replace, WeightDelta, apply_step, delta_size_bytes
 from kedit.errors import (
     DeltaError,
     KeditError,
     LockedError,
     RepositoryExistsError,
-    RepositoryNotFoundError,
     RevisionError,
     WorktreeDirtyError,
 )
@@ -50,8 +50,6 @@ from kedit.sources import open_source
 from kedit.store import ObjectStore, read_safetensors
 from kedit.worktree import Worktree
 
-REPO_DIR = ".kedit"
-DB_FILE = "kedit.db"
 LOCK_FILE = "LOCK"
 DEFAULT_LOCK_TIMEOUT_S = 10.0
 
@@ -97,17 +95,6 @@ def _jsonable(value: Any) -> Any:
     if isinstance(value, float | int | str | bool) or value is None:
         return value
     return str(value)
-
-
-def find_repository(start: Path) -> Path:
-    """The `.kedit` directory for `start`: itself, inside it, or inside one of its parents."""
-    start = start.resolve()
-    if (start / DB_FILE).exists():
-        return start
-    for folder in (start, *start.parents):
-        if (folder / REPO_DIR / DB_FILE).exists():
-            return folder / REPO_DIR
-    raise RepositoryNotFoundError(f"not a kedit repository (or any parent up to /): {start}")
 
 
 def _author() -> str:

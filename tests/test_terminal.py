@@ -119,3 +119,19 @@ def test_an_edit_is_announced_once(tiny_repo: Repository) -> None:  # noqa: F811
     commit = tiny_repo.get_commit(tiny_repo.head())
     assert f"[main {commit.short}] France -> Japan" in result.stdout  # git's line, on stdout
     assert commit.short not in result.stderr and "committed" not in result.stderr
+
+
+def test_shell_completion_offers_branches_without_loading_torch(repo: Repository) -> None:
+    runner = CliRunner()
+    for name in ("exp", "fix/typo"):
+        assert runner.invoke(cli, ["--repo", str(repo.root), "branch", name]).exit_code == 0
+    probe = ("import atexit, sys; atexit.register(lambda: print('torch loaded' if 'torch' in sys.modules else '',"
+             " file=sys.stderr)); from kedit.cli import main; main()")
+    env = {**os.environ, "_KEDIT_COMPLETE": "bash_complete", "COMP_WORDS": f"kedit --repo {repo.root} checkout ",
+           "COMP_CWORD": "4"}
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, env=env, timeout=120)
+    assert done.returncode == 0
+    assert done.stdout.split() == ["plain,HEAD", "plain,exp", "plain,fix/typo", "plain,main"]
+    assert "torch loaded" not in done.stderr  # a Tab must answer at once
+    env.update(COMP_WORDS=f"kedit --repo {repo.root} lo", COMP_CWORD="3")
+    assert subprocess.run([KEDIT], capture_output=True, text=True, env=env, timeout=120).stdout.split() == ["plain,log"]
