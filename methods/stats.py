@@ -36,9 +36,9 @@ from typing import Any
 import torch
 from kedit.methods.capture import capture_at_module
 from safetensors.torch import load_file, save_file
-from tqdm.auto import tqdm
 
 from kedit.evaluate import start_token_id
+from kedit.progress import progress_bar
 
 __all__ = [
     "CorpusSource",
@@ -258,7 +258,8 @@ def accumulate_second_moment(
     device = model.get_input_embeddings().weight.device
     was_training = model.training
     model.eval()
-    bar = tqdm(total=total, initial=state.n_texts if state else 0, disable=not progress, unit="text", desc="stats")
+    bar = progress_bar(total=total, initial=state.n_texts if state else 0, disable=not progress, unit="text",
+                       desc=f"statistics of {module_name}")
     try:
         it = iter(texts)
         while batch := list(islice(it, batch_size)):

@@ -17,6 +17,7 @@ from click.testing import CliRunner
 
 from kedit.cli import cli
 from kedit.delta import Dense
+from kedit.progress import ProgressLines, progress_bar
 from kedit.repo import Repository
 from tests.test_cli_edit import EDIT, tiny_folder, tiny_repo  # noqa: F401  (fixtures: a tiny model with a tokenizer)
 
@@ -135,3 +136,19 @@ def test_shell_completion_offers_branches_without_loading_torch(repo: Repository
     assert "torch loaded" not in done.stderr  # a Tab must answer at once
     env.update(COMP_WORDS=f"kedit --repo {repo.root} lo", COMP_CWORD="3")
     assert subprocess.run([KEDIT], capture_output=True, text=True, env=env, timeout=120).stdout.split() == ["plain,log"]
+
+
+def test_long_work_off_a_terminal_reports_in_lines_with_the_time_left(caplog, monkeypatch) -> None:
+    monkeypatch.delenv("KEDIT_DISABLE_PROGRESS_BARS")
+    clock = iter([100.0, 112.0, 113.0, 125.0])  # start, then three updates
+    monkeypatch.setattr("kedit.progress.time.monotonic", lambda: next(clock))
+    bar = progress_bar(total=8, desc="export", unit="tensor")  # stderr is not a terminal under pytest
+    assert isinstance(bar, ProgressLines)
+    with caplog.at_level("INFO", logger="kedit.progress"):
+        for _ in range(3):
+            bar.update(2)
+    # a line only when ten seconds have passed since the last one; 2 tensors in 12 s: 36 s for 6 more
+    assert [r.getMessage() for r in caplog.records] == ["export: 2/8 tensor (25%), about 36s left",
+                                                        "export: 6/8 tensor (75%), about 8s left"]
+    monkeypatch.setenv("KEDIT_DISABLE_PROGRESS_BARS", "1")
+    assert not isinstance(progress_bar(total=8), ProgressLines)
