@@ -12,9 +12,10 @@ import os
 import sys
 import time
 from collections.abc import Iterable, Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from tqdm.auto import tqdm
+if TYPE_CHECKING:
+    from tqdm.auto import tqdm
 
 log = logging.getLogger("kedit.progress")
 LINE_EVERY_S = 10.0
@@ -45,7 +46,7 @@ def human_duration(seconds: float) -> str:
 
 
 class ProgressLines:
-    """The part of tqdm's interface kedit uses (iterate, update, set_postfix, close), as log lines."""
+    """The part of tqdm's interface kedit uses (iterate, update, set_postfix, close, `with`), as log lines."""
 
     def __init__(self, iterable: Iterable[Any] | None = None, *, total: int | None = None, desc: str = "working",
                  initial: int = 0, unit: str = "it", every: float = LINE_EVERY_S, **_bar_only: Any) -> None:
@@ -85,10 +86,22 @@ class ProgressLines:
     def close(self) -> None:
         pass
 
+    def __enter__(self) -> ProgressLines:
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        self.close()
+
 
 def progress_bar(iterable: Iterable[Any] | None = None, *, disable: bool = False,
                  **kwargs: Any) -> tqdm | ProgressLines:
-    """A tqdm bar on stderr when one can be drawn; periodic log lines otherwise (unless switched off)."""
+    """A tqdm bar on stderr when one can be drawn; periodic log lines otherwise (unless switched off).
+
+    tqdm is imported here, not with the CLI: it reads TQDM_DISABLE once, when imported, and the CLI
+    sets that variable first when no bar can be drawn (kedit.terminal.silence_libraries).
+    """
+    from tqdm.auto import tqdm
+
     if progress_enabled() and not disable:
         return tqdm(iterable, file=sys.stderr, leave=False, **kwargs)
     if _switched_off():

@@ -140,11 +140,12 @@ def test_shell_completion_offers_branches_without_loading_torch(repo: Repository
 
 def test_long_work_off_a_terminal_reports_in_lines_with_the_time_left(caplog, monkeypatch) -> None:
     monkeypatch.delenv("KEDIT_DISABLE_PROGRESS_BARS")
+    monkeypatch.setattr("kedit.progress._disabled", False)  # an earlier -q in this process switched it off
     clock = iter([100.0, 112.0, 113.0, 125.0])  # start, then three updates
     monkeypatch.setattr("kedit.progress.time.monotonic", lambda: next(clock))
     bar = progress_bar(total=8, desc="export", unit="tensor")  # stderr is not a terminal under pytest
     assert isinstance(bar, ProgressLines)
-    with caplog.at_level("INFO", logger="kedit.progress"):
+    with caplog.at_level("INFO", logger="kedit.progress"), bar:  # used as tqdm is, in a with block
         for _ in range(3):
             bar.update(2)
     # a line only when ten seconds have passed since the last one; 2 tensors in 12 s: 36 s for 6 more
