@@ -12,6 +12,7 @@ the stored layout.
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -168,3 +169,16 @@ def get_module(model: Any, name: str) -> Any:
 def with_overrides(arch: Arch, **fields: Any) -> Arch:
     """A copy of `arch` with some module names replaced (for hyper-parameter overrides)."""
     return replace(arch, **fields)
+
+
+def cache_keyword(forward: Any) -> str:
+    """The keyword under which `forward` takes a KV cache: `cache` from transformers 5.25 on, which
+    warns that `past_key_values` is deprecated; `past_key_values` before; `layer_past` in GPT-2 blocks."""
+    params = inspect.signature(forward).parameters
+    return next((name for name in ("cache", "past_key_values", "layer_past") if name in params), "past_key_values")
+
+
+def output_cache(output: Any) -> Any:
+    """The KV cache a forward returned, read by its current name where it has one (see `cache_keyword`)."""
+    cache = getattr(output, "cache", None)
+    return output.past_key_values if cache is None else cache

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import re
 import sqlite3
 import sys
@@ -20,17 +19,23 @@ from typing import Any, NoReturn
 
 import click
 
+from kedit.completion import add_completion
 from kedit.errors import KeditError
 from kedit.progress import disable_progress_bars, progress_enabled
+from kedit.terminal import (
+    COLOR_MODES,
+    PAGED_COMMANDS,
+    color_setting,
+    debug_enabled,
+    exit_closed_pipe,
+    silence_libraries,
+    start_pager,
+)
 
 DTYPES = {"auto": None, "float32": "float32", "bfloat16": "bfloat16", "float16": "float16"}
 EXIT_ERROR = 1
 MAX_COUNT = 2**63 - 1  # SQLite's largest integer
 MAX_AGE = timedelta(days=100 * 365)  # older than any repository; larger ages overflow date arithmetic
-
-
-def _debug() -> bool:
-    return os.environ.get("KEDIT_DEBUG", "") not in ("", "0")
 
 
 def error_line(e: BaseException) -> str:
@@ -55,14 +60,49 @@ def _error_text(e: BaseException) -> str:
 
 
 def _die(e: BaseException, code: int = EXIT_ERROR) -> NoReturn:
-    if _debug():
+    if debug_enabled():
         raise e
     click.echo(error_line(e), err=True)
     sys.exit(code)
 
 
+def _be_quiet(ctx: click.Context) -> None:
+    """-q, wherever it was given: no progress bars, no messages, only warnings in the log."""
+    ctx.find_root().ensure_object(dict)["quiet"] = True
+    disable_progress_bars()
+    logging.getLogger().setLevel(logging.WARNING)
+
+
+def _quiet_after_subcommand(ctx: click.Context, _param: click.Parameter, value: bool) -> None:
+    if value:
+        _be_quiet(ctx)
+
+
+class KeditCommand(click.Command):
+    """A subcommand that also takes the global -q/--quiet after its name (`kedit log -q`), turns
+    the global --json (`kedit --json log`) into its own, and completes revisions in the shell."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        taken = {opt for p in self.params for opt in p.opts}
+        if not taken & {"-q", "--quiet"}:  # diff has its own --quiet (no output, as git's)
+            self.params.append(click.Option(["-q", "--quiet", "global_quiet"], is_flag=True, expose_value=False,
+                                            callback=_quiet_after_subcommand, help="No progress bars or messages."))
+        add_completion(self)
+
+    def invoke(self, ctx: click.Context) -> Any:
+        if ctx.find_root().obj.get("json"):
+            if "as_json" not in ctx.params:
+                raise click.UsageError(f"'{ctx.command_path}' has no JSON output", ctx)
+            ctx.params["as_json"] = True
+        return super().invoke(ctx)
+
+
 class KeditGroup(click.Group):
     """Every error, click's usage errors included, ends as one `kedit: error:` line."""
+
+    command_class = KeditCommand
+    group_class = type  # subgroups (remote, probe) are KeditGroups with KeditCommands
 
     def make_context(self, info_name: str | None, args: list[str], parent: click.Context | None = None,
                      **extra: Any) -> click.Context:
@@ -85,6 +125,8 @@ class KeditGroup(click.Group):
         except KeyboardInterrupt:
             click.echo("kedit: interrupted", err=True)
             sys.exit(130)
+        except BrokenPipeError:
+            exit_closed_pipe()
         except Exception as e:
             _die(e, (ctx.obj or {}).get("exit_code", EXIT_ERROR))
 
@@ -92,10 +134,14 @@ class KeditGroup(click.Group):
 @click.group(cls=KeditGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("--repo", "repo_path", type=click.Path(path_type=Path), envvar="KEDIT_DIR",
               help="The repository: a folder holding .kedit (default: the current folder or a parent).")
-@click.option("-q", "--quiet", is_flag=True, help="No progress bars or messages.")
+@click.option("-q", "--quiet", is_flag=True, help="No progress bars or messages (also accepted after the command).")
+@click.option("--json", "as_json", is_flag=True, help="JSON output, for commands that have it (as their --json).")
+@click.option("--color", "color", type=click.Choice(COLOR_MODES), default="auto", show_default=True,
+              help="Colour: auto (on a terminal, unless NO_COLOR is set), always or never.")
+@click.option("--no-pager", is_flag=True, help="Do not page long output (log, show, diff, reflog).")
 @click.version_option(package_name="kedit")
 @click.pass_context
-def cli(ctx: click.Context, repo_path: Path | None, quiet: bool) -> None:
+def cli(ctx: click.Context, repo_path: Path | None, quiet: bool, as_json: bool, color: str, no_pager: bool) -> None:
     """Version control for the knowledge inside a language model.
 
     \b
@@ -108,14 +154,18 @@ def cli(ctx: click.Context, repo_path: Path | None, quiet: bool) -> None:
     ctx.ensure_object(dict)
     ctx.obj["repo_path"] = repo_path
     ctx.obj["quiet"] = quiet
+    ctx.obj["json"] = as_json
+    ctx.color = color_setting(color)
+    logging.basicConfig(format="kedit: %(message)s", stream=sys.stderr)
+    logging.getLogger().setLevel(logging.INFO)
     if quiet:
-        disable_progress_bars()
-    if not progress_enabled():  # transformers and huggingface_hub read this when imported (lazily, later)
-        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
-    logging.basicConfig(level=logging.WARNING if quiet else logging.INFO, format="kedit: %(message)s",
-                        stream=sys.stderr)
-    for noisy in ("httpx", "urllib3", "huggingface_hub", "transformers", "filelock", "accelerate"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
+        _be_quiet(ctx)
+    if ctx.invoked_subcommand in PAGED_COMMANDS and not no_pager and not as_json:
+        if ctx.color is None and sys.stdout.isatty():
+            ctx.color = True  # the pager (less -R) shows the colours the terminal would have
+        start_pager()
+    # -q after the subcommand is parsed later, so libraries are silenced on the terminal's own terms
+    silence_libraries(progress=progress_enabled())
 
 
 def _open(ctx: click.Context):
@@ -717,7 +767,13 @@ def gc(ctx: click.Context, prune: str, reflog_expire: str, as_json: bool) -> Non
 
 
 def main() -> None:
-    cli(prog_name="kedit")
+    try:
+        try:
+            cli(prog_name="kedit")
+        finally:
+            sys.stdout.flush()  # here, not at interpreter exit, so a closed pipe is seen
+    except BrokenPipeError:
+        exit_closed_pipe()
 
 
 from kedit import (  # noqa: E402  (after cli exists: these modules add commands to it)

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import sqlite_utils
 
-from kedit.errors import ReadOnlyRepositoryError, SchemaError
+from kedit.errors import IncompleteRepositoryError, ReadOnlyRepositoryError, RepositoryNotFoundError, SchemaError
 
 BUSY_TIMEOUT_MS = 30_000
 
@@ -188,6 +188,23 @@ MIGRATIONS.append(("0006_metric_source", "ALTER TABLE metrics ADD COLUMN source 
 # The NAME of the environment variable that holds a remote's token (`--token-env`), for a remote
 # whose host is not HF_ENDPOINT's: the token itself is never stored.
 MIGRATIONS.append(("0007_remote_token_env", "ALTER TABLE remotes ADD COLUMN token_env TEXT;"))
+
+
+REPO_DIR = ".kedit"
+DB_FILE = "kedit.db"
+
+
+def find_repository(start: Path) -> Path:
+    """The `.kedit` directory for `start`: itself, inside it, or inside one of its parents."""
+    start = start.resolve()
+    if (start / DB_FILE).exists():
+        return start
+    for folder in (start, *start.parents):
+        if (folder / REPO_DIR / DB_FILE).exists():
+            return folder / REPO_DIR
+        if (folder / REPO_DIR).is_dir():  # killed before init created the database
+            raise IncompleteRepositoryError(folder / REPO_DIR)
+    raise RepositoryNotFoundError(f"not a kedit repository (or any parent up to /): {start}")
 
 
 def connect(path: Path, *, create: bool = False) -> sqlite_utils.Database:

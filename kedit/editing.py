@@ -213,7 +213,6 @@ def run_edits(repo: Repository, requests: list[EditRequest], options: EditOption
         add_probes(repo, [("edit", r.text, r.target_new, commit.id) for r in batch]
                    + [("locality", p, a, None) for p, a in pairs])
         commits.append(repo.get_commit(commit.id))
-        log.info("committed %s: %s", commit.short, commit.message)
     return commits
 
 

@@ -38,6 +38,7 @@ from safetensors import SafetensorError
 import kedit
 from kedit import config, history
 from kedit import db as dbm
+from kedit.db import DB_FILE, REPO_DIR, find_repository
 from kedit.delta import Adapter, Dense, LowRank, Replace, WeightDelta, apply_step, delta_size_bytes
 from kedit.errors import (
     BadNameError,
@@ -49,7 +50,6 @@ from kedit.errors import (
     ModelSourceError,
     ReadOnlyRepositoryError,
     RepositoryExistsError,
-    RepositoryNotFoundError,
     RevisionError,
     WorktreeDirtyError,
 )
@@ -62,8 +62,6 @@ from kedit.sources import open_source
 from kedit.store import ObjectStore, read_safetensors
 from kedit.worktree import Worktree
 
-REPO_DIR = ".kedit"
-DB_FILE = "kedit.db"
 LOCK_FILE = "LOCK"
 DEFAULT_LOCK_TIMEOUT_S = 10.0
 INITIALISING = "initialising"  # meta key present from the first write of init (or clone) until the base is recorded
@@ -161,19 +159,6 @@ def _jsonable(value: Any) -> Any:
     if isinstance(value, float | int | str | bool) or value is None:
         return value
     return str(value)
-
-
-def find_repository(start: Path) -> Path:
-    """The `.kedit` directory for `start`: itself, inside it, or inside one of its parents."""
-    start = start.resolve()
-    if (start / DB_FILE).exists():
-        return start
-    for folder in (start, *start.parents):
-        if (folder / REPO_DIR / DB_FILE).exists():
-            return folder / REPO_DIR
-        if (folder / REPO_DIR).is_dir():  # killed before init created the database
-            raise IncompleteRepositoryError(folder / REPO_DIR)
-    raise RepositoryNotFoundError(f"not a kedit repository (or any parent up to /): {start}")
 
 
 def _finished(meta_keys: Iterable[str]) -> bool:

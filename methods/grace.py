@@ -54,7 +54,7 @@ from kedit.methods.hparams import MAX_STEPS, bounded, layer_field, validate
 from kedit.methods.rome import SuffixForward, partial_unsupported
 
 from kedit.adapters import register_installer
-from kedit.arch import arch_for, get_module, n_layers
+from kedit.arch import arch_for, cache_keyword, get_module, n_layers, output_cache
 from kedit.evaluate import answer_ids, prompt_ids
 
 __all__ = ["KIND", "Codebook", "GRACEHyperParams", "Record", "apply", "codebook_of", "install", "records_of"]
@@ -400,14 +400,13 @@ class _CachedPrefix:
         if self.prefix:
             with torch.no_grad():
                 batch = torch.tensor([self.prefix], device=device)
-                self.cache = model(input_ids=batch, attention_mask=torch.ones_like(batch),
-                                   use_cache=True).past_key_values
+                self.cache = output_cache(model(input_ids=batch, attention_mask=torch.ones_like(batch), use_cache=True))
         self.suffix = torch.tensor([suffix], device=device)
         self.mask = torch.ones(1, len(self.prefix) + len(suffix), dtype=torch.long, device=device)
 
     def logits(self) -> torch.Tensor:
-        out = self.model(input_ids=self.suffix, attention_mask=self.mask, past_key_values=self.cache,
-                         use_cache=self.cache is not None).logits[0]
+        out = self.model(input_ids=self.suffix, attention_mask=self.mask, use_cache=self.cache is not None,
+                         **{cache_keyword(self.model.forward): self.cache}).logits[0]
         if self.cache is not None:
             self.cache.crop(-self.suffix.shape[1])  # negative: drop this step's tokens (transformers 4 and 5)
         return out

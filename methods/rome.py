@@ -34,7 +34,6 @@ the gain floor is raised, then v* optimised again (see `_edit_one`).
 from __future__ import annotations
 
 import dataclasses
-import inspect
 import logging
 import time
 import weakref
@@ -50,7 +49,7 @@ from kedit.methods.capture import capture_at_module
 from kedit.methods.hparams import MAX_STEPS, bounded, layer_field, validate
 from kedit.methods.lowp import DTYPES, check_dtype, has_hooks, low_precision
 
-from kedit.arch import arch_for, get_module, n_layers
+from kedit.arch import arch_for, cache_keyword, get_module, n_layers
 from kedit.evaluate import answer_ids, prompt_ids, shows_in_generation, start_token_id
 
 __all__ = [
@@ -436,8 +435,7 @@ class SuffixForward:
         total = n_layers(model, arch)
         self.layers = [get_module(model, arch.layer_tmp.format(i)) for i in range(total)]
         self.final_norm = get_module(model, arch.final_norm)
-        params = inspect.signature(self.layers[0].forward).parameters
-        self.cache_kw = "layer_past" if "layer_past" in params else "past_key_values"
+        self.cache_kw = cache_keyword(self.layers[0].forward)
         device = input_device(model)
         p_len = max(edit_pos)
         s_len = max(len(r) - e for r, e in zip(rows, edit_pos, strict=True))
@@ -477,9 +475,8 @@ class SuffixForward:
         handle = self.layers[layer].register_forward_pre_hook(grab, with_kwargs=True)
         try:
             with torch.no_grad():
-                model.base_model(
-                    input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=cache, use_cache=True
-                )
+                model.base_model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True,
+                                 **{cache_keyword(model.base_model.forward): cache})
         finally:
             handle.remove()
         self.h_in = captured[0][:, p_len:]  # (B, S, H): input of layer L at the suffix columns

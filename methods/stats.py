@@ -20,6 +20,7 @@ pad tokens are skipped through the attention mask; texts are truncated to `max_l
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -35,9 +36,9 @@ from typing import Any
 import torch
 from kedit.methods.capture import capture_at_module
 from safetensors.torch import load_file, save_file
-from tqdm.auto import tqdm
 
 from kedit.evaluate import start_token_id
+from kedit.progress import progress_bar
 
 __all__ = [
     "CorpusSource",
@@ -257,7 +258,8 @@ def accumulate_second_moment(
     device = model.get_input_embeddings().weight.device
     was_training = model.training
     model.eval()
-    bar = tqdm(total=total, initial=state.n_texts if state else 0, disable=not progress, unit="text", desc="stats")
+    bar = progress_bar(total=total, initial=state.n_texts if state else 0, disable=not progress, unit="text",
+                       desc=f"statistics of {module_name}")
     try:
         it = iter(texts)
         while batch := list(islice(it, batch_size)):
@@ -337,11 +339,36 @@ class StatsCache:
         return load_file(path)["mom2"] if path.exists() else None
 
     def put(self, key: StatsKey, state: MomentState) -> torch.Tensor:
+        """Store E[k kᵀ] with the float64 sum behind it, so a larger run can start from it."""
         mom2 = state.mom2()
         meta = {"count": str(state.count), "n_texts": str(state.n_texts), "corpus_id": key.corpus_id}
-        self._write(self._path(key, "mom2"), {"mom2": mom2}, meta)
+        self._write(self._path(key, "mom2"), {"mom2": mom2, "sum": state.sum}, meta)
         self._path(key, "partial").unlink(missing_ok=True)
         return mom2
+
+    def largest_prefix(self, key: StatsKey) -> tuple[int, MomentState] | None:
+        """The largest finished run of the same statistics over fewer texts, as a state to extend.
+
+        The texts of a source come in a fixed order, so a run over n texts is the first n of a
+        larger one: its sum and count are where the larger run would be after n texts. Files
+        written before the sum was kept hold only E[k kᵀ] in float32 and cannot be extended.
+        """
+        best: tuple[int, Path] | None = None
+        pattern = dataclasses.replace(key, n_samples=0).filename().replace("__n0__", "__n*__")
+        for path in self.root.glob(f"{pattern}.mom2.safetensors"):
+            n = int(re.findall(r"__n(\d+)__", path.name)[-1])
+            if n < key.n_samples and (best is None or n > best[0]):
+                best = (n, path)
+        if best is None:
+            return None
+        from safetensors import safe_open
+
+        with safe_open(str(best[1]), framework="pt") as f:
+            names = f.keys()
+            if "sum" not in names:
+                return None
+            meta = f.metadata()
+            return best[0], MomentState(sum=f.get_tensor("sum"), count=int(meta["count"]), n_texts=int(meta["n_texts"]))
 
     def load_partial(self, key: StatsKey) -> MomentState | None:
         path = self._path(key, "partial")
@@ -389,9 +416,15 @@ def cached_second_moment(
             log.info("second moment for %s from cache", module_name)
             return hit
     state = cache.load_partial(key) if cache is not None else None
+    smaller = cache.largest_prefix(key) if cache is not None else None
+    if smaller is not None and smaller[1].n_texts > (state.n_texts if state is not None else 0):
+        log.info("extending the cached statistics for %s from %d to %d texts", module_name, smaller[0], n_samples)
+        state = smaller[1]
+    elif state is not None:
+        log.info("resuming statistics for %s at text %d of %d", module_name, state.n_texts, n_samples)
+    else:
+        log.info("computing statistics for %s over %d texts (cached for later edits)", module_name, n_samples)
     start = state.n_texts if state is not None else 0
-    if start:
-        log.info("resuming statistics for %s at text %d of %d", module_name, start, n_samples)
     last_saved = [start]
 
     def checkpoint(s: MomentState) -> None:

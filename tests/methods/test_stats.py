@@ -139,3 +139,31 @@ def test_generated_source_is_seeded_and_resumable(tiny_gpt2, tiny_tok):
     assert len(texts) == 5 and all(t for t in texts)
     assert list(src.iter_from(3)) == texts[3:]
     assert list(GeneratedSource(tiny_gpt2, tiny_tok, 5, max_new_tokens=4, batch_size=2, seed=3).iter_from()) == texts
+
+
+def test_a_smaller_cached_run_is_extended_to_the_from_scratch_result(tiny_llama, tiny_tok, tmp_path, caplog):
+    name = arch_for(tiny_llama).out_proj(1)
+    texts = TEXTS * 4
+    starts: list[int] = []
+
+    class Recording(ListSource):
+        def iter_from(self, start=0):
+            starts.append(start)
+            return super().iter_from(start)
+
+    cache = StatsCache(tmp_path / "stats")
+    small = Recording(texts, corpus_id="corpus")
+    cached_second_moment(tiny_llama, tiny_tok, 1, name, small, n_samples=16, cache=cache, base_hash="b", batch_size=4)
+    with caplog.at_level("INFO", logger="kedit.methods.stats"):
+        extended = cached_second_moment(tiny_llama, tiny_tok, 1, name, small, n_samples=32, cache=cache,
+                                        base_hash="b", batch_size=4)
+    assert starts == [0, 16]  # the second run read only the 16 texts the first had not
+    assert "extending the cached statistics" in caplog.text and "from 16 to 32 texts" in caplog.text
+    scratch = accumulate_second_moment(tiny_llama, tiny_tok, name, texts, batch_size=4)
+    stored = cache.largest_prefix(StatsKey("b", 1, "corpus", 33, name))[1]
+    assert stored.count == scratch.count and stored.n_texts == 32
+    torch.testing.assert_close(stored.sum, scratch.sum, rtol=1e-12, atol=1e-12)  # float64 rounding
+    torch.testing.assert_close(extended, scratch.mom2(), rtol=0, atol=0)
+    # another corpus or layer is never taken as a prefix
+    assert cache.largest_prefix(StatsKey("b", 1, "other", 64, name)) is None
+    assert cache.largest_prefix(StatsKey("b", 2, "corpus", 64, name)) is None
