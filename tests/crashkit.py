@@ -96,47 +96,28 @@ class Outcome:
         return not self.killed and self.code == 0
 
 
-class Forker:
-    """The helper process that forks one CLI run per request (one line per message)."""
+class LineChild:
+    """A helper Python process that takes one request a line on stdin and answers one line a message."""
 
-    def __init__(self, env: dict[str, str], scratch: Path) -> None:
-        self.scratch = scratch
-        self.proc = subprocess.Popen([sys.executable, "-c", textwrap.dedent(_FORKER)], stdin=subprocess.PIPE,
+    def __init__(self, script: str, env: dict[str, str], name: str, ready_timeout: float) -> None:
+        self.name = name
+        self.proc = subprocess.Popen([sys.executable, "-c", textwrap.dedent(script)], stdin=subprocess.PIPE,
                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
         self.selector = selectors.DefaultSelector()
         self.selector.register(self.proc.stdout, selectors.EVENT_READ)
-        self.runs = 0
-        assert self._readline(120) == "READY"
+        assert self.readline(ready_timeout) == "READY"
 
-    def _readline(self, timeout: float) -> str:
+    def send(self, line: str) -> None:
+        self.proc.stdin.write(line + "\n")
+        self.proc.stdin.flush()
+
+    def readline(self, timeout: float) -> str:
         if not self.selector.select(timeout):
-            raise AssertionError(f"the forker said nothing for {timeout} s")
+            raise AssertionError(f"the {self.name} said nothing for {timeout} s")
         line = self.proc.stdout.readline()
         if not line:
-            raise AssertionError(f"the forker died: {self.proc.stderr.read()}")
+            raise AssertionError(f"the {self.name} died: {self.proc.stderr.read()}")
         return line.strip()
-
-    def run(self, args: list[str], cwd: Path, kill_after: float | None = None, timeout: float = 300) -> Outcome:
-        """Run `kedit ARGS` in `cwd`; SIGKILL it after `kill_after` seconds unless it ended first."""
-        self.runs += 1
-        out, err = self.scratch / f"run-{self.runs}.out", self.scratch / f"run-{self.runs}.err"
-        job = {"args": args, "cwd": str(cwd), "out": str(out), "err": str(err)}
-        self.proc.stdin.write(json.dumps(job) + "\n")
-        self.proc.stdin.flush()
-        tag, pid = self._readline(30).split()
-        assert tag == "PID"
-        if kill_after is not None:
-            if self.selector.select(kill_after):  # it ended before the kill
-                kill_after = None
-            else:
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(int(pid), signal.SIGKILL)
-        tag, status = self._readline(timeout).split()
-        assert tag == "EXIT"
-        status = int(status)
-        killed = os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGKILL
-        code = None if killed else os.waitstatus_to_exitcode(status)
-        return Outcome(killed, code, out.read_text() if out.exists() else "", err.read_text() if err.exists() else "")
 
     def close(self) -> None:
         self.proc.stdin.close()
@@ -145,6 +126,36 @@ class Forker:
         except subprocess.TimeoutExpired:
             self.proc.kill()
             self.proc.wait()
+
+
+class Forker(LineChild):
+    """The helper process that forks one CLI run per request (one line per message)."""
+
+    def __init__(self, env: dict[str, str], scratch: Path) -> None:
+        self.scratch = scratch
+        self.runs = 0
+        super().__init__(_FORKER, env, "forker", ready_timeout=120)
+
+    def run(self, args: list[str], cwd: Path, kill_after: float | None = None, timeout: float = 300) -> Outcome:
+        """Run `kedit ARGS` in `cwd`; SIGKILL it after `kill_after` seconds unless it ended first."""
+        self.runs += 1
+        out, err = self.scratch / f"run-{self.runs}.out", self.scratch / f"run-{self.runs}.err"
+        job = {"args": args, "cwd": str(cwd), "out": str(out), "err": str(err)}
+        self.send(json.dumps(job))
+        tag, pid = self.readline(30).split()
+        assert tag == "PID"
+        if kill_after is not None:
+            if self.selector.select(kill_after):  # it ended before the kill
+                kill_after = None
+            else:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(int(pid), signal.SIGKILL)
+        tag, status = self.readline(timeout).split()
+        assert tag == "EXIT"
+        status = int(status)
+        killed = os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGKILL
+        code = None if killed else os.waitstatus_to_exitcode(status)
+        return Outcome(killed, code, out.read_text() if out.exists() else "", err.read_text() if err.exists() else "")
 
 
 def check_repository(root: Path, label: str, acked: dict[str, str] | None = None) -> None:

@@ -20,12 +20,10 @@ from __future__ import annotations
 import contextlib
 import os
 import random
-import selectors
 import signal
 import sqlite3
 import subprocess
 import sys
-import textwrap
 import time
 from pathlib import Path
 
@@ -39,6 +37,7 @@ from kedit.maintenance import fsck
 from kedit.repo import Repository
 from kedit.store import read_safetensors
 from kedit.worktree import INDEX_FILE, shard_name
+from tests.crashkit import LineChild
 
 # Where a targeted run kills itself, as "hook@operation" (the hooks are installed by _WORKER;
 # a hook counts only while the worker is inside that Repository operation).
@@ -205,27 +204,14 @@ for line in sys.stdin:
 '''
 
 
-class Zygote:
+class Zygote(LineChild):
     """The helper process that forks workers; speaks one line per message on stdin/stdout."""
 
     def __init__(self, env: dict[str, str]) -> None:
-        self.proc = subprocess.Popen([sys.executable, "-c", textwrap.dedent(_WORKER)], stdin=subprocess.PIPE,
-                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
-        self.selector = selectors.DefaultSelector()
-        self.selector.register(self.proc.stdout, selectors.EVENT_READ)
-        assert self.readline(60) == "READY"
-
-    def readline(self, timeout: float) -> str:
-        if not self.selector.select(timeout):
-            raise AssertionError(f"the zygote said nothing for {timeout} s")
-        line = self.proc.stdout.readline()
-        if not line:
-            raise AssertionError(f"the zygote died: {self.proc.stderr.read()}")
-        return line.strip()
+        super().__init__(_WORKER, env, "zygote", ready_timeout=60)
 
     def start(self, repo_dir: Path, seed: int, report: Path, point: str = "-", nth: int = 0) -> int:
-        self.proc.stdin.write(f"{repo_dir} {seed} {report} {point} {nth}\n")
-        self.proc.stdin.flush()
+        self.send(f"{repo_dir} {seed} {report} {point} {nth}")
         tag, pid = self.readline(10).split()
         assert tag == "PID"
         return int(pid)
@@ -234,14 +220,6 @@ class Zygote:
         tag, status = self.readline(timeout).split()
         assert tag == "EXIT"
         return int(status)
-
-    def close(self) -> None:
-        self.proc.stdin.close()
-        try:
-            self.proc.wait(10)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
 
 
 @pytest.fixture(autouse=True)
