@@ -158,6 +158,18 @@ class Forker(LineChild):
         return Outcome(killed, code, out.read_text() if out.exists() else "", err.read_text() if err.exists() else "")
 
 
+def assert_worktree_is_head(repo: Repository, label: str) -> None:
+    """Every working-model shard holds HEAD's value by hash, and nothing else lies in the folder."""
+    manifest = repo.manifest()
+    folder = repo.worktree.folder
+    for name, entry in manifest.items():
+        value = read_safetensors(folder / shard_name(name))[0][name]
+        assert hash_tensor(value) == entry.hash, f"{label}: working-model shard {name} is not HEAD's value"
+    expected = {shard_name(n) for n in manifest} | {INDEX_FILE} | set(repo.files())
+    leftovers = sorted(p.name for p in folder.iterdir() if p.name not in expected)
+    assert not leftovers, f"{label}: files left in the working model: {leftovers}"
+
+
 def check_repository(root: Path, label: str, acked: dict[str, str] | None = None) -> None:
     """The checks after every run (module docstring); `acked` maps commit ids to their branch."""
     repo = Repository.open(root)
@@ -170,14 +182,7 @@ def check_repository(root: Path, label: str, acked: dict[str, str] | None = None
         report = fsck(repo)
         assert report.ok, f"{label}: fsck: {report.errors}"
         repo.checkout(repo.head_branch() or repo.head())  # the next write heals the working model
-        manifest = repo.manifest()
-        folder = repo.worktree.folder
-        for name, entry in manifest.items():
-            value = read_safetensors(folder / shard_name(name))[0][name]
-            assert hash_tensor(value) == entry.hash, f"{label}: working-model shard {name} is not HEAD's value"
-        expected = {shard_name(n) for n in manifest} | {INDEX_FILE} | set(repo.files())
-        leftovers = sorted(p.name for p in folder.iterdir() if p.name not in expected)
-        assert not leftovers, f"{label}: files left in the working model: {leftovers}"
+        assert_worktree_is_head(repo, label)
     finally:
         repo.db.conn.close()
 

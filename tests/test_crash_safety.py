@@ -35,9 +35,7 @@ from kedit.cli import cli
 from kedit.hashing import hash_tensor
 from kedit.maintenance import fsck
 from kedit.repo import Repository
-from kedit.store import read_safetensors
-from kedit.worktree import INDEX_FILE, shard_name
-from tests.crashkit import LineChild
+from tests.crashkit import LineChild, assert_worktree_is_head
 
 # Where a targeted run kills itself, as "hook@operation" (the hooks are installed by _WORKER;
 # a hook counts only while the worker is inside that Repository operation).
@@ -264,14 +262,7 @@ def _check_worktree_at_head(repo: Repository, label: str) -> None:
     status = repo.status()
     assert status["worktree_commit"] == status["head"]
     assert status["modified"] == {}, f"after {label}: the worktree reports changes nobody made"
-    manifest = repo.manifest()
-    folder = repo.worktree.folder
-    for name, entry in manifest.items():
-        value = read_safetensors(folder / shard_name(name))[0][name]
-        assert hash_tensor(value) == entry.hash, f"worktree shard {name} is not HEAD's value"
-    expected = {shard_name(n) for n in manifest} | {INDEX_FILE} | set(repo.files())
-    leftovers = sorted(p.name for p in folder.iterdir() if p.name not in expected)
-    assert not leftovers, f"after {label}: files left in the working model by killed writes: {leftovers}"
+    assert_worktree_is_head(repo, f"after {label}")
 
 
 def test_sigkill_during_commits_loses_nothing(repo_dir: Path, tmp_path: Path) -> None:
