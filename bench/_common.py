@@ -15,6 +15,7 @@ import torch
 from kedit.methods.base import EditRequest
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+import kedit
 from kedit.sources import default_model_folder
 
 log = logging.getLogger(__name__)
@@ -30,6 +31,23 @@ def load_smollm2(cache_dir: Path = CACHE_DIR) -> tuple[Any, Any]:
     tok = AutoTokenizer.from_pretrained(cache_dir)
     model = AutoModelForCausalLM.from_pretrained(cache_dir, dtype=torch.float32).eval()
     return model, tok
+
+
+def user_continuations(model: Any, tok: Any, prompts: list[str]) -> list[str]:
+    """One prompt at a time, exactly as a user queries the exported folder (no kedit code)."""
+    out = []
+    for prompt in prompts:
+        ids = tok(prompt, return_tensors="pt")
+        with torch.no_grad():
+            gen = model.generate(**ids, max_new_tokens=10, do_sample=False)
+        out.append(tok.decode(gen[0, ids["input_ids"].shape[1]:], skip_special_tokens=True))
+    return out
+
+
+def load_exported(folder: Path, adapters: bool) -> tuple[Any, Any]:
+    model = kedit.load_model(folder) if adapters else AutoModelForCausalLM.from_pretrained(folder,
+                                                                                          dtype=torch.float32)
+    return model.eval(), AutoTokenizer.from_pretrained(folder)
 
 
 def shuffled_facts(seed: int) -> tuple[dict[str, list[dict]], list[dict], random.Random]:

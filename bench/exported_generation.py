@@ -28,11 +28,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from _common import CACHE_DIR, counterfact_requests
+from _common import CACHE_DIR, counterfact_requests, load_exported, user_continuations
 from kedit.methods.base import EditRequest
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-import kedit
 from kedit import evaluate
 from kedit.editing import EditOptions, run_edits
 from kedit.export import export
@@ -40,23 +39,6 @@ from kedit.repo import Repository
 from kedit.sources import default_model_folder
 
 log = logging.getLogger("exported_generation")
-
-
-def user_continuations(model: Any, tok: Any, prompts: list[str]) -> list[str]:
-    """One prompt at a time, exactly as a user queries the exported folder (no kedit code)."""
-    out = []
-    for prompt in prompts:
-        ids = tok(prompt, return_tensors="pt")
-        with torch.no_grad():
-            gen = model.generate(**ids, max_new_tokens=10, do_sample=False)
-        out.append(tok.decode(gen[0, ids["input_ids"].shape[1]:], skip_special_tokens=True))
-    return out
-
-
-def load_exported(folder: Path, adapters: bool) -> tuple[Any, Any]:
-    model = kedit.load_model(folder) if adapters else AutoModelForCausalLM.from_pretrained(folder,
-                                                                                          dtype=torch.float32)
-    return model.eval(), AutoTokenizer.from_pretrained(folder)
 
 
 def score(model: Any, tok: Any, facts: list[EditRequest], base_said: dict[str, str]) -> list[dict[str, Any]]:

@@ -41,12 +41,13 @@ from typing import Any
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _common import CACHE_DIR, shuffled_facts
+from _common import CACHE_DIR, load_exported, shuffled_facts, user_continuations
 from kedit.methods import grace
 from kedit.methods.base import EditRequest
 
 from kedit import evaluate
 from kedit.editing import EditOptions, run_edits
+from kedit.export import export
 from kedit.model import load_model
 from kedit.repo import Repository
 from kedit.sources import default_model_folder
@@ -128,6 +129,7 @@ def main() -> None:
     base = {
         "reference": evaluate.locality_reference(base_model, tok, locality_pairs),
         "generations": evaluate.greedy_continuations(base_model, tok, [p for p, _ in locality_pairs], 8),
+        "user": user_continuations(base_model, tok, [p for p, _ in locality_pairs]),
     }
 
     options = EditOptions(method="grace", overrides=overrides, dtype=torch.float32, measure=False)
@@ -148,6 +150,7 @@ def main() -> None:
         final[r.text] = r  # the last edit of each prompt is the one in effect
     facts = list(final.values())
     base_rel = exact(base_model, tok, [r.text for r in facts], [r.target_new for r in facts])
+    base_shows = evaluate.shows_in_generation(base_model, tok, [r.text for r in facts], [r.target_new for r in facts])
     del base_model
     model, tok = load_model(repo, "HEAD", dtype=torch.float32)
     hp_module = commits[-1].hparams["module_tmp"].format(commits[-1].hparams["layer"])
@@ -172,6 +175,8 @@ def main() -> None:
     loc_tf = evaluate.locality(model, tok, locality_pairs, base["reference"])
     loc_gen = evaluate.greedy_continuations(model, tok, [p for p, _ in locality_pairs], 8)
     score_s = time.perf_counter() - t1
+    del model
+    user = score_exported(repo, work.parent / "export", facts, para, locality_pairs, base["user"])
 
     edit_s = [c.info["edit_seconds"] for c in commits]
     actions = Counter(a for c in commits for a in c.info["actions"].split(","))
@@ -188,6 +193,7 @@ def main() -> None:
                              "generalization_gen_sample": mean(real_para)},
         "generalization_gen": mean(gen_gen), "generalization_teacher_forced": mean(gen_tf), "paraphrases": len(para),
         "locality_teacher_forced": loc_tf.value,
+        "exported": user, "gen_reliability_base": mean([float(s) for s in base_shows]),
         "locality_gen_identical": mean([float(a == b) for a, b in zip(loc_gen, base["generations"], strict=True)]),
         "edit_seconds_median": statistics.median(edit_s), "edit_seconds_mean": mean(edit_s),
         "edit_seconds_p90": sorted(edit_s)[int(0.9 * (len(edit_s) - 1))],
@@ -202,6 +208,30 @@ def main() -> None:
     Path(args.out).write_text(json.dumps(result, indent=1))
     Path(args.out).with_suffix(".md").write_text(report(result))
     print(report(result))
+
+
+def score_exported(repo: Repository, folder: Path, facts: list[EditRequest], para: list[tuple[str, str]],
+                   locality_pairs: list[tuple[str, str]], base_said: list[str]) -> dict[str, Any]:
+    """The user's view: HEAD exported, loaded with `kedit.load_model`, each edit prompt and locality
+    prompt sent alone as `tokenizer(prompt)` + `generate(max_new_tokens=10)` (no kedit code on the
+    query path); paraphrases batched through kedit.evaluate.greedy_continuations (the same encoding)."""
+    t0 = time.perf_counter()
+    export(repo, "HEAD", folder)
+    model, tok = load_exported(folder, adapters=True)
+    said = user_continuations(model, tok, [r.text for r in facts])
+    said_para = evaluate.greedy_continuations(model, tok, [p for p, _ in para])
+    said_loc = user_continuations(model, tok, [p for p, _ in locality_pairs])
+    mean = statistics.fmean
+    return {
+        "gen_reliability": mean([float(evaluate.shows(s, r.target_new)) for s, r in zip(said, facts, strict=True)]),
+        "gen_generalization": mean([float(evaluate.shows(s, a)) for s, (_, a) in zip(said_para, para, strict=True)]),
+        "gen_locality": mean([float(evaluate.holds(s, a, ref))
+                              for s, (_, a), ref in zip(said_loc, locality_pairs, base_said, strict=True)]),
+        "locality_identical": mean([float(s == ref) for s, ref in zip(said_loc, base_said, strict=True)]),
+        "not_shown": [(r.text, r.target_new, s) for s, r in zip(said, facts, strict=True)
+                      if not evaluate.shows(s, r.target_new)][:20],
+        "seconds": round(time.perf_counter() - t0, 1),
+    }
 
 
 def report(r: dict) -> str:
@@ -222,6 +252,13 @@ def report(r: dict) -> str:
         "",
         "| metric | value | protocol |",
         "|---|---|---|",
+        f"| gen reliability | {100 * r['exported']['gen_reliability']:.1f}% | **exported folder**, "
+        f"`kedit.load_model` + `tokenizer(prompt)` + greedy 10 tokens contain the target "
+        f"(base model: {pct('gen_reliability_base')}) |",
+        f"| gen generalization | {100 * r['exported']['gen_generalization']:.1f}% | exported folder, paraphrases, "
+        "the same rule |",
+        f"| gen locality | {100 * r['exported']['gen_locality']:.1f}% | exported folder: the true answer or the "
+        f"base model's 10-token continuation ({100 * r['exported']['locality_identical']:.1f}% identical) |",
         f"| reliability | {pct('reliability_gen')} | greedy generation, exact match "
         f"(base model: {pct('reliability_gen_base')}) |",
         f"| reliability | {pct('reliability_teacher_forced')} | teacher-forced token accuracy |",

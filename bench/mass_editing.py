@@ -88,6 +88,17 @@ def score(model: Any, tok: Any, requests: list[EditRequest], fluency_n: int = 0)
     return out
 
 
+def neighbour_pairs(requests: list[EditRequest]) -> list[tuple[str, str]]:
+    return [(p, r.target_true) for r in requests for p in r.neighbourhood]
+
+
+def gen_score(model: Any, tok: Any, requests: list[EditRequest], reference: list[str]) -> dict[str, float]:
+    """What a user reads: gen_efficacy / gen_paraphrase / gen_locality (kedit.evaluate.generation_scores,
+    greedy continuations of `tokenizer(prompt)`), against the unedited model's continuations."""
+    metrics = evaluate.generation_scores(model, tok, requests, neighbour_pairs(requests), reference)
+    return {m.name: round(m.value, 4) for m in metrics}
+
+
 def fluency(model: Any, tok: Any, requests: list[EditRequest], n: int) -> float:
     return round(evaluate.fluency(model, tok, [r.text for r in requests[:n]], 20).value, 4)
 
@@ -123,6 +134,8 @@ def run_batch(args: argparse.Namespace) -> dict[str, Any]:
     model, tok = load_smollm2()
     given, requests = edits_and_scored(args.n, args.edit_neighbours)
     unedited = score(model, tok, requests, fluency_n=args.fluency_n)
+    reference = evaluate.greedy_continuations(model, tok, [p for p, _ in neighbour_pairs(requests)])
+    unedited |= gen_score(model, tok, requests, reference)
     overrides = json.loads(args.hp) if args.hp else {}
     hp = hparams_for(args.method, model, overrides)
     kwargs: dict[str, Any] = {}
@@ -144,7 +157,7 @@ def run_batch(args: argparse.Namespace) -> dict[str, Any]:
         apply_deltas(model, result.deltas)
         infos.append(result.info)
     wall = time.perf_counter() - t0
-    edited = score(model, tok, requests, fluency_n=args.fluency_n)
+    edited = score(model, tok, requests, fluency_n=args.fluency_n) | gen_score(model, tok, requests, reference)
     return {
         "experiment": "batch", "method": args.method, "n": len(requests), "edit_neighbours": args.edit_neighbours,
         "scored_neighbours": SCORED_NEIGHBOURS,
@@ -411,11 +424,22 @@ def _row(label: str, s: dict[str, float]) -> str:
     return f"| {label} | {s['efficacy']:.1%} | {s['paraphrase']:.1%} | {s['neighbourhood']:.1%} | {flu} |"
 
 
+def _gen_row(label: str, s: dict[str, float]) -> str:
+    return f"| {label} | {s['gen_efficacy']:.1%} | {s['gen_paraphrase']:.1%} | {s['gen_locality']:.1%} |"
+
+
 def markdown_batch(r: dict[str, Any]) -> str:
     head = "| | efficacy | paraphrase | neighbourhood | fluency (bits) |\n|---|---|---|---|---|"
+    gen = []
+    if "gen_efficacy" in r["edited"]:
+        gen = ["The user's view: greedy continuation (10 tokens) of `tokenizer(prompt)` contains the new target; "
+               "locality: holds the true answer or the unedited continuation.", "",
+               "| | gen efficacy | gen paraphrase | gen locality |\n|---|---|---|---|",
+               _gen_row("unedited", r["unedited"]), _gen_row(r["method"], r["edited"]), "",
+               "CounterFact NLL margin (diagnostic), on `tokenizer(prompt)`:", ""]
     return "\n".join([
         f"# {r['method']} on SmolLM2-135M: {r['n']} CounterFact-style facts "
-        + ("one after another" if r["method"] == "rome" else "in one edit"), "", head,
+        + ("one after another" if r["method"] == "rome" else "in one edit"), "", *gen, head,
         _row("unedited", r["unedited"]), _row(r["method"], r["edited"]), "",
         f"Neighbourhood on the neighbours {r.get('scored_neighbours', 'given in the data')}.", "",
         f"wall time {r['wall_s']} s; peak RSS {r['peak_rss_mb']} MB (model loaded and statistics ready: "

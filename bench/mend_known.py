@@ -157,10 +157,14 @@ def evaluate_editor(model: Any, tok: Any, repo: Repository, method: str, editor_
     load = editor_loader(repo)
     pairs = [list(r.locality) for r in requests]
     reference = evaluate.locality_reference(model, tok, [p for ps in pairs for p in ps])
+    # The user's view: greedy continuations of tokenizer(prompt), the unedited ones as locality reference.
+    said = evaluate.greedy_continuations(model, tok, [p for ps in pairs for p, _ in ps])
+    unedited_gen = _pooled([evaluate.generation_scores(model, tok, [r], ps, said[k:k + len(ps)])
+                            for r, ps, k in zip(requests, pairs, _offsets(pairs), strict=True)])
     before_rel = evaluate.reliability(model, tok, requests).value
     before_gen = evaluate.generalization(model, tok, requests).value
     params = dict(model.named_parameters())
-    rel, gen, loc, latency, ranks, rel_wrapped = [], [], [], [], [], []
+    rel, gen, loc, latency, ranks, rel_wrapped, by_generation = [], [], [], [], [], [], []
     k = 0
     for r, ps in zip(requests, pairs, strict=True):
         t0 = time.perf_counter()
@@ -179,6 +183,7 @@ def evaluate_editor(model: Any, tok: Any, repo: Repository, method: str, editor_
             gen.append(evaluate.generalization(model, tok, [r]).value)
         if ps:
             loc.append(evaluate.locality(model, tok, ps, reference[k:k + len(ps)]).value)
+        by_generation.append(evaluate.generation_scores(model, tok, [r], ps, said[k:k + len(ps)]))
         k += len(ps)
         with torch.no_grad():
             for n, v in saved.items():
@@ -186,10 +191,29 @@ def evaluate_editor(model: Any, tok: Any, repo: Repository, method: str, editor_
     mean = lambda xs: round(float(sum(xs) / len(xs)), 4) if xs else None  # noqa: E731
     return {"n": len(requests), "reliability": mean(rel), "generalization": mean(gen), "locality": mean(loc),
             "unedited_reliability": round(before_rel, 4), "unedited_generalization": round(before_gen, 4),
+            **_pooled(by_generation), **{f"unedited_{k}": v for k, v in unedited_gen.items()},
             "latency_median_s": round(statistics.median(latency), 3),
             "latency_p90_s": round(sorted(latency)[int(0.9 * (len(latency) - 1))], 3),
             "rank_median": statistics.median(ranks) if ranks else 0,
             **({"reliability_instruction_in_query": mean(rel_wrapped)} if rel_wrapped else {})}
+
+
+def _offsets(pairs: list[list]) -> list[int]:
+    starts, k = [], 0
+    for ps in pairs:
+        starts.append(k)
+        k += len(ps)
+    return starts
+
+
+def _pooled(per_request: list[list[Any]]) -> dict[str, float]:
+    """Each gen_* metric averaged over its prompts (a request with no paraphrase adds none)."""
+    sums: dict[str, list[float]] = defaultdict(lambda: [0.0, 0.0])
+    for metrics in per_request:
+        for m in metrics:
+            sums[m.name][0] += m.value * m.n
+            sums[m.name][1] += m.n
+    return {name: round(total / n, 4) for name, (total, n) in sums.items() if n}
 
 
 def requests_of(records: list[dict]) -> list[EditRequest]:
@@ -271,16 +295,21 @@ def report(out: dict[str, Any], argv: str) -> str:
              f"SmolLM2-135M-Instruct, {out['torch_threads']} torch threads, load average "
              f"{out['load_avg_start'][0]:.1f} at start, {out['load_avg_end'][0]:.1f} at the end; "
              f"{out['n_train_facts']} training facts (known_id % 5 != 0), {out['n_test_facts']} test facts "
-             f"(known_id % 5 == 0). Teacher-forced protocols (EasyEdit); each edit applied to the base alone.", "",
-             "| editor | test set | n | reliability | generalization | locality | unedited rel. "
+             "(known_id % 5 == 0). gen_*: greedy 10-token continuation of `tokenizer(prompt)` contains the new "
+             "target (locality: holds the true answer or the unedited continuation); the others: EasyEdit's "
+             "teacher-forced protocols on the same encoding. Each edit applied to the base alone.", "",
+             "| editor | test set | n | gen efficacy (unedited) | gen paraphrase | gen locality "
+             "| reliability | generalization | locality | unedited rel. "
              "| latency median / p90 | reliability, instruction in the query |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     tests = out["test"]
     rows = [("mend", t, r) for t, r in tests.items()] if out["mode"] == "single" else \
         [(m, t, r) for m, per in tests.items() for t, r in per.items()]
     for method, task, r in rows:
         in_query = f"{r['reliability_instruction_in_query']:.3f}" if "reliability_instruction_in_query" in r else ""
-        lines.append(f"| {method} | {task} | {r['n']} | {r['reliability']:.3f} | {r['generalization']:.3f} | "
+        gen = (f"{r['gen_efficacy']:.3f} ({r['unedited_gen_efficacy']:.3f}) | {r.get('gen_paraphrase', 0):.3f} | "
+               f"{r.get('gen_locality', 0):.3f}") if "gen_efficacy" in r else " | | "
+        lines.append(f"| {method} | {task} | {r['n']} | {gen} | {r['reliability']:.3f} | {r['generalization']:.3f} | "
                      f"{r['locality']:.3f} | {r['unedited_reliability']:.3f} | "
                      f"{r['latency_median_s']:.3f} s / {r['latency_p90_s']:.3f} s | {in_query} |")
     lines += ["", "Training (validation on held-out training records, single edits):", ""]

@@ -48,6 +48,7 @@ def main() -> None:
     ap.add_argument("--edit-neighbours", type=int, default=5,
                     help="give each edit its first N neighbourhood prompts (at most half; for the overlap check "
                          "and protect_overlap) and score neighbourhood only on the others (0: all scored)")
+    ap.add_argument("--gen-tokens", type=int, default=10, help="greedy tokens behind the gen_* metrics")
     ap.add_argument("--gen-batch", type=int, default=128, help="texts generated per batch for the statistics")
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", stream=sys.stderr)
@@ -89,6 +90,11 @@ def main() -> None:
     base_rel = evaluate.reliability(model, tok, requests)
     base_flu = evaluate.fluency(model, tok, [r.text for r in requests], args.fluency_tokens)
     per_nb_base = [evaluate.counterfact_scores(model, tok, [r])["neighbourhood"].value for r in requests]
+    # What a user reads: greedy continuations of tokenizer(prompt), the unedited model's kept as the
+    # locality reference of each edit's scored neighbourhood prompts.
+    nb_reference = [evaluate.greedy_continuations(model, tok, list(r.neighbourhood), args.gen_tokens)
+                    for r in requests]
+    base_gen = _generation(model, tok, requests, nb_reference, args.gen_tokens)
     rome.context_templates(model, tok, hp)  # generated once per model, as in a kedit session
 
     name = hp.module_name + ".weight"
@@ -97,14 +103,28 @@ def main() -> None:
     rows = []
     interrupted = False
     try:
-        _run(model, tok, requests, edit_views, hp, c, weight, original, per_nb_base, rows, args)
+        _run(model, tok, requests, edit_views, hp, c, weight, original, per_nb_base, nb_reference, rows, args)
     except KeyboardInterrupt:  # `timeout -s INT`: summarise the edits done so far
         interrupted = True
         log.warning("interrupted after %d of %d edits", len(rows), len(requests))
-    _summarise(model, hp, c, stats_s, rows, requests, base_cf, base_rel, base_flu, interrupted, args)
+    _summarise(model, hp, c, stats_s, rows, requests, base_cf, base_rel, base_flu, base_gen, interrupted, args)
 
 
-def _run(model, tok, requests, edit_views, hp, c, weight, original, per_nb_base, rows, args) -> None:
+def _generation(model, tok, requests, nb_reference, n_tokens: int) -> dict[str, float]:
+    """gen_efficacy / gen_paraphrase / gen_locality (kedit.evaluate.generation_scores), pooled over requests."""
+    sums: dict[str, list[float]] = {}
+    for req, ref in zip(requests, nb_reference, strict=True):
+        for m in _request_generation(model, tok, req, ref, n_tokens):
+            sums.setdefault(m.name, []).append(m.value)
+    return {k: statistics.fmean(v) for k, v in sums.items()}
+
+
+def _request_generation(model, tok, req, ref, n_tokens: int) -> list:
+    pairs = [(p, req.target_true) for p in req.neighbourhood]
+    return evaluate.generation_scores(model, tok, [req], pairs, ref, n_tokens)
+
+
+def _run(model, tok, requests, edit_views, hp, c, weight, original, per_nb_base, nb_reference, rows, args) -> None:
     name = hp.module_name + ".weight"
     for i, (req, view) in enumerate(zip(requests, edit_views, strict=True)):
         t0 = time.perf_counter()
@@ -115,8 +135,9 @@ def _run(model, tok, requests, edit_views, hp, c, weight, original, per_nb_base,
         try:
             cf = evaluate.counterfact_scores(model, tok, [req])
             rel = evaluate.reliability(model, tok, [req])
-            gen = evaluate.generalization(model, tok, [req])
+            generalization = evaluate.generalization(model, tok, [req])
             flu = evaluate.fluency(model, tok, [req.text], args.fluency_tokens)
+            gen = {m.name: m.value for m in _request_generation(model, tok, req, nb_reference[i], args.gen_tokens)}
         finally:
             with torch.no_grad():
                 weight.copy_(original)
@@ -147,7 +168,8 @@ def _run(model, tok, requests, edit_views, hp, c, weight, original, per_nb_base,
             "neighbourhood": cf["neighbourhood"].value,
             "neighbourhood_unedited": per_nb_base[i],
             "reliability": rel.value,
-            "generalization": gen.value,
+            "generalization": generalization.value,
+            **gen,
             "fluency": flu.value,
         }
         row["neighbourhood_collapsed"] = bool(per_nb_base[i] - row["neighbourhood"] >= 0.5)
@@ -155,7 +177,7 @@ def _run(model, tok, requests, edit_views, hp, c, weight, original, per_nb_base,
         if len(rows) % 10 == 0:  # partial results survive an interrupted run
             Path(args.out).with_suffix(".partial.json").write_text(json.dumps(rows, indent=1))
         log.info(
-            "%3d %-30s %.2fs ES=%.0f PS=%.2f NS=%.2f (base %.2f) |Δ|=%.1f",
+            "%3d %-30s %.2fs ES=%.0f PS=%.2f NS=%.2f (base %.2f) |Δ|=%.1f gen %s",
             i,
             req.subject,
             latency,
@@ -164,10 +186,12 @@ def _run(model, tok, requests, edit_views, hp, c, weight, original, per_nb_base,
             row["neighbourhood"],
             per_nb_base[i],
             row["update_norm"],
+            {k: round(v, 2) for k, v in gen.items()},
         )
 
 
-def _summarise(model, hp, c, stats_s, rows, requests, base_cf, base_rel, base_flu, interrupted, args) -> None:
+def _summarise(model, hp, c, stats_s, rows, requests, base_cf, base_rel, base_flu, base_gen, interrupted,
+               args) -> None:
     def mean(key: str) -> float:
         return statistics.fmean(r[key] for r in rows)
 
@@ -191,6 +215,7 @@ def _summarise(model, hp, c, stats_s, rows, requests, base_cf, base_rel, base_fl
             "reliability": mean("reliability"),
             "generalization": mean("generalization"),
             "fluency": mean("fluency"),
+            **{k: mean(k) for k in base_gen},
         },
         "unedited": {
             "efficacy": base_cf["efficacy"].value,
@@ -198,11 +223,14 @@ def _summarise(model, hp, c, stats_s, rows, requests, base_cf, base_rel, base_fl
             "neighbourhood": base_cf["neighbourhood"].value,
             "reliability": base_rel.value,
             "fluency": base_flu.value,
+            **base_gen,
         },
         "protocols": {
             "efficacy/paraphrase/neighbourhood": "user_prompt_counterfact_nll_margin",
             "reliability/generalization": "user_prompt_teacher_forced_token_acc",
             "fluency": f"user_prompt_ngram_entropy_greedy{args.fluency_tokens}",
+            "gen_efficacy/gen_paraphrase": f"user_prompt_greedy{args.gen_tokens}_contains",
+            "gen_locality": f"user_prompt_greedy{args.gen_tokens}_holds_or_unchanged",
         },
         "latency_s": {"median": statistics.median(lat), "max": max(lat), "mean": statistics.fmean(lat)},
         "breakdown_median_s": {
@@ -247,6 +275,17 @@ def _summarise(model, hp, c, stats_s, rows, requests, base_cf, base_rel, base_fl
         f"layer {hp.layer}, C from {summary['stats']['n_texts']} self-generated texts (0 = identity), "
         f"v_lr {hp.v_lr}, up to {hp.v_num_grad_steps} steps, "
         f"templates {list(map(list, hp.context_template_length_params))}, {torch.get_num_threads()} threads",
+        "",
+        "The user's view (greedy continuation of `tokenizer(prompt)`, "
+        f"{args.gen_tokens} tokens, contains the new target / holds the true answer or the unedited continuation):",
+        "",
+        "| | gen efficacy | gen paraphrase | gen locality |",
+        "|---|---|---|---|",
+        *[f"| {who} | {d['gen_efficacy']:.1%} | {d['gen_paraphrase']:.1%} | {d['gen_locality']:.1%} |"
+          for who, d in (("unedited", u), ("ROME", e))],
+        "",
+        "Diagnostics: CounterFact NLL margin (efficacy, paraphrase, neighbourhood) and teacher forcing, "
+        "both on `tokenizer(prompt)`:",
         "",
         "| | efficacy | paraphrase | neighbourhood | reliability (TF acc) | generalization | fluency (bits) |",
         "|---|---|---|---|---|---|---|",
