@@ -15,7 +15,7 @@ import torch
 from kedit.methods.base import EditRequest
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from kedit.sources import default_model_folder
+from kedit.core.sources import default_model_folder
 
 log = logging.getLogger(__name__)
 

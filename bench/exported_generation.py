@@ -2,9 +2,9 @@
 loaded with plain transformers (`kedit.load_model` for GRACE's adapter) and queried one prompt at a
 time with `tokenizer(prompt, return_tensors="pt")` + `generate(max_new_tokens=10, do_sample=False)`.
 
-Per edit: does the continuation contain the new target (case-insensitively: kedit.evaluate.shows),
+Per edit: does the continuation contain the new target (case-insensitively: kedit.eval.metrics.shows),
 on the prompt and on its paraphrases; do its neighbourhood prompts still hold the true answer or the
-unedited model's continuation (kedit.evaluate.holds). The unedited model is scored the same way,
+unedited model's continuation (kedit.eval.metrics.holds). The unedited model is scored the same way,
 beside each figure, and CounterFact's NLL-margin efficacy of the same exported model for comparison.
 
 ROME edits each fact on the base (one export per fact); memit / alphaedit edit all facts in one
@@ -33,11 +33,11 @@ from kedit.methods.base import EditRequest
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import kedit
-from kedit import evaluate
-from kedit.editing import EditOptions, run_edits
-from kedit.export import export
-from kedit.repo import Repository
-from kedit.sources import default_model_folder
+from kedit.core.repo import Repository
+from kedit.core.sources import default_model_folder
+from kedit.edit.run import EditOptions, run_edits
+from kedit.eval import metrics as evaluate
+from kedit.model.export import export
 
 log = logging.getLogger("exported_generation")
 
@@ -123,7 +123,7 @@ def main() -> None:
     result = {
         "method": args.method, "n": len(facts), "offset": args.offset, "load_before": load,
         "protocol": "exported folder, tokenizer(prompt) + generate(max_new_tokens=10, do_sample=False); "
-                    "kedit.evaluate.shows / holds",
+                    "kedit.eval.metrics.shows / holds",
         "edited": summary(rows), "unedited": summary(base_rows), "wall_s": round(wall, 1),
         "commits": len(commits),
         "commits_that_passed_their_own_check": sum(bool(c.info.get("shows_in_generation")) for c in commits),

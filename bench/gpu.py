@@ -49,9 +49,9 @@ from kedit.methods.hparams import hparams_to_dict
 from kedit.methods.stats import GeneratedSource, StatsCache, cached_second_moment
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-from kedit import evaluate
-from kedit.delta import apply_step
-from kedit.sources import default_model_folder, open_source
+from kedit.core.delta import apply_step
+from kedit.core.sources import default_model_folder, open_source
+from kedit.eval import metrics as evaluate
 
 log = logging.getLogger("bench.gpu")
 BASE_HASH = "smollm2-135m-instruct-q4_1"
@@ -160,7 +160,7 @@ def run_stats(model: Any, tok: Any, layers: dict[int, str], args: argparse.Names
 
 
 def apply_deltas(model: Any, deltas: dict[str, Any], originals: dict[str, torch.Tensor]) -> None:
-    """The weights = base + delta, with the engine's arithmetic (kedit.delta.apply_step, on the CPU)."""
+    """The weights = base + delta, with the engine's arithmetic (kedit.core.delta.apply_step, on the CPU)."""
     params = dict(model.named_parameters())
     with torch.no_grad():
         for name, delta in deltas.items():

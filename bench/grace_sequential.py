@@ -10,7 +10,7 @@ facts already edited are edited again with a second new target, inserted at a ra
 (the superseding case of a lifelong stream). Every edit is a `kedit` commit through the product path
 (`run_edits`, the method sees the codebook at HEAD); no metric is taken while editing.
 
-At the end, HEAD is loaded as any user loads it (`kedit.model.load_model`, the codebook replayed
+At the end, HEAD is loaded as any user loads it (`kedit.model.load.load_model`, the codebook replayed
 from the commits' records) and scored against the base model:
 - reliability: each edited fact's current target, by greedy generation (exact match, GRACE's
   protocol; read from a teacher-forced pass, the same event, and checked with model.generate on a
@@ -45,11 +45,11 @@ from _common import CACHE_DIR, shuffled_facts
 from kedit.methods import grace
 from kedit.methods.base import EditRequest
 
-from kedit import evaluate
-from kedit.editing import EditOptions, run_edits
-from kedit.model import load_model
-from kedit.repo import Repository
-from kedit.sources import default_model_folder
+from kedit.core.repo import Repository
+from kedit.core.sources import default_model_folder
+from kedit.edit.run import EditOptions, run_edits
+from kedit.eval import metrics as evaluate
+from kedit.model.load import load_model
 
 log = logging.getLogger("bench")
 
@@ -131,7 +131,7 @@ def main() -> None:
     }
 
     options = EditOptions(method="grace", overrides=overrides, dtype=torch.float32, measure=False)
-    logging.getLogger("kedit.editing").setLevel(logging.INFO)  # one line per commit: progress
+    logging.getLogger("kedit.edit.run").setLevel(logging.INFO)  # one line per commit: progress
     t0 = time.perf_counter()
     commits: list = []
     while len(commits) < len(stream):  # chunks, so a time budget can stop the stream between them

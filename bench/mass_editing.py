@@ -9,7 +9,7 @@ Three experiments (issue 4), each written to bench/results/<name>.json and .md:
   speedup     MEMIT's value optimisation with all requests in one batch per step against one
               request at a time (the peers' way), same requests and settings.
   sequential  N facts in batches of B through the product path (a kedit repository, one branch
-              per method, `kedit.editing.run_edits`, so AlphaEdit's earlier keys come from the
+              per method, `kedit.edit.run.run_edits`, so AlphaEdit's earlier keys come from the
               repository's history); after each batch every fact edited so far is scored. Then the
               batch in the middle is reverted: the state must equal the history without it, hash
               for hash, and `kedit check` reports what the revert did to the other edits.
@@ -47,14 +47,15 @@ from bench._common import (
     load_smollm2,
     split_neighbourhood,
 )
-from kedit import evaluate, history
-from kedit.delta import apply_step
-from kedit.editing import EditOptions, run_edits
-from kedit.hashing import hash_tensor
-from kedit.materialize import load_step
-from kedit.model import load_model
-from kedit.probes import check
-from kedit.repo import Repository
+from kedit.core import history
+from kedit.core.delta import apply_step
+from kedit.core.hashing import hash_tensor
+from kedit.core.materialize import load_step
+from kedit.core.repo import Repository
+from kedit.edit.run import EditOptions, run_edits
+from kedit.eval import metrics as evaluate
+from kedit.eval.probes import check
+from kedit.model.load import load_model
 
 log = logging.getLogger("bench.mass_editing")
 RESULTS = Path("bench/results")

@@ -4,7 +4,7 @@ Usage:
     python bench/mend_known.py single --minutes 60 --out bench/results/mend_known.json
     python bench/mend_known.py multi --minutes 15 --out bench/results/instructedit_multitask.json
 
-single: MEND trained through the engine (`kedit.editors.train_editor`, stored in a repository) on
+single: MEND trained through the engine (`kedit.edit.trained.train_editor`, stored in a repository) on
   CounterFact-style edits of the facts whose known_id is not divisible by 5, then evaluated on the
   facts whose known_id is (never seen in training): reliability, generalization (the subject in the
   relation's other templates), locality (two unrelated facts, argmax agreement with the unedited
@@ -39,10 +39,10 @@ sys.path.insert(0, str(Path(__file__).parent))
 from _common import CACHE_DIR, DATA, load_smollm2
 from kedit.methods.base import EditRequest, get_method
 
-from kedit import evaluate
-from kedit.editors import TrainOptions, editor_loader, train_editor
-from kedit.repo import Repository
-from kedit.sources import default_model_folder
+from kedit.core.repo import Repository
+from kedit.core.sources import default_model_folder
+from kedit.edit.trained import TrainOptions, editor_loader, train_editor
+from kedit.eval import metrics as evaluate
 
 log = logging.getLogger("bench")
 
@@ -193,7 +193,7 @@ def evaluate_editor(model: Any, tok: Any, repo: Repository, method: str, editor_
 
 
 def requests_of(records: list[dict]) -> list[EditRequest]:
-    from kedit.requests import record_to_request
+    from kedit.edit.requests import record_to_request
 
     return [record_to_request(r) for r in records]
 

@@ -28,8 +28,8 @@ from kedit.methods import rome
 from kedit.methods.hparams import hparams_to_dict
 from kedit.methods.stats import GeneratedSource, StatsCache, cached_second_moment
 
-from kedit import evaluate
-from kedit.delta import apply_step
+from kedit.core.delta import apply_step
+from kedit.eval import metrics as evaluate
 
 log = logging.getLogger("bench")
 

@@ -25,8 +25,8 @@ from _common import counterfact_requests, load_smollm2
 from kedit.methods import rome
 from kedit.methods.stats import GeneratedSource, MomentState, accumulate_second_moment
 
-from kedit import evaluate
-from kedit.delta import apply_step
+from kedit.core.delta import apply_step
+from kedit.eval import metrics as evaluate
 
 log = logging.getLogger("bench")
 

@@ -15,6 +15,6 @@ def load_model(path: str | Path, *, dtype: Any = None, device: str = "cpu") -> A
     (`AutoTokenizer.from_pretrained(path)`). Example:
         model = kedit.load_model("exported/")
     """
-    from kedit.model import load_folder  # lazy: `import kedit` stays cheap
+    from kedit.model.load import load_folder  # lazy: `import kedit` stays cheap
 
     return load_folder(path, dtype=dtype, device=device)[0]

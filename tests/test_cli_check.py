@@ -14,8 +14,8 @@ import torch
 from click.testing import CliRunner
 
 from kedit.cli import cli
-from kedit.delta import Dense
-from kedit.repo import Repository
+from kedit.core.delta import Dense
+from kedit.core.repo import Repository
 from tests.test_cli_edit import kedit, tiny_folder, tiny_repo  # noqa: F401  (fixtures)
 from tests.tiny import make_model, make_tokenizer
 
@@ -52,16 +52,16 @@ def _damaging_edit(repo: Repository, gen: torch.Generator) -> str:
 @pytest.fixture
 def loads(monkeypatch: pytest.MonkeyPatch) -> list[str]:
     """The revisions kedit materialises, in order."""
-    import kedit.model
+    import kedit.model.load
 
     seen: list[str] = []
-    real = kedit.model.load_model
+    real = kedit.model.load.load_model
 
     def counting(repo, rev, **kwargs):
         seen.append(rev)
         return real(repo, rev, **kwargs)
 
-    monkeypatch.setattr(kedit.model, "load_model", counting)
+    monkeypatch.setattr(kedit.model.load, "load_model", counting)
     return seen
 
 

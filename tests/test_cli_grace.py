@@ -12,10 +12,10 @@ from kedit.methods import grace
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import kedit
-from kedit import evaluate
 from kedit.cli import cli
-from kedit.model import load_model
-from kedit.repo import Repository
+from kedit.core.repo import Repository
+from kedit.eval import metrics as evaluate
+from kedit.model.load import load_model
 from tests.tiny import make_model, make_tokenizer
 
 MODULE = "model.layers.2.mlp.down_proj"  # the tiny Llama's default codebook module (3 layers)

@@ -4,7 +4,7 @@ import pytest
 import torch
 from kedit.methods.base import EditRequest
 
-from kedit import evaluate
+from kedit.eval import metrics as evaluate
 from tests import tiny
 
 

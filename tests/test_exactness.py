@@ -9,11 +9,11 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
-from kedit.delta import Dense, LowRank, apply_step
-from kedit.export import export
-from kedit.hashing import hash_tensor
-from kedit.maintenance import fsck
-from kedit.repo import Repository, _encode
+from kedit.core.delta import Dense, LowRank, apply_step
+from kedit.core.hashing import hash_tensor
+from kedit.core.maintenance import fsck
+from kedit.core.repo import Repository, _encode
+from kedit.model.export import export
 from tests.conftest import build_tiny_model
 
 

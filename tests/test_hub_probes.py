@@ -8,9 +8,9 @@ from pathlib import Path
 
 import torch
 
-from kedit.hubprobes import PROBES_FILE
-from kedit.probes import add_probes
-from kedit.repo import Repository
+from kedit.core.repo import Repository
+from kedit.eval.probes import add_probes
+from kedit.hub.probes import PROBES_FILE
 from tests.hubserver import HubServer
 from tests.test_cli_check import PROBES, _damaging_edit, _harmless, _stdout
 from tests.test_hub import REPO_ID, URL, hub, run, tiny_folder  # noqa: F401  (fixtures)

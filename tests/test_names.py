@@ -14,10 +14,10 @@ from click.testing import CliRunner
 from safetensors.torch import save_file
 
 from kedit.cli import cli
-from kedit.errors import BadNameError
-from kedit.names import check_file_path, check_tensor_name, inside
-from kedit.repo import Repository
-from kedit.store import atomic_write_bytes
+from kedit.core.errors import BadNameError
+from kedit.core.names import check_file_path, check_tensor_name, inside
+from kedit.core.repo import Repository
+from kedit.core.store import atomic_write_bytes
 from tests.helpers_engine import snapshot
 
 

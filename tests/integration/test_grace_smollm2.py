@@ -10,12 +10,12 @@ from kedit.methods.base import EditRequest
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import kedit
-from kedit import evaluate
-from kedit.editing import EditOptions, run_edits
-from kedit.export import export
-from kedit.model import load_model
-from kedit.repo import Repository
-from kedit.sources import default_model_folder
+from kedit.core.repo import Repository
+from kedit.core.sources import default_model_folder
+from kedit.edit.run import EditOptions, run_edits
+from kedit.eval import metrics as evaluate
+from kedit.model.export import export
+from kedit.model.load import load_model
 
 pytestmark = pytest.mark.slow
 

@@ -7,14 +7,15 @@ from pathlib import Path
 import pytest
 from kedit.methods.base import EditRequest
 
-from kedit import evaluate, history
-from kedit.delta import apply_step
-from kedit.editing import EditOptions, run_edits
-from kedit.hashing import hash_tensor
-from kedit.materialize import load_step
-from kedit.model import load_model
-from kedit.repo import Repository
-from kedit.sources import default_model_folder
+from kedit.core import history
+from kedit.core.delta import apply_step
+from kedit.core.hashing import hash_tensor
+from kedit.core.materialize import load_step
+from kedit.core.repo import Repository
+from kedit.core.sources import default_model_folder
+from kedit.edit.run import EditOptions, run_edits
+from kedit.eval import metrics as evaluate
+from kedit.model.load import load_model
 from tests.integration.test_rome_smollm2 import UNRELATED
 
 pytestmark = pytest.mark.slow

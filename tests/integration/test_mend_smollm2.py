@@ -9,12 +9,12 @@ from pathlib import Path
 import pytest
 from kedit.methods.base import EditRequest
 
-from kedit import evaluate
-from kedit.editing import EditOptions, run_edits
-from kedit.editors import TrainOptions, list_editors, train_editor
-from kedit.model import load_model
-from kedit.repo import Repository
-from kedit.sources import default_model_folder
+from kedit.core.repo import Repository
+from kedit.core.sources import default_model_folder
+from kedit.edit.run import EditOptions, run_edits
+from kedit.edit.trained import TrainOptions, list_editors, train_editor
+from kedit.eval import metrics as evaluate
+from kedit.model.load import load_model
 
 pytestmark = pytest.mark.slow
 

@@ -11,9 +11,9 @@ from kedit.methods import rome
 from kedit.methods.base import EditRequest
 from kedit.methods.stats import GeneratedSource, StatsCache, cached_second_moment
 
-from kedit import evaluate
-from kedit.delta import apply_step
-from kedit.sources import default_model_folder
+from kedit.core.delta import apply_step
+from kedit.core.sources import default_model_folder
+from kedit.eval import metrics as evaluate
 
 pytestmark = pytest.mark.slow
 

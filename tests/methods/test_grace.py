@@ -9,8 +9,8 @@ import torch
 from kedit.methods import grace
 from kedit.methods.base import Adapter, EditRequest, get_method
 
-from kedit import evaluate
-from kedit.adapters import install_adapters
+from kedit.eval import metrics as evaluate
+from kedit.model.adapters import install_adapters
 from tests.tiny import MODEL_TYPES, make_model
 
 # The subject ends the prompt and the targets are single tokens of the tiny tokenizer (tests/test_cli_edit.py).
@@ -139,7 +139,7 @@ def test_bad_hyper_parameters_are_refused(tiny_llama) -> None:
 
 
 def test_an_adapter_kind_nobody_installs_is_a_clear_error(tiny_llama) -> None:
-    from kedit.errors import KeditError
+    from kedit.core.errors import KeditError
 
     with pytest.raises(KeditError, match="no installer for adapter kind 'wise'"):
         install_adapters(tiny_llama, [Adapter("wise", {"x": torch.zeros(1)}, {})])
