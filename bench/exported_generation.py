@@ -36,7 +36,7 @@ import kedit
 from kedit.core.repo import Repository
 from kedit.core.sources import default_model_folder
 from kedit.edit.run import EditOptions, run_edits
-from kedit.eval import metrics as evaluate
+from kedit.eval import metrics
 from kedit.model.export import export
 
 log = logging.getLogger("exported_generation")
@@ -67,11 +67,11 @@ def score(model: Any, tok: Any, facts: list[EditRequest], base_said: dict[str, s
         para, neigh = said[1:1 + n_par], said[1 + n_par:]
         rows.append({
             "subject": f.subject, "prompt": f.text, "target_new": f.target_new, "target_true": f.target_true,
-            "continuation": said[0], "shows": evaluate.shows(said[0], f.target_new),
-            "paraphrases_shown": [evaluate.shows(t, f.target_new) for t in para],
-            "neighbours_held": [evaluate.holds(t, str(f.target_true), base_said[p])
+            "continuation": said[0], "shows": metrics.shows(said[0], f.target_new),
+            "paraphrases_shown": [metrics.shows(t, f.target_new) for t in para],
+            "neighbours_held": [metrics.holds(t, str(f.target_true), base_said[p])
                                 for t, p in zip(neigh, f.neighbourhood, strict=True)],
-            "counterfact_efficacy": evaluate.counterfact_scores(model, tok, [f], ("efficacy",))["efficacy"].value,
+            "counterfact_efficacy": metrics.counterfact_scores(model, tok, [f], ("efficacy",))["efficacy"].value,
         })
     return rows
 

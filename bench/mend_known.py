@@ -42,7 +42,7 @@ from kedit.methods.base import EditRequest, get_method
 from kedit.core.repo import Repository
 from kedit.core.sources import default_model_folder
 from kedit.edit.trained import TrainOptions, editor_loader, train_editor
-from kedit.eval import metrics as evaluate
+from kedit.eval import metrics
 
 log = logging.getLogger("bench")
 
@@ -156,9 +156,9 @@ def evaluate_editor(model: Any, tok: Any, repo: Repository, method: str, editor_
     hp = m.hparams_cls(**fields)
     load = editor_loader(repo)
     pairs = [list(r.locality) for r in requests]
-    reference = evaluate.locality_reference(model, tok, [p for ps in pairs for p in ps])
-    before_rel = evaluate.reliability(model, tok, requests).value
-    before_gen = evaluate.generalization(model, tok, requests).value
+    reference = metrics.locality_reference(model, tok, [p for ps in pairs for p in ps])
+    before_rel = metrics.reliability(model, tok, requests).value
+    before_gen = metrics.generalization(model, tok, requests).value
     params = dict(model.named_parameters())
     rel, gen, loc, latency, ranks, rel_wrapped = [], [], [], [], [], []
     k = 0
@@ -171,14 +171,14 @@ def evaluate_editor(model: Any, tok: Any, repo: Repository, method: str, editor_
             for n, d in result.deltas.items():
                 params[n].add_((d.a @ d.b).to(params[n].dtype))
                 ranks.append(d.rank)
-        rel.append(evaluate.reliability(model, tok, [r]).value)
+        rel.append(metrics.reliability(model, tok, [r]).value)
         if method == "instructedit":  # EasyEdit's protocol: the query carries the instruction too
             wrapped = dataclasses.replace(r, prompt=result.info["wrapped_prompts"][0])
-            rel_wrapped.append(evaluate.reliability(model, tok, [wrapped]).value)
+            rel_wrapped.append(metrics.reliability(model, tok, [wrapped]).value)
         if r.paraphrases:
-            gen.append(evaluate.generalization(model, tok, [r]).value)
+            gen.append(metrics.generalization(model, tok, [r]).value)
         if ps:
-            loc.append(evaluate.locality(model, tok, ps, reference[k:k + len(ps)]).value)
+            loc.append(metrics.locality(model, tok, ps, reference[k:k + len(ps)]).value)
         k += len(ps)
         with torch.no_grad():
             for n, v in saved.items():

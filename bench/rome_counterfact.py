@@ -29,7 +29,7 @@ from kedit.methods.hparams import hparams_to_dict
 from kedit.methods.stats import GeneratedSource, StatsCache, cached_second_moment
 
 from kedit.core.delta import apply_step
-from kedit.eval import metrics as evaluate
+from kedit.eval import metrics
 
 log = logging.getLogger("bench")
 
@@ -85,10 +85,10 @@ def main() -> None:
         log.info("statistics ready in %.1f s", stats_s)
 
     # Unedited baselines.
-    base_cf = evaluate.counterfact_scores(model, tok, requests)
-    base_rel = evaluate.reliability(model, tok, requests)
-    base_flu = evaluate.fluency(model, tok, [r.text for r in requests], args.fluency_tokens)
-    per_nb_base = [evaluate.counterfact_scores(model, tok, [r])["neighbourhood"].value for r in requests]
+    base_cf = metrics.counterfact_scores(model, tok, requests)
+    base_rel = metrics.reliability(model, tok, requests)
+    base_flu = metrics.fluency(model, tok, [r.text for r in requests], args.fluency_tokens)
+    per_nb_base = [metrics.counterfact_scores(model, tok, [r])["neighbourhood"].value for r in requests]
     rome.context_templates(model, tok, hp)  # generated once per model, as in a kedit session
 
     name = hp.module_name + ".weight"
@@ -113,10 +113,10 @@ def _run(model, tok, requests, edit_views, hp, c, weight, original, per_nb_base,
         with torch.no_grad():
             weight.copy_(apply_step(original, result.deltas[name]))
         try:
-            cf = evaluate.counterfact_scores(model, tok, [req])
-            rel = evaluate.reliability(model, tok, [req])
-            gen = evaluate.generalization(model, tok, [req])
-            flu = evaluate.fluency(model, tok, [req.text], args.fluency_tokens)
+            cf = metrics.counterfact_scores(model, tok, [req])
+            rel = metrics.reliability(model, tok, [req])
+            gen = metrics.generalization(model, tok, [req])
+            flu = metrics.fluency(model, tok, [req.text], args.fluency_tokens)
         finally:
             with torch.no_grad():
                 weight.copy_(original)

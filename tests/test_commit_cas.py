@@ -198,7 +198,7 @@ def test_a_checkout_while_the_model_is_read_makes_the_load_start_again(tiny_repo
         return loaded
 
     monkeypatch.setattr(model_module, "_from_folder", reading)
-    model, _ = model_module.load_model(tiny_repo, main)
+    model, _ = model_module.load_revision(tiny_repo, main)
     assert folders[0] == tiny_repo.worktree.folder and len(folders) == 2 and folders[1] != folders[0]
     norm = dict(model.named_parameters())["model.norm.weight"].detach()
     assert hash_tensor(norm) == tiny_repo.manifest(main)["model.norm.weight"].hash

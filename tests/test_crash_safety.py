@@ -335,7 +335,7 @@ def _commit_count(repo_dir: Path) -> int:
         conn.close()
 
 
-def _kedit_command() -> list[str]:
+def kedit_command() -> list[str]:
     script = Path(sys.executable).with_name("kedit")
     return [str(script)] if script.exists() else [sys.executable, "-m", "kedit.cli"]
 
@@ -344,7 +344,7 @@ def test_second_writer_gets_locked_error_and_readers_do_not_block(repo_dir: Path
     repo = Repository.open(repo_dir)
     head = repo.head()
     env = {**os.environ, "KEDIT_LOCK_TIMEOUT": "0.5"}
-    base = [*_kedit_command(), "--repo", str(repo.root)]
+    base = [*kedit_command(), "--repo", str(repo.root)]
     with repo.lock():
         # Both start together (each spends ~2 s importing torch); the lock is held throughout.
         writer = subprocess.Popen([*base, "branch", "x"], env=env, stdout=subprocess.PIPE,

@@ -29,7 +29,7 @@ from kedit.edit.trained import store_editor
 from kedit.eval.metrics import PROMPT_PROTOCOL
 from tests import test_cli_grace
 from tests.hubserver import HubServer
-from tests.test_crash_safety import _kedit_command as kedit_command
+from tests.test_crash_safety import kedit_command
 from tests.test_hub import URL as HUB_URL
 from tests.test_hub import hub, origin  # noqa: F401  (fixtures: a local Hub, a repository with a remote)
 from tests.test_hub import run as hub_run

@@ -452,7 +452,7 @@ def test_a_grace_revision_on_the_hub_loads_with_kedit_and_plain_transformers_ref
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     import kedit
-    from kedit.eval import metrics as evaluate
+    from kedit.eval.metrics import shows_in_generation
 
     repo = Repository.init(tmp_path / "work", str(tiny_folder), progress=False)
     run(repo.root, *GRACE_EDIT)
@@ -462,7 +462,7 @@ def test_a_grace_revision_on_the_hub_loads_with_kedit_and_plain_transformers_ref
     with pytest.raises(ValueError, match=r"kedit.load_model"):  # never the unedited model in silence
         AutoModelForCausalLM.from_pretrained(folder)
     model, tok = kedit.load_model(folder), AutoTokenizer.from_pretrained(folder)
-    assert evaluate.shows_in_generation(model, tok, [GRACE_PROMPT], [GRACE_TARGET], 2) == [True]
+    assert shows_in_generation(model, tok, [GRACE_PROMPT], [GRACE_TARGET], 2) == [True]
     assert "kedit.load_model" in (folder / "README.md").read_text()
 
     run(repo.root, "revert", "HEAD")  # no adapters left: the next push is a plain checkpoint again

@@ -1,7 +1,7 @@
 """Hostile Hub repositories and the token's destination, tried as an attacker would.
 
 A forged commit's id is the correct hash of its record (kedit's own `record_id`), so the hash
-check passes: only the name grammar (kedit/names.py) stands between the record and a file
+check passes: only the name grammar (kedit/core/names.py) stands between the record and a file
 written outside the repository. Every refusal must be one line, and nothing may be written:
 no PWNED file, no clone folder, the existing repository's refs, objects and history unchanged.
 

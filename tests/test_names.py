@@ -1,4 +1,4 @@
-"""Names from outside (kedit/names.py, refs.check_ref_name) and the one safe writer, tried through
+"""Names from outside (kedit/core/names.py, refs.check_ref_name) and the one safe writer, tried through
 the CLI as a user or an attacker would: a model file with a tensor named `../x`, a ref name that
 shadows a commit, a history whose rows name a file outside the folder being written."""
 

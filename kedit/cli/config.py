@@ -1,4 +1,4 @@
-"""kedit config: read and write settings (kedit/config.py), with git's command line."""
+"""kedit config: read and write settings (kedit/core/config.py), with git's command line."""
 
 from __future__ import annotations
 
@@ -8,9 +8,23 @@ from pathlib import Path
 
 import click
 
-from kedit.cli import _emit_json, cli, json_option
+from kedit.cli.common import command, emit_json, json_option
 from kedit.core import config
 from kedit.core.errors import KeditError, RepositoryNotFoundError
+
+
+def method_name(value: str) -> str:
+    """`edit.method` names a registered method (the engine's config module knows no methods)."""
+    from kedit.methods.base import get_method
+
+    try:
+        get_method(value)
+    except KeyError as e:
+        raise ValueError(str(e.args[0])) from None
+    return value
+
+
+CHECKS = {"edit.method": method_name}  # checks beyond kedit.core.config.KEYS, by key
 
 
 def _repo_dir(ctx: click.Context, required: bool) -> Path | None:
@@ -25,7 +39,7 @@ def _repo_dir(ctx: click.Context, required: bool) -> Path | None:
         return None
 
 
-@cli.command(name="config")
+@command(name="config")
 @click.argument("key", required=False)
 @click.argument("value", required=False)
 @click.option("--global", "scope", flag_value="global", help="Your settings for every repository.")
@@ -54,7 +68,7 @@ def config_(ctx: click.Context, key: str | None, value: str | None, scope: str |
             raise click.UsageError("--list takes no KEY")
         found = _scoped(ctx, scope)
         if as_json:
-            _emit_json(found)
+            emit_json(found)
             return
         for k, v in sorted(found.items()):
             click.echo(f"{k}={v}")
@@ -69,15 +83,15 @@ def config_(ctx: click.Context, key: str | None, value: str | None, scope: str |
         if unset:
             config.unset(path, key)
             return
-        stored = config.set_value(path, key, value)
+        stored = config.set_value(path, key, value, check=CHECKS.get(key))
         if as_json:
-            _emit_json({key: stored})
+            emit_json({key: stored})
     else:
         found = _scoped(ctx, scope).get(key)
         if found is None:
             sys.exit(1)
         if as_json:
-            _emit_json({key: found})
+            emit_json({key: found})
         else:
             click.echo(found)
 

@@ -7,8 +7,7 @@ from pathlib import Path
 
 import click
 
-from kedit.cli import _emit_json, _open, cli, json_option
-from kedit.cli.edit import _check_device, _parse_overrides
+from kedit.cli.common import check_device, command, emit_json, json_option, open_repo, parse_overrides
 from kedit.core.progress import progress_enabled
 
 _SCORES = ("reliability", "generalization", "locality")
@@ -23,7 +22,7 @@ def _scores(metrics: dict) -> str:
     return " ".join(parts)
 
 
-@cli.command(name="train-editor")
+@command(name="train-editor")
 @click.option("--method", type=click.Choice(["mend", "instructedit"]), default="mend", show_default=True,
               help="mend: one editor for edits of one kind; instructedit: many task families, with instructions.")
 @click.option("--data", "data", multiple=True, required=True,
@@ -37,7 +36,7 @@ def _scores(metrics: dict) -> str:
                    "max_minutes, ...).")
 @click.option("--hparams", "hparams_file", type=click.Path(exists=True, dir_okay=False, path_type=Path),
               help="Training hyper-parameters from a YAML file.")
-@click.option("--device", default="auto", show_default=True, callback=_check_device,
+@click.option("--device", default="auto", show_default=True, callback=check_device,
               help="auto (a GPU when there is one), cpu, cuda, cuda:N.")
 @click.option("--restart", is_flag=True, help="Ignore this run's checkpoint and start over.")
 @json_option
@@ -59,19 +58,19 @@ def train_editor(ctx: click.Context, method: str, data: tuple[Path, ...], val: P
     from kedit.edit.trained import TrainOptions
     from kedit.edit.trained import train_editor as run
 
-    repo = _open(ctx)
-    info = run(repo, TrainOptions(method=method, data=data, val=val, overrides=_parse_overrides(overrides),
+    repo = open_repo(ctx)
+    info = run(repo, TrainOptions(method=method, data=data, val=val, overrides=parse_overrides(overrides),
                                   hparams_file=hparams_file, device=device, restart=restart,
                                   progress=progress_enabled()))
     if as_json:
-        _emit_json(info.__dict__)
+        emit_json(info.__dict__)
         return
     m = info.metrics
     click.echo(f"editor {info.short} ({info.method}): {_scores(m)}; {m.get('steps')} steps, "
                f"{m.get('train_seconds')} s, stopped: {m.get('stopped')}")
 
 
-@cli.command(name="editors")
+@command(name="editors")
 @click.option("--method", help="Only editors of this method.")
 @json_option
 @click.pass_context
@@ -84,10 +83,10 @@ def editors(ctx: click.Context, method: str | None, as_json: bool) -> None:
     """
     from kedit.edit.trained import list_editors
 
-    repo = _open(ctx)
+    repo = open_repo(ctx)
     found = list_editors(repo, method)
     if as_json:
-        _emit_json([e.__dict__ for e in found])
+        emit_json([e.__dict__ for e in found])
         return
     for e in found:
         m = e.metrics

@@ -1,7 +1,7 @@
 """kedit remote / push / fetch / pull / clone: sharing a repository through the Hugging Face Hub.
 
 The endpoint is $HF_ENDPOINT for hf:// URLs (else huggingface.co) or the URL's own; the token
-goes only to its origin (kedit/remotes.py) and is never printed, logged or stored.
+goes only to its origin (kedit/hub/remotes.py) and is never printed, logged or stored.
 """
 
 from __future__ import annotations
@@ -10,11 +10,11 @@ from pathlib import Path
 
 import click
 
-from kedit.cli import _emit_json, _open, _say, cli, human_bytes, json_option
+from kedit.cli.common import command, emit_json, group, human_bytes, json_option, open_repo, say
 from kedit.core.progress import progress_enabled
 
 
-@cli.group(invoke_without_command=True)
+@group(invoke_without_command=True)
 @json_option
 @click.pass_context
 def remote(ctx: click.Context, as_json: bool) -> None:
@@ -36,12 +36,12 @@ def remote_list(ctx: click.Context, as_json: bool) -> None:
     """List the remotes and where their branches were last seen."""
     from kedit.hub import remotes
 
-    repo = _open(ctx)
+    repo = open_repo(ctx)
     found = [{"name": r.name, "url": r.url, "endpoint": r.endpoint, "repo_id": r.repo_id, "token_env": r.token_env,
               "branches": {b: t.kedit_commit for b, t in remotes.tracked_branches(repo.db, r.name).items()}}
              for r in remotes.list_all(repo.db)]
     if as_json:
-        _emit_json(found)
+        emit_json(found)
         return
     for r in found:
         seen = " ".join(f"{b}={c[:12]}" for b, c in sorted(r["branches"].items()))
@@ -66,8 +66,8 @@ def remote_add(ctx: click.Context, name: str, url: str, token_env: str | None) -
     """
     from kedit.hub import remotes
 
-    r = remotes.add(_open(ctx).db, name, url, token_env)
-    _say(ctx, f"added remote {r.name}: {r.repo_id} at {r.endpoint}")
+    r = remotes.add(open_repo(ctx).db, name, url, token_env)
+    say(ctx, f"added remote {r.name}: {r.repo_id} at {r.endpoint}")
 
 
 @remote.command("remove")
@@ -77,11 +77,11 @@ def remote_remove(ctx: click.Context, name: str) -> None:
     """Remove a remote and its remote-tracking refs (nothing on the Hub changes)."""
     from kedit.hub import remotes
 
-    remotes.remove(_open(ctx).db, name)
-    _say(ctx, f"removed remote {name}")
+    remotes.remove(open_repo(ctx).db, name)
+    say(ctx, f"removed remote {name}")
 
 
-@cli.command()
+@command()
 @click.argument("remote_name", metavar="[REMOTE]", required=False)
 @click.argument("branch", required=False)
 @click.option("--to", "remote_branch", help="The Hub branch to push to (default: the same name).")
@@ -104,11 +104,11 @@ def push(ctx: click.Context, remote_name: str | None, branch: str | None, remote
     """
     from kedit.hub import layout as hub
 
-    repo = _open(ctx)
+    repo = open_repo(ctx)
     result = hub.push(repo, remote_name, branch, remote_branch=remote_branch, history_only=history_only,
                       create=create, base_model=base_model, progress=progress_enabled() and not as_json)
     if as_json:
-        _emit_json(result.__dict__)
+        emit_json(result.__dict__)
     elif result.up_to_date:
         click.echo(f"{result.remote}/{result.remote_branch} is up to date ({result.commit[:12]})")
     else:
@@ -117,7 +117,7 @@ def push(ctx: click.Context, remote_name: str | None, branch: str | None, remote
                    f"{human_bytes(result.bytes)} sent")
 
 
-@cli.command()
+@command()
 @click.argument("remote_name", metavar="[REMOTE]", required=False)
 @click.argument("branches", nargs=-1)
 @json_option
@@ -126,15 +126,15 @@ def fetch(ctx: click.Context, remote_name: str | None, branches: tuple[str, ...]
     """Bring the remote's commits here (refs/remotes/REMOTE/BRANCH) without changing your branches."""
     from kedit.hub import fetch as hubfetch
 
-    found = hubfetch.fetch(_open(ctx), remote_name, branches or None, progress=progress_enabled() and not as_json)
+    found = hubfetch.fetch(open_repo(ctx), remote_name, branches or None, progress=progress_enabled() and not as_json)
     if as_json:
-        _emit_json({b: f.__dict__ for b, f in found.items()})
+        emit_json({b: f.__dict__ for b, f in found.items()})
         return
     for f in found.values():
         click.echo(f"{f.branch}: {f.tip[:12]} ({f.new_commits} new commits, {f.objects} objects)")
 
 
-@cli.command()
+@command()
 @click.argument("remote_name", metavar="[REMOTE]", required=False)
 @click.argument("branch", required=False)
 @click.option("--rebase", is_flag=True, help="If both sides have new commits, replay yours on top of the remote's.")
@@ -150,9 +150,10 @@ def pull(ctx: click.Context, remote_name: str | None, branch: str | None, rebase
     """
     from kedit.hub import fetch as hubfetch
 
-    result = hubfetch.pull(_open(ctx), remote_name, branch, rebase=rebase, progress=progress_enabled() and not as_json)
+    result = hubfetch.pull(open_repo(ctx), remote_name, branch, rebase=rebase,
+                           progress=progress_enabled() and not as_json)
     if as_json:
-        _emit_json(result.__dict__)
+        emit_json(result.__dict__)
     elif result.status == "fast-forward":
         click.echo(f"{result.branch}: fast-forward {result.old[:12]} -> {result.new[:12]} "
                    f"({result.fetched} new commits)")
@@ -165,7 +166,7 @@ def pull(ctx: click.Context, remote_name: str | None, branch: str | None, rebase
         click.echo(f"{result.branch} is up to date with {result.remote}")
 
 
-@cli.command()
+@command()
 @click.argument("url")
 @click.argument("directory", required=False, type=click.Path(path_type=Path))
 @click.option("--token-env", metavar="VAR", help=_TOKEN_ENV_HELP)
@@ -184,7 +185,7 @@ def clone(ctx: click.Context, url: str, directory: Path | None, token_env: str |
 
     repo, found = hubfetch.clone(url, directory, token_env=token_env, progress=progress_enabled() and not as_json)
     if as_json:
-        _emit_json({"path": str(repo.root), "branches": {b: f.tip for b, f in found.items()}})
+        emit_json({"path": str(repo.root), "branches": {b: f.tip for b, f in found.items()}})
         return
     commits = repo.db.execute("SELECT COUNT(*) FROM commits").fetchone()[0]
     click.echo(f"cloned {url} into {repo.root}: {len(found)} branches, {commits} commits, "

@@ -73,7 +73,7 @@ class RefNameError(KeditError, ValueError):
 
 
 class BadNameError(KeditError, ValueError):
-    """A name from outside (tensor, file, id, Hub path) that breaks kedit's grammar (kedit/names.py),
+    """A name from outside (tensor, file, id, Hub path) that breaks kedit's grammar (kedit/core/names.py),
     or a write whose destination would leave its folder."""
 
 

@@ -27,6 +27,10 @@ from typing import Any
 from kedit.core.errors import BadNameError
 from kedit.core.refs import check_ref_name
 
+# The dtypes a model is loaded or stored in, by torch's name (`--dtype`; `kedit.model.load.parse_dtype`
+# turns a name into the torch dtype). The one table of them; names only, so the CLI needs no torch.
+DTYPE_NAMES = ("float32", "bfloat16", "float16")
+
 MAX_NAME = 512
 MAX_PATH = 1024
 MAX_PATH_PARTS = 8

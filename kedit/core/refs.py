@@ -9,7 +9,7 @@ Revisions: a full id, a unique prefix of at least 4 hex digits, a branch, a tag,
 (HEAD), or a reflog entry `REF@{n}` (where REF pointed n moves ago, as `kedit reflog` numbers
 them: `HEAD@{1}` is where HEAD was before its last move; `@{n}` is the current branch's),
 followed by any number of `~N` (N first parents back) or `^` (one back). Ranges of commits
-(`A..B`, `A...B`) are in kedit/revisions.py.
+(`A..B`, `A...B`) are in kedit/core/revisions.py.
 """
 
 from __future__ import annotations

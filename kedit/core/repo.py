@@ -580,7 +580,7 @@ class Repository:
             raise DeltaError(f"the model has no tensor named {name!r}"
                              + (f" (did you mean {', '.join(close)}?)" if close else ""))
         before = self.materializer.value(parent, name)
-        step, encoding = _encode(delta, before)
+        step, encoding = encode_delta(delta, before)
         try:
             after = apply_step(before, step)
         except ValueError as e:
@@ -879,7 +879,7 @@ def require_finite(tensors: Mapping[str, Any], what: str) -> None:
             raise DeltaError(f"{what} holds non-finite values (NaN or inf) in {name!r}; nothing was committed")
 
 
-def _encode(delta: WeightDelta, before: torch.Tensor) -> tuple[WeightDelta, str]:
+def encode_delta(delta: WeightDelta, before: torch.Tensor) -> tuple[WeightDelta, str]:
     """Normalise a delta for storage and pick its encoding.
 
     Low-rank factors are kept as float32 while they are smaller than a dense delta. A dense

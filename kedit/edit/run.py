@@ -10,7 +10,7 @@ For each batch of requests (one request per commit for single-edit methods such 
      into the in-memory model and measure again,
   5. store both sets of metrics with the commit and add the edit to the probe suite.
 
-Covariance statistics a method asks for are computed on the base model and cached under
+Covariance statistics a method asks for (`kedit.edit.stats`) are computed on the base model and cached under
 `.kedit/stats/`, keyed by the base commit, layer, corpus and sample count.
 """
 
@@ -19,25 +19,25 @@ from __future__ import annotations
 import dataclasses
 import inspect
 import logging
-import math
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from kedit.core import history
 from kedit.core.delta import Adapter, apply_step
 from kedit.core.errors import KeditError
 from kedit.core.repo import CommitInfo, HeadState, Metric, Repository
-from kedit.eval import metrics as evaluate
+from kedit.edit.stats import StatsProvider
+from kedit.eval import metrics
+from kedit.eval.measure import Reference, as_metrics, locality_pairs, measure, reference_of
 from kedit.eval.probes import add_probes, subject_finder
 from kedit.methods.base import EditRequest, get_method
 from kedit.methods.hparams import hparams_from_overrides, hparams_to_dict
 from kedit.model.adapters import install_adapters
-from kedit.model.load import load_model
+from kedit.model.load import load_revision
 
 log = logging.getLogger(__name__)
 
@@ -56,92 +56,6 @@ class EditOptions:
     fluency: bool = False
     message: str | None = None
     progress: bool = False
-
-
-def locality_pairs(request: EditRequest) -> list[tuple[str, str]]:
-    """Unrelated facts to keep: explicit locality pairs, and neighbourhood prompts with the true answer."""
-    pairs = list(request.locality)
-    if request.target_true:
-        pairs += [(p, request.target_true) for p in request.neighbourhood]
-    return pairs
-
-
-@dataclass(frozen=True)
-class Reference:
-    """The unedited model on the locality pairs: its argmax at each answer position (teacher-forced
-    locality) and its greedy continuation of each prompt (gen_locality)."""
-
-    argmax: list[list[int]]
-    continuations: list[str]
-
-    def rows(self, start: int, stop: int) -> Reference:
-        return Reference(self.argmax[start:stop], self.continuations[start:stop])
-
-
-def reference_of(model: Any, tok: Any, pairs: Sequence[tuple[str, str]]) -> Reference:
-    return Reference(evaluate.locality_reference(model, tok, pairs),
-                     evaluate.greedy_continuations(model, tok, [p for p, _ in pairs]))
-
-
-def measure(model: Any, tok: Any, requests: Sequence[EditRequest], reference: Reference | None,
-            *, fluency: bool = False, generation: bool = True) -> list[evaluate.Metric]:
-    """Every metric the requests carry data for; `generation`: also greedy-generation scores (gen_*)."""
-    metrics = [evaluate.reliability(model, tok, requests)]
-    pairs = [p for r in requests for p in locality_pairs(r)]
-    if generation:
-        metrics += evaluate.generation_scores(model, tok, requests, pairs,
-                                              reference.continuations if reference is not None else None)
-    for fn in (evaluate.generalization, evaluate.portability):
-        m = fn(model, tok, requests)
-        if m.n:
-            metrics.append(m)
-    if pairs and reference is not None:
-        metrics.append(evaluate.locality(model, tok, pairs, reference.argmax))
-    if all(r.target_true for r in requests):
-        metrics += [m for m in evaluate.counterfact_scores(model, tok, requests).values() if m.n]
-    if fluency:
-        metrics.append(evaluate.fluency(model, tok, [r.text for r in requests]))
-    return metrics
-
-
-def _as_repo_metrics(metrics: list[evaluate.Metric], stage: str, suite: str = "") -> list[Metric]:
-    return [Metric(m.name, m.value, m.protocol, stage, suite) for m in metrics if not math.isnan(m.value)]
-
-
-class StatsProvider:
-    """Second moments for a method, computed on the base model once and cached.
-
-    `current` is a model already in memory at commit `current_commit`; it is used when that
-    commit is the base, and the base is loaded otherwise.
-    """
-
-    def __init__(self, repo: Repository, options: EditOptions, hparams: Any, current: tuple[Any, Any],
-                 current_commit: str) -> None:
-        self.repo, self.options, self.hparams = repo, options, hparams
-        self.current, self.current_commit = current, current_commit
-        self.base = history.ancestors(repo.db, current_commit)[-1]
-        self.used: dict[str, Any] = {}  # what the last statistics were computed from, for the record
-        self._generated: dict[int, Any] = {}
-        self._base_model: tuple[Any, Any] | None = None
-
-    def __call__(self, module_name: str, layer: int) -> torch.Tensor:
-        from kedit.methods.stats import GeneratedSource, StatsCache, cached_second_moment, corpus_source
-
-        n = getattr(self.hparams, "mom2_n_samples", None) or self.options.stats_samples or 10000
-        model, tok = self.current
-        if self.current_commit != self.base:
-            if self._base_model is None:  # statistics are always of the base; loaded once per run
-                self._base_model = load_model(self.repo, self.base, dtype=self.options.dtype,
-                                              device=self.options.device)
-            model, tok = self._base_model
-        if self.options.corpus:
-            source = corpus_source(self.options.corpus)
-        else:  # one source for every layer: the texts are generated once
-            source = self._generated.get(n) or self._generated.setdefault(n, GeneratedSource(model, tok, n))
-        self.used = {"corpus": source.corpus_id, "samples": n, "layer": layer}
-        return cached_second_moment(model, tok, layer, module_name, source, n_samples=n,
-                                    cache=StatsCache(self.repo.path / "stats"), base_hash=self.base,
-                                    progress=self.options.progress)
 
 
 def _apply_method(method: Any, model: Any, tok: Any, batch: list[EditRequest], hparams: Any,
@@ -169,7 +83,7 @@ def run_edits(repo: Repository, requests: list[EditRequest], options: EditOption
     if options.batch_size is not None and options.batch_size < 1:
         raise KeditError(f"the batch size must be at least 1, got {options.batch_size}")
     at = repo.head_state()  # each commit must land where the model was loaded (compare-and-swap)
-    model, tok = load_model(repo, at.commit, dtype=options.dtype, device=options.device)
+    model, tok = load_revision(repo, at.commit, dtype=options.dtype, device=options.device)
     overrides = dict(options.overrides)
     if options.stats_samples and "mom2_n_samples" in getattr(method.hparams_cls, "__dataclass_fields__", {}):
         overrides.setdefault("mom2_n_samples", str(options.stats_samples))  # record what C was built from
@@ -181,7 +95,8 @@ def run_edits(repo: Repository, requests: list[EditRequest], options: EditOption
         from kedit.edit.trained import resolve_editor
 
         hparams = dataclasses.replace(hparams, editor=resolve_editor(repo, method.name, hparams.editor).id)
-    stats = StatsProvider(repo, options, hparams, (model, tok), at.commit)
+    stats = StatsProvider(repo, hparams, (model, tok), at.commit, corpus=options.corpus, samples=options.stats_samples,
+                          dtype=options.dtype, device=options.device, progress=options.progress)
     _warn_locality_about_edited_subjects(requests)
     size = options.batch_size or (len(requests) if method.batched else 1)
     commits = []
@@ -210,7 +125,7 @@ def run_edits(repo: Repository, requests: list[EditRequest], options: EditOption
         post = measure(model, tok, batch, reference, fluency=options.fluency) if options.measure else []
         per_request = _per_request(model, tok, batch, reference, options.fluency) \
             if options.measure and len(batch) > 1 else []
-        repo.record_metrics(commit.id, _as_repo_metrics(pre, "pre") + _as_repo_metrics(post, "post") + per_request)
+        repo.record_metrics(commit.id, as_metrics(pre, "pre") + as_metrics(post, "post") + per_request)
         add_probes(repo, [("edit", r.text, r.target_new, commit.id) for r in batch]
                    + [("locality", p, a, None) for p, a in pairs])
         commits.append(repo.get_commit(commit.id))
@@ -226,7 +141,7 @@ def _generation_check(model: Any, tok: Any, batch: list[EditRequest], method_inf
     `shows_in_generation: false` with the prompts in the commit's info."""
     reported = [r.get("shows_in_generation") for r in method_info.get("requests", [])]
     if len(reported) != len(batch) or not all(isinstance(x, bool) for x in reported):
-        reported = evaluate.shows_in_generation(model, tok, [r.text for r in batch], [r.target_new for r in batch])
+        reported = metrics.shows_in_generation(model, tok, [r.text for r in batch], [r.target_new for r in batch])
     missed = [r.text for r, ok in zip(batch, reported, strict=True) if not ok]
     if missed:
         log.warning("%d of %d edits do not show in greedy generation on their own prompt (e.g. %r); committed "
@@ -257,7 +172,7 @@ def _per_request(model: Any, tok: Any, batch: list[EditRequest], reference: Refe
         n_pairs = len(locality_pairs(request))
         ref = reference.rows(start, start + n_pairs) if reference is not None else None
         start += n_pairs
-        out += _as_repo_metrics(measure(model, tok, [request], ref, fluency=fluency, generation=False), "post",
+        out += as_metrics(measure(model, tok, [request], ref, fluency=fluency, generation=False), "post",
                                 f"request {i}")
     return out
 

@@ -222,7 +222,7 @@ def train_editor(repo: Repository, options: TrainOptions) -> EditorInfo:
     from kedit.methods.base import get_method
     from kedit.methods.hparams import hparams_from_overrides, hparams_to_dict
     from kedit.methods.mend_train import TrainItem
-    from kedit.model.load import load_model
+    from kedit.model.load import load_revision
 
     method = get_method(options.method)
     if method.train is None or method.train_hparams_cls is None:
@@ -232,7 +232,7 @@ def train_editor(repo: Repository, options: TrainOptions) -> EditorInfo:
     items = [TrainItem(r, task) for r, task in load_training_requests(options.data)]
     val = [TrainItem(r, task) for r, task in load_training_requests([options.val])] if options.val else []
     base = base_commit(repo)
-    model, tok = load_model(repo, base, device=_device(options.device))
+    model, tok = load_revision(repo, base, device=_device(options.device))
     try:
         params = hparams_from_overrides(method.train_hparams_cls, model, options.overrides, options.hparams_file)
     except (ValueError, TypeError, OSError) as e:

@@ -48,8 +48,8 @@ __all__ = [
     "GEN_TOKENS",
     "PROBE_PROTOCOLS",
     "PROMPT_PROTOCOL",
-    "Metric",
     "ProbeProtocol",
+    "Score",
     "TeacherForced",
     "answer_ids",
     "counterfact_scores",
@@ -73,7 +73,7 @@ __all__ = [
 
 
 @dataclass(frozen=True)
-class Metric:
+class Score:
     """A score in [0, 1] (fluency: bits), how it was measured, and over how many items."""
 
     name: str
@@ -190,25 +190,25 @@ def token_accuracy(model: Any, tok: Any, prompts: Sequence[str], answers: Sequen
     return [r.accuracy for r in teacher_forced(model, tok, prompts, answers)]
 
 
-def reliability(model: Any, tok: Any, requests: Sequence[Any]) -> Metric:
+def reliability(model: Any, tok: Any, requests: Sequence[Any]) -> Score:
     """Does the edit prompt give the new target? Mean teacher-forced token accuracy."""
     accs = token_accuracy(model, tok, [r.text for r in requests], [r.target_new for r in requests])
-    return Metric("reliability", _mean(accs), f"{PROMPT_PROTOCOL}_teacher_forced_token_acc", len(accs))
+    return Score("reliability", _mean(accs), f"{PROMPT_PROTOCOL}_teacher_forced_token_acc", len(accs))
 
 
-def generalization(model: Any, tok: Any, requests: Sequence[Any]) -> Metric:
+def generalization(model: Any, tok: Any, requests: Sequence[Any]) -> Score:
     """The same on every paraphrase of every request."""
     prompts = [p for r in requests for p in r.paraphrases]
     answers = [r.target_new for r in requests for _ in r.paraphrases]
     accs = token_accuracy(model, tok, prompts, answers) if prompts else []
-    return Metric("generalization", _mean(accs), f"{PROMPT_PROTOCOL}_teacher_forced_token_acc", len(accs))
+    return Score("generalization", _mean(accs), f"{PROMPT_PROTOCOL}_teacher_forced_token_acc", len(accs))
 
 
-def portability(model: Any, tok: Any, requests: Sequence[Any]) -> Metric:
+def portability(model: Any, tok: Any, requests: Sequence[Any]) -> Score:
     """Answers that should follow from the edit (request.portability pairs)."""
     pairs = [p for r in requests for p in r.portability]
     accs = token_accuracy(model, tok, [p for p, _ in pairs], [a for _, a in pairs]) if pairs else []
-    return Metric("portability", _mean(accs), f"{PROMPT_PROTOCOL}_teacher_forced_token_acc", len(accs))
+    return Score("portability", _mean(accs), f"{PROMPT_PROTOCOL}_teacher_forced_token_acc", len(accs))
 
 
 def locality_reference(model: Any, tok: Any, pairs: Sequence[tuple[str, str]]) -> list[list[int]]:
@@ -216,13 +216,13 @@ def locality_reference(model: Any, tok: Any, pairs: Sequence[tuple[str, str]]) -
     return [list(r.predicted) for r in teacher_forced(model, tok, [p for p, _ in pairs], [a for _, a in pairs])]
 
 
-def locality(model: Any, tok: Any, pairs: Sequence[tuple[str, str]], reference: Sequence[Sequence[int]]) -> Metric:
+def locality(model: Any, tok: Any, pairs: Sequence[tuple[str, str]], reference: Sequence[Sequence[int]]) -> Score:
     """Fraction of answer positions whose argmax is unchanged from `reference` (per pair, then mean)."""
     if len(pairs) != len(reference):
         raise ValueError(f"{len(pairs)} locality pairs but {len(reference)} reference rows")
     now = locality_reference(model, tok, pairs)
     scores = [sum(a == b for a, b in zip(n, r, strict=True)) / len(r) for n, r in zip(now, reference, strict=True)]
-    return Metric("locality", _mean(scores), f"{PROMPT_PROTOCOL}_teacher_forced_agreement", len(scores))
+    return Score("locality", _mean(scores), f"{PROMPT_PROTOCOL}_teacher_forced_agreement", len(scores))
 
 
 def target_nll(model: Any, tok: Any, prompts: Sequence[str], targets: Sequence[str]) -> list[float]:
@@ -235,7 +235,7 @@ COUNTERFACT_SCORES = ("efficacy", "paraphrase", "neighbourhood")
 
 def counterfact_scores(
     model: Any, tok: Any, requests: Sequence[Any], which: Sequence[str] = COUNTERFACT_SCORES
-) -> dict[str, Metric]:
+) -> dict[str, Score]:
     """Efficacy, paraphrase and neighbourhood scores (ES, PS, NS of Meng et al. 2022), or those in `which`.
 
     ES/PS: fraction of prompts where NLL(new) < NLL(true); NS: fraction of neighbourhood
@@ -251,14 +251,14 @@ def counterfact_scores(
     out = {}
     for name, items in ((k, groups[k]) for k in which):
         if not items:
-            out[name] = Metric(name, float("nan"), f"{PROMPT_PROTOCOL}_counterfact_nll_margin", 0)
+            out[name] = Score(name, float("nan"), f"{PROMPT_PROTOCOL}_counterfact_nll_margin", 0)
             continue
         prompts = [p for p, _, _ in items] * 2
         targets = [good for _, good, _ in items] + [bad for _, _, bad in items]
         nll = target_nll(model, tok, prompts, targets)
         n = len(items)
         wins = [nll[i] < nll[n + i] for i in range(n)]
-        out[name] = Metric(name, _mean([float(w) for w in wins]), f"{PROMPT_PROTOCOL}_counterfact_nll_margin", n)
+        out[name] = Score(name, _mean([float(w) for w in wins]), f"{PROMPT_PROTOCOL}_counterfact_nll_margin", n)
     return out
 
 
@@ -312,7 +312,7 @@ def shows_in_generation(model: Any, tok: Any, prompts: Sequence[str], answers: S
 
 def generation_scores(model: Any, tok: Any, requests: Sequence[Any], pairs: Sequence[tuple[str, str]] = (),
                       reference: Sequence[str] | None = None, max_new_tokens: int = GEN_TOKENS, *,
-                      chat: bool = False) -> list[Metric]:
+                      chat: bool = False) -> list[Score]:
     """gen_efficacy and gen_paraphrase (the continuation contains the new target), and gen_locality
     on `pairs` (prompt, true answer) against `reference`, the unedited model's continuations of them.
 
@@ -327,13 +327,13 @@ def generation_scores(model: Any, tok: Any, requests: Sequence[Any], pairs: Sequ
         if items:
             hits = shows_in_generation(model, tok, [p for p, _ in items], [a for _, a in items], max_new_tokens,
                                        chat=chat)
-            out.append(Metric(metric, _mean([float(h) for h in hits]), contains, len(hits)))
+            out.append(Score(metric, _mean([float(h) for h in hits]), contains, len(hits)))
     if pairs and reference is not None:
         if len(pairs) != len(reference):
             raise ValueError(f"{len(pairs)} locality pairs but {len(reference)} reference continuations")
         now = greedy_continuations(model, tok, [p for p, _ in pairs], max_new_tokens, chat=chat)
         kept = [float(holds(n, a, ref)) for n, (_, a), ref in zip(now, pairs, reference, strict=True)]
-        out.append(Metric(f"{name}gen_locality", _mean(kept), f"{protocol}_greedy{max_new_tokens}_holds_or_unchanged",
+        out.append(Score(f"{name}gen_locality", _mean(kept), f"{protocol}_greedy{max_new_tokens}_holds_or_unchanged",
                           len(kept)))
     return out
 
@@ -391,8 +391,8 @@ def ngram_entropy(text: str) -> float:
     return total / 2
 
 
-def fluency(model: Any, tok: Any, prompts: Sequence[str], max_new_tokens: int = 100) -> Metric:
+def fluency(model: Any, tok: Any, prompts: Sequence[str], max_new_tokens: int = 100) -> Score:
     """Mean n-gram entropy of greedy generations (×100 gives the peers' tables' scale)."""
     texts = greedy_continuations(model, tok, prompts, max_new_tokens)
     scores = [ngram_entropy(p + t) for p, t in zip(prompts, texts, strict=True)]
-    return Metric("fluency", _mean(scores), f"{PROMPT_PROTOCOL}_ngram_entropy_greedy{max_new_tokens}", len(scores))
+    return Score("fluency", _mean(scores), f"{PROMPT_PROTOCOL}_ngram_entropy_greedy{max_new_tokens}", len(scores))

@@ -10,10 +10,10 @@ from kedit.core import history
 from kedit.core.errors import KeditError
 from kedit.core.repo import Metric, Repository
 from kedit.edit.requests import load_requests
-from kedit.edit.run import _as_repo_metrics, locality_pairs, measure, reference_of
-from kedit.eval import metrics as evaluate
+from kedit.eval import metrics
+from kedit.eval.measure import as_metrics, locality_pairs, measure, reference_of
 from kedit.methods.base import EditRequest
-from kedit.model.load import load_model
+from kedit.model.load import load_revision
 
 HISTORY_SUITE = "history"
 
@@ -32,7 +32,7 @@ def evaluate_revision(repo: Repository, rev: str, *, suite: Path | None = None, 
                       dtype: torch.dtype | None = None, device: str = "cpu", chat: bool = False) -> list[Metric]:
     """Score `rev` and store the scores with it (stage 'eval'); locality is measured against the base.
 
-    `chat`: instead, the chat-template scores (`evaluate.generation_scores(chat=True)`): what a chat
+    `chat`: instead, the chat-template scores (`metrics.generation_scores(chat=True)`): what a chat
     user who sends the prompt as a message reads in the reply."""
     commit_id = repo.resolve(rev)
     requests = load_requests([suite]) if suite else edited_requests(repo, commit_id)
@@ -43,19 +43,19 @@ def evaluate_revision(repo: Repository, rev: str, *, suite: Path | None = None, 
     reference = None
     if pairs:
         base = history.ancestors(repo.db, commit_id)[-1]
-        base_model, base_tok = load_model(repo, base, dtype=dtype, device=device)
+        base_model, base_tok = load_revision(repo, base, dtype=dtype, device=device)
         if chat:  # the unedited model's replies, which chat_gen_locality holds each reply to
-            reference = evaluate.greedy_continuations(base_model, base_tok, [p for p, _ in pairs],
-                                                      evaluate.CHAT_GEN_TOKENS, chat=True)
+            reference = metrics.greedy_continuations(base_model, base_tok, [p for p, _ in pairs],
+                                                      metrics.CHAT_GEN_TOKENS, chat=True)
         else:
             reference = reference_of(base_model, base_tok, pairs)
         del base_model
-    model, tok = load_model(repo, commit_id, dtype=dtype, device=device)
+    model, tok = load_revision(repo, commit_id, dtype=dtype, device=device)
     if chat:
-        scores = evaluate.generation_scores(model, tok, requests, pairs, reference, evaluate.CHAT_GEN_TOKENS,
+        scores = metrics.generation_scores(model, tok, requests, pairs, reference, metrics.CHAT_GEN_TOKENS,
                                             chat=True)
     else:
         scores = measure(model, tok, requests, reference, fluency=fluency)
-    metrics = _as_repo_metrics(scores, "eval", name)
-    repo.record_metrics(commit_id, metrics)
-    return metrics
+    recorded = as_metrics(scores, "eval", name)
+    repo.record_metrics(commit_id, recorded)
+    return recorded

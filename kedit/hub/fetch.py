@@ -1,4 +1,4 @@
-"""fetch, clone and pull: bringing a Hub repository's kedit history here (layout: kedit/hub.py).
+"""fetch, clone and pull: bringing a Hub repository's kedit history here (layout: kedit/hub/layout.py).
 
 `fetch` walks the remote's commits back to ones it knows, checks each record against its id
 (`hub.verify_document`), then every name that all branches brought against kedit's grammar

@@ -9,7 +9,7 @@ Layout of a Hub branch that kedit pushes (kedit branches are Hub branches):
     .kedit/commits/<id>.json     one commit: its hashed record, tensor changes, adapter ops, files,
                                  method memory, metrics (not hashed: a later `kedit eval` re-uploads)
     .kedit/editors/<id>.json     trained editors (MEND, InstructEdit) for a base in this history
-    .kedit/probes.json           the probe suite of this history, for `kedit check` (kedit/hubprobes.py)
+    .kedit/probes.json           the probe suite of this history, for `kedit check` (kedit/hub/probes.py)
     .kedit/objects/ab/cd….st|.blob  every stored object the history needs that the weights above
                                  do not hold (deltas, adapters, base values of edited tensors, editors)
 
@@ -18,7 +18,7 @@ remote-tracking state), uploads what is missing and makes ONE Hub commit holding
 the records that name them, with `parent_commit` = that Hub commit: if anyone pushed since, the
 Hub refuses it (412) and nothing is overwritten. A branch that moved to history this branch
 holds (our own push killed before it recorded the Hub's answer) is pushed on from where it is.
-fetch, clone and pull are in kedit/hubfetch.py.
+fetch, clone and pull are in kedit/hub/fetch.py.
 
 Error handling: nothing local changes before the Hub has answered: a failed push leaves the
 repository as it was (the remote keeps at most unreferenced LFS uploads, or a new branch
@@ -220,7 +220,7 @@ class PushResult:
     up_to_date: bool = False
 
 
-def _add(path: str, source: Path | bytes):
+def add_file(path: str, source: Path | bytes):
     from huggingface_hub import CommitOperationAdd
 
     return CommitOperationAdd(path_in_repo=path, path_or_fileobj=source)
@@ -287,7 +287,7 @@ def push(repo: Repository, remote_name: str | None = None, branch: str | None = 
         # would skip the commit, and with it the Hub's parent_commit check.
         state = {"format": FORMAT, "branch": rbranch, "commit": tip, "checkpoint": new_checkpoint,
                  "push_id": secrets.token_hex(8)}
-        ops.append(_add(REFS_FILE, canonical_json(state)))
+        ops.append(add_file(REFS_FILE, canonical_json(state)))
         if rbranch not in hub_branches:
             hub.create_branch(rbranch, base_sha)
         message = f"kedit push {tip[:12]}: {repo.get_commit(tip).message}"[:200]
@@ -351,12 +351,12 @@ def _history_ops(repo: Repository, tip: str, checkpoint: str | None, remote_tree
         needed |= objects_of(doc)
         data = document_bytes(doc)
         if remote_tree.get(commit_path(cid)) != git_hash(data):
-            ops.append(_add(commit_path(cid), data))
+            ops.append(add_file(commit_path(cid), data))
     for editor_id, row in editor_documents(repo, set(ancestors)).items():
         needed.add(editor_id)
         data = canonical_json(row)
         if remote_tree.get(editor_path(editor_id)) != git_hash(data):
-            ops.append(_add(editor_path(editor_id), data))
+            ops.append(add_file(editor_path(editor_id), data))
     covered = _local_covered(repo, checkpoint)
     for oid in sorted(needed - set(covered)):
         kind = repo.store.kind_of(oid)
@@ -369,9 +369,9 @@ def _history_ops(repo: Repository, tip: str, checkpoint: str | None, remote_tree
             tensors, metadata = repo.store.get_tensors(oid)
             file = tmp / f"{oid}.st"
             save_tensors_atomic(file, tensors, metadata, durable=False)
-            ops.append(_add(path, file))
+            ops.append(add_file(path, file))
         else:
-            ops.append(_add(path, repo.store.path(oid, kind)))
+            ops.append(add_file(path, repo.store.path(oid, kind)))
     return ops
 
 
@@ -388,7 +388,7 @@ def _adapter_ops(repo: Repository, tip: str, old: str | None, tmp: Path) -> tupl
     if refs == old_refs:
         return [], False, paths
     written = write_adapters(tmp, [a for _, a in adapters])
-    ops = [_add(rel, tmp / rel) for rel in written]
+    ops = [add_file(rel, tmp / rel) for rel in written]
     old_paths = [adapter_path(i, a.kind) for i, a in enumerate(history.adapters(repo.db, old))] if old else []
     ops += [_delete(p) for p in old_paths if p not in written]
     return ops, True, written
@@ -400,7 +400,7 @@ def _checkpoint_ops(repo: Repository, tip: str, old: str | None, tmp: Path, *, r
     the config/tokenizer files that changed, the adapters (with config.json marked, as `kedit
     export` writes it, so that plain `from_pretrained` refuses the folder), the index, kedit.json
     and the model card."""
-    from kedit.hub import card as hubcard
+    from kedit.hub import card
 
     manifest = history.manifest(repo.db, tip)
     before = history.manifest(repo.db, old) if old else {}
@@ -414,7 +414,7 @@ def _checkpoint_ops(repo: Repository, tip: str, old: str | None, tmp: Path, *, r
         names = groups[shard]
         values = {n: repo.materializer.value_of(history.change(repo.db, manifest[n].commit_id, n)) for n in names}
         save_tensors_atomic(tmp / shard, values, {"format": "pt"}, durable=False)
-        ops.append(_add(shard, tmp / shard))
+        ops.append(add_file(shard, tmp / shard))
         del values
     files = history.files(repo.db, tip)
     old_files = history.files(repo.db, old) if old else {}
@@ -426,13 +426,13 @@ def _checkpoint_ops(repo: Repository, tip: str, old: str | None, tmp: Path, *, r
         data = repo.store.get_blob(oid)
         if path == "config.json" and adapter_files:  # plain from_pretrained must not load it without them
             data = mark_config(data, adapter_files)
-        ops.append(_add(path, data))
+        ops.append(add_file(path, data))
     index = {"metadata": {"total_size": sum(e.nbytes for e in manifest.values())},
              "weight_map": {n: shard_of(n) for n in sorted(manifest)}}
-    ops.append(_add(INDEX_FILE, json.dumps(index, indent=2).encode()))
+    ops.append(add_file(INDEX_FILE, json.dumps(index, indent=2).encode()))
     provenance = {"commit": tip, "tensors": {n: e.hash for n, e in manifest.items()},
                   "adapters": [a.object_id for a in history.adapters(repo.db, tip)], "adapter_files": adapter_files}
-    ops.append(_add("kedit.json", json.dumps(provenance, indent=1, sort_keys=True).encode()))
-    card = hubcard.render(repo, tip, repo_id=repo_id, base_model=base_model)
-    ops.append(_add("README.md", card.encode()))
+    ops.append(add_file("kedit.json", json.dumps(provenance, indent=1, sort_keys=True).encode()))
+    card_text = card.render(repo, tip, repo_id=repo_id, base_model=base_model)
+    ops.append(add_file("README.md", card_text.encode()))
     return ops

@@ -20,7 +20,7 @@ from kedit.core.hashing import canonical_json
 from kedit.core.repo import Repository
 from kedit.eval.probes import KINDS, list_probes
 from kedit.hub.api import KEDIT_DIR, Hub
-from kedit.hub.layout import ID_RE, _add
+from kedit.hub.layout import ID_RE, add_file
 
 PROBES_FILE = f"{KEDIT_DIR}/probes.json"
 
@@ -39,7 +39,7 @@ def probes_ops(repo: Repository, ancestors: Iterable[str], remote_tree: dict[str
     remote = remote_tree.get(PROBES_FILE)
     if remote == git_hash(data) or (remote is None and not rows):
         return []
-    return [_add(PROBES_FILE, data)]
+    return [add_file(PROBES_FILE, data)]
 
 
 def read_probes(hub: Hub, tree: dict[str, str], sha: str, tmp: Path) -> list[ProbeRow]:

@@ -1,6 +1,6 @@
 """Adapters in a live model: each adapter kind has an installer that puts it into a transformers model.
 
-The engine stores and versions adapters without reading them (kedit/delta.py `Adapter`); to
+The engine stores and versions adapters without reading them (kedit/core/delta.py `Adapter`); to
 measure or use a revision that has some, the loaded model must carry them. An installer takes
 the model and *all* adapters of its kind in effect, in the order they were committed, and makes
 the model behave as that ordered list says, replacing whatever it installed before. Installing

@@ -1,7 +1,7 @@
 """Export a revision as a normal Hugging Face checkpoint folder.
 
 A revision with adapters (e.g. GRACE codebooks) is exported as its weights plus the adapters, with
-a config.json that plain transformers refuses to load (kedit/adapters.py): `kedit.load_model(path)`
+a config.json that plain transformers refuses to load (kedit/model/adapters.py): `kedit.load_model(path)`
 loads it with the adapters in place.
 """
 

@@ -1,7 +1,7 @@
 """Load any revision of a repository (or an exported folder) as a transformers model and tokenizer.
 
 Adapters in effect at the revision (GRACE codebooks) are installed into the loaded model
-(kedit/adapters.py), so what is measured or used is the edited model.
+(kedit/model/adapters.py), so what is measured or used is the edited model.
 
 HEAD loads straight from the working model (memory-mapped safetensors), unless a checkout
 rewrote it while it was read (its index file changed: then the model could mix two commits);
@@ -19,23 +19,22 @@ from typing import Any
 import torch
 
 from kedit.core.errors import KeditError
+from kedit.core.names import DTYPE_NAMES
 from kedit.core.progress import progress_enabled
 from kedit.core.repo import Repository
 from kedit.model.adapters import install_adapters, read_folder
 
 log = logging.getLogger(__name__)
 
-DTYPES = {"auto": None, "float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
-          "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
 
 
 def parse_dtype(name: str | None) -> torch.dtype | None:
-    if name is None:
+    """The torch dtype of a name in DTYPE_NAMES; None for None or "auto" (as stored)."""
+    if name is None or name == "auto":
         return None
-    try:
-        return DTYPES[name]
-    except KeyError:
-        raise KeditError(f"unknown dtype {name!r}; choose one of {', '.join(DTYPES)}") from None
+    if name not in DTYPE_NAMES:
+        raise KeditError(f"unknown dtype {name!r}; choose one of auto, {', '.join(DTYPE_NAMES)}")
+    return getattr(torch, name)
 
 
 def _from_folder(folder: Path, dtype: torch.dtype | None, device: str, device_map: str | None) -> tuple[Any, Any]:
@@ -87,8 +86,8 @@ def _stamp(path: Path) -> tuple[int, int] | None:
     return stat.st_ino, stat.st_mtime_ns
 
 
-def load_model(repo: Repository, rev: str = "HEAD", *, dtype: torch.dtype | None = None, device: str = "cpu",
-               device_map: str | None = None) -> tuple[Any, Any]:
+def load_revision(repo: Repository, rev: str = "HEAD", *, dtype: torch.dtype | None = None, device: str = "cpu",
+                  device_map: str | None = None) -> tuple[Any, Any]:
     """(model, tokenizer) at `rev`, in `dtype` (default: as stored) on `device`.
 
     `device="auto"` spreads a model too large for one device over the GPUs and the CPU
