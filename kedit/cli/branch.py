@@ -5,6 +5,7 @@ from __future__ import annotations
 import click
 
 from kedit.cli.common import command, emit_json, json_option, open_repo, say
+from kedit.core.refs import short_id
 
 
 @command()
@@ -22,7 +23,7 @@ def checkout(ctx: click.Context, rev: str, force: bool) -> None:
     repo = open_repo(ctx)
     commit_id = repo.checkout(rev, force=force)
     branch = repo.head_branch()
-    say(ctx, f"Switched to branch '{branch}'" if branch else f"HEAD is now at {commit_id[:12]} (detached)")
+    say(ctx, f"Switched to branch '{branch}'" if branch else f"HEAD is now at {short_id(commit_id)} (detached)")
 
 
 @command()
@@ -39,7 +40,7 @@ def reset(ctx: click.Context, rev: str, force: bool) -> None:
     """
     repo = open_repo(ctx)
     commit_id = repo.reset(rev, force=force)
-    say(ctx, f"HEAD is now at {commit_id[:12]}")
+    say(ctx, f"HEAD is now at {short_id(commit_id)}")
 
 
 @command()
@@ -63,14 +64,14 @@ def branch(ctx: click.Context, name: str | None, rev: str, delete: bool, as_json
             emit_json({"current": current, "branches": branches})
             return
         for b, target in branches.items():
-            click.echo(f"{'*' if b == current else ' '} {b:<24} {target[:12]}")
+            click.echo(f"{'*' if b == current else ' '} {b:<24} {short_id(target)}")
         return
     if delete:
         target = repo.delete_branch(name)
-        say(ctx, f"Deleted branch {name} (was {target[:12]})")
+        say(ctx, f"Deleted branch {name} (was {short_id(target)})")
     else:
         target = repo.create_branch(name, rev)
-        say(ctx, f"Created branch {name} at {target[:12]}")
+        say(ctx, f"Created branch {name} at {short_id(target)}")
 
 
 @command()
@@ -93,14 +94,14 @@ def tag(ctx: click.Context, name: str | None, rev: str, delete: bool, as_json: b
             emit_json(tags)
             return
         for t, target in tags.items():
-            click.echo(f"{t:<24} {target[:12]}")
+            click.echo(f"{t:<24} {short_id(target)}")
         return
     if delete:
         target = repo.delete_tag(name)
-        say(ctx, f"Deleted tag {name} (was {target[:12]})")
+        say(ctx, f"Deleted tag {name} (was {short_id(target)})")
     else:
         target = repo.create_tag(name, rev)
-        say(ctx, f"Tagged {target[:12]} as {name}")
+        say(ctx, f"Tagged {short_id(target)} as {name}")
 
 
 @command()

@@ -9,6 +9,7 @@ import click
 
 from kedit.cli.common import check_device, command, emit_json, json_option, open_repo, parse_overrides
 from kedit.core.progress import progress_enabled
+from kedit.core.refs import short_id
 
 _SCORES = ("reliability", "generalization", "locality")
 
@@ -91,4 +92,4 @@ def editors(ctx: click.Context, method: str | None, as_json: bool) -> None:
     for e in found:
         m = e.metrics
         click.echo(f"{e.short}  {e.method:<12} {e.created[:19]}  {_scores(m):<30} steps={m.get('steps')} "
-                   f"data={e.data_hash[:12]} base={e.base_commit[:12]} used-by={len(e.used_by)}")
+                   f"data={short_id(e.data_hash)} base={short_id(e.base_commit)} used-by={len(e.used_by)}")

@@ -18,6 +18,7 @@ from kedit.cli.common import (
     open_repo,
     say,
 )
+from kedit.core.refs import short_id
 
 
 @command(name="eval")
@@ -106,8 +107,8 @@ def check(ctx: click.Context, rev: str, threshold: float, protocol: str, against
         for r in report.results:
             mark = click.style("BROKE", fg="red") if r.broke else "EDIT " if r.probe.id in by_edits else "ok   "
             parent = "-" if r.parent is None else f"{r.parent:.2f}"
-            named = f"  (names the subject of {by_edits[r.probe.id][:12]})" if r.probe.id in by_edits else ""
-            first = f"  (first broke at {r.first_broke[:12]}, held {r.against:.2f})" if r.first_broke else ""
+            named = f"  (names the subject of {short_id(by_edits[r.probe.id])})" if r.probe.id in by_edits else ""
+            first = f"  (first broke at {short_id(r.first_broke)}, held {r.against:.2f})" if r.first_broke else ""
             click.echo(f"{mark} {r.probe.kind:<8} #{r.probe.id:<4} {parent}->{r.now:.2f}  "
                        f"{r.probe.prompt!r} -> {r.probe.answer!r}{named}{first}")
         summary = ", ".join(f"{k} {v:.3f}" for k, v in report.summary().items())
@@ -164,7 +165,7 @@ def probe_list(ctx: click.Context, as_json: bool) -> None:
         emit_json([p.__dict__ for p in probes])
         return
     for p in probes:
-        origin = f" (edit {p.commit_id[:12]})" if p.commit_id else ""
+        origin = f" (edit {short_id(p.commit_id)})" if p.commit_id else ""
         click.echo(f"#{p.id:<4} {p.kind:<8} {p.prompt!r} -> {p.answer!r}{origin}")
 
 

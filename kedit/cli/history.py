@@ -10,6 +10,7 @@ import click
 
 from kedit.cli.common import MAX_COUNT, command, emit_json, human_bytes, json_option, open_repo, say
 from kedit.core.errors import KeditError
+from kedit.core.refs import short_id
 
 # -- log, show, status -------------------------------------------------------------------------
 
@@ -195,7 +196,8 @@ def show(ctx: click.Context, rev: str, as_json: bool) -> None:
         config = _adapter_config(repo, oid)
         entries = config.get("entries", [])
         where = f", {config['module']}" if "module" in config else ""
-        click.echo(f"Adapter {op}: {kind} {oid[:12]} ({len(entries)} entr{'y' if len(entries) == 1 else 'ies'}{where})")
+        count = f"{len(entries)} entr{'y' if len(entries) == 1 else 'ies'}"
+        click.echo(f"Adapter {op}: {kind} {short_id(oid)} ({count}{where})")
         for entry in entries:  # adapters may list what they hold, for people (GRACE: one per edit)
             head = f"{entry['prompt']!r} -> {entry['target']!r}  " if "prompt" in entry and "target" in entry else ""
             rest = "  ".join(f"{k}={_num(v) if isinstance(v, float) else v}" for k, v in entry.items()
@@ -223,7 +225,7 @@ def status(ctx: click.Context, as_json: bool) -> None:
     if as_json:
         emit_json(info)
         return
-    where = f"On branch {info['branch']}" if info["branch"] else f"HEAD detached at {info['head'][:12]}"
+    where = f"On branch {info['branch']}" if info["branch"] else f"HEAD detached at {short_id(info['head'])}"
     click.echo(where)
     if "worktree" not in info:
         click.echo("No working model (bare repository)")
@@ -255,7 +257,7 @@ def reflog(ctx: click.Context, ref: str, max_count: int | None, as_json: bool) -
         emit_json(entries)
         return
     for i, e in enumerate(entries):
-        click.echo(f"{(e['new'] or '-')[:12]} {ref}@{{{i}}}: {e['message']}")
+        click.echo(f"{short_id(e['new'] or '-')} {ref}@{{{i}}}: {e['message']}")
 
 
 
@@ -301,9 +303,9 @@ def diff(ctx: click.Context, rev_a: str, rev_b: str | None, stat: bool, quiet_di
             click.echo(f"modified  {d.name:<44} |delta|={d.delta_norm:.4g} max={d.max_abs:.3g} "
                        f"rel={_num(d.rel_change)} changed={d.changed}/{d.numel}")
         for oid in adapters["added"]:
-            click.echo(f"adapter+  {oid[:12]}")
+            click.echo(f"adapter+  {short_id(oid)}")
         for oid in adapters["removed"]:
-            click.echo(f"adapter-  {oid[:12]}")
+            click.echo(f"adapter-  {short_id(oid)}")
         if not differ:
             say(ctx, "no differences")
     sys.exit(1 if differ else 0)

@@ -12,6 +12,7 @@ import click
 
 from kedit.cli.common import command, emit_json, group, human_bytes, json_option, open_repo, say
 from kedit.core.progress import progress_enabled
+from kedit.core.refs import short_id
 
 
 @group(invoke_without_command=True)
@@ -44,7 +45,7 @@ def remote_list(ctx: click.Context, as_json: bool) -> None:
         emit_json(found)
         return
     for r in found:
-        seen = " ".join(f"{b}={c[:12]}" for b, c in sorted(r["branches"].items()))
+        seen = " ".join(f"{b}={short_id(c)}" for b, c in sorted(r["branches"].items()))
         click.echo(f"{r['name']}\t{r['url']}" + (f"\t{seen}" if seen else ""))
 
 
@@ -110,10 +111,10 @@ def push(ctx: click.Context, remote_name: str | None, branch: str | None, remote
     if as_json:
         emit_json(result.__dict__)
     elif result.up_to_date:
-        click.echo(f"{result.remote}/{result.remote_branch} is up to date ({result.commit[:12]})")
+        click.echo(f"{result.remote}/{result.remote_branch} is up to date ({short_id(result.commit)})")
     else:
-        click.echo(f"{result.branch} -> {result.remote}/{result.remote_branch}: {result.commit[:12]} "
-                   f"(hub commit {result.hub_commit[:12]}), {len(result.files)} files, "
+        click.echo(f"{result.branch} -> {result.remote}/{result.remote_branch}: {short_id(result.commit)} "
+                   f"(hub commit {short_id(result.hub_commit)}), {len(result.files)} files, "
                    f"{human_bytes(result.bytes)} sent")
 
 
@@ -131,7 +132,7 @@ def fetch(ctx: click.Context, remote_name: str | None, branches: tuple[str, ...]
         emit_json({b: f.__dict__ for b, f in found.items()})
         return
     for f in found.values():
-        click.echo(f"{f.branch}: {f.tip[:12]} ({f.new_commits} new commits, {f.objects} objects)")
+        click.echo(f"{f.branch}: {short_id(f.tip)} ({f.new_commits} new commits, {f.objects} objects)")
 
 
 @command()
@@ -155,11 +156,11 @@ def pull(ctx: click.Context, remote_name: str | None, branch: str | None, rebase
     if as_json:
         emit_json(result.__dict__)
     elif result.status == "fast-forward":
-        click.echo(f"{result.branch}: fast-forward {result.old[:12]} -> {result.new[:12]} "
+        click.echo(f"{result.branch}: fast-forward {short_id(result.old)} -> {short_id(result.new)} "
                    f"({result.fetched} new commits)")
     elif result.status == "rebased":
         click.echo(f"{result.branch}: your edits replayed on top of {result.remote}/{result.branch}, now "
-                   f"{result.new[:12]} (their metrics were measured before: re-evaluate with kedit eval)")
+                   f"{short_id(result.new)} (their metrics were measured before: re-evaluate with kedit eval)")
     elif result.status == "ahead":
         click.echo(f"{result.branch} is ahead of {result.remote}/{result.branch}: push to share it")
     else:
@@ -189,4 +190,4 @@ def clone(ctx: click.Context, url: str, directory: Path | None, token_env: str |
         return
     commits = repo.db.execute("SELECT COUNT(*) FROM commits").fetchone()[0]
     click.echo(f"cloned {url} into {repo.root}: {len(found)} branches, {commits} commits, "
-               f"HEAD {repo.head_branch()} at {repo.head()[:12]}")
+               f"HEAD {repo.head_branch()} at {short_id(repo.head())}")

@@ -9,6 +9,7 @@ import click
 from kedit.cli.common import command, emit_json, human_bytes, json_option, open_repo, parse_size, say
 from kedit.core.names import DTYPE_NAMES
 from kedit.core.progress import progress_enabled
+from kedit.core.refs import short_id
 
 
 @command()
@@ -67,7 +68,7 @@ def export(ctx: click.Context, rev: str, directory: Path, max_shard_size: str, f
     if as_json:
         emit_json(result)
     else:
-        click.echo(f"exported {result['commit'][:12]} to {result['path']} "
+        click.echo(f"exported {short_id(result['commit'])} to {result['path']} "
                    f"({result['tensors']} tensors in {len(result['shards'])} shard(s))")
         if result.get("adapters"):
             click.echo(f"with {result['adapters']} adapter(s): load it with kedit.load_model(path); "

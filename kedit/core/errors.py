@@ -110,9 +110,11 @@ class HashMismatchError(KeditError, ValueError):
     """A materialised tensor does not hash to what its commit recorded."""
 
     def __init__(self, name: str, expected: str, actual: str, commit_id: str | None = None) -> None:
-        where = f" at commit {commit_id[:12]}" if commit_id else ""
+        from kedit.core.refs import short_id  # here: refs imports this module
+
+        where = f" at commit {short_id(commit_id)}" if commit_id else ""
         super().__init__(
-            f"tensor {name}{where} hashes to {actual[:12]}, expected {expected[:12]}",
+            f"tensor {name}{where} hashes to {short_id(actual)}, expected {short_id(expected)}",
             hint="run 'kedit fsck'",
         )
         self.name, self.expected, self.actual = name, expected, actual

@@ -37,6 +37,7 @@ from kedit.core.hashing import dtype_name, hash_bytes, hash_tensor, record_id
 from kedit.core.implied import depths, implied_rows, load_records, parent_of
 from kedit.core.materialize import Materializer, TensorCache
 from kedit.core.progress import progress_bar
+from kedit.core.refs import short_id
 from kedit.core.repo import Repository
 from kedit.core.rowproof import KNOWN_KINDS, REPAIR_HINT, check_rows, rewrite_commit_columns, rewrite_rows
 from kedit.core.worktree import shard_name
@@ -123,7 +124,7 @@ def fsck(repo: Repository, *, progress: bool = False) -> FsckReport:
             report.errors.append(f"{e}; {NOT_REPAIRABLE} ({fix})")
     for object_id in sorted(set(referenced) - stored):
         needed_by = referenced[object_id]
-        report.errors.append(f"object {object_id} is missing (needed by commit {needed_by[:12]}); " + (
+        report.errors.append(f"object {object_id} is missing (needed by commit {short_id(needed_by)}); " + (
             f"{REPAIR_HINT} (its rows name objects its record does not)" if needed_by in report.bad_rows
             else f"{NOT_REPAIRABLE} (fetch it again from a remote)"))
     unreferenced = stored - set(referenced)
@@ -135,7 +136,7 @@ def fsck(repo: Repository, *, progress: bool = False) -> FsckReport:
     cycle = _parent_cycle(repo)
     if cycle is not None:  # every walk along parents (replay, manifests) would never end
         report.bad_rows.add(cycle)
-        report.errors.append(f"commit {cycle[:12]}: the parent columns form a cycle, so log never ends; "
+        report.errors.append(f"commit {short_id(cycle)}: the parent columns form a cycle, so log never ends; "
                              f"{REPAIR_HINT}")
         report.warnings.append("replay and working-model checks skipped until the parent columns are repaired")
         report.unproved = _unproved(repo)
@@ -172,15 +173,15 @@ def _proved_records(repo: Repository, report: FsckReport) -> dict[str, dict]:
         report.commits += 1
         if cid not in records or record_id(records[cid]) != cid:
             records.pop(cid, None)
-            report.errors.append(f"commit {cid[:12]}: its record does not hash to its id; {NOT_REPAIRABLE} "
+            report.errors.append(f"commit {short_id(cid)}: its record does not hash to its id; {NOT_REPAIRABLE} "
                                  "(fetch the commit again from a remote)")
     for cid, record in records.items():
         if record.get("kind") not in KNOWN_KINDS:
-            report.warnings.append(f"commit {cid[:12]}: a record of kind {record.get('kind')!r}, which this kedit "
+            report.warnings.append(f"commit {short_id(cid)}: a record of kind {record.get('kind')!r}, which this kedit "
                                    "does not know; its rows are not checked (pip install -U kedit)")
         parent = parent_of(record)
         if parent is not None and not _is_commit(repo, parent):
-            report.errors.append(f"commit {cid[:12]}: its parent {parent[:12]} is missing; {NOT_REPAIRABLE} "
+            report.errors.append(f"commit {short_id(cid)}: its parent {short_id(parent)} is missing; {NOT_REPAIRABLE} "
                                  "(fetch it again from a remote)")
     return records
 
@@ -214,13 +215,13 @@ def _check_refs(repo: Repository, report: FsckReport) -> None:
                                      "(kedit checkout a branch to set it)")
         elif target not in commits:
             report.bad_refs.append(name)
-            report.errors.append(f"{name} points to {target[:12]}, which is not a commit "
+            report.errors.append(f"{name} points to {short_id(target)}, which is not a commit "
                                  "(kedit fsck --repair moves it back to its last reflog position)")
     for entry, ref, old, new in repo.db.execute("SELECT id, ref, old, new FROM reflog ORDER BY id"):
         missing = [x for x in (old, new) if x and not x.startswith("refs/") and x not in commits]
         if missing:
             report.bad_reflog.append(entry)
-            report.errors.append(f"reflog entry {entry} of {ref} names {missing[0][:12]}, which is not a commit "
+            report.errors.append(f"reflog entry {entry} of {ref} names {short_id(missing[0])}, which is not a commit "
                                  "(kedit fsck --repair removes the entry)")
 
 
@@ -233,8 +234,8 @@ def _check_editors(repo: Repository, report: FsckReport) -> None:
             continue  # a missing or damaged object: reported with the objects
         if said != method:
             report.editor_fixes[editor_id] = said
-            report.errors.append(f"editor {editor_id[:12]}: its row says method {method!r}, its weights (hashed into "
-                                 f"its id) say {said!r}; kedit fsck --repair rewrites it")
+            report.errors.append(f"editor {short_id(editor_id)}: its row says method {method!r}, its weights "
+                                 f"(hashed into its id) say {said!r}; kedit fsck --repair rewrites it")
 
 
 def _replay_all(repo: Repository, report: FsckReport, progress: bool) -> None:
@@ -249,10 +250,10 @@ def _replay_all(repo: Repository, report: FsckReport, progress: bool) -> None:
             change = history.change(repo.db, cid, name)
             value = materializer.value_of(change, use_cache=False)
         except KeditError as e:
-            report.errors.append(f"commit {cid[:12]} tensor {name}: {e}{hint}")
+            report.errors.append(f"commit {short_id(cid)} tensor {name}: {e}{hint}")
             continue
         except (KeyError, ValueError, RuntimeError) as e:
-            report.errors.append(f"commit {cid[:12]} tensor {name} cannot be replayed: {e}{hint}")
+            report.errors.append(f"commit {short_id(cid)} tensor {name} cannot be replayed: {e}{hint}")
             continue
         if hash_tensor(value) != change.result_hash:
             continue
@@ -260,8 +261,8 @@ def _replay_all(repo: Repository, report: FsckReport, progress: bool) -> None:
         proved = (dtype_name(value.dtype), list(value.shape))
         if proved != (change.dtype, list(change.shape)):
             report.value_fixes[(cid, name)] = proved
-            report.errors.append(f"commit {cid[:12]} tensor {name}: its row says {change.dtype} {list(change.shape)}, "
-                                 f"its value (proved by hash) is {proved[0]} {proved[1]}; "
+            report.errors.append(f"commit {short_id(cid)} tensor {name}: its row says {change.dtype} "
+                                 f"{list(change.shape)}, its value (proved by hash) is {proved[0]} {proved[1]}; "
                                  "kedit fsck --repair rewrites it")
 
 
@@ -272,7 +273,7 @@ def _check_worktree(repo: Repository, report: FsckReport) -> None:
         return
     commit = worktree.commit
     if not _is_commit(repo, commit):
-        report.errors.append(f"the working model is at {commit[:12]}, which is not a commit "
+        report.errors.append(f"the working model is at {short_id(commit)}, which is not a commit "
                              "(kedit checkout --force HEAD rebuilds it)")
         return
     by_hand = worktree.modified()
@@ -288,8 +289,9 @@ def _check_worktree(repo: Repository, report: FsckReport) -> None:
         report.worktree_shards += 1
         if worktree.hash_on_disk(name) not in (entry.hash, pending.get(name)):
             report.damaged_shards.append(name)
-            report.errors.append(f"working model: {shard_name(name)} does not hold {name} of {commit[:12]} although "
-                                 "its size and time say unchanged; kedit fsck --repair rewrites it from the objects")
+            report.errors.append(f"working model: {shard_name(name)} does not hold {name} of {short_id(commit)} "
+                                 "although its size and time say unchanged; "
+                                 "kedit fsck --repair rewrites it from the objects")
     for path, blob in history.files(repo.db, commit).items():
         try:
             intact = hash_bytes((worktree.folder / path).read_bytes()) == blob
@@ -297,7 +299,7 @@ def _check_worktree(repo: Repository, report: FsckReport) -> None:
             intact = False
         if not intact:
             report.damaged_files.append(path)
-            report.errors.append(f"working model: {path} is missing or differs from {commit[:12]}'s; "
+            report.errors.append(f"working model: {path} is missing or differs from {short_id(commit)}'s; "
                                  "kedit fsck --repair rewrites it from the objects")
 
 
@@ -324,10 +326,10 @@ def repair(repo: Repository, *, progress: bool = False) -> FsckReport:
             for (cid, name), (dtype, shape) in sorted(found.value_fixes.items()):
                 repo.db.execute("UPDATE tensor_changes SET dtype = ?, shape = ? WHERE commit_id = ? AND name = ?",
                                 [dtype, json.dumps(shape), cid, name])
-                repaired.append(f"commit {cid[:12]} tensor {name}: dtype and shape from its value")
+                repaired.append(f"commit {short_id(cid)} tensor {name}: dtype and shape from its value")
             for editor_id, method in sorted(found.editor_fixes.items()):
                 repo.db.execute("UPDATE editors SET method = ? WHERE id = ?", [method, editor_id])
-                repaired.append(f"editor {editor_id[:12]}: method from its weights' metadata")
+                repaired.append(f"editor {short_id(editor_id)}: method from its weights' metadata")
             for entry in found.bad_reflog:
                 repo.db.execute("DELETE FROM reflog WHERE id = ?", [entry])
                 repaired.append(f"reflog entry {entry} removed (it named a missing commit)")
@@ -349,7 +351,7 @@ def _repair_rows(repo: Repository, found: FsckReport) -> list[str]:
         rewrite_commit_columns(repo.db, cid, implied_rows(cid, records, depth))
     for cid in bad:
         rewrite_rows(repo.db, repo.store, repo.materializer.value_of, cid, implied_rows(cid, records, depth))
-    return [f"commit {cid[:12]}: its rows rewritten from its record" for cid in sorted(found.bad_rows)]
+    return [f"commit {short_id(cid)}: its rows rewritten from its record" for cid in sorted(found.bad_rows)]
 
 
 def _repair_refs(repo: Repository, found: FsckReport) -> list[str]:
@@ -361,7 +363,7 @@ def _repair_refs(repo: Repository, found: FsckReport) -> list[str]:
             continue  # nothing proves where it was: fsck keeps reporting it
         repo.db.execute("UPDATE refs SET target = ? WHERE name = ?", [last, name])
         repo.refs.log(name, None, last, "fsck --repair: back to its last reflog position")
-        done.append(f"{name} moved back to {last[:12]}, its last reflog position")
+        done.append(f"{name} moved back to {short_id(last)}, its last reflog position")
     return done
 
 

@@ -24,6 +24,7 @@ from kedit.core import history
 from kedit.core.delta import Dense, LowRank, Replace, WeightDelta, apply_step
 from kedit.core.errors import HashMismatchError
 from kedit.core.hashing import hash_tensor
+from kedit.core.refs import short_id
 from kedit.core.store import ObjectStore, read_safetensors, save_tensors_atomic
 
 KEYFRAME_STEPS = 16
@@ -139,7 +140,7 @@ class Materializer:
         """The tensor `name` as it is at `commit_id`, verified against the recorded hash."""
         change = history.defining_change(self.db, commit_id, name)
         if change is None:
-            raise KeyError(f"no tensor named {name!r} at commit {commit_id[:12]}")
+            raise KeyError(f"no tensor named {name!r} at commit {short_id(commit_id)}")
         return self.value_of(change)
 
     def value_of(self, change: history.Change, *, use_cache: bool = True) -> torch.Tensor:
@@ -167,7 +168,7 @@ class Materializer:
                 delta = load_step(self.store, step)
                 value = delta.value if isinstance(delta, Replace) else apply_step(value, delta)
                 replayed += 1
-            assert value is not None, f"change {ch.commit_id[:12]}:{ch.name} has no steps"
+            assert value is not None, f"change {short_id(ch.commit_id)}:{ch.name} has no steps"
             actual = hash_tensor(value)
             if actual != ch.result_hash:
                 raise HashMismatchError(ch.name, ch.result_hash, actual, ch.commit_id)

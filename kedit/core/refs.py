@@ -25,6 +25,12 @@ from kedit.core.errors import RefExistsError, RefNameError, RevisionError, Stale
 HEAD = "HEAD"
 BRANCH_PREFIX = "refs/heads/"
 TAG_PREFIX = "refs/tags/"
+SHORT_ID = 12  # hex digits of an id shown to people; any unique prefix of 4 or more resolves
+
+
+def short_id(object_id: str) -> str:
+    """The abbreviated id shown in messages and listings (`CommitInfo.short`), as git's short hashes."""
+    return object_id[:SHORT_ID]
 DEFAULT_BRANCH = "main"
 
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._/-]*$")
@@ -110,7 +116,8 @@ class Refs:
         old = current[0] if current else None
         if old != expected_old:
             raise StaleRefError(
-                f"{name} moved while this command ran (expected {str(expected_old)[:12]}, found {str(old)[:12]})",
+                f"{name} moved while this command ran "
+                f"(expected {short_id(str(expected_old))}, found {short_id(str(old))})",
                 hint="run the command again",
             )
         if new is None:
@@ -171,7 +178,7 @@ class Refs:
             if len(found) == 1:
                 return found[0]
             if len(found) > 1:
-                shown = ", ".join(f[:12] for f in found[:5])
+                shown = ", ".join(short_id(f) for f in found[:5])
                 raise RevisionError(f"ambiguous revision {rev!r}: it matches {shown}", rev=rev)
         raise RevisionError(f"unknown revision {rev!r}: not a commit, branch or tag", rev=rev)
 

@@ -57,7 +57,7 @@ from kedit.core.hashing import canonical_json, dtype_name, hash_tensor, record_i
 from kedit.core.materialize import Materializer, TensorCache, load_step
 from kedit.core.names import check_tensor_name
 from kedit.core.progress import progress_bar
-from kedit.core.refs import BRANCH_PREFIX, DEFAULT_BRANCH, HEAD, TAG_PREFIX, Refs, check_ref_name, now_iso
+from kedit.core.refs import BRANCH_PREFIX, DEFAULT_BRANCH, HEAD, TAG_PREFIX, Refs, check_ref_name, now_iso, short_id
 from kedit.core.sources import open_source
 from kedit.core.store import ObjectStore, read_safetensors
 from kedit.core.worktree import Worktree
@@ -96,7 +96,7 @@ class CommitInfo:
 
     @property
     def short(self) -> str:
-        return self.id[:12]
+        return short_id(self.id)
 
 
 @dataclass(frozen=True)
@@ -107,7 +107,7 @@ class HeadState:
     commit: str
 
     def __str__(self) -> str:
-        return f"{self.branch} at {self.commit[:12]}" if self.branch else f"detached {self.commit[:12]}"
+        return f"{self.branch} at {short_id(self.commit)}" if self.branch else f"detached {short_id(self.commit)}"
 
 
 @dataclass(frozen=True)
@@ -668,7 +668,7 @@ class Repository:
                 adapter_ops = [["remove", r.object_id, r.kind, r.origin]
                                for r in history.adapters(self.db, head) if r.origin == target]
             if not staged and not adapter_ops:
-                raise KeditError(f"commit {target[:12]} has no effect left at HEAD (already reverted?)")
+                raise KeditError(f"commit {short_id(target)} has no effect left at HEAD (already reverted?)")
             msg = message or f'Revert "{reverted.message}"'
             record = {
                 "kind": "revert", "parents": [head], "reverts": target, "message": msg,
@@ -798,12 +798,12 @@ class Repository:
             kept.update(history.ancestors(self.db, tip))
         behind = [c for c in history.ancestors(self.db, old) if c not in kept]
         if behind:
-            shown = ", ".join(f"{c[:12]} {self.get_commit(c).message!r}" for c in behind[:4])
+            shown = ", ".join(f"{short_id(c)} {self.get_commit(c).message!r}" for c in behind[:4])
             more = f" and {len(behind) - 4} more" if len(behind) > 4 else ""
             one = len(behind) == 1
             log.warning("warning: you are leaving %d commit%s behind, not connected to any branch: %s%s; "
                         "to keep %s: kedit branch NAME %s", len(behind), "" if one else "s", shown, more,
-                        "it" if one else "them", old[:12])
+                        "it" if one else "them", short_id(old))
 
     def reset(self, rev: str, *, force: bool = False, expected: HeadState | None = None,
               message: str | None = None) -> str:
@@ -904,7 +904,7 @@ def encode_delta(delta: WeightDelta, before: torch.Tensor) -> tuple[WeightDelta,
 
 def _edit_ran(at: HeadState) -> str:
     """What a commit refused because HEAD moved was doing."""
-    return f"the edit ran on {at.commit[:12]}; nothing was committed"
+    return f"the edit ran on {short_id(at.commit)}; nothing was committed"
 
 
 def _default_message(method: str | None, requests: list[dict[str, Any]]) -> str:

@@ -24,6 +24,7 @@ import torch
 from kedit.core import history
 from kedit.core.hashing import dtype_name
 from kedit.core.implied import COMMIT_COLUMNS, JSON_COLUMNS, ImpliedChange, ImpliedRows, depths, implied_rows
+from kedit.core.refs import short_id
 from kedit.core.store import ObjectStore
 
 REPAIR_HINT = "kedit fsck --repair rewrites it from the record"
@@ -36,7 +37,7 @@ class RowProblem:
     what: str
 
     def __str__(self) -> str:
-        return f"commit {self.commit[:12]}: {self.what}; {REPAIR_HINT}"
+        return f"commit {short_id(self.commit)}: {self.what}; {REPAIR_HINT}"
 
 
 def _short(value: Any) -> str:

@@ -37,7 +37,7 @@ import torch
 from kedit.core import db as dbm
 from kedit.core.errors import KeditError
 from kedit.core.hashing import canonical_json, hash_bytes
-from kedit.core.refs import now_iso
+from kedit.core.refs import now_iso, short_id
 from kedit.core.repo import Repository, require_finite
 from kedit.core.store import read_safetensors, save_tensors_atomic
 from kedit.eval.metrics import PROMPT_PROTOCOL
@@ -68,7 +68,7 @@ class EditorInfo:
 
     @property
     def short(self) -> str:
-        return self.id[:12]
+        return short_id(self.id)
 
     @property
     def prompt_protocol(self) -> str | None:
@@ -137,7 +137,7 @@ def editor_loader(repo: Repository) -> Callable[[str], tuple[dict[str, torch.Ten
     def load(editor_id: str) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
         tensors, meta = repo.store.get_tensors(editor_id)
         if meta.get("kind") != "editor":
-            raise EditorNotFoundError(f"object {editor_id[:12]} is not an editor")
+            raise EditorNotFoundError(f"object {short_id(editor_id)} is not an editor")
         return tensors, {"method": meta.get("method"), "config": json.loads(meta["config"])}
 
     return load

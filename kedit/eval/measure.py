@@ -49,7 +49,7 @@ def measure(model: Any, tok: Any, requests: Sequence[EditRequest], reference: Re
     pairs = [p for r in requests for p in locality_pairs(r)]
     if generation:
         scores += metrics.generation_scores(model, tok, requests, pairs,
-                                              reference.continuations if reference is not None else None)
+                                            reference.continuations if reference is not None else None)
     for fn in (metrics.generalization, metrics.portability):
         m = fn(model, tok, requests)
         if m.n:

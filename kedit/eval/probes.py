@@ -31,7 +31,7 @@ from typing import Any
 from kedit.core import db as dbm
 from kedit.core import history
 from kedit.core.errors import KeditError
-from kedit.core.refs import now_iso
+from kedit.core.refs import now_iso, short_id
 from kedit.core.repo import Repository
 from kedit.eval.metrics import CHAT_PROTOCOL, PROBE_PROTOCOLS, PROMPT_PROTOCOL, ProbeProtocol
 
@@ -246,7 +246,7 @@ def check(repo: Repository, rev: str, load: ModelLoader, *, threshold: float = D
     line = history.ancestors(repo.db, commit_id)[::-1]  # first-parent history, base first
     reference = repo.resolve(against) if against else line[0]
     if reference not in line:
-        raise KeditError(f"{against} ({reference[:12]}) is not in the first-parent history of {rev}",
+        raise KeditError(f"{against} ({short_id(reference)}) is not in the first-parent history of {rev}",
                          hint=f"kedit log {rev}")
     probes = list_probes(repo)
     report = CheckReport(commit_id, parent, threshold, reference, protocol, CHAT_PROTOCOL if chat else PROMPT_PROTOCOL)

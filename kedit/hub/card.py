@@ -5,6 +5,7 @@ ModelCard so that the Hub's metadata validator accepts it."""
 from __future__ import annotations
 
 from kedit.core import history
+from kedit.core.refs import short_id
 from kedit.core.repo import CommitInfo, Repository
 from kedit.core.sources import DEFAULT_GGUF, DEFAULT_NAME
 
@@ -69,7 +70,7 @@ model = kedit.load_model(snapshot_download("{repo_id}", ignore_patterns=[".kedit
 # {name}
 
 {base_model or 'A model'} with {len(log) - 1} knowledge edit(s), versioned with kedit ("git for model
-edits"). The weights here are commit `{tip[:12]}`.
+edits"). The weights here are commit `{short_id(tip)}`.
 {adapters}
 The whole history (every delta, request and metric) is under `.kedit/`; get it with:
 

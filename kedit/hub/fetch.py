@@ -37,7 +37,7 @@ from kedit.core.errors import (
 from kedit.core.hashing import hash_bytes, hash_tensor, tensors_object_id
 from kedit.core.names import check_fetched, check_plain_name, check_tensor_name, loads_unique
 from kedit.core.progress import progress_bar
-from kedit.core.refs import BRANCH_PREFIX
+from kedit.core.refs import BRANCH_PREFIX, short_id
 from kedit.core.repo import REPO_DIR, HeadState, Repository, StagedChange, StagedCommit
 from kedit.core.store import read_safetensors
 from kedit.eval.probes import add_probes
@@ -135,7 +135,7 @@ def _known(repo: Repository, cid: str) -> bool:
 def _download_document(hub: Hub, tree: dict[str, str], sha: str, cid: str, tmp: Path) -> dict:
     path = commit_path(cid)
     if path not in tree:
-        raise HubError(f"the remote history is incomplete: commit {cid[:12]} is missing from {hub.where}")
+        raise HubError(f"the remote history is incomplete: commit {short_id(cid)} is missing from {hub.where}")
     try:
         doc = loads_unique(hub.download(path, sha, tmp).read_text())
     except ValueError:
@@ -194,7 +194,7 @@ def _fetch_editors(repo: Repository, hub: Hub, tree: dict[str, str], sha: str, e
         except ValueError:
             doc = None
         if not is_editor_document(doc, editor_id):
-            raise HubError(f"the remote editor record {editor_id[:12]} is damaged; nothing was changed")
+            raise HubError(f"the remote editor record {short_id(editor_id)} is damaged; nothing was changed")
         editors[editor_id] = doc
 
 
@@ -309,7 +309,7 @@ def _record(repo: Repository, remote: str, docs: dict[str, dict], metrics: dict[
             old = remotes.tracking(repo.db, remote, f.branch)
             new = remotes.Tracking(f.tip, f.hub_commit, f.checkpoint)
             if old != new:
-                remotes.set_tracking(repo.db, repo.refs, remote, f.branch, new, old, f"fetch: {f.tip[:12]}")
+                remotes.set_tracking(repo.db, repo.refs, remote, f.branch, new, old, f"fetch: {short_id(f.tip)}")
 
 
 def _staged(cid: str, doc: dict) -> StagedCommit:
@@ -391,10 +391,10 @@ def pull(repo: Repository, remote_name: str | None = None, remote_branch: str | 
     if local not in remote_history:
         refused = [c for c in mine if repo.get_commit(c).kind != "edit"]
         if refused:
-            raise KeditError(f"cannot rebase {refused[0][:12]}: only edit commits can be replayed; "
+            raise KeditError(f"cannot rebase {short_id(refused[0])}: only edit commits can be replayed; "
                              "nothing was changed")
     # Decided on what was read above: the move is a compare-and-swap from there.
-    repo.reset(found.tip, expected=HeadState(branch, local), message=f"pull: fast-forward to {found.tip[:12]}")
+    repo.reset(found.tip, expected=HeadState(branch, local), message=f"pull: fast-forward to {short_id(found.tip)}")
     result.status = "fast-forward"
     if local not in remote_history:
         result.new, result.status = _replay(repo, mine, HeadState(branch, found.tip), restore=local), "rebased"

@@ -41,7 +41,7 @@ from kedit.core.errors import HubError, KeditError, PushRejectedError
 from kedit.core.hashing import canonical_json, record_id, tensors_object_id
 from kedit.core.names import ID_RE
 from kedit.core.progress import progress_bar
-from kedit.core.refs import BRANCH_PREFIX, check_ref_name
+from kedit.core.refs import BRANCH_PREFIX, check_ref_name, short_id
 from kedit.core.repo import Repository
 from kedit.core.store import save_tensors_atomic
 from kedit.hub import remotes
@@ -102,7 +102,7 @@ def verify_document(doc: Any, expected_id: str) -> dict[str, Any]:
     """Check a downloaded commit against its id: the record must hash to it, and every row that
     the database will hold must say what the hashed record says."""
     def bad(why: str) -> HubError:
-        return HubError(f"the remote commit {expected_id[:12]} is damaged or forged: {why}; nothing was changed")
+        return HubError(f"the remote commit {short_id(expected_id)} is damaged or forged: {why}; nothing was changed")
 
     if not isinstance(doc, dict) or doc.get("format") != FORMAT or doc.get("id") != expected_id:
         raise bad("not a kedit commit document of this format")
@@ -290,7 +290,7 @@ def push(repo: Repository, remote_name: str | None = None, branch: str | None = 
         ops.append(add_file(REFS_FILE, canonical_json(state)))
         if rbranch not in hub_branches:
             hub.create_branch(rbranch, base_sha)
-        message = f"kedit push {tip[:12]}: {repo.get_commit(tip).message}"[:200]
+        message = f"kedit push {short_id(tip)}: {repo.get_commit(tip).message}"[:200]
         result.hub_commit = hub.commit(ops, branch=rbranch, parent=base_sha, message=message)
     for op in ops:
         if not hasattr(op, "upload_info"):  # a deletion
@@ -300,7 +300,7 @@ def push(repo: Repository, remote_name: str | None = None, branch: str | None = 
             result.bytes += op.upload_info.size
     new = remotes.Tracking(tip, result.hub_commit, new_checkpoint)
     with repo.lock(), dbm.write(repo.db):
-        remotes.set_tracking(repo.db, repo.refs, remote.name, rbranch, new, tracked, f"push: {tip[:12]}")
+        remotes.set_tracking(repo.db, repo.refs, remote.name, rbranch, new, tracked, f"push: {short_id(tip)}")
     return result
 
 

@@ -21,6 +21,7 @@ import torch
 from kedit.core.errors import KeditError
 from kedit.core.names import DTYPE_NAMES
 from kedit.core.progress import progress_enabled
+from kedit.core.refs import short_id
 from kedit.core.repo import Repository
 from kedit.model.adapters import install_adapters, read_folder
 
@@ -106,7 +107,7 @@ def load_revision(repo: Repository, rev: str = "HEAD", *, dtype: torch.dtype | N
         if _stamp(wt.index_path) == before:
             install_adapters(model, [a for _, a in repo.adapters(commit_id)])  # the working model holds weights only
             return model, tokenizer
-        log.info("the working model changed while it was read; loading %s from the repository", commit_id[:12])
+        log.info("the working model changed while it was read; loading %s from the repository", short_id(commit_id))
     from kedit.model.export import export
 
     with tempfile.TemporaryDirectory(prefix="kedit-load-") as tmp:
