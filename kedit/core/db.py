@@ -151,10 +151,6 @@ CREATE TABLE remote_branches (         -- what kedit last saw of a Hub branch (k
 );
 """
 
-# Ordered, named migrations; each runs once, inside a transaction, and is recorded.
-MIGRATIONS: list[tuple[str, str]] = [("0001_initial", _SCHEMA_V1), ("0002_probes", _PROBES)]
-MIGRATIONS.append(("0004_remotes", _REMOTES))
-
 # A method's memory: tensors an edit keeps for the method's later edits (AlphaEdit: the keys it
 # wrote). Read back only for commits whose deltas are still in effect, so a revert forgets them.
 _METHOD_MEMORY = """
@@ -164,7 +160,6 @@ CREATE TABLE method_memory (
     object_id TEXT NOT NULL
 );
 """
-MIGRATIONS.append(("0005_method_memory", _METHOD_MEMORY))
 
 # Trained editors (MEND, InstructEdit): the weights are an object (id = its hash); this records
 # what they were trained for and on, and how well they did. Commits name the editor they used.
@@ -179,15 +174,30 @@ CREATE TABLE editors (
     created TEXT NOT NULL
 );
 """
-MIGRATIONS.append(("0003_editors", _EDITORS))
 
 # Metrics are not hashed into a commit's id: record where each came from, so that fsck (and
 # show) can tell a measurement made here from one a remote claims. '' = measured here.
-MIGRATIONS.append(("0006_metric_source", "ALTER TABLE metrics ADD COLUMN source TEXT NOT NULL DEFAULT ''"))
+_METRIC_SOURCE = "ALTER TABLE metrics ADD COLUMN source TEXT NOT NULL DEFAULT ''"
 
 # The NAME of the environment variable that holds a remote's token (`--token-env`), for a remote
 # whose host is not HF_ENDPOINT's: the token itself is never stored.
-MIGRATIONS.append(("0007_remote_token_env", "ALTER TABLE remotes ADD COLUMN token_env TEXT;"))
+_REMOTE_TOKEN_ENV = "ALTER TABLE remotes ADD COLUMN token_env TEXT;"
+
+# Named migrations; each runs once, inside a transaction, and is recorded by name in
+# `_kedit_migrations` (never rename one: users' databases hold these names). The ones a database
+# lacks run in this order, the numeric one. Earlier kedits listed them 0001, 0002, 0004, 0005, 0003,
+# so a database may hold any subset; numeric order is safe for every subset because each migration
+# needs only lower-numbered ones (0005 and 0006 use 0001's tables, 0007 alters 0004's) and 0003
+# (a table of its own) needs none after 0001.
+MIGRATIONS: list[tuple[str, str]] = [
+    ("0001_initial", _SCHEMA_V1),
+    ("0002_probes", _PROBES),
+    ("0003_editors", _EDITORS),
+    ("0004_remotes", _REMOTES),
+    ("0005_method_memory", _METHOD_MEMORY),
+    ("0006_metric_source", _METRIC_SOURCE),
+    ("0007_remote_token_env", _REMOTE_TOKEN_ENV),
+]
 
 
 REPO_DIR = ".kedit"
@@ -214,7 +224,8 @@ def connect(path: Path, *, create: bool = False) -> sqlite_utils.Database:
     if not create and not writable(path):
         return _connect_read_only(path)
     conn = sqlite3.connect(str(path), isolation_level=None, timeout=BUSY_TIMEOUT_MS / 1000)
-    conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")  # before WAL: see versioning.md
+    # before WAL: switching the journal mode takes a lock, which a second process must wait for, not fail on
+    conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
     conn.execute("PRAGMA journal_mode = WAL")
     conn.execute("PRAGMA synchronous = FULL")  # the commit log must survive a power cut
     conn.execute("PRAGMA foreign_keys = ON")

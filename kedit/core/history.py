@@ -125,8 +125,9 @@ def defining_change(db: sqlite_utils.Database, commit_id: str, name: str) -> Cha
     return change(db, row[0], name) if row else None
 
 
-def effective_steps(db: sqlite_utils.Database, commit_id: str, name: str) -> list[Step]:
-    """All delta steps that produce `name` at `commit_id`, from its first replacement on."""
+def defining_chain(db: sqlite_utils.Database, commit_id: str, name: str) -> list[Change]:
+    """The changes whose steps produce `name` at `commit_id`, oldest first: from its first
+    replacement on, each change's source value being the previous one's result."""
     chain: list[Change] = []
     current = defining_change(db, commit_id, name)
     while current is not None:
@@ -134,7 +135,7 @@ def effective_steps(db: sqlite_utils.Database, commit_id: str, name: str) -> lis
         if current.source_commit is None:
             break
         current = defining_change(db, current.source_commit, name)
-    return [step for ch in reversed(chain) for step in ch.steps]
+    return chain[::-1]
 
 
 def edits_in_effect(db: sqlite_utils.Database, commit_id: str) -> set[str]:

@@ -693,14 +693,7 @@ class Repository:
 
     def _replay_without(self, head: str, name: str, target: str) -> dict | None:
         """How `name` is recomputed without `target`'s steps: a source commit and the steps after it."""
-        chain: list[history.Change] = []
-        current = history.defining_change(self.db, head, name)
-        while current is not None:
-            chain.append(current)
-            if current.source_commit is None:
-                break
-            current = history.defining_change(self.db, current.source_commit, name)
-        chain.reverse()  # oldest first
+        chain = history.defining_chain(self.db, head, name)
         effective = [s for ch in chain for s in ch.steps]
         kept = [s for s in effective if s.origin != target]
         if len(kept) == len(effective):

@@ -13,7 +13,7 @@ the stored layout.
 from __future__ import annotations
 
 import inspect
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Any
 
 __all__ = ["ARCHITECTURES", "Arch", "UnknownArchitectureError", "arch_for", "get_module"]
@@ -77,7 +77,8 @@ def _llama_like(model_type: str, fraction: float = 0.17) -> Arch:
 
 
 # Fractions: GPT-2 XL peaks at layer 17 of 48, GPT-J at 5 of 28, Llama-2-7B is edited at 5 of 32
-# (methods.md 3.1/3.2); SmolLM2-135M (30 layers) lands at 5, the layer EasyEdit's runs on it used.
+# (the layers ROME's and MEMIT's papers edit); SmolLM2-135M (30 layers) lands at 5, the layer
+# EasyEdit's runs on it used.
 ARCHITECTURES: dict[str, Arch] = {
     "gpt2": Arch(
         model_type="gpt2",
@@ -164,11 +165,6 @@ def get_module(model: Any, name: str) -> Any:
     except AttributeError as e:
         model_type = getattr(getattr(model, "config", None), "model_type", "?")
         raise ValueError(f"model (model_type={model_type!r}) has no module {name!r}") from e
-
-
-def with_overrides(arch: Arch, **fields: Any) -> Arch:
-    """A copy of `arch` with some module names replaced (for hyper-parameter overrides)."""
-    return replace(arch, **fields)
 
 
 def cache_keyword(forward: Any) -> str:
