@@ -77,7 +77,7 @@ _DEFAULT_FRACTION = 27 / 32
 
 @dataclass
 class GRACEHyperParams:
-    """GRACE's knobs; `for_model` picks the layer and module from kedit.model.arch."""
+    """GRACE's knobs; `for_model` picks the layer and module from kedit.arch."""
 
     layer: int = layer_field()
     module_tmp: str  # keys are this module's input, values replace its output; "{}" = layer

@@ -56,7 +56,7 @@ def default_layers(model: Any) -> tuple[int, ...]:
 
 @dataclass
 class MEMITHyperParams:
-    """MEMIT's knobs; `for_model` fills the layers, module names and λ from kedit.model.arch."""
+    """MEMIT's knobs; `for_model` fills the layers, module names and λ from kedit.arch."""
 
     layers: tuple[int, ...] = layer_field()
     rewrite_module_tmp: str  # the MLP output projection, "{}" = layer

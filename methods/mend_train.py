@@ -73,7 +73,7 @@ class TrainItem:
 
 
 class Checkpoint(Protocol):
-    """Where the engine keeps a run's checkpoint (atomic writes; see kedit.edit.trained)."""
+    """Where the engine keeps a run's checkpoint (atomic writes; see kedit.editors)."""
 
     def load(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]] | None: ...
 

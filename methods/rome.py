@@ -21,13 +21,13 @@ C's Cholesky factor is kept across edits (`_factor`).
 Position-0 hazard: a tokenizer that adds no BOS (SmolLM2) puts a one-token subject at position 0
 of the bare template, the attention-sink position, whose key is unlike any other; keys read
 there gave divisors near zero and updates ten times too large. The context templates are read
-after a document separator (`kedit.eval.metrics.start_token_id`); the bare prompt "{}" is read as the
+after a document separator (`kedit.evaluate.start_token_id`); the bare prompt "{}" is read as the
 user sends it (`tokenizer(prompt)`), so the key a user's query meets is one of those k* averages,
 and only where its subject's last token would sit at the sink does it get the separator too
 (`info["position0_guarded"]` counts those prompts).
 
 Each edit is checked where it will be used: the edited model, given the prompt as sent, must
-generate the target within kedit.eval.metrics's greedy continuation (`shows_in_generation`); if not,
+generate the target within kedit.evaluate's greedy continuation (`shows_in_generation`); if not,
 the gain floor is raised, then v* optimised again (see `_edit_one`).
 """
 
@@ -68,7 +68,7 @@ StatsProvider = Callable[[str, int], torch.Tensor]  # (module name, layer) -> E[
 
 @dataclass
 class ROMEHyperParams:
-    """ROME's knobs; `for_model` fills the layer and module names from kedit.model.arch."""
+    """ROME's knobs; `for_model` fills the layer and module names from kedit.arch."""
 
     layer: int = layer_field()
     rewrite_module_tmp: str  # the MLP output projection, "{}" = layer
@@ -814,7 +814,7 @@ def _edit_one(
 def _edit_shows(model: Any, tok: Any, module: Any, upd: rome_math.RankOne, request: EditRequest,
                 transposed: bool) -> bool:
     """Whether the model with the update, given the prompt as the user sends it, generates the target
-    (`shows_in_generation`: kedit.eval.metrics's greedy continuation and comparison rule)."""
+    (`shows_in_generation`: kedit.evaluate's greedy continuation and comparison rule)."""
     saved = module.weight.detach().clone()
     a, b = rome_math.to_stored_layout(upd, transposed)
     module.weight.add_((a @ b).to(device=module.weight.device, dtype=module.weight.dtype))
