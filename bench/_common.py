@@ -16,7 +16,7 @@ from kedit.methods.base import EditRequest
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import kedit
-from kedit.sources import default_model_folder
+from kedit.core.sources import default_model_folder
 
 log = logging.getLogger(__name__)
 

@@ -13,7 +13,7 @@ What it measures (each section is independent of the others' results):
   c. checkout between two commits that differ in k = 1, 5, 30 tensors (in-process, and the CLI).
   d. checkout HEAD <-> HEAD~1 at depth 1,000 (one tensor edited 1,000 times; 30 tensors in turn)
      against depth 1, the first (cold) checkout, and a cold `materialize` without keyframes.
-  e. hashing throughput of `kedit.hashing.hash_tensor` over the whole model.
+  e. hashing throughput of `kedit.core.hashing.hash_tensor` over the whole model.
 
 Writes JSON (--out), a markdown report beside it (same stem, .md) and prints the report.
 Timings use time.perf_counter with warm-ups and report medians (and p90 where it matters).
@@ -42,11 +42,11 @@ from typing import Any
 import torch
 
 import kedit
-from kedit import history
-from kedit.delta import Dense, LowRank
-from kedit.hashing import hash_tensor
-from kedit.materialize import KEYFRAME_STEPS, Materializer, TensorCache
-from kedit.repo import Repository
+from kedit.core import history
+from kedit.core.delta import Dense, LowRank
+from kedit.core.hashing import hash_tensor
+from kedit.core.materialize import KEYFRAME_STEPS, Materializer, TensorCache
+from kedit.core.repo import Repository
 
 EDITED = "model.layers.5.mlp.down_proj.weight"  # 576 x 1536
 DOWN_PROJ = [f"model.layers.{i}.mlp.down_proj.weight" for i in range(30)]
@@ -260,7 +260,7 @@ def prepare_model(model_dir: Path | None, work: Path) -> tuple[Path, dict[str, A
     folder = model_dir or (work / "model")
     if (folder / "model.safetensors").exists() and (folder / "config.json").exists():
         return folder, {"converted": False, "folder": str(folder)}
-    from kedit.sources import open_source
+    from kedit.core.sources import open_source
 
     log("converting the embedded GGUF to safetensors (transformers dequantises it)")
     t = now()
@@ -477,7 +477,7 @@ def checkout_fixed_and_cli(repo: Repository, parent: str, child: str, n: int, cl
         repeat(lambda: subprocess.run([exe, "--version"], check=True, stdout=subprocess.DEVNULL), cli_n)
     )
     out["python_import_torch_s"] = summary(repeat(lambda: py("import torch"), cli_n))
-    out["python_import_kedit_repo_s"] = summary(repeat(lambda: py("import kedit.repo"), cli_n))
+    out["python_import_kedit_repo_s"] = summary(repeat(lambda: py("import kedit.core.repo"), cli_n))
     out["python_bare_s"] = summary(repeat(lambda: py("pass"), cli_n))
     repo.checkout(child)
     return out
@@ -577,7 +577,7 @@ def cold_materialize(repo: Repository, chain: dict) -> dict[str, Any]:
 
 @contextlib.contextmanager
 def _keyframes_disabled():
-    import kedit.materialize as m
+    import kedit.core.materialize as m
 
     old = m.KEYFRAME_STEPS
     m.KEYFRAME_STEPS = 10**9
@@ -623,7 +623,7 @@ def bench_hashing(folder: Path, reps: int) -> dict[str, Any]:
 def bench_apply_step(n: int = 30) -> dict[str, Any]:
     """One rank-one `apply_step` on a 576x1536 fp32 matrix and on the 49152x576 embedding, with torch's
     default thread count and with one thread: on a busy machine OpenMP's waits can dominate."""
-    from kedit.delta import apply_step
+    from kedit.core.delta import apply_step
 
     g = torch.Generator().manual_seed(5)
     out: dict[str, Any] = {}
@@ -722,7 +722,7 @@ def report(r: dict[str, Any]) -> str:
         )
         lines.append(
             f"| c | CLI `kedit checkout`, 1 tensor differs (whole process) | "
-            f"{fmt(c['cli_checkout_s']['median'] * 1e3, 0)} ms (of which `python -c 'import kedit.repo'` "
+            f"{fmt(c['cli_checkout_s']['median'] * 1e3, 0)} ms (of which `python -c 'import kedit.core.repo'` "
             f"{fmt(c['python_import_kedit_repo_s']['median'] * 1e3, 0)} ms, `import torch` "
             f"{fmt(c['python_import_torch_s']['median'] * 1e3, 0)} ms, `kedit --version` "
             f"{fmt(c['cli_version_s']['median'] * 1e3, 0)} ms) | - | - |"

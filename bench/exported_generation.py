@@ -2,9 +2,9 @@
 loaded with plain transformers (`kedit.load_model` for GRACE's adapter) and queried one prompt at a
 time with `tokenizer(prompt, return_tensors="pt")` + `generate(max_new_tokens=10, do_sample=False)`.
 
-Per edit: does the continuation contain the new target (case-insensitively: kedit.evaluate.shows),
+Per edit: does the continuation contain the new target (case-insensitively: kedit.eval.metrics.shows),
 on the prompt and on its paraphrases; do its neighbourhood prompts still hold the true answer or the
-unedited model's continuation (kedit.evaluate.holds). The unedited model is scored the same way,
+unedited model's continuation (kedit.eval.metrics.holds). The unedited model is scored the same way,
 beside each figure, and CounterFact's NLL-margin efficacy of the same exported model for comparison.
 
 ROME edits each fact on the base (one export per fact); memit / alphaedit edit all facts in one
@@ -32,11 +32,11 @@ from _common import CACHE_DIR, counterfact_requests, load_exported, user_continu
 from kedit.methods.base import EditRequest
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from kedit import evaluate
-from kedit.editing import EditOptions, run_edits
-from kedit.export import export
-from kedit.repo import Repository
-from kedit.sources import default_model_folder
+from kedit.core.repo import Repository
+from kedit.core.sources import default_model_folder
+from kedit.edit.run import EditOptions, run_edits
+from kedit.eval import metrics
+from kedit.model.export import export
 
 log = logging.getLogger("exported_generation")
 
@@ -49,11 +49,11 @@ def score(model: Any, tok: Any, facts: list[EditRequest], base_said: dict[str, s
         para, neigh = said[1:1 + n_par], said[1 + n_par:]
         rows.append({
             "subject": f.subject, "prompt": f.text, "target_new": f.target_new, "target_true": f.target_true,
-            "continuation": said[0], "shows": evaluate.shows(said[0], f.target_new),
-            "paraphrases_shown": [evaluate.shows(t, f.target_new) for t in para],
-            "neighbours_held": [evaluate.holds(t, str(f.target_true), base_said[p])
+            "continuation": said[0], "shows": metrics.shows(said[0], f.target_new),
+            "paraphrases_shown": [metrics.shows(t, f.target_new) for t in para],
+            "neighbours_held": [metrics.holds(t, str(f.target_true), base_said[p])
                                 for t, p in zip(neigh, f.neighbourhood, strict=True)],
-            "counterfact_efficacy": evaluate.counterfact_scores(model, tok, [f], ("efficacy",))["efficacy"].value,
+            "counterfact_efficacy": metrics.counterfact_scores(model, tok, [f], ("efficacy",))["efficacy"].value,
         })
     return rows
 
@@ -105,7 +105,7 @@ def main() -> None:
     result = {
         "method": args.method, "n": len(facts), "offset": args.offset, "load_before": load,
         "protocol": "exported folder, tokenizer(prompt) + generate(max_new_tokens=10, do_sample=False); "
-                    "kedit.evaluate.shows / holds",
+                    "kedit.eval.metrics.shows / holds",
         "edited": summary(rows), "unedited": summary(base_rows), "wall_s": round(wall, 1),
         "commits": len(commits),
         "commits_that_passed_their_own_check": sum(bool(c.info.get("shows_in_generation")) for c in commits),

@@ -49,13 +49,13 @@ from kedit.methods.hparams import hparams_to_dict
 from kedit.methods.stats import GeneratedSource, StatsCache, cached_second_moment
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-from kedit import evaluate
-from kedit.delta import apply_step
-from kedit.sources import default_model_folder, open_source
+from kedit.core.delta import apply_step
+from kedit.core.sources import default_model_folder, open_source
+from kedit.eval import metrics
+from kedit.model.load import parse_dtype
 
 log = logging.getLogger("bench.gpu")
 BASE_HASH = "smollm2-135m-instruct-q4_1"
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
 # ------------------------------------------------------------------------------------------ device
@@ -160,7 +160,7 @@ def run_stats(model: Any, tok: Any, layers: dict[int, str], args: argparse.Names
 
 
 def apply_deltas(model: Any, deltas: dict[str, Any], originals: dict[str, torch.Tensor]) -> None:
-    """The weights = base + delta, with the engine's arithmetic (kedit.delta.apply_step, on the CPU)."""
+    """The weights = base + delta, with the engine's arithmetic (kedit.core.delta.apply_step, on the CPU)."""
     params = dict(model.named_parameters())
     with torch.no_grad():
         for name, delta in deltas.items():
@@ -175,10 +175,10 @@ def restore(model: Any, originals: dict[str, torch.Tensor]) -> None:
 
 
 def scores(model: Any, tok: Any, requests: list, fluency_n: int, fluency_tokens: int) -> dict[str, float]:
-    out = {k: round(m.value, 4) for k, m in evaluate.counterfact_scores(model, tok, requests).items()}
+    out = {k: round(m.value, 4) for k, m in metrics.counterfact_scores(model, tok, requests).items()}
     if fluency_n:
         texts = [r.text for r in requests[:fluency_n]]
-        out["fluency"] = round(evaluate.fluency(model, tok, texts, fluency_tokens).value, 4)
+        out["fluency"] = round(metrics.fluency(model, tok, texts, fluency_tokens).value, 4)
     return out
 
 
@@ -240,11 +240,11 @@ def run_rome(model: Any, tok: Any, c: torch.Tensor, args: argparse.Namespace, de
             apply_deltas(model, result.deltas, originals)
         try:
             with device.timed(row, "score_s"):
-                cf = evaluate.counterfact_scores(model, tok, [req])
+                cf = metrics.counterfact_scores(model, tok, [req])
                 row |= {k: m.value for k, m in cf.items()}
-                row["reliability"] = evaluate.reliability(model, tok, [req]).value
-                row["generalization"] = evaluate.generalization(model, tok, [req]).value
-                row["fluency"] = evaluate.fluency(model, tok, [req.text], args.fluency_tokens).value
+                row["reliability"] = metrics.reliability(model, tok, [req]).value
+                row["generalization"] = metrics.generalization(model, tok, [req]).value
+                row["fluency"] = metrics.fluency(model, tok, [req.text], args.fluency_tokens).value
         finally:
             restore(model, originals)
         rows.append(row)
@@ -258,10 +258,10 @@ def run_rome(model: Any, tok: Any, c: torch.Tensor, args: argparse.Namespace, de
         out["edited"] = {k: round(statistics.fmean(r[k] for r in rows), 4)
                          for k in ("efficacy", "paraphrase", "neighbourhood", "reliability", "generalization",
                                    "fluency")}
-        un = evaluate.counterfact_scores(model, tok, done)
+        un = metrics.counterfact_scores(model, tok, done)
         out["unedited"] = {k: round(m.value, 4) for k, m in un.items()}
-        out["unedited"]["reliability"] = round(evaluate.reliability(model, tok, done).value, 4)
-        out["unedited"]["fluency"] = round(evaluate.fluency(model, tok, [r.text for r in done],
+        out["unedited"]["reliability"] = round(metrics.reliability(model, tok, done).value, 4)
+        out["unedited"]["fluency"] = round(metrics.fluency(model, tok, [r.text for r in done],
                                                             args.fluency_tokens).value, 4)
         lat = sorted(r["latency_s"] for r in rows)
         out["latency_s"] = {"median": round(statistics.median(lat), 4),
@@ -377,7 +377,7 @@ def main() -> None:
         for i, name in enumerate(args.dtypes.split(",")):
             run: dict[str, Any] = result["runs"].setdefault(name, {})
             with device.timed(run, "load_s"):
-                model, tok = load(args, folder, DTYPES[name], device)
+                model, tok = load(args, folder, parse_dtype(name), device)
             run["weights_mb"] = device.allocated_mb()
             r_hp, m_hp = rome.ROMEHyperParams.for_model(model), memit.MEMITHyperParams.for_model(model)
             layers = {r_hp.layer: r_hp.module_name} | {x: m_hp.module_name(x) for x in m_hp.layers}

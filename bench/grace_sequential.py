@@ -10,7 +10,7 @@ facts already edited are edited again with a second new target, inserted at a ra
 (the superseding case of a lifelong stream). Every edit is a `kedit` commit through the product path
 (`run_edits`, the method sees the codebook at HEAD); no metric is taken while editing.
 
-At the end, HEAD is loaded as any user loads it (`kedit.model.load_model`, the codebook replayed
+At the end, HEAD is loaded as any user loads it (`kedit.model.load.load_revision`, the codebook replayed
 from the commits' records) and scored against the base model:
 - reliability: each edited fact's current target, by greedy generation (exact match, GRACE's
   protocol; read from a teacher-forced pass, the same event, and checked with model.generate on a
@@ -45,12 +45,12 @@ from _common import CACHE_DIR, load_exported, shuffled_facts, user_continuations
 from kedit.methods import grace
 from kedit.methods.base import EditRequest
 
-from kedit import evaluate
-from kedit.editing import EditOptions, run_edits
-from kedit.export import export
-from kedit.model import load_model
-from kedit.repo import Repository
-from kedit.sources import default_model_folder
+from kedit.core.repo import Repository
+from kedit.core.sources import default_model_folder
+from kedit.edit.run import EditOptions, run_edits
+from kedit.eval import metrics
+from kedit.model.export import export
+from kedit.model.load import load_revision
 
 log = logging.getLogger("bench")
 
@@ -98,7 +98,7 @@ def exact(model: Any, tok: Any, prompts: list[str], answers: list[str]) -> list[
     """Greedy generation's exact match, from one teacher-forced pass: greedy decoding reproduces the
     target iff every target token is the argmax after the prompt and the target tokens before it,
     which is what teacher forcing reads (batched, so 1,000 prompts take seconds, not minutes)."""
-    return [float(a == 1.0) for a in evaluate.token_accuracy(model, tok, prompts, answers)]
+    return [float(a == 1.0) for a in metrics.token_accuracy(model, tok, prompts, answers)]
 
 
 def main() -> None:
@@ -123,17 +123,17 @@ def main() -> None:
 
     folder = default_model_folder(CACHE_DIR)
     repo = Repository.init(work, str(folder), copy=False, progress=False)
-    base_model, tok = load_model(repo, "HEAD", dtype=torch.float32)
+    base_model, tok = load_revision(repo, "HEAD", dtype=torch.float32)
     locality_pairs = held + GENERAL
     log.info("base: %d locality prompts", len(locality_pairs))
     base = {
-        "reference": evaluate.locality_reference(base_model, tok, locality_pairs),
-        "generations": evaluate.greedy_continuations(base_model, tok, [p for p, _ in locality_pairs], 8),
+        "reference": metrics.locality_reference(base_model, tok, locality_pairs),
+        "generations": metrics.greedy_continuations(base_model, tok, [p for p, _ in locality_pairs], 8),
         "user": user_continuations(base_model, tok, [p for p, _ in locality_pairs]),
     }
 
     options = EditOptions(method="grace", overrides=overrides, dtype=torch.float32, measure=False)
-    logging.getLogger("kedit.editing").setLevel(logging.INFO)  # one line per commit: progress
+    logging.getLogger("kedit.edit.run").setLevel(logging.INFO)  # one line per commit: progress
     t0 = time.perf_counter()
     commits: list = []
     while len(commits) < len(stream):  # chunks, so a time budget can stop the stream between them
@@ -150,30 +150,30 @@ def main() -> None:
         final[r.text] = r  # the last edit of each prompt is the one in effect
     facts = list(final.values())
     base_rel = exact(base_model, tok, [r.text for r in facts], [r.target_new for r in facts])
-    base_shows = evaluate.shows_in_generation(base_model, tok, [r.text for r in facts], [r.target_new for r in facts])
+    base_shows = metrics.shows_in_generation(base_model, tok, [r.text for r in facts], [r.target_new for r in facts])
     del base_model
-    model, tok = load_model(repo, "HEAD", dtype=torch.float32)
+    model, tok = load_revision(repo, "HEAD", dtype=torch.float32)
     hp_module = commits[-1].hparams["module_tmp"].format(commits[-1].hparams["layer"])
     book = grace.codebook_of(model, hp_module)
     log.info("scoring HEAD (%d codebook entries)", len(book))
     t1 = time.perf_counter()
-    rel_tf = evaluate.token_accuracy(model, tok, [r.text for r in facts], [r.target_new for r in facts])
+    rel_tf = metrics.token_accuracy(model, tok, [r.text for r in facts], [r.target_new for r in facts])
     rel_gen = [float(a == 1.0) for a in rel_tf]  # = greedy exact match (see `exact`)
     para = [(p, r.target_new) for r in facts for p in r.paraphrases]
-    gen_tf = evaluate.token_accuracy(model, tok, [p for p, _ in para], [a for _, a in para])
+    gen_tf = metrics.token_accuracy(model, tok, [p for p, _ in para], [a for _, a in para])
     gen_gen = [float(a == 1.0) for a in gen_tf]
     # The equivalence checked with real greedy generation (model.generate, KV cache) on a sample.
     rng = random.Random(args.seed)
     sample = rng.sample(range(len(facts)), min(args.gen_sample, len(facts)))
     psample = rng.sample(range(len(para)), min(args.gen_sample, len(para)))
-    real = [float(s) for s in evaluate.shows_in_generation(model, tok, [facts[i].text for i in sample],
+    real = [float(s) for s in metrics.shows_in_generation(model, tok, [facts[i].text for i in sample],
                                                              [facts[i].target_new for i in sample])]
-    real_para = [float(s) for s in evaluate.shows_in_generation(model, tok, [para[i][0] for i in psample],
+    real_para = [float(s) for s in metrics.shows_in_generation(model, tok, [para[i][0] for i in psample],
                                                                   [para[i][1] for i in psample])]
     agree = [float(a == rel_gen[i]) for a, i in zip(real, sample, strict=True)]
     agree += [float(a == gen_gen[i]) for a, i in zip(real_para, psample, strict=True)]
-    loc_tf = evaluate.locality(model, tok, locality_pairs, base["reference"])
-    loc_gen = evaluate.greedy_continuations(model, tok, [p for p, _ in locality_pairs], 8)
+    loc_tf = metrics.locality(model, tok, locality_pairs, base["reference"])
+    loc_gen = metrics.greedy_continuations(model, tok, [p for p, _ in locality_pairs], 8)
     score_s = time.perf_counter() - t1
     del model
     user = score_exported(repo, work.parent / "export", facts, para, locality_pairs, base["user"])
@@ -214,22 +214,22 @@ def score_exported(repo: Repository, folder: Path, facts: list[EditRequest], par
                    locality_pairs: list[tuple[str, str]], base_said: list[str]) -> dict[str, Any]:
     """The user's view: HEAD exported, loaded with `kedit.load_model`, each edit prompt and locality
     prompt sent alone as `tokenizer(prompt)` + `generate(max_new_tokens=10)` (no kedit code on the
-    query path); paraphrases batched through kedit.evaluate.greedy_continuations (the same encoding)."""
+    query path); paraphrases batched through kedit.eval.metrics.greedy_continuations (the same encoding)."""
     t0 = time.perf_counter()
     export(repo, "HEAD", folder)
     model, tok = load_exported(folder, adapters=True)
     said = user_continuations(model, tok, [r.text for r in facts])
-    said_para = evaluate.greedy_continuations(model, tok, [p for p, _ in para])
+    said_para = metrics.greedy_continuations(model, tok, [p for p, _ in para])
     said_loc = user_continuations(model, tok, [p for p, _ in locality_pairs])
     mean = statistics.fmean
     return {
-        "gen_reliability": mean([float(evaluate.shows(s, r.target_new)) for s, r in zip(said, facts, strict=True)]),
-        "gen_generalization": mean([float(evaluate.shows(s, a)) for s, (_, a) in zip(said_para, para, strict=True)]),
-        "gen_locality": mean([float(evaluate.holds(s, a, ref))
+        "gen_reliability": mean([float(metrics.shows(s, r.target_new)) for s, r in zip(said, facts, strict=True)]),
+        "gen_generalization": mean([float(metrics.shows(s, a)) for s, (_, a) in zip(said_para, para, strict=True)]),
+        "gen_locality": mean([float(metrics.holds(s, a, ref))
                               for s, (_, a), ref in zip(said_loc, locality_pairs, base_said, strict=True)]),
         "locality_identical": mean([float(s == ref) for s, ref in zip(said_loc, base_said, strict=True)]),
         "not_shown": [(r.text, r.target_new, s) for s, r in zip(said, facts, strict=True)
-                      if not evaluate.shows(s, r.target_new)][:20],
+                      if not metrics.shows(s, r.target_new)][:20],
         "seconds": round(time.perf_counter() - t0, 1),
     }
 

@@ -28,7 +28,7 @@ os.environ["KEDIT_DISABLE_PROGRESS_BARS"] = "1"
 from click.testing import CliRunner  # noqa: E402
 
 from kedit.cli import cli  # noqa: E402
-from kedit.sources import default_model_folder  # noqa: E402
+from kedit.core.sources import default_model_folder  # noqa: E402
 from tests.hubserver import HubServer  # noqa: E402
 
 TOKEN = "hf_bench_token"

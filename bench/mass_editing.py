@@ -9,7 +9,7 @@ Three experiments (issue 4), each written to bench/results/<name>.json and .md:
   speedup     MEMIT's value optimisation with all requests in one batch per step against one
               request at a time (the peers' way), same requests and settings.
   sequential  N facts in batches of B through the product path (a kedit repository, one branch
-              per method, `kedit.editing.run_edits`, so AlphaEdit's earlier keys come from the
+              per method, `kedit.edit.run.run_edits`, so AlphaEdit's earlier keys come from the
               repository's history); after each batch every fact edited so far is scored. Then the
               batch in the middle is reverted: the state must equal the history without it, hash
               for hash, and `kedit check` reports what the revert did to the other edits.
@@ -47,14 +47,15 @@ from bench._common import (
     load_smollm2,
     split_neighbourhood,
 )
-from kedit import evaluate, history
-from kedit.delta import apply_step
-from kedit.editing import EditOptions, run_edits
-from kedit.hashing import hash_tensor
-from kedit.materialize import load_step
-from kedit.model import load_model
-from kedit.probes import check
-from kedit.repo import Repository
+from kedit.core import history
+from kedit.core.delta import apply_step
+from kedit.core.hashing import hash_tensor
+from kedit.core.materialize import load_step
+from kedit.core.repo import Repository
+from kedit.edit.run import EditOptions, run_edits
+from kedit.eval import metrics
+from kedit.eval.probes import check
+from kedit.model.load import load_revision
 
 log = logging.getLogger("bench.mass_editing")
 RESULTS = Path("bench/results")
@@ -81,7 +82,7 @@ def chunks(requests: list[EditRequest], size: int) -> list[list[EditRequest]]:
 
 
 def score(model: Any, tok: Any, requests: list[EditRequest], fluency_n: int = 0) -> dict[str, float]:
-    cf = evaluate.counterfact_scores(model, tok, requests)
+    cf = metrics.counterfact_scores(model, tok, requests)
     out = {k: round(m.value, 4) for k, m in cf.items()}
     if fluency_n:
         out["fluency"] = fluency(model, tok, requests, fluency_n)
@@ -93,14 +94,14 @@ def neighbour_pairs(requests: list[EditRequest]) -> list[tuple[str, str]]:
 
 
 def gen_score(model: Any, tok: Any, requests: list[EditRequest], reference: list[str]) -> dict[str, float]:
-    """What a user reads: gen_efficacy / gen_paraphrase / gen_locality (kedit.evaluate.generation_scores,
+    """What a user reads: gen_efficacy / gen_paraphrase / gen_locality (kedit.eval.metrics.generation_scores,
     greedy continuations of `tokenizer(prompt)`), against the unedited model's continuations."""
-    metrics = evaluate.generation_scores(model, tok, requests, neighbour_pairs(requests), reference)
-    return {m.name: round(m.value, 4) for m in metrics}
+    scores = metrics.generation_scores(model, tok, requests, neighbour_pairs(requests), reference)
+    return {m.name: round(m.value, 4) for m in scores}
 
 
 def fluency(model: Any, tok: Any, requests: list[EditRequest], n: int) -> float:
-    return round(evaluate.fluency(model, tok, [r.text for r in requests[:n]], 20).value, 4)
+    return round(metrics.fluency(model, tok, [r.text for r in requests[:n]], 20).value, 4)
 
 
 def stats_for(model: Any, tok: Any, modules: dict[int, str]) -> dict[int, torch.Tensor]:
@@ -134,7 +135,7 @@ def run_batch(args: argparse.Namespace) -> dict[str, Any]:
     model, tok = load_smollm2()
     given, requests = edits_and_scored(args.n, args.edit_neighbours)
     unedited = score(model, tok, requests, fluency_n=args.fluency_n)
-    reference = evaluate.greedy_continuations(model, tok, [p for p, _ in neighbour_pairs(requests)])
+    reference = metrics.greedy_continuations(model, tok, [p for p, _ in neighbour_pairs(requests)])
     unedited |= gen_score(model, tok, requests, reference)
     overrides = json.loads(args.hp) if args.hp else {}
     hp = hparams_for(args.method, model, overrides)
@@ -201,7 +202,7 @@ def run_sequential(args: argparse.Namespace) -> dict[str, Any]:
     base = history.ancestors(repo.db, repo.head())[-1]
     given, requests = edits_and_scored(args.n, args.edit_neighbours)
     batches, given_batches = chunks(requests, args.batch), chunks(given, args.batch)
-    unedited_model = model, tok = load_model(repo, base)
+    unedited_model = model, tok = load_revision(repo, base)
     out: dict[str, Any] = {"experiment": "sequential", "n": len(requests), "batch": args.batch,
                            "edit_neighbours": args.edit_neighbours, "scored_neighbours": SCORED_NEIGHBOURS,
                            "methods": {}}
@@ -240,7 +241,7 @@ def run_sequential(args: argparse.Namespace) -> dict[str, Any]:
                 if rest else []
             edit_s = time.perf_counter() - t0
             commits_per_batch[b] += [c.id for c in made]
-            model, tok = load_model(repo, commits_per_batch[b][-1])
+            model, tok = load_revision(repo, commits_per_batch[b][-1])
             done = [r for bt in batches[: b + 1] for r in bt]
             point = {"batch": b + 1, "facts": len(done), "edit_s": round(edit_s, 1) if rest else None,
                      **score(model, tok, done)}
@@ -250,7 +251,7 @@ def run_sequential(args: argparse.Namespace) -> dict[str, Any]:
             curve.append(point)
             log.info("%s batch %d: %s", method, b + 1, point)
             _save_method(out, path, args.name, method, {"curve": curve, "stopped_after_batch": b + 1})
-        model, tok = load_model(repo, "HEAD")
+        model, tok = load_revision(repo, "HEAD")
         final = {k: curve[-1][k] for k in ("efficacy", "paraphrase", "neighbourhood")}  # the last batch: all facts
         if args.fluency_n:
             final["fluency"] = fluency(model, tok, requests, args.fluency_n)
@@ -305,10 +306,10 @@ def run_rescore(args: argparse.Namespace) -> None:
     base = history.ancestors(repo.db, repo.head())[-1]
     commits = commits_so_far(repo, base, given_batches)
     m = out["methods"][args.method]
-    unedited_model = load_model(repo, base)
+    unedited_model = load_revision(repo, base)
 
     def neighbourhood(rev: str, facts: list[EditRequest]) -> float:
-        return neighbourhood_of(*load_model(repo, rev), facts)[0]
+        return neighbourhood_of(*load_revision(repo, rev), facts)[0]
 
     unedited = neighbourhood_of(*unedited_model, requests)[0]
     for point in m["curve"]:
@@ -335,7 +336,7 @@ def run_rescore(args: argparse.Namespace) -> None:
 
 def neighbourhood_of(model: Any, tok: Any, facts: list[EditRequest]) -> tuple[float, int]:
     """(neighbourhood score, number of neighbour prompts scored)."""
-    m = evaluate.counterfact_scores(model, tok, facts, which=("neighbourhood",))["neighbourhood"]
+    m = metrics.counterfact_scores(model, tok, facts, which=("neighbourhood",))["neighbourhood"]
     return round(m.value, 4), m.n
 
 
@@ -374,7 +375,7 @@ def revert_middle(repo: Repository, commits_per_batch: list[list[str]], batches:
         expected[name] = hash_tensor(value)
     manifest = history.manifest(repo.db, reverted.id)
     equal = all(manifest[n].hash == expected[n] for n in names)
-    model, tok = load_model(repo, "HEAD")
+    model, tok = load_revision(repo, "HEAD")
     kept = [r for i, bt in enumerate(batches) if i != middle for r in bt]
     return {
         "reverted_batch": middle + 1, "reverted_commit": target, "revert_commit": reverted.id,
@@ -388,7 +389,7 @@ def revert_middle(repo: Repository, commits_per_batch: list[list[str]], batches:
 def check_summary(repo: Repository, rev: str) -> dict[str, Any]:
     """`kedit check` at `rev`, in figures (probe outputs are kept per commit, so a second call is quick)."""
     t0 = time.perf_counter()
-    report = check(repo, rev, lambda c: load_model(repo, c))
+    report = check(repo, rev, lambda c: load_revision(repo, c))
     return {"broken": len(report.broken), "results": len(report.results), "summary": report.summary(),
             "broken_kinds": _count(p.probe.kind for p in report.broken),
             "locality_changed_with_their_subject": len(report.changed_by_edits),

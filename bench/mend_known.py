@@ -4,7 +4,7 @@ Usage:
     python bench/mend_known.py single --minutes 60 --out bench/results/mend_known.json
     python bench/mend_known.py multi --minutes 15 --out bench/results/instructedit_multitask.json
 
-single: MEND trained through the engine (`kedit.editors.train_editor`, stored in a repository) on
+single: MEND trained through the engine (`kedit.edit.trained.train_editor`, stored in a repository) on
   CounterFact-style edits of the facts whose known_id is not divisible by 5, then evaluated on the
   facts whose known_id is (never seen in training): reliability, generalization (the subject in the
   relation's other templates), locality (two unrelated facts, argmax agreement with the unedited
@@ -39,10 +39,10 @@ sys.path.insert(0, str(Path(__file__).parent))
 from _common import CACHE_DIR, DATA, load_smollm2
 from kedit.methods.base import EditRequest, get_method
 
-from kedit import evaluate
-from kedit.editors import TrainOptions, editor_loader, train_editor
-from kedit.repo import Repository
-from kedit.sources import default_model_folder
+from kedit.core.repo import Repository
+from kedit.core.sources import default_model_folder
+from kedit.edit.trained import TrainOptions, editor_loader, train_editor
+from kedit.eval import metrics
 
 log = logging.getLogger("bench")
 
@@ -156,13 +156,13 @@ def evaluate_editor(model: Any, tok: Any, repo: Repository, method: str, editor_
     hp = m.hparams_cls(**fields)
     load = editor_loader(repo)
     pairs = [list(r.locality) for r in requests]
-    reference = evaluate.locality_reference(model, tok, [p for ps in pairs for p in ps])
+    reference = metrics.locality_reference(model, tok, [p for ps in pairs for p in ps])
     # The user's view: greedy continuations of tokenizer(prompt), the unedited ones as locality reference.
-    said = evaluate.greedy_continuations(model, tok, [p for ps in pairs for p, _ in ps])
-    unedited_gen = _pooled([evaluate.generation_scores(model, tok, [r], ps, said[k:k + len(ps)])
+    said = metrics.greedy_continuations(model, tok, [p for ps in pairs for p, _ in ps])
+    unedited_gen = _pooled([metrics.generation_scores(model, tok, [r], ps, said[k:k + len(ps)])
                             for r, ps, k in zip(requests, pairs, _offsets(pairs), strict=True)])
-    before_rel = evaluate.reliability(model, tok, requests).value
-    before_gen = evaluate.generalization(model, tok, requests).value
+    before_rel = metrics.reliability(model, tok, requests).value
+    before_gen = metrics.generalization(model, tok, requests).value
     params = dict(model.named_parameters())
     rel, gen, loc, latency, ranks, rel_wrapped, by_generation = [], [], [], [], [], [], []
     k = 0
@@ -175,15 +175,15 @@ def evaluate_editor(model: Any, tok: Any, repo: Repository, method: str, editor_
             for n, d in result.deltas.items():
                 params[n].add_((d.a @ d.b).to(params[n].dtype))
                 ranks.append(d.rank)
-        rel.append(evaluate.reliability(model, tok, [r]).value)
+        rel.append(metrics.reliability(model, tok, [r]).value)
         if method == "instructedit":  # EasyEdit's protocol: the query carries the instruction too
             wrapped = dataclasses.replace(r, prompt=result.info["wrapped_prompts"][0])
-            rel_wrapped.append(evaluate.reliability(model, tok, [wrapped]).value)
+            rel_wrapped.append(metrics.reliability(model, tok, [wrapped]).value)
         if r.paraphrases:
-            gen.append(evaluate.generalization(model, tok, [r]).value)
+            gen.append(metrics.generalization(model, tok, [r]).value)
         if ps:
-            loc.append(evaluate.locality(model, tok, ps, reference[k:k + len(ps)]).value)
-        by_generation.append(evaluate.generation_scores(model, tok, [r], ps, said[k:k + len(ps)]))
+            loc.append(metrics.locality(model, tok, ps, reference[k:k + len(ps)]).value)
+        by_generation.append(metrics.generation_scores(model, tok, [r], ps, said[k:k + len(ps)]))
         k += len(ps)
         with torch.no_grad():
             for n, v in saved.items():
@@ -209,15 +209,15 @@ def _offsets(pairs: list[list]) -> list[int]:
 def _pooled(per_request: list[list[Any]]) -> dict[str, float]:
     """Each gen_* metric averaged over its prompts (a request with no paraphrase adds none)."""
     sums: dict[str, list[float]] = defaultdict(lambda: [0.0, 0.0])
-    for metrics in per_request:
-        for m in metrics:
+    for scores in per_request:
+        for m in scores:
             sums[m.name][0] += m.value * m.n
             sums[m.name][1] += m.n
     return {name: round(total / n, 4) for name, (total, n) in sums.items() if n}
 
 
 def requests_of(records: list[dict]) -> list[EditRequest]:
-    from kedit.requests import record_to_request
+    from kedit.edit.requests import record_to_request
 
     return [record_to_request(r) for r in records]
 

@@ -28,8 +28,8 @@ from kedit.methods import rome
 from kedit.methods.hparams import hparams_to_dict
 from kedit.methods.stats import GeneratedSource, StatsCache, cached_second_moment
 
-from kedit import evaluate
-from kedit.delta import apply_step
+from kedit.core.delta import apply_step
+from kedit.eval import metrics
 
 log = logging.getLogger("bench")
 
@@ -86,13 +86,13 @@ def main() -> None:
         log.info("statistics ready in %.1f s", stats_s)
 
     # Unedited baselines.
-    base_cf = evaluate.counterfact_scores(model, tok, requests)
-    base_rel = evaluate.reliability(model, tok, requests)
-    base_flu = evaluate.fluency(model, tok, [r.text for r in requests], args.fluency_tokens)
-    per_nb_base = [evaluate.counterfact_scores(model, tok, [r])["neighbourhood"].value for r in requests]
+    base_cf = metrics.counterfact_scores(model, tok, requests)
+    base_rel = metrics.reliability(model, tok, requests)
+    base_flu = metrics.fluency(model, tok, [r.text for r in requests], args.fluency_tokens)
+    per_nb_base = [metrics.counterfact_scores(model, tok, [r])["neighbourhood"].value for r in requests]
     # What a user reads: greedy continuations of tokenizer(prompt), the unedited model's kept as the
     # locality reference of each edit's scored neighbourhood prompts.
-    nb_reference = [evaluate.greedy_continuations(model, tok, list(r.neighbourhood), args.gen_tokens)
+    nb_reference = [metrics.greedy_continuations(model, tok, list(r.neighbourhood), args.gen_tokens)
                     for r in requests]
     base_gen = _generation(model, tok, requests, nb_reference, args.gen_tokens)
     rome.context_templates(model, tok, hp)  # generated once per model, as in a kedit session
@@ -111,7 +111,7 @@ def main() -> None:
 
 
 def _generation(model, tok, requests, nb_reference, n_tokens: int) -> dict[str, float]:
-    """gen_efficacy / gen_paraphrase / gen_locality (kedit.evaluate.generation_scores), pooled over requests."""
+    """gen_efficacy / gen_paraphrase / gen_locality (kedit.eval.metrics.generation_scores), pooled over requests."""
     sums: dict[str, list[float]] = {}
     for req, ref in zip(requests, nb_reference, strict=True):
         for m in _request_generation(model, tok, req, ref, n_tokens):
@@ -121,7 +121,7 @@ def _generation(model, tok, requests, nb_reference, n_tokens: int) -> dict[str, 
 
 def _request_generation(model, tok, req, ref, n_tokens: int) -> list:
     pairs = [(p, req.target_true) for p in req.neighbourhood]
-    return evaluate.generation_scores(model, tok, [req], pairs, ref, n_tokens)
+    return metrics.generation_scores(model, tok, [req], pairs, ref, n_tokens)
 
 
 def _run(model, tok, requests, edit_views, hp, c, weight, original, per_nb_base, nb_reference, rows, args) -> None:
@@ -133,10 +133,10 @@ def _run(model, tok, requests, edit_views, hp, c, weight, original, per_nb_base,
         with torch.no_grad():
             weight.copy_(apply_step(original, result.deltas[name]))
         try:
-            cf = evaluate.counterfact_scores(model, tok, [req])
-            rel = evaluate.reliability(model, tok, [req])
-            generalization = evaluate.generalization(model, tok, [req])
-            flu = evaluate.fluency(model, tok, [req.text], args.fluency_tokens)
+            cf = metrics.counterfact_scores(model, tok, [req])
+            rel = metrics.reliability(model, tok, [req])
+            generalization = metrics.generalization(model, tok, [req])
+            flu = metrics.fluency(model, tok, [req.text], args.fluency_tokens)
             gen = {m.name: m.value for m in _request_generation(model, tok, req, nb_reference[i], args.gen_tokens)}
         finally:
             with torch.no_grad():

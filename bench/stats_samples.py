@@ -25,8 +25,8 @@ from _common import counterfact_requests, load_smollm2
 from kedit.methods import rome
 from kedit.methods.stats import GeneratedSource, MomentState, accumulate_second_moment
 
-from kedit import evaluate
-from kedit.delta import apply_step
+from kedit.core.delta import apply_step
+from kedit.eval import metrics
 
 log = logging.getLogger("bench")
 
@@ -42,7 +42,7 @@ def score(model, tok, requests, hp, c) -> dict:
         with torch.no_grad():
             weight.copy_(apply_step(original, result.deltas[name]))
         try:
-            cf = evaluate.counterfact_scores(model, tok, [req])
+            cf = metrics.counterfact_scores(model, tok, [req])
         finally:
             with torch.no_grad():
                 weight.copy_(original)

@@ -1,4 +1,10 @@
-"""kedit: version control for the knowledge inside a language model."""
+"""kedit: version control for the knowledge inside a language model.
+
+The porcelain a Python user needs: `kedit.Repository` (the repository: init, commit, checkout,
+revert, log, materialize) and `kedit.load_model(path)` (a folder `kedit export` wrote). Both load
+on first use, so `import kedit` stays cheap. The layers are sub-packages: kedit.core (the engine),
+kedit.model, kedit.edit, kedit.eval, kedit.hub and kedit.cli (README.md, "Layout").
+"""
 
 from __future__ import annotations
 
@@ -15,6 +21,17 @@ def load_model(path: str | Path, *, dtype: Any = None, device: str = "cpu") -> A
     (`AutoTokenizer.from_pretrained(path)`). Example:
         model = kedit.load_model("exported/")
     """
-    from kedit.model import load_folder  # lazy: `import kedit` stays cheap
+    from kedit.model.load import load_folder  # lazy: `import kedit` stays cheap
 
     return load_folder(path, dtype=dtype, device=device)[0]
+
+
+def __getattr__(name: str) -> Any:
+    if name == "Repository":  # lazy, as load_model: the engine imports torch
+        from kedit.core.repo import Repository
+
+        return Repository
+    raise AttributeError(f"module 'kedit' has no attribute {name!r}")
+
+
+__all__ = ["Repository", "__version__", "load_model"]

@@ -24,8 +24,8 @@ from dataclasses import dataclass, field
 from importlib.metadata import entry_points
 from typing import Any
 
-from kedit.delta import Adapter, Dense, LowRank, Replace, WeightDelta
-from kedit.errors import MethodNotFoundError
+from kedit.core.delta import Adapter, Dense, LowRank, Replace, WeightDelta
+from kedit.core.errors import MethodNotFoundError
 
 __all__ = [
     "Adapter",

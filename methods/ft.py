@@ -17,8 +17,8 @@ import torch
 from kedit.methods.base import Dense, EditRequest, EditResult, register_method
 from kedit.methods.hparams import MAX_STEPS, bounded, layer_field, validate
 
-from kedit.arch import arch_for, get_module, n_layers
-from kedit.evaluate import answer_ids, prompt_ids
+from kedit.eval.metrics import answer_ids, prompt_ids
+from kedit.model.arch import arch_for, get_module, n_layers
 
 __all__ = ["FTHyperParams", "apply"]
 

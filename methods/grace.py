@@ -53,9 +53,9 @@ from kedit.methods.base import Adapter, EditRequest, EditResult, register_method
 from kedit.methods.hparams import MAX_STEPS, bounded, layer_field, validate
 from kedit.methods.rome import SuffixForward, partial_unsupported
 
-from kedit.adapters import register_installer
-from kedit.arch import arch_for, cache_keyword, get_module, n_layers, output_cache
-from kedit.evaluate import answer_ids, prompt_ids
+from kedit.eval.metrics import answer_ids, prompt_ids
+from kedit.model.adapters import register_installer
+from kedit.model.arch import arch_for, cache_keyword, get_module, n_layers, output_cache
 
 __all__ = ["KIND", "Codebook", "GRACEHyperParams", "Record", "apply", "codebook_of", "install", "records_of"]
 

@@ -28,7 +28,7 @@ from typing import Any, TypeVar
 
 import yaml
 
-from kedit.arch import arch_for, n_layers
+from kedit.model.arch import arch_for, n_layers
 
 __all__ = [
     "MAX_STEPS",

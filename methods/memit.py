@@ -29,8 +29,8 @@ from kedit.methods.hparams import MAX_STEPS, bounded, layer_field, validate
 from kedit.methods.lowp import check_dtype
 from kedit.methods.values import ValueSettings, module_outputs_at_subject, optimise_values, subject_keys
 
-from kedit.arch import arch_for, get_module, n_layers
-from kedit.evaluate import shows_in_generation
+from kedit.eval.metrics import shows_in_generation
+from kedit.model.arch import arch_for, get_module, n_layers
 
 __all__ = ["MEMITHyperParams", "apply", "default_layers", "spread_over_layers"]
 

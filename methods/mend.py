@@ -40,8 +40,8 @@ from kedit.methods.base import EditRequest, EditResult, LowRank, register_method
 from kedit.methods.hparams import MAX_STEPS, bounded, layer_field, validate
 from torch import nn
 
-from kedit.arch import arch_for, get_module, n_layers
-from kedit.evaluate import answer_ids, prompt_ids
+from kedit.eval.metrics import answer_ids, prompt_ids
+from kedit.model.arch import arch_for, get_module, n_layers
 
 __all__ = [
     "EditorLoader",

@@ -51,9 +51,9 @@ from kedit.methods.mend import (
 from kedit.methods.mend import _frozen as frozen
 from torch import nn
 
-from kedit.arch import arch_for, get_module
-from kedit.evaluate import answer_ids, prompt_ids
-from kedit.progress import progress_bar
+from kedit.core.progress import progress_bar
+from kedit.eval.metrics import answer_ids, prompt_ids
+from kedit.model.arch import arch_for, get_module
 
 __all__ = ["Checkpoint", "TrainItem", "TrainedEditor", "train"]
 

@@ -49,8 +49,8 @@ from kedit.methods.capture import capture_at_module
 from kedit.methods.hparams import MAX_STEPS, bounded, layer_field, validate
 from kedit.methods.lowp import DTYPES, check_dtype, has_hooks, low_precision
 
-from kedit.arch import arch_for, cache_keyword, get_module, n_layers
-from kedit.evaluate import answer_ids, prompt_ids, shows_in_generation, start_token_id
+from kedit.eval.metrics import answer_ids, prompt_ids, shows_in_generation, start_token_id
+from kedit.model.arch import arch_for, cache_keyword, get_module, n_layers
 
 __all__ = [
     "ROMEHyperParams",

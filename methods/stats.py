@@ -37,8 +37,8 @@ import torch
 from kedit.methods.capture import capture_at_module
 from safetensors.torch import load_file, save_file
 
-from kedit.evaluate import start_token_id
-from kedit.progress import progress_bar
+from kedit.core.progress import progress_bar
+from kedit.eval.metrics import start_token_id
 
 __all__ = [
     "CorpusSource",

@@ -34,7 +34,7 @@ from kedit.methods.rome import (
     target_ids,
 )
 
-from kedit.arch import n_layers
+from kedit.model.arch import n_layers
 
 __all__ = ["ValueFit", "ValueSettings", "module_outputs_at_subject", "optimise_values", "subject_keys"]
 

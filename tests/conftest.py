@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from kedit.repo import Repository
+from kedit.core.repo import Repository
 from tests.tiny import make_model
 
 

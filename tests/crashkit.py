@@ -36,14 +36,17 @@ from pathlib import Path
 
 import torch
 
-from kedit import history, hub, hubfetch, remotes
-from kedit.delta import Dense
-from kedit.errors import IncompleteRepositoryError
-from kedit.hashing import hash_tensor
-from kedit.maintenance import fsck
-from kedit.repo import Repository
-from kedit.store import read_safetensors
-from kedit.worktree import INDEX_FILE, shard_name
+from kedit.core import history
+from kedit.core.delta import Dense
+from kedit.core.errors import IncompleteRepositoryError
+from kedit.core.hashing import hash_tensor
+from kedit.core.maintenance import fsck
+from kedit.core.repo import Repository
+from kedit.core.store import read_safetensors
+from kedit.core.worktree import INDEX_FILE, shard_name
+from kedit.hub import fetch as hubfetch
+from kedit.hub import layout as hub
+from kedit.hub import remotes
 
 COMMANDS = ("init", "edit", "revert", "checkout", "branch", "tag", "reset", "gc", "push", "fetch", "pull", "clone")
 TOKEN = "hf_kedit_crash_token_0123456789abcdef"
@@ -56,7 +59,7 @@ _FORKER = r'''
 import json, os, sys, traceback
 import torch, transformers
 from transformers import AutoModelForCausalLM, AutoTokenizer
-import kedit.editing, kedit.hub, kedit.hubfetch, kedit.maintenance, kedit.methods.rome
+import kedit.edit.run, kedit.hub.layout, kedit.hub.fetch, kedit.core.maintenance, kedit.methods.rome
 from kedit.cli import cli
 
 print("READY", flush=True)

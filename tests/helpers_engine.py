@@ -5,7 +5,7 @@ from __future__ import annotations
 from click.testing import CliRunner, Result
 
 from kedit.cli import cli
-from kedit.repo import Repository
+from kedit.core.repo import Repository
 
 
 def snapshot(repo: Repository) -> dict:

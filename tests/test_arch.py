@@ -3,7 +3,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from kedit.arch import ARCHITECTURES, UnknownArchitectureError, arch_for, get_module, n_layers
+from kedit.model.arch import ARCHITECTURES, UnknownArchitectureError, arch_for, get_module, n_layers
 from tests import tiny
 
 

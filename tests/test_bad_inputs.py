@@ -21,10 +21,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from kedit.delta import Adapter, Dense, LowRank
-from kedit.editors import store_editor
-from kedit.errors import DeltaError
-from kedit.repo import Repository
+from kedit.core.delta import Adapter, Dense, LowRank
+from kedit.core.errors import DeltaError
+from kedit.core.repo import Repository
+from kedit.edit.trained import store_editor
 from tests.tiny import make_model, make_tokenizer
 
 from .helpers_engine import kedit, refused, snapshot

@@ -14,8 +14,8 @@ import torch
 from click.testing import CliRunner
 
 from kedit.cli import cli
-from kedit.delta import Dense
-from kedit.repo import Repository
+from kedit.core.delta import Dense
+from kedit.core.repo import Repository
 from tests.test_cli_edit import kedit, tiny_folder, tiny_repo  # noqa: F401  (fixtures)
 from tests.tiny import make_model, make_tokenizer
 
@@ -23,7 +23,7 @@ PROBES = ["probe", "add", "--prompt", "Berlin is the capital of", "--answer", "G
           "--prompt", "The language of Japan is", "--answer", "Japanese"]
 
 
-def _stdout(repo: Repository, *args: str) -> str:
+def stdout_of(repo: Repository, *args: str) -> str:
     """The report of a command that exits 1 (a check that found something)."""
     result = CliRunner().invoke(cli, ["--repo", str(repo.root), *args])
     assert result.exit_code == 1 and "Traceback" not in result.stderr, result.stderr
@@ -34,14 +34,14 @@ def _down_projections(repo: Repository) -> list[str]:
     return [n for n in repo.manifest() if n.endswith("mlp.down_proj.weight")]
 
 
-def _harmless(repo: Repository, gen: torch.Generator, n: int) -> list[str]:
+def harmless(repo: Repository, gen: torch.Generator, n: int) -> list[str]:
     name = _down_projections(repo)[0]
     shape = repo.manifest()[name].shape
     return [repo.commit({name: Dense(torch.randn(shape, generator=gen) * 1e-6)}, message=f"tweak {i}").id
             for i in range(n)]
 
 
-def _damaging_edit(repo: Repository, gen: torch.Generator) -> str:
+def damaging_edit(repo: Repository, gen: torch.Generator) -> str:
     """An edit about an unrelated subject whose delta breaks the locality probes."""
     return repo.commit({n: Dense(torch.randn(repo.manifest()[n].shape, generator=gen) * 2.0)
                         for n in _down_projections(repo)},
@@ -52,16 +52,16 @@ def _damaging_edit(repo: Repository, gen: torch.Generator) -> str:
 @pytest.fixture
 def loads(monkeypatch: pytest.MonkeyPatch) -> list[str]:
     """The revisions kedit materialises, in order."""
-    import kedit.model
+    import kedit.model.load
 
     seen: list[str] = []
-    real = kedit.model.load_model
+    real = kedit.model.load.load_revision
 
     def counting(repo, rev, **kwargs):
         seen.append(rev)
         return real(repo, rev, **kwargs)
 
-    monkeypatch.setattr(kedit.model, "load_model", counting)
+    monkeypatch.setattr(kedit.model.load, "load_revision", counting)
     return seen
 
 
@@ -69,9 +69,9 @@ def test_a_probe_broken_long_ago_still_fails_and_names_the_commit(tiny_repo: Rep
                                                                    loads: list[str]) -> None:
     kedit(tiny_repo, *PROBES)
     gen = torch.Generator().manual_seed(0)
-    before = _harmless(tiny_repo, gen, 5)
-    culprit = _damaging_edit(tiny_repo, gen)
-    after = _harmless(tiny_repo, gen, 10)
+    before = harmless(tiny_repo, gen, 5)
+    culprit = damaging_edit(tiny_repo, gen)
+    after = harmless(tiny_repo, gen, 10)
     # Ten commits later each probe equals its parent's score, but it is held against the base.
     report = json.loads(kedit(tiny_repo, "check", "--json", code=1))
     assert report["ok"] is False and report["against"] == tiny_repo.log()[-1].id
@@ -96,10 +96,10 @@ def test_a_probe_broken_long_ago_still_fails_and_names_the_commit(tiny_repo: Rep
 def test_check_against_a_revision_outside_the_history_is_refused(tiny_repo: Repository) -> None:  # noqa: F811
     kedit(tiny_repo, *PROBES)
     gen = torch.Generator().manual_seed(0)
-    _harmless(tiny_repo, gen, 1)
+    harmless(tiny_repo, gen, 1)
     kedit(tiny_repo, "branch", "side")
     kedit(tiny_repo, "checkout", "side")
-    side = _harmless(tiny_repo, gen, 1)[0]
+    side = harmless(tiny_repo, gen, 1)[0]
     kedit(tiny_repo, "checkout", "main")
     result = CliRunner().invoke(cli, ["--repo", str(tiny_repo.root), "check", "--against", side])
     assert result.exit_code != 0 and "Traceback" not in result.stderr
@@ -129,13 +129,13 @@ def test_chat_probes_are_checked_and_scored_under_their_own_protocol(tmp_path: P
     suite.write_text(json.dumps([{"prompt": "Toko Yasuda plays the", "subject": "Toko Yasuda", "target_new": "piano",
                                   "locality_prompt": "Berlin is the capital of", "locality_ground_truth": "Germany"}]))
     gen = torch.Generator().manual_seed(0)
-    _harmless(repo, gen, 2)
+    harmless(repo, gen, 2)
     unchanged = {m["name"]: m for m in json.loads(kedit(repo, "eval", "--chat", "--suite", str(suite), "--json"))}
     assert set(unchanged) == {"chat_gen_efficacy", "chat_gen_locality"}
     assert unchanged["chat_gen_locality"]["value"] == 1.0  # the reply to the chat message is the base's
     assert unchanged["chat_gen_efficacy"]["protocol"] == "chat_template_greedy24_contains"
-    culprit = _damaging_edit(repo, gen)
-    _harmless(repo, gen, 3)
+    culprit = damaging_edit(repo, gen)
+    harmless(repo, gen, 3)
     damaged = {m["name"]: m for m in json.loads(kedit(repo, "eval", "--chat", "--suite", str(suite), "--json"))}
     assert damaged["chat_gen_locality"]["value"] == 0.0
     # The plain scores of the same revision are stored apart, under their own names.
@@ -143,7 +143,7 @@ def test_chat_probes_are_checked_and_scored_under_their_own_protocol(tmp_path: P
     stored = {m.name: m.protocol for m in repo.get_commit(repo.head()).metrics}
     assert stored["chat_gen_locality"].startswith("chat_template_") and stored["locality"].startswith("user_prompt_")
     # check --chat: the chat replies drifted from the base's since the culprit.
-    report = json.loads(_stdout(repo, "check", "--chat", "--json"))
+    report = json.loads(stdout_of(repo, "check", "--chat", "--json"))
     assert report["prompts"] == "chat_template" and not report["ok"]
     assert {r["first_broke"] for r in report["results"] if r["broke"]} == {culprit}
     settings = {s for (s,) in repo.db.execute("SELECT DISTINCT setting FROM probe_outputs")}
@@ -152,7 +152,7 @@ def test_chat_probes_are_checked_and_scored_under_their_own_protocol(tmp_path: P
 
 def test_chat_needs_a_chat_template(tiny_repo: Repository) -> None:  # noqa: F811
     kedit(tiny_repo, *PROBES)
-    _harmless(tiny_repo, torch.Generator().manual_seed(0), 1)
+    harmless(tiny_repo, torch.Generator().manual_seed(0), 1)
     result = CliRunner().invoke(cli, ["--repo", str(tiny_repo.root), "check", "--chat"])
     assert result.exit_code != 0 and result.stderr.startswith("kedit: error: the tokenizer has no chat template")
     assert "Traceback" not in result.stderr
@@ -160,7 +160,7 @@ def test_chat_needs_a_chat_template(tiny_repo: Repository) -> None:  # noqa: F81
 
 def test_outputs_kept_under_the_old_prompt_protocol_are_not_reused(tiny_repo: Repository) -> None:  # noqa: F811
     kedit(tiny_repo, *PROBES)
-    _harmless(tiny_repo, torch.Generator().manual_seed(0), 1)
+    harmless(tiny_repo, torch.Generator().manual_seed(0), 1)
     # What an older kedit kept for HEAD (setting without a protocol; argmax after its start token).
     for (probe_id,) in tiny_repo.db.execute("SELECT id FROM probes").fetchall():
         tiny_repo.db.execute("INSERT INTO probe_outputs VALUES (?, ?, 'cpu/auto', '[-1]', 0.0)",

@@ -10,9 +10,9 @@ import torch
 from click.testing import CliRunner
 
 from kedit.cli import cli
-from kedit.delta import Dense, LowRank
-from kedit.hashing import hash_tensor
-from kedit.repo import Repository
+from kedit.core.delta import Dense, LowRank
+from kedit.core.hashing import hash_tensor
+from kedit.core.repo import Repository
 
 DOWN0 = "model.layers.0.mlp.down_proj.weight"
 DOWN1 = "model.layers.1.mlp.down_proj.weight"

@@ -10,8 +10,8 @@ import torch
 from click.testing import CliRunner
 
 from kedit.cli import cli
-from kedit.delta import Dense
-from kedit.repo import Repository
+from kedit.core.delta import Dense
+from kedit.core.repo import Repository
 from tests.tiny import SENTENCES, make_model, make_tokenizer
 
 # The subject ends the prompt: in a random 3-layer model, attention does not carry a fact from an

@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from kedit import db as dbm
 from kedit.cli import cli
-from kedit.repo import Repository
+from kedit.core import db as dbm
+from kedit.core.repo import Repository
 from tests.tiny import make_model, make_tokenizer
 
 FACTS = [  # (prompt, subject, new target, true target) in the tiny tokenizer's words
@@ -167,7 +167,7 @@ ZSRE_SAMPLE = Path(__file__).resolve().parents[2] / "shared" / "data" / "zsre_sa
 
 
 def test_training_loaders_read_every_format_with_its_task(tmp_path: Path):
-    from kedit.requests import load_training_requests
+    from kedit.edit.requests import load_training_requests
 
     records = [
         {"case_id": 0, "requested_rewrite": {"prompt": "The mother tongue of {} is", "subject": "Danielle Darrieux",

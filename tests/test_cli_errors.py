@@ -17,12 +17,12 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from kedit import history
-from kedit.delta import Dense, LowRank
-from kedit.hashing import hash_tensor
-from kedit.maintenance import fsck
-from kedit.repo import Repository
-from kedit.worktree import shard_name
+from kedit.core import history
+from kedit.core.delta import Dense, LowRank
+from kedit.core.hashing import hash_tensor
+from kedit.core.maintenance import fsck
+from kedit.core.repo import Repository
+from kedit.core.worktree import shard_name
 
 from .helpers_engine import kedit, refused, snapshot
 

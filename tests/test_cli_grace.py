@@ -12,10 +12,10 @@ from kedit.methods import grace
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import kedit
-from kedit import evaluate
 from kedit.cli import cli
-from kedit.model import load_model
-from kedit.repo import Repository
+from kedit.core.repo import Repository
+from kedit.eval import metrics
+from kedit.model.load import load_revision
 from tests.tiny import make_model, make_tokenizer
 
 MODULE = "model.layers.2.mlp.down_proj"  # the tiny Llama's default codebook module (3 layers)
@@ -50,7 +50,7 @@ def run(repo: Repository, *args: str, code: int = 0) -> str:
 
 def scores(model, tok) -> list[float]:
     """1.0 where two greedy tokens after tokenizer(prompt) hold the target (one token on the tiny vocabulary)."""
-    return [float(s) for s in evaluate.shows_in_generation(model, tok, PROMPTS, TARGETS, 2)]
+    return [float(s) for s in metrics.shows_in_generation(model, tok, PROMPTS, TARGETS, 2)]
 
 
 def radii(model) -> list[float]:
@@ -75,23 +75,23 @@ def test_grace_commits_show_diff_revert_checkout(repo: Repository) -> None:
     diff = json.loads(run(repo, "diff", base, "HEAD", "--json", code=1))  # 1: they differ, as git diff --exit-code
     assert len(diff["adapters"]["added"]) == 2 and not diff["tensors"]
 
-    model, tok = load_model(repo, "HEAD")
+    model, tok = load_revision(repo, "HEAD")
     assert scores(model, tok) == [1.0, 1.0] and all(r < 50 for r in radii(model))
 
     # Reverting the first edit removes exactly its entry; the second's radius is whole again.
     run(repo, "revert", "HEAD~1")
     assert "Adapter remove: grace" in run(repo, "show", "HEAD") and "The capital city is France" in run(
         repo, "show", "HEAD")
-    model, tok = load_model(repo, "HEAD")
+    model, tok = load_revision(repo, "HEAD")
     assert radii(model) == [50.0] and scores(model, tok)[1] == 1.0
-    assert grace.codebook_of(model, MODULE).labels == [tuple(evaluate.answer_ids(tok, "Paris"))]
+    assert grace.codebook_of(model, MODULE).labels == [tuple(metrics.answer_ids(tok, "Paris"))]
 
     # Every revision loads with its own codebook; the base with none.
     first = repo.log()[2].id
-    model, tok = load_model(repo, first)
+    model, tok = load_revision(repo, first)
     assert radii(model) == [50.0] and scores(model, tok)[0] == 1.0
     run(repo, "checkout", base)
-    model, tok = load_model(repo, "HEAD")
+    model, tok = load_revision(repo, "HEAD")
     assert grace.codebook_of(model, MODULE) is None and scores(model, tok) == [0.0, 0.0]
 
 
@@ -107,8 +107,8 @@ def test_export_loads_with_kedit_and_plain_transformers_refuses(repo: Repository
     model = kedit.load_model(tmp_path / "out")
     tok = AutoTokenizer.from_pretrained(tmp_path / "out")
     assert type(model).__name__ == "LlamaForCausalLM"
-    assert evaluate.shows_in_generation(model, tok, PROMPTS[:1], TARGETS[:1], 2) == [True]
-    original, _ = load_model(repo, "HEAD~1")
+    assert metrics.shows_in_generation(model, tok, PROMPTS[:1], TARGETS[:1], 2) == [True]
+    original, _ = load_revision(repo, "HEAD~1")
     for (name, a), (_, b) in zip(model.state_dict().items(), original.state_dict().items(), strict=True):
         assert torch.equal(a, b), name  # the weights are the base's: the edit lives in the codebook
 

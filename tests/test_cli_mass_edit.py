@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from kedit.methods.base import EditRequest
 
-from kedit.repo import Repository
+from kedit.core.repo import Repository
 from tests import test_cli_edit
 from tests.test_cli_edit import corpus_args, kedit
 

@@ -17,11 +17,11 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from kedit import editing
 from kedit.cli import cli
-from kedit.delta import Dense
-from kedit.errors import HeadMovedError
-from kedit.repo import HeadState, Repository
+from kedit.core.delta import Dense
+from kedit.core.errors import HeadMovedError
+from kedit.core.repo import HeadState, Repository
+from kedit.edit import run as editing
 from tests import test_cli_edit
 from tests.test_cli_edit import EDIT
 
@@ -177,8 +177,8 @@ def test_leaving_commits_behind_a_detached_head_warns(repo: Repository, caplog: 
 def test_a_checkout_while_the_model_is_read_makes_the_load_start_again(tiny_repo: Repository,
                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
     """A checkout there and back (ABA) while the working model is read could mix two commits' shards."""
-    from kedit import model as model_module
-    from kedit.hashing import hash_tensor
+    from kedit.core.hashing import hash_tensor
+    from kedit.model import load as model_module
 
     main = tiny_repo.head()
     kedit(tiny_repo, "branch", "side")
@@ -198,7 +198,7 @@ def test_a_checkout_while_the_model_is_read_makes_the_load_start_again(tiny_repo
         return loaded
 
     monkeypatch.setattr(model_module, "_from_folder", reading)
-    model, _ = model_module.load_model(tiny_repo, main)
+    model, _ = model_module.load_revision(tiny_repo, main)
     assert folders[0] == tiny_repo.worktree.folder and len(folders) == 2 and folders[1] != folders[0]
     norm = dict(model.named_parameters())["model.norm.weight"].detach()
     assert hash_tensor(norm) == tiny_repo.manifest(main)["model.norm.weight"].hash

@@ -15,8 +15,8 @@ import pytest
 from click.testing import CliRunner
 
 from kedit.cli import cli
-from kedit.config import global_path
-from kedit.repo import Repository
+from kedit.core.config import global_path
+from kedit.core.repo import Repository
 from tests.test_cli_commands import history  # noqa: F401 - fixture
 from tests.test_cli_edit import PROMPT, tiny_folder, tiny_repo  # noqa: F401 - fixtures
 

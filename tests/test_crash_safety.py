@@ -30,11 +30,11 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from kedit import history
 from kedit.cli import cli
-from kedit.hashing import hash_tensor
-from kedit.maintenance import fsck
-from kedit.repo import Repository
+from kedit.core import history
+from kedit.core.hashing import hash_tensor
+from kedit.core.maintenance import fsck
+from kedit.core.repo import Repository
 from tests.crashkit import LineChild, assert_worktree_is_head
 
 # Where a targeted run kills itself, as "hook@operation" (the hooks are installed by _WORKER;
@@ -55,10 +55,10 @@ KILL_POINTS = (
 _WORKER = r'''
 import contextlib, os, random, signal, sys, traceback
 import torch
-import kedit.db, kedit.store, kedit.worktree
-from kedit.delta import Dense, LowRank
-from kedit.errors import KeditError
-from kedit.repo import Repository
+import kedit.core.db, kedit.core.store, kedit.core.worktree
+from kedit.core.delta import Dense, LowRank
+from kedit.core.errors import KeditError
+from kedit.core.repo import Repository
 
 TENSORS = {"model.layers.0.mlp.down_proj.weight": (32, 64), "model.layers.1.self_attn.q_proj.weight": (32, 32),
            "model.norm.weight": (32,), "model.embed_tokens.weight": (128, 32)}
@@ -88,42 +88,42 @@ def install_kill_point(point, nth):
                             ("create_branch", "branch")):
         setattr(Repository, name, track(getattr(Repository, name), operation))
 
-    save_file = kedit.store.save_file
+    save_file = kedit.core.store.save_file
     def store_save_file(tensors, path, metadata=None):
         save_file(tensors, path, metadata=metadata)
         if "/objects/" in str(path):
             reached("object-tmp-written")
-    kedit.store.save_file = store_save_file
+    kedit.core.store.save_file = store_save_file
 
-    store_save = kedit.store.save_tensors_atomic
+    store_save = kedit.core.store.save_tensors_atomic
     def store_save_atomic(path, tensors, metadata, tmp_dir=None, **kwargs):
         store_save(path, tensors, metadata, tmp_dir=tmp_dir, **kwargs)
         reached("object-placed")
-    kedit.store.save_tensors_atomic = store_save_atomic
+    kedit.core.store.save_tensors_atomic = store_save_atomic
 
-    write = kedit.db.write
+    write = kedit.core.db.write
     @contextlib.contextmanager
     def db_write(db):
         with write(db) as d:
             yield d
             reached("db-inserts-done")
         reached("db-committed")
-    kedit.db.write = db_write
+    kedit.core.db.write = db_write
 
-    wt_save = kedit.worktree.save_tensors_atomic
+    wt_save = kedit.core.worktree.save_tensors_atomic
     def worktree_save(path, tensors, metadata, tmp_dir=None, **kwargs):
         wt_save(path, tensors, metadata, tmp_dir=tmp_dir, **kwargs)
         reached("worktree-shard-written")
-    kedit.worktree.save_tensors_atomic = worktree_save
+    kedit.core.worktree.save_tensors_atomic = worktree_save
 
-    write_index = kedit.worktree.Worktree._write_index
+    write_index = kedit.core.worktree.Worktree._write_index
     def worktree_write_index(self, index):
         if not index.get("pending"):
             reached("worktree-before-index")
         write_index(self, index)
         if index.get("pending"):
             reached("worktree-pending")
-    kedit.worktree.Worktree._write_index = worktree_write_index
+    kedit.core.worktree.Worktree._write_index = worktree_write_index
 
     update = Repository._update_worktree
     def update_worktree(self, commit_id, **kwargs):
@@ -335,7 +335,7 @@ def _commit_count(repo_dir: Path) -> int:
         conn.close()
 
 
-def _kedit_command() -> list[str]:
+def kedit_command() -> list[str]:
     script = Path(sys.executable).with_name("kedit")
     return [str(script)] if script.exists() else [sys.executable, "-m", "kedit.cli"]
 
@@ -344,7 +344,7 @@ def test_second_writer_gets_locked_error_and_readers_do_not_block(repo_dir: Path
     repo = Repository.open(repo_dir)
     head = repo.head()
     env = {**os.environ, "KEDIT_LOCK_TIMEOUT": "0.5"}
-    base = [*_kedit_command(), "--repo", str(repo.root)]
+    base = [*kedit_command(), "--repo", str(repo.root)]
     with repo.lock():
         # Both start together (each spends ~2 s importing torch); the lock is held throughout.
         writer = subprocess.Popen([*base, "branch", "x"], env=env, stdout=subprocess.PIPE,
@@ -373,7 +373,7 @@ INIT_KILLS = {
 
 _KILLED_INIT = r'''
 import os, signal, sys
-from kedit.repo import Repository
+from kedit.core.repo import Repository
 where, source, method = sys.argv[1:]
 def die(*args, **kwargs):
     os.kill(os.getpid(), signal.SIGKILL)

@@ -4,7 +4,7 @@ import pytest
 import torch
 from kedit.methods.base import EditRequest
 
-from kedit import evaluate
+from kedit.eval import metrics
 from tests import tiny
 
 
@@ -21,7 +21,7 @@ def model(tok):
 def hand_teacher_forced(model, tok, prompt, answer):
     """One unpadded pass of the prompt as the tokenizer encodes it, positions read by hand."""
     p = tok(prompt)["input_ids"]
-    a = evaluate.answer_ids(tok, answer)
+    a = metrics.answer_ids(tok, answer)
     with torch.no_grad():
         logits = model(input_ids=torch.tensor([p + a])).logits[0]
     logp = logits.log_softmax(-1)
@@ -35,7 +35,7 @@ ANSWERS = ["Paris", "Japan", "iPhone", "Madrid is in Spain"]
 
 
 def test_teacher_forced_matches_unpadded_passes(model, tok):
-    got = evaluate.teacher_forced(model, tok, PROMPTS, ANSWERS, batch_size=3)  # padded batches
+    got = metrics.teacher_forced(model, tok, PROMPTS, ANSWERS, batch_size=3)  # padded batches
     for g, p, a in zip(got, PROMPTS, ANSWERS, strict=True):
         preds, ids, nll = hand_teacher_forced(model, tok, p, a)
         assert list(g.predicted) == preds and list(g.target) == ids
@@ -46,25 +46,25 @@ def test_teacher_forced_matches_unpadded_passes(model, tok):
 def test_metrics_feed_the_prompt_as_the_tokenizer_encodes_it(model, tok):
     """The user protocol: exactly tokenizer(prompt), no start token in front, even though the tiny
     tokenizer adds no BOS and a method could put one there."""
-    assert evaluate.start_token_id(tok) is not None
-    assert evaluate.prompt_ids(tok, "Tokyo is in") == tok("Tokyo is in")["input_ids"]
+    assert metrics.start_token_id(tok) is not None
+    assert metrics.prompt_ids(tok, "Tokyo is in") == tok("Tokyo is in")["input_ids"]
     fed = []
     hook = model.get_input_embeddings().register_forward_hook(lambda m, args, out: fed.append(args[0][0].tolist()))
     try:
-        evaluate.teacher_forced(model, tok, ["Tokyo is in"], ["Japan"])
-        evaluate.greedy_continuations(model, tok, ["Tokyo is in"], max_new_tokens=1)
+        metrics.teacher_forced(model, tok, ["Tokyo is in"], ["Japan"])
+        metrics.greedy_continuations(model, tok, ["Tokyo is in"], max_new_tokens=1)
     finally:
         hook.remove()
     prompt = tok("Tokyo is in")["input_ids"]
-    assert fed[0] == prompt + evaluate.answer_ids(tok, "Japan")  # teacher forcing: prompt then answer
+    assert fed[0] == prompt + metrics.answer_ids(tok, "Japan")  # teacher forcing: prompt then answer
     assert fed[1] == prompt  # generation: the prompt alone, then one new token
 
 
 def test_answer_ids_boundary(tok):
-    ids = evaluate.answer_ids(tok, "Paris")
+    ids = metrics.answer_ids(tok, "Paris")
     assert tok.decode(ids) == " Paris"
     with pytest.raises(ValueError, match="tokenizes to nothing"):
-        evaluate.answer_ids(tok, "   ")
+        metrics.answer_ids(tok, "   ")
 
 
 def test_reliability_generalization_locality(model, tok):
@@ -72,21 +72,21 @@ def test_reliability_generalization_locality(model, tok):
         EditRequest(prompt=p, subject=p.split()[0], target_new=a, paraphrases=(p + " really",))
         for p, a in zip(PROMPTS, ANSWERS, strict=True)
     ]
-    rel = evaluate.reliability(model, tok, reqs)
+    rel = metrics.reliability(model, tok, reqs)
     expected = [hand_teacher_forced(model, tok, p, a) for p, a in zip(PROMPTS, ANSWERS, strict=True)]
     accs = [sum(x == y for x, y in zip(pr, ids, strict=True)) / len(ids) for pr, ids, _ in expected]
     assert rel.value == pytest.approx(sum(accs) / len(accs)) and rel.protocol == "user_prompt_teacher_forced_token_acc"
-    assert evaluate.generalization(model, tok, reqs).n == 4
+    assert metrics.generalization(model, tok, reqs).n == 4
     pairs = list(zip(PROMPTS, ANSWERS, strict=True))
-    ref = evaluate.locality_reference(model, tok, pairs)
-    assert evaluate.locality(model, tok, pairs, ref).value == 1.0
+    ref = metrics.locality_reference(model, tok, pairs)
+    assert metrics.locality(model, tok, pairs, ref).value == 1.0
     # One changed token out of the first pair's answer: agreement drops by 1/len/len(pairs).
     bad = [list(r) for r in ref]
     bad[0][0] = bad[0][0] + 1
-    loc = evaluate.locality(model, tok, pairs, bad)
+    loc = metrics.locality(model, tok, pairs, bad)
     assert loc.value == pytest.approx(1 - 1 / len(ref[0]) / len(pairs))
     assert loc.protocol == "user_prompt_teacher_forced_agreement"
-    assert math.isnan(evaluate.portability(model, tok, reqs).value)
+    assert math.isnan(metrics.portability(model, tok, reqs).value)
 
 
 def test_counterfact_scores_by_hand(model, tok):
@@ -98,7 +98,7 @@ def test_counterfact_scores_by_hand(model, tok):
         paraphrases=("France has the capital",),
         neighbourhood=("The capital of Germany is", "The capital of Italy is"),
     )
-    scores = evaluate.counterfact_scores(model, tok, [req])
+    scores = metrics.counterfact_scores(model, tok, [req])
 
     def nll(p, a):
         return hand_teacher_forced(model, tok, p, a)[2]
@@ -108,30 +108,30 @@ def test_counterfact_scores_by_hand(model, tok):
     ns = [float(nll(p, "Paris") < nll(p, "Rome")) for p in req.neighbourhood]
     assert scores["neighbourhood"].value == sum(ns) / 2 and scores["neighbourhood"].n == 2
     assert all(m.protocol == "user_prompt_counterfact_nll_margin" for m in scores.values())
-    only = evaluate.counterfact_scores(model, tok, [req], which=("neighbourhood",))
+    only = metrics.counterfact_scores(model, tok, [req], which=("neighbourhood",))
     assert list(only) == ["neighbourhood"] and only["neighbourhood"] == scores["neighbourhood"]
     with pytest.raises(ValueError, match="target_true"):
-        evaluate.counterfact_scores(model, tok, [EditRequest(prompt="{} is", subject="X", target_new="Y")])
+        metrics.counterfact_scores(model, tok, [EditRequest(prompt="{} is", subject="X", target_new="Y")])
 
 
 def test_ngram_entropy_by_hand():
     # Words a b a b: bigrams ab, ba, ab -> H2 = H(2/3, 1/3); trigrams aba, bab -> H3 = 1 bit.
     h2 = -(2 / 3 * math.log2(2 / 3) + 1 / 3 * math.log2(1 / 3))
-    assert evaluate.ngram_entropy("a b a b") == pytest.approx((2 / 3 * h2 + 4 / 3 * 1.0) / 2)
+    assert metrics.ngram_entropy("a b a b") == pytest.approx((2 / 3 * h2 + 4 / 3 * 1.0) / 2)
     # Punctuation is a word: a , b . -> three distinct bigrams, two distinct trigrams.
-    assert evaluate.ngram_entropy("a, b.") == pytest.approx((2 / 3 * math.log2(3) + 4 / 3 * 1.0) / 2)
-    assert evaluate.ngram_entropy("one") == 0.0
+    assert metrics.ngram_entropy("a, b.") == pytest.approx((2 / 3 * math.log2(3) + 4 / 3 * 1.0) / 2)
+    assert metrics.ngram_entropy("one") == 0.0
 
 
 def test_fluency_protocol(model, tok):
-    flu = evaluate.fluency(model, tok, ["The capital of France is"], max_new_tokens=8)
+    flu = metrics.fluency(model, tok, ["The capital of France is"], max_new_tokens=8)
     assert flu.protocol == "user_prompt_ngram_entropy_greedy8" and flu.value >= 0
 
 
 def test_greedy_continuations_are_what_generate_gives_each_prompt_alone(model, tok):
     """Batched, left-padded generation equals the user's own generate() on tokenizer(prompt), one at a time."""
     prompts = [*PROMPTS, "Paris"]  # lengths 1 to 8 tokens: every row but the longest is padded
-    got = evaluate.greedy_continuations(model, tok, prompts, max_new_tokens=6, batch_size=3)
+    got = metrics.greedy_continuations(model, tok, prompts, max_new_tokens=6, batch_size=3)
     for prompt, text in zip(prompts, got, strict=True):
         ids = tok(prompt, return_tensors="pt")
         with torch.no_grad():
@@ -140,26 +140,26 @@ def test_greedy_continuations_are_what_generate_gives_each_prompt_alone(model, t
 
 
 def test_comparison_rule():
-    assert evaluate.shows(" Rome, the capital of Italy.", "rome")  # case-insensitive containment
-    assert evaluate.shows("It is in\nNew   York city", "new york")  # spacing does not matter
-    assert not evaluate.shows(" Paris, the capital of France.", "Rome")
-    assert not evaluate.shows("anything", "  ")  # an empty answer never shows
-    assert evaluate.holds(" Madrid.", "Madrid", reference=" Barcelona")  # the true answer is still there
-    assert evaluate.holds(" a city in Spain", "Madrid", reference=" a city in  Spain")  # unchanged from the base
-    assert not evaluate.holds(" Rome.", "Madrid", reference=" Madrid.")
+    assert metrics.shows(" Rome, the capital of Italy.", "rome")  # case-insensitive containment
+    assert metrics.shows("It is in\nNew   York city", "new york")  # spacing does not matter
+    assert not metrics.shows(" Paris, the capital of France.", "Rome")
+    assert not metrics.shows("anything", "  ")  # an empty answer never shows
+    assert metrics.holds(" Madrid.", "Madrid", reference=" Barcelona")  # the true answer is still there
+    assert metrics.holds(" a city in Spain", "Madrid", reference=" a city in  Spain")  # unchanged from the base
+    assert not metrics.holds(" Rome.", "Madrid", reference=" Madrid.")
 
 
 def test_generation_scores_count_continuations_that_contain_the_target(model, tok):
     """gen_efficacy / gen_paraphrase / gen_locality follow the rule on the model's own continuations."""
     prompts = ["The capital of France is", "Tokyo is in"]
-    said = evaluate.greedy_continuations(model, tok, prompts)
+    said = metrics.greedy_continuations(model, tok, prompts)
     word = said[0].split()[0]  # a word the model does say after the first prompt
     req = EditRequest(prompt=prompts[0], subject="France", target_new=word, paraphrases=(prompts[1],))
     pairs = [(prompts[1], "zzz-not-said")]
-    scores = {m.name: m for m in evaluate.generation_scores(model, tok, [req], pairs, reference=[said[1]])}
+    scores = {m.name: m for m in metrics.generation_scores(model, tok, [req], pairs, reference=[said[1]])}
     assert scores["gen_efficacy"].value == 1.0 and scores["gen_efficacy"].protocol == "user_prompt_greedy10_contains"
-    assert scores["gen_paraphrase"].value == float(evaluate.shows(said[1], word))
+    assert scores["gen_paraphrase"].value == float(metrics.shows(said[1], word))
     assert scores["gen_locality"].value == 1.0  # unchanged from the reference
     assert scores["gen_locality"].protocol == "user_prompt_greedy10_holds_or_unchanged"
-    changed = evaluate.generation_scores(model, tok, [req], pairs, reference=["something else"])
+    changed = metrics.generation_scores(model, tok, [req], pairs, reference=["something else"])
     assert changed[-1].value == 0.0

@@ -9,11 +9,11 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
-from kedit.delta import Dense, LowRank, apply_step
-from kedit.export import export
-from kedit.hashing import hash_tensor
-from kedit.maintenance import fsck
-from kedit.repo import Repository, _encode
+from kedit.core.delta import Dense, LowRank, apply_step
+from kedit.core.hashing import hash_tensor
+from kedit.core.maintenance import fsck
+from kedit.core.repo import Repository, encode_delta
+from kedit.model.export import export
 from tests.conftest import build_tiny_model
 
 
@@ -29,7 +29,7 @@ def expected_state(base: dict[str, torch.Tensor], edits: list[dict]) -> dict[str
     state = {n: t.clone() for n, t in base.items()}
     for edit in edits:
         for name, delta in edit.items():
-            step, _ = _encode(delta, state[name])
+            step, _ = encode_delta(delta, state[name])
             state[name] = apply_step(state[name], step)
     return {n: hash_tensor(t) for n, t in state.items()}
 

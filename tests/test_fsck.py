@@ -22,14 +22,14 @@ from click.testing import CliRunner, Result
 from transformers import AutoModelForCausalLM
 
 from kedit.cli import cli
-from kedit.delta import Adapter, Dense, LowRank
-from kedit.editors import store_editor
-from kedit.evaluate import PROMPT_PROTOCOL
-from kedit.repo import Metric, Repository
-from kedit.worktree import shard_name
+from kedit.core.delta import Adapter, Dense, LowRank
+from kedit.core.repo import Metric, Repository
+from kedit.core.worktree import shard_name
+from kedit.edit.trained import store_editor
+from kedit.eval.metrics import PROMPT_PROTOCOL
 from tests import test_cli_grace
 from tests.hubserver import HubServer
-from tests.test_crash_safety import _kedit_command as kedit_command
+from tests.test_crash_safety import kedit_command
 from tests.test_hub import URL as HUB_URL
 from tests.test_hub import hub, origin  # noqa: F401  (fixtures: a local Hub, a repository with a remote)
 from tests.test_hub import run as hub_run

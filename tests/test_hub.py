@@ -17,8 +17,8 @@ import torch
 from click.testing import CliRunner
 
 from kedit.cli import cli
-from kedit.delta import LowRank
-from kedit.repo import Metric, Repository
+from kedit.core.delta import LowRank
+from kedit.core.repo import Metric, Repository
 from tests import test_cli_grace
 from tests.helpers_engine import snapshot
 from tests.hubserver import HubServer
@@ -122,7 +122,7 @@ def test_the_pushed_branch_loads_with_from_pretrained(origin: Repository, hub: H
     from huggingface_hub import snapshot_download
     from transformers import AutoModelForCausalLM
 
-    from kedit.hashing import hash_tensor
+    from kedit.core.hashing import hash_tensor
 
     run(origin.root, "push")
     folder = snapshot_download(REPO_ID, endpoint=hub.url, local_dir=tmp_path / "snap", ignore_patterns=[".kedit/*"])
@@ -146,8 +146,8 @@ def test_method_memory_travels_with_the_history(origin: Repository, hub: HubServ
 
 
 def test_trained_editors_travel_with_the_history(origin: Repository, hub: HubServer, tmp_path: Path) -> None:
-    from kedit.editors import editor_loader, list_editors, store_editor
-    from kedit.evaluate import PROMPT_PROTOCOL
+    from kedit.edit.trained import editor_loader, list_editors, store_editor
+    from kedit.eval.metrics import PROMPT_PROTOCOL
 
     state = {"w": torch.randn(4, 8, generator=torch.Generator().manual_seed(3))}
     trained = {"val_acc": 0.9, "prompt_protocol": PROMPT_PROTOCOL}
@@ -452,7 +452,7 @@ def test_a_grace_revision_on_the_hub_loads_with_kedit_and_plain_transformers_ref
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     import kedit
-    from kedit import evaluate
+    from kedit.eval.metrics import shows_in_generation
 
     repo = Repository.init(tmp_path / "work", str(tiny_folder), progress=False)
     run(repo.root, *GRACE_EDIT)
@@ -462,7 +462,7 @@ def test_a_grace_revision_on_the_hub_loads_with_kedit_and_plain_transformers_ref
     with pytest.raises(ValueError, match=r"kedit.load_model"):  # never the unedited model in silence
         AutoModelForCausalLM.from_pretrained(folder)
     model, tok = kedit.load_model(folder), AutoTokenizer.from_pretrained(folder)
-    assert evaluate.shows_in_generation(model, tok, [GRACE_PROMPT], [GRACE_TARGET], 2) == [True]
+    assert shows_in_generation(model, tok, [GRACE_PROMPT], [GRACE_TARGET], 2) == [True]
     assert "kedit.load_model" in (folder / "README.md").read_text()
 
     run(repo.root, "revert", "HEAD")  # no adapters left: the next push is a plain checkpoint again

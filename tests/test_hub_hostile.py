@@ -1,7 +1,7 @@
 """Hostile Hub repositories and the token's destination, tried as an attacker would.
 
 A forged commit's id is the correct hash of its record (kedit's own `record_id`), so the hash
-check passes: only the name grammar (kedit/names.py) stands between the record and a file
+check passes: only the name grammar (kedit/core/names.py) stands between the record and a file
 written outside the repository. Every refusal must be one line, and nothing may be written:
 no PWNED file, no clone folder, the existing repository's refs, objects and history unchanged.
 
@@ -21,9 +21,9 @@ from huggingface_hub import CommitOperationAdd, HfApi
 from safetensors.torch import save
 
 from kedit.cli import cli
-from kedit.hashing import hash_bytes, hash_tensor, record_id, tensors_object_id
-from kedit.hub import REFS_FILE, commit_path, document_bytes, object_path, shard_of
-from kedit.repo import Repository
+from kedit.core.hashing import hash_bytes, hash_tensor, record_id, tensors_object_id
+from kedit.core.repo import Repository
+from kedit.hub.layout import REFS_FILE, commit_path, document_bytes, object_path, shard_of
 from tests.helpers_engine import snapshot
 from tests.hubserver import HubServer
 from tests.test_hub import DOWN0, REPO_ID, TOKEN, URL, edit, hub, origin  # noqa: F401 - fixtures

@@ -8,11 +8,11 @@ from pathlib import Path
 
 import torch
 
-from kedit.hubprobes import PROBES_FILE
-from kedit.probes import add_probes
-from kedit.repo import Repository
+from kedit.core.repo import Repository
+from kedit.eval.probes import add_probes
+from kedit.hub.probes import PROBES_FILE
 from tests.hubserver import HubServer
-from tests.test_cli_check import PROBES, _damaging_edit, _harmless, _stdout
+from tests.test_cli_check import PROBES, damaging_edit, harmless, stdout_of
 from tests.test_hub import REPO_ID, URL, hub, run, tiny_folder  # noqa: F401  (fixtures)
 
 
@@ -24,7 +24,8 @@ def _suite(where: Path) -> list[tuple]:
 def _verdict(where: Path, *args: str, code: int) -> dict:
     """A check's JSON report, its results reduced to what must agree between two repositories."""
     repo = Repository.open(where)
-    report = json.loads(run(where, "check", "--json", *args) if code == 0 else _stdout(repo, "check", "--json", *args))
+    report = json.loads(run(where, "check", "--json", *args) if code == 0
+                        else stdout_of(repo, "check", "--json", *args))
     report["results"] = sorted((r["probe"]["prompt"], r["now"], r["against"], r["broke"], r["first_broke"])
                                for r in report["results"])
     return report
@@ -35,14 +36,14 @@ def test_a_clone_checks_with_the_same_probes_and_verdict(hub: HubServer, tmp_pat
     origin = Repository.init(tmp_path / "work", str(tiny_folder), progress=False)
     run(origin.root, "remote", "add", "origin", URL)
     gen = torch.Generator().manual_seed(0)
-    _harmless(origin, gen, 1)
+    harmless(origin, gen, 1)
     run(origin.root, "push")  # no probes yet: no file, as before kedit carried them
     assert PROBES_FILE not in hub.store.tree(REPO_ID, "main")[1]
     run(origin.root, *PROBES)
-    good = _harmless(origin, gen, 2)[-1]
-    culprit = _damaging_edit(origin, gen)
+    good = harmless(origin, gen, 2)[-1]
+    culprit = damaging_edit(origin, gen)
     add_probes(origin, [("edit", "Toko Yasuda plays the", "piano", culprit)])
-    _harmless(origin, gen, 3)
+    harmless(origin, gen, 3)
     run(origin.root, "push")
     assert "cloned" in run(tmp_path, "clone", URL, str(tmp_path / "ci"))
     ci = tmp_path / "ci"
@@ -69,7 +70,7 @@ def test_a_damaged_probe_file_is_refused_and_nothing_is_fetched(hub: HubServer, 
     origin = Repository.init(tmp_path / "work", str(tiny_folder), progress=False)
     run(origin.root, "remote", "add", "origin", URL)
     run(origin.root, *PROBES)
-    _harmless(origin, torch.Generator().manual_seed(0), 1)
+    harmless(origin, torch.Generator().manual_seed(0), 1)
     run(origin.root, "push")
     copy = Repository.init(tmp_path / "copy", str(tiny_folder), progress=False)
     run(copy.root, "remote", "add", "origin", URL)

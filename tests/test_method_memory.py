@@ -2,9 +2,9 @@
 
 import torch
 
-from kedit.delta import LowRank
-from kedit.maintenance import fsck
-from kedit.repo import Repository
+from kedit.core.delta import LowRank
+from kedit.core.maintenance import fsck
+from kedit.core.repo import Repository
 
 NAME = "model.layers.1.mlp.down_proj.weight"
 

@@ -1,4 +1,4 @@
-"""Names from outside (kedit/names.py, refs.check_ref_name) and the one safe writer, tried through
+"""Names from outside (kedit/core/names.py, refs.check_ref_name) and the one safe writer, tried through
 the CLI as a user or an attacker would: a model file with a tensor named `../x`, a ref name that
 shadows a commit, a history whose rows name a file outside the folder being written."""
 
@@ -14,10 +14,10 @@ from click.testing import CliRunner
 from safetensors.torch import save_file
 
 from kedit.cli import cli
-from kedit.errors import BadNameError
-from kedit.names import check_file_path, check_tensor_name, inside
-from kedit.repo import Repository
-from kedit.store import atomic_write_bytes
+from kedit.core.errors import BadNameError
+from kedit.core.names import check_file_path, check_tensor_name, inside
+from kedit.core.repo import Repository
+from kedit.core.store import atomic_write_bytes
 from tests.helpers_engine import snapshot
 
 

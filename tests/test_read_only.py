@@ -23,9 +23,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from kedit.delta import Dense
-from kedit.hashing import hash_tensor
-from kedit.repo import Repository
+from kedit.core.delta import Dense
+from kedit.core.hashing import hash_tensor
+from kedit.core.repo import Repository
 from tests.tiny import make_model, make_tokenizer
 
 from .helpers_engine import snapshot

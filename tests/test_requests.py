@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from kedit.requests import RequestFormatError, load_requests
+from kedit.edit.requests import RequestFormatError, load_requests
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 

@@ -11,8 +11,8 @@ import torch
 from click.testing import CliRunner
 
 from kedit.cli import cli
-from kedit.delta import LowRank
-from kedit.repo import Repository
+from kedit.core.delta import LowRank
+from kedit.core.repo import Repository
 from tests.test_cli_commands import DOWN0, DOWN1, history  # noqa: F401 - fixture
 
 

@@ -16,9 +16,9 @@ import torch
 from click.testing import CliRunner
 
 from kedit.cli import cli
-from kedit.delta import Dense
-from kedit.progress import ProgressLines, progress_bar
-from kedit.repo import Repository
+from kedit.core.delta import Dense
+from kedit.core.progress import ProgressLines, progress_bar
+from kedit.core.repo import Repository
 from tests.test_cli_edit import EDIT, tiny_folder, tiny_repo  # noqa: F401  (fixtures: a tiny model with a tokenizer)
 
 KEDIT = str(Path(sys.executable).parent / "kedit")
@@ -140,12 +140,12 @@ def test_shell_completion_offers_branches_without_loading_torch(repo: Repository
 
 def test_long_work_off_a_terminal_reports_in_lines_with_the_time_left(caplog, monkeypatch) -> None:
     monkeypatch.delenv("KEDIT_DISABLE_PROGRESS_BARS")
-    monkeypatch.setattr("kedit.progress._disabled", False)  # an earlier -q in this process switched it off
+    monkeypatch.setattr("kedit.core.progress._disabled", False)  # an earlier -q in this process switched it off
     clock = iter([100.0, 112.0, 113.0, 125.0])  # start, then three updates
-    monkeypatch.setattr("kedit.progress.time.monotonic", lambda: next(clock))
+    monkeypatch.setattr("kedit.core.progress.time.monotonic", lambda: next(clock))
     bar = progress_bar(total=8, desc="export", unit="tensor")  # stderr is not a terminal under pytest
     assert isinstance(bar, ProgressLines)
-    with caplog.at_level("INFO", logger="kedit.progress"), bar:  # used as tqdm is, in a with block
+    with caplog.at_level("INFO", logger="kedit.core.progress"), bar:  # used as tqdm is, in a with block
         for _ in range(3):
             bar.update(2)
     # a line only when ten seconds have passed since the last one; 2 tensors in 12 s: 36 s for 6 more

@@ -16,9 +16,9 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, pipeline
 
 import kedit
 from kedit.cli import cli
-from kedit.evaluate import holds, shows
-from kedit.repo import Repository
-from kedit.sources import default_model_folder
+from kedit.core.repo import Repository
+from kedit.core.sources import default_model_folder
+from kedit.eval.metrics import holds, shows
 
 pytestmark = pytest.mark.slow
 

@@ -10,12 +10,12 @@ from kedit.methods.base import EditRequest
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import kedit
-from kedit import evaluate
-from kedit.editing import EditOptions, run_edits
-from kedit.export import export
-from kedit.model import load_model
-from kedit.repo import Repository
-from kedit.sources import default_model_folder
+from kedit.core.repo import Repository
+from kedit.core.sources import default_model_folder
+from kedit.edit.run import EditOptions, run_edits
+from kedit.eval import metrics
+from kedit.model.export import export
+from kedit.model.load import load_revision
 
 pytestmark = pytest.mark.slow
 
@@ -36,9 +36,9 @@ UNRELATED = [
 def test_edit_locality_revert_export(tmp_path: Path) -> None:
     folder = default_model_folder(Path("/tmp/kedit-smollm2-135m"))  # converted once, reused
     repo = Repository.init(tmp_path / "work", str(folder), copy=False, progress=False)
-    base, tok = load_model(repo, "HEAD")
-    reference = evaluate.locality_reference(base, tok, UNRELATED)
-    before = evaluate.shows_in_generation(base, tok, [r.text for r in EDITS], [r.target_new for r in EDITS])
+    base, tok = load_revision(repo, "HEAD")
+    reference = metrics.locality_reference(base, tok, UNRELATED)
+    before = metrics.shows_in_generation(base, tok, [r.text for r in EDITS], [r.target_new for r in EDITS])
     assert before == [False, False]
     del base
 
@@ -47,16 +47,16 @@ def test_edit_locality_revert_export(tmp_path: Path) -> None:
         post = {m.name: m.value for m in commit.metrics if m.stage == "post"}
         assert post["gen_efficacy"] == 1.0 and post["reliability"] == 1.0
 
-    model, tok = load_model(repo, "HEAD")
+    model, tok = load_revision(repo, "HEAD")
     module = first.hparams["module_tmp"].format(first.hparams["layer"])
     assert len(grace.codebook_of(model, module)) == 2
-    assert evaluate.shows_in_generation(model, tok, [r.text for r in EDITS], ["Rome", "English"]) == [True, True]
-    assert evaluate.locality(model, tok, UNRELATED, reference).value == 1.0
+    assert metrics.shows_in_generation(model, tok, [r.text for r in EDITS], ["Rome", "English"]) == [True, True]
+    assert metrics.locality(model, tok, UNRELATED, reference).value == 1.0
 
     repo.revert(first.id)  # only the first edit's entry goes
-    model, tok = load_model(repo, "HEAD")
+    model, tok = load_revision(repo, "HEAD")
     assert [r.prompt for r in grace.records_of(model, module)] == [EDITS[1].text]
-    assert evaluate.shows_in_generation(model, tok, [r.text for r in EDITS], ["Rome", "English"]) == [False, True]
+    assert metrics.shows_in_generation(model, tok, [r.text for r in EDITS], ["Rome", "English"]) == [False, True]
 
     out = tmp_path / "export"
     export(repo, "HEAD", out)
@@ -64,5 +64,5 @@ def test_edit_locality_revert_export(tmp_path: Path) -> None:
         AutoModelForCausalLM.from_pretrained(out)
     loaded = kedit.load_model(out)
     tok = AutoTokenizer.from_pretrained(out)
-    assert evaluate.shows_in_generation(loaded, tok, [EDITS[1].text], ["English"]) == [True]
-    assert evaluate.locality(loaded, tok, UNRELATED, reference).value == 1.0
+    assert metrics.shows_in_generation(loaded, tok, [EDITS[1].text], ["English"]) == [True]
+    assert metrics.locality(loaded, tok, UNRELATED, reference).value == 1.0

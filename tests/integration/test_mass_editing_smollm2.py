@@ -7,14 +7,15 @@ from pathlib import Path
 import pytest
 from kedit.methods.base import EditRequest
 
-from kedit import evaluate, history
-from kedit.delta import apply_step
-from kedit.editing import EditOptions, run_edits
-from kedit.hashing import hash_tensor
-from kedit.materialize import load_step
-from kedit.model import load_model
-from kedit.repo import Repository
-from kedit.sources import default_model_folder
+from kedit.core import history
+from kedit.core.delta import apply_step
+from kedit.core.hashing import hash_tensor
+from kedit.core.materialize import load_step
+from kedit.core.repo import Repository
+from kedit.core.sources import default_model_folder
+from kedit.edit.run import EditOptions, run_edits
+from kedit.eval import metrics
+from kedit.model.load import load_revision
 from tests.integration.test_rome_smollm2 import UNRELATED
 
 pytestmark = pytest.mark.slow
@@ -39,22 +40,22 @@ def repo(tmp_path: Path) -> Repository:
 
 
 def efficacy(repo: Repository, facts: list[EditRequest]) -> list[float]:
-    model, tok = load_model(repo, "HEAD")
-    return [evaluate.counterfact_scores(model, tok, [f])["efficacy"].value for f in facts]
+    model, tok = load_revision(repo, "HEAD")
+    return [metrics.counterfact_scores(model, tok, [f])["efficacy"].value for f in facts]
 
 
 def test_memit_writes_several_facts_in_one_commit(repo: Repository) -> None:
     base = repo.head()
-    model, tok = load_model(repo, base)
-    reference = evaluate.locality_reference(model, tok, UNRELATED)
+    model, tok = load_revision(repo, base)
+    reference = metrics.locality_reference(model, tok, UNRELATED)
     facts = FACTS[:3]
     (commit,) = run_edits(repo, facts, EditOptions(method="memit", stats_samples=STATS, measure=False))
     assert commit.parent == base and len(commit.requests) == len(facts)
     assert len(repo.changes("HEAD")) == 5 and all(c.rank == len(facts) for c in repo.changes("HEAD"))
     assert efficacy(repo, facts) == [1.0] * len(facts)
-    model, tok = load_model(repo, "HEAD")
+    model, tok = load_revision(repo, "HEAD")
     # one of the ten facts' answer tokens may move (4 facts at once measured 0.85)
-    assert evaluate.locality(model, tok, UNRELATED, reference).value >= 0.8
+    assert metrics.locality(model, tok, UNRELATED, reference).value >= 0.8
     repo.revert("HEAD")
     assert {n: e.hash for n, e in repo.manifest().items()} == {n: e.hash for n, e in repo.manifest(base).items()}
 

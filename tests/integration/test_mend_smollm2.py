@@ -9,12 +9,12 @@ from pathlib import Path
 import pytest
 from kedit.methods.base import EditRequest
 
-from kedit import evaluate
-from kedit.editing import EditOptions, run_edits
-from kedit.editors import TrainOptions, list_editors, train_editor
-from kedit.model import load_model
-from kedit.repo import Repository
-from kedit.sources import default_model_folder
+from kedit.core.repo import Repository
+from kedit.core.sources import default_model_folder
+from kedit.edit.run import EditOptions, run_edits
+from kedit.edit.trained import TrainOptions, list_editors, train_editor
+from kedit.eval import metrics
+from kedit.model.load import load_revision
 
 pytestmark = pytest.mark.slow
 
@@ -56,15 +56,15 @@ def test_train_then_edit(work: Path):
 
     request = EditRequest(prompt="The capital of {} is", subject="Germany", target_new="Madrid",
                           target_true="Berlin")
-    model, tok = load_model(repo, "HEAD")
-    before = evaluate.target_nll(model, tok, [request.text], [request.target_new])[0]
+    model, tok = load_revision(repo, "HEAD")
+    before = metrics.target_nll(model, tok, [request.text], [request.target_new])[0]
     [commit] = run_edits(repo, [request], EditOptions(method="mend", measure=False))
     assert commit.hparams["editor"] == info.id and commit.info["edit_seconds"] < 5
     changes = repo.changes(commit.id)
     assert {c.name for c in changes} == {f"model.layers.{i}.mlp.down_proj.weight" for i in (27, 28, 29)}
     assert all(c.encoding == "lowrank" and c.stored_bytes < 200_000 for c in changes)
-    edited, _ = load_model(repo, "HEAD")
-    after = evaluate.target_nll(edited, tok, [request.text], [request.target_new])[0]
+    edited, _ = load_revision(repo, "HEAD")
+    after = metrics.target_nll(edited, tok, [request.text], [request.target_new])[0]
     assert after < before - 0.5
     # checked in generation on the prompt as sent: a 12-step editor moves the target; the commit says if it shows
     shown = commit.info["shows_in_generation"]

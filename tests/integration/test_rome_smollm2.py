@@ -11,9 +11,9 @@ from kedit.methods import rome
 from kedit.methods.base import EditRequest
 from kedit.methods.stats import GeneratedSource, StatsCache, cached_second_moment
 
-from kedit import evaluate
-from kedit.delta import apply_step
-from kedit.sources import default_model_folder
+from kedit.core.delta import apply_step
+from kedit.core.sources import default_model_folder
+from kedit.eval import metrics
 
 pytestmark = pytest.mark.slow
 
@@ -58,7 +58,7 @@ def test_counterfactual_edit(smollm2, tmp_path):
         model, tok, hp.layer, hp.module_name, source, n_samples=64, cache=StatsCache(tmp_path), base_hash="t"
     )
     hp = dataclasses.replace(hp, mom2_n_samples=64)
-    reference = evaluate.locality_reference(model, tok, UNRELATED)
+    reference = metrics.locality_reference(model, tok, UNRELATED)
     result = rome.apply(model, tok, [req], hp, second_moment=c)
     ((name, delta),) = result.deltas.items()
     weight = dict(model.named_parameters())[name]
@@ -66,11 +66,11 @@ def test_counterfactual_edit(smollm2, tmp_path):
     with torch.no_grad():
         weight.copy_(apply_step(original, delta))
     try:
-        assert evaluate.shows_in_generation(model, tok, [req.text], ["Rome"]) == [True]
-        cf = evaluate.counterfact_scores(model, tok, [req])
+        assert metrics.shows_in_generation(model, tok, [req.text], ["Rome"]) == [True]
+        cf = metrics.counterfact_scores(model, tok, [req])
         assert cf["efficacy"].value == 1.0 and cf["paraphrase"].value == 1.0
-        assert evaluate.reliability(model, tok, [req]).value == 1.0
-        assert evaluate.locality(model, tok, UNRELATED, reference).value >= 0.9
+        assert metrics.reliability(model, tok, [req]).value == 1.0
+        assert metrics.locality(model, tok, UNRELATED, reference).value >= 0.9
     finally:
         with torch.no_grad():
             weight.copy_(original)

@@ -10,10 +10,10 @@ from click.testing import CliRunner
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from kedit.cli import cli
-from kedit.delta import LowRank
-from kedit.hashing import hash_tensor
-from kedit.maintenance import fsck
-from kedit.repo import Repository
+from kedit.core.delta import LowRank
+from kedit.core.hashing import hash_tensor
+from kedit.core.maintenance import fsck
+from kedit.core.repo import Repository
 
 pytestmark = pytest.mark.slow
 

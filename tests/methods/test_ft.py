@@ -6,8 +6,8 @@ import torch
 from kedit.methods import ft
 from kedit.methods.base import Dense, EditRequest
 
-from kedit.delta import apply_step
-from kedit.evaluate import teacher_forced
+from kedit.core.delta import apply_step
+from kedit.eval.metrics import teacher_forced
 
 REQS = [
     EditRequest(prompt="The capital city is France", subject="France", target_new="Japan"),

@@ -9,8 +9,8 @@ import torch
 from kedit.methods import grace
 from kedit.methods.base import Adapter, EditRequest, get_method
 
-from kedit import evaluate
-from kedit.adapters import install_adapters
+from kedit.eval import metrics
+from kedit.model.adapters import install_adapters
 from tests.tiny import MODEL_TYPES, make_model
 
 # The subject ends the prompt and the targets are single tokens of the tiny tokenizer (tests/test_cli_edit.py).
@@ -37,7 +37,7 @@ def module_io(model, tok, module_name: str, text: str) -> tuple[torch.Tensor, to
         lambda m, a, o: seen.update(x=a[0][0, -1].detach().clone(), y=o[0, -1].detach().clone()))
     try:
         with torch.no_grad():
-            model(input_ids=torch.tensor([evaluate.prompt_ids(tok, text)]))
+            model(input_ids=torch.tensor([metrics.prompt_ids(tok, text)]))
     finally:
         handle.remove()
     return seen["x"], seen["y"]
@@ -107,7 +107,7 @@ def test_edit_sees_the_installed_codebook_and_leaves_it_as_found(tiny_llama, tin
         install_adapters(tiny_llama, first.adapters + second.adapters)  # incremental: the first is kept
         book = grace.codebook_of(tiny_llama, hp.module_name)
         assert len(book) == 2 and book.radii[0] < 50 and book.radii[1] < 50
-        shown = evaluate.shows_in_generation(tiny_llama, tiny_tok, [FRANCE.text, BERLIN.text], ["Japan", "Paris"], 2)
+        shown = metrics.shows_in_generation(tiny_llama, tiny_tok, [FRANCE.text, BERLIN.text], ["Japan", "Paris"], 2)
         assert shown == [True, True]
         install_adapters(tiny_llama, second.adapters)  # without the first: as if it had never been made
         assert grace.codebook_of(tiny_llama, hp.module_name).radii[0] == 50.0
@@ -120,13 +120,13 @@ def test_edit_takes_on_every_architecture(model_type: str, tiny_tok) -> None:
     model = make_model(model_type, len(tiny_tok))
     hp = grace.GRACEHyperParams.for_model(model)
     unrelated = [("Tokyo is in", "Japan"), ("Madrid is in", "Spain")]
-    reference = evaluate.locality_reference(model, tiny_tok, unrelated)
+    reference = metrics.locality_reference(model, tiny_tok, unrelated)
     result = get_method("grace").apply(model, tiny_tok, [FRANCE], hp)
     install_adapters(model, result.adapters)
     try:
-        assert evaluate.shows_in_generation(model, tiny_tok, [FRANCE.text], ["Japan"], 2) == [True]
-        assert evaluate.reliability(model, tiny_tok, [FRANCE]).value == 1.0  # teacher forcing agrees
-        assert evaluate.locality(model, tiny_tok, unrelated, reference).value == 1.0
+        assert metrics.shows_in_generation(model, tiny_tok, [FRANCE.text], ["Japan"], 2) == [True]
+        assert metrics.reliability(model, tiny_tok, [FRANCE]).value == 1.0  # teacher forcing agrees
+        assert metrics.locality(model, tiny_tok, unrelated, reference).value == 1.0
     finally:
         install_adapters(model, [])
 
@@ -139,7 +139,7 @@ def test_bad_hyper_parameters_are_refused(tiny_llama) -> None:
 
 
 def test_an_adapter_kind_nobody_installs_is_a_clear_error(tiny_llama) -> None:
-    from kedit.errors import KeditError
+    from kedit.core.errors import KeditError
 
     with pytest.raises(KeditError, match="no installer for adapter kind 'wise'"):
         install_adapters(tiny_llama, [Adapter("wise", {"x": torch.zeros(1)}, {})])

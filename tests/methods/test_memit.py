@@ -8,9 +8,9 @@ from kedit.methods import alphaedit, memit, memit_math
 from kedit.methods.base import EditRequest, get_method
 from kedit.methods.stats import accumulate_second_moment
 
-from kedit.arch import arch_for, get_module
-from kedit.delta import LowRank, apply_step
-from kedit.evaluate import teacher_forced
+from kedit.core.delta import LowRank, apply_step
+from kedit.eval.metrics import teacher_forced
+from kedit.model.arch import arch_for, get_module
 
 # Each subject ends its prompt and each target is one token of the tiny vocabulary: in a 3-layer
 # random model an edit must act at the predicting position (one random attention layer above the

@@ -11,7 +11,7 @@ from kedit.methods import mend, mend_train
 from kedit.methods.base import EditRequest
 from kedit.methods.mend_train import TrainItem
 
-from kedit.arch import get_module
+from kedit.model.arch import get_module
 from tests.tiny import MODEL_TYPES, make_model
 
 FACTS = [

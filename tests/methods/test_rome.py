@@ -7,9 +7,9 @@ from kedit.methods import lowp, rome, rome_math
 from kedit.methods.base import EditRequest, get_method
 from kedit.methods.hparams import hparams_from_overrides, hparams_to_dict
 
-from kedit.arch import arch_for, get_module
-from kedit.delta import LowRank, apply_step
-from kedit.evaluate import start_token_id, token_accuracy
+from kedit.core.delta import LowRank, apply_step
+from kedit.eval.metrics import start_token_id, token_accuracy
+from kedit.model.arch import arch_for, get_module
 from tests.tiny import MODEL_TYPES, make_model, make_tokenizer
 
 REQ = EditRequest(prompt="The capital of France is", subject="France", target_new="Rome")

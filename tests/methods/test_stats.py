@@ -14,8 +14,8 @@ from kedit.methods.stats import (
     read_corpus,
 )
 
-from kedit.arch import arch_for, get_module
-from kedit.evaluate import start_token_id
+from kedit.eval.metrics import start_token_id
+from kedit.model.arch import arch_for, get_module
 
 TEXTS = [
     "The Eiffel Tower is located in the city of Paris.",

@@ -1,0 +1,183 @@
+"""Commands that change the model: edit, stats."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import click
+
+from kedit.cli.common import (
+    command,
+    device_option,
+    dtype_option,
+    emit_json,
+    greedy_answer,
+    json_option,
+    open_repo,
+    parse_overrides,
+)
+from kedit.core import config
+from kedit.core.errors import KeditError
+from kedit.core.progress import progress_enabled
+
+DEFAULT_METHOD = "rome"
+
+
+def _configured_samples(repo) -> int | None:
+    """`kedit config stats.samples`: the statistics' size when the command line gives none."""
+    value = config.get("stats.samples", repo.path)
+    return int(value) if value else None
+
+
+
+def _locality_arg(text: str) -> tuple[str, str | None]:
+    """'PROMPT=>ANSWER', or just PROMPT (the answer is then what the model says now)."""
+    prompt, sep, answer = text.partition("=>")
+    return (prompt.strip(), answer.strip() if sep else None)
+
+
+
+@command()
+@click.option("--method", help="The editing method (default: config edit.method, else rome).")
+@click.option("--prompt", help="The prompt, holding the subject (or {} in its place).")
+@click.option("--subject", help="The subject whose fact changes.")
+@click.option("--target", help="The new completion.")
+@click.option("--target-true", help="The current (true) completion, for CounterFact scores.")
+@click.option("--paraphrase", multiple=True, help="A paraphrase of the prompt (repeatable).")
+@click.option("--locality", multiple=True,
+              help="An unrelated prompt that must not change, as PROMPT or PROMPT=>ANSWER.")
+@click.option("--requests", "request_files", multiple=True,
+              type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="Edit requests: kedit/EasyEdit JSON(L), CounterFact, zsRE (MEND format), KnowEdit.")
+@click.option("--set", "overrides", multiple=True, help="Override a hyper-parameter: key=value (repeatable).")
+@click.option("--hparams", "hparams_file", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="Hyper-parameters from a YAML file (EasyEdit files work).")
+@click.option("--editor", help="The trained editor (mend, instructedit): an id from 'kedit editors' (default: latest).")
+@click.option("--corpus", type=click.Path(exists=True, path_type=Path),
+              help="Text for covariance statistics (file or folder); default: text the model generates.")
+@click.option("--stats-samples", type=click.IntRange(1, 10_000_000),
+              help="Texts behind the covariance statistics (default: config stats.samples, else the method's).")
+@click.option("--batch-size", type=click.IntRange(min=1),
+              help="Requests per commit (default: 1, or all for batch methods).")
+@click.option("--no-eval", is_flag=True, help="Skip the before/after measurements.")
+@click.option("--fluency", is_flag=True, help="Also measure fluency (n-gram entropy of 100-token generations).")
+@click.option("-m", "--message", help="Commit message (single request).")
+@device_option
+@dtype_option
+@json_option
+@click.pass_context
+def edit(ctx: click.Context, method: str | None, prompt: str | None, subject: str | None, target: str | None,
+         target_true: str | None, paraphrase: tuple[str, ...], locality: tuple[str, ...],
+         request_files: tuple[Path, ...], overrides: tuple[str, ...], hparams_file: Path | None,
+         editor: str | None, corpus: Path | None, stats_samples: int | None, batch_size: int | None, no_eval: bool,
+         fluency: bool,
+         message: str | None, device: str, dtype: str | None, as_json: bool) -> None:
+    """Edit a fact; each edit becomes a commit with its measured effect.
+
+    \b
+    Example:
+        kedit edit --prompt "The mother tongue of Danielle Darrieux is" \\
+                   --subject "Danielle Darrieux" --target "English" --target-true "French"
+        kedit edit --requests counterfact.json --set layer=4
+    """
+    from kedit.edit.requests import load_requests
+    from kedit.edit.run import EditOptions, run_edits
+    from kedit.methods.base import EditRequest, get_method
+    from kedit.model.load import parse_dtype
+
+    repo = open_repo(ctx)
+    if method is None:
+        method = config.get("edit.method", repo.path) or DEFAULT_METHOD
+    stats_samples = stats_samples or _configured_samples(repo)
+    get_method(method)
+    requests = load_requests(request_files) if request_files else []
+    if prompt or subject or target:
+        if not (prompt and subject and target):
+            raise click.UsageError("--prompt, --subject and --target go together")
+        explicit = [_locality_arg(t) for t in locality]
+        try:
+            request = EditRequest(prompt=prompt, subject=subject, target_new=target, target_true=target_true,
+                                  paraphrases=paraphrase, locality=tuple((p, a) for p, a in explicit if a))
+        except ValueError as e:
+            raise KeditError(f"bad request: {e}") from e
+        open_prompts = [p for p, a in explicit if a is None]
+        if open_prompts:  # answers for locality prompts: what the model says before the edit
+            from kedit.model.load import load_revision
+
+            model, tok = load_revision(repo, "HEAD", dtype=parse_dtype(dtype), device=device)
+            request = EditRequest(**{**request.__dict__, "locality": request.locality + tuple(
+                (p, greedy_answer(model, tok, p)) for p in open_prompts)})
+            del model
+        requests.append(request)
+    if not requests:
+        raise click.UsageError("give --prompt/--subject/--target or --requests FILE")
+    parsed = parse_overrides(overrides)
+    if editor:
+        parsed["editor"] = editor
+    options = EditOptions(method=method, overrides=parsed, hparams_file=hparams_file,
+                          corpus=corpus, stats_samples=stats_samples, dtype=parse_dtype(dtype), device=device,
+                          batch_size=batch_size, measure=not no_eval, fluency=fluency, message=message,
+                          progress=progress_enabled())
+    commits = run_edits(repo, requests, options)
+    if as_json:
+        emit_json([{"id": c.id, "message": c.message, "info": c.info,
+                     "metrics": [m.__dict__ for m in c.metrics]} for c in commits])
+        return
+    for c in commits:
+        click.echo(f"[{repo.head_branch() or 'detached'} {c.short}] {c.message}")
+        post = {m.name: m.value for m in c.metrics if m.stage == "post"}
+        pre = {m.name: m.value for m in c.metrics if m.stage == "pre"}
+        if post:
+            click.echo("  " + "  ".join(f"{k} {pre.get(k, math.nan):.2f}->{v:.2f}" for k, v in post.items()))
+
+
+@command()
+@click.option("--layer", type=click.IntRange(min=0), multiple=True,
+              help="Layer(s) to compute (default: the method's layer).")
+@click.option("--method", default="rome", show_default=True, help="Whose projection and defaults to use.")
+@click.option("--corpus", type=click.Path(exists=True, path_type=Path),
+              help="Plain text (one sample per line or paragraph), JSONL with a text field, or a folder of them.")
+@click.option("--samples", type=click.IntRange(1, 10_000_000),
+              help="Number of texts (default: config stats.samples, else the method's mom2_n_samples).")
+@click.option("--set", "overrides", multiple=True, help="Override a hyper-parameter: key=value.")
+@device_option
+@dtype_option
+@click.pass_context
+def stats(ctx: click.Context, layer: tuple[int, ...], method: str, corpus: Path | None, samples: int | None,
+          overrides: tuple[str, ...], device: str, dtype: str | None) -> None:
+    """Compute and cache the covariance E[kkᵀ] of a layer's keys on the base model.
+
+    Streaming and resumable: an interrupted run continues where it stopped.
+
+    \b
+    Example:
+        kedit stats --layer 5 --samples 20000 --corpus wiki.jsonl
+    """
+    from kedit.edit.stats import StatsProvider
+    from kedit.methods.base import get_method
+    from kedit.methods.hparams import hparams_from_overrides
+    from kedit.model.load import load_revision, parse_dtype
+
+    repo = open_repo(ctx)
+    samples = samples or _configured_samples(repo)
+    base = repo.log("HEAD")[-1].id
+    model, tok = load_revision(repo, base, dtype=parse_dtype(dtype), device=device)
+    values = parse_overrides(overrides)
+    if samples:
+        values.setdefault("mom2_n_samples", str(samples))
+    hp = hparams_from_overrides(get_method(method).hparams_cls, model, values)
+    provider = StatsProvider(repo, hp, (model, tok), base, corpus=corpus, samples=samples, device=device,
+                             dtype=parse_dtype(dtype), progress=progress_enabled())
+    from kedit.model.arch import arch_for, n_layers
+
+    total = n_layers(model, arch_for(model))
+    for lay in layer or (hp.layer,):
+        if lay >= total:
+            raise KeditError(f"--layer {lay} is past the model's last layer ({total} layers: 0..{total - 1})")
+        module = arch_for(model).out_proj(lay)
+        try:
+            c = provider(module, lay)
+        except ValueError as e:  # a corpus without texts, statistics that cannot be computed
+            raise KeditError(f"statistics for layer {lay}: {e}") from e
+        click.echo(f"layer {lay} ({module}): E[kkᵀ] {tuple(c.shape)}, trace {float(c.trace()):.4g}, cached")

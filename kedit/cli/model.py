@@ -1,0 +1,75 @@
+"""Commands between a model folder and a repository: init (repository from a model), export (revision to a folder)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from kedit.cli.common import command, emit_json, human_bytes, json_option, open_repo, parse_size, say
+from kedit.core.names import DTYPE_NAMES
+from kedit.core.progress import progress_enabled
+from kedit.core.refs import short_id
+
+
+@command()
+@click.argument("model", required=False)
+@click.option("--no-copy", is_flag=True, help="Keep a verified reference to the safetensors files instead of a copy.")
+@click.option("--bare", is_flag=True, help="No working model folder (.kedit/worktree).")
+@click.option("--dtype", type=click.Choice(["auto", *DTYPE_NAMES]), default="auto", show_default=True,
+              help="Store the base in this dtype.")
+@click.option("-m", "--message", help="Message of the initial commit.")
+@click.pass_context
+def init(ctx: click.Context, model: str | None, no_copy: bool, bare: bool, dtype: str, message: str | None) -> None:
+    """Make MODEL a repository: hash every tensor and store the base.
+
+    MODEL is a Hugging Face folder, a .safetensors file, a .gguf file or a model id in the
+    local Hugging Face cache; without it, the embedded SmolLM2-135M-Instruct.
+
+    \b
+    Example:
+        kedit init                       # embedded default
+        kedit init ./my-model --no-copy  # reference the safetensors in place
+    """
+    from kedit.core.repo import Repository
+    from kedit.model.load import parse_dtype
+
+    torch_dtype = parse_dtype(dtype)
+    repo = Repository.init(ctx.obj["repo_path"], model, copy=not no_copy, worktree=not bare, dtype=torch_dtype,
+                           progress=progress_enabled(), message=message)
+    head = repo.log(limit=1)[0]
+    manifest = repo.manifest()
+    total = sum(e.nbytes for e in manifest.values())
+    say(ctx, f"Initialised kedit repository in {repo.path}")
+    click.echo(f"[{repo.head_branch()} {head.short}] {head.message}: {len(manifest)} tensors, {human_bytes(total)}")
+
+
+
+@command()
+@click.argument("rev")
+@click.argument("directory", type=click.Path(path_type=Path))
+@click.option("--max-shard-size", default="5GB", show_default=True, help="Split weights into shards above this.")
+@click.option("-f", "--force", is_flag=True, help="Replace DIRECTORY if it is not empty.")
+@json_option
+@click.pass_context
+def export(ctx: click.Context, rev: str, directory: Path, max_shard_size: str, force: bool, as_json: bool) -> None:
+    """Write REV as a normal checkpoint folder that transformers loads without kedit.
+
+    \b
+    Example:
+        kedit export HEAD ./edited-model
+        python -c "from transformers import AutoModelForCausalLM as M; M.from_pretrained('./edited-model')"
+    """
+    from kedit.model.export import export as run_export
+
+    repo = open_repo(ctx)
+    result = run_export(repo, rev, directory, max_shard_bytes=parse_size(max_shard_size), force=force,
+                        progress=progress_enabled())
+    if as_json:
+        emit_json(result)
+    else:
+        click.echo(f"exported {short_id(result['commit'])} to {result['path']} "
+                   f"({result['tensors']} tensors in {len(result['shards'])} shard(s))")
+        if result.get("adapters"):
+            click.echo(f"with {result['adapters']} adapter(s): load it with kedit.load_model(path); "
+                       "plain from_pretrained refuses it")

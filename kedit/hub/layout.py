@@ -1,0 +1,438 @@
+"""push: a kedit repository shared through a Hugging Face Hub repository, and the layout there.
+
+Layout of a Hub branch that kedit pushes (kedit branches are Hub branches):
+    model-layer-NNN.safetensors, model-other.safetensors   the weights, one shard per layer, so an
+    model.safetensors.index.json                            edit re-uploads only its layer's shard
+    config.json, tokenizer files, README.md (model card), kedit.json (commit + every tensor's hash)
+    .kedit/refs.json             {"format", "branch", "commit": the tip, "checkpoint": the commit the
+                                 weights above hold (older than the tip after --history-only), "push_id"}
+    .kedit/commits/<id>.json     one commit: its hashed record, tensor changes, adapter ops, files,
+                                 method memory, metrics (not hashed: a later `kedit eval` re-uploads)
+    .kedit/editors/<id>.json     trained editors (MEND, InstructEdit) for a base in this history
+    .kedit/probes.json           the probe suite of this history, for `kedit check` (kedit/hub/probes.py)
+    .kedit/objects/ab/cd….st|.blob  every stored object the history needs that the weights above
+                                 do not hold (deltas, adapters, base values of edited tensors, editors)
+
+Calling sequence: `push` reads the remote branch's tree at the Hub commit it last saw (the
+remote-tracking state), uploads what is missing and makes ONE Hub commit holding the files and
+the records that name them, with `parent_commit` = that Hub commit: if anyone pushed since, the
+Hub refuses it (412) and nothing is overwritten. A branch that moved to history this branch
+holds (our own push killed before it recorded the Hub's answer) is pushed on from where it is.
+fetch, clone and pull are in kedit/hub/fetch.py.
+
+Error handling: nothing local changes before the Hub has answered: a failed push leaves the
+repository as it was (the remote keeps at most unreferenced LFS uploads, or a new branch
+created for the push).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import secrets
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from kedit.core import db as dbm
+from kedit.core import history
+from kedit.core.errors import HubError, KeditError, PushRejectedError
+from kedit.core.hashing import canonical_json, record_id, tensors_object_id
+from kedit.core.names import ID_RE
+from kedit.core.progress import progress_bar
+from kedit.core.refs import BRANCH_PREFIX, check_ref_name, short_id
+from kedit.core.repo import Repository
+from kedit.core.store import save_tensors_atomic
+from kedit.hub import remotes
+from kedit.hub.api import KEDIT_DIR, Hub
+from kedit.model.adapters import adapter_path, mark_config, write_adapters
+
+FORMAT = 1
+REFS_FILE = f"{KEDIT_DIR}/refs.json"
+INDEX_FILE = "model.safetensors.index.json"
+GENERATED = frozenset({"README.md", "kedit.json", INDEX_FILE})  # written by push, never a stored file
+_FOREIGN_WEIGHTS = re.compile(r"^[^/]*\.(safetensors|bin|pt|pth|gguf)(\.index\.json)?$")
+_LAYER_RE = re.compile(r"\.(\d+)\.")
+
+
+def shard_of(tensor_name: str) -> str:
+    """The checkpoint file a tensor goes to: one per layer (the first number in its name)."""
+    m = _LAYER_RE.search(f".{tensor_name}.")
+    return f"model-layer-{int(m.group(1)):03d}.safetensors" if m else "model-other.safetensors"
+
+
+def commit_path(cid: str) -> str:
+    return f"{KEDIT_DIR}/commits/{cid}.json"
+
+
+def object_path(oid: str, kind: str) -> str:
+    return f"{KEDIT_DIR}/objects/{oid[:2]}/{oid[2:]}.{'blob' if kind == 'blob' else 'st'}"
+
+
+# -- commit documents ----------------------------------------------------------------------
+
+
+def commit_document(repo: Repository, cid: str) -> dict[str, Any]:
+    """Everything the database holds about one commit, as the JSON pushed to the Hub."""
+    c = repo.get_commit(cid)
+    record = dbm.one(repo.db, "SELECT record FROM commits WHERE id = ?", [cid])[0]
+    changes = [{"name": ch.name, "source": ch.source_commit, "hash": ch.result_hash, "dtype": ch.dtype,
+                "shape": list(ch.shape), "encoding": ch.encoding, "rank": ch.rank, "norm": ch.delta_norm,
+                "rel": ch.rel_change, "stored": ch.stored_bytes,
+                "steps": [[s.origin, s.object_id, s.encoding] for s in ch.steps]}
+               for ch in history.changes(repo.db, cid)]
+    adapter_ops = [list(r) for r in repo.db.execute(
+        "SELECT op, object_id, kind, origin_commit FROM adapter_ops WHERE commit_id = ? ORDER BY seq", [cid])]
+    files = dict(repo.db.execute("SELECT path, object_id FROM files WHERE commit_id = ? ORDER BY path", [cid]))
+    memory = dbm.one(repo.db, "SELECT method, object_id FROM method_memory WHERE commit_id = ?", [cid])
+    metrics = dbm.rows(repo.db, "SELECT name, value, protocol, stage, suite, created FROM metrics "
+                       "WHERE commit_id = ? ORDER BY suite, stage, name", [cid])
+    return {"format": FORMAT, "id": cid, "parent": c.parent, "record": record, "method": c.method,
+            "hparams": c.hparams, "requests": c.requests, "info": c.info, "changes": changes,
+            "adapter_ops": adapter_ops, "files": files, "metrics": metrics,
+            "memory": {"method": memory[0], "object_id": memory[1]} if memory else None}
+
+
+def document_bytes(doc: dict[str, Any]) -> bytes:
+    return json.dumps(doc, sort_keys=True, indent=1, ensure_ascii=False).encode()
+
+
+def verify_document(doc: Any, expected_id: str) -> dict[str, Any]:
+    """Check a downloaded commit against its id: the record must hash to it, and every row that
+    the database will hold must say what the hashed record says."""
+    def bad(why: str) -> HubError:
+        return HubError(f"the remote commit {short_id(expected_id)} is damaged or forged: {why}; nothing was changed")
+
+    if not isinstance(doc, dict) or doc.get("format") != FORMAT or doc.get("id") != expected_id:
+        raise bad("not a kedit commit document of this format")
+    try:
+        return _check_document(doc, expected_id, bad)
+    except (KeyError, TypeError, ValueError, AttributeError):
+        raise bad("it is missing fields or has fields of the wrong type") from None
+
+
+def _check_document(doc: dict[str, Any], expected_id: str, bad) -> dict[str, Any]:
+    record = json.loads(doc["record"])
+    if record_id(record) != expected_id:
+        raise bad("its record does not hash to its id")
+    parents = record.get("parents", [])
+    if parents != ([doc["parent"]] if doc["parent"] else []):
+        raise bad("its parent differs from the record's")
+    if record["kind"] == "edit" and (doc["method"] != record.get("method") or doc["hparams"] != record.get("hparams")
+                                     or doc["requests"] != record.get("requests")):
+        raise bad("its method, hyper-parameters or requests differ from the record's")
+
+    def own(origin: str) -> str:
+        return origin or expected_id
+
+    tensors = record.get("tensors", {})
+    if sorted(tensors) != sorted(ch["name"] for ch in doc["changes"]):
+        raise bad("its tensor changes differ from the record's")
+    for ch in doc["changes"]:
+        rec = tensors[ch["name"]]
+        steps = [[own(o), oid, enc] for o, oid, enc in rec["steps"]]
+        if rec["source"] != ch["source"] or rec["hash"] != ch["hash"] or steps != ch["steps"]:
+            raise bad(f"its change of {ch['name']} differs from the record's")
+    ops = [[op, oid, kind, own(origin)] for op, oid, kind, origin in record.get("adapters", [])]
+    if ops != doc["adapter_ops"] or record.get("files", {}) != doc["files"]:
+        raise bad("its adapters or files differ from the record's")
+    memory = doc.get("memory")
+    if (memory["object_id"] if memory else None) != record.get("memory") or (
+            memory and memory["method"] != (record.get("method") or "")):
+        raise bad("its method memory differs from the record's")
+    if not all(_is_metric(m) for m in doc["metrics"]):
+        raise bad("its metrics are malformed")
+    return record
+
+
+_METRIC_TEXT = ("name", "protocol", "stage", "suite", "created")
+
+
+def _is_metric(m: Any) -> bool:
+    """Metrics are not hashed into the id: check their shape before they reach the database."""
+    return (isinstance(m, dict) and set(m) == {*_METRIC_TEXT, "value"}
+            and all(isinstance(m[k], str) for k in _METRIC_TEXT)
+            and isinstance(m["value"], int | float) and not isinstance(m["value"], bool))
+
+
+EDITOR_FIELDS = ("id", "method", "base_commit", "data_hash", "hparams", "metrics", "created")
+
+
+def editor_path(editor_id: str) -> str:
+    return f"{KEDIT_DIR}/editors/{editor_id}.json"
+
+
+def editor_documents(repo: Repository, ancestors: set[str]) -> dict[str, dict[str, str]]:
+    """The trained editors (MEND, InstructEdit) for a base in this history: their records."""
+    rows = dbm.rows(repo.db, f"SELECT {', '.join(EDITOR_FIELDS)} FROM editors ORDER BY id")
+    return {r["id"]: r for r in rows if r["base_commit"] in ancestors}
+
+
+def is_editor_document(doc: Any, editor_id: str) -> bool:
+    """Its weights are checked against the id when stored; here, the record's shape."""
+    return (isinstance(doc, dict) and set(doc) == set(EDITOR_FIELDS) and doc["id"] == editor_id
+            and all(isinstance(v, str) for v in doc.values()) and ID_RE.match(doc["base_commit"]) is not None)
+
+
+def objects_of(doc: dict[str, Any]) -> set[str]:
+    found = {oid for ch in doc["changes"] for _o, oid, _e in ch["steps"]}
+    found |= {op[1] for op in doc["adapter_ops"]}
+    if doc.get("memory"):
+        found.add(doc["memory"]["object_id"])
+    return found | set(doc["files"].values())
+
+
+# -- what the weights on a branch hold -----------------------------------------------------
+
+
+def covered_by_weights(manifest: dict[str, str], files: dict[str, str]) -> dict[str, tuple[str, str]]:
+    """Objects that the checkpoint files rebuild exactly: object id -> ("tensor", name) | ("file", path).
+
+    A stored exact value (the base, a replacement) is the object {"value": tensor} with no
+    metadata, so its id follows from the tensor's hash; config and tokenizer blobs are the files.
+    """
+    out: dict[str, tuple[str, str]] = {
+        tensors_object_id({"value": h}, {}): ("tensor", name) for name, h in manifest.items()}
+    out.update({oid: ("file", path) for path, oid in files.items() if path not in GENERATED})
+    return out
+
+
+def _local_covered(repo: Repository, commit: str | None) -> dict[str, tuple[str, str]]:
+    if commit is None:
+        return {}
+    manifest = {n: e.hash for n, e in history.manifest(repo.db, commit).items()}
+    return covered_by_weights(manifest, history.files(repo.db, commit))
+
+
+# -- push ----------------------------------------------------------------------------------
+
+
+@dataclass
+class PushResult:
+    remote: str
+    branch: str
+    remote_branch: str
+    commit: str | None
+    hub_commit: str | None
+    files: list[str] = field(default_factory=list)
+    bytes: int = 0
+    up_to_date: bool = False
+
+
+def add_file(path: str, source: Path | bytes):
+    from huggingface_hub import CommitOperationAdd
+
+    return CommitOperationAdd(path_in_repo=path, path_or_fileobj=source)
+
+
+def _delete(path: str):
+    from huggingface_hub import CommitOperationDelete
+
+    return CommitOperationDelete(path_in_repo=path)
+
+
+def push(repo: Repository, remote_name: str | None = None, branch: str | None = None, *,
+         remote_branch: str | None = None, history_only: bool = False, create: bool = False,
+         base_model: str | None = None, progress: bool = False) -> PushResult:
+    """Send `branch`'s history (and, unless `history_only`, its weights and card) to the remote."""
+    from kedit.hub.probes import probes_ops  # (it builds on this module's layout)
+
+    remote = remotes.get(repo.db, remote_name)
+    branch = branch or repo.head_branch()
+    if branch is None:
+        raise KeditError("HEAD is detached: name the branch to push", hint="kedit push origin BRANCH")
+    tip = repo.refs.deref(BRANCH_PREFIX + branch)
+    if tip is None:
+        raise KeditError(f"no branch named {branch!r}")
+    rbranch = check_ref_name(remote_branch or branch, "remote branch")  # a clone makes it a branch
+    hub = Hub(remote)
+    if create:
+        hub.create_repo()
+    hub_branches = hub.branches()
+    tracked = remotes.tracking(repo.db, remote.name, rbranch)
+    ancestors = set(history.ancestors(repo.db, tip))
+    with tempfile.TemporaryDirectory(prefix="kedit-push-") as tmp_name:
+        tmp = Path(tmp_name)
+        if tracked is not None:
+            if rbranch not in hub_branches:
+                raise HubError(f"the branch {rbranch!r} was deleted from {hub.where} since the last push",
+                               hint=f"kedit remote remove {remote.name}, add it again, then push")
+            base_sha, remote_tip, checkpoint = tracked.hub_commit, tracked.kedit_commit, tracked.checkpoint_commit
+            if hub_branches[rbranch] != base_sha:
+                base_sha, remote_tip, checkpoint = _moved_base(hub, hub_branches[rbranch], ancestors, tmp) or (
+                    base_sha, remote_tip, checkpoint)  # someone else's: the Hub refuses the commit (412)
+        else:
+            base_sha, remote_tip, checkpoint = _untracked_base(repo, hub, hub_branches, rbranch, ancestors, tmp)
+        if remote_tip is not None and remote_tip not in ancestors:
+            raise PushRejectedError(f"push rejected: {remote.name}/{rbranch} has commits that {branch} does not")
+        new_checkpoint = checkpoint if history_only else tip
+        result = PushResult(remote.name, branch, rbranch, tip, None)
+        remote_tree = hub.tree(base_sha)
+        ops = _history_ops(repo, tip, new_checkpoint, remote_tree, tmp) + probes_ops(repo, ancestors, remote_tree)
+        if remote_tip == tip and new_checkpoint == checkpoint and not ops:  # (new metrics make ops)
+            result.up_to_date, result.hub_commit = True, base_sha
+            if tracked is None or tracked.hub_commit != base_sha:  # our own push whose answer was lost
+                with repo.lock(), dbm.write(repo.db):
+                    remotes.set_tracking(repo.db, repo.refs, remote.name, rbranch,
+                                         remotes.Tracking(tip, base_sha, checkpoint), tracked, "push: already there")
+            return result
+        if not history_only:
+            ops += _checkpoint_ops(repo, tip, checkpoint, tmp, repo_id=remote.repo_id, base_model=base_model,
+                                   progress=progress)
+            if checkpoint is None:  # weights someone else put there would shadow ours in from_pretrained
+                ours = {op.path_in_repo for op in ops}
+                ops += [_delete(p) for p in hub.root_files(base_sha) if _FOREIGN_WEIGHTS.match(p) and p not in ours]
+        # A fresh push id makes every push a real commit: were all files unchanged, huggingface_hub
+        # would skip the commit, and with it the Hub's parent_commit check.
+        state = {"format": FORMAT, "branch": rbranch, "commit": tip, "checkpoint": new_checkpoint,
+                 "push_id": secrets.token_hex(8)}
+        ops.append(add_file(REFS_FILE, canonical_json(state)))
+        if rbranch not in hub_branches:
+            hub.create_branch(rbranch, base_sha)
+        message = f"kedit push {short_id(tip)}: {repo.get_commit(tip).message}"[:200]
+        result.hub_commit = hub.commit(ops, branch=rbranch, parent=base_sha, message=message)
+    for op in ops:
+        if not hasattr(op, "upload_info"):  # a deletion
+            continue
+        if getattr(op, "_remote_oid", None) is None or op._remote_oid != op._local_oid:
+            result.files.append(op.path_in_repo)
+            result.bytes += op.upload_info.size
+    new = remotes.Tracking(tip, result.hub_commit, new_checkpoint)
+    with repo.lock(), dbm.write(repo.db):
+        remotes.set_tracking(repo.db, repo.refs, remote.name, rbranch, new, tracked, f"push: {short_id(tip)}")
+    return result
+
+
+def _moved_base(hub: Hub, sha: str, ancestors: set[str], tmp: Path) -> tuple[str, str, str | None] | None:
+    """Where to push from when the Hub branch moved since kedit last saw it, if what is there now is
+    history this branch contains (our own push killed before it recorded the answer, or commits
+    fetched since); None when it is someone else's."""
+    state = hub.read_json(REFS_FILE, sha, tmp)
+    if state is None or state.get("commit") not in ancestors:
+        return None
+    return sha, state["commit"], state.get("checkpoint")
+
+
+def _untracked_base(repo: Repository, hub: Hub, hub_branches: dict[str, str], rbranch: str,
+                    ancestors: set[str], tmp: Path) -> tuple[str, str | None, str | None]:
+    """Where a push to a branch kedit has not seen starts: (Hub sha, kedit tip, checkpoint there)."""
+    if rbranch in hub_branches:
+        start = hub_branches[rbranch]
+    else:  # a new Hub branch: start from the tracked branch closest to ours, else the default branch
+        tracked = remotes.tracked_branches(repo.db, hub.remote.name)
+        related = [t for t in tracked.values() if t.kedit_commit in ancestors]
+        if related:
+            best = max(related, key=lambda t: repo.get_commit(t.kedit_commit).depth)
+            return best.hub_commit, best.kedit_commit, best.checkpoint_commit
+        if "main" not in hub_branches:
+            raise HubError(f"{hub.where} has no main branch to start the branch {rbranch!r} from")
+        start = hub_branches["main"]
+    state = hub.read_json(REFS_FILE, start, tmp)
+    if state is None:
+        return start, None, None
+    tip = state.get("commit")
+    if rbranch in hub_branches and tip not in ancestors:
+        raise PushRejectedError(f"push rejected: {hub.remote.name}/{rbranch} holds kedit history that this "
+                                "branch does not contain")
+    if tip not in ancestors:  # unrelated history on the start branch: upload everything
+        return start, None, None
+    return start, tip, state.get("checkpoint")
+
+
+def _history_ops(repo: Repository, tip: str, checkpoint: str | None, remote_tree: dict[str, str],
+                 tmp: Path) -> list:
+    from huggingface_hub.utils.sha import git_hash
+
+    ops, needed = [], set()
+    ancestors = history.ancestors(repo.db, tip)
+    for cid in ancestors:
+        doc = commit_document(repo, cid)
+        needed |= objects_of(doc)
+        data = document_bytes(doc)
+        if remote_tree.get(commit_path(cid)) != git_hash(data):
+            ops.append(add_file(commit_path(cid), data))
+    for editor_id, row in editor_documents(repo, set(ancestors)).items():
+        needed.add(editor_id)
+        data = canonical_json(row)
+        if remote_tree.get(editor_path(editor_id)) != git_hash(data):
+            ops.append(add_file(editor_path(editor_id), data))
+    covered = _local_covered(repo, checkpoint)
+    for oid in sorted(needed - set(covered)):
+        kind = repo.store.kind_of(oid)
+        if kind is None:
+            raise KeditError(f"object {oid} is missing from the store: nothing was pushed", hint="run 'kedit fsck'")
+        path = object_path(oid, kind)
+        if path in remote_tree:
+            continue
+        if kind == "ref":  # a --no-copy base tensor: send it as the object it stands for
+            tensors, metadata = repo.store.get_tensors(oid)
+            file = tmp / f"{oid}.st"
+            save_tensors_atomic(file, tensors, metadata, durable=False)
+            ops.append(add_file(path, file))
+        else:
+            ops.append(add_file(path, repo.store.path(oid, kind)))
+    return ops
+
+
+def _adapter_ops(repo: Repository, tip: str, old: str | None, tmp: Path) -> tuple[list, bool, list[str]]:
+    """The adapter files of `tip` as `kedit export` writes them, when they differ from `old`'s.
+
+    Returns (operations, whether the adapters changed, tip's adapter file paths). Files of `old`
+    that `tip` no longer has are deleted, so a revert of the last GRACE edit leaves a plain folder.
+    """
+    refs = [a.object_id for a in history.adapters(repo.db, tip)]
+    old_refs = [a.object_id for a in history.adapters(repo.db, old)] if old else []
+    adapters = repo.adapters(tip) if refs else []
+    paths = [adapter_path(i, a.kind) for i, (_, a) in enumerate(adapters)]
+    if refs == old_refs:
+        return [], False, paths
+    written = write_adapters(tmp, [a for _, a in adapters])
+    ops = [add_file(rel, tmp / rel) for rel in written]
+    old_paths = [adapter_path(i, a.kind) for i, a in enumerate(history.adapters(repo.db, old))] if old else []
+    ops += [_delete(p) for p in old_paths if p not in written]
+    return ops, True, written
+
+
+def _checkpoint_ops(repo: Repository, tip: str, old: str | None, tmp: Path, *, repo_id: str,
+                    base_model: str | None, progress: bool) -> list:
+    """The shards whose tensors changed since `old` (all of them when the branch has none yet),
+    the config/tokenizer files that changed, the adapters (with config.json marked, as `kedit
+    export` writes it, so that plain `from_pretrained` refuses the folder), the index, kedit.json
+    and the model card."""
+    from kedit.hub import card
+
+    manifest = history.manifest(repo.db, tip)
+    before = history.manifest(repo.db, old) if old else {}
+    groups: dict[str, list[str]] = {}
+    for name in manifest:
+        groups.setdefault(shard_of(name), []).append(name)
+    changed = [shard for shard, names in groups.items()
+               if any(name not in before or before[name].hash != manifest[name].hash for name in names)]
+    ops = []
+    for shard in progress_bar(sorted(changed), desc="shards", disable=not progress):
+        names = groups[shard]
+        values = {n: repo.materializer.value_of(history.change(repo.db, manifest[n].commit_id, n)) for n in names}
+        save_tensors_atomic(tmp / shard, values, {"format": "pt"}, durable=False)
+        ops.append(add_file(shard, tmp / shard))
+        del values
+    files = history.files(repo.db, tip)
+    old_files = history.files(repo.db, old) if old else {}
+    adapter_ops, adapters_changed, adapter_files = _adapter_ops(repo, tip, old, tmp)
+    ops += adapter_ops
+    for path, oid in sorted(files.items()):
+        if path in GENERATED or (old_files.get(path) == oid and not (path == "config.json" and adapters_changed)):
+            continue
+        data = repo.store.get_blob(oid)
+        if path == "config.json" and adapter_files:  # plain from_pretrained must not load it without them
+            data = mark_config(data, adapter_files)
+        ops.append(add_file(path, data))
+    index = {"metadata": {"total_size": sum(e.nbytes for e in manifest.values())},
+             "weight_map": {n: shard_of(n) for n in sorted(manifest)}}
+    ops.append(add_file(INDEX_FILE, json.dumps(index, indent=2).encode()))
+    provenance = {"commit": tip, "tensors": {n: e.hash for n, e in manifest.items()},
+                  "adapters": [a.object_id for a in history.adapters(repo.db, tip)], "adapter_files": adapter_files}
+    ops.append(add_file("kedit.json", json.dumps(provenance, indent=1, sort_keys=True).encode()))
+    card_text = card.render(repo, tip, repo_id=repo_id, base_model=base_model)
+    ops.append(add_file("README.md", card_text.encode()))
+    return ops

@@ -1,0 +1,1 @@
+"""Models as transformers sees them: loading a revision, exporting a folder, architectures, adapters."""
