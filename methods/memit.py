@@ -2,7 +2,7 @@
 
 Steps (methods.md 3.3):
 1. for every request a target z = h + δ for the residual stream (the output of the last edited
-   block) at the subject's last token, δ optimised as ROME's v* (`values.optimise_values`, all
+   block) at the subject's last token, δ optimised as ROME's v* (`values.optimise_batched_values`, all
    requests of a chunk in one batch per step);
 2. for each edited layer l, ascending: the template-averaged keys K_l with the layers below
    already updated, the residual R = Z − H (H recomputed now), its share R / (layers left), and
@@ -23,11 +23,13 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from kedit.methods import memit_math, rome
+from kedit.methods import memit_math
 from kedit.methods.base import EditRequest, EditResult, LowRank, register_method
+from kedit.methods.freeze import frozen
 from kedit.methods.hparams import MAX_STEPS, bounded, layer_field, validate
 from kedit.methods.lowp import check_dtype
-from kedit.methods.values import ValueSettings, module_outputs_at_subject, optimise_values, subject_keys
+from kedit.methods.prompts import context_templates, encode_with_subject
+from kedit.methods.values import ValueSettings, module_outputs_at_subject, optimise_batched_values, subject_keys
 
 from kedit.arch import arch_for, get_module, n_layers
 from kedit.evaluate import shows_in_generation
@@ -134,7 +136,7 @@ def spread_over_layers(
         raise ValueError(f"layers={list(hp.layers)} but the model has {total} layers: the last edited layer "
                          f"must be below the top one ({total - 1}), whose change cannot reach the next token")
     for r in requests:
-        rome.encode_with_subject(tok, r.template, r.subject, hp.guard_position0)  # bad requests fail early
+        encode_with_subject(tok, r.template, r.subject, hp.guard_position0)  # bad requests fail early
     timings: dict[str, float] = {}
     modules = {layer: get_module(model, hp.module_name(layer)) for layer in hp.layers}
     originals = {layer: m.weight.detach().clone() for layer, m in modules.items()}
@@ -144,12 +146,12 @@ def spread_over_layers(
     written: dict[str, torch.Tensor] = {}
     layer_info = []
     try:
-        with rome.Frozen(model):
+        with frozen(model, eval_mode=True):
             t0 = time.perf_counter()
-            templates = rome.context_templates(model, tok, hp)
+            templates = context_templates(model, tok, hp)
             h0 = module_outputs_at_subject(model, tok, block, requests, hp.guard_position0)  # (d, n)
-            fit = optimise_values(model, tok, modules[last], last, templates, requests, h0.norm(dim=0),
-                                  hp.value_settings(), chunk=hp.v_batch_size)
+            fit = optimise_batched_values(model, tok, modules[last], last, templates, requests, h0.norm(dim=0),
+                                          hp.value_settings(), chunk=hp.v_batch_size)
             z = h0 + fit.delta.t().to(torch.float64)
             timings["values_s"] = time.perf_counter() - t0
             t0 = time.perf_counter()

@@ -34,7 +34,8 @@ from typing import Any, Protocol
 
 import torch
 from kedit.methods.base import EditRequest
-from kedit.methods.mend import (
+from kedit.methods.freeze import frozen
+from kedit.methods.mend_net import (
     Factors,
     MENDEditor,
     MENDTrainParams,
@@ -48,7 +49,6 @@ from kedit.methods.mend import (
     nonzero_tokens,
     transform,
 )
-from kedit.methods.mend import _frozen as frozen
 from torch import nn
 
 from kedit.arch import arch_for, get_module
