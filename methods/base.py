@@ -13,7 +13,11 @@ Calling sequence:
     repo.commit(result.deltas, adapters=result.adapters, ...)
 
 Methods register themselves with `register_method` when their module is imported; third
-parties add theirs through the `kedit.methods` entry-point group.
+parties add theirs through the `kedit.methods` entry-point group. A method that returns adapters
+registers, with `register_installer`, how its kind of adapter is put into a live model.
+
+A method module imports from kedit only this module, the shared machinery of methods/, the
+architecture table (kedit.arch) and the metrics (kedit.evaluate).
 """
 
 from __future__ import annotations
@@ -38,6 +42,7 @@ __all__ = [
     "WeightDelta",
     "available_methods",
     "get_method",
+    "register_installer",
     "register_method",
 ]
 
@@ -216,3 +221,13 @@ def get_method(name: str) -> Method:
     if name not in _REGISTRY:
         raise MethodNotFoundError(f"unknown method {name!r}; known methods: {', '.join(available_methods())}")
     return _REGISTRY[name]
+
+
+def register_installer(kind: str, installer: Callable[[Any, list[Adapter]], None]) -> None:
+    """Make `installer` the one that puts adapters of `kind` into live models (kedit.adapters).
+
+    Imported when called: kedit.adapters reaches the repository's storage, which imports this
+    module, and `import kedit.methods.base` stays cheap."""
+    from kedit.adapters import register_installer as register
+
+    register(kind, installer)

@@ -49,13 +49,12 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from kedit.methods.base import Adapter, EditRequest, EditResult, register_method
+from kedit.methods.base import Adapter, EditRequest, EditResult, register_installer, register_method
 from kedit.methods.forward import SuffixForward, partial_unsupported
 from kedit.methods.freeze import frozen
 from kedit.methods.hparams import MAX_STEPS, bounded, layer_field, validate
 from kedit.methods.prompts import input_device
 
-from kedit.adapters import register_installer
 from kedit.arch import arch_for, cache_keyword, get_module, n_layers, output_cache
 from kedit.evaluate import answer_ids, prompt_ids
 
