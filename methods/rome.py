@@ -14,7 +14,7 @@ result is one `LowRank` delta (rank = number of requests) in the parameter's sto
 Speed (CPU, small models): a step of the v* optimisation runs only layers L.. and only the
 positions from the subject's last token on, from a no-grad pass that caches the rest
 (`SuffixForward`, for the architectures in `PARTIAL_TYPES`; others run the full forward), and
-the output head's loss and gradient come from one pass over its weight (`_FusedHeadLoss`).
+the output head's loss and gradient come from one pass over its weight (`FusedHeadLoss`).
 Both give the full forward's loss trajectory up to float rounding (tests/methods/test_rome.py);
 they live in methods/forward.py, the v* optimisation in methods/values.py (`optimise_single_value`).
 C's Cholesky factor is computed once per C and call (`_factor`, a `TensorCache` the caller may pass
