@@ -164,7 +164,7 @@ def second_moment_needed(hparams: ROMEHyperParams) -> tuple[str, int] | None:
 
 
 # ---------------------------------------------------------------------------------------------
-# keys and values
+# the edited projection
 
 
 def _linear_weight(module: Any, transposed: bool) -> torch.Tensor:
