@@ -44,7 +44,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 from _common import CACHE_DIR, counterfact_requests, drop_edited_neighbours, split_neighbourhood
-from kedit.methods import memit, rome
+from kedit.methods import memit, prompts, rome
 from kedit.methods.hparams import hparams_to_dict
 from kedit.methods.stats import GeneratedSource, StatsCache, cached_second_moment
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
@@ -220,7 +220,7 @@ def run_rome(model: Any, tok: Any, c: torch.Tensor, args: argparse.Namespace, de
     out: dict[str, Any] = {"n_planned": len(requests), "layer": hp.layer, "v_dtype": hp.v_dtype,
                            "budget_s": args.rome_budget_s, "edits": []}
     with device.timed(out, "context_templates_s"):
-        rome.context_templates(model, tok, hp)  # generated once per model, as in a kedit session
+        prompts.context_templates(model, tok, hp)  # generated once per model, as in a kedit session
     rows = out["edits"]
     t_start = time.perf_counter()
     for req, view in zip(requests, views, strict=True):

@@ -24,7 +24,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 from _common import counterfact_requests, load_smollm2, split_neighbourhood
-from kedit.methods import rome
+from kedit.methods import prompts, rome
 from kedit.methods.hparams import hparams_to_dict
 from kedit.methods.stats import GeneratedSource, StatsCache, cached_second_moment
 
@@ -95,7 +95,7 @@ def main() -> None:
     nb_reference = [metrics.greedy_continuations(model, tok, list(r.neighbourhood), args.gen_tokens)
                     for r in requests]
     base_gen = _generation(model, tok, requests, nb_reference, args.gen_tokens)
-    rome.context_templates(model, tok, hp)  # generated once per model, as in a kedit session
+    prompts.context_templates(model, tok, hp)  # generated once per model, as in a kedit session
 
     name = hp.module_name + ".weight"
     weight = dict(model.named_parameters())[name]

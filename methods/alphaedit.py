@@ -1,8 +1,8 @@
 """AlphaEdit (Fang et al. 2025): MEMIT's update projected onto the null space of preserved keys.
 
-Targets, keys and residual spreading are MEMIT's (`memit.spread_over_layers`); each layer's
+Targets, keys and residual spreading are MEMIT's (`spread.spread_over_layers`); each layer's
 update is `memit_math.alphaedit_update`: projected by P, the projector on the null space of
-C = E[kkᵀ] (eigenvalues below `nullspace_threshold`, cached per C), so the outputs of the
+C = E[kkᵀ] (eigenvalues below `nullspace_threshold`, computed once per C and call), so the outputs of the
 preserved keys do not move, and regularised by the keys K_p of the earlier edits.
 
 The earlier keys are not process memory, as in the peers (a module-level cache lost on restart
@@ -14,7 +14,6 @@ survive restarts, and a reverted edit's keys are gone.
 from __future__ import annotations
 
 import time
-import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -23,7 +22,8 @@ import torch
 from kedit.methods import memit_math
 from kedit.methods.base import EditRequest, EditResult, register_method
 from kedit.methods.hparams import bounded
-from kedit.methods.memit import MEMITHyperParams, StatsProvider, second_moments, spread_over_layers
+from kedit.methods.spread import MEMITHyperParams, StatsProvider, second_moments, spread_over_layers
+from kedit.methods.tensor_cache import TensorCache
 
 __all__ = ["AlphaEditHyperParams", "apply"]
 
@@ -48,19 +48,10 @@ class AlphaEditHyperParams(MEMITHyperParams):
         return cls(**fields)
 
 
-# P for the last C seen per layer, matched by identity and in-place version (an eigendecomposition
-# of a 1536-wide C takes about a second; a sequence of edits reuses it).
-_PROJECTORS: dict[tuple[str, float], tuple[Any, int, torch.Tensor, int]] = {}
-
-
-def projector(name: str, c: torch.Tensor, threshold: float) -> tuple[torch.Tensor, int]:
-    """(P, dimension of the null space) for the statistics `c` of module `name`."""
-    hit = _PROJECTORS.get((name, threshold))
-    if hit is not None and hit[0]() is c and hit[3] == c._version:
-        return hit[2], hit[1]
-    p, dim = memit_math.nullspace_projector(c, threshold)
-    _PROJECTORS[(name, threshold)] = (weakref.ref(c), dim, p, c._version)
-    return p, dim
+def projector(cache: TensorCache, name: str, c: torch.Tensor, threshold: float) -> tuple[torch.Tensor, int]:
+    """(P, dimension of the null space) for the statistics `c` of module `name`, computed once per C
+    in `cache` (an eigendecomposition of a 1536-wide C takes about a second)."""
+    return cache.get((name, threshold), c, lambda t: memit_math.nullspace_projector(t, threshold))
 
 
 def apply(
@@ -72,11 +63,17 @@ def apply(
     stats_provider: StatsProvider | None = None,
     second_moments_by_layer: dict[int, torch.Tensor] | None = None,
     memory: Sequence[dict[str, torch.Tensor]] = (),
+    projector_cache: TensorCache | None = None,
 ) -> EditResult:
-    """AlphaEdit's deltas for the requests; `memory` holds the keys of the earlier edits in effect."""
+    """AlphaEdit's deltas for the requests; `memory` holds the keys of the earlier edits in effect.
+
+    `projector_cache`: where each C's null-space projector is kept; pass the same one to calls that
+    edit with the same statistics in memory to decompose each C once (by default, once per call).
+    """
     if not requests:
         raise ValueError("AlphaEdit needs at least one request")
     t0 = time.perf_counter()
+    projectors = TensorCache() if projector_cache is None else projector_cache
     cs = second_moments(model, hparams, stats_provider, second_moments_by_layer)
     null_dims: dict[int, int] = {}
     prior_counts: dict[int, int] = {}
@@ -84,7 +81,7 @@ def apply(
     def solve(layer: int, name: str, resid: torch.Tensor, keys: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         c = cs[layer]
         assert c is not None
-        p, null_dims[layer] = projector(name, c, hparams.nullspace_threshold)
+        p, null_dims[layer] = projector(projectors, name, c, hparams.nullspace_threshold)
         earlier = [m[f"keys.{layer}"] for m in memory if f"keys.{layer}" in m]
         prior = torch.cat(earlier, dim=1) if earlier else None
         prior_counts[layer] = 0 if prior is None else int(prior.shape[1])

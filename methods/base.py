@@ -13,7 +13,11 @@ Calling sequence:
     repo.commit(result.deltas, adapters=result.adapters, ...)
 
 Methods register themselves with `register_method` when their module is imported; third
-parties add theirs through the `kedit.methods` entry-point group.
+parties add theirs through the `kedit.methods` entry-point group. A method that returns adapters
+registers, with `register_installer`, how its kind of adapter is put into a live model.
+
+A method module imports from kedit only this module, the shared machinery of methods/, the
+architecture table (kedit.model.arch) and the metrics (kedit.eval.metrics).
 """
 
 from __future__ import annotations
@@ -38,6 +42,7 @@ __all__ = [
     "WeightDelta",
     "available_methods",
     "get_method",
+    "register_installer",
     "register_method",
 ]
 
@@ -169,7 +174,7 @@ class Method:
 _REGISTRY: dict[str, Method] = {}
 
 # Built-in methods: imported on first use, so that `import kedit` stays cheap.
-_BUILTIN_MODULES = {
+BUILTIN_MODULES = {
     "rome": "kedit.methods.rome",
     "memit": "kedit.methods.memit",
     "alphaedit": "kedit.methods.alphaedit",
@@ -201,7 +206,7 @@ def _load_entry_points() -> None:
 
 
 def available_methods() -> list[str]:
-    for module in _BUILTIN_MODULES.values():
+    for module in BUILTIN_MODULES.values():
         importlib.import_module(module)
     _load_entry_points()
     return sorted(_REGISTRY)
@@ -209,10 +214,20 @@ def available_methods() -> list[str]:
 
 def get_method(name: str) -> Method:
     """The registered method `name`; raises MethodNotFoundError (a KeyError) naming the known methods."""
-    if name not in _REGISTRY and name in _BUILTIN_MODULES:
-        importlib.import_module(_BUILTIN_MODULES[name])
+    if name not in _REGISTRY and name in BUILTIN_MODULES:
+        importlib.import_module(BUILTIN_MODULES[name])
     if name not in _REGISTRY:
         _load_entry_points()
     if name not in _REGISTRY:
         raise MethodNotFoundError(f"unknown method {name!r}; known methods: {', '.join(available_methods())}")
     return _REGISTRY[name]
+
+
+def register_installer(kind: str, installer: Callable[[Any, list[Adapter]], None]) -> None:
+    """Make `installer` the one that puts adapters of `kind` into live models (kedit.model.adapters).
+
+    Imported when called: kedit.model.adapters reaches the repository's storage, which imports this
+    module, and `import kedit.methods.base` stays cheap."""
+    from kedit.model.adapters import register_installer as register
+
+    register(kind, installer)

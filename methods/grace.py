@@ -49,12 +49,13 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from kedit.methods.base import Adapter, EditRequest, EditResult, register_method
+from kedit.methods.base import Adapter, EditRequest, EditResult, register_installer, register_method
+from kedit.methods.forward import SuffixForward, partial_unsupported
+from kedit.methods.freeze import frozen
 from kedit.methods.hparams import MAX_STEPS, bounded, layer_field, validate
-from kedit.methods.rome import SuffixForward, partial_unsupported
+from kedit.methods.prompts import input_device
 
 from kedit.eval.metrics import answer_ids, prompt_ids
-from kedit.model.adapters import register_installer
 from kedit.model.arch import arch_for, cache_keyword, get_module, n_layers, output_cache
 
 __all__ = ["KIND", "Codebook", "GRACEHyperParams", "Record", "apply", "codebook_of", "install", "records_of"]
@@ -77,7 +78,7 @@ _DEFAULT_FRACTION = 27 / 32
 
 @dataclass
 class GRACEHyperParams:
-    """GRACE's knobs; `for_model` picks the layer and module from kedit.arch."""
+    """GRACE's knobs; `for_model` picks the layer and module from kedit.model.arch."""
 
     layer: int = layer_field()
     module_tmp: str  # keys are this module's input, values replace its output; "{}" = layer
@@ -347,26 +348,6 @@ register_installer(KIND, install)
 # editing
 
 
-class _FrozenWeights:
-    """No weight gradients while a value trains (they would cost a backward matmul per weight)."""
-
-    def __init__(self, model: Any) -> None:
-        self.model = model
-
-    def __enter__(self) -> None:
-        self.flags = [(p, p.requires_grad) for p in self.model.parameters()]
-        for p, _ in self.flags:
-            p.requires_grad_(False)
-
-    def __exit__(self, *exc: object) -> None:
-        for p, flag in self.flags:
-            p.requires_grad_(flag)
-
-
-def _device(model: Any) -> torch.device:
-    return model.get_input_embeddings().weight.device
-
-
 @torch.no_grad()
 def _key(model: Any, layer: _Layer, ids: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
     """The module's input at the last prompt token, and its own output there (no replacement)."""
@@ -377,7 +358,7 @@ def _key(model: Any, layer: _Layer, ids: list[int]) -> tuple[torch.Tensor, torch
 
     handle = layer.module.register_forward_hook(grab)
     try:
-        batch = torch.tensor([ids], device=_device(model))
+        batch = torch.tensor([ids], device=input_device(model))
         model(input_ids=batch, attention_mask=torch.ones_like(batch), use_cache=False)
     finally:
         handle.remove()
@@ -394,7 +375,7 @@ class _CachedPrefix:
     """Any architecture: the prompt minus its last token runs once; each step runs the rest on its cache."""
 
     def __init__(self, model: Any, ids: list[int], target_ids: list[int]) -> None:
-        device = _device(model)
+        device = input_device(model)
         self.model, self.prefix, suffix = model, ids[:-1], [ids[-1], *target_ids[:-1]]
         self.cache = None
         if self.prefix:
@@ -426,7 +407,7 @@ class _Suffix:
 def _train_value(model: Any, layer: _Layer, slot: int, init: torch.Tensor, ids: list[int],
                  target_ids: list[int], hp: GRACEHyperParams) -> tuple[torch.Tensor, int, float]:
     """Adam on the target's cross-entropy, the codebook in place with `slot`'s value trainable."""
-    device = _device(model)
+    device = input_device(model)
     width = len(ids) + len(target_ids) - 1
     runner = (_Suffix(model, ids, target_ids, hp.layer) if hp.partial_forward and _owns_layer(model, hp)
               and partial_unsupported(model, width) is None else _CachedPrefix(model, ids, target_ids))
@@ -436,7 +417,7 @@ def _train_value(model: Any, layer: _Layer, slot: int, init: torch.Tensor, ids: 
     layer.trainable = (slot, param)
     loss_value, steps = math.inf, 0
     try:
-        with _FrozenWeights(model):
+        with frozen(model):
             for _ in range(hp.n_iter):
                 loss = F.cross_entropy(runner.logits().float(), target)
                 loss_value = float(loss.detach())

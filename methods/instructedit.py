@@ -1,6 +1,6 @@
 """InstructEdit (Zhang et al. 2024): one MEND editor for many kinds of edit, steered by instructions.
 
-The editor is MEND's (methods/mend.py), trained on a mix of task families; the text whose gradient
+The editor is MEND's (methods/mend_net.py), trained on a mix of task families; the text whose gradient
 the editor sees is the edit prompt wrapped as
 
     Task: {task}
@@ -25,7 +25,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from kedit.methods.base import EditRequest, EditResult, register_method
-from kedit.methods.mend import EditorLoader, MENDTrainParams, check_model, edit_with, load_editor
+from kedit.methods.mend_net import EditorLoader, MENDTrainParams, check_model, edit_with, load_editor
+from kedit.methods.mend_train import train
 
 __all__ = ["INSTRUCTIONS", "InstructEditHyperParams", "apply", "instruction", "wrap"]
 
@@ -133,8 +134,6 @@ def apply(model: Any, tok: Any, requests: Sequence[EditRequest], hparams: Instru
 
 
 def _train(model: Any, tok: Any, items: Any, val_items: Any, params: MENDTrainParams, **kwargs: Any) -> Any:
-    from kedit.methods.mend_train import train
-
     tasks = sorted({it.task for it in items})
     return train(model, tok, items, val_items, params, edit_text=training_text,
                  extra_config={"tasks": tasks, "template": TEMPLATE}, **kwargs)

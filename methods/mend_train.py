@@ -34,7 +34,8 @@ from typing import Any, Protocol
 
 import torch
 from kedit.methods.base import EditRequest
-from kedit.methods.mend import (
+from kedit.methods.freeze import frozen
+from kedit.methods.mend_net import (
     Factors,
     MENDEditor,
     MENDTrainParams,
@@ -48,7 +49,6 @@ from kedit.methods.mend import (
     nonzero_tokens,
     transform,
 )
-from kedit.methods.mend import _frozen as frozen
 from torch import nn
 
 from kedit.core.progress import progress_bar
@@ -73,7 +73,7 @@ class TrainItem:
 
 
 class Checkpoint(Protocol):
-    """Where the engine keeps a run's checkpoint (atomic writes; see kedit.editors)."""
+    """Where the engine keeps a run's checkpoint (atomic writes; see kedit.edit.trained)."""
 
     def load(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]] | None: ...
 

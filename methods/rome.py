@@ -14,51 +14,54 @@ result is one `LowRank` delta (rank = number of requests) in the parameter's sto
 Speed (CPU, small models): a step of the v* optimisation runs only layers L.. and only the
 positions from the subject's last token on, from a no-grad pass that caches the rest
 (`SuffixForward`, for the architectures in `PARTIAL_TYPES`; others run the full forward), and
-the output head's loss and gradient come from one pass over its weight (`_FusedHeadLoss`).
-Both give the full forward's loss trajectory up to float rounding (tests/methods/test_rome.py).
-C's Cholesky factor is kept across edits (`_factor`).
+the output head's loss and gradient come from one pass over its weight (`FusedHeadLoss`).
+Both give the full forward's loss trajectory up to float rounding (tests/methods/test_rome.py);
+they live in methods/forward.py, the v* optimisation in methods/values.py (`optimise_single_value`).
+C's Cholesky factor is computed once per C and call (`_factor`, a `TensorCache` the caller may pass
+to share it across calls).
 
 Position-0 hazard: a tokenizer that adds no BOS (SmolLM2) puts a one-token subject at position 0
 of the bare template, the attention-sink position, whose key is unlike any other; keys read
 there gave divisors near zero and updates ten times too large. The context templates are read
-after a document separator (`kedit.evaluate.start_token_id`); the bare prompt "{}" is read as the
+after a document separator (`kedit.eval.metrics.start_token_id`); the bare prompt "{}" is read as the
 user sends it (`tokenizer(prompt)`), so the key a user's query meets is one of those k* averages,
 and only where its subject's last token would sit at the sink does it get the separator too
 (`info["position0_guarded"]` counts those prompts).
 
 Each edit is checked where it will be used: the edited model, given the prompt as sent, must
-generate the target within kedit.evaluate's greedy continuation (`shows_in_generation`); if not,
+generate the target within kedit.eval.metrics's greedy continuation (`shows_in_generation`); if not,
 the gain floor is raised, then v* optimised again (see `_edit_one`).
 """
+
 
 from __future__ import annotations
 
 import dataclasses
 import logging
 import time
-import weakref
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from kedit.methods import rome_math
 from kedit.methods.base import EditRequest, EditResult, LowRank, register_method
 from kedit.methods.capture import capture_at_module
+from kedit.methods.freeze import frozen
 from kedit.methods.hparams import MAX_STEPS, bounded, layer_field, validate
-from kedit.methods.lowp import DTYPES, check_dtype, has_hooks, low_precision
+from kedit.methods.lowp import check_dtype
+from kedit.methods.prompts import context_templates, input_device, pad_id, pad_right
+from kedit.methods.tensor_cache import TensorCache
+from kedit.methods.values import ValueSettings, optimise_single_value, template_keys
 
-from kedit.eval.metrics import answer_ids, prompt_ids, shows_in_generation, start_token_id
-from kedit.model.arch import arch_for, cache_keyword, get_module, n_layers
+from kedit.eval.metrics import prompt_ids, shows_in_generation
+from kedit.model.arch import arch_for, get_module, n_layers
 
 __all__ = [
     "ROMEHyperParams",
     "StatsProvider",
     "apply",
-    "context_templates",
     "second_moment_needed",
-    "subject_key",
 ]
 
 log = logging.getLogger(__name__)
@@ -68,7 +71,7 @@ StatsProvider = Callable[[str, int], torch.Tensor]  # (module name, layer) -> E[
 
 @dataclass
 class ROMEHyperParams:
-    """ROME's knobs; `for_model` fills the layer and module names from kedit.arch."""
+    """ROME's knobs; `for_model` fills the layer and module names from kedit.model.arch."""
 
     layer: int = layer_field()
     rewrite_module_tmp: str  # the MLP output projection, "{}" = layer
@@ -147,125 +150,21 @@ class ROMEHyperParams:
     def module_name(self) -> str:
         return self.rewrite_module_tmp.format(self.layer)
 
+    def value_settings(self) -> ValueSettings:
+        """The knobs of v*'s optimisation (`values.optimise_single_value`)."""
+        return ValueSettings(self.v_num_grad_steps, self.v_lr, self.v_weight_decay, self.clamp_norm_factor,
+                             self.kl_factor, self.early_stop_loss, self.kl_prompt, self.guard_position0, self.v_dtype)
+
 
 def second_moment_needed(hparams: ROMEHyperParams) -> tuple[str, int] | None:
     """(module name, layer) whose input statistics `apply` needs, or None when C = I."""
     return (hparams.module_name, hparams.layer) if hparams.mom2_adjustment else None
 
 
-# ---------------------------------------------------------------------------------------------
-# tokenisation
-
-
-def input_device(model: Any) -> torch.device:
-    return model.get_input_embeddings().weight.device
-
-
-def pad_id(tok: Any) -> int:
-    for tid in (tok.pad_token_id, tok.eos_token_id, tok.bos_token_id):
-        if tid is not None:
-            return int(tid)
-    return 0
-
-
-# Targets are tokenised exactly as the metrics read them, so an edit optimises what is scored.
-target_ids = answer_ids
-
-
-def encode_with_subject(tok: Any, template: str, subject: str, guard: bool,
-                        as_sent: bool = False) -> tuple[list[int], int, bool]:
-    """Ids of template with the subject, the index of the subject's last token, and whether guarded.
-
-    `guard`: a start token goes in front (away from the attention sink). `as_sent`: the text is
-    encoded as the user sends it (`tokenizer(text)`), the start token only where the subject's last
-    token would otherwise sit at position 0, the sink, whose key no edit can use."""
-    start = template.index("{}")
-    text = template[:start] + subject + template[start + 2 :]
-    end = start + len(subject)  # subject occupies chars [start, end)
-    try:
-        enc = tok(text, return_offsets_mapping=True)
-        ids, offsets = list(enc["input_ids"]), enc["offset_mapping"]
-        last = max(i for i, (s, e) in enumerate(offsets) if e > s and s < end)
-    except (NotImplementedError, ValueError, TypeError):  # slow tokenizer: no offsets
-        ids = list(tok(text)["input_ids"])
-        last = len(tok(text[:end])["input_ids"]) - 1
-    guarded = guard and last == 0
-    start = start_token_id(tok) if guard and (guarded or not as_sent) else None
-    if start is not None:
-        ids, last = [start, *ids], last + 1
-    elif guarded:
-        raise ValueError("the tokenizer has no BOS or EOS token to guard position 0; set guard_position0=false")
-    return ids, last, guarded
-
-
-def pad_right(seqs: Sequence[Sequence[int]], pad_id: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    width = max(len(s) for s in seqs)
-    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(seqs), width), dtype=torch.long)
-    for i, s in enumerate(seqs):
-        ids[i, : len(s)] = torch.tensor(s, dtype=torch.long)
-        mask[i, : len(s)] = 1
-    return ids.to(device), mask.to(device)
 
 
 # ---------------------------------------------------------------------------------------------
-# context templates, cached per model object (not per process)
-
-_TEMPLATE_CACHE: weakref.WeakKeyDictionary[Any, dict[tuple, list[str]]] = weakref.WeakKeyDictionary()
-
-
-@torch.no_grad()
-def _generate(model: Any, tok: Any, seeds: Sequence[str], n_tokens: int, seed: int) -> list[str]:
-    """Sampled continuations of the seeds (top-k 5 as in ROME), left-padded with an attention mask."""
-    # Without BOS a lone seed word sits at the attention sink and the model writes junk
-    # ("The-the-world-is"); a separator token in front gives ordinary prose.
-    start = start_token_id(tok)
-    encoded = [([] if start is None else [start]) + list(tok(s)["input_ids"]) for s in seeds]
-    width = max(len(e) for e in encoded)
-    pad = pad_id(tok)
-    ids = torch.tensor([[pad] * (width - len(e)) + list(e) for e in encoded])
-    mask = torch.tensor([[0] * (width - len(e)) + [1] * len(e) for e in encoded])
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        out = model.generate(
-            input_ids=ids.to(input_device(model)),
-            attention_mask=mask.to(input_device(model)),
-            do_sample=True,
-            top_k=5,
-            max_new_tokens=n_tokens,
-            min_new_tokens=n_tokens,
-            pad_token_id=pad,
-        )
-    return [tok.decode(row, skip_special_tokens=True) for row in out[:, width:]]
-
-
-def context_templates(model: Any, tok: Any, hparams: ROMEHyperParams) -> list[str]:
-    """["{}", "<generated>. {}", ...]: the model's own prefixes, generated once per model and settings."""
-    key = (
-        getattr(tok, "name_or_path", ""),
-        len(tok),
-        hparams.context_template_length_params,
-        hparams.context_template_seeds,
-        hparams.seed,
-    )
-    per_model = _TEMPLATE_CACHE.setdefault(model, {})
-    if key not in per_model:
-        templates = ["{}"]
-        seeds = list(hparams.context_template_seeds)
-        for i, (n_tokens, count) in enumerate(hparams.context_template_length_params):
-            if count == 0:
-                continue
-            prompts = [seeds[j % len(seeds)] for j in range(count)]
-            texts = _generate(model, tok, prompts, n_tokens, hparams.seed + i)
-            for seed_text, gen in zip(prompts, texts, strict=True):
-                prefix = (seed_text + gen).replace("{", " ").replace("}", " ").strip()
-                templates.append(prefix + ". {}")
-        per_model[key] = templates
-    return list(per_model[key])
-
-
-# ---------------------------------------------------------------------------------------------
-# keys and values
+# the edited projection
 
 
 def _linear_weight(module: Any, transposed: bool) -> torch.Tensor:
@@ -274,424 +173,25 @@ def _linear_weight(module: Any, transposed: bool) -> torch.Tensor:
     return w.t() if transposed else w
 
 
-@torch.no_grad()
-def subject_key(
-    model: Any, tok: Any, module: Any, templates: Sequence[str], subject: str, guard: bool,
-    as_sent: Sequence[bool] = (),
-) -> tuple[torch.Tensor, int]:
-    """The projection's input at the subject's last token in each template (k* is their mean).
-
-    Each template holds `{}` where the subject goes: ROME passes the context templates with the
-    request's prompt written in, so the keys are read in the context the fact is asked in.
-
-    `as_sent[i]`: template i is encoded as the user sends it (see `encode_with_subject`).
-
-    Returns (keys (n_templates, d_in) in float64, number of prompts that needed the position-0 guard).
-    """
-    rows, positions, n_guarded = [], [], 0
-    for i, t in enumerate(templates):
-        ids, last, guarded = encode_with_subject(tok, t, subject, guard, i < len(as_sent) and as_sent[i])
-        rows.append(ids)
-        positions.append(last)
-        n_guarded += guarded
-    ids, mask = pad_right(rows, pad_id(tok), input_device(model))
-    x = capture_at_module(model, module, ids, mask)  # (B, T, d_in)
-    keys = x[torch.arange(len(rows)), torch.tensor(positions)]  # (B, d_in)
-    return keys.to(torch.float64), n_guarded
-
-
-def head_logits(model: Any, hidden: torch.Tensor) -> torch.Tensor:
-    """The output head (with Gemma-2's soft cap) on final hidden states, in float32."""
-    logits = model.get_output_embeddings()(hidden)
-    cap = getattr(model.config, "final_logit_softcapping", None)
-    if cap:
-        logits = torch.tanh(logits / cap) * cap
-    return logits.float()
-
-
-def _logits_at(
-    model: Any, ids: torch.Tensor, mask: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor
-) -> torch.Tensor:
-    """Logits at the given (row, position) pairs only: the head is applied where the loss needs it."""
-    hidden = model.base_model(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state  # (B, T, H)
-    return head_logits(model, hidden[rows, cols])  # (N, V)
-
-
-class _FusedHeadLoss(torch.autograd.Function):
-    """ROME's NLL and KL terms and their gradient in ONE pass over the output head's weight.
-
-    At this scale a step reads every weight it uses from memory; the head (vocabulary × hidden)
-    is the largest, and autograd reads it twice (logits, then their gradient). Here each chunk of
-    vocabulary rows is used for both while it is in cache, with running (max-rescaled) sums:
-    s0 = Σ e^z, S1 = Σ e^z w_v and, for the KL row, a = Σ e^z (z − log p0), A1 = Σ e^z (z − log p0) w_v.
-    Then log Z = m + log s0; −log p_y = log Z − z_y with gradient S1/s0 − w_y; KL(q‖p0) = a/s0 − log Z
-    with gradient A1/s0 − (log Z + KL)·S1/s0. Same values as log_softmax + gather + kl_div.
-    """
-
-    CHUNK = 2048
-
-    @staticmethod
-    def forward(ctx, hidden, weight, labels, label_weights, kl_init):  # type: ignore[override]
-        # hidden (N + 1, H): the label rows then the KL row; labels (N,); label_weights (N,) sum to 1
-        h = hidden.detach().float()
-        n, d = h.shape
-        m = torch.full((n, 1), float("-inf"))
-        s0 = torch.zeros(n, 1)
-        s1 = torch.zeros(n, d)
-        a = torch.zeros(1, 1)
-        a1 = torch.zeros(1, d)
-        for start in range(0, weight.shape[0], _FusedHeadLoss.CHUNK):
-            w = weight[start : start + _FusedHeadLoss.CHUNK].float()  # (C, H)
-            z = h @ w.t()  # (n, C)
-            m_new = torch.maximum(m, z.max(1, keepdim=True).values)
-            scale = (m - m_new).exp()
-            e = (z - m_new).exp()  # (n, C)
-            s0 = s0 * scale + e.sum(1, keepdim=True)
-            ek = e[-1:] * (z[-1:] - kl_init[:, start : start + w.shape[0]])  # (1, C)
-            a = a * scale[-1:] + ek.sum(1, keepdim=True)
-            s1 = s1 * scale + e @ w
-            a1 = a1 * scale[-1:] + ek @ w
-            m = m_new
-        log_z = m + s0.log()  # (n, 1)
-        z_y = (h[:-1] * weight[labels].float()).sum(1)  # (N,)
-        nll_tok = log_z[:-1, 0] - z_y
-        kl = a[0, 0] / s0[-1, 0] - log_z[-1, 0]
-        grad_nll = (s1[:-1] / s0[:-1] - weight[labels].float()) * label_weights[:, None]  # (N, H)
-        grad_kl = a1 / s0[-1:] - (log_z[-1:] + kl) * s1[-1:] / s0[-1:]  # (1, H)
-        ctx.save_for_backward(grad_nll, grad_kl)
-        ctx.hidden_dtype = hidden.dtype
-        return (nll_tok * label_weights).sum(), kl
-
-    @staticmethod
-    def backward(ctx, g_nll, g_kl):  # type: ignore[override]
-        grad_nll, grad_kl = ctx.saved_tensors
-        grad = torch.cat([grad_nll * g_nll, grad_kl * g_kl]).to(ctx.hidden_dtype)
-        return grad, None, None, None, None
-
-
-def _fused_head_ok(model: Any) -> bool:
-    head = model.get_output_embeddings()
-    return (
-        isinstance(head, torch.nn.Linear)
-        and head.bias is None
-        and not getattr(model.config, "final_logit_softcapping", None)
-        and head.weight.device.type == "cpu"
-    )
-
-
-# Architectures whose decoder layers can be run one by one from kedit (same call as their model's
-# forward: 4D mask, position ids, rotary position embeddings, a cache with `update`). Each is checked
-# against the full forward in tests/methods/test_rome.py; any other architecture uses the full forward.
-PARTIAL_TYPES = frozenset({"llama", "mistral", "qwen2", "qwen3", "gemma", "gpt_neox"})
-
-
-class _PrefixKV:
-    """A read-only cache: layer i's keys/values of the prefix columns, joined to the new ones."""
-
-    def __init__(self, kv: dict[int, tuple[torch.Tensor, torch.Tensor]]) -> None:
-        self.kv = kv
-
-    def update(self, keys: torch.Tensor, values: torch.Tensor, layer_idx: int, *_a: Any, **_k: Any):
-        pk, pv = self.kv[layer_idx]
-        return torch.cat([pk, keys], dim=-2), torch.cat([pv, values], dim=-2)
-
-
-def partial_unsupported(model: Any, width: int) -> str | None:
-    """Why the suffix-only forward cannot be used for this model (None: it can)."""
-    config = model.config
-    if getattr(config, "model_type", None) not in PARTIAL_TYPES:
-        return f"model_type {getattr(config, 'model_type', None)!r} is not checked for the partial forward"
-    if getattr(config, "_attn_implementation", None) not in ("eager", "sdpa"):
-        return f"attention implementation {getattr(config, '_attn_implementation', None)!r}"
-    if any(t != "full_attention" for t in getattr(config, "layer_types", None) or ()):
-        return "sliding-window layers"
-    window = getattr(config, "sliding_window", None)
-    if window is not None and getattr(config, "use_sliding_window", True) and width > window:
-        return "prompts longer than the sliding window"
-    if getattr(model.base_model, "rotary_emb", None) is None:
-        return "no model-level rotary embedding"
-    return None
-
-
-class SuffixForward:
-    """Layers L.. of the model over the columns from the subject's last token on.
-
-    δ enters at the subject's last token of layer L, so every hidden state below layer L and every
-    position before that token is the same at each step (causal attention). Rows are laid out as
-    [prefix, pad..., suffix, pad...] so that every row's edit position is column P; one no-grad
-    pass stores the input of layer L at the suffix columns and the keys/values of the prefix
-    columns at layers L.., and each step runs layers L.. on the S suffix columns only.
-
-    With `upper_dtype`, the layers above L and the final norm run as frozen copies in that dtype
-    (`lowp.low_precision`); layer L, where δ enters, and the returned states keep the model's.
-    If any of them carries hooks (an installed GRACE codebook), all run as they are.
-    """
-
-    def __init__(self, model: Any, rows: Sequence[Sequence[int]], edit_pos: Sequence[int], layer: int, pad: int,
-                 upper_dtype: torch.dtype | None = None):
-        arch = arch_for(model)
-        self.model = model
-        self.layer = layer
-        total = n_layers(model, arch)
-        self.layers = [get_module(model, arch.layer_tmp.format(i)) for i in range(total)]
-        self.final_norm = get_module(model, arch.final_norm)
-        self.cache_kw = cache_keyword(self.layers[0].forward)
-        device = input_device(model)
-        p_len = max(edit_pos)
-        s_len = max(len(r) - e for r, e in zip(rows, edit_pos, strict=True))
-        width = p_len + s_len
-        ids = torch.full((len(rows), width), pad, dtype=torch.long)
-        keep = torch.zeros((len(rows), width), dtype=torch.bool)
-        pos = torch.zeros((len(rows), width), dtype=torch.long)
-        for r, (row, e) in enumerate(zip(rows, edit_pos, strict=True)):
-            row_t = torch.tensor(list(row), dtype=torch.long)
-            n_suffix = len(row) - e
-            ids[r, :e], keep[r, :e], pos[r, :e] = row_t[:e], True, torch.arange(e)
-            ids[r, p_len : p_len + n_suffix] = row_t[e:]
-            keep[r, p_len : p_len + n_suffix] = True
-            pos[r, p_len : p_len + n_suffix] = torch.arange(e, len(row))
-        col = torch.arange(width)
-        # causal by column, real keys only; each column also sees itself, so no row of a pad query is empty
-        allowed = ((col[None, :] <= col[:, None])[None] & keep[:, None, :]) | torch.eye(width, dtype=torch.bool)[None]
-        dtype = self.final_norm.weight.dtype if hasattr(self.final_norm, "weight") else torch.float32
-
-        def additive_mask(dt: torch.dtype) -> torch.Tensor:  # (B, 1, P + S, P + S)
-            return torch.zeros(allowed.shape, dtype=dt).masked_fill_(~allowed, torch.finfo(dt).min)[:, None].to(device)
-
-        mask = additive_mask(dtype)
-        ids, pos = ids.to(device), pos.to(device)
-        self.p_len, self.width = p_len, width
-        self.pos = pos[:, p_len:]
-        self.mask = mask[:, :, p_len:, :]  # (B, 1, S, P + S)
-
-        from transformers import DynamicCache
-
-        cache = DynamicCache(config=model.config)
-        captured: list[torch.Tensor] = []
-
-        def grab(_mod: Any, args: tuple, kwargs: dict) -> None:
-            captured.append((args[0] if args else kwargs["hidden_states"]).detach())
-
-        handle = self.layers[layer].register_forward_pre_hook(grab, with_kwargs=True)
-        try:
-            with torch.no_grad():
-                model.base_model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True,
-                                 **{cache_keyword(model.base_model.forward): cache})
-        finally:
-            handle.remove()
-        self.h_in = captured[0][:, p_len:]  # (B, S, H): input of layer L at the suffix columns
-        self.prefix_kv = {
-            i: (cache.layers[i].keys[:, :, :p_len].detach(), cache.layers[i].values[:, :, :p_len].detach())
-            for i in range(layer, total)
-        }
-        with torch.no_grad():
-            self.position_embeddings = model.base_model.rotary_emb(self.h_in, self.pos)
-        # the layers above L: (layers, final norm, prefix keys/values, mask, rotary embeddings)
-        upper = self.layers[layer + 1 :]
-        if upper_dtype is None or upper_dtype == dtype or any(has_hooks(m) for m in (*upper, self.final_norm)):
-            self.upper = (upper, self.final_norm, self.prefix_kv, self.mask, self.position_embeddings)
-        else:
-            self.upper = (
-                [low_precision(m, upper_dtype) for m in upper],
-                low_precision(self.final_norm, upper_dtype),
-                {i: (k.to(upper_dtype), v.to(upper_dtype)) for i, (k, v) in self.prefix_kv.items()},
-                additive_mask(upper_dtype)[:, :, p_len:, :],
-                tuple(x.to(upper_dtype) for x in self.position_embeddings),
-            )
-
-    def _run(self, layer: Any, h: torch.Tensor, kv: dict, mask: torch.Tensor, rotary: tuple) -> torch.Tensor:
-        out = layer(h, attention_mask=mask, position_ids=self.pos, position_embeddings=rotary, use_cache=True,
-                    **{self.cache_kw: _PrefixKV(kv)})
-        return out[0] if isinstance(out, tuple) else out
-
-    def hidden(self) -> torch.Tensor:
-        """Final hidden states (after the last norm) at the suffix columns, (B, S, H)."""
-        h = self._run(self.layers[self.layer], self.h_in, self.prefix_kv, self.mask, self.position_embeddings)
-        layers, norm, kv, mask, rotary = self.upper
-        h = h.to(mask.dtype)
-        for layer in layers:
-            h = self._run(layer, h, kv, mask, rotary)
-        return norm(h).to(self.h_in.dtype)
-
-
-@dataclass
-class _ValueResult:
-    delta: torch.Tensor  # (d_out,)
-    losses: list[float] = field(default_factory=list)  # before each update (the δ after the last is not scored)
-    nll: list[float] = field(default_factory=list)
-    n_guarded: int = 0
-    partial: bool = False  # whether the suffix-only forward was used
-
-
-def optimise_value(
-    model: Any,
-    tok: Any,
-    module: Any,
-    templates: Sequence[str],
-    request: EditRequest,
-    v_init_norm: float,
-    hp: ROMEHyperParams,
-    *,
-    partial: bool = True,
-    fused_head: bool = True,
-) -> _ValueResult:
-    """δ added to the projection's output at the subject's last token, trained for the new target.
-
-    One batched forward pass per step over every rewrite prompt and the KL prompt. With `partial`
-    (and an architecture in `PARTIAL_TYPES`), a step runs only layers L.. on the positions from
-    the subject's last token on (`SuffixForward`); with `fused_head` the head's loss and gradient
-    come from one pass over its weight (`_FusedHeadLoss`). The loss is the same up to float rounding.
-    """
-    tgt = target_ids(tok, request.target_new)
-    rows: list[list[int]] = []
-    edit_pos: list[int] = []
-    label_rows: list[int] = []
-    label_cols: list[int] = []
-    labels: list[int] = []
-    n_guarded = 0
-    for r, ctx in enumerate(templates):
-        full = ctx.replace("{}", request.template, 1)
-        ids, last, guarded = encode_with_subject(tok, full, request.subject, hp.guard_position0, ctx == "{}")
-        n_guarded += guarded
-        rows.append(ids + tgt[:-1])
-        edit_pos.append(last)
-        for j, t in enumerate(tgt):  # token j of the target is predicted at position len(ids)-1+j
-            label_rows.append(r)
-            label_cols.append(len(ids) - 1 + j)
-            labels.append(t)
-    kl_ids, kl_last, guarded = encode_with_subject(tok, hp.kl_prompt, request.subject, hp.guard_position0)
-    n_guarded += guarded
-    kl_row = len(rows)
-    rows.append(kl_ids)
-    edit_pos.append(kl_last)
-
-    device = input_device(model)
-    n_labels = len(labels)
-    label_t = torch.tensor(labels, device=device)
-    row_of_label = torch.tensor(label_rows, device=device)
-    per_row = torch.bincount(row_of_label, minlength=kl_row).clamp(min=1).float()
-    sel_rows = torch.tensor([*label_rows, kl_row], device=device)
-
-    reason = partial_unsupported(model, max(len(r) for r in rows)) if partial else "disabled"
-    if reason is None and hp.layer >= n_layers(model):
-        reason = "layer out of range"
-    if reason is None:
-        runner = SuffixForward(model, rows, edit_pos, hp.layer, pad_id(tok), DTYPES[hp.v_dtype])
-        sel_cols = torch.tensor(
-            [c - edit_pos[r] for r, c in zip(label_rows, label_cols, strict=True)] + [0], device=device
-        )
-        where = torch.zeros((len(rows), runner.width - runner.p_len, 1), device=device)
-        where[:, 0] = 1.0  # every row's edit position is its first suffix column
-
-        def hidden_fn() -> torch.Tensor:
-            return runner.hidden()[sel_rows, sel_cols]
-
-    else:
-        log.debug("ROME: full forward per step (%s)", reason)
-        ids, mask = pad_right(rows, pad_id(tok), device)
-        B, T = ids.shape
-        where = torch.zeros((B, T, 1), device=device)  # (B, T, 1): 1 where δ is added
-        where[torch.arange(B), torch.tensor(edit_pos)] = 1.0
-        sel_cols = torch.tensor([*label_cols, kl_last], device=device)
-
-        def hidden_fn() -> torch.Tensor:
-            out = model.base_model(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state
-            return out[sel_rows, sel_cols]
-
-    d_out = module.weight.shape[0 if not hp.out_proj_transposed else 1]
-    delta = torch.zeros(d_out, device=module.weight.device, dtype=torch.float32, requires_grad=True)
-    opt = torch.optim.Adam([delta], lr=hp.v_lr)
-    max_norm = hp.clamp_norm_factor * v_init_norm
-
-    def hook(_mod: Any, _args: tuple, out: torch.Tensor) -> torch.Tensor:
-        return out + where.to(out.dtype) * delta.to(out.dtype)
-
-    # NLL = mean over prompts of the mean over its target tokens: one weight per label
-    label_w = (1.0 / (per_row[row_of_label] * kl_row)).float()
-    fused = fused_head and _fused_head_ok(model)
-    head_w = model.get_output_embeddings().weight if fused else None
-    result = _ValueResult(delta=delta, n_guarded=n_guarded, partial=reason is None)
-    kl_init: torch.Tensor | None = None
-    handle = module.register_forward_hook(hook)
-    try:
-        # v_num_grad_steps forward passes in ROME's count, the last of which only scored the final
-        # δ: here n − 1 updates, each after the forward pass it needs (one pass and no update for n = 1)
-        n_updates = hp.v_num_grad_steps - 1
-        for _ in range(max(n_updates, 1)):
-            opt.zero_grad()
-            hidden = hidden_fn()  # (n_labels + 1, H)
-            if kl_init is None:  # δ = 0 at step 0: the unedited distribution
-                with torch.no_grad():
-                    kl_init = head_logits(model, hidden[n_labels:]).log_softmax(-1)  # (1, V)
-            if fused:
-                nll, kl_raw = _FusedHeadLoss.apply(hidden, head_w, label_t, label_w, kl_init)
-            else:
-                logp = head_logits(model, hidden).log_softmax(-1)  # (n_labels + 1, V)
-                tok_lp = logp[:n_labels].gather(1, label_t[:, None])[:, 0]  # (n_labels,)
-                nll = -(torch.zeros(kl_row, device=device).index_add(0, row_of_label, tok_lp) / per_row).mean()
-                kl_raw = F.kl_div(kl_init, logp[n_labels:], log_target=True, reduction="batchmean")
-            kl = hp.kl_factor * kl_raw
-            decay = hp.v_weight_decay * (delta.norm() / v_init_norm**2)
-            loss = nll + kl + decay
-            result.losses.append(float(loss.detach()))
-            result.nll.append(float(nll.detach()))
-            if result.losses[-1] < hp.early_stop_loss or n_updates == 0:
-                break
-            loss.backward()
-            opt.step()
-            with torch.no_grad():
-                norm = delta.norm()
-                if norm > max_norm:
-                    delta.mul_(max_norm / norm)
-    finally:
-        handle.remove()
-    result.delta = delta.detach()
-    return result
-
-
 # ---------------------------------------------------------------------------------------------
 # the method
 
 
-class Frozen:
-    """Context: eval mode and no parameter gradients, restored on exit."""
-
-    def __init__(self, model: Any) -> None:
-        self.model = model
-
-    def __enter__(self) -> None:
-        self.training = self.model.training
-        self.flags = [(p, p.requires_grad) for p in self.model.parameters()]
-        self.model.eval()
-        for p, _ in self.flags:
-            p.requires_grad_(False)
-
-    def __exit__(self, *exc: object) -> None:
-        for p, flag in self.flags:
-            p.requires_grad_(flag)
-        self.model.train(self.training)
-
-
-# One C serves every edit of a session: its Cholesky factor is kept for the last C seen
-# (matched by identity and in-place version), so an edit solves in O(d²) instead of O(d³).
-_FACTOR: dict[str, Any] = {}
-
-
-def _factor(c: torch.Tensor | None, ridge: float) -> torch.Tensor | None:
+def _factor(cache: TensorCache, c: torch.Tensor | None, ridge: float) -> torch.Tensor | None:
+    """C's Cholesky factor (with the ridge), computed once per C in `cache`: an edit then solves in
+    O(d²) instead of O(d³). None when C is not given or not positive definite in float64 (the
+    plain solve then decides, and reports)."""
     if c is None:
         return None
-    ref = _FACTOR.get("c")
-    if ref is None or ref() is not c or _FACTOR["version"] != c._version or _FACTOR["ridge"] != ridge:
-        try:
-            factor = rome_math.factor_second_moment(c, ridge)
-        except torch.linalg.LinAlgError:  # not positive definite in float64: the plain solve decides
-            return None
-        _FACTOR.update(c=weakref.ref(c), version=c._version, ridge=ridge, factor=factor)
-    return _FACTOR["factor"]
+    try:
+        return cache.get(("cholesky", ridge), c, lambda t: rome_math.factor_second_moment(t, ridge))
+    except torch.linalg.LinAlgError:
+        return None
 
 
 def _edit_one(
-    model: Any, tok: Any, module: Any, request: EditRequest, hp: ROMEHyperParams, c: torch.Tensor | None
+    model: Any, tok: Any, module: Any, request: EditRequest, hp: ROMEHyperParams, c: torch.Tensor | None,
+    factors: TensorCache,
 ) -> tuple[rome_math.RankOne, dict[str, Any]]:
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
@@ -700,8 +200,8 @@ def _edit_one(
 
     t0 = time.perf_counter()
     prompts = [t.replace("{}", request.template, 1) for t in templates]  # ROME's templ.format(prompt)
-    keys, n_guard_k = subject_key(model, tok, module, prompts, request.subject, hp.guard_position0,
-                                  [t == "{}" for t in templates])  # the bare prompt as the user sends it
+    keys, n_guard_k = template_keys(model, tok, module, prompts, request.subject, hp.guard_position0,
+                                    [t == "{}" for t in templates])  # the bare prompt as the user sends it
     k_star = keys.mean(0)
     w = _linear_weight(module, hp.out_proj_transposed)  # (d_out, d_in)
     bias = getattr(module, "bias", None)
@@ -710,7 +210,7 @@ def _edit_one(
         if bias is not None:
             v_init = v_init + bias.to(torch.float64)
 
-    factor = _factor(c, hp.mom2_ridge)
+    factor = _factor(factors, c, hp.mom2_ridge)
     u_rome = rome_math.left_vector(k_star, c, hp.mom2_ridge, factor=factor)
     neighbours = neighbour_keys(model, tok, module, request)
     protected = torch.zeros(0, k_star.shape[0], dtype=torch.float64, device=k_star.device)
@@ -754,7 +254,8 @@ def _edit_one(
         return upd, u, floor, shows
 
     t0 = time.perf_counter()
-    value = optimise_value(model, tok, module, templates, request, float(v_init.norm()), hp)
+    value = optimise_single_value(model, tok, module, hp.layer, templates, request, float(v_init.norm()),
+                                  hp.value_settings())
     timings["value_s"] = time.perf_counter() - t0
     t0 = time.perf_counter()
     upd, u, floor, shows = solve(v_init + value.delta.to(torch.float64))
@@ -764,8 +265,8 @@ def _edit_one(
         log.info("the edit of %r does not show in generation (nll %.3f after %d steps): optimising v* again "
                  "with %d steps", request.text, value.nll[-1], len(value.nll), hp.retry_grad_steps)
         t0 = time.perf_counter()
-        value = optimise_value(model, tok, module, templates, request, float(v_init.norm()),
-                               dataclasses.replace(hp, v_num_grad_steps=hp.retry_grad_steps))
+        value = optimise_single_value(model, tok, module, hp.layer, templates, request, float(v_init.norm()),
+                                      dataclasses.replace(hp.value_settings(), v_num_grad_steps=hp.retry_grad_steps))
         upd, u, floor, shows = solve(v_init + value.delta.to(torch.float64))
         timings["retry_s"] = time.perf_counter() - t0
     if floor > hp.prompt_gain_floor:
@@ -814,7 +315,7 @@ def _edit_one(
 def _edit_shows(model: Any, tok: Any, module: Any, upd: rome_math.RankOne, request: EditRequest,
                 transposed: bool) -> bool:
     """Whether the model with the update, given the prompt as the user sends it, generates the target
-    (`shows_in_generation`: kedit.evaluate's greedy continuation and comparison rule)."""
+    (`shows_in_generation`: kedit.eval.metrics's greedy continuation and comparison rule)."""
     saved = module.weight.detach().clone()
     a, b = rome_math.to_stored_layout(upd, transposed)
     module.weight.add_((a @ b).to(device=module.weight.device, dtype=module.weight.dtype))
@@ -884,12 +385,15 @@ def apply(
     *,
     second_moment: torch.Tensor | None = None,
     stats_provider: StatsProvider | None = None,
+    factor_cache: TensorCache | None = None,
 ) -> EditResult:
     """Compute ROME's delta for the requests (applied one after another); the model is left unchanged.
 
     Args:
         second_moment: C = E[kkᵀ] of the projection's input at `hparams.layer`, (d_in, d_in).
         stats_provider: called as `stats_provider(module_name, layer)` when `second_moment` is None.
+        factor_cache: where C's Cholesky factor is kept; pass the same one to calls that edit with
+            the same C in memory to factor it once (by default each call factors it once).
 
     Raises:
         ValueError: no requests, or mom2_adjustment is on and neither C nor a provider is given.
@@ -913,13 +417,14 @@ def apply(
             )
         c = second_moment
 
+    factors = TensorCache() if factor_cache is None else factor_cache
     t_start = time.perf_counter()
     original = module.weight.detach().clone()
     lams, us, infos = [], [], []
     try:
-        with Frozen(model):
+        with frozen(model, eval_mode=True):
             for i, request in enumerate(requests):
-                upd, info = _edit_one(model, tok, module, request, hparams, c)
+                upd, info = _edit_one(model, tok, module, request, hparams, c, factors)
                 lams.append(upd.lam)
                 us.append(upd.u)
                 infos.append(info)

@@ -60,7 +60,7 @@ def register_installer(kind: str, installer: Installer) -> None:
     _INSTALLERS[kind] = installer
 
 
-def _installer(kind: str) -> Installer:
+def installer(kind: str) -> Installer:
     if kind not in _INSTALLERS and kind in _BUILTIN_MODULES:
         importlib.import_module(_BUILTIN_MODULES[kind])
     if kind not in _INSTALLERS:
@@ -77,7 +77,7 @@ def install_adapters(model: Any, adapters: Sequence[Adapter]) -> None:
     """Make `model` carry exactly `adapters` (ordered as committed), removing earlier installs."""
     kinds = {a.kind for a in adapters}
     for kind in sorted(kinds | installed_kinds(model)):
-        _installer(kind)(model, [a for a in adapters if a.kind == kind])
+        installer(kind)(model, [a for a in adapters if a.kind == kind])
     object.__setattr__(model, _ATTR, frozenset(kinds))
 
 

@@ -7,7 +7,7 @@ import dataclasses
 
 import pytest
 import torch
-from kedit.methods import mend, mend_train
+from kedit.methods import mend_net, mend_train
 from kedit.methods.base import EditRequest
 from kedit.methods.mend_train import TrainItem
 
@@ -30,8 +30,8 @@ def _requests() -> list[EditRequest]:
                         locality=(("London, Rome, Paris, Tokyo,", "Berlin"),)) for t, s, new, true in FACTS]
 
 
-def _params(model, **kw) -> mend.MENDTrainParams:
-    return dataclasses.replace(mend.MENDTrainParams.for_model(model), rank=8, **kw)
+def _params(model, **kw) -> mend_net.MENDTrainParams:
+    return dataclasses.replace(mend_net.MENDTrainParams.for_model(model), rank=8, **kw)
 
 
 @pytest.fixture(params=["llama", "gpt2"])
@@ -41,21 +41,21 @@ def model(request, tiny_tok):
 
 def test_editor_starts_as_identity_and_first_update_is_minus_lr_times_gradient(model, tiny_tok):
     params = _params(model, edit_lr=0.05)
-    editor = mend.build_editor(params, mend.module_shapes(model, params))
+    editor = mend_net.build_editor(params, mend_net.module_shapes(model, params))
     reqs = _requests()[:2]
-    rows = mend.edit_rows(tiny_tok, [r.text for r in reqs], [r.target_new for r in reqs])
-    factors, _ = mend.capture_factors(model, params, rows)
+    rows = mend_net.edit_rows(tiny_tok, [r.text for r in reqs], [r.target_new for r in reqs])
+    factors, _ = mend_net.capture_factors(model, params, rows)
     for i, (u, d) in enumerate(zip(factors.u, factors.d, strict=True)):
         editor.observe(i, torch.cat([u, d], -1))  # non-trivial statistics: still the identity
         ut, dt = editor(i, u, d)
         torch.testing.assert_close(ut, u, rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(dt, d, rtol=1e-5, atol=1e-6)
     with torch.no_grad():
-        deltas = mend.editor_deltas(params, mend.transform(editor, factors), editor.step)
+        deltas = mend_net.editor_deltas(params, mend_net.transform(editor, factors), editor.step)
     # the gradient of the same loss, taken by autograd on the weights themselves
     weights = [get_module(model, m).weight for m in params.modules]
     logits = model(input_ids=rows.ids, attention_mask=rows.mask).logits[rows.rows, rows.cols]
-    loss = mend.edit_loss(logits, rows.labels, rows.rows, rows.ids.shape[0])
+    loss = mend_net.edit_loss(logits, rows.labels, rows.rows, rows.ids.shape[0])
     grads = torch.autograd.grad(loss, weights)
     model.zero_grad(set_to_none=True)
     for name, g in zip(params.modules, grads, strict=True):
@@ -65,17 +65,17 @@ def test_editor_starts_as_identity_and_first_update_is_minus_lr_times_gradient(m
 
 def test_delta_is_the_sum_of_rank_one_terms_and_matches_the_hooks(model, tiny_tok):
     params = _params(model, edit_lr=0.05)
-    editor = mend.build_editor(params, mend.module_shapes(model, params))
+    editor = mend_net.build_editor(params, mend_net.module_shapes(model, params))
     torch.manual_seed(0)
     with torch.no_grad():  # a trained-looking editor: non-zero U so it is not the identity
         for p in editor.editor_parameters():
             p.add_(0.05 * torch.randn_like(p))
     reqs = _requests()[:3]
-    rows = mend.edit_rows(tiny_tok, [r.text for r in reqs], [r.target_new for r in reqs])
-    factors, _ = mend.capture_factors(model, params, rows)
+    rows = mend_net.edit_rows(tiny_tok, [r.text for r in reqs], [r.target_new for r in reqs])
+    factors, _ = mend_net.capture_factors(model, params, rows)
     with torch.no_grad():
-        edited = mend.transform(editor, factors)
-        deltas = mend.editor_deltas(params, edited, editor.step)
+        edited = mend_net.transform(editor, factors)
+        deltas = mend_net.editor_deltas(params, edited, editor.step)
     for i, name in enumerate(params.modules):
         d = deltas[name + ".weight"]
         n_tokens = factors.u[i].shape[0]
@@ -85,7 +85,7 @@ def test_delta_is_the_sum_of_rank_one_terms_and_matches_the_hooks(model, tiny_to
         torch.testing.assert_close(d.a @ d.b, expected, rtol=1e-5, atol=1e-6)
     # the training forward (hooks) sees the same model as the committed weights
     probe = model(input_ids=rows.ids, attention_mask=rows.mask).logits
-    with torch.no_grad(), mend.delta_hooks(model, params, edited, editor.step):
+    with torch.no_grad(), mend_net.delta_hooks(model, params, edited, editor.step):
         hooked = model(input_ids=rows.ids, attention_mask=rows.mask).logits
     state = dict(model.named_parameters())
     saved = {n: state[n].detach().clone() for n in deltas}
@@ -100,7 +100,7 @@ def test_delta_is_the_sum_of_rank_one_terms_and_matches_the_hooks(model, tiny_to
 
 
 def test_welford_statistics_match_the_batch_formulas():
-    editor = mend.MENDEditor([(3, 2)], rank=2, n_hidden=1, edit_lr=1e-3)
+    editor = mend_net.MENDEditor([(3, 2)], rank=2, n_hidden=1, edit_lr=1e-3)
     x = torch.randn(50, 5, dtype=torch.float64) * 3 + 1
     for chunk in x.split([7, 1, 30, 12]):
         editor.observe(0, chunk)
@@ -113,7 +113,7 @@ def test_welford_statistics_match_the_batch_formulas():
 def test_forward_from_a_cached_layer_input_equals_the_full_forward(arch, tiny_tok):
     model = make_model(arch, len(tiny_tok), seed=1)
     reqs = _requests()
-    rows = mend.edit_rows(tiny_tok, [r.text for r in reqs], [r.target_new for r in reqs])
+    rows = mend_net.edit_rows(tiny_tok, [r.text for r in reqs], [r.target_new for r in reqs])
     top = mend_train.TopForward(model, 1)
     full = model.base_model(input_ids=rows.ids, attention_mask=rows.mask)[0]
     with torch.no_grad():
@@ -129,7 +129,7 @@ def test_one_training_step_lowers_the_edit_loss(tiny_tok):
     model = make_model("llama", len(tiny_tok), seed=3)
     params = _params(model, edit_lr=0.01, lr=1e-3, lr_lr=1e-2, batch_size=4)
     items = [TrainItem(r) for r in _requests()]
-    editor = mend.build_editor(params, mend.module_shapes(model, params))
+    editor = mend_net.build_editor(params, mend_net.module_shapes(model, params))
     opt = torch.optim.Adam(editor.editor_parameters(), lr=params.lr)
     opt_lr = torch.optim.Adam([editor.step], lr=params.lr_lr)
     prepared = mend_train._prepare(tiny_tok, items, params)

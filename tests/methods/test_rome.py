@@ -3,9 +3,11 @@ import functools
 
 import pytest
 import torch
-from kedit.methods import lowp, rome, rome_math
+from kedit.methods import forward, lowp, prompts, rome, rome_math, values
 from kedit.methods.base import EditRequest, get_method
+from kedit.methods.freeze import frozen
 from kedit.methods.hparams import hparams_from_overrides, hparams_to_dict
+from kedit.methods.tensor_cache import TensorCache
 
 from kedit.core.delta import LowRank, apply_step
 from kedit.eval.metrics import start_token_id, token_accuracy
@@ -116,7 +118,7 @@ def test_edit_makes_target_the_argmax_and_leaves_model_unchanged(tiny_model, tin
     info = result.info["requests"][0]
     assert info["update_norm"] > 0 and info["denominator"] > 0 and info["loss"][-1] < info["loss"][0]
 
-    target = rome.target_ids(tiny_tok, "Rome")[0]
+    target = prompts.target_ids(tiny_tok, "Rome")[0]
     ids = torch.tensor([tiny_tok(REQ_DIRECT.text)["input_ids"]])
     assert tiny_model(ids).logits[0, -1].argmax() != target  # not already there
     with torch.no_grad():
@@ -169,9 +171,9 @@ def test_sequential_requests_give_one_low_rank_delta(tiny_gpt2, tiny_tok):
 def test_position0_guard(tiny_llama, tiny_tok):
     """A subject that is the prompt's first token would be read at the attention sink."""
     template, subject = "{} capital is", "The"  # "The" is one token of the tiny vocabulary
-    ids, last, guarded = rome.encode_with_subject(tiny_tok, template, subject, guard=False)
+    ids, last, guarded = prompts.encode_with_subject(tiny_tok, template, subject, guard=False)
     assert last == 0 and not guarded
-    ids_g, last_g, guarded_g = rome.encode_with_subject(tiny_tok, template, subject, guard=True)
+    ids_g, last_g, guarded_g = prompts.encode_with_subject(tiny_tok, template, subject, guard=True)
     assert guarded_g and last_g == 1 and ids_g[1:] == ids and ids_g[0] == start_token_id(tiny_tok)
     req = EditRequest(prompt="The capital is", subject="The", target_new="Rome")
     result = rome.apply(tiny_llama, tiny_tok, [req], fast_hparams(tiny_llama, v_num_grad_steps=2))
@@ -179,17 +181,17 @@ def test_position0_guard(tiny_llama, tiny_tok):
 
 
 def test_subject_span_in_template(tiny_tok):
-    ids, last, _ = rome.encode_with_subject(tiny_tok, "Where is {} located", "the Eiffel Tower", guard=True)
+    ids, last, _ = prompts.encode_with_subject(tiny_tok, "Where is {} located", "the Eiffel Tower", guard=True)
     text = tiny_tok.decode(ids[: last + 1])
     assert text.endswith("Tower") and tiny_tok.decode(ids[last + 1 :]).strip() == "located"
 
 
 def test_context_templates_are_cached_per_model(tiny_gpt2, tiny_llama, tiny_tok):
     hp = fast_hparams(tiny_gpt2)
-    t1 = rome.context_templates(tiny_gpt2, tiny_tok, hp)
+    t1 = prompts.context_templates(tiny_gpt2, tiny_tok, hp)
     assert t1[0] == "{}" and len(t1) == 4 and all(t.endswith(". {}") for t in t1[1:])
-    assert rome.context_templates(tiny_gpt2, tiny_tok, hp) == t1
-    assert tiny_gpt2 in rome._TEMPLATE_CACHE
+    assert prompts.context_templates(tiny_gpt2, tiny_tok, hp) == t1
+    assert tiny_gpt2 in prompts._TEMPLATE_CACHE
 
 
 # ------------------------------------------------------------------ the suffix-only forward of v*
@@ -217,14 +219,14 @@ def _model(model_type):
 
 
 def _rows_for(tok, model, hp, request):
-    templates = rome.context_templates(model, tok, hp)
-    tgt = rome.target_ids(tok, request.target_new)
+    templates = prompts.context_templates(model, tok, hp)
+    tgt = prompts.target_ids(tok, request.target_new)
     rows, edit_pos = [], []
     for ctx in templates:
-        ids, last, _ = rome.encode_with_subject(tok, ctx.replace("{}", request.template, 1), request.subject, True)
+        ids, last, _ = prompts.encode_with_subject(tok, ctx.replace("{}", request.template, 1), request.subject, True)
         rows.append(ids + tgt[:-1])
         edit_pos.append(last)
-    kl_ids, kl_last, _ = rome.encode_with_subject(tok, hp.kl_prompt, request.subject, True)
+    kl_ids, kl_last, _ = prompts.encode_with_subject(tok, hp.kl_prompt, request.subject, True)
     return [*rows, kl_ids], [*edit_pos, kl_last]
 
 
@@ -235,26 +237,26 @@ def test_suffix_forward_logits_equal_full_forward(model_type, tiny_tok):
     hp = fast_hparams(model, layer=1)
     module = get_module(model, hp.module_name)
     rows, edit_pos = _rows_for(tiny_tok, model, hp, REQ)
-    supported = rome.partial_unsupported(model, max(map(len, rows))) is None
-    assert supported == (model.config.model_type in rome.PARTIAL_TYPES)
+    supported = forward.partial_unsupported(model, max(map(len, rows))) is None
+    assert supported == (model.config.model_type in forward.PARTIAL_TYPES)
     if not supported:
         pytest.skip(f"{model.config.model_type}: full forward (fallback)")
     torch.manual_seed(3)
     delta = torch.randn(module.weight.shape[0])
-    ids, mask = rome.pad_right(rows, rome.pad_id(tiny_tok), torch.device("cpu"))
+    ids, mask = prompts.pad_right(rows, prompts.pad_id(tiny_tok), torch.device("cpu"))
     where_full = torch.zeros((*ids.shape, 1))
     where_full[torch.arange(len(rows)), torch.tensor(edit_pos)] = 1.0
-    runner = rome.SuffixForward(model, rows, edit_pos, hp.layer, rome.pad_id(tiny_tok))
+    runner = forward.SuffixForward(model, rows, edit_pos, hp.layer, prompts.pad_id(tiny_tok))
     where = [where_full]
     handle = module.register_forward_hook(lambda _m, _a, out: out + where[0] * delta)
     try:
         with torch.no_grad():
             rr = torch.tensor([r for r, row in enumerate(rows) for _ in range(edit_pos[r], len(row))])
             cc = torch.tensor([c for r, row in enumerate(rows) for c in range(edit_pos[r], len(row))])
-            full = rome._logits_at(model, ids, mask, rr, cc)
+            full = forward.logits_at(model, ids, mask, rr, cc)
             where[0] = torch.zeros((len(rows), runner.width - runner.p_len, 1))
             where[0][:, 0] = 1.0
-            part = rome.head_logits(model, runner.hidden()[rr, cc - torch.tensor(edit_pos)[rr]])
+            part = forward.head_logits(model, runner.hidden()[rr, cc - torch.tensor(edit_pos)[rr]])
     finally:
         handle.remove()
     torch.testing.assert_close(part, full, rtol=1e-4, atol=1e-4)
@@ -263,36 +265,37 @@ def test_suffix_forward_logits_equal_full_forward(model_type, tiny_tok):
 @pytest.mark.parametrize("guard", [True, False])
 @pytest.mark.parametrize("model_type", PARTIAL_CHECKED)
 def test_suffix_forward_gives_the_same_loss_trajectory(model_type, tiny_tok, guard):
-    """optimise_value's fast path (suffix-only forward, fused head) and the plain full forward agree."""
+    """optimise_single_value's fast path (suffix-only forward, fused head) and the plain full forward agree."""
     model = _model(model_type)
     hp = fast_hparams(model, v_num_grad_steps=12, early_stop_loss=0.0, guard_position0=guard, v_dtype="float32")
     # guard=False with a one-token subject first: a row whose prefix is empty.
     req = REQ if guard else EditRequest(prompt="The capital is", subject="The", target_new="Rome")
     module = get_module(model, hp.module_name)
-    templates = rome.context_templates(model, tiny_tok, hp)
-    with rome.Frozen(model):
-        fast = rome.optimise_value(model, tiny_tok, module, templates, req, 1.0, hp)
-        plain = rome.optimise_value(model, tiny_tok, module, templates, req, 1.0, hp, partial=False, fused_head=False)
-    assert fast.partial == (model.config.model_type in rome.PARTIAL_TYPES) and not plain.partial
+    templates = prompts.context_templates(model, tiny_tok, hp)
+    with frozen(model, eval_mode=True):
+        settings = hp.value_settings()
+        fast = values.optimise_single_value(model, tiny_tok, module, hp.layer, templates, req, 1.0, settings)
+        plain = values.optimise_single_value(model, tiny_tok, module, hp.layer, templates, req, 1.0, settings,
+                                             partial=False, fused_head=False)
+    assert fast.partial == (model.config.model_type in forward.PARTIAL_TYPES) and not plain.partial
     assert len(fast.losses) == len(plain.losses) == 11  # 12 steps: 11 updates, each after a scored forward
     assert fast.losses[-1] < fast.losses[0]
     torch.testing.assert_close(torch.tensor(fast.losses), torch.tensor(plain.losses), rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(fast.delta, plain.delta, rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize("model_type", [t for t in PARTIAL_CHECKED if t in rome.PARTIAL_TYPES])
+@pytest.mark.parametrize("model_type", [t for t in PARTIAL_CHECKED if t in forward.PARTIAL_TYPES])
 def test_bfloat16_upper_layers_follow_the_float32_trajectory(model_type, tiny_tok):
     """v_dtype=bfloat16 rounds only the activations above the edit: the loss falls the same way."""
     model = _model(model_type)
     hp = fast_hparams(model, v_num_grad_steps=12, early_stop_loss=0.0)
     assert hp.v_dtype == "bfloat16"
     module = get_module(model, hp.module_name)
-    templates = rome.context_templates(model, tiny_tok, hp)
-    with rome.Frozen(model):
-        low = rome.optimise_value(model, tiny_tok, module, templates, REQ, 1.0, hp)
-        exact = rome.optimise_value(
-            model, tiny_tok, module, templates, REQ, 1.0, dataclasses.replace(hp, v_dtype="float32")
-        )
+    templates = prompts.context_templates(model, tiny_tok, hp)
+    with frozen(model, eval_mode=True):
+        low = values.optimise_single_value(model, tiny_tok, module, hp.layer, templates, REQ, 1.0, hp.value_settings())
+        exact = values.optimise_single_value(model, tiny_tok, module, hp.layer, templates, REQ, 1.0,
+                                             dataclasses.replace(hp.value_settings(), v_dtype="float32"))
     assert low.losses[-1] < low.losses[0]
     torch.testing.assert_close(torch.tensor(low.losses), torch.tensor(exact.losses), rtol=0.05, atol=0.02)
     cosine = torch.nn.functional.cosine_similarity(low.delta, exact.delta, dim=0)
@@ -302,8 +305,9 @@ def test_bfloat16_upper_layers_follow_the_float32_trajectory(model_type, tiny_to
     top = get_module(model, arch.layer_tmp.format(hp.layer + 1))
     handle = top.register_forward_hook(lambda _m, _a, out: out)  # hooked layers are run as they are
     try:
-        with rome.Frozen(model):
-            hooked = rome.optimise_value(model, tiny_tok, module, templates, REQ, 1.0, hp)
+        with frozen(model, eval_mode=True):
+            hooked = values.optimise_single_value(model, tiny_tok, module, hp.layer, templates, REQ, 1.0,
+                                                  hp.value_settings())
     finally:
         handle.remove()
     torch.testing.assert_close(torch.tensor(hooked.losses), torch.tensor(exact.losses), rtol=1e-5, atol=1e-5)
@@ -386,8 +390,9 @@ def test_factored_left_vector_equals_solve():
         f = rome_math.factor_second_moment(c, ridge)
         torch.testing.assert_close(rome_math.left_vector(k, c, ridge, factor=f), rome_math.left_vector(k, c, ridge))
     c32 = c.float()
-    assert rome._factor(c32, 1e-6) is rome._factor(c32, 1e-6)  # kept for the same C
-    assert rome._factor(c32.clone(), 1e-6) is not rome._factor(c32, 1e-6)
+    cache = TensorCache()
+    assert rome._factor(cache, c32, 1e-6) is rome._factor(cache, c32, 1e-6)  # kept for the same C
+    assert rome._factor(cache, c32.clone(), 1e-6) is not rome._factor(cache, c32, 1e-6)
 
 
 def test_equal_gain_vector_gives_every_key_the_same_gain_at_least_c_norm():
@@ -498,14 +503,14 @@ def test_toward_gain_is_the_least_move_that_gives_the_key_its_share():
 
 def test_fused_head_in_chunks_equals_log_softmax(monkeypatch, tiny_tok):
     """The one-pass head (running max and sums over vocabulary chunks) gives autograd's loss and gradient."""
-    monkeypatch.setattr(rome._FusedHeadLoss, "CHUNK", 37)  # several chunks of a 300-token vocabulary
+    monkeypatch.setattr(forward.FusedHeadLoss, "CHUNK", 37)  # several chunks of a 300-token vocabulary
     torch.manual_seed(4)
     weight = torch.randn(len(tiny_tok), 16)
     hidden = torch.randn(4, 16, requires_grad=True)
     labels = torch.tensor([5, 17, 250])
     label_w = torch.tensor([0.25, 0.25, 0.5])
     kl_init = torch.randn(1, len(tiny_tok)).log_softmax(-1)
-    nll, kl = rome._FusedHeadLoss.apply(hidden, weight, labels, label_w, kl_init)
+    nll, kl = forward.FusedHeadLoss.apply(hidden, weight, labels, label_w, kl_init)
     (g_fused,) = torch.autograd.grad(nll + 0.3 * kl, hidden)
     logp = (hidden @ weight.t()).log_softmax(-1)
     nll_ref = -(logp[:3].gather(1, labels[:, None])[:, 0] * label_w).sum()
