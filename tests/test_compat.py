@@ -197,10 +197,6 @@ def new_commit(kedit: Kedit, repo: Path) -> dict:
     return kedit.json(repo, "log", "main", "experiment")
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "git keeps no empty folder, and without .kedit/objects/tmp every object write fails with "
-    "'No such file or directory: .../objects/tmp/.tmpXXXX' while fsck says ok; store.ObjectStore makes "
-    "tmp only in create()"))
 def test_a_copy_without_its_empty_folders_takes_a_new_commit(tmp_path: Path, start_kedit, expected: dict) -> None:
     shutil.copytree(FIXTURE / "repo", tmp_path / "repo")
     for folder in expected["empty_dirs"]:  # as git checks it out (the fixture's folder may still have them)

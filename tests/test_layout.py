@@ -157,3 +157,11 @@ def test_the_layering_checks_see_real_imports() -> None:
     assert _is_module("kedit.core.repo") and _is_module("kedit.methods.base")
     edit_imports = [m for m, _ in _imports(ROOT / "kedit" / "edit" / "run.py")]
     assert any(_within(m, "kedit.core") for m in edit_imports)
+
+
+def test_the_command_line_runs_no_sql() -> None:
+    """Commands ask the repository; only the database layer (kedit.core) writes or reads SQL."""
+    bad = [f"{path.relative_to(ROOT)}:{n}" for path in sorted((ROOT / "kedit" / "cli").glob("*.py"))
+           for n, line in enumerate(path.read_text().splitlines(), 1)
+           if ".db." in line or ".execute(" in line or re.search(r"\bSELECT\b|\bINSERT\b", line)]
+    assert not bad, bad

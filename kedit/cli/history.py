@@ -147,8 +147,7 @@ def show(ctx: click.Context, rev: str, as_json: bool) -> None:
     repo = open_repo(ctx)
     commit = repo.get_commit(repo.resolve(rev))
     changes = repo.changes(commit.id)
-    adapters = repo.db.execute("SELECT op, object_id, kind FROM adapter_ops WHERE commit_id = ? ORDER BY seq",
-                               [commit.id]).fetchall()
+    adapters = repo.adapter_ops(commit.id)
     if as_json:
         body = _commit_json(commit)
         body["tensors"] = [{"name": c.name, "encoding": c.encoding, "rank": c.rank, "dtype": c.dtype,

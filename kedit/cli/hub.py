@@ -188,6 +188,6 @@ def clone(ctx: click.Context, url: str, directory: Path | None, token_env: str |
     if as_json:
         emit_json({"path": str(repo.root), "branches": {b: f.tip for b, f in found.items()}})
         return
-    commits = repo.db.execute("SELECT COUNT(*) FROM commits").fetchone()[0]
+    commits = repo.count_commits()
     click.echo(f"cloned {url} into {repo.root}: {len(found)} branches, {commits} commits, "
                f"HEAD {repo.head_branch()} at {short_id(repo.head())}")

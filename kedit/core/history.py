@@ -176,6 +176,16 @@ class AdapterRef:
     origin: str
 
 
+def adapter_ops(db: sqlite_utils.Database, commit_id: str) -> list[tuple[str, str, str]]:
+    """(op, object id, kind) of the adapter operations one commit made ("add" or "remove"), in order."""
+    return db.execute("SELECT op, object_id, kind FROM adapter_ops WHERE commit_id = ? ORDER BY seq",
+                      [commit_id]).fetchall()
+
+
+def count_commits(db: sqlite_utils.Database) -> int:
+    return db.execute("SELECT COUNT(*) FROM commits").fetchone()[0]
+
+
 def adapters(db: sqlite_utils.Database, commit_id: str) -> list[AdapterRef]:
     """Adapters in effect at `commit_id`, in the order they were added."""
     sql = _ANCESTORS + """

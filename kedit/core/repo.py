@@ -360,6 +360,13 @@ class Repository:
     def changes(self, rev: str) -> list[history.Change]:
         return history.changes(self.db, self.resolve(rev))
 
+    def adapter_ops(self, rev: str) -> list[tuple[str, str, str]]:
+        """(op, object id, kind) of the adapter operations the commit `rev` itself made."""
+        return history.adapter_ops(self.db, self.resolve(rev))
+
+    def count_commits(self) -> int:
+        return history.count_commits(self.db)
+
     def materialize(self, rev: str = HEAD, names: Iterable[str] | None = None,
                     progress: bool = False) -> dict[str, torch.Tensor]:
         """The model's tensors at `rev`, each recomputed and checked against its recorded hash."""

@@ -70,7 +70,9 @@ def _atomic_replace(path: Path, write: Callable[[Path], None], tmp_dir: Path | N
 
     With `root`, `path` (relative to it, or absolute) must resolve inside it (`names.inside`):
     every destination built from a name that came from outside is written this way. Its
-    parent folders are made."""
+    parent folders are made, and so is `tmp_dir` (git and some copy tools drop empty folders)."""
+    if tmp_dir is not None:
+        tmp_dir.mkdir(parents=True, exist_ok=True)
     if root is not None:
         path = inside(root, path)
         path.parent.mkdir(parents=True, exist_ok=True)
