@@ -11,7 +11,6 @@ change keeps it green, or migrates the copy here, in a tested migration step, be
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import select
@@ -22,9 +21,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import torch
-from safetensors.torch import load_file
 
+from tests.fixtures.make_compat_repo import folder_digests
 from tests.hubserver import HubServer
 
 FIXTURE = Path(__file__).resolve().parent / "fixtures" / "compat_v0_1"
@@ -127,20 +125,6 @@ class Kedit:
             self.zygote.wait(30)
 
 
-def tensor_digest(tensor: torch.Tensor) -> str:
-    """sha256 of a tensor's dtype, shape and bytes (the same function as make_compat_repo.py's)."""
-    t = tensor.detach().contiguous().cpu()
-    h = hashlib.sha256(f"{str(t.dtype).removeprefix('torch.')}:{list(t.shape)}:".encode())
-    h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
-    return h.hexdigest()
-
-
-def folder_digests(folder: Path, pattern: str = "*.safetensors") -> dict[str, str]:
-    out: dict[str, str] = {}
-    for path in sorted(folder.glob(pattern)):
-        for name, tensor in load_file(path).items():
-            out[name] = tensor_digest(tensor)
-    return dict(sorted(out.items()))
 
 
 @pytest.fixture(scope="module")
