@@ -57,6 +57,11 @@ def test_log_oneline_json_and_graph(repo: Repository, history: list[str]) -> Non
     repo.commit({DOWN1: LowRank(torch.randn(32, 1), torch.randn(1, 64))}, message="on exp")
     graph = run(repo, "log", "--graph")
     assert "on exp" in graph and "third" in graph and graph.count("*") == 5
+    drawn = json.loads(run(repo, "log", "--graph", "--json"))  # the joining line is drawn, not listed
+    assert sorted(r["id"] for r in drawn) == sorted([*history, repo.head()])
+    assert {r["id"]: r["refs"] for r in drawn if r["refs"]} == {history[3]: ["main"], repo.head(): ["HEAD -> exp"]}
+    assert [r["graph"] for r in drawn].count("*") + [r["graph"] for r in drawn].count("| *") >= 2
+    assert json.loads(run(repo, "log", "--json", "-n", "1"))[0]["refs"] == ["HEAD -> exp"]
 
 
 def test_show_lists_request_hparams_and_tensors(repo: Repository, history: list[str]) -> None:

@@ -105,19 +105,20 @@ def log(ctx: click.Context, revs: tuple[str, ...], oneline: bool, max_count: int
         from kedit.core.graph import render_graph
 
         commits = render_graph(repo, max_count)
-        if as_json:
-            emit_json([_commit_json(c) for _, c in commits])
-            return
         decorations = _decorations(repo)
+        if as_json:  # the commits with their lane prefix; the joining lines carry no commit
+            emit_json([{**_commit_json(c), "refs": decorations.get(c.id, []), "graph": prefix.rstrip()}
+                       for prefix, c in commits if c is not None])
+            return
         for prefix, commit in commits:
             click.echo(prefix + (_oneline(commit, decorations) if commit else ""))
         return
     ids = filtered(repo.db, select(repo.db, repo.refs, revs or ["HEAD"]), keep, max_count)
     commits = [repo.get_commit(c) for c in ids]
-    if as_json:
-        emit_json([_commit_json(c) for c in commits])
-        return
     decorations = _decorations(repo)
+    if as_json:
+        emit_json([{**_commit_json(c), "refs": decorations.get(c.id, [])} for c in commits])
+        return
     for commit in commits:
         if oneline:
             click.echo(_oneline(commit, decorations))
