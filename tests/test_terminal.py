@@ -100,6 +100,17 @@ def test_the_pager_runs_on_a_terminal_only(repo: Repository, tmp_path: Path) -> 
     assert "init from" in piped.stdout and not paged.exists()
 
 
+def test_core_pager_comes_between_kedit_pager_and_pager(repo: Repository, tmp_path: Path) -> None:
+    """git's order: GIT_PAGER, core.pager, PAGER (here KEDIT_PAGER for GIT_PAGER)."""
+    configured, overriding = tmp_path / "configured.txt", tmp_path / "overriding.txt"
+    kedit(repo, "config", "core.pager", f"cat > {configured}")
+    on_a_terminal(repo, ["log"], {"PAGER": "false"})
+    assert "init from" in configured.read_text()
+    configured.unlink()
+    on_a_terminal(repo, ["log"], {"PAGER": "false", "KEDIT_PAGER": f"cat > {overriding}"})
+    assert "init from" in overriding.read_text() and not configured.exists()
+
+
 def test_quiet_and_json_after_the_subcommand(repo: Repository) -> None:
     runner = CliRunner()
     after = runner.invoke(cli, ["--repo", str(repo.root), "log", "-q", "--json"])

@@ -21,6 +21,7 @@ from kedit.cli.terminal import (
     COLOR_MODES,
     PAGED_COMMANDS,
     color_setting,
+    configured_pager,
     exit_closed_pipe,
     silence_libraries,
     start_pager,
@@ -60,7 +61,7 @@ def cli(ctx: click.Context, repo_path: Path | None, quiet: bool, as_json: bool, 
     if ctx.invoked_subcommand in PAGED_COMMANDS and not no_pager and not as_json:
         if ctx.color is None and sys.stdout.isatty():
             ctx.color = True  # the pager (less -R) shows the colours the terminal would have
-        start_pager()
+        start_pager(configured_pager(repo_path))
     # -q after the subcommand is parsed later, so libraries are silenced on the terminal's own terms
     silence_libraries(progress=progress_enabled())
 

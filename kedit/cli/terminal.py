@@ -14,8 +14,13 @@ import shlex
 import subprocess
 import sys
 import warnings
+from pathlib import Path
 
 import click
+
+from kedit.core import config
+from kedit.core.db import find_repository
+from kedit.core.errors import KeditError
 
 # Commands whose output can run to hundreds of lines, paged on a terminal as git pages them.
 PAGED_COMMANDS = frozenset({"log", "show", "diff", "reflog"})
@@ -42,22 +47,35 @@ def color_setting(mode: str) -> bool | None:
     return None
 
 
-def pager_command() -> str | None:
-    """KEDIT_PAGER, then PAGER, then `less -FRX`; None when set to "" or "cat" (git's "no pager")."""
-    for var in ("KEDIT_PAGER", "PAGER"):
-        if var in os.environ:
-            command = os.environ[var].strip()
-            return None if command in ("", "cat") else command
+def pager_command(configured: str | None = None) -> str | None:
+    """KEDIT_PAGER, then the `core.pager` setting (`configured`), then PAGER, then `less -FRX`, in
+    git's order; None when the first one set is "" or "cat" (git's "no pager")."""
+    for command in (os.environ.get("KEDIT_PAGER"), configured, os.environ.get("PAGER")):
+        if command is not None:
+            return None if command.strip() in ("", "cat") else command.strip()
     return DEFAULT_PAGER
 
 
-def start_pager() -> bool:
+def configured_pager(repo_path: Path | None) -> str | None:
+    """The `core.pager` setting, the repository's over the global one (outside a repository, the
+    global one); None when it is unset or a config file cannot be read (the command says so)."""
+    try:
+        repo_dir = find_repository(repo_path or Path.cwd())
+    except KeditError:
+        repo_dir = None
+    try:
+        return config.values(repo_dir).get("core.pager")
+    except KeditError:
+        return None
+
+
+def start_pager(configured: str | None = None) -> bool:
     """Send the rest of stdout through the pager, if stdout is a terminal; True if one started.
 
     Like git, the pager reads file descriptor 1 through a pipe, so every write (click, print,
     a library) is paged; on exit stdout is closed and kedit waits for the reader to quit.
     """
-    command = pager_command()
+    command = pager_command(configured)
     if command is None or not sys.stdout.isatty():
         return False
     env = dict(os.environ)
