@@ -232,6 +232,46 @@ def hparams_from_dict(cls: type[T], base: T, values: dict[str, Any], *, strict: 
     return dataclasses.replace(base, **changes)  # type: ignore[type-var]
 
 
+# Keys of EasyEdit's hyper-parameter files that describe its environment rather than the method:
+# kedit finds modules from the architecture table, runs on the device it is given, and computes its
+# statistics from the model's own text. A file's key that the method's class knows is always kept.
+EASYEDIT_ENVIRONMENT = frozenset({
+    "model_name", "stats_dir", "device", "model_parallel", "fp16", "bf16", "mom2_dataset", "mom2_dtype",
+    "layer_module_tmp", "mlp_module_tmp", "attn_module_tmp", "ln_f_module", "lm_head_module", "v_loss_layer",
+    "results_dir", "max_length", "model_class", "tokenizer_class", "tokenizer_name",
+})
+# EasyEdit's 100,000 Wikipedia samples would be days of self-generated text on a CPU.
+EASYEDIT_MAX_SAMPLES = 10_000
+
+
+def from_easyedit(cls: type, values: dict[str, Any], source: str) -> dict[str, Any]:
+    """An EasyEdit hyper-parameter file's keys as kedit's class takes them: `layers: [5]` is
+    `layer: 5` for a one-layer method, `fact_token: subject_last` is what kedit's ROME does,
+    environment keys are dropped (logged), `mom2_n_samples` is capped, and `archive` (a pickled
+    trained editor) is refused: kedit never unpickles, it trains editors with `kedit train-editor`."""
+    known = set(_field_types(cls))
+    out = {k: v for k, v in values.items() if k != "alg_name"}
+    if "archive" in out and "archive" not in known:
+        raise ValueError(f"{source}: 'archive' names a pickled editor, which kedit never loads; "
+                         "train one with `kedit train-editor` instead")
+    if "layers" in out and "layers" not in known and "layer" in known:
+        layers = out.pop("layers")
+        if not isinstance(layers, list) or len(layers) != 1 or not isinstance(layers[0], int):
+            raise ValueError(f"{source}: layers must name exactly one layer for {cls.__name__}, got {layers!r}")
+        out["layer"] = layers[0]
+    if "fact_token" not in known and out.pop("fact_token", "subject_last") != "subject_last":
+        raise ValueError(f"{source}: kedit reads the key at the subject's last token (fact_token subject_last)")
+    dropped = sorted(k for k in out if k in EASYEDIT_ENVIRONMENT and k not in known)
+    if dropped:
+        log.info("%s: EasyEdit environment keys ignored: %s", source, ", ".join(dropped))
+    out = {k: v for k, v in out.items() if k not in dropped}
+    samples = out.get("mom2_n_samples")
+    if isinstance(samples, int) and samples > EASYEDIT_MAX_SAMPLES and "mom2_n_samples" in known:
+        log.warning("%s: mom2_n_samples %d capped at %d self-generated texts", source, samples, EASYEDIT_MAX_SAMPLES)
+        out["mom2_n_samples"] = EASYEDIT_MAX_SAMPLES
+    return out
+
+
 def hparams_from_overrides(
     cls: type[T], model: Any, overrides: dict[str, str] | None = None, yaml_path: str | Path | None = None
 ) -> T:
@@ -247,8 +287,7 @@ def hparams_from_overrides(
             raise ValueError(
                 f"{yaml_path}: expected a mapping of hyper-parameters, got {type(loaded).__name__}"
             )
-        loaded.pop("alg_name", None)  # EasyEdit files name the method; kedit knows it already
-        hp = hparams_from_dict(cls, hp, loaded)
+        hp = hparams_from_dict(cls, hp, from_easyedit(cls, loaded, str(yaml_path)))
     if overrides:
         types_ = _field_types(cls)
         unknown = sorted(set(overrides) - set(types_))

@@ -357,6 +357,48 @@ def test_hparams_defaults_and_overrides(tiny_gpt2, tmp_path):
         hparams_from_overrides(rome.ROMEHyperParams, tiny_gpt2, {"layer": "two"})
 
 
+EASYEDIT_ROME = """alg_name: "ROME"
+model_name: "./hugging_cache/llama-3.2-1b"
+stats_dir: "./data/stats"
+device: 0
+layers: [2]
+fact_token: "subject_last"
+v_num_grad_steps: 25
+v_lr: 5e-1
+v_loss_layer: 3
+v_weight_decay: 1e-3
+clamp_norm_factor: 4
+kl_factor: 0.0625
+mom2_adjustment: false
+context_template_length_params: [[5, 10], [10, 10]]
+rewrite_module_tmp: "transformer.h.{}.mlp.c_proj"
+layer_module_tmp: "transformer.h.{}"
+mlp_module_tmp: "transformer.h.{}.mlp"
+attn_module_tmp: "transformer.h.{}.attn"
+ln_f_module: "transformer.ln_f"
+lm_head_module: "lm_head"
+mom2_dataset: "wikipedia"
+mom2_n_samples: 100000
+mom2_dtype: "float32"
+model_parallel: false
+fp16: false
+"""
+
+
+def test_an_easyedit_hparams_file_is_taken_as_easyedit_means_it(tiny_gpt2, tmp_path):
+    y = tmp_path / "easyedit.yaml"
+    y.write_text(EASYEDIT_ROME)
+    hp = hparams_from_overrides(rome.ROMEHyperParams, tiny_gpt2, None, y)
+    assert (hp.layer, hp.v_num_grad_steps, hp.v_lr, hp.mom2_adjustment) == (2, 25, 0.5, False)
+    assert hp.context_template_length_params == ((5, 10), (10, 10)) and hp.mom2_n_samples == 10_000
+    for bad, match in (("layers: [1, 2]", "exactly one layer"), ("layers: [99]", "layer"),
+                       ("fact_token: last", "subject's last token"), ("archive: ./mend.pt", "pickled")):
+        key = bad.split(":")[0] + ":"
+        y.write_text("\n".join(line for line in EASYEDIT_ROME.splitlines() if not line.startswith(key)) + f"\n{bad}\n")
+        with pytest.raises(ValueError, match=match):
+            hparams_from_overrides(rome.ROMEHyperParams, tiny_gpt2, None, y)
+
+
 @pytest.mark.parametrize(
     ("field", "value", "match"),
     [
