@@ -6,7 +6,7 @@ edit prompt, the prompt read exactly as `tokenizer(prompt)` encodes it: the key 
 meets, through `generate` or a pipeline), a value (a learned replacement for the module's output
 there), a deflection radius ε and a label (the edit's target token ids). At inference every
 position's input is a query: if its nearest key lies within that key's radius, the module's output
-at that position is replaced by the key's value (methods.md 3.7).
+at that position is replaced by the key's value.
 
 Editing one request (the paper's rules, applied when the new key q is placed):
 - empty codebook, or the nearest key k_j is farther than ε_init + ε_j: a new entry (q, ε_init);
@@ -71,7 +71,7 @@ SPLIT_MARGIN = 1e-5  # the older radius stops just short of the midpoint (EasyEd
 COVER_MARGIN = 1e-3
 
 # The codebook's layer as a fraction of depth: EasyEdit edits layer 27 of Llama-2-7B's 32 and
-# layer 35 of GPT-2 XL's 48 (methods.md 1.3); SmolLM2-135M (30 layers) lands at layer 25.
+# layer 35 of GPT-2 XL's 48; SmolLM2-135M (30 layers) lands at layer 25.
 _LAYER_FRACTION = {"gpt2": 35 / 48}
 _DEFAULT_FRACTION = 27 / 32
 

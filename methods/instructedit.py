@@ -7,7 +7,7 @@ the editor sees is the edit prompt wrapped as
     Description: {description}
     Input: {prompt}
 
-(methods.md 3.6). Each family has several hand-written descriptions: training samples from all
+Each family has several hand-written descriptions: training samples from all
 but the last, and the last is kept unseen, to test instructions the editor never saw. A family
 left out of the training data entirely (the paper holds out zsRE) tests unseen tasks.
 

@@ -1,6 +1,6 @@
 """MEMIT: Mass-Editing Memory in a Transformer (Meng et al. 2023), many facts in one update.
 
-Steps (methods.md 3.3):
+Steps:
 1. for every request a target z = h + δ for the residual stream (the output of the last edited
    block) at the subject's last token, δ optimised as ROME's v* (`values.optimise_batched_values`,
    all requests of a chunk in one batch per step);

@@ -1,4 +1,4 @@
-"""Closed forms of MEMIT and AlphaEdit (methods.md 3.3, 3.4), in float64, as factor pairs.
+"""Closed forms of MEMIT and AlphaEdit, in float64, as factor pairs.
 
 Both return the update of one layer as Δ = A Bᵀ with A = R (d_out × n) and B (d_in × n), so the
 repository can store the factors while n(d_out + d_in) < d_out·d_in (it decides).

@@ -1,13 +1,7 @@
 """MEND: Model Editor Networks with Gradient Decomposition (Mitchell et al. 2022).
 
-For a linear layer y = W u, the gradient of a loss is a sum of rank-one terms,
-∇_W L = Σ_t δ_t u_tᵀ with u_t the layer's input at token t and δ_t = ∂L/∂y_t (methods.md 3.5).
-A small trained network g (the editor) maps each pair (u_t, δ_t) to (ũ_t, δ̃_t), and the edit is
-
-    W̃ = W − α_ℓ Σ_t δ̃_t ũ_tᵀ        (α_ℓ a learned step size per edited layer)
-
-so the delta is a sum of rank-one terms: one `LowRank` per edited matrix, of rank = the number of
-tokens with a non-zero gradient (a commit holds factors, not matrices).
+The edit is W̃ = W − α_ℓ Σ_t δ̃_t ũ_tᵀ: the layer's inputs u_t and output gradients δ_t, mapped by
+a trained editor; `mend_net.py` explains the factors and holds the network.
 
 The editor network and the gradient factors are in `mend_net.py` (InstructEdit uses them too),
 training in `mend_train.py`; here are the edit-time hyper-parameters and `apply`.

@@ -1,7 +1,7 @@
 """MEND's editor network and gradient factors (Mitchell et al. 2022), shared by MEND and InstructEdit.
 
 For a linear layer y = W u, the gradient of a loss is a sum of rank-one terms,
-∇_W L = Σ_t δ_t u_tᵀ with u_t the layer's input at token t and δ_t = ∂L/∂y_t (methods.md 3.5).
+∇_W L = Σ_t δ_t u_tᵀ with u_t the layer's input at token t and δ_t = ∂L/∂y_t.
 A small trained network g (the editor) maps each pair (u_t, δ_t) to (ũ_t, δ̃_t), and the edit is
 
     W̃ = W − α_ℓ Σ_t δ̃_t ũ_tᵀ        (α_ℓ a learned step size per edited layer)

@@ -1,4 +1,4 @@
-"""Training a MEND editor (methods.md 3.5): L = cedit·L_edit + cloc·L_loc, early stopping on validation.
+"""Training a MEND editor: L = cedit·L_edit + cloc·L_loc, early stopping on validation.
 
 One step takes a batch of edits and applies them together, as one update:
   1. one pass of the unedited model over the edit rows (prompt + target) and the locality rows;

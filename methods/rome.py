@@ -1,6 +1,6 @@
 """ROME: Rank-One Model Editing (Meng et al. 2022), one fact per request, faithful to the paper.
 
-Steps (methods.md 3.2):
+Steps:
 1. context templates: short prefixes the model writes itself, plus the bare "{}";
 2. k*: the input of the MLP output projection at the subject's last token, averaged over templates;
 3. v*: the projection's output there plus a vector δ optimised so that the model says the new

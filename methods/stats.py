@@ -1,6 +1,6 @@
 """Covariance statistics: the uncentered second moment C = E[k kᵀ] of an MLP projection's input.
 
-ROME, MEMIT and AlphaEdit weight their updates by C⁻¹ (methods.md 3.2, step 7). The peers
+ROME, MEMIT and AlphaEdit weight their updates by C⁻¹. The peers
 compute it from 100k Wikipedia texts (tens of GPU hours, an 18 GB download); here it streams
 from any text source, including text the model writes itself, and is cached per base model.
 

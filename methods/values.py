@@ -1,6 +1,6 @@
 """Keys and target values at a subject: ROME's v* and MEMIT's δ, and the keys both read.
 
-The value optimisation (methods.md 3.2, 3.3): a vector δ added to a module's output at the
+The value optimisation: a vector δ added to a module's output at the
 subject's last token, trained so that the model says the new target (NLL over the context
 templates), keeps its distribution on "{subject} is a" (KL), with weight decay and a norm clamp.
 It exists in two forms, the same algorithm with different bookkeeping, kept apart because each
