@@ -64,6 +64,14 @@ def test_log_oneline_json_and_graph(repo: Repository, history: list[str]) -> Non
     assert json.loads(run(repo, "log", "--json", "-n", "1"))[0]["refs"] == ["HEAD -> exp"]
 
 
+def test_checkout_reset_and_revert_answer_in_json(repo: Repository, history: list[str]) -> None:
+    assert json.loads(run(repo, "checkout", history[1], "--json")) == {"head": history[1], "branch": None}
+    assert json.loads(run(repo, "checkout", "main", "--json")) == {"head": history[3], "branch": "main"}
+    reverted = json.loads(run(repo, "revert", history[2], "--json"))
+    assert reverted["id"] == repo.head() and reverted["branch"] == "main" and reverted["later_commits"] == [history[3]]
+    assert json.loads(run(repo, "reset", history[3], "--json")) == {"head": history[3], "branch": "main"}
+
+
 def test_show_lists_request_hparams_and_tensors(repo: Repository, history: list[str]) -> None:
     text = run(repo, "show", history[1][:8])
     assert "'The capital of France is' -> 'Rome' (was 'Paris')" in text

@@ -11,8 +11,9 @@ from kedit.core.refs import short_id
 @command()
 @click.argument("rev")
 @click.option("-f", "--force", is_flag=True, help="Overwrite tensors changed by hand in the working model.")
+@json_option
 @click.pass_context
-def checkout(ctx: click.Context, rev: str, force: bool) -> None:
+def checkout(ctx: click.Context, rev: str, force: bool, as_json: bool) -> None:
     """Switch to a branch, or detach HEAD at a commit, updating only the tensors that differ.
 
     \b
@@ -23,14 +24,18 @@ def checkout(ctx: click.Context, rev: str, force: bool) -> None:
     repo = open_repo(ctx)
     commit_id = repo.checkout(rev, force=force)
     branch = repo.head_branch()
+    if as_json:
+        emit_json({"head": commit_id, "branch": branch})
+        return
     say(ctx, f"Switched to branch '{branch}'" if branch else f"HEAD is now at {short_id(commit_id)} (detached)")
 
 
 @command()
 @click.argument("rev")
 @click.option("-f", "--force", is_flag=True, help="Overwrite tensors changed by hand in the working model.")
+@json_option
 @click.pass_context
-def reset(ctx: click.Context, rev: str, force: bool) -> None:
+def reset(ctx: click.Context, rev: str, force: bool, as_json: bool) -> None:
     """Move the current branch to REV. The old position stays in `kedit reflog`.
 
     \b
@@ -40,6 +45,9 @@ def reset(ctx: click.Context, rev: str, force: bool) -> None:
     """
     repo = open_repo(ctx)
     commit_id = repo.reset(rev, force=force)
+    if as_json:
+        emit_json({"head": commit_id, "branch": repo.head_branch()})
+        return
     say(ctx, f"HEAD is now at {short_id(commit_id)}")
 
 
@@ -107,8 +115,9 @@ def tag(ctx: click.Context, name: str | None, rev: str, delete: bool, as_json: b
 @command()
 @click.argument("rev")
 @click.option("-m", "--message", help="Message of the revert commit.")
+@json_option
 @click.pass_context
-def revert(ctx: click.Context, rev: str, message: str | None) -> None:
+def revert(ctx: click.Context, rev: str, message: str | None, as_json: bool) -> None:
     """Undo REV with a new commit whose tensors are recomputed from the history without it.
 
     Reverting never subtracts: later edits are replayed on the base without REV's delta, so
@@ -120,8 +129,12 @@ def revert(ctx: click.Context, rev: str, message: str | None) -> None:
     """
     repo = open_repo(ctx)
     commit = repo.revert(rev, message=message)
-    click.echo(f"[{repo.head_branch() or 'detached'} {commit.short}] {commit.message}")
     later = commit.info.get("later_commits", [])
+    if as_json:
+        emit_json({"id": commit.id, "branch": repo.head_branch(), "message": commit.message,
+                   "later_commits": later})
+        return
+    click.echo(f"[{repo.head_branch() or 'detached'} {commit.short}] {commit.message}")
     if later:
         say(ctx, f"note: {len(later)} later edit(s) were made on a model that contained the reverted one; "
                   "re-evaluate them (kedit check)")
