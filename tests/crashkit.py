@@ -24,11 +24,7 @@ import json
 import os
 import random
 import re
-import selectors
 import signal
-import subprocess
-import sys
-import textwrap
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -47,6 +43,7 @@ from kedit.core.worktree import INDEX_FILE, shard_name
 from kedit.hub import fetch as hubfetch
 from kedit.hub import layout as hub
 from kedit.hub import remotes
+from tests.linechild import LineChild
 
 COMMANDS = ("init", "edit", "revert", "checkout", "branch", "tag", "reset", "gc", "push", "fetch", "pull", "clone")
 TOKEN = "hf_kedit_crash_token_0123456789abcdef"
@@ -97,38 +94,6 @@ class Outcome:
     @property
     def acknowledged(self) -> bool:
         return not self.killed and self.code == 0
-
-
-class LineChild:
-    """A helper Python process that takes one request a line on stdin and answers one line a message."""
-
-    def __init__(self, script: str, env: dict[str, str], name: str, ready_timeout: float) -> None:
-        self.name = name
-        self.proc = subprocess.Popen([sys.executable, "-c", textwrap.dedent(script)], stdin=subprocess.PIPE,
-                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
-        self.selector = selectors.DefaultSelector()
-        self.selector.register(self.proc.stdout, selectors.EVENT_READ)
-        assert self.readline(ready_timeout) == "READY"
-
-    def send(self, line: str) -> None:
-        self.proc.stdin.write(line + "\n")
-        self.proc.stdin.flush()
-
-    def readline(self, timeout: float) -> str:
-        if not self.selector.select(timeout):
-            raise AssertionError(f"the {self.name} said nothing for {timeout} s")
-        line = self.proc.stdout.readline()
-        if not line:
-            raise AssertionError(f"the {self.name} died: {self.proc.stderr.read()}")
-        return line.strip()
-
-    def close(self) -> None:
-        self.proc.stdin.close()
-        try:
-            self.proc.wait(10)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
 
 
 class Forker(LineChild):

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import os
-import select
 import shutil
 import subprocess
 import sys
@@ -24,6 +23,7 @@ import pytest
 
 from tests.fixtures.make_compat_repo import folder_digests
 from tests.hubserver import HubServer
+from tests.linechild import LineChild
 
 FIXTURE = Path(__file__).resolve().parent / "fixtures" / "compat_v0_1"
 TOKEN = "hf_compat_fixture_token_0123456789abcdef"  # the fake token the fixture was pushed with
@@ -86,14 +86,7 @@ class Kedit:
         scratch.mkdir(parents=True, exist_ok=True)
         self.zygote = None
         if hasattr(os, "fork") and os.environ.get("KEDIT_COMPAT_SUBPROCESS") != "1":
-            self.zygote = subprocess.Popen([sys.executable, "-c", _ZYGOTE], stdin=subprocess.PIPE,
-                                           stdout=subprocess.PIPE, text=True, env=env)
-            assert self._answer() == "READY"
-
-    def _answer(self, timeout: float = 300) -> str:
-        if not select.select([self.zygote.stdout], [], [], timeout)[0]:
-            raise AssertionError(f"no answer from the kedit helper process in {timeout} s")
-        return self.zygote.stdout.readline().strip()
+            self.zygote = LineChild(_ZYGOTE, env, "kedit helper process", ready_timeout=300)
 
     def run(self, repo: Path, *args: str) -> tuple[int, str, str]:
         command = [*kedit_command(), "--repo", str(repo), *args]
@@ -105,9 +98,8 @@ class Kedit:
         script = command[0] if Path(command[0]).name == "kedit" else None
         job = {"argv": ["kedit", "--repo", str(repo), *args], "script": script, "cwd": str(repo.parent),
                "out": str(out), "err": str(err)}
-        self.zygote.stdin.write(json.dumps(job) + "\n")
-        self.zygote.stdin.flush()
-        code = int(self._answer())
+        self.zygote.send(json.dumps(job))
+        code = int(self.zygote.readline(300))
         return code, out.read_text(), err.read_text()
 
     def __call__(self, repo: Path, *args: str, code: int = 0) -> str:
@@ -121,8 +113,7 @@ class Kedit:
 
     def close(self) -> None:
         if self.zygote is not None:
-            self.zygote.stdin.close()
-            self.zygote.wait(30)
+            self.zygote.close()
 
 
 

@@ -35,7 +35,8 @@ from kedit.core import history
 from kedit.core.hashing import hash_tensor
 from kedit.core.maintenance import fsck
 from kedit.core.repo import Repository
-from tests.crashkit import LineChild, assert_worktree_is_head
+from tests.crashkit import assert_worktree_is_head
+from tests.linechild import LineChild
 
 # Where a targeted run kills itself, as "hook@operation" (the hooks are installed by _WORKER;
 # a hook counts only while the worker is inside that Repository operation).
