@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 from kedit.methods.base import Dense, EditRequest, EditResult, register_method
-from kedit.methods.hparams import MAX_STEPS, bounded, layer_field, validate
+from kedit.methods.hparams import MAX_STEPS, bounded, layer_field, require_slot, validate
 
 from kedit.eval.metrics import answer_ids, prompt_ids
 from kedit.model.arch import arch_for, get_module, n_layers
@@ -38,8 +38,7 @@ class FTHyperParams:
         validate(self)
         if not self.layers:
             raise ValueError("layers must not be empty")
-        if "{}" not in self.rewrite_module_tmp:
-            raise ValueError("rewrite_module_tmp must contain '{}' for the layer")
+        require_slot(self, "rewrite_module_tmp", "layer")
 
     @classmethod
     def for_model(cls, model: Any) -> FTHyperParams:

@@ -52,7 +52,7 @@ import torch.nn.functional as F
 from kedit.methods.base import Adapter, EditRequest, EditResult, register_installer, register_method
 from kedit.methods.forward import SuffixForward, partial_unsupported
 from kedit.methods.freeze import frozen
-from kedit.methods.hparams import MAX_STEPS, bounded, layer_field, validate
+from kedit.methods.hparams import MAX_STEPS, bounded, layer_field, require_slot, validate
 from kedit.methods.prompts import input_device
 
 from kedit.eval.metrics import answer_ids, prompt_ids
@@ -93,8 +93,7 @@ class GRACEHyperParams:
 
     def __post_init__(self) -> None:
         validate(self)
-        if "{}" not in self.module_tmp:
-            raise ValueError(f"module_tmp must contain '{{}}' for the layer, got {self.module_tmp!r}")
+        require_slot(self, "module_tmp", "layer")
         if self.val_init not in ("cold", "warm"):
             raise ValueError(f"val_init must be 'cold' or 'warm', got {self.val_init!r}")
 

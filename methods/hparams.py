@@ -109,6 +109,13 @@ def _numbers(value: Any) -> typing.Iterator[int | float]:
             yield from _numbers(v)
 
 
+def require_slot(hp: Any, field: str, slot_for: str) -> None:
+    """A template field (a module name, a prompt) must hold '{}' where the layer or the subject goes."""
+    value = getattr(hp, field)
+    if "{}" not in value:
+        raise ValueError(f"{field} must contain '{{}}' for the {slot_for}, got {value!r}")
+
+
 def validate(hp: Any) -> None:
     """Raise ValueError naming the first field of `hp` with a number non-finite, too large or out of its bounds."""
     for f in dataclasses.fields(hp):

@@ -41,7 +41,7 @@ import torch
 import torch.nn.functional as F
 from kedit.methods.base import EditRequest, LowRank
 from kedit.methods.freeze import frozen
-from kedit.methods.hparams import MAX_STEPS, bounded, layer_field, validate
+from kedit.methods.hparams import MAX_STEPS, bounded, layer_field, require_slot, validate
 from torch import nn
 
 from kedit.eval.metrics import answer_ids, prompt_ids
@@ -115,8 +115,7 @@ class MENDTrainParams:
         validate(self)
         if not self.layers:
             raise ValueError("layers must name at least one layer")
-        if "{}" not in self.module_tmp:
-            raise ValueError(f"module_tmp must contain '{{}}' for the layer, got {self.module_tmp!r}")
+        require_slot(self, "module_tmp", "layer")
 
     @classmethod
     def for_model(cls, model: Any) -> MENDTrainParams:

@@ -48,7 +48,7 @@ from kedit.methods import rome_math
 from kedit.methods.base import EditRequest, EditResult, LowRank, register_method
 from kedit.methods.capture import capture_at_module
 from kedit.methods.freeze import frozen
-from kedit.methods.hparams import MAX_STEPS, bounded, layer_field, validate
+from kedit.methods.hparams import MAX_STEPS, bounded, layer_field, require_slot, validate
 from kedit.methods.lowp import check_dtype
 from kedit.methods.prompts import context_templates, input_device, pad_id, pad_right
 from kedit.methods.tensor_cache import TensorCache
@@ -123,8 +123,7 @@ class ROMEHyperParams:
     def __post_init__(self) -> None:
         self.escalate_gain_floors = tuple(float(g) for g in self.escalate_gain_floors)
         validate(self)
-        if "{}" not in self.rewrite_module_tmp:
-            raise ValueError(f"rewrite_module_tmp must contain '{{}}' for the layer, got {self.rewrite_module_tmp!r}")
+        require_slot(self, "rewrite_module_tmp", "layer")
         check_dtype(self.v_dtype)
         self.context_template_length_params = tuple(tuple(p) for p in self.context_template_length_params)  # type: ignore[assignment]
         for p in self.context_template_length_params:
@@ -132,8 +131,7 @@ class ROMEHyperParams:
                 raise ValueError(f"context_template_length_params entries are [tokens >= 1, count >= 0], got {list(p)}")
         if any(p[1] > 0 for p in self.context_template_length_params) and not self.context_template_seeds:
             raise ValueError("context_template_seeds must not be empty when templates are generated")
-        if "{}" not in self.kl_prompt:
-            raise ValueError(f"kl_prompt must contain '{{}}' for the subject, got {self.kl_prompt!r}")
+        require_slot(self, "kl_prompt", "subject")
 
     @classmethod
     def for_model(cls, model: Any) -> ROMEHyperParams:

@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from kedit.methods.base import EditRequest, LowRank
 from kedit.methods.freeze import frozen
-from kedit.methods.hparams import MAX_STEPS, bounded, layer_field, validate
+from kedit.methods.hparams import MAX_STEPS, bounded, layer_field, require_slot, validate
 from kedit.methods.lowp import check_dtype
 from kedit.methods.prompts import context_templates, encode_with_subject
 from kedit.methods.values import ValueSettings, module_outputs_at_subject, optimise_batched_values, subject_keys
@@ -91,12 +91,11 @@ class MEMITHyperParams:
         validate(self)
         if not self.layers or list(self.layers) != sorted(set(self.layers)):
             raise ValueError(f"layers must be distinct, ascending and >= 0, got {list(self.layers)}")
-        if "{}" not in self.rewrite_module_tmp or "{}" not in self.layer_module_tmp:
-            raise ValueError("rewrite_module_tmp and layer_module_tmp must contain '{}' for the layer")
+        require_slot(self, "rewrite_module_tmp", "layer")
+        require_slot(self, "layer_module_tmp", "layer")
         self.context_template_length_params = tuple(tuple(p) for p in self.context_template_length_params)  # type: ignore[assignment]
         check_dtype(self.v_dtype)
-        if "{}" not in self.kl_prompt:
-            raise ValueError(f"kl_prompt must contain '{{}}' for the subject, got {self.kl_prompt!r}")
+        require_slot(self, "kl_prompt", "subject")
 
     @classmethod
     def for_model(cls, model: Any) -> MEMITHyperParams:
