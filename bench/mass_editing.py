@@ -93,9 +93,13 @@ def neighbour_pairs(requests: list[EditRequest]) -> list[tuple[str, str]]:
     return [(p, r.target_true) for r in requests for p in r.neighbourhood]
 
 
-def gen_score(model: Any, tok: Any, requests: list[EditRequest], reference: list[str]) -> dict[str, float]:
+def gen_score(model: Any, tok: Any, requests: list[EditRequest], reference: list[str] | None) -> dict[str, float]:
     """What a user reads: gen_efficacy / gen_paraphrase / gen_locality (kedit.eval.metrics.generation_scores,
-    greedy continuations of `tokenizer(prompt)`), against the unedited model's continuations."""
+    greedy continuations of `tokenizer(prompt)`), against the unedited model's continuations (`reference`;
+    None for the unedited model itself, whose locality is 1 by construction)."""
+    if reference is None:
+        scores = metrics.generation_scores(model, tok, requests)
+        return {**{m.name: round(m.value, 4) for m in scores}, "gen_locality": 1.0}
     scores = metrics.generation_scores(model, tok, requests, neighbour_pairs(requests), reference)
     return {m.name: round(m.value, 4) for m in scores}
 
@@ -136,7 +140,7 @@ def run_batch(args: argparse.Namespace) -> dict[str, Any]:
     given, requests = edits_and_scored(args.n, args.edit_neighbours)
     unedited = score(model, tok, requests, fluency_n=args.fluency_n)
     reference = metrics.greedy_continuations(model, tok, [p for p, _ in neighbour_pairs(requests)])
-    unedited |= gen_score(model, tok, requests, reference)
+    unedited |= gen_score(model, tok, requests, None)
     overrides = json.loads(args.hp) if args.hp else {}
     hp = hparams_for(args.method, model, overrides)
     kwargs: dict[str, Any] = {}

@@ -159,8 +159,8 @@ def evaluate_editor(model: Any, tok: Any, repo: Repository, method: str, editor_
     reference = metrics.locality_reference(model, tok, [p for ps in pairs for p in ps])
     # The user's view: greedy continuations of tokenizer(prompt), the unedited ones as locality reference.
     said = metrics.greedy_continuations(model, tok, [p for ps in pairs for p, _ in ps])
-    unedited_gen = _pooled([metrics.generation_scores(model, tok, [r], ps, said[k:k + len(ps)])
-                            for r, ps, k in zip(requests, pairs, _offsets(pairs), strict=True)])
+    # the unedited model's gen_locality is 1 by construction (its continuations are the reference)
+    unedited_gen = {**_pooled([metrics.generation_scores(model, tok, [r]) for r in requests]), "gen_locality": 1.0}
     before_rel = metrics.reliability(model, tok, requests).value
     before_gen = metrics.generalization(model, tok, requests).value
     params = dict(model.named_parameters())
@@ -196,14 +196,6 @@ def evaluate_editor(model: Any, tok: Any, repo: Repository, method: str, editor_
             "latency_p90_s": round(sorted(latency)[int(0.9 * (len(latency) - 1))], 3),
             "rank_median": statistics.median(ranks) if ranks else 0,
             **({"reliability_instruction_in_query": mean(rel_wrapped)} if rel_wrapped else {})}
-
-
-def _offsets(pairs: list[list]) -> list[int]:
-    starts, k = [], 0
-    for ps in pairs:
-        starts.append(k)
-        k += len(ps)
-    return starts
 
 
 def _pooled(per_request: list[list[Any]]) -> dict[str, float]:

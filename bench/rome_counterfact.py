@@ -94,7 +94,8 @@ def main() -> None:
     # locality reference of each edit's scored neighbourhood prompts.
     nb_reference = [metrics.greedy_continuations(model, tok, list(r.neighbourhood), args.gen_tokens)
                     for r in requests]
-    base_gen = _generation(model, tok, requests, nb_reference, args.gen_tokens)
+    # The unedited model's locality is its own reference: 1 by construction, not generated twice.
+    base_gen = {**_generation(model, tok, requests, [None] * len(requests), args.gen_tokens), "gen_locality": 1.0}
     prompts.context_templates(model, tok, hp)  # generated once per model, as in a kedit session
 
     name = hp.module_name + ".weight"
@@ -120,7 +121,8 @@ def _generation(model, tok, requests, nb_reference, n_tokens: int) -> dict[str, 
 
 
 def _request_generation(model, tok, req, ref, n_tokens: int) -> list:
-    pairs = [(p, req.target_true) for p in req.neighbourhood]
+    """The request's gen_* scores; gen_locality only against a reference (`ref` None: none)."""
+    pairs = [(p, req.target_true) for p in req.neighbourhood] if ref is not None else []
     return metrics.generation_scores(model, tok, [req], pairs, ref, n_tokens)
 
 
