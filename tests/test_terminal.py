@@ -11,11 +11,13 @@ import subprocess
 import sys
 from pathlib import Path
 
+import click
 import pytest
 import torch
 from click.testing import CliRunner
 
 from kedit.cli import cli
+from kedit.cli.common import KeditGroup
 from kedit.core.delta import Dense
 from kedit.core.progress import ProgressLines, progress_bar
 from kedit.core.repo import Repository
@@ -120,8 +122,21 @@ def test_quiet_and_json_after_the_subcommand(repo: Repository) -> None:
     assert json.loads(after.stdout)[0]["id"] == repo.head()
     quiet_branch = runner.invoke(cli, ["--repo", str(repo.root), "branch", "exp", "-q"])
     assert quiet_branch.exit_code == 0 and quiet_branch.stderr == ""
-    no_json = runner.invoke(cli, ["--repo", str(repo.root), "--json", "revert", "HEAD"])
-    assert no_json.exit_code == 2 and "has no JSON output" in no_json.stderr
+
+
+def test_a_command_without_json_refuses_the_global_flag() -> None:
+    @click.group(cls=KeditGroup)
+    @click.option("--json", "as_json", is_flag=True)
+    @click.pass_context
+    def tool(ctx: click.Context, as_json: bool) -> None:
+        ctx.ensure_object(dict)["json"] = as_json
+
+    @tool.command()
+    def plain() -> None:
+        click.echo("text")
+
+    result = CliRunner().invoke(tool, ["--json", "plain"])
+    assert result.exit_code == 2 and "has no JSON output" in result.stderr
 
 
 def test_an_edit_is_announced_once(tiny_repo: Repository) -> None:  # noqa: F811  (the imported fixture)
