@@ -208,7 +208,7 @@ def _clear(path: Path) -> None:
 
 def repository_dir(where: str | Path | None) -> Path:
     """The `.kedit` folder a new repository at `where` (or $KEDIT_DIR, or the current folder) gets."""
-    where = Path(where or os.environ.get("KEDIT_DIR") or Path.cwd())
+    where = Path(where or os.environ.get("KEDIT_DIR") or Path.cwd()).resolve()  # relative paths break on a chdir
     return where if where.name == REPO_DIR else where / REPO_DIR
 
 
