@@ -88,7 +88,8 @@ def main() -> None:
             figures["same_export_hashes"] = same
             log_a, _ = kedit(work, "log", "--json")
             log_b, _ = kedit(tmp / "copy", "log", "--json")
-            figures["same_log"] = [c["id"] for c in json.loads(log_a)] == [c["id"] for c in json.loads(log_b)]
+            ids_a, ids_b = ([c["id"] for c in json.loads(log)["commits"]] for log in (log_a, log_b))
+            figures["same_log"] = ids_a == ids_b
         finally:
             server.stop()
     args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -1,7 +1,7 @@
 """kedit: version control for the knowledge inside a language model.
 
 The porcelain a Python user needs: `kedit.Repository` (the repository: init, commit, checkout,
-revert, log, materialize) and `kedit.load_model(path)` (a folder `kedit export` wrote). Both load
+revert, log, materialize, and edit, eval, check) and `kedit.load_model(path)` (a folder `kedit export` wrote). Both load
 on first use, so `import kedit` stays cheap. The layers are sub-packages: kedit.core (the engine),
 kedit.model, kedit.edit, kedit.eval, kedit.hub and kedit.cli (README.md, "Layout").
 """
@@ -28,7 +28,7 @@ def load_model(path: str | Path, *, dtype: Any = None, device: str = "cpu") -> A
 
 def __getattr__(name: str) -> Any:
     if name == "Repository":  # lazy, as load_model: the engine imports torch
-        from kedit.core.repo import Repository
+        from kedit.repository import Repository
 
         return Repository
     raise AttributeError(f"module 'kedit' has no attribute {name!r}")

@@ -16,6 +16,7 @@ from click.testing import CliRunner
 from kedit.cli import cli
 from kedit.core.delta import Dense
 from kedit.core.repo import Repository
+from tests.jsondoc import doc
 from tests.test_cli_edit import kedit, tiny_folder, tiny_repo  # noqa: F401  (fixtures)
 from tests.tiny import make_model, make_tokenizer
 
@@ -73,7 +74,7 @@ def test_a_probe_broken_long_ago_still_fails_and_names_the_commit(tiny_repo: Rep
     culprit = damaging_edit(tiny_repo, gen)
     after = harmless(tiny_repo, gen, 10)
     # Ten commits later each probe equals its parent's score, but it is held against the base.
-    report = json.loads(kedit(tiny_repo, "check", "--json", code=1))
+    report = doc(kedit(tiny_repo, "check", "--json", code=1))
     assert report["ok"] is False and report["against"] == tiny_repo.log()[-1].id
     for r in report["results"]:
         assert r["parent"] == r["now"] < r["against"] - 0.1 == 1.0 - 0.1 and r["broke"]
@@ -83,7 +84,7 @@ def test_a_probe_broken_long_ago_still_fails_and_names_the_commit(tiny_repo: Rep
     assert len(loads) == len(set(loads)) <= 3 + 4 and culprit in loads
     # At the damaging commit itself, the parent check catches it too (from the outputs kept).
     loads.clear()
-    at_edit = json.loads(kedit(tiny_repo, "check", culprit, "--json", code=1))
+    at_edit = doc(kedit(tiny_repo, "check", culprit, "--json", code=1))
     assert at_edit["results"] and all(r["broke"] and r["first_broke"] == culprit for r in at_edit["results"])
     assert loads == []
     out = kedit(tiny_repo, "check", code=1)
@@ -130,20 +131,20 @@ def test_chat_probes_are_checked_and_scored_under_their_own_protocol(tmp_path: P
                                   "locality_prompt": "Berlin is the capital of", "locality_ground_truth": "Germany"}]))
     gen = torch.Generator().manual_seed(0)
     harmless(repo, gen, 2)
-    unchanged = {m["name"]: m for m in json.loads(kedit(repo, "eval", "--chat", "--suite", str(suite), "--json"))}
+    unchanged = {m["name"]: m for m in doc(kedit(repo, "eval", "--chat", "--suite", str(suite), "--json"))["metrics"]}
     assert set(unchanged) == {"chat_gen_efficacy", "chat_gen_locality"}
     assert unchanged["chat_gen_locality"]["value"] == 1.0  # the reply to the chat message is the base's
     assert unchanged["chat_gen_efficacy"]["protocol"] == "chat_template_greedy24_contains"
     culprit = damaging_edit(repo, gen)
     harmless(repo, gen, 3)
-    damaged = {m["name"]: m for m in json.loads(kedit(repo, "eval", "--chat", "--suite", str(suite), "--json"))}
+    damaged = {m["name"]: m for m in doc(kedit(repo, "eval", "--chat", "--suite", str(suite), "--json"))["metrics"]}
     assert damaged["chat_gen_locality"]["value"] == 0.0
     # The plain scores of the same revision are stored apart, under their own names.
     kedit(repo, "eval", "--suite", str(suite))
     stored = {m.name: m.protocol for m in repo.get_commit(repo.head()).metrics}
     assert stored["chat_gen_locality"].startswith("chat_template_") and stored["locality"].startswith("user_prompt_")
     # check --chat: the chat replies drifted from the base's since the culprit.
-    report = json.loads(stdout_of(repo, "check", "--chat", "--json"))
+    report = doc(stdout_of(repo, "check", "--chat", "--json"))
     assert report["prompts"] == "chat_template" and not report["ok"]
     assert {r["first_broke"] for r in report["results"] if r["broke"]} == {culprit}
     settings = {s for (s,) in repo.db.execute("SELECT DISTINCT setting FROM probe_outputs")}

@@ -12,6 +12,7 @@ from click.testing import CliRunner
 from kedit.cli import cli
 from kedit.core.delta import Dense
 from kedit.core.repo import Repository
+from tests.jsondoc import doc
 from tests.tiny import SENTENCES, make_model, make_tokenizer
 
 # The subject ends the prompt: in a random 3-layer model, attention does not carry a fact from an
@@ -68,7 +69,7 @@ def test_edit_commits_a_measured_rome_edit(tiny_repo: Repository) -> None:
     (change,) = tiny_repo.changes("HEAD")
     assert change.encoding == "lowrank" and change.rank == 1 and "mlp.down_proj" in change.name
     # The edit and its locality prompt joined the probe suite.
-    kinds = sorted(p["kind"] for p in json.loads(kedit(tiny_repo, "probe", "list", "--json")))
+    kinds = sorted(p["kind"] for p in doc(kedit(tiny_repo, "probe", "list", "--json"))["probes"])
     assert kinds == ["edit", "locality"]
 
 
@@ -94,7 +95,7 @@ def test_check_flags_a_commit_that_breaks_probes(tiny_repo: Repository) -> None:
     kedit(tiny_repo, "probe", "add", "--prompt", "Tokyo is in", "--answer", "Japan",
           "--prompt", "The language of Japan is", "--answer", "Japanese")
     kedit(tiny_repo, *EDIT, "--set", "mom2_adjustment=false")
-    report = json.loads(kedit(tiny_repo, "check", "--json", "--threshold", "1.0"))
+    report = doc(kedit(tiny_repo, "check", "--json", "--threshold", "1.0"))
     (edit_probe,) = [r for r in report["results"] if r["probe"]["kind"] == "edit"]
     assert edit_probe["now"] == 1.0 and edit_probe["parent"] is None  # the new fact, not a regression
     edit = tiny_repo.head()
@@ -104,12 +105,12 @@ def test_check_flags_a_commit_that_breaks_probes(tiny_repo: Repository) -> None:
     down = [n for n in tiny_repo.manifest() if n.endswith("mlp.down_proj.weight")]
     tiny_repo.commit({down[0]: Dense(torch.randn(tiny_repo.manifest()[down[0]].shape, generator=gen) * 1e-6)})
     assert "0 broken of 4 probes" in kedit(tiny_repo, "check", "--against", edit)
-    drifted = json.loads(kedit(tiny_repo, "check", "--json", code=1))["results"]
+    drifted = doc(kedit(tiny_repo, "check", "--json", code=1))["results"]
     assert {r["first_broke"] for r in drifted if r["broke"]} == {edit}
     # ...a careless edit that scrambles every MLP fails, naming the earlier edit and the neighbours it broke.
     tiny_repo.commit({n: Dense(torch.randn(tiny_repo.manifest()[n].shape, generator=gen) * 2.0) for n in down},
                      message="careless")
-    report = json.loads(kedit(tiny_repo, "check", "--json", code=1))
+    report = doc(kedit(tiny_repo, "check", "--json", code=1))
     broken = {r["probe"]["kind"] for r in report["results"] if r["broke"]}
     assert "edit" in broken and report["ok"] is False
     # Reverting the damage passes again, and the model is the one before it, bit for bit.
@@ -125,7 +126,7 @@ def test_check_by_generation_gates_on_what_users_read(tiny_repo: Repository) -> 
     kedit(tiny_repo, "probe", "add", "--prompt", "Tokyo is in", "--answer", "Japan")
     kedit(tiny_repo, *EDIT, "--set", "mom2_adjustment=false", "--no-eval")
     assert tiny_repo.log()[0].info["shows_in_generation"] is True  # the edit's own check, at commit time
-    report = json.loads(kedit(tiny_repo, "check", "--protocol", "generation", "--json"))
+    report = doc(kedit(tiny_repo, "check", "--protocol", "generation", "--json"))
     assert report["ok"] and report["protocol"] == "generation"
     by_kind = {r["probe"]["kind"]: r for r in report["results"] if r["probe"]["prompt"] != "Tokyo is in"}
     assert by_kind["edit"]["now"] == 1.0 and by_kind["locality"]["now"] == 1.0
@@ -133,7 +134,7 @@ def test_check_by_generation_gates_on_what_users_read(tiny_repo: Repository) -> 
     down = [n for n in tiny_repo.manifest() if n.endswith("mlp.down_proj.weight")]
     tiny_repo.commit({n: Dense(torch.randn(tiny_repo.manifest()[n].shape, generator=gen) * 2.0) for n in down},
                      message="careless")
-    report = json.loads(kedit(tiny_repo, "check", "--protocol", "generation", "--json", code=1))
+    report = doc(kedit(tiny_repo, "check", "--protocol", "generation", "--json", code=1))
     (edit_probe,) = [r for r in report["results"] if r["probe"]["kind"] == "edit"]
     assert edit_probe["broke"] and edit_probe["parent"] == 1.0 and edit_probe["now"] == 0.0
     assert "[generation]" in kedit(tiny_repo, "check", "--protocol", "generation", code=1)
@@ -153,7 +154,7 @@ def test_check_counts_a_probe_about_an_edited_subject_with_the_edit(tiny_repo: R
     edit = tiny_repo.commit({n: Dense(torch.randn(tiny_repo.manifest()[n].shape, generator=gen) * 2.0) for n in down},
                             requests=[{"prompt": "{} is in", "subject": "Tokyo", "target_new": "France"}],
                             method="manual")
-    report = json.loads(kedit(tiny_repo, "check", "--json", "--threshold", "0", code=1))
+    report = doc(kedit(tiny_repo, "check", "--json", "--threshold", "0", code=1))
     by_prompt = {r["probe"]["prompt"]: r for r in report["results"]}
     tokyo, japan = by_prompt["Tokyo is in"], by_prompt["The language of Japan is"]
     assert tokyo["now"] < tokyo["parent"] and not tokyo["broke"] and tokyo["edited_by"] == edit.id
@@ -165,7 +166,7 @@ def test_check_counts_a_probe_about_an_edited_subject_with_the_edit(tiny_repo: R
 
 def test_eval_stores_metrics_and_log_shows_them(tiny_repo: Repository) -> None:
     kedit(tiny_repo, *EDIT, "--set", "mom2_adjustment=false", "--no-eval")
-    metrics = json.loads(kedit(tiny_repo, "eval", "--json"))
+    metrics = doc(kedit(tiny_repo, "eval", "--json"))["metrics"]
     protocols = {m["name"]: m["protocol"] for m in metrics}
     assert {"reliability", "generalization", "locality", "efficacy"} <= set(protocols)
     # generation scores for every method (ROME here), each named with its user-prompt protocol

@@ -11,6 +11,7 @@ from click.testing import CliRunner
 from kedit.cli import cli
 from kedit.core import db as dbm
 from kedit.core.repo import Repository
+from tests.jsondoc import doc
 from tests.tiny import make_model, make_tokenizer
 
 FACTS = [  # (prompt, subject, new target, true target) in the tiny tokenizer's words
@@ -28,7 +29,7 @@ FACTS = [  # (prompt, subject, new target, true target) in the tiny tokenizer's 
 TRAIN = ["--set", "rank=4", "--set", "batch_size=2", "--set", "val_every=2", "--set", "val_size=2"]
 
 
-def _records(task: str | None = None) -> list[dict]:
+def records(task: str | None = None) -> list[dict]:
     out = []
     for t, s, new, true in FACTS:
         r = {"prompt": t, "subject": s, "target_new": new, "ground_truth": true,
@@ -51,7 +52,7 @@ def tiny_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture
 def work(tmp_path: Path, tiny_folder: Path) -> Path:
     Repository.init(tmp_path / "work", str(tiny_folder), progress=False)
-    (tmp_path / "train.json").write_text(json.dumps(_records()))
+    (tmp_path / "train.json").write_text(json.dumps(records()))
     return tmp_path
 
 
@@ -64,7 +65,7 @@ def test_train_list_edit_and_resume(work: Path):
     r = _run(work, "train-editor", "--method", "mend", "--data", str(work / "train.json"), *TRAIN,
              "--set", "max_steps=2", "--json")
     assert r.exit_code == 0, r.output
-    first = json.loads(r.stdout)
+    first = doc(r.stdout)["editor"]
     assert first["method"] == "mend" and first["metrics"]["steps"] == 2 and first["metrics"]["n_val"] == 2
     assert set(first["metrics"]) >= {"val_reliability", "val_generalization", "val_locality", "train_seconds"}
     assert first["hparams"]["layers"] == [0, 1, 2] and len(first["data_hash"]) == 32
@@ -78,24 +79,24 @@ def test_train_list_edit_and_resume(work: Path):
     r = _run(work, "train-editor", "--method", "mend", "--data", str(work / "train.json"), *TRAIN,
              "--set", "max_steps=4", "--json")
     assert r.exit_code == 0, r.output
-    second = json.loads(r.stdout)
+    second = doc(r.stdout)["editor"]
     assert second["metrics"]["steps"] == 4 and [h["step"] for h in second["metrics"]["history"]] == [2, 4]
     assert second["id"] != first["id"]
 
     r = _run(work, "editors", "--json")
-    listed = json.loads(r.stdout)
+    listed = doc(r.stdout)["editors"]
     assert [e["id"] for e in listed] == [second["id"], first["id"]]  # newest first
 
     # edit with the latest editor: the commit names it and holds low-rank factors
     r = _run(work, "edit", "--method", "mend", "--prompt", "The capital city is France", "--subject", "France",
              "--target", "Japan", "--no-eval", "--json")
     assert r.exit_code == 0, r.output
-    commit = repo.get_commit(json.loads(r.stdout)[0]["id"])
+    commit = repo.get_commit(doc(r.stdout)["commits"][0]["id"])
     assert commit.hparams["editor"] == second["id"] and commit.info["editor"] == second["id"]
     names = {ch.name for ch in repo.changes(commit.id)}
     assert names == {f"model.layers.{i}.mlp.down_proj.weight" for i in range(3)}
     assert all(ch.encoding == "lowrank" for ch in repo.changes(commit.id))
-    listed = json.loads(_run(work, "editors", "--json").stdout)
+    listed = doc(_run(work, "editors", "--json").stdout)["editors"]
     assert listed[0]["used_by"] == [commit.id]
     human = _run(work, "editors").stdout.splitlines()
     assert human[0].startswith(second["id"][:12]) and "mend" in human[0] and "used-by=1" in human[0]
@@ -104,7 +105,7 @@ def test_train_list_edit_and_resume(work: Path):
     r = _run(work, "edit", "--method", "mend", "--editor", first["id"][:8], "--prompt", "{} is in",
              "--subject", "Madrid", "--target", "Japan", "--no-eval", "--json")
     assert r.exit_code == 0, r.output
-    assert repo.get_commit(json.loads(r.stdout)[0]["id"]).hparams["editor"] == first["id"]
+    assert repo.get_commit(doc(r.stdout)["commits"][0]["id"]).hparams["editor"] == first["id"]
 
     # editors are kept by gc and checked by fsck like every object
     assert _run(work, "gc", "--prune", "now").exit_code == 0
@@ -113,16 +114,16 @@ def test_train_list_edit_and_resume(work: Path):
 
 
 def test_instructedit_trains_on_tasks_and_edits_with_an_instruction(work: Path):
-    (work / "mixed.json").write_text(json.dumps(_records("counterfact")[:5] + _records("sentiment")[5:]))
+    (work / "mixed.json").write_text(json.dumps(records("counterfact")[:5] + records("sentiment")[5:]))
     r = _run(work, "train-editor", "--method", "instructedit", "--data", str(work / "mixed.json"), *TRAIN,
              "--set", "max_steps=2", "--json")
     assert r.exit_code == 0, r.output
-    info = json.loads(r.stdout)
+    info = doc(r.stdout)["editor"]
     assert info["metrics"]["tasks"] == ["counterfact", "sentiment"]
     r = _run(work, "edit", "--method", "instructedit", "--set", "task=zsre", "--prompt", "{} is in",
              "--subject", "Madrid", "--target", "Japan", "--no-eval", "--json")
     assert r.exit_code == 0, r.output
-    out = json.loads(r.stdout)[0]
+    out = doc(r.stdout)["commits"][0]
     assert out["info"]["editor"] == info["id"] and out["info"]["task"] == "zsre"
     assert out["info"]["instruction"]  # the held-out description of the task
 
@@ -149,7 +150,7 @@ def test_an_editor_trained_under_the_old_prompt_protocol_is_not_used(work: Path)
     r = _run(work, "train-editor", "--method", "mend", "--data", str(work / "train.json"), *TRAIN,
              "--set", "max_steps=2", "--json")
     assert r.exit_code == 0, r.output
-    editor = json.loads(r.stdout)
+    editor = doc(r.stdout)["editor"]
     assert editor["metrics"]["prompt_protocol"] == "user_prompt"
     repo = Repository.open(work / "work")
     with dbm.write(repo.db):  # what an older kedit recorded: no protocol

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pytest
@@ -16,6 +15,7 @@ from kedit.cli import cli
 from kedit.core.repo import Repository
 from kedit.eval import metrics
 from kedit.model.load import load_revision
+from tests.jsondoc import doc
 from tests.tiny import make_model, make_tokenizer
 
 MODULE = "model.layers.2.mlp.down_proj"  # the tiny Llama's default codebook module (3 layers)
@@ -70,9 +70,9 @@ def test_grace_commits_show_diff_revert_checkout(repo: Repository) -> None:
     shown = run(repo, "show", "HEAD")
     assert "Adapter add: grace" in shown and "'Berlin is the capital of' -> 'Paris'" in shown
     assert "action=split" in shown and "nearest=The capital city is France" in shown
-    (entry,) = json.loads(run(repo, "show", "HEAD", "--json"))["adapters"][0]["config"]["entries"]
+    (entry,) = doc(run(repo, "show", "HEAD", "--json"))["adapters"][0]["config"]["entries"]
     assert entry["action"] == "split" and entry["radius"] < 50
-    diff = json.loads(run(repo, "diff", base, "HEAD", "--json", code=1))  # 1: they differ, as git diff --exit-code
+    diff = doc(run(repo, "diff", base, "HEAD", "--json", code=1))  # 1: they differ, as git diff --exit-code
     assert len(diff["adapters"]["added"]) == 2 and not diff["tensors"]
 
     model, tok = load_revision(repo, "HEAD")
@@ -116,7 +116,7 @@ def test_export_loads_with_kedit_and_plain_transformers_refuses(repo: Repository
 def test_eval_of_a_grace_history_scores_by_generation_too(repo: Repository) -> None:
     run(repo, *FRANCE)
     run(repo, *BERLIN)
-    scores_ = {m["name"]: m["value"] for m in json.loads(run(repo, "eval", "HEAD", "--json"))}
+    scores_ = {m["name"]: m["value"] for m in doc(run(repo, "eval", "HEAD", "--json"))["metrics"]}
     assert scores_["gen_efficacy"] == 1.0 and scores_["reliability"] == 1.0
     stored = {m.name for m in repo.get_commit(repo.head()).metrics if m.stage == "eval"}
     assert {"reliability", "gen_efficacy"} <= stored

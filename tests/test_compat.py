@@ -23,12 +23,13 @@ import pytest
 
 from tests.fixtures.make_compat_repo import folder_digests
 from tests.hubserver import HubServer
+from tests.jsondoc import doc
 from tests.linechild import LineChild
 
 FIXTURE = Path(__file__).resolve().parent / "fixtures" / "compat_v0_1"
 TOKEN = "hf_compat_fixture_token_0123456789abcdef"  # the fake token the fixture was pushed with
 # The parts of a commit that its id and history pin down; later versions may add fields.
-COMMIT_KEYS = ("id", "parent", "kind", "method", "message", "author", "created", "requests", "hparams")
+COMMIT_KEYS = ("id", "kind", "method", "message", "author", "created", "requests", "hparams")
 
 
 def kedit_command() -> list[str]:
@@ -109,7 +110,7 @@ class Kedit:
         return stdout
 
     def json(self, repo: Path, *args: str) -> Any:
-        return json.loads(self(repo, *args, "--json"))
+        return doc(self(repo, *args, "--json"))
 
     def close(self) -> None:
         if self.zygote is not None:
@@ -141,8 +142,13 @@ def start_kedit(tmp_path: Path):
 
 
 def commits(log: list[dict]) -> list[dict]:
-    return [{k: c[k] for k in COMMIT_KEYS} | {"metrics": sorted(json.dumps(
+    """The commits' records, comparable across JSON formats: 0.1 printed `parent`, today's `parents`."""
+    return [{k: c[k] for k in COMMIT_KEYS} | {"parent": parent_of(c), "metrics": sorted(json.dumps(
         {k: v for k, v in m.items() if k != "source"}, sort_keys=True) for m in c["metrics"])} for c in log]
+
+
+def parent_of(commit: dict) -> str | None:
+    return commit["parent"] if "parent" in commit else (commit["parents"] or [None])[0]
 
 
 def copy_fixture(tmp_path: Path, expected: dict) -> tuple[Path, Path]:
@@ -169,7 +175,7 @@ def assert_fsck_clean(kedit: Kedit, repo: Path) -> dict:
 def new_commit(kedit: Kedit, repo: Path) -> dict:
     kedit(repo, "edit", "--method", "ft", "--prompt", "The language of Japan is", "--subject", "Japan",
           "--target", "Paris", "--no-eval", "--set", "lr=0.05", "--set", "num_steps=2", "-m", "after 0.1")
-    return kedit.json(repo, "log", "main", "experiment")
+    return kedit.json(repo, "log", "main", "experiment")["commits"]
 
 
 def test_a_copy_without_its_empty_folders_takes_a_new_commit(tmp_path: Path, start_kedit, expected: dict) -> None:
@@ -199,11 +205,11 @@ def test_a_v0_1_repository_opens_checks_out_and_takes_new_commits(tmp_path: Path
     assert not status["modified"]
     worktree = Path(status["worktree"])
     assert folder_digests(worktree) == expected["exports"][head]["tensors"]
-    assert commits(kedit.json(repo, "log", "main", "experiment")) == commits(log_all)
+    assert commits(kedit.json(repo, "log", "main", "experiment")["commits"]) == commits(log_all)
     assert kedit.json(repo, "branch") == expected["branches"]
-    assert kedit.json(repo, "tag") == expected["tags"]
+    assert kedit.json(repo, "tag")["tags"] == expected["tags"]
     shown, recorded = kedit.json(repo, "show", experiment), expected["show"][experiment]  # a GRACE adapter
-    assert commits([shown]) == commits([recorded])
+    assert commits([shown["commit"]]) == commits([recorded])
     assert shown["tensors"] == recorded["tensors"] and shown["adapters"] == recorded["adapters"]
     assert kedit(repo, "probe", "list") == expected["probes"]
     assert kedit(repo, "config", "--list") == expected["config"]
@@ -233,7 +239,7 @@ def test_a_v0_1_repository_opens_checks_out_and_takes_new_commits(tmp_path: Path
 
     # A new commit on top of the old history, by the author the old config names.
     log = new_commit(kedit, repo)
-    assert log[0]["parent"] == head and log[0]["message"] == "after 0.1"
+    assert parent_of(log[0]) == head and log[0]["message"] == "after 0.1"
     assert log[0]["author"] == expected["log"]["main"][0]["author"]
     assert commits(log[1:]) == commits(log_all)
     assert_fsck_clean(kedit, repo)
@@ -258,8 +264,8 @@ def test_a_v0_1_hub_repository_pulls_and_takes_pushes(old_hub, tmp_path: Path, e
     # The fixture's copy is up to date with its 0.1 origin, which takes a new commit on top.
     assert "up to date" in kedit(repo, "pull")
     log = new_commit(kedit, repo)
-    new, main_log = log[0]["id"], kedit.json(repo, "log", "main")
-    assert log[0]["parent"] == head and commits(main_log[1:]) == commits(expected["log"]["main"])
+    new, main_log = log[0]["id"], kedit.json(repo, "log", "main")["commits"]
+    assert parent_of(log[0]) == head and commits(main_log[1:]) == commits(expected["log"]["main"])
     assert not kedit.json(repo, "push")["up_to_date"]
     assert kedit.json(repo, "push")["up_to_date"]
 
@@ -267,7 +273,7 @@ def test_a_v0_1_hub_repository_pulls_and_takes_pushes(old_hub, tmp_path: Path, e
     kedit(repo, "remote", "add", "fresh", f"hf://{owner}/fresh")
     kedit(repo, "push", "fresh", "--create")
     kedit(tmp_path, "clone", f"hf://{owner}/fresh", str(fresh))
-    assert commits(kedit.json(fresh, "log")) == commits(main_log)
+    assert commits(kedit.json(fresh, "log")["commits"]) == commits(main_log)
     status = kedit.json(fresh, "status")
     assert (status["branch"], status["worktree_commit"], status["modified"]) == ("main", new, {})
     assert folder_digests(Path(status["worktree"])) == folder_digests(Path(kedit.json(repo, "status")["worktree"]))
@@ -279,7 +285,7 @@ def test_a_v0_1_hub_repository_pulls_and_takes_pushes(old_hub, tmp_path: Path, e
     kedit(fresh, "fetch", "old")
     kedit(fresh, "branch", "experiment", "refs/remotes/old/experiment")
     kedit(fresh, "checkout", "experiment")
-    assert commits(kedit.json(fresh, "log")) == commits(expected["log"]["experiment"])
+    assert commits(kedit.json(fresh, "log")["commits"]) == commits(expected["log"]["experiment"])
     status = kedit.json(fresh, "status")
     assert (status["branch"], status["worktree_commit"], status["modified"]) == ("experiment", experiment, {})
     assert folder_digests(Path(status["worktree"])) == expected["exports"][experiment]["tensors"]
@@ -298,7 +304,7 @@ def test_a_v0_1_hub_repository_clones(old_hub, tmp_path: Path, expected: dict) -
     _, kedit = old_hub
     head, clone = expected["status"]["head"], tmp_path / "clone"
     kedit(tmp_path, "clone", f"hf://{expected['hub_repo']}", str(clone))
-    assert commits(kedit.json(clone, "log", "main", "experiment")) == commits(expected["log"]["all"])
+    assert commits(kedit.json(clone, "log", "main", "experiment")["commits"]) == commits(expected["log"]["all"])
     assert kedit.json(clone, "branch")["branches"] == expected["branches"]["branches"]
     status = kedit.json(clone, "status")
     assert (status["branch"], status["worktree_commit"], status["modified"]) == ("main", head, {})

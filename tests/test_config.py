@@ -7,7 +7,6 @@ Every test has its own XDG_CONFIG_HOME (tests/conftest.py), so the global file i
 from __future__ import annotations
 
 import getpass
-import json
 import os
 from pathlib import Path
 
@@ -17,6 +16,7 @@ from click.testing import CliRunner
 from kedit.cli import cli
 from kedit.core.config import global_path
 from kedit.core.repo import Repository
+from tests.jsondoc import doc
 from tests.test_cli_commands import history  # noqa: F401 - fixture
 from tests.test_cli_edit import PROMPT, tiny_folder, tiny_repo  # noqa: F401 - fixtures
 
@@ -33,7 +33,7 @@ def run(where: Path, *args: str, code: int = 0) -> str:
 
 
 def _last_author(repo: Repository) -> str:
-    return json.loads(run(repo.root, "log", "--json", "-n", "1"))[0]["author"]
+    return doc(run(repo.root, "log", "--json", "-n", "1"))["commits"][0]["author"]
 
 
 @pytest.fixture
@@ -49,7 +49,7 @@ def test_repository_settings_win_over_global_ones(repo: Repository, tmp_path: Pa
     assert run(repo.root, "config", "user.name") == "Ada Lovelace\n"
     assert run(repo.root, "config", "--global", "user.name") == "Grace Hopper\n"
     assert "[user]" in global_path().read_text() and "Ada" in (repo.path / "config").read_text()
-    assert json.loads(run(repo.root, "config", "--list", "--json")) == {"user.name": "Ada Lovelace"}
+    assert doc(run(repo.root, "config", "--list", "--json")) == {"settings": {"user.name": "Ada Lovelace"}}
     run(repo.root, "config", "--unset", "user.name")
     assert run(repo.root, "config", "--list") == "user.name=Grace Hopper\n"
     run(repo.root, "config", "user.email", code=1)  # not set: exit 1, as git

@@ -9,7 +9,6 @@ the hashed records say, the working model loads the exact HEAD weights, and fsck
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import sqlite3
@@ -29,6 +28,7 @@ from kedit.edit.trained import store_editor
 from kedit.eval.metrics import PROMPT_PROTOCOL
 from tests import test_cli_grace
 from tests.hubserver import HubServer
+from tests.jsondoc import doc
 from tests.test_crash_safety import kedit_command
 from tests.test_hub import URL as HUB_URL
 from tests.test_hub import hub, origin  # noqa: F401  (fixtures: a local Hub, a repository with a remote)
@@ -100,7 +100,7 @@ def views(work: Path, ids: dict[str, str]) -> dict[str, object]:
     out: dict[str, object] = {"log": kedit(work, "log", "--json").output,
                               "editors": kedit(work, "editors", "--json").output}
     for name, cid in ids.items():
-        out[name] = json.loads(kedit(work, "show", cid, "--json").output)
+        out[name] = doc(kedit(work, "show", cid, "--json").output)
     return out
 
 
@@ -248,7 +248,7 @@ def test_unproved_rows_are_counted_and_fsck_json_has_every_section(work: Path) -
     result = kedit(work, "fsck")
     assert result.exit_code == 0
     assert "unproved (no hash covers them): 2 metrics measured here" in result.stdout
-    report = json.loads(kedit(work, "fsck", "--json").stdout)
+    report = doc(kedit(work, "fsck", "--json").stdout)
     assert report["ok"] and report["errors"] == [] and report["repaired"] == []
     assert report["unproved"]["metrics measured here"] == 2
     assert report["worktree_shards"] == report["tensors"] - 3 > 0  # every tensor of HEAD, re-hashed
@@ -295,8 +295,8 @@ def test_a_real_grace_commit_forged_adapter_row_is_repaired(tmp_path: Path, tiny
     work = tmp_path / "work"
     Repository.init(work, str(tiny_folder), progress=False)
     assert kedit(work, *GRACE_FRANCE).exit_code == 0
-    before = json.loads(kedit(work, "show", "--json").stdout)
+    before = doc(kedit(work, "show", "--json").stdout)
     sql(work, "UPDATE adapter_ops SET kind = 'lora'")
     assert "its adapter rows differ from the record's" in kedit(work, "fsck").stdout
     assert kedit(work, "fsck", "--repair").exit_code == 0
-    assert json.loads(kedit(work, "show", "--json").stdout) == before
+    assert doc(kedit(work, "show", "--json").stdout) == before

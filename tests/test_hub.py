@@ -22,6 +22,7 @@ from kedit.core.repo import Metric, Repository
 from tests import test_cli_grace
 from tests.helpers_engine import snapshot
 from tests.hubserver import HubServer
+from tests.jsondoc import doc
 from tests.test_cli_grace import FRANCE as GRACE_EDIT
 from tests.test_cli_grace import PROMPTS, TARGETS
 
@@ -80,9 +81,9 @@ def export_hashes(where: Path, rev: str, out: Path) -> dict:
 
 
 def log_json(where: Path, rev: str = "HEAD") -> list[dict]:
-    return [{k: c[k] for k in ("id", "parent", "kind", "method", "message", "requests")}
+    return [{k: c[k] for k in ("id", "parents", "kind", "method", "message", "requests")}
             | {"metrics": [{k: v for k, v in m.items() if k != "source"} for m in c["metrics"]]}  # fetched: 'origin'
-            for c in json.loads(run(where, "log", rev, "--json"))]
+            for c in doc(run(where, "log", rev, "--json"))["commits"]]
 
 
 @pytest.fixture
@@ -95,7 +96,7 @@ def origin(repo: Repository) -> Repository:
 
 
 def test_push_clone_gives_the_same_log_and_export_hashes(origin: Repository, hub: HubServer, tmp_path: Path) -> None:
-    out = json.loads(run(origin.root, "push", "--base-model", "HuggingFaceTB/SmolLM2-135M-Instruct", "--json"))
+    out = doc(run(origin.root, "push", "--base-model", "HuggingFaceTB/SmolLM2-135M-Instruct", "--json"))
     assert out["commit"] == origin.head() and not out["up_to_date"]
     assert "model-layer-000.safetensors" in out["files"] and ".kedit/refs.json" in out["files"]
     assert "cloned" in run(tmp_path, "clone", URL, str(tmp_path / "copy"))
@@ -115,7 +116,7 @@ def test_push_clone_gives_the_same_log_and_export_hashes(origin: Repository, hub
     assert "model-index" in card and "reliability (teacher_forced_token_acc)" in card
     refs = json.loads(hub.store.read(tree[".kedit/refs.json"]))
     assert refs["commit"] == origin.head() == refs["checkpoint"]
-    assert json.loads(run(origin.root, "push", "--json"))["up_to_date"]
+    assert doc(run(origin.root, "push", "--json"))["up_to_date"]
 
 
 def test_the_pushed_branch_loads_with_from_pretrained(origin: Repository, hub: HubServer, tmp_path: Path) -> None:
@@ -167,7 +168,7 @@ def test_a_one_edit_push_uploads_only_its_shard_delta_and_records(origin: Reposi
     run(origin.root, "push")
     before = hub.uploaded_bytes
     tip = edit(origin, DOWN1, "third", 3)
-    out = json.loads(run(origin.root, "push", "--json"))
+    out = doc(run(origin.root, "push", "--json"))
     weights = [f for f in out["files"] if f.endswith(".safetensors")]
     objects = [f for f in out["files"] if f.startswith(".kedit/objects/")]
     assert weights == ["model-layer-001.safetensors"]
@@ -184,7 +185,7 @@ def test_the_first_push_of_an_edited_tensor_sends_its_base_value(origin: Reposit
     run(origin.root, "push")
     name = "model.layers.0.self_attn.q_proj.weight"
     edit(origin, name, "attention edit", 4)
-    out = json.loads(run(origin.root, "push", "--json"))
+    out = doc(run(origin.root, "push", "--json"))
     base_object = origin.changes(origin.log()[-1].id)
     base_oid = next(ch.steps[0].object_id for ch in base_object if ch.name == name)
     assert f".kedit/objects/{base_oid[:2]}/{base_oid[2:]}.st" in out["files"]
@@ -195,7 +196,7 @@ def test_later_metrics_travel_with_push_and_pull(origin: Repository, hub: HubSer
     run(tmp_path, "clone", URL, str(tmp_path / "copy"))
     first = origin.log()[1].id
     origin.record_metrics(first, [Metric("portability", 0.5, "teacher_forced_token_acc", stage="eval")])
-    out = json.loads(run(origin.root, "push", "--json"))
+    out = doc(run(origin.root, "push", "--json"))
     assert not out["up_to_date"] and f".kedit/commits/{first}.json" in out["files"]
     assert "up to date" in run(tmp_path / "copy", "pull")
     got = Repository.open(tmp_path / "copy").get_commit(first).metrics
@@ -208,7 +209,7 @@ def test_a_push_over_someone_elses_is_refused_until_pull(origin: Repository, hub
     run(tmp_path, "clone", URL, str(tmp_path / "bob"))
     bob = Repository.open(tmp_path / "bob")
     theirs = edit(bob, DOWN0, "bob's edit", 5)
-    pushed = json.loads(run(bob.root, "push", "--json"))["files"]  # a clone's records are byte-identical:
+    pushed = doc(run(bob.root, "push", "--json"))["files"]  # a clone's records are byte-identical:
     assert [f for f in pushed if f.startswith(".kedit/commits/")] == [f".kedit/commits/{theirs}.json"]
     mine = edit(origin, DOWN1, "alice's edit", 6)
     hub_tip = hub.store.refs(REPO_ID)["main"]
@@ -347,7 +348,7 @@ def test_a_pull_that_fails_verification_changes_no_history(origin: Repository, h
     copy = Repository.open(tmp_path / "copy")
     before = snapshot(copy)
     edit(origin, DOWN0, "third", 3)
-    out = json.loads(run(origin.root, "push", "--json"))
+    out = doc(run(origin.root, "push", "--json"))
     _tamper(hub, next(f for f in out["files"] if f.startswith(".kedit/objects/")))
     err = run(copy.root, "pull", code=1)
     assert "damaged" in err and err.count("\n") == 1
@@ -369,22 +370,22 @@ def test_a_forged_commit_is_refused(origin: Repository, hub: HubServer, tmp_path
 
     run(origin.root, "push")
     path = f".kedit/commits/{origin.head()}.json"
-    doc = json.loads(hub.store.read(hub.store.tree(REPO_ID, "main")[1][path]))
-    _forge(doc, how)
+    record = json.loads(hub.store.read(hub.store.tree(REPO_ID, "main")[1][path]))
+    _forge(record, how)
     HfApi(endpoint=hub.url, token=TOKEN).create_commit(
-        REPO_ID, [CommitOperationAdd(path, json.dumps(doc).encode())], commit_message="forge")
+        REPO_ID, [CommitOperationAdd(path, json.dumps(record).encode())], commit_message="forge")
     err = run(tmp_path, "clone", URL, str(tmp_path / "copy"), code=1)
     assert "damaged or forged" in err and err.count("\n") == 1 and not (tmp_path / "copy").exists()
 
 
 def test_history_only_then_full_push(origin: Repository, hub: HubServer, tmp_path: Path) -> None:
-    out = json.loads(run(origin.root, "push", "--history-only", "--json"))
+    out = doc(run(origin.root, "push", "--history-only", "--json"))
     assert not any(f.endswith(".safetensors") or f == "README.md" for f in out["files"])
     assert json.loads(hub.store.read(hub.store.tree(REPO_ID, "main")[1][".kedit/refs.json"]))["checkpoint"] is None
     run(tmp_path, "clone", URL, str(tmp_path / "copy"))
     rev = origin.head()
     assert export_hashes(tmp_path / "copy", rev, tmp_path / "c") == export_hashes(origin.root, rev, tmp_path / "o")
-    out = json.loads(run(origin.root, "push", "--json"))
+    out = doc(run(origin.root, "push", "--json"))
     assert "model-layer-000.safetensors" in out["files"] and not any(f.startswith(".kedit/objects")
                                                                     for f in out["files"])
 
@@ -394,7 +395,7 @@ def test_branches_map_to_hub_branches(origin: Repository, hub: HubServer, tmp_pa
     run(origin.root, "branch", "exp/one")
     run(origin.root, "checkout", "exp/one")
     exp = edit(origin, DOWN0, "on exp", 7)
-    out = json.loads(run(origin.root, "push", "--json"))
+    out = doc(run(origin.root, "push", "--json"))
     assert out["remote_branch"] == "exp/one"
     # Started from main on the Hub: only the new commit, its delta and the changed shard went up.
     assert [f for f in out["files"] if f.startswith(".kedit/commits/")] == [f".kedit/commits/{exp}.json"]
@@ -403,7 +404,7 @@ def test_branches_map_to_hub_branches(origin: Repository, hub: HubServer, tmp_pa
     copy = Repository.open(tmp_path / "copy")
     assert copy.refs.branches() == origin.refs.branches()
     assert log_json(copy.root, "exp/one") == log_json(origin.root, "exp/one")
-    fetched = json.loads(run(copy.root, "fetch", "--json"))
+    fetched = doc(run(copy.root, "fetch", "--json"))["branches"]
     assert fetched["exp/one"]["new_commits"] == 0
 
 
@@ -434,7 +435,7 @@ def test_removing_a_remote_forgets_its_refs_and_readding_finds_the_history(origi
 def test_remote_commands(repo: Repository, tmp_path: Path) -> None:
     run(repo.root, "remote", "add", "origin", "hf://alice/model")
     run(repo.root, "remote", "add", "mirror", "http://127.0.0.1:8080/bob/model")
-    listed = json.loads(run(repo.root, "remote", "--json"))
+    listed = doc(run(repo.root, "remote", "--json"))["remotes"]
     assert [(r["name"], r["endpoint"], r["repo_id"]) for r in listed] == [
         ("mirror", "http://127.0.0.1:8080", "bob/model"), ("origin", "https://huggingface.co", "alice/model")]
     assert "already exists" in run(repo.root, "remote", "add", "origin", "hf://x/y", code=1)

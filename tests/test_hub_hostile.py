@@ -26,6 +26,7 @@ from kedit.core.repo import Repository
 from kedit.hub.layout import REFS_FILE, commit_path, document_bytes, object_path, shard_of
 from tests.helpers_engine import snapshot
 from tests.hubserver import HubServer
+from tests.jsondoc import doc
 from tests.test_hub import DOWN0, REPO_ID, TOKEN, URL, edit, hub, origin  # noqa: F401 - fixtures
 
 OTHER_TOKEN = "hf_other_host_token_9876543210fedcba"
@@ -214,7 +215,7 @@ def test_clone_token_env_sends_that_token(origin: Repository, other: HubServer, 
     seen = len(other.authorizations)
     out = run(tmp_path, "clone", url, str(tmp_path / "copy"), "--token-env", "OTHER_HOST_TOKEN")
     assert "cloned" in out and _sent(other, seen) == {f"Bearer {OTHER_TOKEN}"}
-    remotes = json.loads(run(tmp_path / "copy", "remote", "list", "--json"))
+    remotes = doc(run(tmp_path / "copy", "remote", "list", "--json"))["remotes"]
     assert remotes[0]["token_env"] == "OTHER_HOST_TOKEN"
 
 
@@ -238,7 +239,7 @@ def test_plain_http_is_refused_except_to_loopback(repo: Repository, tmp_path: Pa
 def test_token_env_takes_a_variable_name_not_a_token(repo: Repository) -> None:
     err = run(repo.root, "remote", "add", "x", "https://hub.example.org/bob/repo", "--token-env", TOKEN, code=1)
     assert "NAME of an environment variable" in err and TOKEN not in err
-    assert json.loads(run(repo.root, "remote", "list", "--json")) == []
+    assert doc(run(repo.root, "remote", "list", "--json")) == {"remotes": []}
 
 
 @pytest.mark.parametrize("branch", ["60BC4E6E", "refs/heads/x"])

@@ -12,20 +12,21 @@ from kedit.core.repo import Repository
 from kedit.eval.probes import add_probes
 from kedit.hub.probes import PROBES_FILE
 from tests.hubserver import HubServer
+from tests.jsondoc import doc
 from tests.test_cli_check import PROBES, damaging_edit, harmless, stdout_of
 from tests.test_hub import REPO_ID, URL, hub, run, tiny_folder  # noqa: F401  (fixtures)
 
 
 def _suite(where: Path) -> list[tuple]:
     return sorted((p["kind"], p["prompt"], p["answer"], p["commit_id"])
-                  for p in json.loads(run(where, "probe", "list", "--json")))
+                  for p in doc(run(where, "probe", "list", "--json"))["probes"])
 
 
 def _verdict(where: Path, *args: str, code: int) -> dict:
     """A check's JSON report, its results reduced to what must agree between two repositories."""
     repo = Repository.open(where)
-    report = json.loads(run(where, "check", "--json", *args) if code == 0
-                        else stdout_of(repo, "check", "--json", *args))
+    report = doc(run(where, "check", "--json", *args) if code == 0
+                 else stdout_of(repo, "check", "--json", *args))
     report["results"] = sorted((r["probe"]["prompt"], r["now"], r["against"], r["broke"], r["first_broke"])
                                for r in report["results"])
     return report
@@ -58,7 +59,7 @@ def test_a_clone_checks_with_the_same_probes_and_verdict(hub: HubServer, tmp_pat
     run(origin.root, "push")
     run(ci, "pull")
     assert _suite(ci) == _suite(origin.root) and len(_suite(ci)) == 4
-    (tokyo,) = [p for p in json.loads(run(origin.root, "probe", "list", "--json")) if p["prompt"] == "Tokyo is in"]
+    (tokyo,) = [p for p in doc(run(origin.root, "probe", "list", "--json"))["probes"] if p["prompt"] == "Tokyo is in"]
     run(origin.root, "probe", "rm", str(tokyo["id"]))
     run(origin.root, "push")
     rows = json.loads(hub.store.read(hub.store.tree(REPO_ID, "main")[1][PROBES_FILE]))["probes"]

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import time
 from datetime import UTC, datetime
 
@@ -13,6 +12,7 @@ from click.testing import CliRunner
 from kedit.cli import cli
 from kedit.core.delta import LowRank
 from kedit.core.repo import Repository
+from tests.jsondoc import doc
 from tests.test_cli_commands import DOWN0, DOWN1, history  # noqa: F401 - fixture
 
 
@@ -28,7 +28,7 @@ def run(repo: Repository, *args: str, code: int = 0) -> str:
 
 
 def ids(repo: Repository, *args: str) -> list[str]:
-    return [c["id"] for c in json.loads(run(repo, "log", "--json", *args))]
+    return [c["id"] for c in doc(run(repo, "log", "--json", *args))["commits"]]
 
 
 def _edit(repo: Repository, name: str, message: str, **kwargs) -> str:
@@ -51,15 +51,15 @@ def test_reflog_entries_are_named_as_reflog_prints_them(repo: Repository, histor
     run(repo, "reset", "HEAD~1")
     for line in run(repo, "reflog").splitlines():  # "<id> HEAD@{n}: message": each name resolves to its id
         short, name = line.split()[:2]
-        assert json.loads(run(repo, "show", "--json", name.rstrip(":")))["id"].startswith(short)
-    assert json.loads(run(repo, "show", "--json", "main@{1}"))["id"] == history[3]
-    assert json.loads(run(repo, "show", "--json", "@{1}"))["id"] == history[3]  # the current branch's
-    assert json.loads(run(repo, "show", "--json", "HEAD@{1}~1"))["id"] == history[2]
+        assert doc(run(repo, "show", "--json", name.rstrip(":")))["commit"]["id"].startswith(short)
+    assert doc(run(repo, "show", "--json", "main@{1}"))["commit"]["id"] == history[3]
+    assert doc(run(repo, "show", "--json", "@{1}"))["commit"]["id"] == history[3]  # the current branch's
+    assert doc(run(repo, "show", "--json", "HEAD@{1}~1"))["commit"]["id"] == history[2]
 
 
 def test_at_sign_is_head(repo: Repository, history: list[str]) -> None:  # noqa: F811
-    assert json.loads(run(repo, "show", "--json", "@"))["id"] == history[3]
-    assert json.loads(run(repo, "show", "--json", "@~2"))["id"] == history[1]
+    assert doc(run(repo, "show", "--json", "@"))["commit"]["id"] == history[3]
+    assert doc(run(repo, "show", "--json", "@~2"))["commit"]["id"] == history[1]
     assert ids(repo, "@^") == list(reversed(history[:3]))
 
 
@@ -99,7 +99,7 @@ def test_log_ranges_and_several_revisions(repo: Repository, branched: dict[str, 
 
 def test_diff_ranges(repo: Repository, branched: dict[str, list[str]]) -> None:
     def changed(*revs: str) -> set[str]:
-        body = json.loads(CliRunner().invoke(cli, ["--repo", str(repo.root), "diff", "--json", *revs]).stdout)
+        body = doc(CliRunner().invoke(cli, ["--repo", str(repo.root), "diff", "--json", *revs]).stdout)
         return {t["name"] for t in body["tensors"]}
 
     assert changed("main..exp") == changed("main", "exp") == {DOWN0, DOWN1}

@@ -4,7 +4,6 @@ with real pipes and a pseudo-terminal."""
 from __future__ import annotations
 
 import fcntl
-import json
 import os
 import pty
 import subprocess
@@ -21,6 +20,7 @@ from kedit.cli.common import KeditGroup
 from kedit.core.delta import Dense
 from kedit.core.progress import ProgressLines, progress_bar
 from kedit.core.repo import Repository
+from tests.jsondoc import doc
 from tests.test_cli_edit import EDIT, tiny_folder, tiny_repo  # noqa: F401  (fixtures: a tiny model with a tokenizer)
 
 KEDIT = str(Path(sys.executable).parent / "kedit")
@@ -118,8 +118,8 @@ def test_quiet_and_json_after_the_subcommand(repo: Repository) -> None:
     after = runner.invoke(cli, ["--repo", str(repo.root), "log", "-q", "--json"])
     before = runner.invoke(cli, ["--repo", str(repo.root), "-q", "--json", "log"])
     assert after.exit_code == before.exit_code == 0
-    assert json.loads(after.stdout) == json.loads(before.stdout)
-    assert json.loads(after.stdout)[0]["id"] == repo.head()
+    assert doc(after.stdout) == doc(before.stdout)
+    assert doc(after.stdout)["commits"][0]["id"] == repo.head()
     quiet_branch = runner.invoke(cli, ["--repo", str(repo.root), "branch", "exp", "-q"])
     assert quiet_branch.exit_code == 0 and quiet_branch.stderr == ""
 

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import click
 
-from kedit.cli.common import command, emit_json, json_option, open_repo, say
+from kedit.cli.common import command, json_option, open_repo, ref_decorations, say
+from kedit.cli.jsonout import commit_json, emit_json
 from kedit.core.refs import short_id
 
 
@@ -25,7 +26,7 @@ def checkout(ctx: click.Context, rev: str, force: bool, as_json: bool) -> None:
     commit_id = repo.checkout(rev, force=force)
     branch = repo.head_branch()
     if as_json:
-        emit_json({"head": commit_id, "branch": branch})
+        emit_json(head=commit_id, branch=branch)
         return
     say(ctx, f"Switched to branch '{branch}'" if branch else f"HEAD is now at {short_id(commit_id)} (detached)")
 
@@ -46,7 +47,7 @@ def reset(ctx: click.Context, rev: str, force: bool, as_json: bool) -> None:
     repo = open_repo(ctx)
     commit_id = repo.reset(rev, force=force)
     if as_json:
-        emit_json({"head": commit_id, "branch": repo.head_branch()})
+        emit_json(head=commit_id, branch=repo.head_branch())
         return
     say(ctx, f"HEAD is now at {short_id(commit_id)}")
 
@@ -69,7 +70,7 @@ def branch(ctx: click.Context, name: str | None, rev: str, delete: bool, as_json
     if name is None:
         branches, current = repo.refs.branches(), repo.head_branch()
         if as_json:
-            emit_json({"current": current, "branches": branches})
+            emit_json(current=current, branches=branches)
             return
         for b, target in branches.items():
             click.echo(f"{'*' if b == current else ' '} {b:<24} {short_id(target)}")
@@ -80,6 +81,8 @@ def branch(ctx: click.Context, name: str | None, rev: str, delete: bool, as_json
     else:
         target = repo.create_branch(name, rev)
         say(ctx, f"Created branch {name} at {short_id(target)}")
+    if as_json:
+        emit_json(branch=name, commit=target, deleted=delete)
 
 
 @command()
@@ -99,7 +102,7 @@ def tag(ctx: click.Context, name: str | None, rev: str, delete: bool, as_json: b
     if name is None:
         tags = repo.refs.tags()
         if as_json:
-            emit_json(tags)
+            emit_json(tags=tags)
             return
         for t, target in tags.items():
             click.echo(f"{t:<24} {short_id(target)}")
@@ -110,6 +113,8 @@ def tag(ctx: click.Context, name: str | None, rev: str, delete: bool, as_json: b
     else:
         target = repo.create_tag(name, rev)
         say(ctx, f"Tagged {short_id(target)} as {name}")
+    if as_json:
+        emit_json(tag=name, commit=target, deleted=delete)
 
 
 @command()
@@ -131,8 +136,8 @@ def revert(ctx: click.Context, rev: str, message: str | None, as_json: bool) -> 
     commit = repo.revert(rev, message=message)
     later = commit.info.get("later_commits", [])
     if as_json:
-        emit_json({"id": commit.id, "branch": repo.head_branch(), "message": commit.message,
-                   "later_commits": later})
+        emit_json(branch=repo.head_branch(), commit=commit_json(commit, ref_decorations(repo).get(commit.id)),
+                  later_commits=later)
         return
     click.echo(f"[{repo.head_branch() or 'detached'} {commit.short}] {commit.message}")
     if later:

@@ -1,5 +1,5 @@
 """What every command module shares: the command and group classes, opening the repository,
-output (`say` to stderr, `emit_json` to stdout), common options and argument parsers.
+output (`say` to stderr; JSON in kedit/cli/jsonout.py), common options and argument parsers.
 
 `kedit/cli/__init__.py` only wires the commands together; nothing imports it back.
 """
@@ -7,7 +7,6 @@ output (`say` to stderr, `emit_json` to stdout), common options and argument par
 from __future__ import annotations
 
 import functools
-import json
 import logging
 import re
 import sqlite3
@@ -127,7 +126,7 @@ group = functools.partial(click.group, cls=KeditGroup)
 
 
 def open_repo(ctx: click.Context):
-    from kedit.core.repo import Repository
+    from kedit.repository import Repository
 
     return Repository.open(ctx.obj["repo_path"])
 
@@ -143,8 +142,17 @@ def json_option(f: Callable) -> Callable:
 
 
 
-def emit_json(value: Any) -> None:
-    click.echo(json.dumps(value, indent=2, default=str))
+def ref_decorations(repo: Any) -> dict[str, list[str]]:
+    """The refs at each commit, as `log` decorates it: `HEAD -> main`, `tag: v1`, `HEAD` when detached."""
+    out: dict[str, list[str]] = {}
+    head_branch = repo.head_branch()
+    if head_branch is None and repo.head():
+        out.setdefault(repo.head(), []).append("HEAD")
+    for name, target in repo.refs.branches().items():
+        out.setdefault(target, []).append(f"HEAD -> {name}" if name == head_branch else name)
+    for name, target in repo.refs.tags().items():
+        out.setdefault(target, []).append(f"tag: {name}")
+    return out
 
 
 def human_bytes(n: int | float | None) -> str:

@@ -8,7 +8,8 @@ from pathlib import Path
 
 import click
 
-from kedit.cli.common import command, emit_json, json_option
+from kedit.cli.common import command, json_option
+from kedit.cli.jsonout import emit_json
 from kedit.core import config
 from kedit.core.errors import KeditError, RepositoryNotFoundError
 
@@ -68,7 +69,7 @@ def config_(ctx: click.Context, key: str | None, value: str | None, scope: str |
             raise click.UsageError("--list takes no KEY")
         found = _scoped(ctx, scope)
         if as_json:
-            emit_json(found)
+            emit_json(settings=found)
             return
         for k, v in sorted(found.items()):
             click.echo(f"{k}={v}")
@@ -82,16 +83,18 @@ def config_(ctx: click.Context, key: str | None, value: str | None, scope: str |
         path = config.global_path() if scope == "global" else config.repo_path(_repo_dir(ctx, required=True))
         if unset:
             config.unset(path, key)
+            if as_json:
+                emit_json(unset=key)
             return
         stored = config.set_value(path, key, value, check=CHECKS.get(key))
         if as_json:
-            emit_json({key: stored})
+            emit_json(settings={key: stored})
     else:
         found = _scoped(ctx, scope).get(key)
         if found is None:
             sys.exit(1)
         if as_json:
-            emit_json({key: found})
+            emit_json(settings={key: found})
         else:
             click.echo(found)
 

@@ -11,12 +11,13 @@ from kedit.cli.common import (
     command,
     device_option,
     dtype_option,
-    emit_json,
     greedy_answer,
     json_option,
     open_repo,
     parse_overrides,
+    ref_decorations,
 )
+from kedit.cli.jsonout import commit_json, emit_json
 from kedit.core import config
 from kedit.core.errors import KeditError
 from kedit.core.progress import progress_enabled
@@ -82,7 +83,6 @@ def edit(ctx: click.Context, method: str | None, prompt: str | None, subject: st
         kedit edit --requests counterfact.json --set layer=4
     """
     from kedit.edit.requests import load_requests
-    from kedit.edit.run import EditOptions, run_edits
     from kedit.methods.base import EditRequest, get_method
     from kedit.model.load import parse_dtype
 
@@ -115,14 +115,12 @@ def edit(ctx: click.Context, method: str | None, prompt: str | None, subject: st
     parsed = parse_overrides(overrides)
     if editor:
         parsed["editor"] = editor
-    options = EditOptions(method=method, overrides=parsed, hparams_file=hparams_file,
-                          corpus=corpus, stats_samples=stats_samples, dtype=parse_dtype(dtype), device=device,
-                          batch_size=batch_size, measure=not no_eval, fluency=fluency, message=message,
-                          progress=progress_enabled())
-    commits = run_edits(repo, requests, options)
+    commits = repo.edit(requests, method=method, overrides=parsed, hparams_file=hparams_file, corpus=corpus,
+                        stats_samples=stats_samples, dtype=parse_dtype(dtype), device=device, batch_size=batch_size,
+                        measure=not no_eval, fluency=fluency, message=message, progress=progress_enabled())
     if as_json:
-        emit_json([{"id": c.id, "message": c.message, "info": c.info,
-                     "metrics": [m.__dict__ for m in c.metrics]} for c in commits])
+        decorations = ref_decorations(repo)
+        emit_json(branch=repo.head_branch(), commits=[commit_json(c, decorations.get(c.id)) for c in commits])
         return
     for c in commits:
         click.echo(f"[{repo.head_branch() or 'detached'} {c.short}] {c.message}")
@@ -143,9 +141,10 @@ def edit(ctx: click.Context, method: str | None, prompt: str | None, subject: st
 @click.option("--set", "overrides", multiple=True, help="Override a hyper-parameter: key=value.")
 @device_option
 @dtype_option
+@json_option
 @click.pass_context
 def stats(ctx: click.Context, layer: tuple[int, ...], method: str, corpus: Path | None, samples: int | None,
-          overrides: tuple[str, ...], device: str, dtype: str | None) -> None:
+          overrides: tuple[str, ...], device: str, dtype: str | None, as_json: bool) -> None:
     """Compute and cache the covariance E[kkᵀ] of a layer's keys on the base model.
 
     Streaming and resumable: an interrupted run continues where it stopped.
@@ -172,6 +171,7 @@ def stats(ctx: click.Context, layer: tuple[int, ...], method: str, corpus: Path 
     from kedit.model.arch import arch_for, n_layers
 
     total = n_layers(model, arch_for(model))
+    computed = []
     for lay in layer or (hp.layer,):
         if lay >= total:
             raise KeditError(f"--layer {lay} is past the model's last layer ({total} layers: 0..{total - 1})")
@@ -180,4 +180,9 @@ def stats(ctx: click.Context, layer: tuple[int, ...], method: str, corpus: Path 
             c = provider(module, lay)
         except ValueError as e:  # a corpus without texts, statistics that cannot be computed
             raise KeditError(f"statistics for layer {lay}: {e}") from e
-        click.echo(f"layer {lay} ({module}): E[kkᵀ] {tuple(c.shape)}, trace {float(c.trace()):.4g}, cached")
+        computed.append({"layer": lay, "module": module, "shape": list(c.shape), "trace": float(c.trace()),
+                         **provider.used})
+        if not as_json:
+            click.echo(f"layer {lay} ({module}): E[kkᵀ] {tuple(c.shape)}, trace {float(c.trace()):.4g}, cached")
+    if as_json:
+        emit_json(method=method, base=base, layers=computed)

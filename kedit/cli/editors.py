@@ -7,7 +7,8 @@ from pathlib import Path
 
 import click
 
-from kedit.cli.common import check_device, command, emit_json, json_option, open_repo, parse_overrides
+from kedit.cli.common import check_device, command, json_option, open_repo, parse_overrides
+from kedit.cli.jsonout import emit_json
 from kedit.core.progress import progress_enabled
 from kedit.core.refs import short_id
 
@@ -64,7 +65,7 @@ def train_editor(ctx: click.Context, method: str, data: tuple[Path, ...], val: P
                                   hparams_file=hparams_file, device=device, restart=restart,
                                   progress=progress_enabled()))
     if as_json:
-        emit_json(info.__dict__)
+        emit_json(editor=info.__dict__)
         return
     m = info.metrics
     click.echo(f"editor {info.short} ({info.method}): {_scores(m)}; {m.get('steps')} steps, "
@@ -87,7 +88,7 @@ def editors(ctx: click.Context, method: str | None, as_json: bool) -> None:
     repo = open_repo(ctx)
     found = list_editors(repo, method)
     if as_json:
-        emit_json([e.__dict__ for e in found])
+        emit_json(editors=[e.__dict__ for e in found])
         return
     for e in found:
         m = e.metrics

@@ -11,13 +11,13 @@ from kedit.cli.common import (
     command,
     device_option,
     dtype_option,
-    emit_json,
     greedy_answer,
     group,
     json_option,
     open_repo,
     say,
 )
+from kedit.cli.jsonout import emit_json
 from kedit.core.refs import short_id
 
 
@@ -44,14 +44,12 @@ def eval_(ctx: click.Context, rev: str, suite: Path | None, fluency: bool, chat:
         kedit eval HEAD --suite probes.json --json
         kedit eval HEAD --chat
     """
-    from kedit.eval.revision import evaluate_revision
     from kedit.model.load import parse_dtype
 
     repo = open_repo(ctx)
-    metrics = evaluate_revision(repo, rev, suite=suite, fluency=fluency, dtype=parse_dtype(dtype), device=device,
-                                chat=chat)
+    metrics = repo.eval(rev, suite=suite, fluency=fluency, chat=chat, dtype=parse_dtype(dtype), device=device)
     if as_json:
-        emit_json([m.__dict__ for m in metrics])
+        emit_json(commit=repo.resolve(rev), metrics=[m.__dict__ for m in metrics])
         return
     for m in metrics:
         click.echo(f"{m.name:<16} {m.value:8.4f}  ({m.protocol})")
@@ -85,21 +83,16 @@ def check(ctx: click.Context, rev: str, threshold: float, protocol: str, against
         kedit check --against v1.0 --json
         kedit check --chat
     """
-    from kedit.eval.probes import check as run_check
-    from kedit.model.load import load_revision, parse_dtype
+    from kedit.model.load import parse_dtype
 
-    repo = open_repo(ctx)
-    torch_dtype = parse_dtype(dtype)
-    report = run_check(repo, rev, lambda c: load_revision(repo, c, dtype=torch_dtype, device=device),
-                       threshold=threshold, setting=f"{device}/{dtype or 'auto'}", protocol=protocol,
-                       against=against, chat=chat)
+    report = open_repo(ctx).check(rev, threshold=threshold, protocol=protocol, against=against, chat=chat,
+                                  dtype=parse_dtype(dtype), device=device)
     if as_json:
-        emit_json({"commit": report.commit_id, "against": report.against, "protocol": report.protocol,
-                    "prompts": report.prompts, "ok": not report.broken,
-                    "summary": report.summary(),
-                    "results": [{"probe": r.probe.__dict__, "base": r.base, "parent": r.parent, "now": r.now,
-                                 "against": r.against, "broke": r.broke, "first_broke": r.first_broke,
-                                 "edited_by": r.edited_by} for r in report.results]})
+        emit_json(commit=report.commit_id, against=report.against, protocol=report.protocol,
+                  prompts=report.prompts, ok=not report.broken, summary=report.summary(),
+                  results=[{"probe": r.probe.__dict__, "base": r.base, "parent": r.parent, "now": r.now,
+                            "against": r.against, "broke": r.broke, "first_broke": r.first_broke,
+                            "edited_by": r.edited_by} for r in report.results])
     else:
         if not report.results:
             say(ctx, "the probe suite is empty (kedit edit adds probes; or kedit probe add)")
@@ -130,8 +123,10 @@ def probe() -> None:
 @click.option("--prompt", "prompts", multiple=True, required=True, help="A prompt (repeatable).")
 @click.option("--answer", "answers", multiple=True, help="Its answer (default: what the base model says now).")
 @click.option("--kind", type=click.Choice(["locality", "edit"]), default="locality", show_default=True)
+@json_option
 @click.pass_context
-def probe_add(ctx: click.Context, prompts: tuple[str, ...], answers: tuple[str, ...], kind: str) -> None:
+def probe_add(ctx: click.Context, prompts: tuple[str, ...], answers: tuple[str, ...], kind: str,
+              as_json: bool) -> None:
     """Add probes; a locality probe's answer defaults to the base model's own completion.
 
     \b
@@ -149,6 +144,9 @@ def probe_add(ctx: click.Context, prompts: tuple[str, ...], answers: tuple[str, 
         model, tok = load_revision(repo, repo.log("HEAD")[-1].id)
         answers = tuple(greedy_answer(model, tok, p) for p in prompts)
     added = add_probes(repo, [(kind, p, a, None) for p, a in zip(prompts, answers, strict=True)])
+    if as_json:
+        emit_json(probes=[p.__dict__ for p in added])
+        return
     for p in added:
         click.echo(f"#{p.id} {p.kind}: {p.prompt!r} -> {p.answer!r}")
 
@@ -162,7 +160,7 @@ def probe_list(ctx: click.Context, as_json: bool) -> None:
 
     probes = list_probes(open_repo(ctx))
     if as_json:
-        emit_json([p.__dict__ for p in probes])
+        emit_json(probes=[p.__dict__ for p in probes])
         return
     for p in probes:
         origin = f" (edit {short_id(p.commit_id)})" if p.commit_id else ""
@@ -171,9 +169,12 @@ def probe_list(ctx: click.Context, as_json: bool) -> None:
 
 @probe.command(name="rm")
 @click.argument("probe_id", type=click.IntRange(1, 2**63 - 1))
+@json_option
 @click.pass_context
-def probe_rm(ctx: click.Context, probe_id: int) -> None:
+def probe_rm(ctx: click.Context, probe_id: int, as_json: bool) -> None:
     """Remove a probe by id."""
     from kedit.eval.probes import remove_probe
 
     remove_probe(open_repo(ctx), probe_id)
+    if as_json:
+        emit_json(removed=probe_id)

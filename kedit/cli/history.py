@@ -8,7 +8,8 @@ from typing import Any
 
 import click
 
-from kedit.cli.common import MAX_COUNT, command, emit_json, human_bytes, json_option, open_repo, say
+from kedit.cli.common import MAX_COUNT, command, human_bytes, json_option, open_repo, ref_decorations, say
+from kedit.cli.jsonout import commit_json, emit_json
 from kedit.core.errors import KeditError
 from kedit.core.refs import short_id
 
@@ -17,18 +18,6 @@ from kedit.core.refs import short_id
 SHORT_METRICS = {"reliability": "rel", "generalization": "gen", "locality": "loc", "portability": "port",
                  "efficacy": "eff", "paraphrase": "para", "neighbourhood": "nbhd", "fluency": "flu",
                  "gen_efficacy": "geff", "gen_paraphrase": "gpara", "gen_locality": "gloc"}
-
-
-def _decorations(repo) -> dict[str, list[str]]:
-    out: dict[str, list[str]] = {}
-    head_branch = repo.head_branch()
-    if head_branch is None and repo.head():
-        out.setdefault(repo.head(), []).append("HEAD")
-    for name, target in repo.refs.branches().items():
-        out.setdefault(target, []).append(f"HEAD -> {name}" if name == head_branch else name)
-    for name, target in repo.refs.tags().items():
-        out.setdefault(target, []).append(f"tag: {name}")
-    return out
 
 
 def _echo_per_request(metrics: list) -> None:
@@ -48,13 +37,6 @@ def _metric_summary(commit) -> str:
         if m.stage in ("post", "eval") and m.name in SHORT_METRICS and not m.suite.startswith("request "):
             parts.append(f"{SHORT_METRICS[m.name]}={m.value:.2f}")
     return " ".join(dict.fromkeys(parts))
-
-
-def _commit_json(commit) -> dict:
-    return {"id": commit.id, "parent": commit.parent, "depth": commit.depth, "kind": commit.kind,
-            "method": commit.method, "message": commit.message, "author": commit.author, "created": commit.created,
-            "hparams": commit.hparams, "requests": commit.requests, "info": commit.info,
-            "metrics": [m.__dict__ for m in commit.metrics]}
 
 
 def _oneline(commit, decorations: dict[str, list[str]]) -> str:
@@ -105,19 +87,19 @@ def log(ctx: click.Context, revs: tuple[str, ...], oneline: bool, max_count: int
         from kedit.core.graph import render_graph
 
         commits = render_graph(repo, max_count)
-        decorations = _decorations(repo)
+        decorations = ref_decorations(repo)
         if as_json:  # the commits with their lane prefix; the joining lines carry no commit
-            emit_json([{**_commit_json(c), "refs": decorations.get(c.id, []), "graph": prefix.rstrip()}
-                       for prefix, c in commits if c is not None])
+            emit_json(commits=[{**commit_json(c, decorations.get(c.id)), "graph": prefix.rstrip()}
+                               for prefix, c in commits if c is not None])
             return
         for prefix, commit in commits:
             click.echo(prefix + (_oneline(commit, decorations) if commit else ""))
         return
     ids = filtered(repo.db, select(repo.db, repo.refs, revs or ["HEAD"]), keep, max_count)
     commits = [repo.get_commit(c) for c in ids]
-    decorations = _decorations(repo)
+    decorations = ref_decorations(repo)
     if as_json:
-        emit_json([{**_commit_json(c), "refs": decorations.get(c.id, [])} for c in commits])
+        emit_json(commits=[commit_json(c, decorations.get(c.id)) for c in commits])
         return
     for commit in commits:
         if oneline:
@@ -150,14 +132,13 @@ def show(ctx: click.Context, rev: str, as_json: bool) -> None:
     changes = repo.changes(commit.id)
     adapters = repo.adapter_ops(commit.id)
     if as_json:
-        body = _commit_json(commit)
-        body["tensors"] = [{"name": c.name, "encoding": c.encoding, "rank": c.rank, "dtype": c.dtype,
-                            "shape": list(c.shape), "delta_norm": c.delta_norm, "rel_change": c.rel_change,
-                            "stored_bytes": c.stored_bytes, "hash": c.result_hash,
-                            "steps": [s.__dict__ for s in c.steps]} for c in changes]
-        body["adapters"] = [{"op": op, "object": oid, "kind": kind, "config": _adapter_config(repo, oid)}
-                            for op, oid, kind in adapters]
-        emit_json(body)
+        tensors = [{"name": c.name, "encoding": c.encoding, "rank": c.rank, "dtype": c.dtype,
+                    "shape": list(c.shape), "delta_norm": c.delta_norm, "rel_change": c.rel_change,
+                    "stored_bytes": c.stored_bytes, "hash": c.result_hash,
+                    "steps": [s.__dict__ for s in c.steps]} for c in changes]
+        emit_json(commit=commit_json(commit, ref_decorations(repo).get(commit.id)), tensors=tensors,
+                  adapters=[{"op": op, "object": oid, "kind": kind, "config": _adapter_config(repo, oid)}
+                            for op, oid, kind in adapters])
         return
     click.echo(click.style(f"commit {commit.id}", fg="yellow"))
     click.echo(f"Parent: {commit.parent or '-'}")
@@ -223,7 +204,7 @@ def status(ctx: click.Context, as_json: bool) -> None:
     repo = open_repo(ctx)
     info = repo.status()
     if as_json:
-        emit_json(info)
+        emit_json(**info)
         return
     where = f"On branch {info['branch']}" if info["branch"] else f"HEAD detached at {short_id(info['head'])}"
     click.echo(where)
@@ -254,7 +235,7 @@ def reflog(ctx: click.Context, ref: str, max_count: int | None, as_json: bool) -
     repo = open_repo(ctx)
     entries = repo.reflog(ref, limit=max_count)
     if as_json:
-        emit_json(entries)
+        emit_json(ref=ref, entries=entries)
         return
     for i, e in enumerate(entries):
         click.echo(f"{short_id(e['new'] or '-')} {ref}@{{{i}}}: {e['message']}")
@@ -294,7 +275,7 @@ def diff(ctx: click.Context, rev_a: str, rev_b: str | None, stat: bool, quiet_di
     adapters = adapter_diff(repo, rev_a, rev_b)
     differ = bool(diffs or adapters["added"] or adapters["removed"])
     if as_json:
-        emit_json({"equal": not differ, "tensors": [d.to_dict() for d in diffs], "adapters": adapters})
+        emit_json(equal=not differ, tensors=[d.to_dict() for d in diffs], adapters=adapters)
     elif not quiet_diff:
         for d in diffs:
             if stat or d.status != "modified" or d.delta_norm is None:

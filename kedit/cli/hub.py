@@ -10,7 +10,8 @@ from pathlib import Path
 
 import click
 
-from kedit.cli.common import command, emit_json, group, human_bytes, json_option, open_repo, say
+from kedit.cli.common import command, group, human_bytes, json_option, open_repo, say
+from kedit.cli.jsonout import emit_json
 from kedit.core.progress import progress_enabled
 from kedit.core.refs import short_id
 
@@ -42,7 +43,7 @@ def remote_list(ctx: click.Context, as_json: bool) -> None:
               "branches": {b: t.kedit_commit for b, t in remotes.tracked_branches(repo.db, r.name).items()}}
              for r in remotes.list_all(repo.db)]
     if as_json:
-        emit_json(found)
+        emit_json(remotes=found)
         return
     for r in found:
         seen = " ".join(f"{b}={short_id(c)}" for b, c in sorted(r["branches"].items()))
@@ -57,8 +58,9 @@ _TOKEN_ENV_HELP = ("The environment variable that holds the token for this remot
 @click.argument("name")
 @click.argument("url")
 @click.option("--token-env", metavar="VAR", help=_TOKEN_ENV_HELP)
+@json_option
 @click.pass_context
-def remote_add(ctx: click.Context, name: str, url: str, token_env: str | None) -> None:
+def remote_add(ctx: click.Context, name: str, url: str, token_env: str | None, as_json: bool) -> None:
     """Add a remote: hf://OWNER/REPO, or https://HOST/OWNER/REPO for another endpoint.
 
     \b
@@ -68,17 +70,25 @@ def remote_add(ctx: click.Context, name: str, url: str, token_env: str | None) -
     from kedit.hub import remotes
 
     r = remotes.add(open_repo(ctx).db, name, url, token_env)
+    if as_json:
+        emit_json(remote={"name": r.name, "url": r.url, "endpoint": r.endpoint, "repo_id": r.repo_id,
+                          "token_env": r.token_env})
+        return
     say(ctx, f"added remote {r.name}: {r.repo_id} at {r.endpoint}")
 
 
 @remote.command("remove")
 @click.argument("name")
+@json_option
 @click.pass_context
-def remote_remove(ctx: click.Context, name: str) -> None:
+def remote_remove(ctx: click.Context, name: str, as_json: bool) -> None:
     """Remove a remote and its remote-tracking refs (nothing on the Hub changes)."""
     from kedit.hub import remotes
 
     remotes.remove(open_repo(ctx).db, name)
+    if as_json:
+        emit_json(removed=name)
+        return
     say(ctx, f"removed remote {name}")
 
 
@@ -109,7 +119,7 @@ def push(ctx: click.Context, remote_name: str | None, branch: str | None, remote
     result = hub.push(repo, remote_name, branch, remote_branch=remote_branch, history_only=history_only,
                       create=create, base_model=base_model, progress=progress_enabled() and not as_json)
     if as_json:
-        emit_json(result.__dict__)
+        emit_json(**result.__dict__)
     elif result.up_to_date:
         click.echo(f"{result.remote}/{result.remote_branch} is up to date ({short_id(result.commit)})")
     else:
@@ -129,7 +139,7 @@ def fetch(ctx: click.Context, remote_name: str | None, branches: tuple[str, ...]
 
     found = hubfetch.fetch(open_repo(ctx), remote_name, branches or None, progress=progress_enabled() and not as_json)
     if as_json:
-        emit_json({b: f.__dict__ for b, f in found.items()})
+        emit_json(branches={b: f.__dict__ for b, f in found.items()})
         return
     for f in found.values():
         click.echo(f"{f.branch}: {short_id(f.tip)} ({f.new_commits} new commits, {f.objects} objects)")
@@ -154,7 +164,7 @@ def pull(ctx: click.Context, remote_name: str | None, branch: str | None, rebase
     result = hubfetch.pull(open_repo(ctx), remote_name, branch, rebase=rebase,
                            progress=progress_enabled() and not as_json)
     if as_json:
-        emit_json(result.__dict__)
+        emit_json(**result.__dict__)
     elif result.status == "fast-forward":
         click.echo(f"{result.branch}: fast-forward {short_id(result.old)} -> {short_id(result.new)} "
                    f"({result.fetched} new commits)")
@@ -186,7 +196,7 @@ def clone(ctx: click.Context, url: str, directory: Path | None, token_env: str |
 
     repo, found = hubfetch.clone(url, directory, token_env=token_env, progress=progress_enabled() and not as_json)
     if as_json:
-        emit_json({"path": str(repo.root), "branches": {b: f.tip for b, f in found.items()}})
+        emit_json(path=str(repo.root), branches={b: f.tip for b, f in found.items()})
         return
     commits = repo.count_commits()
     click.echo(f"cloned {url} into {repo.root}: {len(found)} branches, {commits} commits, "

@@ -6,7 +6,8 @@ import sys
 
 import click
 
-from kedit.cli.common import command, emit_json, human_bytes, json_option, open_repo, parse_age
+from kedit.cli.common import command, human_bytes, json_option, open_repo, parse_age
+from kedit.cli.jsonout import emit_json
 from kedit.core.progress import progress_enabled
 
 
@@ -32,7 +33,7 @@ def fsck(ctx: click.Context, repair: bool, as_json: bool) -> None:
     repo = open_repo(ctx)
     report = (run_repair if repair else run_fsck)(repo, progress=progress_enabled())
     if as_json:
-        emit_json(report.summary())
+        emit_json(**report.summary())
     else:
         for line in report.repaired:
             click.echo(f"repaired: {line}")
@@ -63,7 +64,7 @@ def gc(ctx: click.Context, prune: str, reflog_expire: str, as_json: bool) -> Non
     repo = open_repo(ctx)
     report = run_gc(repo, grace=parse_age(prune), reflog_expiry=parse_age(reflog_expire))
     if as_json:
-        emit_json(report.__dict__)
+        emit_json(**report.__dict__)
     else:
         click.echo(f"removed {report.commits_removed} commits, {report.objects_removed} objects, "
                    f"{report.keyframes_removed} keyframes; freed {human_bytes(report.bytes_freed)}")

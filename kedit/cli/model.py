@@ -6,7 +6,8 @@ from pathlib import Path
 
 import click
 
-from kedit.cli.common import command, emit_json, human_bytes, json_option, open_repo, parse_size, say
+from kedit.cli.common import command, human_bytes, json_option, open_repo, parse_size, ref_decorations, say
+from kedit.cli.jsonout import commit_json, emit_json
 from kedit.core.names import DTYPE_NAMES
 from kedit.core.progress import progress_enabled
 from kedit.core.refs import short_id
@@ -19,8 +20,10 @@ from kedit.core.refs import short_id
 @click.option("--dtype", type=click.Choice(["auto", *DTYPE_NAMES]), default="auto", show_default=True,
               help="Store the base in this dtype.")
 @click.option("-m", "--message", help="Message of the initial commit.")
+@json_option
 @click.pass_context
-def init(ctx: click.Context, model: str | None, no_copy: bool, bare: bool, dtype: str, message: str | None) -> None:
+def init(ctx: click.Context, model: str | None, no_copy: bool, bare: bool, dtype: str, message: str | None,
+         as_json: bool) -> None:
     """Make MODEL a repository: hash every tensor and store the base.
 
     MODEL is a Hugging Face folder, a .safetensors file, a .gguf file or a model id in the
@@ -31,8 +34,8 @@ def init(ctx: click.Context, model: str | None, no_copy: bool, bare: bool, dtype
         kedit init                       # embedded default
         kedit init ./my-model --no-copy  # reference the safetensors in place
     """
-    from kedit.core.repo import Repository
     from kedit.model.load import parse_dtype
+    from kedit.repository import Repository
 
     torch_dtype = parse_dtype(dtype)
     repo = Repository.init(ctx.obj["repo_path"], model, copy=not no_copy, worktree=not bare, dtype=torch_dtype,
@@ -40,6 +43,10 @@ def init(ctx: click.Context, model: str | None, no_copy: bool, bare: bool, dtype
     head = repo.log(limit=1)[0]
     manifest = repo.manifest()
     total = sum(e.nbytes for e in manifest.values())
+    if as_json:
+        emit_json(path=str(repo.path), branch=repo.head_branch(),
+                  commit=commit_json(head, ref_decorations(repo).get(head.id)), tensors=len(manifest), bytes=total)
+        return
     say(ctx, f"Initialised kedit repository in {repo.path}")
     click.echo(f"[{repo.head_branch()} {head.short}] {head.message}: {len(manifest)} tensors, {human_bytes(total)}")
 
@@ -66,7 +73,7 @@ def export(ctx: click.Context, rev: str, directory: Path, max_shard_size: str, f
     result = run_export(repo, rev, directory, max_shard_bytes=parse_size(max_shard_size), force=force,
                         progress=progress_enabled())
     if as_json:
-        emit_json(result)
+        emit_json(**result)
     else:
         click.echo(f"exported {short_id(result['commit'])} to {result['path']} "
                    f"({result['tensors']} tensors in {len(result['shards'])} shard(s))")

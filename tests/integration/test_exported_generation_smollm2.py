@@ -19,6 +19,7 @@ from kedit.cli import cli
 from kedit.core.repo import Repository
 from kedit.core.sources import default_model_folder
 from kedit.eval.metrics import holds, shows
+from tests.jsondoc import doc
 
 pytestmark = pytest.mark.slow
 
@@ -87,8 +88,8 @@ def edit_and_export(work: Path, method: str, *options: str) -> Path:
     """`kedit edit` on a fresh branch from the base, then `kedit export HEAD`; the commits' own check agrees."""
     run(work, "branch", method, Repository.open(work).log("HEAD")[-1].id)
     run(work, "checkout", method)
-    commits = json.loads(run(work, "edit", "--method", method, "--requests", str(work / "facts.json"),
-                             "--no-eval", *options, "--json"))
+    commits = doc(run(work, "edit", "--method", method, "--requests", str(work / "facts.json"),
+                      "--no-eval", *options, "--json"))["commits"]
     assert all(c["info"]["shows_in_generation"] is True for c in commits)
     out = work / f"export-{method}"
     run(work, "export", "HEAD", str(out))
