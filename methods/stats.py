@@ -27,6 +27,7 @@ import logging
 import os
 import re
 import tempfile
+import time
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from itertools import islice
@@ -425,9 +426,14 @@ def cached_second_moment(
     else:
         log.info("computing statistics for %s over %d texts (cached for later edits)", module_name, n_samples)
     start = state.n_texts if state is not None else 0
-    last_saved = [start]
+    last_saved, began, estimated = [start], time.monotonic(), [False]
 
     def checkpoint(s: MomentState) -> None:
+        if not estimated[0] and s.n_texts > start and s.n_texts < n_samples:  # from the first batch: rough
+            estimated[0] = True
+            left = (time.monotonic() - began) / (s.n_texts - start) * (n_samples - s.n_texts)
+            log.info("statistics for %s: about %s more for %d texts", module_name, _duration(left),
+                     n_samples - s.n_texts)
         if cache is not None and s.n_texts - last_saved[0] >= checkpoint_every and s.n_texts < n_samples:
             cache.save_partial(key, s)
             last_saved[0] = s.n_texts
@@ -446,3 +452,9 @@ def cached_second_moment(
         on_batch=checkpoint,
     )
     return cache.put(key, state) if cache is not None else state.mom2()
+
+
+def _duration(seconds: float) -> str:
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    return f"{seconds / 60:.0f} min" if seconds < 5400 else f"{seconds / 3600:.1f} h"

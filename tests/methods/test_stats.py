@@ -1,4 +1,5 @@
 import json
+import re
 
 import pytest
 import torch
@@ -159,6 +160,7 @@ def test_a_smaller_cached_run_is_extended_to_the_from_scratch_result(tiny_llama,
                                         base_hash="b", batch_size=4)
     assert starts == [0, 16]  # the second run read only the 16 texts the first had not
     assert "extending the cached statistics" in caplog.text and "from 16 to 32 texts" in caplog.text
+    assert re.search(r"about \d+ s more for 12 texts", caplog.text)  # timed on the first batch of the 16 left
     scratch = accumulate_second_moment(tiny_llama, tiny_tok, name, texts, batch_size=4)
     stored = cache.largest_prefix(StatsKey("b", 1, "corpus", 33, name))[1]
     assert stored.count == scratch.count and stored.n_texts == 32
