@@ -429,7 +429,7 @@ def cached_second_moment(
     last_saved, began, estimated = [start], time.monotonic(), [False]
 
     def checkpoint(s: MomentState) -> None:
-        if not estimated[0] and s.n_texts > start and s.n_texts < n_samples:  # from the first batch: rough
+        if not estimated[0] and ESTIMATE_AFTER <= s.n_texts - start < n_samples - start:
             estimated[0] = True
             left = (time.monotonic() - began) / (s.n_texts - start) * (n_samples - s.n_texts)
             log.info("statistics for %s: about %s more for %d texts", module_name, _duration(left),
@@ -452,6 +452,11 @@ def cached_second_moment(
         on_batch=checkpoint,
     )
     return cache.put(key, state) if cache is not None else state.mom2()
+
+
+# Texts timed before the time left is estimated: text the model writes itself is generated 64 at
+# a time, so the first batch of keys also pays for the next 63 texts.
+ESTIMATE_AFTER = 64
 
 
 def _duration(seconds: float) -> str:

@@ -160,7 +160,6 @@ def test_a_smaller_cached_run_is_extended_to_the_from_scratch_result(tiny_llama,
                                         base_hash="b", batch_size=4)
     assert starts == [0, 16]  # the second run read only the 16 texts the first had not
     assert "extending the cached statistics" in caplog.text and "from 16 to 32 texts" in caplog.text
-    assert re.search(r"about \d+ s more for 12 texts", caplog.text)  # timed on the first batch of the 16 left
     scratch = accumulate_second_moment(tiny_llama, tiny_tok, name, texts, batch_size=4)
     stored = cache.largest_prefix(StatsKey("b", 1, "corpus", 33, name))[1]
     assert stored.count == scratch.count and stored.n_texts == 32
@@ -169,3 +168,10 @@ def test_a_smaller_cached_run_is_extended_to_the_from_scratch_result(tiny_llama,
     # another corpus or layer is never taken as a prefix
     assert cache.largest_prefix(StatsKey("b", 1, "other", 64, name)) is None
     assert cache.largest_prefix(StatsKey("b", 2, "corpus", 64, name)) is None
+
+
+def test_a_long_run_says_how_long_it_will_take(tiny_llama, tiny_tok, caplog):
+    name = arch_for(tiny_llama).out_proj(1)
+    with caplog.at_level("INFO", logger="kedit.methods.stats"):
+        cached_second_moment(tiny_llama, tiny_tok, 1, name, ListSource(TEXTS * 20), n_samples=96, batch_size=16)
+    assert re.search(r"about \d+ s more for 32 texts", caplog.text)  # timed over the first 64
