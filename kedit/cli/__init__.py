@@ -15,7 +15,7 @@ from pathlib import Path
 
 import click
 
-from kedit.cli import branch, config, edit, editors, eval, history, hub, maintenance, model
+from kedit.cli import behaviour, branch, config, edit, editors, eval, history, hub, maintenance, model
 from kedit.cli.common import KeditGroup, be_quiet
 from kedit.cli.terminal import (
     COLOR_MODES,
@@ -69,6 +69,7 @@ def cli(ctx: click.Context, repo_path: Path | None, quiet: bool, as_json: bool, 
 COMMANDS = [
     model.init, model.export,
     history.log, history.show, history.status, history.reflog, history.diff,
+    behaviour.blame, behaviour.bisect,
     branch.checkout, branch.reset, branch.branch, branch.tag, branch.revert,
     maintenance.fsck, maintenance.gc,
     edit.edit, edit.stats,

@@ -216,6 +216,12 @@ chat_option = click.option("--chat", is_flag=True,
                                 "(its own scores and protocol, chat_template_*).")
 
 
+def parse_prompt_answer(text: str) -> tuple[str, str | None]:
+    """'PROMPT=>ANSWER', or just PROMPT (answer None)."""
+    prompt, sep, answer = text.partition("=>")
+    return (prompt.strip(), answer.strip() if sep else None)
+
+
 def parse_overrides(pairs: tuple[str, ...]) -> dict[str, str]:
     out = {}
     for pair in pairs:

@@ -15,6 +15,7 @@ from kedit.cli.common import (
     json_option,
     open_repo,
     parse_overrides,
+    parse_prompt_answer,
     ref_decorations,
 )
 from kedit.cli.jsonout import commit_json, emit_json
@@ -30,12 +31,6 @@ def _configured_samples(repo) -> int | None:
     value = config.get("stats.samples", repo.path)
     return int(value) if value else None
 
-
-
-def _locality_arg(text: str) -> tuple[str, str | None]:
-    """'PROMPT=>ANSWER', or just PROMPT (the answer is then what the model says now)."""
-    prompt, sep, answer = text.partition("=>")
-    return (prompt.strip(), answer.strip() if sep else None)
 
 
 
@@ -95,7 +90,7 @@ def edit(ctx: click.Context, method: str | None, prompt: str | None, subject: st
     if prompt or subject or target:
         if not (prompt and subject and target):
             raise click.UsageError("--prompt, --subject and --target go together")
-        explicit = [_locality_arg(t) for t in locality]
+        explicit = [parse_prompt_answer(t) for t in locality]  # no answer: what the model says now
         try:
             request = EditRequest(prompt=prompt, subject=subject, target_new=target, target_true=target_true,
                                   paraphrases=paraphrase, locality=tuple((p, a) for p, a in explicit if a))

@@ -1,14 +1,26 @@
-"""Commands that read the history: log, show, status, reflog, diff."""
+"""Commands that read the history: log, show, status, reflog, diff (--behaviour: kedit/cli/behaviour.py)."""
 
 from __future__ import annotations
 
 import json
 import sys
+from pathlib import Path
 from typing import Any
 
 import click
 
-from kedit.cli.common import MAX_COUNT, command, human_bytes, json_option, open_repo, ref_decorations, say
+from kedit.cli.behaviour import behaviour_diff_command, tokens_option
+from kedit.cli.common import (
+    MAX_COUNT,
+    command,
+    device_option,
+    dtype_option,
+    human_bytes,
+    json_option,
+    open_repo,
+    ref_decorations,
+    say,
+)
 from kedit.cli.jsonout import commit_json, emit_json
 from kedit.core.errors import KeditError
 from kedit.core.refs import short_id
@@ -248,21 +260,39 @@ def reflog(ctx: click.Context, ref: str, max_count: int | None, as_json: bool) -
 @click.argument("rev_b", required=False)
 @click.option("--stat", is_flag=True, help="Only the names of differing tensors.")
 @click.option("--quiet", "quiet_diff", is_flag=True, help="No output; the exit status says it all.")
+@click.option("--behaviour", is_flag=True,
+              help="Compare what the models say (greedy continuations, answer probabilities, KL), not weights.")
+@click.option("--suite", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="With --behaviour: the prompts of this request file (default: the probe suite).")
+@click.option("--prompt", "prompts", multiple=True, metavar="'PROMPT[=>ANSWER]'",
+              help="With --behaviour: compare this prompt (repeatable).")
+@click.option("--reference", type=click.Path(exists=True, path_type=Path),
+              help="With --behaviour: text for the KL divergence (default: text the base model writes).")
+@click.option("--reference-texts", type=click.IntRange(0, 1000), default=4, show_default=True,
+              help="With --behaviour: how many reference texts (0: no KL).")
+@tokens_option
+@device_option
+@dtype_option
 @json_option
 @click.pass_context
-def diff(ctx: click.Context, rev_a: str, rev_b: str | None, stat: bool, quiet_diff: bool, as_json: bool) -> None:
-    """Per-tensor weight differences between REV_A and REV_B (default HEAD).
+def diff(ctx: click.Context, rev_a: str, rev_b: str | None, stat: bool, quiet_diff: bool, behaviour: bool,
+         suite: Path | None, prompts: tuple[str, ...], reference: Path | None, reference_texts: int, tokens: int,
+         device: str, dtype: str | None, as_json: bool) -> None:
+    """Per-tensor weight differences between REV_A and REV_B (default HEAD); with --behaviour,
+    what the two models say differently.
 
     REV_A may instead be a range: A..B compares A with B, A...B compares B with the commit
     where A and B diverged (their merge base).
 
-    Exit status: 0 when the models are equal, 1 when they differ, 2 on error.
+    Exit status: 0 when the models are equal (--behaviour: no continuation changed), 1 when
+    they differ, 2 on error.
 
     \b
     Example:
         kedit diff HEAD~1 HEAD
         kedit diff main experiment --json
         kedit diff main...experiment
+        kedit diff --behaviour HEAD~1 HEAD --prompt "The Eiffel Tower is in=>Paris"
     """
     from kedit.core.diff import adapter_diff
     from kedit.core.diff import diff as compute_diff
@@ -271,6 +301,11 @@ def diff(ctx: click.Context, rev_a: str, rev_b: str | None, stat: bool, quiet_di
     ctx.obj["exit_code"] = 2  # 1 means "the models differ"
     repo = open_repo(ctx)
     rev_a, rev_b = diff_endpoints(repo.refs, repo.db, rev_a, rev_b)
+    if behaviour:
+        changed = behaviour_diff_command(ctx, rev_a, rev_b, suite=suite, prompts=prompts, reference=reference,
+                                         reference_texts=reference_texts, tokens=tokens, device=device, dtype=dtype,
+                                         as_json=as_json)
+        sys.exit(1 if changed else 0)
     diffs = compute_diff(repo, rev_a, rev_b)
     adapters = adapter_diff(repo, rev_a, rev_b)
     differ = bool(diffs or adapters["added"] or adapters["removed"])

@@ -23,7 +23,7 @@ from kedit.core.db import find_repository
 from kedit.core.errors import KeditError
 
 # Commands whose output can run to hundreds of lines, paged on a terminal as git pages them.
-PAGED_COMMANDS = frozenset({"log", "show", "diff", "reflog"})
+PAGED_COMMANDS = frozenset({"log", "show", "diff", "reflog", "blame"})
 DEFAULT_PAGER = "less -FRX"  # quit if one screen, keep colours, leave the text on screen
 EXIT_CLOSED_PIPE = 141  # 128 + SIGPIPE, as git and other Unix tools exit when the reader goes away
 COLOR_MODES = ("auto", "always", "never")
