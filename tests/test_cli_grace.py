@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import json
+import logging
+import warnings
 from pathlib import Path
 
 import pytest
 import torch
 from click.testing import CliRunner
 from kedit.methods import grace
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+from transformers.utils import logging as hf_logging
 
 import kedit
 from kedit.cli import cli
@@ -111,6 +115,48 @@ def test_export_loads_with_kedit_and_plain_transformers_refuses(repo: Repository
     original, _ = load_revision(repo, "HEAD~1")
     for (name, a), (_, b) in zip(model.state_dict().items(), original.state_dict().items(), strict=True):
         assert torch.equal(a, b), name  # the weights are the base's: the edit lives in the codebook
+
+
+def plain_tokenizer_and_what_transformers_said(folder: Path) -> tuple[object, list[str]]:
+    """AutoTokenizer.from_pretrained(folder) with transformers' warnings on, and every warning it gave
+    (its logger does not propagate to the root, so the handler goes on it)."""
+    said: list[str] = []
+    handler = logging.Handler(logging.WARNING)
+    handler.emit = lambda record: said.append(record.getMessage())
+    verbosity, logger = hf_logging.get_verbosity(), logging.getLogger("transformers")
+    hf_logging.set_verbosity_warning()
+    logger.addHandler(handler)
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            tok = AutoTokenizer.from_pretrained(folder)
+    finally:
+        logger.removeHandler(handler)
+        hf_logging.set_verbosity(verbosity)
+    return tok, said + [str(w.message) for w in caught]
+
+
+def test_the_exported_tokenizer_loads_with_plain_transformers_in_silence(repo: Repository, tmp_path: Path) -> None:
+    """The marked config.json makes every model class refuse the folder, but AutoTokenizer, which reads
+    it too, gives no warning about the marked model type (nor any other)."""
+    run(repo, *FRANCE)
+    out = tmp_path / "out"
+    run(repo, "export", "HEAD", str(out))
+    tok, said = plain_tokenizer_and_what_transformers_said(out)
+    assert said == []
+    assert tok(PROMPTS[0])["input_ids"] == make_tokenizer()(PROMPTS[0])["input_ids"]
+    for auto in (AutoConfig, AutoModelForCausalLM):
+        with pytest.raises(ValueError, match=r"kedit.load_model"):
+            auto.from_pretrained(out)
+    assert metrics.shows_in_generation(kedit.load_model(out), tok, PROMPTS[:1], TARGETS[:1], 2) == [True]
+
+    # A folder marked as kedit 0.1 marked it (no generic sub-config): the warning this removes, and it still loads.
+    config = json.loads((out / "config.json").read_text())
+    del config["kedit_generic"]
+    (out / "config.json").write_text(json.dumps(config))
+    _, said = plain_tokenizer_and_what_transformers_said(out)
+    assert any("kedit-adapters" in s for s in said)
+    assert metrics.shows_in_generation(kedit.load_model(out), tok, PROMPTS[:1], TARGETS[:1], 2) == [True]
 
 
 def test_eval_of_a_grace_history_scores_by_generation_too(repo: Repository) -> None:

@@ -139,6 +139,23 @@ def test_greedy_continuations_are_what_generate_gives_each_prompt_alone(model, t
         assert text == tok.decode(gen[0, ids["input_ids"].shape[1]:], skip_special_tokens=True)
 
 
+def test_stopping_once_the_answer_shows_keeps_every_verdict(model, tok):
+    """A row stops as soon as its answer shows, and only that row: whether the answer shows is the same
+    as on the full continuation, and rows still running give exactly the full text."""
+    prompts = [*PROMPTS, "Paris"]
+    full = metrics.greedy_continuations(model, tok, prompts, max_new_tokens=8, batch_size=3)
+    start = metrics.greedy_continuations(model, tok, prompts, max_new_tokens=2, batch_size=3)
+    # answers that show after two tokens (rows 0, 2), never (1, 4), or only with the last token (3)
+    answers = [start[0], "zzz-never-said", start[2], full[3], "zzz-never-said"]
+    cut = metrics.greedy_continuations(model, tok, prompts, max_new_tokens=8, batch_size=3, until_shown=answers)
+    verdicts = [metrics.shows(t, a) for t, a in zip(full, answers, strict=True)]
+    assert [metrics.shows(t, a) for t, a in zip(cut, answers, strict=True)] == verdicts
+    assert metrics.shows_in_generation(model, tok, prompts, answers, max_new_tokens=8) == verdicts
+    assert verdicts[:2] == [True, False] and verdicts[4] is False
+    assert cut[0] == start[0] and cut[2] == start[2] != full[2]  # they did stop early
+    assert cut[1] == full[1] and cut[4] == full[4]  # rows that never stop are untouched by the others
+
+
 def test_comparison_rule():
     assert metrics.shows(" Rome, the capital of Italy.", "rome")  # case-insensitive containment
     assert metrics.shows("It is in\nNew   York city", "new york")  # spacing does not matter

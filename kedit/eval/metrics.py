@@ -264,14 +264,24 @@ def counterfact_scores(
 
 @torch.no_grad()
 def greedy_continuations(model: Any, tok: Any, prompts: Sequence[str], max_new_tokens: int = GEN_TOKENS,
-                         batch_size: int = 16, *, chat: bool = False) -> list[str]:
+                         batch_size: int = 16, *, chat: bool = False,
+                         until_shown: Sequence[str] | None = None) -> list[str]:
     """The text a user gets from `generate(**tokenizer(prompt), max_new_tokens=N, do_sample=False)`, per prompt
     (`chat`: the assistant's reply to the prompt sent through the chat template, see `prompt_ids`).
 
     Batched with left padding and an attention mask, so each row continues from its own last
     token; generation stops at EOS, and special tokens are left out of the text. Works with
     adapter hooks installed (GRACE reads every position, padding included, and pads match no key).
+
+    `until_shown` (an answer per prompt): a row stops as soon as its answer `shows` in its text, which
+    is then cut short. Only for callers that ask whether the answer shows: text only grows, so that
+    verdict is the same as on the full N tokens, and a check of one edit ends after the few tokens
+    the target takes instead of N.
     """
+    from transformers import StoppingCriteriaList  # here: importing this module stays light for read commands
+
+    if until_shown is not None and len(until_shown) != len(prompts):
+        raise ValueError(f"{len(prompts)} prompts but {len(until_shown)} answers")
     device = model.get_input_embeddings().weight.device
     pad = _pad_id(tok)
     out: list[str] = []
@@ -283,10 +293,25 @@ def greedy_continuations(model: Any, tok: Any, prompts: Sequence[str], max_new_t
         for i, r in enumerate(rows):
             ids[i, width - len(r) :] = torch.tensor(r)
             mask[i, width - len(r) :] = 1
+        stop = StoppingCriteriaList() if until_shown is None else \
+            StoppingCriteriaList([_Shown(tok, until_shown[start : start + batch_size], width)])
         gen = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), do_sample=False,
-                             max_new_tokens=max_new_tokens, pad_token_id=pad)
+                             max_new_tokens=max_new_tokens, pad_token_id=pad, stopping_criteria=stop)
         out += tok.batch_decode(gen[:, width:].tolist(), skip_special_tokens=True)
     return out
+
+
+class _Shown:
+    """A transformers stopping criterion (the protocol of `StoppingCriteria`, without importing it at
+    module load): per row of a batch, done once the row's answer shows in the text generated after `width`."""
+
+    def __init__(self, tok: Any, answers: Sequence[str], width: int) -> None:
+        self.tok, self.answers, self.width = tok, list(answers), width
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor, **kwargs: Any) -> torch.BoolTensor:
+        texts = self.tok.batch_decode(input_ids[:, self.width :].tolist(), skip_special_tokens=True)
+        return torch.tensor([shows(t, a) for t, a in zip(texts, self.answers, strict=True)],
+                            dtype=torch.bool, device=input_ids.device)
 
 
 def _words(text: str) -> str:
@@ -306,7 +331,7 @@ def holds(continuation: str, answer: str, reference: str) -> bool:
 def shows_in_generation(model: Any, tok: Any, prompts: Sequence[str], answers: Sequence[str],
                         max_new_tokens: int = GEN_TOKENS, *, chat: bool = False) -> list[bool]:
     """Per prompt: does the greedy continuation contain its answer? (a method's own check of an edit)"""
-    gens = greedy_continuations(model, tok, prompts, max_new_tokens, chat=chat)
+    gens = greedy_continuations(model, tok, prompts, max_new_tokens, chat=chat, until_shown=answers)
     return [shows(g, a) for g, a in zip(gens, answers, strict=True)]
 
 

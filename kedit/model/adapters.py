@@ -13,6 +13,13 @@ transformers release knows, so that a plain `AutoModelForCausalLM.from_pretraine
 name in its message instead of silently loading the model without its edits. The original
 `model_type` and `architectures` are kept under `kedit_adapters` in config.json; `load_folder`
 (and `kedit.load_model`) restores them, loads the weights and installs the adapters.
+
+`AutoTokenizer.from_pretrained` reads config.json too: when AutoConfig refuses the marked type, it
+parses the file as the generic `PreTrainedConfig` (model type ""), which warns that a model of type
+"kedit-adapters: ..." is read as one of type "" unless some nested dict of the file has model type ""
+(transformers then takes that dict, as it does a composite model's sub-config). So the marked file
+carries `kedit_generic: {"model_type": ""}`: the tokenizer loads without the warning, and every
+model class still refuses. Folders marked before that key existed load the same, with the warning.
 """
 
 from __future__ import annotations
@@ -44,6 +51,8 @@ __all__ = [
 ADAPTER_DIR = "kedit_adapters"
 # Shown by transformers as "model type `...` ... does not recognize this architecture".
 MARKED_MODEL_TYPE = "kedit-adapters: load this folder with kedit.load_model(path)"
+# What transformers' generic config reads of a marked config.json (see the module docstring).
+_GENERIC_KEY = "kedit_generic"
 
 Installer = Callable[[Any, list[Adapter]], None]
 
@@ -103,6 +112,7 @@ def mark_config(config_json: bytes, adapter_files: list[str]) -> bytes:
                                 "files": adapter_files}
     config["model_type"] = MARKED_MODEL_TYPE
     config["architectures"] = ["KeditAdapters: load with kedit.load_model(path)"]
+    config[_GENERIC_KEY] = {"model_type": ""}
     return json.dumps(config, indent=2, sort_keys=True).encode()
 
 
@@ -115,6 +125,7 @@ def read_folder(folder: Path) -> tuple[dict[str, Any] | None, list[Adapter]]:
     marker = config.pop("kedit_adapters", None)
     if marker is None:
         return None, []
+    config.pop(_GENERIC_KEY, None)
     config["model_type"] = marker["model_type"]
     config["architectures"] = marker["architectures"]
     adapters = []
