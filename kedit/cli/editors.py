@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from kedit.cli.common import check_device, command, emit_json, json_option, open_repo, parse_overrides
+from kedit.cli.common import MethodChoice, check_device, command, emit_json, json_option, open_repo, parse_overrides
 from kedit.core.progress import progress_enabled
 from kedit.core.refs import short_id
 
@@ -24,8 +24,9 @@ def _scores(metrics: dict) -> str:
 
 
 @command(name="train-editor")
-@click.option("--method", type=click.Choice(["mend", "instructedit"]), default="mend", show_default=True,
-              help="mend: one editor for edits of one kind; instructedit: many task families, with instructions.")
+@click.option("--method", type=MethodChoice("editor"), default="mend", show_default=True,
+              help="A method that declares a trained editor (mend: one editor for edits of one kind; "
+                   "instructedit: many task families, with instructions).")
 @click.option("--data", "data", multiple=True, required=True,
               type=click.Path(exists=True, dir_okay=False, path_type=Path),
               help="Training records (repeatable): kedit/EasyEdit JSON(L), CounterFact, zsRE (MEND format), "
@@ -45,7 +46,7 @@ def _scores(metrics: dict) -> str:
 def train_editor(ctx: click.Context, method: str, data: tuple[Path, ...], val: Path | None,
                  overrides: tuple[str, ...], hparams_file: Path | None, device: str, restart: bool,
                  as_json: bool) -> None:
-    """Train an editor (MEND or InstructEdit) for the repository's base model and store it.
+    """Train an editor (MEND, InstructEdit, ...) for the repository's base model and store it.
 
     Checkpoints under .kedit/training/; running the same command again resumes. Stops early
     when the validation loss stops improving.
@@ -72,7 +73,7 @@ def train_editor(ctx: click.Context, method: str, data: tuple[Path, ...], val: P
 
 
 @command(name="editors")
-@click.option("--method", help="Only editors of this method.")
+@click.option("--method", type=MethodChoice("editor"), help="Only editors of this method.")
 @json_option
 @click.pass_context
 def editors(ctx: click.Context, method: str | None, as_json: bool) -> None:
