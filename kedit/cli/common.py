@@ -220,14 +220,15 @@ class MethodChoice(click.Choice):
         """click.Choice assigns its choices when built; these are always the registry's."""
 
     def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> str:
-        """A name not among the choices is kedit's error (exit 1), as an unknown `edit.method` is."""
+        """An unknown method is kedit's error (exit 1), as an unknown `edit.method` is; a known one
+        without the capability this option needs is a usage error (exit 2)."""
         if value in self.choices:
             return value
         from kedit.methods.registry import method_names
 
         if self.capability is not None and value in method_names():
-            raise KeditError(f"method {value!r} does not declare {self.capability!r}; methods that do: "
-                             f"{', '.join(self.choices)}")
+            self.fail(f"method {value!r} does not declare {self.capability!r}; methods that do: "
+                      f"{', '.join(self.choices)}", param, ctx)
         raise MethodNotFoundError(f"unknown method {value!r}; known methods: {', '.join(method_names())}")
 
 
