@@ -29,6 +29,7 @@ from kedit.methods.hparams import hparams_to_dict
 from kedit.methods.stats import GeneratedSource, StatsCache, cached_second_moment
 
 from kedit.core.delta import apply_step
+from kedit.core.progress import progress_bar
 from kedit.eval import metrics
 
 log = logging.getLogger("bench")
@@ -80,7 +81,7 @@ def main() -> None:
             n_samples=hp.mom2_n_samples,
             cache=StatsCache(args.stats_dir),
             base_hash="smollm2-135m-instruct-q4_1",
-            progress=True,
+            progress=progress_bar,
         )
         stats_s = time.perf_counter() - t0
         log.info("statistics ready in %.1f s", stats_s)

@@ -93,4 +93,4 @@ def apply(
     return EditResult(deltas=dict(deltas), info=info, memory=keys)
 
 
-register_method("alphaedit", AlphaEditHyperParams, apply, batched=True)
+register_method("alphaedit", AlphaEditHyperParams, apply)

@@ -12,9 +12,13 @@ Calling sequence:
     result = method.apply(model, tokenizer, requests, hparams)
     repo.commit(result.deltas, adapters=result.adapters, ...)
 
-Methods register themselves with `register_method` when their module is imported; third
-parties add theirs through the `kedit.methods` entry-point group. A method that returns adapters
-registers, with `register_installer`, how its kind of adapter is put into a live model.
+A method is one module that calls `register_method` when imported, plus one `kedit.methods`
+entry point naming that module and the capabilities the method declares (methods/registry.py,
+kedit/core/plugins.py): built-in and third-party methods alike. What the engine passes to `apply`
+beyond the four arguments follows from those capabilities (`stats` -> `stats_provider`, `memory`
+-> `memory`, `editor` -> `load_editor_fn`), never from `apply`'s signature. A method that returns
+adapters registers, with `register_installer`, how its kind of adapter is put into a live model.
+Long work reports through the `progress` callback it is given (`ProgressFn`).
 
 A method module imports from kedit only this module, the shared machinery of methods/, the
 architecture table (kedit.model.arch) and the metrics (kedit.eval.metrics).
@@ -22,14 +26,13 @@ architecture table (kedit.model.arch) and the metrics (kedit.eval.metrics).
 
 from __future__ import annotations
 
-import importlib
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from importlib.metadata import entry_points
-from typing import Any
+from typing import Any, Protocol
+
+from kedit.methods.registry import Method, get_method, method_names, register_method
 
 from kedit.core.delta import Adapter, Dense, LowRank, Replace, WeightDelta
-from kedit.core.errors import MethodNotFoundError
 
 __all__ = [
     "Adapter",
@@ -38,10 +41,14 @@ __all__ = [
     "EditResult",
     "LowRank",
     "Method",
+    "Progress",
+    "ProgressFn",
     "Replace",
+    "TrainItem",
     "WeightDelta",
-    "available_methods",
     "get_method",
+    "method_names",
+    "no_progress",
     "register_installer",
     "register_method",
 ]
@@ -153,74 +160,48 @@ class EditResult:
     deltas: dict[str, WeightDelta] = field(default_factory=dict)
     adapters: list[Adapter] = field(default_factory=list)
     info: dict[str, Any] = field(default_factory=dict)  # JSON-serialisable: norms, losses, timings
-    # Tensors kept with the commit for this method's later edits; a later `apply` that declares a
-    # `memory` parameter gets the memories of the edits still in effect (AlphaEdit's earlier keys).
+    # Tensors kept with the commit for this method's later edits; a method that declares `memory`
+    # gets, in `apply(memory=...)`, the memories of the edits still in effect (AlphaEdit's earlier keys).
     memory: dict[str, Any] = field(default_factory=dict)
 
 
-ApplyFn = Callable[[Any, Any, Sequence[EditRequest], Any], EditResult]
-
-
 @dataclass(frozen=True)
-class Method:
-    name: str
-    hparams_cls: type
-    apply: ApplyFn
-    batched: bool = False  # True: one call edits many requests at once (one commit per batch)
-    train: Callable[..., Any] | None = None  # trained methods (MEND): builds the editor `apply` uses
-    train_hparams_cls: type | None = None  # the training hyper-parameters, stored with the editor
+class TrainItem:
+    """A training record for a method with a trained editor: the request and its task family."""
+
+    request: EditRequest
+    task: str = "facts"
 
 
-_REGISTRY: dict[str, Method] = {}
+class Progress(Protocol):
+    """A progress bar as a method drives one (the part of tqdm's interface kedit uses)."""
 
-# Built-in methods: imported on first use, so that `import kedit` stays cheap.
-BUILTIN_MODULES = {
-    "rome": "kedit.methods.rome",
-    "memit": "kedit.methods.memit",
-    "alphaedit": "kedit.methods.alphaedit",
-    "ft": "kedit.methods.ft",
-    "grace": "kedit.methods.grace",
-    "mend": "kedit.methods.mend",
-    "instructedit": "kedit.methods.instructedit",
-}
+    def update(self, n: int = 1) -> None: ...
+
+    def set_postfix(self, **values: Any) -> None: ...
+
+    def close(self) -> None: ...
 
 
-def register_method(name: str, hparams_cls: type, apply: ApplyFn, *, batched: bool = False,
-                    train: Callable[..., Any] | None = None,
-                    train_hparams_cls: type | None = None) -> Method:
-    """Register a method under a lower-case name; a second registration of a name is an error."""
-    if name != name.lower() or not name.replace("-", "").replace("_", "").isalnum():
-        raise ValueError(f"method names are lower-case letters, digits, '-' and '_': {name!r}")
-    if name in _REGISTRY:
-        raise ValueError(f"a method named {name!r} is already registered")
-    method = Method(name=name, hparams_cls=hparams_cls, apply=apply, batched=batched,
-                    train=train, train_hparams_cls=train_hparams_cls)
-    _REGISTRY[name] = method
-    return method
+# progress(total=, initial=, desc=, unit=) -> a bar: the engine passes its own (terminal bar or log
+# lines); a method called without one shows nothing.
+ProgressFn = Callable[..., Progress]
 
 
-def _load_entry_points() -> None:
-    for ep in entry_points(group="kedit.methods"):
-        if ep.name not in _REGISTRY:
-            ep.load()
+class _Silent:
+    def update(self, n: int = 1) -> None:
+        pass
+
+    def set_postfix(self, **values: Any) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
 
 
-def available_methods() -> list[str]:
-    for module in BUILTIN_MODULES.values():
-        importlib.import_module(module)
-    _load_entry_points()
-    return sorted(_REGISTRY)
-
-
-def get_method(name: str) -> Method:
-    """The registered method `name`; raises MethodNotFoundError (a KeyError) naming the known methods."""
-    if name not in _REGISTRY and name in BUILTIN_MODULES:
-        importlib.import_module(BUILTIN_MODULES[name])
-    if name not in _REGISTRY:
-        _load_entry_points()
-    if name not in _REGISTRY:
-        raise MethodNotFoundError(f"unknown method {name!r}; known methods: {', '.join(available_methods())}")
-    return _REGISTRY[name]
+def no_progress(**_bar: Any) -> Progress:
+    """The progress of a method called without one: nothing shown."""
+    return _Silent()
 
 
 def register_installer(kind: str, installer: Callable[[Any, list[Adapter]], None]) -> None:

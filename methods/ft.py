@@ -125,4 +125,4 @@ def apply(model: Any, tok: Any, requests: Sequence[EditRequest], hparams: FTHype
     return EditResult(deltas=dict(deltas), info=info)
 
 
-register_method("ft", FTHyperParams, apply, batched=True)
+register_method("ft", FTHyperParams, apply)

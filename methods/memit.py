@@ -52,4 +52,4 @@ def apply(
     return EditResult(deltas=dict(deltas), info=info)
 
 
-register_method("memit", MEMITHyperParams, apply, batched=True)
+register_method("memit", MEMITHyperParams, apply)

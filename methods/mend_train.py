@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import torch
-from kedit.methods.base import EditRequest
+from kedit.methods.base import ProgressFn, TrainItem, no_progress
 from kedit.methods.freeze import frozen
 from kedit.methods.mend_net import (
     Factors,
@@ -51,25 +51,16 @@ from kedit.methods.mend_net import (
 )
 from torch import nn
 
-from kedit.core.progress import progress_bar
 from kedit.eval.metrics import answer_ids, prompt_ids
 from kedit.model.arch import arch_for, get_module
 
-__all__ = ["Checkpoint", "TrainItem", "TrainedEditor", "train"]
+__all__ = ["Checkpoint", "TrainedEditor", "train"]
 
 log = logging.getLogger(__name__)
 
 # Architectures whose model forward feeds `inputs_embeds` to the first layer as they are (no
 # positional embedding added, no scaling): the run can start at any layer from a cached input.
 _TOP_TYPES = frozenset({"llama", "mistral", "qwen2", "qwen3", "gpt_neox", "gptj", "olmo", "olmo2"})
-
-
-@dataclass(frozen=True)
-class TrainItem:
-    """A training edit: the request, its task family, and (optionally) a fact for locality."""
-
-    request: EditRequest
-    task: str = "facts"
 
 
 class Checkpoint(Protocol):
@@ -343,7 +334,7 @@ def _load_opt(prefix: str, opt: torch.optim.Optimizer, tensors: dict[str, torch.
 
 def train(model: Any, tok: Any, items: Sequence[TrainItem], val_items: Sequence[TrainItem],
           params: MENDTrainParams, *, checkpoint: Checkpoint | None = None, edit_text: EditText = _plain,
-          progress: bool = False, extra_config: dict[str, Any] | None = None) -> TrainedEditor:
+          progress: ProgressFn = no_progress, extra_config: dict[str, Any] | None = None) -> TrainedEditor:
     """Train an editor for `model` on `items`, validating on `val_items`; returns the best state."""
     torch.manual_seed(params.seed)
     device = model.get_input_embeddings().weight.device
@@ -397,7 +388,7 @@ def train(model: Any, tok: Any, items: Sequence[TrainItem], val_items: Sequence[
                                   "optlr_groups": g2["param_groups"]})
 
     stopped = "max_steps"
-    bar = progress_bar(total=params.max_steps, initial=step, desc="training editor", unit="step", disable=not progress)
+    bar = progress(total=params.max_steps, initial=step, desc="training editor", unit="step")
     started = time.perf_counter() - elapsed
     while True:
         if bad >= params.patience:

@@ -35,10 +35,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from kedit.methods.base import ProgressFn, no_progress
 from kedit.methods.capture import capture_at_module
 from safetensors.torch import load_file, save_file
 
-from kedit.core.progress import progress_bar
 from kedit.eval.metrics import start_token_id
 
 __all__ = [
@@ -241,7 +241,7 @@ def accumulate_second_moment(
     state: MomentState | None = None,
     batch_size: int = 8,
     max_length: int = 128,
-    progress: bool = False,
+    progress: ProgressFn = no_progress,
     total: int | None = None,
     on_batch: Any = None,
 ) -> MomentState:
@@ -259,8 +259,8 @@ def accumulate_second_moment(
     device = model.get_input_embeddings().weight.device
     was_training = model.training
     model.eval()
-    bar = progress_bar(total=total, initial=state.n_texts if state else 0, disable=not progress, unit="text",
-                       desc=f"statistics of {module_name}")
+    bar = progress(total=total, initial=state.n_texts if state else 0, unit="text",
+                   desc=f"statistics of {module_name}")
     try:
         it = iter(texts)
         while batch := list(islice(it, batch_size)):
@@ -401,7 +401,7 @@ def cached_second_moment(
     batch_size: int = 8,
     max_length: int = 128,
     checkpoint_every: int = 1000,
-    progress: bool = False,
+    progress: ProgressFn = no_progress,
 ) -> torch.Tensor:
     """E[k kᵀ] of `module_name`'s input over the first `n_samples` texts of `source`, cached.
 

@@ -19,7 +19,7 @@ import click
 
 from kedit.cli.completion import add_completion
 from kedit.cli.terminal import debug_enabled, exit_closed_pipe
-from kedit.core.errors import KeditError
+from kedit.core.errors import KeditError, MethodNotFoundError
 from kedit.core.names import DTYPE_NAMES
 from kedit.core.progress import disable_progress_bars
 
@@ -205,6 +205,39 @@ def check_device(_ctx: click.Context, _param: click.Parameter, value: str) -> st
         raise click.BadParameter(f"{value!r}: torch sees no MPS device here")
     return value
 
+
+
+class MethodChoice(click.Choice):
+    """The registered methods (with `capability`, kedit/core/plugins.py) as --method's choices.
+
+    Read from the registry's metadata when click first needs them (checking a value, --help,
+    completion), so only the commands given --method pay for the scan, and nothing imports a method."""
+
+    def __init__(self, capability: str | None = None) -> None:
+        super().__init__(())
+        self.capability = capability
+
+    @property
+    def choices(self) -> tuple[str, ...]:
+        from kedit.methods.registry import method_names
+
+        return tuple(method_names(self.capability))
+
+    @choices.setter
+    def choices(self, _value: tuple[str, ...]) -> None:
+        """click.Choice assigns its choices when built; these are always the registry's."""
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> str:
+        """An unknown method is kedit's error (exit 1), as an unknown `edit.method` is; a known one
+        without the capability this option needs is a usage error (exit 2)."""
+        if value in self.choices:
+            return value
+        from kedit.methods.registry import method_names
+
+        if self.capability is not None and value in method_names():
+            self.fail(f"method {value!r} does not declare {self.capability!r}; methods that do: "
+                      f"{', '.join(self.choices)}", param, ctx)
+        raise MethodNotFoundError(f"unknown method {value!r}; known methods: {', '.join(method_names())}")
 
 
 device_option = click.option("--device", default="cpu", show_default=True, callback=check_device,

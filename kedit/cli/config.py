@@ -16,12 +16,11 @@ from kedit.core.errors import KeditError, RepositoryNotFoundError
 
 def method_name(value: str) -> str:
     """`edit.method` names a registered method (the engine's config module knows no methods)."""
-    from kedit.methods.base import get_method
+    from kedit.methods.registry import method_names
 
-    try:
-        get_method(value)
-    except KeyError as e:
-        raise ValueError(str(e.args[0])) from None
+    known = method_names()
+    if value not in known:
+        raise ValueError(f"unknown method {value!r}; known methods: {', '.join(known)}")
     return value
 
 

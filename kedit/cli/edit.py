@@ -8,6 +8,7 @@ from pathlib import Path
 import click
 
 from kedit.cli.common import (
+    MethodChoice,
     command,
     device_option,
     dtype_option,
@@ -35,7 +36,7 @@ def _configured_samples(repo) -> int | None:
 
 
 @command()
-@click.option("--method", help="The editing method (default: config edit.method, else rome).")
+@click.option("--method", type=MethodChoice(), help="The editing method (default: config edit.method, else rome).")
 @click.option("--prompt", help="The prompt, holding the subject (or {} in its place).")
 @click.option("--subject", help="The subject whose fact changes.")
 @click.option("--target", help="The new completion.")
@@ -49,7 +50,8 @@ def _configured_samples(repo) -> int | None:
 @click.option("--set", "overrides", multiple=True, help="Override a hyper-parameter: key=value (repeatable).")
 @click.option("--hparams", "hparams_file", type=click.Path(exists=True, dir_okay=False, path_type=Path),
               help="Hyper-parameters from a YAML file (EasyEdit files work).")
-@click.option("--editor", help="The trained editor (mend, instructedit): an id from 'kedit editors' (default: latest).")
+@click.option("--editor", help="The trained editor of a method that has one: an id from 'kedit editors' "
+                               "(default: the latest).")
 @click.option("--corpus", type=click.Path(exists=True, path_type=Path),
               help="Text for covariance statistics (file or folder); default: text the model generates.")
 @click.option("--stats-samples", type=click.IntRange(1, 10_000_000),
@@ -128,7 +130,8 @@ def edit(ctx: click.Context, method: str | None, prompt: str | None, subject: st
 @command()
 @click.option("--layer", type=click.IntRange(min=0), multiple=True,
               help="Layer(s) to compute (default: the method's layer).")
-@click.option("--method", default="rome", show_default=True, help="Whose projection and defaults to use.")
+@click.option("--method", type=MethodChoice("stats"), default="rome", show_default=True,
+              help="Whose projection and defaults to use (a method that declares stats).")
 @click.option("--corpus", type=click.Path(exists=True, path_type=Path),
               help="Plain text (one sample per line or paragraph), JSONL with a text field, or a folder of them.")
 @click.option("--samples", type=click.IntRange(1, 10_000_000),
@@ -161,8 +164,8 @@ def stats(ctx: click.Context, layer: tuple[int, ...], method: str, corpus: Path 
     if samples:
         values.setdefault("mom2_n_samples", str(samples))
     hp = hparams_from_overrides(get_method(method).hparams_cls, model, values)
-    provider = StatsProvider(repo, hp, (model, tok), base, corpus=corpus, samples=samples, device=device,
-                             dtype=parse_dtype(dtype), progress=progress_enabled())
+    provider = StatsProvider(repo, hp, (model, tok), base, corpus=corpus, device=device, dtype=parse_dtype(dtype),
+                             progress=progress_enabled())
     from kedit.model.arch import arch_for, n_layers
 
     total = n_layers(model, arch_for(model))

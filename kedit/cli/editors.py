@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from kedit.cli.common import check_device, command, json_option, open_repo, parse_overrides
+from kedit.cli.common import MethodChoice, check_device, command, json_option, open_repo, parse_overrides
 from kedit.cli.jsonout import emit_json
 from kedit.core.progress import progress_enabled
 from kedit.core.refs import short_id
@@ -25,8 +25,9 @@ def _scores(metrics: dict) -> str:
 
 
 @command(name="train-editor")
-@click.option("--method", type=click.Choice(["mend", "instructedit"]), default="mend", show_default=True,
-              help="mend: one editor for edits of one kind; instructedit: many task families, with instructions.")
+@click.option("--method", type=MethodChoice("editor"), default="mend", show_default=True,
+              help="A method that declares a trained editor (mend: one editor for edits of one kind; "
+                   "instructedit: many task families, with instructions).")
 @click.option("--data", "data", multiple=True, required=True,
               type=click.Path(exists=True, dir_okay=False, path_type=Path),
               help="Training records (repeatable): kedit/EasyEdit JSON(L), CounterFact, zsRE (MEND format), "
@@ -46,7 +47,7 @@ def _scores(metrics: dict) -> str:
 def train_editor(ctx: click.Context, method: str, data: tuple[Path, ...], val: Path | None,
                  overrides: tuple[str, ...], hparams_file: Path | None, device: str, restart: bool,
                  as_json: bool) -> None:
-    """Train an editor (MEND or InstructEdit) for the repository's base model and store it.
+    """Train an editor (MEND, InstructEdit, ...) for the repository's base model and store it.
 
     Checkpoints under .kedit/training/; running the same command again resumes. Stops early
     when the validation loss stops improving.
@@ -73,7 +74,7 @@ def train_editor(ctx: click.Context, method: str, data: tuple[Path, ...], val: P
 
 
 @command(name="editors")
-@click.option("--method", help="Only editors of this method.")
+@click.option("--method", type=MethodChoice("editor"), help="Only editors of this method.")
 @json_option
 @click.pass_context
 def editors(ctx: click.Context, method: str | None, as_json: bool) -> None:

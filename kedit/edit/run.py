@@ -17,7 +17,6 @@ Covariance statistics a method asks for (`kedit.edit.stats`) are computed on the
 from __future__ import annotations
 
 import dataclasses
-import inspect
 import logging
 import time
 from collections.abc import Callable
@@ -34,7 +33,7 @@ from kedit.edit.stats import StatsProvider
 from kedit.eval import metrics
 from kedit.eval.measure import Reference, as_metrics, locality_pairs, measure, reference_of
 from kedit.eval.probes import add_probes, subject_finder
-from kedit.methods.base import EditRequest, get_method
+from kedit.methods.base import EditRequest, Method, get_method
 from kedit.methods.hparams import hparams_from_overrides, hparams_to_dict
 from kedit.model.adapters import install_adapters
 from kedit.model.load import load_revision
@@ -58,15 +57,15 @@ class EditOptions:
     progress: bool = False
 
 
-def _apply_method(method: Any, model: Any, tok: Any, batch: list[EditRequest], hparams: Any,
+def _apply_method(method: Method, model: Any, tok: Any, batch: list[EditRequest], hparams: Any,
                   stats: Callable[[str, int], torch.Tensor], repo: Repository) -> Any:
+    """Call the method with what its declared capabilities ask for (kedit/core/plugins.py)."""
     kwargs: dict[str, Any] = {}
-    params = inspect.signature(method.apply).parameters
-    if "stats_provider" in params:
+    if method.has("stats"):
         kwargs["stats_provider"] = stats
-    if "memory" in params:
+    if method.has("memory"):
         kwargs["memory"] = repo.memory(method.name)
-    if "load_editor_fn" in params:
+    if method.has("editor"):
         from kedit.edit.trained import editor_loader
 
         kwargs["load_editor_fn"] = editor_loader(repo)
@@ -85,20 +84,20 @@ def run_edits(repo: Repository, requests: list[EditRequest], options: EditOption
     at = repo.head_state()  # each commit must land where the model was loaded (compare-and-swap)
     model, tok = load_revision(repo, at.commit, dtype=options.dtype, device=options.device)
     overrides = dict(options.overrides)
-    if options.stats_samples and "mom2_n_samples" in getattr(method.hparams_cls, "__dataclass_fields__", {}):
+    if options.stats_samples and method.has("stats"):
         overrides.setdefault("mom2_n_samples", str(options.stats_samples))  # record what C was built from
     try:
         hparams = hparams_from_overrides(method.hparams_cls, model, overrides, options.hparams_file)
     except (ValueError, TypeError, OSError) as e:
         raise KeditError(f"bad hyper-parameters for {method.name}: {e}") from e
-    if "editor" in getattr(method.hparams_cls, "__dataclass_fields__", {}):  # trained methods: record the full id
+    if method.has("editor"):  # record the editor's full id
         from kedit.edit.trained import resolve_editor
 
         hparams = dataclasses.replace(hparams, editor=resolve_editor(repo, method.name, hparams.editor).id)
-    stats = StatsProvider(repo, hparams, (model, tok), at.commit, corpus=options.corpus, samples=options.stats_samples,
-                          dtype=options.dtype, device=options.device, progress=options.progress)
+    stats = StatsProvider(repo, hparams, (model, tok), at.commit, corpus=options.corpus, dtype=options.dtype,
+                          device=options.device, progress=options.progress)
     _warn_locality_about_edited_subjects(requests)
-    size = options.batch_size or (len(requests) if method.batched else 1)
+    size = options.batch_size or (len(requests) if method.has("batch") else 1)
     commits = []
     in_effect: list[Adapter] | None = None  # adapters installed in `model`, once an edit has added one
     for start in range(0, len(requests), size):

@@ -1,14 +1,17 @@
 """Covariance statistics for a method: computed on the base model once, cached under `.kedit/stats/`
-keyed by the base commit, layer, corpus and sample count (the `stats_provider` a method asks for)."""
+keyed by the base commit, layer, corpus and sample count (the `stats_provider` a method that declares
+`stats` is given; its hyper-parameters' `mom2_n_samples` says how many texts)."""
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from kedit.core import history
+from kedit.core.progress import progress_bar
 from kedit.core.repo import Repository
 from kedit.model.load import load_revision
 
@@ -21,10 +24,10 @@ class StatsProvider:
     """
 
     def __init__(self, repo: Repository, hparams: Any, current: tuple[Any, Any], current_commit: str, *,
-                 corpus: Path | None = None, samples: int | None = None, dtype: torch.dtype | None = None,
-                 device: str = "cpu", progress: bool = False) -> None:
+                 corpus: Path | None = None, dtype: torch.dtype | None = None, device: str = "cpu",
+                 progress: bool = False) -> None:
         self.repo, self.hparams = repo, hparams
-        self.corpus, self.samples, self.dtype, self.device, self.progress = corpus, samples, dtype, device, progress
+        self.corpus, self.dtype, self.device, self.progress = corpus, dtype, device, progress
         self.current, self.current_commit = current, current_commit
         self.base = history.ancestors(repo.db, current_commit)[-1]
         self.used: dict[str, Any] = {}  # what the last statistics were computed from, for the record
@@ -34,7 +37,7 @@ class StatsProvider:
     def __call__(self, module_name: str, layer: int) -> torch.Tensor:
         from kedit.methods.stats import GeneratedSource, StatsCache, cached_second_moment, corpus_source
 
-        n = getattr(self.hparams, "mom2_n_samples", None) or self.samples or 10000
+        n = self.hparams.mom2_n_samples
         model, tok = self.current
         if self.current_commit != self.base:
             if self._base_model is None:  # statistics are always of the base; loaded once per run
@@ -48,4 +51,4 @@ class StatsProvider:
         self.used = {"corpus": source.corpus_id, "samples": n, "layer": layer}
         return cached_second_moment(model, tok, layer, module_name, source, n_samples=n,
                                     cache=StatsCache(self.repo.path / "stats"), base_hash=self.base,
-                                    progress=self.progress)
+                                    progress=functools.partial(progress_bar, disable=not self.progress))

@@ -24,6 +24,7 @@ writer lock. `kedit gc` keeps every recorded editor.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import shutil
@@ -37,6 +38,7 @@ import torch
 from kedit.core import db as dbm
 from kedit.core.errors import KeditError
 from kedit.core.hashing import canonical_json, hash_bytes
+from kedit.core.progress import progress_bar
 from kedit.core.refs import now_iso, short_id
 from kedit.core.repo import Repository, require_finite
 from kedit.core.store import read_safetensors, save_tensors_atomic
@@ -219,14 +221,14 @@ def data_hash(train: Sequence[Any], val: Sequence[Any]) -> str:
 def train_editor(repo: Repository, options: TrainOptions) -> EditorInfo:
     """Train an editor for the repository's base model, checkpointing, and store it."""
     from kedit.edit.requests import load_training_requests
-    from kedit.methods.base import get_method
+    from kedit.methods.base import TrainItem, get_method, method_names
     from kedit.methods.hparams import hparams_from_overrides, hparams_to_dict
-    from kedit.methods.mend_train import TrainItem
     from kedit.model.load import load_revision
 
     method = get_method(options.method)
-    if method.train is None or method.train_hparams_cls is None:
-        raise KeditError(f"{method.name} has no editor to train (trained methods: mend, instructedit)")
+    if not method.has("editor"):  # register_method made sure such a method has train and train_hparams_cls
+        raise KeditError(f"{method.name} has no editor to train (methods with one: "
+                         f"{', '.join(method_names('editor'))})")
     if not options.data:
         raise KeditError("give the training data: --data FILE (repeatable)")
     items = [TrainItem(r, task) for r, task in load_training_requests(options.data)]
@@ -255,7 +257,8 @@ def train_editor(repo: Repository, options: TrainOptions) -> EditorInfo:
     log.info("training a %s editor on %d records (%d for validation), %d tasks; checkpoints in %s",
              method.name, len(items), len(val), len({it.task for it in items}), checkpoint.folder)
     try:
-        result = method.train(model, tok, items, val, params, checkpoint=checkpoint, progress=options.progress)
+        result = method.train(model, tok, items, val, params, checkpoint=checkpoint,
+                              progress=functools.partial(progress_bar, disable=not options.progress))
     except ValueError as e:
         raise KeditError(f"{method.name} training: {e}") from e
     metrics = {**result.metrics, "tasks": sorted({it.task for it in items}), "history": result.history,

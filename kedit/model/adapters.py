@@ -5,7 +5,8 @@ measure or use a revision that has some, the loaded model must carry them. An in
 the model and *all* adapters of its kind in effect, in the order they were committed, and makes
 the model behave as that ordered list says, replacing whatever it installed before. Installing
 the empty list removes them. Methods register installers for their kinds (GRACE: methods/grace.py),
-so kedit/ knows nothing of any adapter's mathematics.
+so kedit/ knows nothing of any adapter's mathematics; an installer not yet registered is looked for
+in the methods that declare `adapters` (kedit/core/plugins.py), whose modules register theirs.
 
 Exported folders: the adapters go to `kedit_adapters/NNNN-<kind>.safetensors` (tensors, with the
 kind and JSON config as metadata), and config.json's `model_type` is replaced by a name no
@@ -24,8 +25,8 @@ model class still refuses. Folders marked before that key existed load the same,
 
 from __future__ import annotations
 
-import importlib
 import json
+import logging
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -33,6 +34,7 @@ from typing import Any
 from kedit.core.delta import Adapter
 from kedit.core.errors import KeditError
 from kedit.core.names import check_adapter_file, check_adapter_kind
+from kedit.core.plugins import declared_methods
 from kedit.core.store import read_safetensors, save_tensors_atomic
 
 __all__ = [
@@ -57,8 +59,7 @@ _GENERIC_KEY = "kedit_generic"
 Installer = Callable[[Any, list[Adapter]], None]
 
 _INSTALLERS: dict[str, Installer] = {}
-# Built-in kinds: the module that registers the installer, imported on first use.
-_BUILTIN_MODULES = {"grace": "kedit.methods.grace"}
+log = logging.getLogger(__name__)
 _ATTR = "_kedit_adapter_kinds"
 
 
@@ -70,8 +71,14 @@ def register_installer(kind: str, installer: Installer) -> None:
 
 
 def installer(kind: str) -> Installer:
-    if kind not in _INSTALLERS and kind in _BUILTIN_MODULES:
-        importlib.import_module(_BUILTIN_MODULES[kind])
+    for method in declared_methods().values():
+        if kind in _INSTALLERS:
+            break
+        if "adapters" in method.capabilities:
+            try:
+                method.load()
+            except ImportError as e:  # a broken package must not hide the installers of the others
+                log.warning("method %s (from %s) cannot be imported: %s", method.name, method.distribution, e)
     if kind not in _INSTALLERS:
         raise KeditError(f"no installer for adapter kind {kind!r}: this kedit cannot load that revision's adapters",
                          hint="install the package that provides the method which made it")

@@ -8,8 +8,7 @@ import dataclasses
 import pytest
 import torch
 from kedit.methods import mend_net, mend_train
-from kedit.methods.base import EditRequest
-from kedit.methods.mend_train import TrainItem
+from kedit.methods.base import EditRequest, TrainItem
 
 from kedit.model.arch import get_module
 from tests.tiny import MODEL_TYPES, make_model
