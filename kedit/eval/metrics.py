@@ -40,8 +40,6 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-import torch
-
 from kedit.core.errors import KeditError
 
 __all__ = [
@@ -150,36 +148,38 @@ def _pad_id(tok: Any) -> int:
     return next(int(t) for t in (tok.pad_token_id, tok.eos_token_id, 0) if t is not None)
 
 
-@torch.no_grad()
 def teacher_forced(
     model: Any, tok: Any, prompts: Sequence[str], answers: Sequence[str], batch_size: int = 16, *, chat: bool = False
 ) -> list[TeacherForced]:
     """Feed prompt + answer ids (right-padded batches) and read every answer position at once
     (`chat`: the prompts through the chat template, see `prompt_ids`)."""
-    if len(prompts) != len(answers):
-        raise ValueError(f"{len(prompts)} prompts but {len(answers)} answers")
-    device = model.get_input_embeddings().weight.device
-    out: list[TeacherForced] = []
-    for start in range(0, len(prompts), batch_size):
-        rows, spans = [], []
-        for p, a in zip(prompts[start : start + batch_size], answers[start : start + batch_size], strict=True):
-            p_ids, a_ids = prompt_ids(tok, p, chat=chat), answer_ids(tok, a, chat=chat)
-            rows.append(p_ids + a_ids)
-            spans.append((len(p_ids), a_ids))
-        width = max(len(r) for r in rows)
-        ids = torch.full((len(rows), width), _pad_id(tok), dtype=torch.long)
-        mask = torch.zeros((len(rows), width), dtype=torch.long)
-        for i, r in enumerate(rows):
-            ids[i, : len(r)] = torch.tensor(r)
-            mask[i, : len(r)] = 1
-        logits = model(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False).logits
-        for i, (n_prompt, a_ids) in enumerate(spans):
-            pos = torch.arange(n_prompt - 1, n_prompt - 1 + len(a_ids), device=logits.device)  # predicts answer
-            logp = logits[i, pos].float().log_softmax(-1)  # (len(a), V)
-            tgt = torch.tensor(a_ids, device=logits.device)
-            nll = float(-logp.gather(1, tgt[:, None]).mean())
-            out.append(TeacherForced(tuple(a_ids), tuple(logp.argmax(-1).tolist()), nll))
-    return out
+    import torch  # here, not at the top: the protocol names are read without running a model
+
+    with torch.no_grad():
+        if len(prompts) != len(answers):
+            raise ValueError(f"{len(prompts)} prompts but {len(answers)} answers")
+        device = model.get_input_embeddings().weight.device
+        out: list[TeacherForced] = []
+        for start in range(0, len(prompts), batch_size):
+            rows, spans = [], []
+            for p, a in zip(prompts[start : start + batch_size], answers[start : start + batch_size], strict=True):
+                p_ids, a_ids = prompt_ids(tok, p, chat=chat), answer_ids(tok, a, chat=chat)
+                rows.append(p_ids + a_ids)
+                spans.append((len(p_ids), a_ids))
+            width = max(len(r) for r in rows)
+            ids = torch.full((len(rows), width), _pad_id(tok), dtype=torch.long)
+            mask = torch.zeros((len(rows), width), dtype=torch.long)
+            for i, r in enumerate(rows):
+                ids[i, : len(r)] = torch.tensor(r)
+                mask[i, : len(r)] = 1
+            logits = model(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False).logits
+            for i, (n_prompt, a_ids) in enumerate(spans):
+                pos = torch.arange(n_prompt - 1, n_prompt - 1 + len(a_ids), device=logits.device)  # predicts answer
+                logp = logits[i, pos].float().log_softmax(-1)  # (len(a), V)
+                tgt = torch.tensor(a_ids, device=logits.device)
+                nll = float(-logp.gather(1, tgt[:, None]).mean())
+                out.append(TeacherForced(tuple(a_ids), tuple(logp.argmax(-1).tolist()), nll))
+        return out
 
 
 def _mean(xs: Sequence[float]) -> float:
@@ -262,7 +262,6 @@ def counterfact_scores(
     return out
 
 
-@torch.no_grad()
 def greedy_continuations(model: Any, tok: Any, prompts: Sequence[str], max_new_tokens: int = GEN_TOKENS,
                          batch_size: int = 16, *, chat: bool = False) -> list[str]:
     """The text a user gets from `generate(**tokenizer(prompt), max_new_tokens=N, do_sample=False)`, per prompt
@@ -272,21 +271,24 @@ def greedy_continuations(model: Any, tok: Any, prompts: Sequence[str], max_new_t
     token; generation stops at EOS, and special tokens are left out of the text. Works with
     adapter hooks installed (GRACE reads every position, padding included, and pads match no key).
     """
-    device = model.get_input_embeddings().weight.device
-    pad = _pad_id(tok)
-    out: list[str] = []
-    for start in range(0, len(prompts), batch_size):
-        rows = [prompt_ids(tok, p, chat=chat) for p in prompts[start : start + batch_size]]
-        width = max(len(r) for r in rows)
-        ids = torch.full((len(rows), width), pad, dtype=torch.long)
-        mask = torch.zeros((len(rows), width), dtype=torch.long)
-        for i, r in enumerate(rows):
-            ids[i, width - len(r) :] = torch.tensor(r)
-            mask[i, width - len(r) :] = 1
-        gen = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), do_sample=False,
-                             max_new_tokens=max_new_tokens, pad_token_id=pad)
-        out += tok.batch_decode(gen[:, width:].tolist(), skip_special_tokens=True)
-    return out
+    import torch  # here, not at the top: the protocol names are read without running a model
+
+    with torch.no_grad():
+        device = model.get_input_embeddings().weight.device
+        pad = _pad_id(tok)
+        out: list[str] = []
+        for start in range(0, len(prompts), batch_size):
+            rows = [prompt_ids(tok, p, chat=chat) for p in prompts[start : start + batch_size]]
+            width = max(len(r) for r in rows)
+            ids = torch.full((len(rows), width), pad, dtype=torch.long)
+            mask = torch.zeros((len(rows), width), dtype=torch.long)
+            for i, r in enumerate(rows):
+                ids[i, width - len(r) :] = torch.tensor(r)
+                mask[i, width - len(r) :] = 1
+            gen = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), do_sample=False,
+                                 max_new_tokens=max_new_tokens, pad_token_id=pad)
+            out += tok.batch_decode(gen[:, width:].tolist(), skip_special_tokens=True)
+        return out
 
 
 def _words(text: str) -> str:
