@@ -44,9 +44,9 @@ import torch
 import kedit
 from kedit.core import history
 from kedit.core.delta import Dense, LowRank
-from kedit.core.hashing import hash_tensor
 from kedit.core.materialize import KEYFRAME_STEPS, Materializer, TensorCache
 from kedit.core.repo import Repository
+from kedit.core.tensors import hash_tensor
 
 EDITED = "model.layers.5.mlp.down_proj.weight"  # 576 x 1536
 DOWN_PROJ = [f"model.layers.{i}.mlp.down_proj.weight" for i in range(30)]

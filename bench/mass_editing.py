@@ -49,9 +49,9 @@ from bench._common import (
 )
 from kedit.core import history
 from kedit.core.delta import apply_step
-from kedit.core.hashing import hash_tensor
 from kedit.core.materialize import load_step
 from kedit.core.repo import Repository
+from kedit.core.tensors import hash_tensor
 from kedit.edit.run import EditOptions, run_edits
 from kedit.eval import metrics
 from kedit.eval.probes import check

@@ -27,7 +27,7 @@ def load_model(path: str | Path, *, dtype: Any = None, device: str = "cpu") -> A
 
 
 def __getattr__(name: str) -> Any:
-    if name == "Repository":  # lazy, as load_model: the engine imports torch
+    if name == "Repository":  # lazy, as load_model: `import kedit` (every command) stays cheap
         from kedit.repository import Repository
 
         return Repository

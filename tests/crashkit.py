@@ -35,10 +35,10 @@ import torch
 from kedit.core import history
 from kedit.core.delta import Dense
 from kedit.core.errors import IncompleteRepositoryError
-from kedit.core.hashing import hash_tensor
 from kedit.core.maintenance import fsck
 from kedit.core.repo import Repository
 from kedit.core.store import read_safetensors
+from kedit.core.tensors import hash_tensor
 from kedit.core.worktree import INDEX_FILE, shard_name
 from kedit.hub import fetch as hubfetch
 from kedit.hub import layout as hub

@@ -11,8 +11,8 @@ from click.testing import CliRunner
 
 from kedit.cli import cli
 from kedit.core.delta import Dense, LowRank
-from kedit.core.hashing import hash_tensor
 from kedit.core.repo import Repository
+from kedit.core.tensors import hash_tensor
 from tests.jsondoc import doc
 
 DOWN0 = "model.layers.0.mlp.down_proj.weight"

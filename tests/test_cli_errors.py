@@ -19,9 +19,9 @@ from safetensors.torch import load_file, save_file
 
 from kedit.core import history
 from kedit.core.delta import Dense, LowRank
-from kedit.core.hashing import hash_tensor
 from kedit.core.maintenance import fsck
 from kedit.core.repo import Repository
+from kedit.core.tensors import hash_tensor
 from kedit.core.worktree import shard_name
 
 from .helpers_engine import kedit, refused, snapshot

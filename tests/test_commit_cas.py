@@ -177,7 +177,7 @@ def test_leaving_commits_behind_a_detached_head_warns(repo: Repository, caplog: 
 def test_a_checkout_while_the_model_is_read_makes_the_load_start_again(tiny_repo: Repository,
                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
     """A checkout there and back (ABA) while the working model is read could mix two commits' shards."""
-    from kedit.core.hashing import hash_tensor
+    from kedit.core.tensors import hash_tensor
     from kedit.model import load as model_module
 
     main = tiny_repo.head()

@@ -32,9 +32,9 @@ from click.testing import CliRunner
 
 from kedit.cli import cli
 from kedit.core import history
-from kedit.core.hashing import hash_tensor
 from kedit.core.maintenance import fsck
 from kedit.core.repo import Repository
+from kedit.core.tensors import hash_tensor
 from tests.crashkit import assert_worktree_is_head
 from tests.linechild import LineChild
 
@@ -55,6 +55,7 @@ KILL_POINTS = (
 
 _WORKER = r'''
 import contextlib, os, random, signal, sys, traceback
+import safetensors.torch
 import torch
 import kedit.core.db, kedit.core.store, kedit.core.worktree
 from kedit.core.delta import Dense, LowRank
@@ -89,12 +90,12 @@ def install_kill_point(point, nth):
                             ("create_branch", "branch")):
         setattr(Repository, name, track(getattr(Repository, name), operation))
 
-    save_file = kedit.core.store.save_file
+    save_file = safetensors.torch.save_file  # what kedit.core.store.save_tensors_atomic writes with
     def store_save_file(tensors, path, metadata=None):
         save_file(tensors, path, metadata=metadata)
         if "/objects/" in str(path):
             reached("object-tmp-written")
-    kedit.core.store.save_file = store_save_file
+    safetensors.torch.save_file = store_save_file
 
     store_save = kedit.core.store.save_tensors_atomic
     def store_save_atomic(path, tensors, metadata, tmp_dir=None, **kwargs):

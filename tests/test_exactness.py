@@ -9,10 +9,10 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
-from kedit.core.delta import Dense, LowRank, apply_step
-from kedit.core.hashing import hash_tensor
+from kedit.core.delta import Dense, LowRank, apply_step, encode_delta
 from kedit.core.maintenance import fsck
-from kedit.core.repo import Repository, encode_delta
+from kedit.core.repo import Repository
+from kedit.core.tensors import hash_tensor
 from kedit.model.export import export
 from tests.conftest import build_tiny_model
 

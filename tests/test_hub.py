@@ -123,7 +123,7 @@ def test_the_pushed_branch_loads_with_from_pretrained(origin: Repository, hub: H
     from huggingface_hub import snapshot_download
     from transformers import AutoModelForCausalLM
 
-    from kedit.core.hashing import hash_tensor
+    from kedit.core.tensors import hash_tensor
 
     run(origin.root, "push")
     folder = snapshot_download(REPO_ID, endpoint=hub.url, local_dir=tmp_path / "snap", ignore_patterns=[".kedit/*"])

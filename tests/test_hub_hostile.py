@@ -21,8 +21,9 @@ from huggingface_hub import CommitOperationAdd, HfApi
 from safetensors.torch import save
 
 from kedit.cli import cli
-from kedit.core.hashing import hash_bytes, hash_tensor, record_id, tensors_object_id
+from kedit.core.hashing import hash_bytes, record_id, tensors_object_id
 from kedit.core.repo import Repository
+from kedit.core.tensors import hash_tensor
 from kedit.hub.layout import REFS_FILE, commit_path, document_bytes, object_path, shard_of
 from tests.helpers_engine import snapshot
 from tests.hubserver import HubServer

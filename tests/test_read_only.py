@@ -24,8 +24,8 @@ import torch
 from safetensors.torch import load_file
 
 from kedit.core.delta import Dense
-from kedit.core.hashing import hash_tensor
 from kedit.core.repo import Repository
+from kedit.core.tensors import hash_tensor
 from tests.tiny import make_model, make_tokenizer
 
 from .helpers_engine import snapshot

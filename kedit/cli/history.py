@@ -200,8 +200,7 @@ def show(ctx: click.Context, rev: str, as_json: bool) -> None:
 
 def _adapter_config(repo: Any, object_id: str) -> dict:
     """An adapter object's JSON config (its tensors are not read by the engine)."""
-    _, metadata = repo.store.get_tensors(object_id)
-    return json.loads(metadata.get("config", "{}"))
+    return json.loads(repo.store.get_metadata(object_id).get("config", "{}"))
 
 
 def _num(x: float | None) -> str:

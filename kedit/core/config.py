@@ -21,8 +21,6 @@ import re
 from collections.abc import Callable
 from pathlib import Path
 
-from filelock import FileLock
-
 from kedit.core.errors import KeditError
 
 CONFIG_FILE = "config"
@@ -112,6 +110,8 @@ def get(key: str, repo_dir: Path | None) -> str | None:
 
 
 def _write(path: Path, change: Callable[[dict[str, str]], None]) -> None:
+    from filelock import FileLock  # here: only writers lock; the import takes ~15 ms of every command
+
     from kedit.core.store import atomic_write_bytes
 
     path.parent.mkdir(parents=True, exist_ok=True)

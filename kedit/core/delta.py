@@ -12,14 +12,20 @@ with a matrix multiply, whose reduction order depends on the BLAS kernel, nor wi
 may fuse the multiply and the add. Accumulation is in float32 (float64 for float64 tensors): a
 product of two float32 factors rounded once to float32 is far below the final rounding to a
 16-bit dtype, and float32 keeps checkout at memory speed.
+
+torch is imported by the functions that compute, when one is first called: the types alone
+are what the history-reading commands import (see `kedit/core/tensors.py`).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
+from kedit.core.errors import DeltaError
+
+if TYPE_CHECKING:
+    import torch
 
 # Rows per block when applying a delta: bounds the float64 working set to ~ROW_BLOCK x columns.
 ROW_BLOCK = 4096
@@ -87,11 +93,15 @@ class Adapter:
 
 
 def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
+    import torch  # on first use: see the module docstring
+
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def apply_step(value: torch.Tensor, step: WeightDelta) -> torch.Tensor:
     """Return `value` changed by `step`, in `value`'s dtype, with the canonical arithmetic."""
+    import torch  # on first use: see the module docstring
+
     if isinstance(step, Replace):
         if tuple(step.value.shape) != tuple(value.shape):
             raise ValueError(f"replacement shape {tuple(step.value.shape)} != {tuple(value.shape)}")
@@ -125,3 +135,38 @@ def delta_size_bytes(step: WeightDelta) -> int:
     if isinstance(step, Dense):
         return step.delta.numel() * 4
     return step.value.numel() * step.value.element_size()
+
+
+def encode_delta(delta: WeightDelta, before: torch.Tensor) -> tuple[WeightDelta, str]:
+    """Normalise a delta for storage and pick its encoding.
+
+    Low-rank factors are kept as float32 while they are smaller than a dense delta. A dense
+    delta is stored in the tensor's own dtype: it is then exactly what is applied, and its
+    rounding error (relative to the delta) is far below the rounding of the result itself.
+    Replacements are stored as exact bytes. Deltas, not results, are what a revert replays.
+    """
+    import torch  # on first use: see the module docstring
+
+    if isinstance(delta, LowRank):
+        step = LowRank(delta.a.detach().cpu().to(torch.float32).contiguous(),
+                       delta.b.detach().cpu().to(torch.float32).contiguous())
+        dense_bytes = before.numel() * before.element_size()
+        if delta_size_bytes(step) < dense_bytes:
+            return step, "lowrank"
+        product = (step.a.to(torch.float64) @ step.b.to(torch.float64)).to(before.dtype)
+        return Dense(product.contiguous()), "dense"
+    if isinstance(delta, Dense):
+        return Dense(delta.delta.detach().cpu().to(before.dtype).contiguous()), "dense"
+    if isinstance(delta, Replace):
+        return Replace(delta.value.detach().cpu().to(before.dtype).contiguous()), "exact"
+    raise DeltaError(f"unsupported delta type {type(delta).__name__}")
+
+
+def change_size(before: torch.Tensor, after: torch.Tensor) -> tuple[float, float | None]:
+    """How far `after` is from `before`: the norm of the difference (in float64) and that norm
+    relative to `before`'s (None when `before` is zero)."""
+    import torch  # on first use: see the module docstring
+
+    norm = float((after.to(torch.float64) - before.to(torch.float64)).norm())
+    base_norm = float(before.to(torch.float64).norm())
+    return norm, norm / base_norm if base_norm else None

@@ -12,10 +12,9 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 
-import sqlite_utils
-
 from kedit.core import db as dbm
-from kedit.core.hashing import DTYPE_SIZES
+from kedit.core.db import Database
+from kedit.core.tensors import DTYPE_SIZES
 
 
 @dataclass(frozen=True)
@@ -65,12 +64,12 @@ WITH RECURSIVE anc(id, parent, dist) AS (
 """
 
 
-def ancestors(db: sqlite_utils.Database, commit_id: str) -> list[str]:
+def ancestors(db: Database, commit_id: str) -> list[str]:
     """First-parent ancestors of a commit, itself first."""
     return [r[0] for r in db.execute(_ANCESTORS + "SELECT id FROM anc ORDER BY dist", {"commit": commit_id})]
 
 
-def manifest(db: sqlite_utils.Database, commit_id: str) -> dict[str, ManifestEntry]:
+def manifest(db: Database, commit_id: str) -> dict[str, ManifestEntry]:
     """Every tensor of the model at `commit_id`: its hash and the change that made it."""
     sql = _ANCESTORS + """
         SELECT tc.name, tc.result_hash, tc.commit_id, tc.dtype, tc.shape, MIN(anc.dist)
@@ -87,7 +86,7 @@ def _shape(text: str) -> tuple[int, ...]:
     return tuple(int(x) for x in inner.split(",")) if inner.strip() else ()
 
 
-def files(db: sqlite_utils.Database, commit_id: str) -> dict[str, str]:
+def files(db: Database, commit_id: str) -> dict[str, str]:
     """Config and tokenizer files at `commit_id`: path -> blob id."""
     sql = _ANCESTORS + """
         SELECT f.path, f.object_id, MIN(anc.dist) FROM anc JOIN files f ON f.commit_id = anc.id
@@ -95,14 +94,14 @@ def files(db: sqlite_utils.Database, commit_id: str) -> dict[str, str]:
     return {path: oid for path, oid, _ in db.execute(sql, {"commit": commit_id})}
 
 
-def changes(db: sqlite_utils.Database, commit_id: str) -> list[Change]:
+def changes(db: Database, commit_id: str) -> list[Change]:
     """The tensor changes a commit itself made."""
     names = [r[0] for r in db.execute(
         "SELECT name FROM tensor_changes WHERE commit_id = ? ORDER BY name", [commit_id])]
     return [change(db, commit_id, n) for n in names]
 
 
-def change(db: sqlite_utils.Database, commit_id: str, name: str) -> Change:
+def change(db: Database, commit_id: str, name: str) -> Change:
     row = dbm.one(db, """SELECT source_commit, result_hash, dtype, shape, encoding, rank, delta_norm,
                                 rel_change, stored_bytes
                          FROM tensor_changes WHERE commit_id = ? AND name = ?""", [commit_id, name])
@@ -116,7 +115,7 @@ def change(db: sqlite_utils.Database, commit_id: str, name: str) -> Change:
                   norm, rel, stored, steps)
 
 
-def defining_change(db: sqlite_utils.Database, commit_id: str, name: str) -> Change | None:
+def defining_change(db: Database, commit_id: str, name: str) -> Change | None:
     """The change that gives `name` its value at `commit_id` (the latest along first parents)."""
     sql = _ANCESTORS + """
         SELECT tc.commit_id FROM anc JOIN tensor_changes tc ON tc.commit_id = anc.id
@@ -125,7 +124,7 @@ def defining_change(db: sqlite_utils.Database, commit_id: str, name: str) -> Cha
     return change(db, row[0], name) if row else None
 
 
-def defining_chain(db: sqlite_utils.Database, commit_id: str, name: str) -> list[Change]:
+def defining_chain(db: Database, commit_id: str, name: str) -> list[Change]:
     """The changes whose steps produce `name` at `commit_id`, oldest first: from its first
     replacement on, each change's source value being the previous one's result."""
     chain: list[Change] = []
@@ -138,7 +137,7 @@ def defining_chain(db: sqlite_utils.Database, commit_id: str, name: str) -> list
     return chain[::-1]
 
 
-def edits_in_effect(db: sqlite_utils.Database, commit_id: str) -> set[str]:
+def edits_in_effect(db: Database, commit_id: str) -> set[str]:
     """Edit commits whose change is in effect at `commit_id` (reverts and re-applies followed)."""
     sql = _ANCESTORS + "SELECT c.id, c.kind, c.info FROM anc JOIN commits c ON c.id = anc.id ORDER BY anc.dist DESC"
     active: set[str] = set()
@@ -157,7 +156,7 @@ def edits_in_effect(db: sqlite_utils.Database, commit_id: str) -> set[str]:
     return active
 
 
-def method_memory(db: sqlite_utils.Database, commit_id: str, method: str) -> list[tuple[str, str]]:
+def method_memory(db: Database, commit_id: str, method: str) -> list[tuple[str, str]]:
     """(commit, object) of `method`'s memory for the commits in effect at `commit_id`, oldest first."""
     sql = _ANCESTORS + """
         SELECT m.commit_id, m.object_id FROM anc JOIN method_memory m ON m.commit_id = anc.id
@@ -176,17 +175,17 @@ class AdapterRef:
     origin: str
 
 
-def adapter_ops(db: sqlite_utils.Database, commit_id: str) -> list[tuple[str, str, str]]:
+def adapter_ops(db: Database, commit_id: str) -> list[tuple[str, str, str]]:
     """(op, object id, kind) of the adapter operations one commit made ("add" or "remove"), in order."""
     return db.execute("SELECT op, object_id, kind FROM adapter_ops WHERE commit_id = ? ORDER BY seq",
                       [commit_id]).fetchall()
 
 
-def count_commits(db: sqlite_utils.Database) -> int:
+def count_commits(db: Database) -> int:
     return db.execute("SELECT COUNT(*) FROM commits").fetchone()[0]
 
 
-def adapters(db: sqlite_utils.Database, commit_id: str) -> list[AdapterRef]:
+def adapters(db: Database, commit_id: str) -> list[AdapterRef]:
     """Adapters in effect at `commit_id`, in the order they were added."""
     sql = _ANCESTORS + """
         SELECT a.op, a.object_id, a.kind, a.origin_commit FROM anc JOIN adapter_ops a ON a.commit_id = anc.id

@@ -33,13 +33,14 @@ import torch
 from kedit.core import db as dbm
 from kedit.core import history
 from kedit.core.errors import KeditError
-from kedit.core.hashing import dtype_name, hash_bytes, hash_tensor, record_id
+from kedit.core.hashing import hash_bytes, record_id
 from kedit.core.implied import depths, implied_rows, load_records, parent_of
 from kedit.core.materialize import Materializer, TensorCache
 from kedit.core.progress import progress_bar
 from kedit.core.refs import short_id
 from kedit.core.repo import Repository
 from kedit.core.rowproof import KNOWN_KINDS, REPAIR_HINT, check_rows, rewrite_commit_columns, rewrite_rows
+from kedit.core.tensors import dtype_name, hash_tensor
 from kedit.core.worktree import shard_name
 
 DEFAULT_GRACE = timedelta(days=14)  # git's gc.pruneExpire

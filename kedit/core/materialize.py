@@ -16,20 +16,22 @@ import os
 import shutil
 from collections.abc import Callable
 from pathlib import Path
-
-import sqlite_utils
-import torch
+from typing import TYPE_CHECKING
 
 from kedit.core import history
+from kedit.core.db import Database
 from kedit.core.delta import Dense, LowRank, Replace, WeightDelta, apply_step
 from kedit.core.errors import HashMismatchError
-from kedit.core.hashing import hash_tensor
 from kedit.core.refs import short_id
 from kedit.core.store import ObjectStore, read_safetensors, save_tensors_atomic
+from kedit.core.tensors import hash_tensor
+
+if TYPE_CHECKING:
+    import torch
+
+    CachedLookup = Callable[[str, str], torch.Tensor | None]  # (name, hash) -> value or None
 
 KEYFRAME_STEPS = 16
-
-CachedLookup = Callable[[str, str], torch.Tensor | None]  # (name, hash) -> value or None
 
 
 DEFAULT_CACHE_BYTES = 2 * 1024**3
@@ -122,7 +124,7 @@ def load_step(store: ObjectStore, step: history.Step) -> WeightDelta:
 
 
 class Materializer:
-    def __init__(self, db: sqlite_utils.Database, store: ObjectStore, cache: TensorCache,
+    def __init__(self, db: Database, store: ObjectStore, cache: TensorCache,
                  lookups: tuple[CachedLookup, ...] = ()) -> None:
         self.db = db
         self.store = store

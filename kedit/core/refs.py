@@ -17,9 +17,8 @@ from __future__ import annotations
 import re
 from datetime import UTC, datetime
 
-import sqlite_utils
-
 from kedit.core import db as dbm
+from kedit.core.db import Database
 from kedit.core.errors import RefExistsError, RefNameError, RevisionError, StaleRefError
 
 HEAD = "HEAD"
@@ -69,7 +68,7 @@ def check_ref_name(name: str, what: str = "branch") -> str:
 
 
 class Refs:
-    def __init__(self, db: sqlite_utils.Database) -> None:
+    def __init__(self, db: Database) -> None:
         self.db = db
 
     # -- reading ---------------------------------------------------------------------------

@@ -29,17 +29,15 @@ import shutil
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
-from filelock import FileLock, Timeout
 from safetensors import SafetensorError
 
 import kedit
 from kedit.core import config, history
 from kedit.core import db as dbm
 from kedit.core.db import DB_FILE, REPO_DIR, find_repository
-from kedit.core.delta import Adapter, Dense, LowRank, Replace, WeightDelta, apply_step, delta_size_bytes
+from kedit.core.delta import Adapter, LowRank, Replace, WeightDelta, apply_step, change_size, encode_delta
 from kedit.core.errors import (
     BadNameError,
     DeltaError,
@@ -53,14 +51,18 @@ from kedit.core.errors import (
     RevisionError,
     WorktreeDirtyError,
 )
-from kedit.core.hashing import canonical_json, dtype_name, hash_tensor, record_id
+from kedit.core.hashing import canonical_json, record_id
 from kedit.core.materialize import Materializer, TensorCache, load_step
 from kedit.core.names import check_tensor_name
 from kedit.core.progress import progress_bar
 from kedit.core.refs import BRANCH_PREFIX, DEFAULT_BRANCH, HEAD, TAG_PREFIX, Refs, check_ref_name, now_iso, short_id
 from kedit.core.sources import open_source
 from kedit.core.store import ObjectStore, read_safetensors
+from kedit.core.tensors import dtype_name, finite, hash_tensor, jsonable, require_finite
 from kedit.core.worktree import Worktree
+
+if TYPE_CHECKING:
+    import torch
 
 LOCK_FILE = "LOCK"
 DEFAULT_LOCK_TIMEOUT_S = 10.0
@@ -148,19 +150,6 @@ class StagedCommit:
     metrics: list[Metric] = field(default_factory=list)
 
 
-def _jsonable(value: Any) -> Any:
-    """Make method diagnostics JSON-safe: tensors become lists or floats, unknowns strings."""
-    if isinstance(value, Mapping):
-        return {str(k): _jsonable(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [_jsonable(v) for v in value]
-    if isinstance(value, torch.Tensor):
-        return value.item() if value.numel() == 1 else value.tolist()
-    if isinstance(value, float | int | str | bool) or value is None:
-        return value
-    return str(value)
-
-
 def _finished(meta_keys: Iterable[str]) -> bool:
     """Whether init finished, from the keys of `meta` (repositories older than the initialising
     mark have `created_by` and no mark; a database killed before its first row has neither)."""
@@ -184,6 +173,8 @@ def _writer_lock(path: Path, timeout: float | None = None) -> Iterator[None]:
     """Hold `path`'s writer lock; wait up to `timeout` s ($KEDIT_LOCK_TIMEOUT) for another writer."""
     if timeout is None:
         timeout = float(os.environ.get("KEDIT_LOCK_TIMEOUT", DEFAULT_LOCK_TIMEOUT_S))
+    from filelock import FileLock, Timeout  # here: only writers lock; the import takes ~15 ms of every command
+
     lock = FileLock(path / LOCK_FILE, timeout=timeout)
     try:
         lock.acquire()
@@ -216,7 +207,7 @@ class Repository:
     def __init__(self, path: Path) -> None:
         self.path = path
         self.db = dbm.connect(path / DB_FILE)
-        self.read_only = bool(getattr(self.db, "read_only", False))
+        self.read_only = self.db.read_only
         self.store = ObjectStore(path / "objects")
         self.cache = TensorCache(path / "cache", writable=not self.read_only)
         self.refs = Refs(self.db)
@@ -557,9 +548,9 @@ class Repository:
                 raise DeltaError("the edit changes no tensor: nothing to commit")
             memory_obj = self.store.put_tensors(dict(memory), {"kind": "memory", "method": method or ""}) \
                 if memory else None
-            requests = [_jsonable(dict(r)) for r in requests]
+            requests = [jsonable(dict(r)) for r in requests]
             record = {
-                "kind": "edit", "parents": [parent], "method": method, "hparams": _jsonable(dict(hparams or {})),
+                "kind": "edit", "parents": [parent], "method": method, "hparams": jsonable(dict(hparams or {})),
                 "requests": requests, "message": message or _default_message(method, requests),
                 "tensors": {n: {"source": parent, "steps": [["", s["object"], s["encoding"]]], "hash": s["hash"]}
                             for n, s in staged.items()},
@@ -570,7 +561,7 @@ class Repository:
                 record["memory"] = memory_obj.id
             cid = record_id(record)
             self.write_commits([StagedCommit(
-                cid, parent, record, method, record["hparams"], requests, _jsonable(dict(info or {})),
+                cid, parent, record, method, record["hparams"], requests, jsonable(dict(info or {})),
                 changes=[StagedChange(name, parent, s["hash"], s["dtype"], s["shape"], s["encoding"], s["rank"],
                                       s["norm"], s["rel"], s["stored"], [(cid, s["object"], s["encoding"])])
                          for name, s in staged.items()],
@@ -592,7 +583,7 @@ class Repository:
             after = apply_step(before, step)
         except ValueError as e:
             raise DeltaError(f"delta for {name}: {e}") from e
-        if after.is_floating_point() and not torch.isfinite(after).all():
+        if not finite(after):
             raise DeltaError(f"the delta for {name} produces non-finite values; nothing was committed")
         result_hash = hash_tensor(after)
         if result_hash == manifest[name].hash:
@@ -600,12 +591,10 @@ class Repository:
         payload = {"lowrank": lambda: {"a": step.a, "b": step.b}, "dense": lambda: {"delta": step.delta},
                    "exact": lambda: {"value": step.value}}[encoding]()
         obj = self.store.put_tensors(payload)
-        diff = after.to(torch.float64) - before.to(torch.float64)
-        norm = float(diff.norm())
-        base_norm = float(before.to(torch.float64).norm())
+        norm, rel = change_size(before, after)
         return {"hash": result_hash, "dtype": dtype_name(after.dtype), "shape": list(after.shape),
                 "encoding": encoding, "rank": step.rank if isinstance(step, LowRank) else None,
-                "norm": norm, "rel": norm / base_norm if base_norm else None, "stored": obj.size,
+                "norm": norm, "rel": rel, "stored": obj.size,
                 "object": obj.id, "value": after}
 
     def _insert_metrics(self, cid: str, metrics: Iterable[Metric]) -> None:
@@ -719,12 +708,10 @@ class Repository:
             delta = load_step(self.store, step)
             value = delta.value if value is None and isinstance(delta, Replace) else apply_step(value, delta)
         before = self.materializer.value(head, name)
-        diff = value.to(torch.float64) - before.to(torch.float64)
-        base_norm = float(before.to(torch.float64).norm())
+        norm, rel = change_size(before, value)
         return {"source": source, "steps": [(s.origin, s.object_id, s.encoding) for s in steps],
                 "hash": hash_tensor(value), "dtype": dtype_name(value.dtype), "shape": list(value.shape),
-                "norm": float(diff.norm()), "rel": float(diff.norm()) / base_norm if base_norm else None,
-                "value": value}
+                "norm": norm, "rel": rel, "value": value}
 
     # -- refs and the working model --------------------------------------------------------
 
@@ -869,37 +856,6 @@ class Repository:
             out["worktree_commit"] = self.worktree.commit
             out["modified"] = self.worktree.modified()
         return out
-
-
-def require_finite(tensors: Mapping[str, Any], what: str) -> None:
-    """Refuse NaN or infinite values before anything is stored: such weights load without a word and
-    answer garbage (a GRACE codebook of NaN gives NaN logits). `what` names the owner in the message."""
-    for name, tensor in tensors.items():
-        if isinstance(tensor, torch.Tensor) and tensor.is_floating_point() and not torch.isfinite(tensor).all():
-            raise DeltaError(f"{what} holds non-finite values (NaN or inf) in {name!r}; nothing was committed")
-
-
-def encode_delta(delta: WeightDelta, before: torch.Tensor) -> tuple[WeightDelta, str]:
-    """Normalise a delta for storage and pick its encoding.
-
-    Low-rank factors are kept as float32 while they are smaller than a dense delta. A dense
-    delta is stored in the tensor's own dtype: it is then exactly what is applied, and its
-    rounding error (relative to the delta) is far below the rounding of the result itself.
-    Replacements are stored as exact bytes. Deltas, not results, are what a revert replays.
-    """
-    if isinstance(delta, LowRank):
-        step = LowRank(delta.a.detach().cpu().to(torch.float32).contiguous(),
-                       delta.b.detach().cpu().to(torch.float32).contiguous())
-        dense_bytes = before.numel() * before.element_size()
-        if delta_size_bytes(step) < dense_bytes:
-            return step, "lowrank"
-        product = (step.a.to(torch.float64) @ step.b.to(torch.float64)).to(before.dtype)
-        return Dense(product.contiguous()), "dense"
-    if isinstance(delta, Dense):
-        return Dense(delta.delta.detach().cpu().to(before.dtype).contiguous()), "dense"
-    if isinstance(delta, Replace):
-        return Replace(delta.value.detach().cpu().to(before.dtype).contiguous()), "exact"
-    raise DeltaError(f"unsupported delta type {type(delta).__name__}")
 
 
 def _edit_ran(at: HeadState) -> str:

@@ -21,8 +21,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-import sqlite_utils
-
+from kedit.core.db import Database
 from kedit.core.errors import KeditError, RevisionError
 from kedit.core.refs import HEAD, Refs
 
@@ -36,7 +35,7 @@ SELECT id FROM reach
 """
 
 
-def reachable(db: sqlite_utils.Database, starts: Iterable[str]) -> set[str]:
+def reachable(db: Database, starts: Iterable[str]) -> set[str]:
     """Every commit reachable from `starts` (themselves included), over all parents."""
     starts = list(starts)
     if not starts:
@@ -54,7 +53,7 @@ def split_range(spec: str) -> tuple[str, str, str] | None:
     return left or HEAD, dots, right or HEAD
 
 
-def select(db: sqlite_utils.Database, refs: Refs, specs: Iterable[str]) -> list[str]:
+def select(db: Database, refs: Refs, specs: Iterable[str]) -> list[str]:
     """The commits `specs` name together (`kedit log main exp`, `A..B`, `A...B`, `^A`), newest first."""
     specs = list(specs)
     include: set[str] = set()
@@ -78,20 +77,20 @@ def select(db: sqlite_utils.Database, refs: Refs, specs: Iterable[str]) -> list[
     return newest_first(db, include - exclude)
 
 
-def newest_first(db: sqlite_utils.Database, ids: set[str]) -> list[str]:
+def newest_first(db: Database, ids: set[str]) -> list[str]:
     """`ids` by creation time, newest first (a child before its parent when the times tie)."""
     rows = db.execute("SELECT id, created, depth FROM commits WHERE id IN (SELECT value FROM json_each(?))",
                       [json.dumps(sorted(ids))]).fetchall()
     return [cid for cid, _, _ in sorted(rows, key=lambda r: (_when(r[1]), r[2]), reverse=True)]
 
 
-def merge_base(db: sqlite_utils.Database, a: str, b: str) -> str | None:
+def merge_base(db: Database, a: str, b: str) -> str | None:
     """The nearest common ancestor of `a` and `b` (None when their histories are unrelated)."""
     common = reachable(db, [a]) & reachable(db, [b])
     return newest_first(db, common)[0] if common else None
 
 
-def diff_endpoints(refs: Refs, db: sqlite_utils.Database, rev_a: str, rev_b: str | None) -> tuple[str, str]:
+def diff_endpoints(refs: Refs, db: Database, rev_a: str, rev_b: str | None) -> tuple[str, str]:
     """The two commits `kedit diff` compares: REV_A REV_B, `A..B` (A with B) or `A...B` (the
     merge base of A and B with B); REV_B defaults to HEAD."""
     parts = split_range(rev_a)
@@ -175,7 +174,7 @@ class CommitFilter:
         return True
 
 
-def filtered(db: sqlite_utils.Database, ids: list[str], keep: CommitFilter, limit: int | None = None) -> list[str]:
+def filtered(db: Database, ids: list[str], keep: CommitFilter, limit: int | None = None) -> list[str]:
     """The commits of `ids` (in that order) that `keep` keeps, at most `limit` of them."""
     if keep == CommitFilter():
         return ids[:limit]

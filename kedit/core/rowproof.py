@@ -18,14 +18,14 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-import sqlite_utils
 import torch
 
 from kedit.core import history
-from kedit.core.hashing import dtype_name
+from kedit.core.db import Database
 from kedit.core.implied import COMMIT_COLUMNS, JSON_COLUMNS, ImpliedChange, ImpliedRows, depths, implied_rows
 from kedit.core.refs import short_id
 from kedit.core.store import ObjectStore
+from kedit.core.tensors import dtype_name
 
 REPAIR_HINT = "kedit fsck --repair rewrites it from the record"
 KNOWN_KINDS = ("init", "edit", "revert")
@@ -55,7 +55,7 @@ def _json(text: str | None) -> Any:
 class _Rows:
     """The database's rows about every commit, read in a few queries (not one per commit)."""
 
-    def __init__(self, db: sqlite_utils.Database) -> None:
+    def __init__(self, db: Database) -> None:
         cols = ", ".join(COMMIT_COLUMNS)
         self.commits = {r[0]: dict(zip(("id", *COMMIT_COLUMNS, "info"), r, strict=True))
                         for r in db.execute(f"SELECT id, {cols}, info FROM commits")}
@@ -79,7 +79,7 @@ class _Rows:
                        db.execute("SELECT commit_id, method, object_id FROM method_memory")}
 
 
-def check_rows(db: sqlite_utils.Database, records: Mapping[str, dict]) -> dict[str, list[RowProblem]]:
+def check_rows(db: Database, records: Mapping[str, dict]) -> dict[str, list[RowProblem]]:
     """commit id -> what its rows say that its record does not (only commits with problems)."""
     actual = _Rows(db)
     depth = depths(records)
@@ -134,7 +134,7 @@ def _differences(cid: str, rows: ImpliedRows, actual: _Rows) -> list[str]:
 ValueOf = Callable[[history.Change], torch.Tensor]
 
 
-def rewrite_commit_columns(db: sqlite_utils.Database, cid: str, rows: ImpliedRows) -> None:
+def rewrite_commit_columns(db: Database, cid: str, rows: ImpliedRows) -> None:
     """The commit row's columns (and a revert's target in `info`) as the record says."""
     columns = {c: (json.dumps(v) if c in JSON_COLUMNS else v) for c, v in rows.columns.items()
                if v is not None or c not in ("depth", "requests")}
@@ -145,7 +145,7 @@ def rewrite_commit_columns(db: sqlite_utils.Database, cid: str, rows: ImpliedRow
         db.execute("UPDATE commits SET info = ? WHERE id = ?", [json.dumps(info), cid])
 
 
-def rewrite_rows(db: sqlite_utils.Database, store: ObjectStore, value_of: ValueOf, cid: str,
+def rewrite_rows(db: Database, store: ObjectStore, value_of: ValueOf, cid: str,
                  rows: ImpliedRows) -> None:
     """Make every row about `cid` say what its record says (inside the caller's write transaction)."""
     rewrite_commit_columns(db, cid, rows)
@@ -174,7 +174,7 @@ def rewrite_rows(db: sqlite_utils.Database, store: ObjectStore, value_of: ValueO
         db["method_memory"].insert({"commit_id": cid, "method": rows.memory[0], "object_id": rows.memory[1]})
 
 
-def _insert_change(db: sqlite_utils.Database, store: ObjectStore, value_of: ValueOf, cid: str, name: str,
+def _insert_change(db: Database, store: ObjectStore, value_of: ValueOf, cid: str, name: str,
                    change: ImpliedChange) -> None:
     """Re-insert a change row the record names: dtype and shape from its value, proved by its hash."""
     steps = tuple(history.Step(*s) for s in change.steps)

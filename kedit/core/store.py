@@ -24,18 +24,21 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import secrets
+import struct
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
 
 from kedit.core.errors import CorruptObjectError, ExternalFileError, ObjectMissingError
-from kedit.core.hashing import hash_bytes, hash_tensor, tensors_object_id
+from kedit.core.hashing import hash_bytes, tensors_object_id
 from kedit.core.names import inside
+from kedit.core.tensors import hash_tensor
+
+if TYPE_CHECKING:
+    import torch
 
 KINDS = ("st", "ref", "blob")
 
@@ -76,7 +79,7 @@ def _atomic_replace(path: Path, write: Callable[[Path], None], tmp_dir: Path | N
     if root is not None:
         path = inside(root, path)
         path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = (tmp_dir or path.parent) / f".tmp-{secrets.token_hex(8)}"
+    tmp = (tmp_dir or path.parent) / f".tmp-{os.urandom(8).hex()}"  # secrets.token_hex's bytes; a cheaper import
     try:
         write(tmp)
         if durable:
@@ -95,6 +98,8 @@ def atomic_write_bytes(path: Path, data: bytes, tmp_dir: Path | None = None, *, 
 
 def save_tensors_atomic(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str],
                         tmp_dir: Path | None = None, *, durable: bool = True, root: Path | None = None) -> None:
+    from safetensors.torch import save_file  # imports torch, which reading the history never needs
+
     cpu = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
     _atomic_replace(path, lambda tmp: save_file(cpu, str(tmp), metadata=metadata), tmp_dir, durable, root)
 
@@ -207,6 +212,22 @@ class ObjectStore:
         if ref.exists():
             return {"value": self._read_reference(object_id, ref)}, {}
         raise ObjectMissingError(object_id)
+
+    def get_metadata(self, object_id: str) -> dict[str, str]:
+        """A tensors object's metadata, from the safetensors header alone: no tensor is read, and
+        torch is not needed (`kedit show` lists an adapter's config this way)."""
+        if self.path(object_id, "ref").exists():
+            return {}  # a reference names one tensor of a base file, without metadata
+        path = self.path(object_id, "st")
+        if not path.exists():
+            raise ObjectMissingError(object_id)
+        try:
+            with open(path, "rb") as f:  # the format: a little-endian u64 length, then that much JSON
+                (size,) = struct.unpack("<Q", f.read(8))
+                header = json.loads(f.read(size))
+            return dict(header.get("__metadata__") or {})
+        except (OSError, ValueError, AttributeError, struct.error) as e:
+            raise CorruptObjectError(object_id, f"unreadable safetensors header ({e})") from e
 
     def _read_reference(self, object_id: str, ref: Path) -> torch.Tensor:
         try:

@@ -20,13 +20,15 @@ import os
 import shutil
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
-
-from kedit.core.hashing import hash_tensor
 from kedit.core.history import ManifestEntry
 from kedit.core.names import check_file_set, check_tensor_name
 from kedit.core.store import atomic_write_bytes, read_safetensors, save_tensors_atomic
+from kedit.core.tensors import hash_tensor
+
+if TYPE_CHECKING:
+    import torch
 
 INDEX_FILE = "model.safetensors.index.json"
 

@@ -31,18 +31,20 @@ import shutil
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from kedit.core import db as dbm
 from kedit.core.errors import KeditError
 from kedit.core.hashing import canonical_json, hash_bytes
 from kedit.core.progress import progress_bar
 from kedit.core.refs import now_iso, short_id
-from kedit.core.repo import Repository, require_finite
+from kedit.core.repo import Repository
 from kedit.core.store import read_safetensors, save_tensors_atomic
+from kedit.core.tensors import require_finite
 from kedit.eval.metrics import PROMPT_PROTOCOL
+
+if TYPE_CHECKING:
+    import torch
 
 __all__ = ["EditorInfo", "TrainOptions", "editor_loader", "list_editors", "resolve_editor", "train_editor"]
 
@@ -208,6 +210,8 @@ class TrainOptions:
 
 def _device(name: str) -> str:
     if name == "auto":
+        import torch  # here: listing the editors (kedit editors) never needs torch
+
         return "cuda" if torch.cuda.is_available() else "cpu"
     return name
 

@@ -38,11 +38,12 @@ import re
 from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from kedit.core.errors import KeditError
+
+if TYPE_CHECKING:
+    import torch
 
 __all__ = [
     "GEN_TOKENS",
@@ -150,36 +151,38 @@ def _pad_id(tok: Any) -> int:
     return next(int(t) for t in (tok.pad_token_id, tok.eos_token_id, 0) if t is not None)
 
 
-@torch.no_grad()
 def teacher_forced(
     model: Any, tok: Any, prompts: Sequence[str], answers: Sequence[str], batch_size: int = 16, *, chat: bool = False
 ) -> list[TeacherForced]:
     """Feed prompt + answer ids (right-padded batches) and read every answer position at once
     (`chat`: the prompts through the chat template, see `prompt_ids`)."""
-    if len(prompts) != len(answers):
-        raise ValueError(f"{len(prompts)} prompts but {len(answers)} answers")
-    device = model.get_input_embeddings().weight.device
-    out: list[TeacherForced] = []
-    for start in range(0, len(prompts), batch_size):
-        rows, spans = [], []
-        for p, a in zip(prompts[start : start + batch_size], answers[start : start + batch_size], strict=True):
-            p_ids, a_ids = prompt_ids(tok, p, chat=chat), answer_ids(tok, a, chat=chat)
-            rows.append(p_ids + a_ids)
-            spans.append((len(p_ids), a_ids))
-        width = max(len(r) for r in rows)
-        ids = torch.full((len(rows), width), _pad_id(tok), dtype=torch.long)
-        mask = torch.zeros((len(rows), width), dtype=torch.long)
-        for i, r in enumerate(rows):
-            ids[i, : len(r)] = torch.tensor(r)
-            mask[i, : len(r)] = 1
-        logits = model(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False).logits
-        for i, (n_prompt, a_ids) in enumerate(spans):
-            pos = torch.arange(n_prompt - 1, n_prompt - 1 + len(a_ids), device=logits.device)  # predicts answer
-            logp = logits[i, pos].float().log_softmax(-1)  # (len(a), V)
-            tgt = torch.tensor(a_ids, device=logits.device)
-            nll = float(-logp.gather(1, tgt[:, None]).mean())
-            out.append(TeacherForced(tuple(a_ids), tuple(logp.argmax(-1).tolist()), nll))
-    return out
+    import torch  # here, not at the top: the protocol names are read without running a model
+
+    with torch.no_grad():
+        if len(prompts) != len(answers):
+            raise ValueError(f"{len(prompts)} prompts but {len(answers)} answers")
+        device = model.get_input_embeddings().weight.device
+        out: list[TeacherForced] = []
+        for start in range(0, len(prompts), batch_size):
+            rows, spans = [], []
+            for p, a in zip(prompts[start : start + batch_size], answers[start : start + batch_size], strict=True):
+                p_ids, a_ids = prompt_ids(tok, p, chat=chat), answer_ids(tok, a, chat=chat)
+                rows.append(p_ids + a_ids)
+                spans.append((len(p_ids), a_ids))
+            width = max(len(r) for r in rows)
+            ids = torch.full((len(rows), width), _pad_id(tok), dtype=torch.long)
+            mask = torch.zeros((len(rows), width), dtype=torch.long)
+            for i, r in enumerate(rows):
+                ids[i, : len(r)] = torch.tensor(r)
+                mask[i, : len(r)] = 1
+            logits = model(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False).logits
+            for i, (n_prompt, a_ids) in enumerate(spans):
+                pos = torch.arange(n_prompt - 1, n_prompt - 1 + len(a_ids), device=logits.device)  # predicts answer
+                logp = logits[i, pos].float().log_softmax(-1)  # (len(a), V)
+                tgt = torch.tensor(a_ids, device=logits.device)
+                nll = float(-logp.gather(1, tgt[:, None]).mean())
+                out.append(TeacherForced(tuple(a_ids), tuple(logp.argmax(-1).tolist()), nll))
+        return out
 
 
 def _mean(xs: Sequence[float]) -> float:
@@ -262,7 +265,6 @@ def counterfact_scores(
     return out
 
 
-@torch.no_grad()
 def greedy_continuations(model: Any, tok: Any, prompts: Sequence[str], max_new_tokens: int = GEN_TOKENS,
                          batch_size: int = 16, *, chat: bool = False,
                          until_shown: Sequence[str] | None = None) -> list[str]:
@@ -278,27 +280,29 @@ def greedy_continuations(model: Any, tok: Any, prompts: Sequence[str], max_new_t
     verdict is the same as on the full N tokens, and a check of one edit ends after the few tokens
     the target takes instead of N.
     """
-    from transformers import StoppingCriteriaList  # here: importing this module stays light for read commands
+    import torch  # here, not at the top: the protocol names are read without running a model
+    from transformers import StoppingCriteriaList
 
     if until_shown is not None and len(until_shown) != len(prompts):
         raise ValueError(f"{len(prompts)} prompts but {len(until_shown)} answers")
-    device = model.get_input_embeddings().weight.device
-    pad = _pad_id(tok)
-    out: list[str] = []
-    for start in range(0, len(prompts), batch_size):
-        rows = [prompt_ids(tok, p, chat=chat) for p in prompts[start : start + batch_size]]
-        width = max(len(r) for r in rows)
-        ids = torch.full((len(rows), width), pad, dtype=torch.long)
-        mask = torch.zeros((len(rows), width), dtype=torch.long)
-        for i, r in enumerate(rows):
-            ids[i, width - len(r) :] = torch.tensor(r)
-            mask[i, width - len(r) :] = 1
-        stop = StoppingCriteriaList() if until_shown is None else \
-            StoppingCriteriaList([_Shown(tok, until_shown[start : start + batch_size], width)])
-        gen = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), do_sample=False,
-                             max_new_tokens=max_new_tokens, pad_token_id=pad, stopping_criteria=stop)
-        out += tok.batch_decode(gen[:, width:].tolist(), skip_special_tokens=True)
-    return out
+    with torch.no_grad():
+        device = model.get_input_embeddings().weight.device
+        pad = _pad_id(tok)
+        out: list[str] = []
+        for start in range(0, len(prompts), batch_size):
+            rows = [prompt_ids(tok, p, chat=chat) for p in prompts[start : start + batch_size]]
+            width = max(len(r) for r in rows)
+            ids = torch.full((len(rows), width), pad, dtype=torch.long)
+            mask = torch.zeros((len(rows), width), dtype=torch.long)
+            for i, r in enumerate(rows):
+                ids[i, width - len(r) :] = torch.tensor(r)
+                mask[i, width - len(r) :] = 1
+            stop = StoppingCriteriaList() if until_shown is None else \
+                StoppingCriteriaList([_Shown(tok, until_shown[start : start + batch_size], width)])
+            gen = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), do_sample=False,
+                                 max_new_tokens=max_new_tokens, pad_token_id=pad, stopping_criteria=stop)
+            out += tok.batch_decode(gen[:, width:].tolist(), skip_special_tokens=True)
+        return out
 
 
 class _Shown:
@@ -309,6 +313,8 @@ class _Shown:
         self.tok, self.answers, self.width = tok, list(answers), width
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor, **kwargs: Any) -> torch.BoolTensor:
+        import torch  # as in greedy_continuations, which builds this only when it runs a model
+
         texts = self.tok.batch_decode(input_ids[:, self.width :].tolist(), skip_special_tokens=True)
         return torch.tensor([shows(t, a) for t, a in zip(texts, self.answers, strict=True)],
                             dtype=torch.bool, device=input_ids.device)

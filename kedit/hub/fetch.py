@@ -34,12 +34,13 @@ from kedit.core.errors import (
     RefNameError,
     RepositoryExistsError,
 )
-from kedit.core.hashing import hash_bytes, hash_tensor, tensors_object_id
+from kedit.core.hashing import hash_bytes, tensors_object_id
 from kedit.core.names import check_fetched, check_plain_name, check_tensor_name, loads_unique
 from kedit.core.progress import progress_bar
 from kedit.core.refs import BRANCH_PREFIX, short_id
 from kedit.core.repo import REPO_DIR, HeadState, Repository, StagedChange, StagedCommit
 from kedit.core.store import read_safetensors
+from kedit.core.tensors import hash_tensor
 from kedit.eval.probes import add_probes
 from kedit.hub import remotes
 from kedit.hub.api import Hub

@@ -9,10 +9,10 @@ from kedit.methods.base import EditRequest
 
 from kedit.core import history
 from kedit.core.delta import apply_step
-from kedit.core.hashing import hash_tensor
 from kedit.core.materialize import load_step
 from kedit.core.repo import Repository
 from kedit.core.sources import default_model_folder
+from kedit.core.tensors import hash_tensor
 from kedit.edit.run import EditOptions, run_edits
 from kedit.eval import metrics
 from kedit.model.load import load_revision

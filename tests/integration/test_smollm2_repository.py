@@ -11,9 +11,9 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from kedit.cli import cli
 from kedit.core.delta import LowRank
-from kedit.core.hashing import hash_tensor
 from kedit.core.maintenance import fsck
 from kedit.core.repo import Repository
+from kedit.core.tensors import hash_tensor
 
 pytestmark = pytest.mark.slow
 
