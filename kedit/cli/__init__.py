@@ -69,7 +69,7 @@ def cli(ctx: click.Context, repo_path: Path | None, quiet: bool, as_json: bool, 
 COMMANDS = [
     model.init, model.export,
     history.log, history.show, history.status, history.reflog, history.diff,
-    branch.checkout, branch.reset, branch.branch, branch.tag, branch.revert,
+    branch.checkout, branch.reset, branch.branch, branch.tag, branch.revert, branch.merge, branch.cherry_pick,
     maintenance.fsck, maintenance.gc,
     edit.edit, edit.stats,
     eval.eval_, eval.check, eval.probe,

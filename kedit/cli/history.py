@@ -51,7 +51,8 @@ def _metric_summary(commit) -> str:
 
 
 def _commit_json(commit) -> dict:
-    return {"id": commit.id, "parent": commit.parent, "depth": commit.depth, "kind": commit.kind,
+    return {"id": commit.id, "parent": commit.parent, "parents": commit.parents, "depth": commit.depth,
+            "kind": commit.kind,
             "method": commit.method, "message": commit.message, "author": commit.author, "created": commit.created,
             "hparams": commit.hparams, "requests": commit.requests, "info": commit.info,
             "metrics": [m.__dict__ for m in commit.metrics]}
@@ -125,6 +126,8 @@ def log(ctx: click.Context, revs: tuple[str, ...], oneline: bool, max_count: int
             continue
         deco = decorations.get(commit.id)
         click.echo(click.style(f"commit {commit.id}", fg="yellow") + (f" ({', '.join(deco)})" if deco else ""))
+        if len(commit.parents) > 1:
+            click.echo("Merge:  " + " ".join(short_id(p) for p in commit.parents))
         click.echo(f"Author: {commit.author}")
         click.echo(f"Date:   {commit.created}")
         if commit.method:
@@ -160,7 +163,10 @@ def show(ctx: click.Context, rev: str, as_json: bool) -> None:
         emit_json(body)
         return
     click.echo(click.style(f"commit {commit.id}", fg="yellow"))
-    click.echo(f"Parent: {commit.parent or '-'}")
+    if len(commit.parents) > 1:  # a merge: its first parent, then the merged side
+        click.echo("Parents: " + " ".join(commit.parents))
+    else:
+        click.echo(f"Parent: {commit.parent or '-'}")
     click.echo(f"Author: {commit.author}\nDate:   {commit.created}\nKind:   {commit.kind}")
     if commit.method:
         click.echo(f"Method: {commit.method}")

@@ -91,6 +91,16 @@ class HeadMovedError(StaleRefError):
     hint = "run the edit again"
 
 
+class MergeConflictError(KeditError):
+    """The two sides of a merge disagree (kedit.core.conflicts); nothing was changed."""
+
+    hint = "kedit merge --take ours|theirs keeps one side's edits where they conflict"
+
+    def __init__(self, message: str, conflicts: list) -> None:
+        super().__init__(message)
+        self.conflicts = conflicts
+
+
 # OBJECT AND INTEGRITY ERRORS
 
 
