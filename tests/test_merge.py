@@ -270,3 +270,34 @@ def test_a_merge_commit_survives_push_clone_export(repo: Repository, sides: dict
         test_hub.REPO_ID, [CommitOperationAdd(path, json.dumps(doc).encode())], commit_message="from the future")
     err = test_hub.run(tmp_path, "clone", test_hub.URL, str(tmp_path / "late"), code=1)
     assert "upgrade kedit" in err and err.count("\n") == 1
+
+
+@pytest.mark.parametrize("eps", ["50", "0.001"])
+def test_grace_entries_merge_and_overlapping_balls_conflict(tmp_path: Path, eps: str) -> None:
+    from kedit.model.load import load_revision
+    from tests import test_cli_grace as g
+    from tests.tiny import make_model, make_tokenizer
+
+    tok = make_tokenizer()
+    make_model("llama", len(tok)).save_pretrained(tmp_path / "model")  # a tokenizer: GRACE runs the model
+    tok.save_pretrained(tmp_path / "model")
+    repo = Repository.init(tmp_path / "work", str(tmp_path / "model"), progress=False)
+    repo.create_branch("exp")
+    france = [*g.FRANCE[:-1], f"eps_init={eps}"]
+    berlin = [*g.BERLIN[:-1], f"eps_init={eps}"]
+    g.run(repo, *france)
+    repo.checkout("exp")
+    g.run(repo, *berlin)
+    repo.checkout("main")
+    if eps == "50":  # each ball holds the other's key: which target a query between them gets is a choice
+        out = g.run(repo, "merge", "exp", code=1)
+        assert "adapter" in out and "GRACE entries 'The capital city is France' -> 'Japan' and " \
+            "'Berlin is the capital of' -> 'Paris'" in out and "nothing was changed" in out
+        return
+    g.run(repo, "merge", "exp")
+    kinds = [(ref.kind, ref.origin) for ref, _ in repo.adapters("HEAD")]
+    assert kinds == [("grace", repo.resolve("HEAD^1")), ("grace", repo.resolve("HEAD^2"))]
+    model, tok = load_revision(repo, repo.head())
+    assert g.scores(model, tok) == [1.0, 1.0]  # both edits show in the merged model
+    assert fsck(repo).ok
+
