@@ -21,10 +21,11 @@ from kedit.core.errors import KeditError, MergeConflictError
 from kedit.core.hashing import hash_tensor
 from kedit.core.maintenance import fsck, gc
 from kedit.core.repo import Repository
-from tests import test_hub
+from tests import test_cli_edit, test_hub
 from tests.hubserver import HubServer
 
 hub = test_hub.hub  # a running local Hub server (tests/hubserver.py)
+tiny_folder, tiny_repo = test_cli_edit.tiny_folder, test_cli_edit.tiny_repo  # a tiny Llama with a tokenizer
 
 DOWN0 = "model.layers.0.mlp.down_proj.weight"
 DOWN1 = "model.layers.1.mlp.down_proj.weight"
@@ -301,3 +302,55 @@ def test_grace_entries_merge_and_overlapping_balls_conflict(tmp_path: Path, eps:
     assert g.scores(model, tok) == [1.0, 1.0]  # both edits show in the merged model
     assert fsck(repo).ok
 
+
+
+ITALY = ["edit", "--prompt", "The capital city is Italy", "--subject", "Italy", "--target", "Paris",
+         "--set", "v_weight_decay=0", "--set", "clamp_norm_factor=50", "--set", "v_num_grad_steps=40",
+         "--set", "mom2_adjustment=false", "--no-eval"]
+
+
+def test_replay_merge_reruns_the_other_sides_requests_on_this_side(tiny_repo: Repository) -> None:
+    from tests.test_cli_edit import EDIT
+
+    repo = tiny_repo
+    repo.create_branch("exp")
+    kedit(repo, *EDIT, "--set", "mom2_adjustment=false", "--no-eval")
+    ours = repo.head()
+    repo.checkout("exp")
+    kedit(repo, *ITALY)
+    theirs = repo.head()
+    repo.checkout("main")
+    out = json.loads(kedit(repo, "merge", "exp", "--strategy", "replay", "--check", "--json"))
+    assert out["status"] == "merged" and out["check"]["probes"] >= 2, out
+    merge = repo.get_commit(out["head"])
+    (replayed,) = merge.info["replayed"][theirs]
+    assert merge.parents == [replayed, theirs] and repo.get_commit(replayed).parents == [ours]
+    again, original = repo.get_commit(replayed), repo.get_commit(theirs)
+    assert (again.method, again.hparams, again.requests) == (original.method, original.hparams, original.requests)
+    assert history.edits_in_effect(repo.db, merge.id) == {ours, replayed}
+    record = json.loads(repo.db.execute("SELECT record FROM commits WHERE id = ?", [merge.id]).fetchone()[0])
+    assert (record["strategy"], record["dropped"], record["tensors"]) == ("replay", [theirs], {})
+    assert hashes(repo, "HEAD") == hashes(repo, replayed) and fsck(repo).ok
+    # Computed on a model that held ours: the delta differs from the one made on the base.
+    assert repo.changes(replayed)[0].result_hash != repo.changes(theirs)[0].result_hash
+
+
+def test_merge_check_undoes_a_merge_that_breaks_a_probe(tiny_repo: Repository) -> None:
+    from tests.test_cli_edit import EDIT
+
+    repo = tiny_repo
+    repo.create_branch("exp")
+    kedit(repo, *EDIT, "--set", "mom2_adjustment=false", "--no-eval")  # The capital city is France -> Japan
+    ours = repo.head()
+    repo.checkout("exp")
+    kedit(repo, *[a.replace("Italy", "France") for a in ITALY])  # the same prompt and subject -> Paris
+    repo.checkout("main")
+    assert "request" in kedit(repo, "merge", "exp", "--strategy", "replay", code=1)
+    out = kedit(repo, "merge", "exp", "--strategy", "replay", "--take", "ours", "--check", "--json")
+    assert json.loads(out)["left_out"] == [repo.resolve("exp")]
+    repo.reset(ours)
+    # Taking theirs leaves our France edit out; the model then answers a locality probe differently.
+    result = CliRunner().invoke(cli, ["--repo", str(repo.root), "merge", "exp", "--take", "theirs", "--check"])
+    assert result.exit_code == 1 and "BROKE locality" in result.stdout, result.stdout + result.stderr
+    assert "the branch is back at" in result.stderr and result.stderr.count("\n") == 1
+    assert repo.head() == ours and repo.get_commit(repo.reflog()[0]["old"]).kind == "merge"

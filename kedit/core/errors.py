@@ -101,6 +101,16 @@ class MergeConflictError(KeditError):
         self.conflicts = conflicts
 
 
+class MergeCheckError(KeditError):
+    """Probes broke at a merge commit (`kedit merge --check`); the merge was undone."""
+
+    hint = "kedit merge without --check keeps it; kedit check names what broke"
+
+    def __init__(self, message: str, broken: list) -> None:
+        super().__init__(message)
+        self.broken = broken  # kedit.eval.probes.ProbeResult of each probe the merge broke
+
+
 # OBJECT AND INTEGRITY ERRORS
 
 

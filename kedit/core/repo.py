@@ -867,6 +867,29 @@ class Repository:
             return MergeResult("merged", cid, ours, theirs, base, plan.conflicts, sorted(plan.dropped),
                                len(plan.staged), len(plan.adapter_ops))
 
+    def record_merge(self, rev: str, *, strategy: str, replaced: Iterable[str], expected_parent: HeadState,
+                     message: str | None = None, info: Mapping[str, Any] | None = None) -> CommitInfo:
+        """A merge commit of HEAD and `rev` whose state is HEAD's: `rev`'s edits `replaced` were
+        re-run on this side (`strategy` "replay", kedit/edit/replay.py) as commits HEAD now holds,
+        so their own deltas are left out (the record's `dropped`) and their requests stay in effect
+        through the re-run commits. HeadMovedError, nothing written, unless HEAD is `expected_parent`."""
+        with self.lock():
+            at = self._check_head(expected_parent, "the merge ran; nothing was changed")
+            theirs = self.resolve(rev)
+            base = merge_base(self.db, at.commit, theirs)
+            msg = message or (f"Merge branch '{rev}'" if self.refs.deref(BRANCH_PREFIX + rev) else
+                              f"Merge {short_id(theirs)}")
+            record: dict[str, Any] = {
+                "kind": "merge", "parents": [at.commit, theirs], "merge_base": base, "strategy": strategy,
+                "message": msg, "tensors": {}, "adapters": [], "dropped": sorted(set(replaced)),
+                "author": config.author(self.path), "created": now_iso(), "kedit_version": kedit.__version__,
+            }
+            cid = record_id(record)
+            self.write_commits([StagedCommit(cid, at.commit, record, info={"merge_base": base, "strategy": strategy,
+                                                                           **(info or {})})],
+                               expected_parent=at, message=f"merge: {msg}")
+            return self.get_commit(cid)
+
     def _merge_plan(self, base: str, ours: str, theirs: str, take: str | None, threshold: float,
                     adapter_check: AdapterCheck | None) -> _MergePlan:
         """What the merge commit records, after the conflicts are found (and resolved by `take`)."""
