@@ -101,6 +101,14 @@ def test_reverting_one_side_after_the_merge_gives_the_other_side(repo: Repositor
         assert not set(repo._side(sides["shared"], sides[side])) & history.edits_in_effect(repo.db, repo.head())
 
 
+def test_a_merge_is_reverted_through_the_edits_it_brought(repo: Repository, sides: dict) -> None:
+    merged = repo.merge("exp").head
+    with pytest.raises(KeditError, match="is a merge") as caught:
+        repo.revert(merged)
+    assert f"kedit log {merged[:12]}^1..{merged[:12]}^2" in caught.value.hint
+    assert repo.head() == merged
+
+
 def test_fast_forward_and_no_ff(repo: Repository) -> None:
     edit(repo, DOWN0, direction(repo, DOWN0, 0, 1), "Paris")
     before = repo.head()

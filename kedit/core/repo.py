@@ -704,6 +704,10 @@ class Repository:
             reverted = self.get_commit(target)
             if reverted.parent is None:
                 raise KeditError("the initial commit (the base model) cannot be reverted")
+            if reverted.kind == "merge":
+                short = short_id(target)
+                raise KeditError(f"{short} is a merge: it brought other commits' edits, revert those",
+                                 hint=f"kedit log {short}^1..{short}^2 lists them")
             staged: dict[str, dict] = {}
             adapter_ops: list[list[str]] = []
             if reverted.kind == "revert":  # reverting a revert re-applies the original edit's own deltas
