@@ -5,6 +5,7 @@ Calling sequence:
     info = repo.commit({"model.layers.5.mlp.down_proj.weight": LowRank(a, b)}, message=...)
     state = repo.materialize("HEAD~1")                   # {name: tensor}, verified by hash
     repo.revert(info.id); repo.checkout("main"); repo.log()
+    repo.merge("experiment"); repo.cherry_pick("experiment~1")   # stored deltas composed, no model
 
 Error handling: every write takes the writer lock (`.kedit/LOCK`, an fcntl lock the OS
 releases if the process dies), writes objects first, then records the commit and moves the
