@@ -56,6 +56,7 @@ from kedit.methods.hparams import MAX_STEPS, bounded, layer_field, require_slot,
 from kedit.methods.prompts import input_device
 
 from kedit.eval.metrics import answer_ids, prompt_ids
+from kedit.model.adapters import register_conflict_check
 from kedit.model.arch import arch_for, cache_keyword, get_module, n_layers, output_cache
 
 __all__ = ["KIND", "Codebook", "GRACEHyperParams", "Record", "apply", "codebook_of", "install", "records_of"]
@@ -341,6 +342,28 @@ def records_of(model: Any, module_name: str) -> list[Record]:
 
 
 register_installer(KIND, install)
+
+
+def merge_conflicts(ours: list[Adapter], theirs: list[Adapter]) -> list[tuple[int, int, str]]:
+    """Entries of the two sides on one module whose balls (ε_init around each key) overlap with
+    different labels: replaying both would split their radii, and a query between them would
+    get whichever is nearer, so the merge asks which one is meant."""
+    found = []
+    for i, a in enumerate(ours):
+        for j, b in enumerate(theirs):
+            if a.config.get("module") != b.config.get("module"):
+                continue
+            for ra in decode_adapter(a):
+                for rb in decode_adapter(b):
+                    d = float((ra.key.to(torch.float64) - rb.key.to(torch.float64)).norm())
+                    if ra.label != rb.label and d <= ra.eps_init + rb.eps_init:
+                        found.append((i, j, f"GRACE entries {ra.prompt!r} -> {ra.target!r} and {rb.prompt!r} -> "
+                                            f"{rb.target!r} at {a.config.get('module')} overlap (distance {d:.3g} "
+                                            f"within {ra.eps_init + rb.eps_init:.3g})"))
+    return found
+
+
+register_conflict_check(KIND, merge_conflicts)
 
 
 # ---------------------------------------------------------------------------------------------

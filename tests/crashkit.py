@@ -45,7 +45,8 @@ from kedit.hub import layout as hub
 from kedit.hub import remotes
 from tests.linechild import LineChild
 
-COMMANDS = ("init", "edit", "revert", "checkout", "branch", "tag", "reset", "gc", "push", "fetch", "pull", "clone")
+COMMANDS = ("init", "edit", "revert", "merge", "cherry_pick",
+            "checkout", "branch", "tag", "reset", "gc", "push", "fetch", "pull", "clone")
 TOKEN = "hf_kedit_crash_token_0123456789abcdef"
 HUB_USER = "alice"
 EDIT_ARGS = ["edit", "--prompt", "The capital city is France", "--subject", "France", "--target", "Japan",
@@ -296,6 +297,19 @@ class CrashRun:
         self._on("main")
         self.acked[small_edit(self.local, 100 + i, f"to revert {i}")] = "main"
         return self._local_command(i, delay, ["revert", "HEAD"], "revert")
+
+    def _merge(self, i: int, delay: float | None) -> bool:
+        self._on("side")
+        self.acked[small_edit(self.local, 300 + i, f"to merge {i}")] = "side"
+        self._on("main")  # both sides change one norm: --take ours resolves that conflict
+        return self._local_command(i, delay, ["merge", "side", "--no-ff", "--take", "ours"], "merge")
+
+    def _cherry_pick(self, i: int, delay: float | None) -> bool:
+        self._on("side")
+        picked = small_edit(self.local, 400 + i, f"to pick {i}")
+        self.acked[picked] = "side"
+        self._on("main")
+        return self._local_command(i, delay, ["cherry-pick", picked], "cherry-pick")
 
     def _checkout(self, i: int, delay: float | None) -> bool:
         target = "side" if with_repo(self.local, lambda r: r.head_branch()) == "main" else "main"

@@ -164,10 +164,13 @@ def test_each_tampered_row_is_named_by_fsck_and_rebuilt_by_repair(work: Path, id
 
 def test_a_forged_parent_hides_a_commit_from_log_until_repaired(work: Path, ids: dict[str, str]) -> None:
     sql(work, f"UPDATE commits SET parent = '{ids['init']}' WHERE id = '{ids['second']}'")
+    sql(work, f"UPDATE commit_parents SET parent_id = '{ids['init']}' WHERE commit_id = '{ids['second']}'")
     assert ids["first"][:12] not in kedit(work, "log", "--oneline").stdout  # the attack works on log...
     assert f"Parent: {ids['init']}" in kedit(work, "show", ids["second"]).stdout
     assert f"commit {ids['second'][:12]}: column parent is '{ids['init']}', its record says '{ids['first']}'" \
         in kedit(work, "fsck").stdout  # ...and fsck names it
+    assert f"commit {ids['second'][:12]}: its parent rows name [\"{ids['init']}\"], its record says " \
+        f"[\"{ids['first']}\"]" in kedit(work, "fsck").stdout
     kedit(work, "fsck", "--repair")
     assert ids["first"][:12] in kedit(work, "log", "--oneline").stdout
     assert f"Parent: {ids['first']}" in kedit(work, "show", ids["second"]).stdout

@@ -83,6 +83,10 @@ def test_each_command_prints_its_documented_keys(tmp_path: Path, tiny_folder: Pa
     run("checkout", "checkout", "exp")
     run("checkout", "checkout", "main")
     run("reset", "reset", "HEAD")
+    run("merge", "merge", "exp")  # exp is behind: up to date
+    run("checkout", "checkout", "exp")
+    run("cherry-pick", "cherry-pick", "main")
+    run("checkout", "checkout", "main")
     run("stats", "stats", "--corpus", str(corpus), "--samples", "16")
     run("eval", "eval")
     run("check", "check", "--threshold", "1.0")

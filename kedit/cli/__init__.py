@@ -70,7 +70,7 @@ COMMANDS = [
     model.init, model.export,
     history.log, history.show, history.status, history.reflog, history.diff,
     behaviour.blame, behaviour.bisect,
-    branch.checkout, branch.reset, branch.branch, branch.tag, branch.revert,
+    branch.checkout, branch.reset, branch.branch, branch.tag, branch.revert, branch.merge, branch.cherry_pick,
     maintenance.fsck, maintenance.gc,
     edit.edit, edit.stats,
     eval.eval_, eval.check, eval.probe,

@@ -1,11 +1,12 @@
-"""Commands that move HEAD and refs: checkout, reset, branch, tag, revert."""
+"""Commands that move HEAD and refs: checkout, reset, branch, tag, revert, merge, cherry-pick."""
 
 from __future__ import annotations
 
 import click
 
-from kedit.cli.common import command, json_option, open_repo, ref_decorations, say
+from kedit.cli.common import command, device_option, dtype_option, json_option, open_repo, ref_decorations, say
 from kedit.cli.jsonout import commit_json, emit_json
+from kedit.core.conflicts import DEFAULT_THRESHOLD
 from kedit.core.refs import short_id
 
 
@@ -143,3 +144,131 @@ def revert(ctx: click.Context, rev: str, message: str | None, as_json: bool) -> 
     if later:
         say(ctx, f"note: {len(later)} later edit(s) were made on a model that contained the reverted one; "
                   "re-evaluate them (kedit check)")
+
+
+@command()
+@click.argument("rev")
+@click.option("--strategy", type=click.Choice(["compose", "replay"]), default="compose", show_default=True,
+              help="compose: the merge base plus both sides' stored deltas, recomputed (no model needed); "
+                   "replay: REV's edit requests re-run on this side with their recorded methods.")
+@click.option("--no-ff", is_flag=True, help="Make a merge commit even when HEAD could fast-forward.")
+@click.option("--take", type=click.Choice(["ours", "theirs"]),
+              help="Resolve conflicts: keep this side's conflicting edits and leave the other side's out.")
+@click.option("--threshold", type=click.FloatRange(0, None, min_open=True), default=DEFAULT_THRESHOLD,
+              show_default=True, help="Key overlap above which two edits of one tensor conflict.")
+@click.option("--check", "check_probes", is_flag=True,
+              help="Run kedit check at the merge (both sides' probes); undo the merge and exit 1 if one broke.")
+@click.option("-m", "--message", help="Message of the merge commit.")
+@device_option
+@dtype_option
+@json_option
+@click.pass_context
+def merge(ctx: click.Context, rev: str, strategy: str, no_ff: bool, take: str | None, threshold: float,
+          check_probes: bool, message: str | None, device: str, dtype: str | None, as_json: bool) -> None:
+    """Merge REV's edits into the current branch (fast-forward when possible).
+
+    The merge commit's tensors are the merge base's with both sides' stored deltas applied,
+    this branch's first, then REV's, each oldest first (--strategy compose), or this branch's
+    with REV's requests re-run on it (--strategy replay). Conflicting edits (the same subject and
+    prompt set to different targets, edits of one tensor that move each other's key, GRACE
+    entries whose balls overlap with different targets) stop the merge with a report and exit
+    status 1, nothing changed; --take ours|theirs resolves them.
+
+    \b
+    Example:
+        kedit merge experiment
+        kedit merge experiment --take ours
+        kedit merge experiment --strategy replay --check
+    """
+    from kedit.core.errors import MergeConflictError
+    from kedit.model.adapters import conflict_check
+
+    repo = open_repo(ctx)
+    report = None
+    try:
+        if strategy == "compose" and not check_probes:  # no model: nothing heavier than the engine is imported
+            result = repo.merge(rev, no_ff=no_ff, take=take, threshold=threshold, adapter_check=conflict_check,
+                                message=message)
+        else:
+            from kedit.core.errors import MergeCheckError
+            from kedit.edit.replay import broken_by_merge, loader
+            from kedit.edit.replay import merge as merge_with_model
+            from kedit.edit.run import EditOptions
+            from kedit.model.load import parse_dtype
+
+            torch_dtype = parse_dtype(dtype)
+            try:
+                outcome = merge_with_model(
+                    repo, rev, strategy=strategy, no_ff=no_ff, take=take, threshold=threshold,
+                    adapter_check=conflict_check, message=message, check_probes=check_probes,
+                    load=loader(repo, dtype=torch_dtype, device=device) if check_probes else None,
+                    options=EditOptions(dtype=torch_dtype, device=device, measure=False))
+            except MergeCheckError as e:
+                ctx.obj["exit_code"] = 1
+                _echo_broken(e.broken, as_json)
+                raise
+            result, report = outcome.result, outcome.report
+    except MergeConflictError as e:
+        ctx.obj["exit_code"] = 1
+        if as_json:
+            emit_json(status="conflict", conflicts=[c.to_dict() for c in e.conflicts])
+        else:
+            click.echo(f"CONFLICT: {len(e.conflicts)} conflicting edit pair(s); nothing was changed")
+            for c in e.conflicts:
+                click.echo(f"  {c.kind:<11} ours {short_id(c.ours)}  theirs {short_id(c.theirs)}  {c.what}")
+        raise
+    if as_json:
+        emit_json(status=result.status, head=result.head, branch=repo.head_branch(), base=result.base,
+                  ours=result.ours, theirs=result.theirs, strategy=strategy, tensors=result.tensors,
+                  adapter_ops=result.adapter_ops, conflicts=[c.to_dict() for c in result.conflicts],
+                  left_out=result.left_out,
+                  check=None if report is None else {"probes": len(report.results), "broken": len(report.broken),
+                                                     "broken_by_merge": len(broken_by_merge(report))})
+        return
+    if result.status == "up-to-date":
+        say(ctx, "Already up to date.")
+    elif result.status == "fast-forward":
+        say(ctx, f"Fast-forward {short_id(result.ours)}..{short_id(result.head)}")
+    else:
+        commit = repo.get_commit(result.head)
+        click.echo(f"[{repo.head_branch() or 'detached'} {commit.short}] {commit.message}")
+        say(ctx, f"Merged {short_id(result.theirs)} (base {short_id(result.base or '')}, {strategy}): "
+                 f"{result.tensors} tensor(s), {result.adapter_ops} adapter operation(s)")
+        if result.left_out:
+            say(ctx, f"Left out {len(result.left_out)} conflicting commit(s) of the other side: "
+                     + ", ".join(short_id(c) for c in result.left_out))
+    if report is not None:
+        say(ctx, f"check: {len(report.broken)} broken of {len(report.results)} probes "
+                 f"({len(broken_by_merge(report))} by the merge)")
+
+
+def _echo_broken(broken: list, as_json: bool) -> None:
+    """The probes that broke at a merge that --check undid."""
+    if as_json:
+        emit_json(status="check-failed", broken=[{"probe": r.probe.__dict__, "parent": r.parent, "now": r.now,
+                                                  "against": r.against} for r in broken])
+        return
+    for r in broken:
+        click.echo(f"BROKE {r.probe.kind:<8} #{r.probe.id:<4} {r.now:.2f}  {r.probe.prompt!r} -> {r.probe.answer!r}")
+
+
+@command("cherry-pick")
+@click.argument("rev")
+@click.option("-m", "--message", help="Message of the new commit (default: REV's).")
+@json_option
+@click.pass_context
+def cherry_pick(ctx: click.Context, rev: str, message: str | None, as_json: bool) -> None:
+    """Apply the edit REV's stored deltas and adapters to HEAD as a new commit that names REV.
+
+    \b
+    Example:
+        kedit cherry-pick experiment~2
+    """
+    repo = open_repo(ctx)
+    commit = repo.cherry_pick(rev, message=message)
+    if as_json:
+        emit_json(branch=repo.head_branch(), commit=commit_json(commit, ref_decorations(repo).get(commit.id)),
+                  picked_from=commit.info.get("cherry_picked_from"))
+        return
+    click.echo(f"[{repo.head_branch() or 'detached'} {commit.short}] {commit.message}")
+    say(ctx, f"(cherry picked from commit {commit.info.get('cherry_picked_from')}); re-evaluate it (kedit check)")

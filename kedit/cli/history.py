@@ -119,6 +119,8 @@ def log(ctx: click.Context, revs: tuple[str, ...], oneline: bool, max_count: int
             continue
         deco = decorations.get(commit.id)
         click.echo(click.style(f"commit {commit.id}", fg="yellow") + (f" ({', '.join(deco)})" if deco else ""))
+        if len(commit.parents) > 1:
+            click.echo("Merge:  " + " ".join(short_id(p) for p in commit.parents))
         click.echo(f"Author: {commit.author}")
         click.echo(f"Date:   {commit.created}")
         if commit.method:
@@ -153,7 +155,10 @@ def show(ctx: click.Context, rev: str, as_json: bool) -> None:
                             for op, oid, kind in adapters])
         return
     click.echo(click.style(f"commit {commit.id}", fg="yellow"))
-    click.echo(f"Parent: {commit.parent or '-'}")
+    if len(commit.parents) > 1:  # a merge: its first parent, then the merged side
+        click.echo("Parents: " + " ".join(commit.parents))
+    else:
+        click.echo(f"Parent: {commit.parent or '-'}")
     click.echo(f"Author: {commit.author}\nDate:   {commit.created}\nKind:   {commit.kind}")
     if commit.method:
         click.echo(f"Method: {commit.method}")

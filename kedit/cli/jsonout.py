@@ -24,7 +24,7 @@ def emit_json(**fields: Any) -> None:
 
 def commit_json(commit: CommitInfo, refs: list[str] | None = None) -> dict[str, Any]:
     """A commit as every command shows it: record, metrics, and the refs that point at it."""
-    return {"id": commit.id, "short": commit.short, "parents": [commit.parent] if commit.parent else [],
+    return {"id": commit.id, "short": commit.short, "parents": list(commit.parents),
             "depth": commit.depth, "kind": commit.kind, "method": commit.method, "message": commit.message,
             "author": commit.author, "created": commit.created, "hparams": commit.hparams,
             "requests": commit.requests, "info": commit.info, "metrics": [m.__dict__ for m in commit.metrics],

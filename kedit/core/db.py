@@ -186,11 +186,25 @@ _METRIC_SOURCE = "ALTER TABLE metrics ADD COLUMN source TEXT NOT NULL DEFAULT ''
 # whose host is not HF_ENDPOINT's: the token itself is never stored.
 _REMOTE_TOKEN_ENV = "ALTER TABLE remotes ADD COLUMN token_env TEXT;"
 
+# Every parent of a commit, in order (seq 0 is `commits.parent`, the first parent): a merge commit has
+# two. Filled from `commits.parent` for repositories written before merges. The parent reference is
+# checked at the end of the transaction, so that fetch may insert a merge before its second parent.
+_COMMIT_PARENTS = """
+CREATE TABLE commit_parents (
+    commit_id TEXT NOT NULL REFERENCES commits(id) ON DELETE CASCADE,
+    seq INTEGER NOT NULL,
+    parent_id TEXT NOT NULL REFERENCES commits(id) DEFERRABLE INITIALLY DEFERRED,
+    PRIMARY KEY (commit_id, seq)
+);
+CREATE INDEX commit_parents_parent ON commit_parents(parent_id);
+INSERT INTO commit_parents (commit_id, seq, parent_id) SELECT id, 0, parent FROM commits WHERE parent IS NOT NULL;
+"""
+
 # Named migrations; each runs once, inside a transaction, and is recorded by name in
 # `_kedit_migrations` (never rename one: users' databases hold these names). The ones a database
 # lacks run in this order, the numeric one. Earlier kedits listed them 0001, 0002, 0004, 0005, 0003,
 # so a database may hold any subset; numeric order is safe for every subset because each migration
-# needs only lower-numbered ones (0005 and 0006 use 0001's tables, 0007 alters 0004's) and 0003
+# needs only lower-numbered ones (0005, 0006 and 0008 use 0001's tables, 0007 alters 0004's) and 0003
 # (a table of its own) needs none after 0001.
 MIGRATIONS: list[tuple[str, str]] = [
     ("0001_initial", _SCHEMA_V1),
@@ -200,6 +214,7 @@ MIGRATIONS: list[tuple[str, str]] = [
     ("0005_method_memory", _METHOD_MEMORY),
     ("0006_metric_source", _METRIC_SOURCE),
     ("0007_remote_token_env", _REMOTE_TOKEN_ENV),
+    ("0008_commit_parents", _COMMIT_PARENTS),
 ]
 
 

@@ -91,6 +91,26 @@ class HeadMovedError(StaleRefError):
     hint = "run the edit again"
 
 
+class MergeConflictError(KeditError):
+    """The two sides of a merge disagree (kedit.core.conflicts); nothing was changed."""
+
+    hint = "kedit merge --take ours|theirs keeps one side's edits where they conflict"
+
+    def __init__(self, message: str, conflicts: list) -> None:
+        super().__init__(message)
+        self.conflicts = conflicts
+
+
+class MergeCheckError(KeditError):
+    """Probes broke at a merge commit (`kedit merge --check`); the merge was undone."""
+
+    hint = "kedit merge without --check keeps it; kedit check names what broke"
+
+    def __init__(self, message: str, broken: list) -> None:
+        super().__init__(message)
+        self.broken = broken  # kedit.eval.probes.ProbeResult of each probe the merge broke
+
+
 # OBJECT AND INTEGRITY ERRORS
 
 

@@ -1,7 +1,8 @@
 """`kedit log --graph`: every branch's history drawn in text lanes, as `git log --graph` does.
 
-History is first-parent only, so the commits reachable from the refs form a tree: each lane
-waits for one commit, a commit with several waiting lanes joins them (drawn `|/`).
+Commits are drawn children before parents (newest first among those ready). Each lane waits for
+one commit; a merge opens a lane for its second parent right of its own (drawn `|\\`, lanes to its
+right moving over), and a commit with several waiting lanes joins them (drawn `|/`).
 """
 
 from __future__ import annotations
@@ -9,8 +10,27 @@ from __future__ import annotations
 from kedit.core.repo import CommitInfo, Repository
 
 
+def _children_first(commits: dict[str, CommitInfo]) -> list[CommitInfo]:
+    """Every commit after all of its children; among those ready, the newest first."""
+    waiting = dict.fromkeys(commits, 0)  # children not drawn yet
+    for c in commits.values():
+        for p in c.parents:
+            waiting[p] += 1
+    ready = [c for c, n in waiting.items() if n == 0]
+    order: list[CommitInfo] = []
+    while ready:
+        ready.sort(key=lambda cid: (commits[cid].created, commits[cid].depth, cid))
+        commit = commits[ready.pop()]
+        order.append(commit)
+        for p in commit.parents:
+            waiting[p] -= 1
+            if waiting[p] == 0:
+                ready.append(p)
+    return order
+
+
 def render_graph(repo: Repository, limit: int | None = None) -> list[tuple[str, CommitInfo | None]]:
-    """(prefix, commit) rows, newest first; rows with commit None are joining lines."""
+    """(prefix, commit) rows, newest first; rows with commit None are joining or forking lines."""
     tips = set(repo.refs.branches().values()) | set(repo.refs.tags().values())
     if repo.head():
         tips.add(repo.head())
@@ -21,9 +41,8 @@ def render_graph(repo: Repository, limit: int | None = None) -> list[tuple[str, 
         if cid in commits:
             continue
         commits[cid] = repo.get_commit(cid)
-        if commits[cid].parent:
-            stack.append(commits[cid].parent)  # type: ignore[arg-type]
-    order = sorted(commits.values(), key=lambda c: (c.depth, c.created), reverse=True)
+        stack.extend(commits[cid].parents)
+    order = _children_first(commits)
     lanes: list[str | None] = []
     rows: list[tuple[str, CommitInfo | None]] = []
     for commit in order[:limit] if limit else order:
@@ -39,7 +58,13 @@ def render_graph(repo: Repository, limit: int | None = None) -> list[tuple[str, 
             cells[extra] = "/"
             rows.append((" ".join(cells[: extra + 1]), None))
             lanes[extra] = None
-        lanes[col] = commit.parent
+        lanes[col] = commit.parents[0] if commit.parents else None
+        for parent in commit.parents[1:]:
+            if parent in lanes:
+                continue  # another lane already waits for it: the two join there
+            lanes.insert(col + 1, parent)
+            cells = ["|" if lane else " " for lane in lanes[: col + 1]] + ["\\"] * (len(lanes) - col - 1)
+            rows.append((" ".join(cells), None))
         while lanes and lanes[-1] is None:
             lanes.pop()
     return rows

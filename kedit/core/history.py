@@ -4,16 +4,21 @@ A commit changes some tensors. Each change says where its value starts (`source_
 value that tensor had at that commit, or nothing for a replacement) and which stored delta
 steps are applied to it, in order. The value of a tensor at a commit is the value of the
 latest change to it along the first-parent chain, so history is never rewritten: a revert
-is a new change whose steps are the old ones without the reverted commit's.
+is a new change whose steps are the old ones without the reverted commit's, and a merge commit
+records a change for every tensor whose value differs from its first parent's (its steps are
+the other side's, applied after the first parent's), so first-parent walks give every value.
+Reachability (what a branch contains, what gc keeps) goes over all parents (`revisions.reachable`).
 """
 
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 from kedit.core import db as dbm
 from kedit.core.db import Database
+from kedit.core.revisions import reachable
 from kedit.core.tensors import DTYPE_SIZES
 
 
@@ -67,6 +72,19 @@ WITH RECURSIVE anc(id, parent, dist) AS (
 def ancestors(db: Database, commit_id: str) -> list[str]:
     """First-parent ancestors of a commit, itself first."""
     return [r[0] for r in db.execute(_ANCESTORS + "SELECT id FROM anc ORDER BY dist", {"commit": commit_id})]
+
+
+def parents(db: Database, commit_id: str) -> list[str]:
+    """A commit's parents in order (the first parent first; two for a merge)."""
+    return [r[0] for r in db.execute("SELECT parent_id FROM commit_parents WHERE commit_id = ? ORDER BY seq",
+                                     [commit_id])]
+
+
+def oldest_first(db: Database, ids: Iterable[str]) -> list[str]:
+    """`ids` by first-parent depth, then creation time: a commit after its first parent."""
+    rows = db.execute("SELECT id, depth, created FROM commits WHERE id IN (SELECT value FROM json_each(?))",
+                      [json.dumps(sorted(set(ids)))]).fetchall()
+    return [cid for cid, _, _ in sorted(rows, key=lambda r: (r[1], r[2], r[0]))]
 
 
 def manifest(db: Database, commit_id: str) -> dict[str, ManifestEntry]:
@@ -137,35 +155,56 @@ def defining_chain(db: Database, commit_id: str, name: str) -> list[Change]:
     return chain[::-1]
 
 
-def edits_in_effect(db: Database, commit_id: str) -> set[str]:
-    """Edit commits whose change is in effect at `commit_id` (reverts and re-applies followed)."""
-    sql = _ANCESTORS + "SELECT c.id, c.kind, c.info FROM anc JOIN commits c ON c.id = anc.id ORDER BY anc.dist DESC"
+def edits_in_effect(db: Database, commit_id: str,
+                    _memo: dict[str, frozenset[str]] | None = None) -> set[str]:
+    """Edit commits whose change is in effect at `commit_id` (reverts, re-applies and merges followed).
+
+    A merge keeps what either side has of what came after their merge base, and drops what
+    either side removed of the merge base's and what it left out of a conflict (as its compose
+    arithmetic does)."""
+    memo = {} if _memo is None else _memo
+    if commit_id in memo:
+        return set(memo[commit_id])
+    sql = _ANCESTORS + ("SELECT c.id, c.kind, c.info, c.record FROM anc JOIN commits c ON c.id = anc.id "
+                        "ORDER BY anc.dist DESC")
     active: set[str] = set()
-    kinds: dict[str, str] = {}
-    reverts: dict[str, str | None] = {}
-    for cid, kind, info in db.execute(sql, {"commit": commit_id}):
-        kinds[cid] = kind
+    for cid, kind, info, record in db.execute(sql, {"commit": commit_id}).fetchall():
         if kind == "edit":
             active.add(cid)
         elif kind == "revert":
-            target = reverts[cid] = json.loads(info or "{}").get("reverts")
+            target = json.loads(info or "{}").get("reverts")
             if target in active:
                 active.discard(target)
-            elif target and kinds.get(target) == "revert":  # a revert of a revert re-applies the edit
-                active.add(reverts[target])
+            elif target and _kind(db, target) == "revert":  # a revert of a revert re-applies the edit
+                active.add(json.loads(_info(db, target)).get("reverts"))
+        elif kind == "merge":
+            rec = json.loads(record)
+            other = set(edits_in_effect(db, rec["parents"][1], memo))
+            base = set(edits_in_effect(db, rec["merge_base"], memo)) if rec.get("merge_base") else set()
+            active = (active | other) - ((base - active) | (base - other)) - set(rec.get("dropped", []))
+        memo[cid] = frozenset(active)
     return active
 
 
+def _kind(db: Database, cid: str) -> str | None:
+    row = db.execute("SELECT kind FROM commits WHERE id = ?", [cid]).fetchone()
+    return row[0] if row else None
+
+
+def _info(db: Database, cid: str) -> str:
+    row = db.execute("SELECT info FROM commits WHERE id = ?", [cid]).fetchone()
+    return (row[0] if row else None) or "{}"
+
+
 def method_memory(db: Database, commit_id: str, method: str) -> list[tuple[str, str]]:
-    """(commit, object) of `method`'s memory for the commits in effect at `commit_id`, oldest first."""
-    sql = _ANCESTORS + """
-        SELECT m.commit_id, m.object_id FROM anc JOIN method_memory m ON m.commit_id = anc.id
-        WHERE m.method = :method ORDER BY anc.dist DESC"""
-    rows = db.execute(sql, {"commit": commit_id, "method": method}).fetchall()
+    """(commit, object) of `method`'s memory for the commits in effect at `commit_id`, oldest first
+    (over all parents: a merge brings the other side's memory)."""
+    rows = db.execute("SELECT commit_id, object_id FROM method_memory WHERE method = ?", [method]).fetchall()
     if not rows:
         return []
-    live = edits_in_effect(db, commit_id)
-    return [(cid, oid) for cid, oid in rows if cid in live]
+    live = edits_in_effect(db, commit_id) & reachable(db, [commit_id])
+    objects = {cid: oid for cid, oid in rows if cid in live}
+    return [(cid, objects[cid]) for cid in oldest_first(db, objects)]
 
 
 @dataclass(frozen=True)

@@ -3,8 +3,9 @@
 A commit's id is the hash of its record (the canonical JSON kept in `commits.record`). Every
 other row about the commit restates part of that record so that queries stay fast: the commit
 row's columns (parent, depth, kind, method, hparams, requests, message, author, created), its
-tensor changes and their steps, adapter operations, files and method memory. `implied_rows`
-derives them, so `kedit fsck` can prove each row and `kedit fsck --repair` rebuild it.
+parents (`commit_parents`: every parent, for a merge both), its tensor changes and their steps,
+adapter operations, files and method memory. `implied_rows` derives them, so `kedit fsck` can
+prove each row and `kedit fsck --repair` rebuild it.
 
 Caveats: a revert's record names the commit it reverts; its `requests` column is that commit's
 requests, so it is derived through the reverted record. What no record holds (metrics, probe
@@ -34,6 +35,7 @@ class ImpliedChange:
 @dataclass(frozen=True)
 class ImpliedRows:
     columns: dict[str, Any]  # COMMIT_COLUMNS -> value (JSON columns as parsed values)
+    parents: tuple[str, ...]  # every parent, in order (the `commit_parents` rows)
     reverts: str | None  # a revert's target, restated in `info` (history.edits_in_effect reads it)
     changes: dict[str, ImpliedChange]
     adapter_ops: tuple[tuple[str, str, str, str], ...]  # (op, object id, kind, origin commit)
@@ -57,6 +59,11 @@ def load_records(rows: Any) -> dict[str, dict[str, Any]]:
 def parent_of(record: Mapping[str, Any]) -> str | None:
     parents = record.get("parents") or []
     return parents[0] if parents else None
+
+
+def parents_of(record: Mapping[str, Any]) -> tuple[str, ...]:
+    """All parents a record names, the first parent first (a merge names two)."""
+    return tuple(record.get("parents") or [])
 
 
 def depths(records: Mapping[str, Mapping[str, Any]]) -> dict[str, int | None]:
@@ -107,11 +114,12 @@ def implied_rows(cid: str, records: Mapping[str, Mapping[str, Any]],
     changes = {}
     for name, t in record.get("tensors", {}).items():
         steps = tuple((own(o), oid, enc) for o, oid, enc in t["steps"])
-        encoding = {"init": "exact", "revert": "replay"}.get(kind, steps[-1][2] if steps else "")
+        encoding = {"init": "exact", "revert": "replay", "merge": "replay"}.get(kind, steps[-1][2] if steps else "")
         changes[name] = ImpliedChange(t["source"], t["hash"], encoding, steps)
     memory = record.get("memory")
     return ImpliedRows(
-        columns=columns, reverts=record.get("reverts") if kind == "revert" else None, changes=changes,
+        columns=columns, parents=parents_of(record), reverts=record.get("reverts") if kind == "revert" else None,
+        changes=changes,
         adapter_ops=tuple((op, oid, k, own(origin)) for op, oid, k, origin in record.get("adapters", [])),
         files=dict(record.get("files", {})),
         memory=(record.get("method") or "", memory) if memory else None,

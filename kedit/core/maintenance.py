@@ -13,9 +13,9 @@ refs to their last reflog position and drops reflog entries naming missing commi
 damaged shards and files of the working model from the objects (verified by hash), then runs fsck
 again. A missing object or a record that does not hash to its id cannot be repaired from here.
 
-gc keeps everything reachable from a ref or from a reflog entry younger than the reflog
-expiry, and everything younger than the grace period; it removes the rest (commit rows,
-objects, keyframes, stale temp files). Like git, it is safe against a concurrent writer
+gc keeps everything reachable (over all parents: both sides of a merge) from a ref or from a
+reflog entry younger than the reflog expiry, and everything younger than the grace period; it
+removes the rest (commit rows, objects, keyframes, stale temp files). Like git, it is safe against a concurrent writer
 because it holds the writer lock and never deletes a young object.
 """
 
@@ -34,7 +34,7 @@ from kedit.core import db as dbm
 from kedit.core import history
 from kedit.core.errors import KeditError
 from kedit.core.hashing import hash_bytes, record_id
-from kedit.core.implied import depths, implied_rows, load_records, parent_of
+from kedit.core.implied import depths, implied_rows, load_records, parents_of
 from kedit.core.materialize import Materializer, TensorCache
 from kedit.core.progress import progress_bar
 from kedit.core.refs import short_id
@@ -180,10 +180,10 @@ def _proved_records(repo: Repository, report: FsckReport) -> dict[str, dict]:
         if record.get("kind") not in KNOWN_KINDS:
             report.warnings.append(f"commit {short_id(cid)}: a record of kind {record.get('kind')!r}, which this kedit "
                                    "does not know; its rows are not checked (pip install -U kedit)")
-        parent = parent_of(record)
-        if parent is not None and not _is_commit(repo, parent):
-            report.errors.append(f"commit {short_id(cid)}: its parent {short_id(parent)} is missing; {NOT_REPAIRABLE} "
-                                 "(fetch it again from a remote)")
+        for parent in parents_of(record):  # a merge names two
+            if not _is_commit(repo, parent):
+                report.errors.append(f"commit {short_id(cid)}: its parent {short_id(parent)} is missing; "
+                                     f"{NOT_REPAIRABLE} (fetch it again from a remote)")
     return records
 
 
@@ -458,9 +458,7 @@ def _reachable_commits(repo: Repository) -> set[str]:
         if cid in keep:
             continue
         keep.add(cid)
-        row = dbm.one(repo.db, "SELECT parent FROM commits WHERE id = ?", [cid])
-        if row and row[0]:
-            stack.append(row[0])
+        stack.extend(history.parents(repo.db, cid))  # both sides of a merge
         stack.extend(r[0] for r in repo.db.execute(
             "SELECT DISTINCT source_commit FROM tensor_changes WHERE commit_id = ? AND source_commit IS NOT NULL",
             [cid]))

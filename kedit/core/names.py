@@ -172,8 +172,8 @@ def loads_unique(text: str | bytes) -> Any:
 def check_commit_document(doc: dict[str, Any]) -> None:
     """Every name in a downloaded commit document (shape and hash already verified)."""
     check_id(doc["id"], "commit id")
-    if doc["parent"] is not None:
-        check_id(doc["parent"], "parent commit id")
+    for parent in doc.get("parents") or ([doc["parent"]] if doc["parent"] is not None else []):
+        check_id(parent, "parent commit id")
     loads_unique(doc["record"])  # the hashed record may not hide a second value under one key
     check_unique((ch["name"] for ch in doc["changes"]), "tensor name")
     for ch in doc["changes"]:

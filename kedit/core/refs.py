@@ -8,7 +8,8 @@ in the reflog, which `kedit reflog` shows and `kedit gc` treats as reachable.
 Revisions: a full id, a unique prefix of at least 4 hex digits, a branch, a tag, HEAD or `@`
 (HEAD), or a reflog entry `REF@{n}` (where REF pointed n moves ago, as `kedit reflog` numbers
 them: `HEAD@{1}` is where HEAD was before its last move; `@{n}` is the current branch's),
-followed by any number of `~N` (N first parents back) or `^` (one back). Ranges of commits
+followed by any number of `~N` (N first parents back), `^` (one back) or `^N` (the Nth parent:
+`^2` is a merge's second parent, `^0` the commit itself). Ranges of commits
 (`A..B`, `A...B`) are in kedit/core/revisions.py.
 """
 
@@ -33,7 +34,7 @@ def short_id(object_id: str) -> str:
 DEFAULT_BRANCH = "main"
 
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._/-]*$")
-_SUFFIX_RE = re.compile(r"(~\d*|\^)")
+_SUFFIX_RE = re.compile(r"(~\d*|\^\d*)")
 _REFLOG_RE = re.compile(r"^(.*)@\{(\d+)\}$")
 MIN_PREFIX = 4
 MAX_REF_NAME = 255
@@ -147,7 +148,17 @@ class Refs:
         base, suffixes = _split_revision(rev)
         commit = self._resolve_base(base, rev)
         for suffix in suffixes:
-            steps = 1 if suffix == "^" or suffix == "~" else int(suffix[1:])
+            if suffix.startswith("^") and suffix not in ("^", "^1"):  # ^N: the Nth parent (of a merge)
+                n = int(suffix[1:])
+                if n == 0:
+                    continue
+                row = dbm.one(self.db, "SELECT parent_id FROM commit_parents WHERE commit_id = ? AND seq = ?",
+                              [commit, n - 1])
+                if row is None:
+                    raise RevisionError(f"revision {rev!r}: {short_id(commit)} has no parent number {n}", rev=rev)
+                commit = row[0]
+                continue
+            steps = 1 if suffix in ("^", "^1", "~") else int(suffix[1:])
             for _ in range(steps):
                 row = dbm.one(self.db, "SELECT parent FROM commits WHERE id = ?", [commit])
                 if row is None or row[0] is None:
@@ -204,7 +215,7 @@ class Refs:
 
 
 def _split_revision(rev: str) -> tuple[str, list[str]]:
-    match = re.search(r"(~\d*|\^)+$", rev)
+    match = re.search(r"(~\d*|\^\d*)+$", rev)
     if not match:
         return rev, []
     return rev[: match.start()], _SUFFIX_RE.findall(match.group(0))

@@ -5,6 +5,7 @@ Calling sequence:
     info = repo.commit({"model.layers.5.mlp.down_proj.weight": LowRank(a, b)}, message=...)
     state = repo.materialize("HEAD~1")                   # {name: tensor}, verified by hash
     repo.revert(info.id); repo.checkout("main"); repo.log()
+    repo.merge("experiment"); repo.cherry_pick("experiment~1")   # stored deltas composed, no model
 
 Error handling: every write takes the writer lock (`.kedit/LOCK`, an fcntl lock the OS
 releases if the process dies), writes objects first, then records the commit and moves the
@@ -15,7 +16,8 @@ given `expected_parent` (the `HeadState` an edit's model was loaded at), it refu
 when HEAD moved meanwhile. `init` marks the repository as initialising until the transaction
 that records its branches, so an interrupted init is recognised (and cleared by the next one).
 
-Caveats: history is first-parent only (no merges yet). The working model under
+Caveats: a merge commit has two parents; values, logs of one line and manifests follow first
+parents (the merge commit records every tensor its other side changed). The working model under
 `.kedit/worktree` follows HEAD; commands that write bring it up to date first.
 """
 
@@ -36,6 +38,14 @@ from safetensors import SafetensorError
 import kedit
 from kedit.core import config, history
 from kedit.core import db as dbm
+from kedit.core.conflicts import (
+    DEFAULT_THRESHOLD,
+    AdapterCheck,
+    Conflict,
+    adapter_conflicts,
+    delta_conflict,
+    request_conflicts,
+)
 from kedit.core.db import DB_FILE, REPO_DIR, find_repository
 from kedit.core.delta import Adapter, LowRank, Replace, WeightDelta, apply_step, change_size, encode_delta
 from kedit.core.errors import (
@@ -45,6 +55,7 @@ from kedit.core.errors import (
     IncompleteRepositoryError,
     KeditError,
     LockedError,
+    MergeConflictError,
     ModelSourceError,
     ReadOnlyRepositoryError,
     RepositoryExistsError,
@@ -56,6 +67,7 @@ from kedit.core.materialize import Materializer, TensorCache, load_step
 from kedit.core.names import check_tensor_name
 from kedit.core.progress import progress_bar
 from kedit.core.refs import BRANCH_PREFIX, DEFAULT_BRANCH, HEAD, TAG_PREFIX, Refs, check_ref_name, now_iso, short_id
+from kedit.core.revisions import merge_base, reachable
 from kedit.core.sources import open_source
 from kedit.core.store import ObjectStore, read_safetensors
 from kedit.core.tensors import dtype_name, finite, hash_tensor, jsonable, require_finite
@@ -95,6 +107,7 @@ class CommitInfo:
     author: str
     created: str
     metrics: list[Metric] = field(default_factory=list)
+    parents: list[str] = field(default_factory=list)  # all of them, the first parent first (two for a merge)
 
     @property
     def short(self) -> str:
@@ -148,6 +161,36 @@ class StagedCommit:
     files: dict[str, str] = field(default_factory=dict)
     memory: tuple[str, str] | None = None  # (method, object id)
     metrics: list[Metric] = field(default_factory=list)
+
+    @property
+    def parents(self) -> list[str]:
+        """Every parent the hashed record names, the first parent (`parent`) first."""
+        return list(self.record.get("parents") or ([self.parent] if self.parent else []))
+
+
+@dataclass
+class MergeResult:
+    """What `Repository.merge` did: `head` is where HEAD is now."""
+
+    status: str  # up-to-date | fast-forward | merged
+    head: str
+    ours: str
+    theirs: str
+    base: str | None
+    conflicts: list[Conflict] = field(default_factory=list)  # resolved by `take`
+    left_out: list[str] = field(default_factory=list)  # the conflicting commits `take` left out
+    tensors: int = 0
+    adapter_ops: int = 0
+
+
+@dataclass
+class _MergePlan:
+    ours: list[str]
+    theirs: list[str]
+    conflicts: list[Conflict] = field(default_factory=list)
+    dropped: set[str] = field(default_factory=set)
+    staged: dict[str, dict] = field(default_factory=dict)
+    adapter_ops: list[tuple[str, str, str, str]] = field(default_factory=list)
 
 
 def _finished(meta_keys: Iterable[str]) -> bool:
@@ -334,7 +377,8 @@ class Repository:
             raise RevisionError(f"unknown commit {commit_id}", rev=commit_id)
         cid, parent, depth, kind, method, hp, reqs, info, message, author, created = row
         return CommitInfo(cid, parent, depth, kind, method, json.loads(hp or "{}"), json.loads(reqs or "[]"),
-                          json.loads(info or "{}"), message, author, created, self.metrics(cid))
+                          json.loads(info or "{}"), message, author, created, self.metrics(cid),
+                          history.parents(self.db, cid))
 
     def metrics(self, commit_id: str) -> list[Metric]:
         return dbm.rows(self.db, "SELECT name, value, protocol, stage, suite, source FROM metrics WHERE commit_id = ? "
@@ -487,6 +531,8 @@ class Repository:
             "message": record["message"], "author": record["author"], "created": record["created"],
             "record": canonical_json(record).decode(),
         })
+        self.db["commit_parents"].insert_all([{"commit_id": c.id, "seq": i, "parent_id": p}
+                                              for i, p in enumerate(c.parents)])
         for ch in c.changes:
             self.db["tensor_changes"].insert({
                 "commit_id": c.id, "name": ch.name, "source_commit": ch.source, "result_hash": ch.hash,
@@ -512,10 +558,11 @@ class Repository:
                hparams: Mapping[str, Any] | None = None, info: Mapping[str, Any] | None = None,
                message: str | None = None, metrics: Iterable[Metric] = (),
                memory: Mapping[str, torch.Tensor] | None = None,
-               expected_parent: HeadState | None = None) -> CommitInfo:
+               expected_parent: HeadState | None = None, picked_from: str | None = None) -> CommitInfo:
         """Record an edit on top of HEAD and move the current branch to it.
 
         `memory`: tensors the method keeps for its later edits (`Repository.memory`).
+        `picked_from`: the commit whose stored deltas these are (cherry-pick), named in the record.
         `expected_parent`: where HEAD was when the edit's model was loaded (`head_state()`);
         the deltas apply to that commit, and if HEAD has moved since (another edit, a
         checkout), HeadMovedError is raised and nothing is committed.
@@ -559,6 +606,8 @@ class Repository:
             }
             if memory_obj is not None:
                 record["memory"] = memory_obj.id
+            if picked_from is not None:
+                record["picked_from"] = picked_from
             cid = record_id(record)
             self.write_commits([StagedCommit(
                 cid, parent, record, method, record["hparams"], requests, jsonable(dict(info or {})),
@@ -640,11 +689,15 @@ class Repository:
             at = self.head_state()
             head = at.commit
             target = self.resolve(rev)
-            if target not in history.ancestors(self.db, head):
+            if target not in reachable(self.db, [head]):
                 raise RevisionError(f"{rev} is not in the history of HEAD", rev=rev)
             reverted = self.get_commit(target)
             if reverted.parent is None:
                 raise KeditError("the initial commit (the base model) cannot be reverted")
+            if reverted.kind == "merge":
+                short = short_id(target)
+                raise KeditError(f"{short} is a merge: it brought other commits' edits, revert those",
+                                 hint=f"kedit log {short}^1..{short}^2 lists them")
             staged: dict[str, dict] = {}
             adapter_ops: list[list[str]] = []
             if reverted.kind == "revert":  # reverting a revert re-applies the original edit's own deltas
@@ -674,8 +727,7 @@ class Repository:
                 "author": config.author(self.path), "created": now_iso(), "kedit_version": kedit.__version__,
             }
             cid = record_id(record)
-            later = [c for c in history.ancestors(self.db, head)
-                     if c != target and self.get_commit(c).depth > reverted.depth]
+            later = history.oldest_first(self.db, reachable(self.db, [head]) - reachable(self.db, [target]))[::-1]
             info = {"reverts": target, "later_commits": later,
                     "note": "later edits were computed on a model that contained the reverted one; re-evaluate"}
             self.write_commits([StagedCommit(
@@ -712,6 +764,201 @@ class Repository:
         return {"source": source, "steps": [(s.origin, s.object_id, s.encoding) for s in steps],
                 "hash": hash_tensor(value), "dtype": dtype_name(value.dtype), "shape": list(value.shape),
                 "norm": norm, "rel": rel, "value": value}
+
+    # -- merge and cherry-pick -------------------------------------------------------------
+
+    def cherry_pick(self, rev: str, *, expected_parent: HeadState | None = None, message: str | None = None,
+                    note: str = "cherry_picked_from", record_origin: bool = True) -> CommitInfo:
+        """A new edit on HEAD made of `rev`'s own stored deltas, adapters and method memory,
+        applied with the canonical arithmetic; its record names `rev` (`picked_from`).
+
+        `expected_parent`: refuse (HeadMovedError) unless HEAD is there when it is recorded.
+        `note`: the info key naming where the commit came from (pull --rebase says rebased_from).
+        Metrics measured for `rev` are not copied: they were measured on another model.
+        """
+        at = expected_parent or self.head_state()
+        cid = self.resolve(rev)
+        c = self.get_commit(cid)
+        if c.kind != "edit":
+            raise KeditError(f"cannot pick {short_id(cid)}: only edit commits carry deltas of their own "
+                             f"(it is a {c.kind} commit)")
+        if cid in reachable(self.db, [at.commit]):
+            raise KeditError(f"{short_id(cid)} is already in the history of HEAD: picking it would apply it twice")
+        deltas = {ch.name: load_step(self.store, s) for ch in history.changes(self.db, cid)
+                  for s in ch.steps if s.origin == cid}
+        adapters = []
+        for op, oid, kind, origin in self.db.execute(
+                "SELECT op, object_id, kind, origin_commit FROM adapter_ops WHERE commit_id = ? ORDER BY seq", [cid]):
+            if op == "add" and origin == cid:
+                tensors, metadata = self.store.get_tensors(oid)
+                adapters.append(Adapter(kind, tensors, json.loads(metadata.get("config", "{}"))))
+        row = dbm.one(self.db, "SELECT object_id FROM method_memory WHERE commit_id = ?", [cid])
+        memory = self.store.get_tensors(row[0])[0] if row else None
+        return self.commit(deltas, adapters=adapters, requests=c.requests, method=c.method, hparams=c.hparams,
+                           info={**c.info, note: cid}, message=message or c.message, memory=memory,
+                           expected_parent=at, picked_from=cid if record_origin else None)
+
+    def merge(self, rev: str, *, no_ff: bool = False, take: str | None = None,
+              threshold: float = DEFAULT_THRESHOLD, adapter_check: AdapterCheck | None = None,
+              message: str | None = None) -> MergeResult:
+        """Bring `rev`'s edits into HEAD (`--strategy compose`): fast-forward when HEAD is in
+        `rev`'s history (unless `no_ff`), else a merge commit with parents [HEAD, rev].
+
+        The merge state is the merge base's value of each tensor with the stored delta steps of
+        both sides applied by the canonical arithmetic, HEAD's side first, then `rev`'s, each
+        oldest first (what either side removed of the base's stays removed), and the adapters
+        likewise: nothing is subtracted, so the merge commit is proved by hash like any other.
+        Conflicts (kedit.core.conflicts; `adapter_check` is the adapter kinds' own check) raise
+        MergeConflictError and change nothing, unless `take` ("ours" or "theirs") says which
+        side's conflicting edits to keep: the other side's are left out of the merge.
+        """
+        if take not in (None, "ours", "theirs"):
+            raise KeditError(f"--take is ours or theirs, not {take!r}")
+        with self.lock():
+            self._sync_worktree()
+            at = self.head_state()
+            ours, theirs = at.commit, self.resolve(rev)
+            if theirs in reachable(self.db, [ours]):
+                return MergeResult("up-to-date", ours, ours, theirs, theirs)
+            base = merge_base(self.db, ours, theirs)
+            if base is None:
+                raise KeditError(f"HEAD and {rev} have no history in common: nothing to merge from")
+            if base == ours and not no_ff:
+                if self.worktree is not None:
+                    self._update_worktree(theirs, force=False)
+                with dbm.write(self.db):
+                    self._check_head(at, "the merge ran; nothing was changed")
+                    self._advance_head(ours, theirs, f"merge {rev}: fast-forward")
+                return MergeResult("fast-forward", theirs, ours, theirs, base)
+            plan = self._merge_plan(base, ours, theirs, take, threshold, adapter_check)
+            msg = message or (f"Merge branch '{rev}'" if self.refs.deref(BRANCH_PREFIX + rev) else
+                              f"Merge {short_id(theirs)}")
+            record: dict[str, Any] = {
+                "kind": "merge", "parents": [ours, theirs], "merge_base": base, "strategy": "compose",
+                "message": msg,
+                "tensors": {n: {"source": s["source"], "steps": [list(x) for x in s["steps"]], "hash": s["hash"]}
+                            for n, s in plan.staged.items()},
+                "adapters": [list(op) for op in plan.adapter_ops],
+                "author": config.author(self.path), "created": now_iso(), "kedit_version": kedit.__version__,
+            }
+            if plan.dropped:
+                record["dropped"] = sorted(plan.dropped)
+            cid = record_id(record)
+            info = {"merge_base": base, "strategy": "compose", "ours_commits": len(plan.ours),
+                    "theirs_commits": len(plan.theirs)}
+            if plan.conflicts:
+                info["resolved"] = {"take": take, "conflicts": [c.to_dict() for c in plan.conflicts],
+                                    "left_out": sorted(plan.dropped)}
+            self.write_commits([StagedCommit(
+                cid, ours, record, info=info,
+                changes=[StagedChange(name, s["source"], s["hash"], s["dtype"], s["shape"], "replay", None,
+                                      s["norm"], s["rel"], 0, s["steps"]) for name, s in plan.staged.items()],
+                adapter_ops=list(plan.adapter_ops),
+            )], expected_parent=at, message=f"merge: {msg}")
+            self._sync_worktree(known_values={n: s["value"] for n, s in plan.staged.items()})
+            return MergeResult("merged", cid, ours, theirs, base, plan.conflicts, sorted(plan.dropped),
+                               len(plan.staged), len(plan.adapter_ops))
+
+    def record_merge(self, rev: str, *, strategy: str, replaced: Iterable[str], expected_parent: HeadState,
+                     message: str | None = None, info: Mapping[str, Any] | None = None) -> CommitInfo:
+        """A merge commit of HEAD and `rev` whose state is HEAD's: `rev`'s edits `replaced` were
+        re-run on this side (`strategy` "replay", kedit/edit/replay.py) as commits HEAD now holds,
+        so their own deltas are left out (the record's `dropped`) and their requests stay in effect
+        through the re-run commits. HeadMovedError, nothing written, unless HEAD is `expected_parent`."""
+        with self.lock():
+            at = self._check_head(expected_parent, "the merge ran; nothing was changed")
+            theirs = self.resolve(rev)
+            base = merge_base(self.db, at.commit, theirs)
+            msg = message or (f"Merge branch '{rev}'" if self.refs.deref(BRANCH_PREFIX + rev) else
+                              f"Merge {short_id(theirs)}")
+            record: dict[str, Any] = {
+                "kind": "merge", "parents": [at.commit, theirs], "merge_base": base, "strategy": strategy,
+                "message": msg, "tensors": {}, "adapters": [], "dropped": sorted(set(replaced)),
+                "author": config.author(self.path), "created": now_iso(), "kedit_version": kedit.__version__,
+            }
+            cid = record_id(record)
+            self.write_commits([StagedCommit(cid, at.commit, record, info={"merge_base": base, "strategy": strategy,
+                                                                           **(info or {})})],
+                               expected_parent=at, message=f"merge: {msg}")
+            return self.get_commit(cid)
+
+    def _merge_plan(self, base: str, ours: str, theirs: str, take: str | None, threshold: float,
+                    adapter_check: AdapterCheck | None) -> _MergePlan:
+        """What the merge commit records, after the conflicts are found (and resolved by `take`)."""
+        plan = _MergePlan(ours=self._side(base, ours), theirs=self._side(base, theirs))
+        live = history.edits_in_effect(self.db, ours) | history.edits_in_effect(self.db, theirs)
+        requests = [{c: self.get_commit(c).requests for c in side if c in live} for side in (plan.ours, plan.theirs)]
+        conflicts = request_conflicts(*requests)
+        effective = {}
+        names = self._names_changed(plan.ours + plan.theirs)
+        loaded: dict[str, WeightDelta] = {}
+
+        def delta(step: history.Step) -> WeightDelta:
+            if step.object_id not in loaded:
+                loaded[step.object_id] = load_step(self.store, step)
+            return loaded[step.object_id]
+
+        for name in names:
+            b, o, t = (self._effective_steps(c, name) for c in (base, ours, theirs))
+            effective[name] = (b, o, t)
+            ours_new = [s for s in o if s not in set(b)]
+            theirs_new = [s for s in t if s not in set(b) and s not in set(o)]
+            for sa in ours_new:
+                for sb in theirs_new:
+                    found = delta_conflict(name, sa.origin, delta(sa), sb.origin, delta(sb), threshold)
+                    if found is not None:
+                        conflicts.append(found)
+        ad_base, ad_ours, ad_theirs = (history.adapters(self.db, c) for c in (base, ours, theirs))
+        conflicts += adapter_conflicts(
+            adapter_check, [(a.origin, self._adapter(a)) for a in ad_ours if a not in ad_base],
+            [(a.origin, self._adapter(a)) for a in ad_theirs if a not in ad_base and a not in ad_ours])
+        plan.conflicts = list(dict.fromkeys(conflicts))
+        if plan.conflicts and take is None:
+            raise MergeConflictError(f"the merge of {short_id(theirs)} into {short_id(ours)} has "
+                                     f"{len(plan.conflicts)} conflict(s); nothing was changed", plan.conflicts)
+        plan.dropped = {c.theirs if take == "ours" else c.ours for c in plan.conflicts}
+        for name, (b, o, t) in effective.items():
+            bset, oset = set(b), set(o)
+            merged = ([s for s in b if s in oset and s in set(t)]
+                      + [s for s in o if s not in bset and s.origin not in plan.dropped]
+                      + [s for s in t if s not in bset and s not in oset and s.origin not in plan.dropped])
+            if merged != o:
+                staged = self._restage(ours, name, merged)
+                if staged["hash"] != history.defining_change(self.db, ours, name).result_hash:
+                    plan.staged[name] = staged
+        merged_ad = ([a for a in ad_ours if (a not in ad_base or a in ad_theirs) and a.origin not in plan.dropped]
+                     + [a for a in ad_theirs if a not in ad_base and a not in ad_ours and a.origin not in plan.dropped])
+        plan.adapter_ops = ([("remove", a.object_id, a.kind, a.origin) for a in ad_ours if a not in merged_ad]
+                            + [("add", a.object_id, a.kind, a.origin) for a in merged_ad if a not in ad_ours])
+        return plan
+
+    def _side(self, base: str, tip: str) -> list[str]:
+        """The commits of `tip`'s history after `base`, oldest first."""
+        return history.oldest_first(self.db, reachable(self.db, [tip]) - reachable(self.db, [base]))
+
+    def _names_changed(self, commits: list[str]) -> list[str]:
+        return [r[0] for r in self.db.execute(
+            "SELECT DISTINCT name FROM tensor_changes WHERE commit_id IN (SELECT value FROM json_each(?)) "
+            "ORDER BY name", [json.dumps(commits)])]
+
+    def _effective_steps(self, commit_id: str, name: str) -> list[history.Step]:
+        """Every delta step that gives `name` its value at `commit_id`, in order (from the base's)."""
+        return [s for ch in history.defining_chain(self.db, commit_id, name) for s in ch.steps]
+
+    def _adapter(self, ref: history.AdapterRef) -> Adapter:
+        tensors, metadata = self.store.get_tensors(ref.object_id)
+        return Adapter(ref.kind, tensors, json.loads(metadata.get("config", "{}")))
+
+    def _restage(self, head: str, name: str, steps: list[history.Step]) -> dict:
+        """Stage `name` as the value `steps` give: from the latest change of HEAD's chain whose steps
+        start them (so HEAD's own value is reused when the steps only add to it), the rest applied."""
+        source, prefix, seen = None, 0, []
+        for ch in history.defining_chain(self.db, head, name):
+            seen += ch.steps
+            if seen != steps[:len(seen)]:
+                break
+            source, prefix = ch.commit_id, len(seen)
+        return self._replay(head, name, source, steps[prefix:])
 
     # -- refs and the working model --------------------------------------------------------
 
@@ -780,10 +1027,8 @@ class Repository:
 
     def _warn_left_behind(self, old: str, new: str) -> None:
         """Warn about the commits a detached HEAD leaves at `old` that nothing else holds."""
-        kept = set(history.ancestors(self.db, new))
-        for tip in [*self.refs.branches().values(), *self.refs.tags().values()]:
-            kept.update(history.ancestors(self.db, tip))
-        behind = [c for c in history.ancestors(self.db, old) if c not in kept]
+        kept = reachable(self.db, [new, *self.refs.branches().values(), *self.refs.tags().values()])
+        behind = history.oldest_first(self.db, reachable(self.db, [old]) - kept)[::-1]
         if behind:
             shown = ", ".join(f"{short_id(c)} {self.get_commit(c).message!r}" for c in behind[:4])
             more = f" and {len(behind) - 4} more" if len(behind) > 4 else ""

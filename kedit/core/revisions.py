@@ -2,9 +2,8 @@
 
 As in git, `A..B` is the commits reachable from B but not from A, `A...B` those reachable from
 exactly one of them, `^A` excludes A's history, and an empty side means HEAD (`main..` is
-`main..HEAD`). Reachable means over all parents of a commit; kedit's commits have one parent
-today, so this is the first-parent history. `diff A...B` compares B with the merge base of A
-and B (their nearest common ancestor).
+`main..HEAD`). Reachable means over all parents of a commit (both sides of a merge). `diff A...B`
+compares B with the merge base of A and B (their nearest common ancestor).
 
 Calling sequence: `select(db, refs, specs)` gives the commit ids newest first, and
 `CommitFilter(...).keep(row)` narrows them (log's --grep, --author, --since/--until, --subject,
@@ -29,7 +28,7 @@ _REACHABLE = """
 WITH RECURSIVE reach(id) AS (
     SELECT value FROM json_each(:starts)
     UNION
-    SELECT c.parent FROM commits c JOIN reach ON c.id = reach.id WHERE c.parent IS NOT NULL
+    SELECT p.parent_id FROM commit_parents p JOIN reach ON p.commit_id = reach.id
 )
 SELECT id FROM reach
 """

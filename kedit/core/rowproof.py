@@ -28,7 +28,7 @@ from kedit.core.store import ObjectStore
 from kedit.core.tensors import dtype_name
 
 REPAIR_HINT = "kedit fsck --repair rewrites it from the record"
-KNOWN_KINDS = ("init", "edit", "revert")
+KNOWN_KINDS = ("init", "edit", "revert", "merge")
 
 
 @dataclass(frozen=True)
@@ -68,6 +68,9 @@ class _Rows:
             change = self.changes.get(cid, {}).get(name)
             if change is not None:
                 change[3].append((origin, oid, encoding))
+        self.parents: dict[str, list[str]] = {}
+        for cid, parent in db.execute("SELECT commit_id, parent_id FROM commit_parents ORDER BY seq"):
+            self.parents.setdefault(cid, []).append(parent)
         self.adapter_ops: dict[str, list[tuple]] = {}
         for cid, *op in db.execute(
                 "SELECT commit_id, op, object_id, kind, origin_commit FROM adapter_ops ORDER BY seq"):
@@ -102,6 +105,9 @@ def _differences(cid: str, rows: ImpliedRows, actual: _Rows) -> list[str]:
         value = _json(row[column]) if column in JSON_COLUMNS else row[column]
         if value != expected:
             out.append(f"column {column} is {_short(value)}, its record says {_short(expected)}")
+    if tuple(actual.parents.get(cid, [])) != rows.parents:
+        out.append(f"its parent rows name {_short(actual.parents.get(cid, []))}, its record says "
+                   f"{_short(list(rows.parents))}")
     if rows.reverts is not None:
         info = _json(row["info"])
         said = info.get("reverts") if isinstance(info, dict) else None
@@ -135,10 +141,12 @@ ValueOf = Callable[[history.Change], torch.Tensor]
 
 
 def rewrite_commit_columns(db: Database, cid: str, rows: ImpliedRows) -> None:
-    """The commit row's columns (and a revert's target in `info`) as the record says."""
+    """The commit row's columns, its parent rows (and a revert's target in `info`) as the record says."""
     columns = {c: (json.dumps(v) if c in JSON_COLUMNS else v) for c, v in rows.columns.items()
                if v is not None or c not in ("depth", "requests")}
     db.execute(f"UPDATE commits SET {', '.join(f'{c} = ?' for c in columns)} WHERE id = ?", [*columns.values(), cid])
+    db.execute("DELETE FROM commit_parents WHERE commit_id = ?", [cid])
+    db["commit_parents"].insert_all([{"commit_id": cid, "seq": i, "parent_id": p} for i, p in enumerate(rows.parents)])
     if rows.reverts is not None:
         info = _json(db.execute("SELECT info FROM commits WHERE id = ?", [cid]).fetchone()[0])
         info = {**(info if isinstance(info, dict) else {}), "reverts": rows.reverts}

@@ -34,7 +34,7 @@ from kedit.eval import metrics
 from kedit.eval.measure import Reference, as_metrics, locality_pairs, measure, reference_of
 from kedit.eval.probes import add_probes, subject_finder
 from kedit.methods.base import EditRequest, Method, get_method
-from kedit.methods.hparams import hparams_from_overrides, hparams_to_dict
+from kedit.methods.hparams import hparams_from_dict, hparams_from_overrides, hparams_to_dict
 from kedit.model.adapters import install_adapters
 from kedit.model.load import load_revision
 
@@ -55,6 +55,7 @@ class EditOptions:
     fluency: bool = False
     message: str | None = None
     progress: bool = False
+    recorded_hparams: dict[str, Any] | None = None  # a commit's hyper-parameters, re-used as they were (replay)
 
 
 def _apply_method(method: Method, model: Any, tok: Any, batch: list[EditRequest], hparams: Any,
@@ -88,6 +89,8 @@ def run_edits(repo: Repository, requests: list[EditRequest], options: EditOption
         overrides.setdefault("mom2_n_samples", str(options.stats_samples))  # record what C was built from
     try:
         hparams = hparams_from_overrides(method.hparams_cls, model, overrides, options.hparams_file)
+        if options.recorded_hparams is not None:
+            hparams = hparams_from_dict(method.hparams_cls, hparams, options.recorded_hparams, strict=False)
     except (ValueError, TypeError, OSError) as e:
         raise KeditError(f"bad hyper-parameters for {method.name}: {e}") from e
     if method.has("editor"):  # record the editor's full id

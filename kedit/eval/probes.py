@@ -33,6 +33,7 @@ from kedit.core import history
 from kedit.core.errors import KeditError
 from kedit.core.refs import now_iso, short_id
 from kedit.core.repo import Repository
+from kedit.core.revisions import reachable
 from kedit.eval.metrics import CHAT_PROTOCOL, PROBE_PROTOCOLS, PROMPT_PROTOCOL, ProbeProtocol
 
 KINDS = ("edit", "locality")
@@ -230,6 +231,14 @@ def first_fall(scores: _Scores, line: list[str], falls: dict[int, tuple[Probe, i
     return {pid: line[bad] for pid, (_, bad) in ranges.items()}
 
 
+def _position(repo: Repository, line: list[str], commit_id: str) -> int:
+    """Where `commit_id` is on the first-parent `line`; an edit a merge brought in from another
+    branch sits at the merge (the first commit of `line` whose history holds it)."""
+    if commit_id in line:
+        return line.index(commit_id)
+    return next(i for i, cid in enumerate(line) if commit_id in reachable(repo.db, [cid]))
+
+
 def check(repo: Repository, rev: str, load: ModelLoader, *, threshold: float = DEFAULT_THRESHOLD,
           setting: str = "cpu/auto", protocol: str = "teacher-forced", against: str | None = None,
           chat: bool = False) -> CheckReport:
@@ -278,7 +287,7 @@ def check(repo: Repository, rev: str, load: ModelLoader, *, threshold: float = D
         report.results.append(ProbeResult(p, 1.0 if p.kind == "locality" else None, before_score, now[p.id],
                                           (drifted or fell) and not by, edited_by=by, against=held.get(p.id)))
         if drifted and not by:
-            falls[p.id] = (p, line.index(held_at[p.id]), held[p.id] - threshold)
+            falls[p.id] = (p, _position(repo, line, held_at[p.id]), held[p.id] - threshold)
     first = first_fall(scores, line, falls)
     for r in report.broken:
         r.first_broke = first.get(r.probe.id, commit_id)

@@ -9,6 +9,7 @@ import torch
 from kedit.core import history
 from kedit.core.errors import KeditError
 from kedit.core.repo import Metric, Repository
+from kedit.core.revisions import reachable
 from kedit.edit.requests import load_requests
 from kedit.eval import metrics
 from kedit.eval.measure import as_metrics, locality_pairs, measure, reference_of
@@ -22,7 +23,7 @@ def edited_requests(repo: Repository, commit_id: str) -> list[EditRequest]:
     """The requests of every edit in effect at `commit_id`, oldest first."""
     active = history.edits_in_effect(repo.db, commit_id)
     out = []
-    for cid in reversed(history.ancestors(repo.db, commit_id)):
+    for cid in history.oldest_first(repo.db, reachable(repo.db, [commit_id])):  # both sides of a merge
         if cid in active:
             out += [EditRequest.from_dict(r) for r in repo.get_commit(cid).requests]
     return out

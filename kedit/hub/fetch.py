@@ -39,6 +39,7 @@ from kedit.core.names import check_fetched, check_plain_name, check_tensor_name,
 from kedit.core.progress import progress_bar
 from kedit.core.refs import BRANCH_PREFIX, short_id
 from kedit.core.repo import REPO_DIR, HeadState, Repository, StagedChange, StagedCommit
+from kedit.core.revisions import reachable
 from kedit.core.store import read_safetensors
 from kedit.core.tensors import hash_tensor
 from kedit.eval.probes import add_probes
@@ -49,10 +50,12 @@ from kedit.hub.layout import (
     ID_RE,
     INDEX_FILE,
     REFS_FILE,
+    check_format,
     commit_document,
     commit_path,
     covered_by_weights,
     document_bytes,
+    document_parents,
     editor_path,
     is_editor_document,
     object_path,
@@ -97,6 +100,7 @@ def fetch(repo: Repository, remote_name: str | None = None, branches: Iterable[s
                 if branches is not None:
                     raise HubError(f"the branch {rbranch!r} of {hub.where} holds no kedit history")
                 continue
+            check_format(state.get("format"), f"{REFS_FILE} on {rbranch!r} in {hub.where}")
             tip, checkpoint = state.get("commit"), state.get("checkpoint")
             if not (isinstance(tip, str) and ID_RE.match(tip)) or not (
                     checkpoint is None or (isinstance(checkpoint, str) and ID_RE.match(checkpoint))):
@@ -151,11 +155,17 @@ def _fetch_commits(repo: Repository, hub: Hub, tree: dict[str, str], sha: str, t
     (measurements are not part of a commit's id: a later `kedit eval` changes them)."""
     from huggingface_hub.utils.sha import git_hash
 
-    cid: str | None = tip
-    while cid is not None and cid not in docs and not _known(repo, cid):
+    stack, frontier = [tip], set()  # over all parents: a merge brings both sides
+    while stack:
+        cid = stack.pop()
+        if cid in docs:
+            continue
+        if _known(repo, cid):
+            frontier.add(cid)
+            continue
         docs[cid] = _download_document(hub, tree, sha, cid, tmp)
-        cid = docs[cid]["parent"]
-    for known in history.ancestors(repo.db, cid) if cid is not None and _known(repo, cid) else []:
+        stack.extend(document_parents(docs[cid]))
+    for known in history.oldest_first(repo.db, reachable(repo.db, frontier))[::-1]:
         remote_blob = tree.get(commit_path(known))
         if remote_blob is None or known in metrics:
             continue
@@ -380,11 +390,11 @@ def pull(repo: Repository, remote_name: str | None = None, remote_branch: str | 
     result = PullResult(remote.name, branch, local, found.tip, found.new_commits, "up-to-date")
     if local == found.tip:
         return result
-    if found.tip in history.ancestors(repo.db, local):
+    if found.tip in reachable(repo.db, [local]):
         result.status, result.new = "ahead", local
         return result
-    remote_history = set(history.ancestors(repo.db, found.tip))
-    mine = [c for c in reversed(history.ancestors(repo.db, local)) if c not in remote_history]
+    remote_history = reachable(repo.db, [found.tip])
+    mine = history.oldest_first(repo.db, reachable(repo.db, [local]) - remote_history)
     if local not in remote_history and not rebase:
         raise PushRejectedError(
             f"{branch} and {remote.name}/{rbranch} have diverged ({len(mine)} local commit(s) not on the "
@@ -403,30 +413,16 @@ def pull(repo: Repository, remote_name: str | None = None, remote_branch: str | 
 
 
 def _replay(repo: Repository, commits: list[str], at: HeadState, *, restore: str) -> str:
-    """Re-commit each edit's own deltas and adapters, oldest first, on top of `at` (a rebase).
+    """Re-commit each edit's own deltas and adapters, oldest first, on top of `at` (a rebase:
+    `Repository.cherry_pick` of each, the code `kedit cherry-pick` runs).
 
     The deltas are the stored ones, applied to the new parent; metrics measured on the old
     parent are not copied (the info says where the commit came from: re-evaluate it). If any
     replay fails, the branch goes back to `restore` and the error is raised.
     """
-    from kedit.core.delta import Adapter
-    from kedit.core.materialize import load_step
-
     try:
         for cid in commits:
-            c = repo.get_commit(cid)
-            deltas = {ch.name: load_step(repo.store, s) for ch in history.changes(repo.db, cid)
-                      for s in ch.steps if s.origin == cid}
-            adapters = []
-            for oid, kind in repo.db.execute("SELECT object_id, kind FROM adapter_ops WHERE commit_id = ? "
-                                             "AND op = 'add' AND origin_commit = ? ORDER BY seq", [cid, cid]):
-                tensors, metadata = repo.store.get_tensors(oid)
-                adapters.append(Adapter(kind, tensors, json.loads(metadata.get("config", "{}"))))
-            row = dbm.one(repo.db, "SELECT object_id FROM method_memory WHERE commit_id = ?", [cid])
-            memory = repo.store.get_tensors(row[0])[0] if row else None
-            made = repo.commit(deltas, adapters=adapters, requests=c.requests, method=c.method,
-                               hparams=c.hparams, info={**c.info, "rebased_from": cid}, message=c.message,
-                               memory=memory, expected_parent=at)
+            made = repo.cherry_pick(cid, expected_parent=at, note="rebased_from", record_origin=False)
             at = HeadState(at.branch, made.id)
     except BaseException:
         repo.reset(restore, force=True)

@@ -7,7 +7,8 @@ Layout of a Hub branch that kedit pushes (kedit branches are Hub branches):
     .kedit/refs.json             {"format", "branch", "commit": the tip, "checkpoint": the commit the
                                  weights above hold (older than the tip after --history-only), "push_id"}
     .kedit/commits/<id>.json     one commit: its hashed record, tensor changes, adapter ops, files,
-                                 method memory, metrics (not hashed: a later `kedit eval` re-uploads)
+                                 method memory, metrics (not hashed: a later `kedit eval` re-uploads);
+                                 format 2 (a merge) adds "parents", all of them in order
     .kedit/editors/<id>.json     trained editors (MEND, InstructEdit) for a base in this history
     .kedit/probes.json           the probe suite of this history, for `kedit check` (kedit/hub/probes.py)
     .kedit/objects/ab/cd….st|.blob  every stored object the history needs that the weights above
@@ -43,12 +44,18 @@ from kedit.core.names import ID_RE
 from kedit.core.progress import progress_bar
 from kedit.core.refs import BRANCH_PREFIX, check_ref_name, short_id
 from kedit.core.repo import Repository
+from kedit.core.revisions import reachable
 from kedit.core.store import save_tensors_atomic
 from kedit.hub import remotes
 from kedit.hub.api import KEDIT_DIR, Hub
 from kedit.model.adapters import adapter_path, mark_config, write_adapters
 
-FORMAT = 1
+# The newest document format this kedit reads and writes. Format 2 adds `parents` (every parent,
+# for a merge commit two); a one-parent commit's document stays format 1, byte for byte what kedit
+# 0.1 wrote, so a history without merges reads in kedit 0.1 and nothing is re-uploaded. A document
+# or refs file of a newer format than FORMAT is refused with "upgrade kedit".
+FORMAT = 2
+FIRST_FORMAT = 1
 REFS_FILE = f"{KEDIT_DIR}/refs.json"
 INDEX_FILE = "model.safetensors.index.json"
 GENERATED = frozenset({"README.md", "kedit.json", INDEX_FILE})  # written by push, never a stored file
@@ -88,10 +95,25 @@ def commit_document(repo: Repository, cid: str) -> dict[str, Any]:
     memory = dbm.one(repo.db, "SELECT method, object_id FROM method_memory WHERE commit_id = ?", [cid])
     metrics = dbm.rows(repo.db, "SELECT name, value, protocol, stage, suite, created FROM metrics "
                        "WHERE commit_id = ? ORDER BY suite, stage, name", [cid])
-    return {"format": FORMAT, "id": cid, "parent": c.parent, "record": record, "method": c.method,
-            "hparams": c.hparams, "requests": c.requests, "info": c.info, "changes": changes,
-            "adapter_ops": adapter_ops, "files": files, "metrics": metrics,
-            "memory": {"method": memory[0], "object_id": memory[1]} if memory else None}
+    doc = {"format": FIRST_FORMAT, "id": cid, "parent": c.parent, "record": record, "method": c.method,
+           "hparams": c.hparams, "requests": c.requests, "info": c.info, "changes": changes,
+           "adapter_ops": adapter_ops, "files": files, "metrics": metrics,
+           "memory": {"method": memory[0], "object_id": memory[1]} if memory else None}
+    if len(c.parents) > 1:
+        doc.update(format=FORMAT, parents=c.parents)
+    return doc
+
+
+def document_parents(doc: dict[str, Any]) -> list[str]:
+    """Every parent a (verified) commit document names, the first parent first."""
+    return list(doc.get("parents") or ([doc["parent"]] if doc["parent"] else []))
+
+
+def check_format(value: Any, what: str) -> None:
+    """Refuse, with one line saying to upgrade, what a newer kedit wrote."""
+    if isinstance(value, int) and not isinstance(value, bool) and value > FORMAT:
+        raise HubError(f"{what} is of format {value}, newer than this kedit reads ({FORMAT}): upgrade kedit",
+                       hint="pip install -U kedit")
 
 
 def document_bytes(doc: dict[str, Any]) -> bytes:
@@ -104,7 +126,9 @@ def verify_document(doc: Any, expected_id: str) -> dict[str, Any]:
     def bad(why: str) -> HubError:
         return HubError(f"the remote commit {short_id(expected_id)} is damaged or forged: {why}; nothing was changed")
 
-    if not isinstance(doc, dict) or doc.get("format") != FORMAT or doc.get("id") != expected_id:
+    if isinstance(doc, dict):
+        check_format(doc.get("format"), f"the remote commit {short_id(expected_id)}")
+    if not isinstance(doc, dict) or doc.get("format") not in (FIRST_FORMAT, FORMAT) or doc.get("id") != expected_id:
         raise bad("not a kedit commit document of this format")
     try:
         return _check_document(doc, expected_id, bad)
@@ -117,8 +141,10 @@ def _check_document(doc: dict[str, Any], expected_id: str, bad) -> dict[str, Any
     if record_id(record) != expected_id:
         raise bad("its record does not hash to its id")
     parents = record.get("parents", [])
-    if parents != ([doc["parent"]] if doc["parent"] else []):
-        raise bad("its parent differs from the record's")
+    if doc["format"] == FIRST_FORMAT and "parents" in doc:
+        raise bad("a format 1 document lists several parents")
+    if parents != document_parents(doc) or doc["parent"] != (parents[0] if parents else None):
+        raise bad("its parents differ from the record's")
     if record["kind"] == "edit" and (doc["method"] != record.get("method") or doc["hparams"] != record.get("hparams")
                                      or doc["requests"] != record.get("requests")):
         raise bad("its method, hyper-parameters or requests differ from the record's")
@@ -251,7 +277,7 @@ def push(repo: Repository, remote_name: str | None = None, branch: str | None = 
         hub.create_repo()
     hub_branches = hub.branches()
     tracked = remotes.tracking(repo.db, remote.name, rbranch)
-    ancestors = set(history.ancestors(repo.db, tip))
+    ancestors = reachable(repo.db, [tip])  # over all parents: both sides of a merge travel
     with tempfile.TemporaryDirectory(prefix="kedit-push-") as tmp_name:
         tmp = Path(tmp_name)
         if tracked is not None:
@@ -345,7 +371,7 @@ def _history_ops(repo: Repository, tip: str, checkpoint: str | None, remote_tree
     from huggingface_hub.utils.sha import git_hash
 
     ops, needed = [], set()
-    ancestors = history.ancestors(repo.db, tip)
+    ancestors = history.oldest_first(repo.db, reachable(repo.db, [tip]))[::-1]
     for cid in ancestors:
         doc = commit_document(repo, cid)
         needed |= objects_of(doc)

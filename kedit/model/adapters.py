@@ -42,10 +42,12 @@ __all__ = [
     "MARKED_MODEL_TYPE",
     "Installer",
     "adapter_path",
+    "conflict_check",
     "install_adapters",
     "installed_kinds",
     "mark_config",
     "read_folder",
+    "register_conflict_check",
     "register_installer",
     "write_adapters",
 ]
@@ -83,6 +85,27 @@ def installer(kind: str) -> Installer:
         raise KeditError(f"no installer for adapter kind {kind!r}: this kedit cannot load that revision's adapters",
                          hint="install the package that provides the method which made it")
     return _INSTALLERS[kind]
+
+
+# (our adapters, their adapters) of one kind -> [(our index, their index, what disagrees)]: the check
+# `kedit merge` runs on the adapters each side added since the merge base (kedit.core.conflicts).
+ConflictCheck = Callable[[list[Adapter], list[Adapter]], list[tuple[int, int, str]]]
+_CONFLICT_CHECKS: dict[str, ConflictCheck] = {}
+
+
+def register_conflict_check(kind: str, check: ConflictCheck) -> None:
+    """Make `check` the one that says where two sides' adapters of `kind` disagree."""
+    if kind in _CONFLICT_CHECKS and _CONFLICT_CHECKS[kind] is not check:
+        raise ValueError(f"a conflict check for adapter kind {kind!r} is already registered")
+    _CONFLICT_CHECKS[kind] = check
+
+
+def conflict_check(kind: str, ours: list[Adapter], theirs: list[Adapter]) -> list[tuple[int, int, str]]:
+    """The registered check of `kind` (none registered: no conflicts it could name)."""
+    if kind not in _CONFLICT_CHECKS:
+        installer(kind)  # loads the methods that declare adapters, which register their checks too
+    check = _CONFLICT_CHECKS.get(kind)
+    return check(ours, theirs) if check is not None else []
 
 
 def installed_kinds(model: Any) -> frozenset[str]:

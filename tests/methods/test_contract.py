@@ -34,8 +34,8 @@ from kedit.methods.base import Adapter, EditRequest, Method, TrainItem, get_meth
 from kedit.methods.hparams import hparams_from_dict, hparams_to_dict
 
 from kedit.core.delta import apply_step
-from kedit.core.hashing import hash_tensor
 from kedit.core.repo import Repository, encode_delta
+from kedit.core.tensors import hash_tensor
 from kedit.model.adapters import installer
 from kedit.model.arch import get_module
 from tests.tiny import MODEL_TYPES, make_model
