@@ -55,18 +55,32 @@ def init(ctx: click.Context, model: str | None, no_copy: bool, bare: bool, dtype
 @command()
 @click.argument("rev")
 @click.argument("directory", type=click.Path(path_type=Path))
+@click.option("--format", "fmt", type=click.Choice(["hf", "peft"]), default="hf", show_default=True,
+              help="hf: a full checkpoint folder; peft: the edits from --base as a LoRA adapter.")
+@click.option("--base", help="peft: the revision the adapter applies to (default: the initial commit).")
+@click.option("--rank", type=int, help="peft: truncate dense deltas (FT-L) to this rank by SVD.")
+@click.option("--base-name", help="peft: base_model_name_or_path to write (default: the model kedit was made from).")
 @click.option("--max-shard-size", default="5GB", show_default=True, help="Split weights into shards above this.")
 @click.option("-f", "--force", is_flag=True, help="Replace DIRECTORY if it is not empty.")
 @json_option
 @click.pass_context
-def export(ctx: click.Context, rev: str, directory: Path, max_shard_size: str, force: bool, as_json: bool) -> None:
-    """Write REV as a normal checkpoint folder that transformers loads without kedit.
+def export(ctx: click.Context, rev: str, directory: Path, fmt: str, base: str | None, rank: int | None,
+           base_name: str | None, max_shard_size: str, force: bool, as_json: bool) -> None:
+    """Write REV as a normal checkpoint folder that transformers loads without kedit, or (--format
+    peft) the weight edits since --base as a PEFT LoRA adapter.
 
     \b
     Example:
         kedit export HEAD ./edited-model
         python -c "from transformers import AutoModelForCausalLM as M; M.from_pretrained('./edited-model')"
+        kedit export HEAD ./edits-lora --format peft
     """
+    if fmt == "peft":
+        _export_peft(ctx, rev, directory, base=base, rank=rank, base_name=base_name, force=force, as_json=as_json)
+        return
+    for name, value in (("--base", base), ("--rank", rank), ("--base-name", base_name)):
+        if value is not None:
+            raise click.UsageError(f"{name} applies to --format peft only")
     from kedit.model.export import export as run_export
 
     repo = open_repo(ctx)
@@ -80,3 +94,18 @@ def export(ctx: click.Context, rev: str, directory: Path, max_shard_size: str, f
         if result.get("adapters"):
             click.echo(f"with {result['adapters']} adapter(s): load it with kedit.load_model(path); "
                        "plain from_pretrained refuses it")
+
+
+def _export_peft(ctx: click.Context, rev: str, directory: Path, *, base: str | None, rank: int | None,
+                 base_name: str | None, force: bool, as_json: bool) -> None:
+    from kedit.model.peft_export import export_peft
+
+    result = export_peft(open_repo(ctx), rev, directory, base=base, rank=rank, base_name=base_name, force=force)
+    if as_json:
+        emit_json(**result)
+        return
+    click.echo(f"exported the edits {short_id(result['base'])}..{short_id(result['commit'])} to {result['path']} "
+               f"as a LoRA adapter: {len(result['modules'])} module(s), total rank {result['rank']}, "
+               f"{human_bytes(result['bytes'])}")
+    if not result["exact"]:
+        click.echo(f"truncated by SVD: relative error up to {result['max_rel_error']:.3g} of a delta")
