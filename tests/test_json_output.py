@@ -103,6 +103,7 @@ def test_each_command_prints_its_documented_keys(tmp_path: Path, tiny_folder: Pa
     run("revert", "revert", "HEAD")
     run("export", "export", "HEAD", str(tmp_path / "out"))
     run("export --format peft", "export", edited["commits"][0]["id"], str(tmp_path / "lora"), "--format", "peft")
+    run("export --format gguf", "export", "HEAD", str(tmp_path / "model.gguf"), "--format", "gguf", "--quant", "q8_0")
     run("fsck", "fsck")
     run("gc", "gc")
     assert set(seen) == set(shapes), sorted(set(shapes) - set(seen))
