@@ -17,6 +17,7 @@ from kedit.core.delta import Adapter, Dense, LowRank
 from kedit.core.repo import Repository
 from tests.conftest import build_tiny_model
 from tests.jsondoc import doc
+from tests.test_hub import REPO_ID, hub  # noqa: F401  (fixture: the local Hub)
 
 LLAMA_DOWN = ["model.layers.1.mlp.down_proj.weight", "model.layers.2.mlp.down_proj.weight"]
 LLAMA_Q = "model.layers.0.self_attn.q_proj.weight"
@@ -175,3 +176,28 @@ def test_grace_adapters_and_non_linear_tensors_are_refused(tmp_path: Path, tiny_
 def test_peft_options_need_the_peft_format(repo: Repository, tmp_path: Path) -> None:
     err = run(repo, "export", "HEAD", str(tmp_path / "out"), "--rank", "2", code=2)
     assert "--format peft" in err
+
+
+def test_push_as_adapter_sends_the_adapter_and_a_card(tmp_path: Path, tiny_llama_dir: Path, hub) -> None:  # noqa: F811
+    from huggingface_hub import snapshot_download
+
+    repo = Repository.init(tmp_path / "work", str(tiny_llama_dir), progress=False)
+    edit_history(repo, LLAMA_DOWN)
+    run(repo, "remote", "add", "lora", f"hf://{REPO_ID}")
+    result = doc(run(repo, "push", "lora", "--as-adapter", "--to", "main", "--base-model", "alice/tiny-base",
+                     "--json"))
+    assert result["rank"] == 5 and result["exact"] and result["bytes"] < 20_000
+    local = Path(snapshot_download(REPO_ID, revision="main", endpoint=hub.url, local_dir=tmp_path / "dl"))
+    config = json.loads((local / "adapter_config.json").read_text())
+    assert config["base_model_name_or_path"] == "alice/tiny-base"
+    card = (local / "README.md").read_text()
+    assert "base_model: alice/tiny-base" in card and "library_name: peft" in card
+    assert all(c.short in card for c in repo.log()[:3]) and "memit" in card
+    run(repo, "export", "HEAD", str(tmp_path / "full"))
+    peft_model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_llama_dir), local).eval()
+    full = AutoModelForCausalLM.from_pretrained(tmp_path / "full").eval()
+    torch.testing.assert_close(logits(peft_model), logits(full), rtol=1e-5, atol=1e-5)
+    # A branch that holds a kedit history is not given an adapter.
+    run(repo, "push", "lora", "main", "--to", "history")
+    err = run(repo, "push", "lora", "--as-adapter", "--to", "history", code=1)
+    assert "holds a kedit history" in err
