@@ -4,6 +4,7 @@ a base made from a GGUF file keeps its metadata and per-tensor types; adapters a
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import gguf
@@ -107,3 +108,30 @@ def test_adapters_and_unknown_architectures_are_refused(tmp_path: Path) -> None:
     other = Repository.init(tmp_path / "work-gpt2", str(gpt2), progress=False)
     err = run(other, "export", "HEAD", str(out), "--format", "gguf", code=1)
     assert "'gpt2'" in err and not out.exists()
+
+
+
+def test_eval_and_check_with_quant_measure_what_the_gguf_file_holds(tmp_path: Path) -> None:
+    from kedit.eval.revision import load_quantized
+
+    repo = edited_repo(tmp_path, "llama")
+    run(repo, "export", "HEAD", str(tmp_path / "out" / "q4.gguf"), "--format", "gguf", "--quant", "q4_1")
+    from_file = AutoModelForCausalLM.from_pretrained(tmp_path / "out", gguf_file="q4.gguf").state_dict()
+    model, _ = load_quantized(repo, "HEAD", "q4_1")
+    for name, value in model.state_dict().items():  # the values transformers reads from the file, bit for bit
+        assert torch.equal(value, from_file[name]), name
+
+    suite = tmp_path / "edits.json"
+    suite.write_text(json.dumps([{"prompt": PROMPT, "subject": "France", "target_new": "Japan",
+                                  "target_true": "Paris", "locality_prompt": "Berlin is the capital of",
+                                  "locality_ground_truth": "Germany"}]))
+    plain = doc(run(repo, "eval", "--suite", str(suite), "--json"))["metrics"]
+    quant = doc(run(repo, "eval", "--suite", str(suite), "--quant", "q4_0", "--json"))["metrics"]
+    assert {m["suite"] for m in plain} == {"edits.json"} and {m["suite"] for m in quant} == {"edits.json@q4_0"}
+    stored = {(m.name, m.suite) for m in repo.get_commit(repo.head()).metrics}
+    assert {(m["name"], m["suite"]) for m in plain + quant} <= stored  # side by side
+    run(repo, "probe", "add", "--prompt", PROMPT, "--answer", "Paris")
+    result = CliRunner().invoke(cli, ["--repo", str(repo.root), "check", "--quant", "q4_0", "--json"])
+    assert result.exit_code in (0, 1), result.stderr
+    report = doc(result.stdout)
+    assert len(report["results"]) == 1 and report["commit"] == repo.head()

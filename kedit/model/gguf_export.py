@@ -33,8 +33,8 @@ from kedit.core import history
 from kedit.core.errors import KeditError
 from kedit.core.names import check_file_set
 from kedit.core.repo import Repository
+from kedit.model.quantize import QUANTS, ggml_type
 
-QUANTS = ("f32", "f16", "bf16", "q8_0", "q4_0", "q4_1")
 ARCHITECTURES = ("llama", "qwen2")  # those transformers' GGUF reader and llama.cpp both know, and kedit tests
 SKIPPED_KEYS = ("GGUF.", "general.architecture", "general.file_type")  # the writer's own, or rewritten
 
@@ -127,18 +127,13 @@ def _hf_metadata(writer: Any, config: dict, folder: Path) -> None:
 
 
 def _tensor_type(name: str, value: torch.Tensor, quant: str | None, source_types: dict[str, Any]) -> Any:
-    """The GGML type of one tensor: vectors F32; else --quant, or the source's type, else F16;
-    F16 where the row is not a whole number of quantisation blocks."""
+    """The GGML type of one tensor: `ggml_type`'s rule for --quant, or the source's type, else F16."""
     import gguf
 
-    if value.dim() < 2:
-        return gguf.GGMLQuantizationType.F32
-    qtype = _qtype(quant) if quant else source_types.get(name, gguf.GGMLQuantizationType.F16)
-    block, _ = gguf.GGML_QUANT_SIZES[qtype]
-    if value.shape[-1] % block:
-        return gguf.GGMLQuantizationType.F16
+    asked = _qtype(quant) if quant else source_types.get(name, gguf.GGMLQuantizationType.F16)
+    qtype = ggml_type(tuple(value.shape), asked)
     try:
-        gguf.quants.quantize(np.zeros((1, block), dtype=np.float32), qtype)
+        gguf.quants.quantize(np.zeros((1, gguf.GGML_QUANT_SIZES[qtype][0]), dtype=np.float32), qtype)
     except NotImplementedError:  # a source type the package cannot write (a K-quant): the nearest it can
         return gguf.GGMLQuantizationType.Q8_0
     return qtype
