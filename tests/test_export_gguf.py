@@ -101,6 +101,8 @@ def test_adapters_and_unknown_architectures_are_refused(tmp_path: Path) -> None:
     err = run(repo, "export", "HEAD", str(out), "--format", "gguf", code=1)
     assert "grace adapter" in err and "kedit export REV DIR" in err
     assert not out.exists() and [p.name for p in tmp_path.iterdir() if p.suffix == ".gguf" or "kedit-" in p.name] == []
+    err = run(repo, "export", "HEAD~1", str(tmp_path), "--format", "gguf", "--force", code=1)
+    assert "is a folder" in err
     err = run(repo, "export", "HEAD~1", str(out), "--quant", "q4_0", code=2)
     assert "--format gguf" in err
     gpt2 = tmp_path / "gpt2"

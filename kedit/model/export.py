@@ -41,7 +41,7 @@ def _shards(manifest: dict[str, history.ManifestEntry], max_bytes: int) -> list[
 
 def check_destination(out_dir: Path, *, force: bool) -> None:
     """Refuse a non-empty destination unless forced: before any work, so a refusal costs nothing."""
-    if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())) and not force:
+    if out_dir.exists() and any(out_dir.iterdir()) and not force:  # a file here: iterdir says "Not a directory"
         raise KeditError(f"{out_dir} exists and is not empty", hint="choose another folder or pass --force")
 
 

@@ -146,6 +146,8 @@ def export_gguf(repo: Repository, rev: str, out_file: Path, *, quant: str | None
 
     if quant is not None and quant not in QUANTS:
         raise KeditError(f"unknown --quant {quant!r}; choose one of {', '.join(QUANTS)}")
+    if out_file.is_dir():
+        raise KeditError(f"{out_file} is a folder: GGUF is one file", hint="give a file name, e.g. edited.gguf")
     if out_file.exists() and not force:
         raise KeditError(f"{out_file} exists", hint="choose another file name or pass --force")
     commit_id = repo.resolve(rev)
