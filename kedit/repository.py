@@ -59,23 +59,25 @@ class Repository(CoreRepository):
         return run_edits(self, parsed, options)
 
     def eval(self, rev: str = "HEAD", *, suite: str | Path | None = None, fluency: bool = False, chat: bool = False,
-             dtype: Any = None, device: str = "cpu") -> list[Metric]:
-        """Score `rev` on the edits in effect there (or a request file) and store the scores, as `kedit eval`."""
+             dtype: Any = None, device: str = "cpu", quant: str | None = None) -> list[Metric]:
+        """Score `rev` on the edits in effect there (or a request file) and store the scores, as `kedit eval`;
+        `quant`: as a GGUF file of that type would run it (suite recorded as `SUITE@QUANT`)."""
         from kedit.eval.revision import evaluate_revision
 
         return evaluate_revision(self, rev, suite=Path(suite) if suite else None, fluency=fluency, dtype=dtype,
-                                 device=device, chat=chat)
+                                 device=device, chat=chat, quant=quant)
 
     def check(self, rev: str = "HEAD", *, threshold: float = 0.1, protocol: str = "teacher-forced",
-              against: str | None = None, chat: bool = False, dtype: Any = None, device: str = "cpu") -> CheckReport:
+              against: str | None = None, chat: bool = False, dtype: Any = None, device: str = "cpu",
+              quant: str | None = None) -> CheckReport:
         """Re-run the probe suite at `rev` against its parent and the base, as `kedit check`;
-        `report.broken` lists what regressed."""
+        `report.broken` lists what regressed. `quant`: every revision as a GGUF file of that type runs it."""
         from kedit.eval.probes import check
-        from kedit.model.load import load_revision
+        from kedit.eval.revision import load_quantized
 
-        setting = f"{device}/{_dtype_name(dtype)}"
-        return check(self, rev, lambda c: load_revision(self, c, dtype=dtype, device=device), threshold=threshold,
-                     setting=setting, protocol=protocol, against=against, chat=chat)
+        setting = f"{device}/{_dtype_name(dtype)}" + (f"/{quant}" if quant else "")
+        return check(self, rev, lambda c: load_quantized(self, c, quant, dtype=dtype, device=device),
+                     threshold=threshold, setting=setting, protocol=protocol, against=against, chat=chat)
 
 
 def _dtype_name(dtype: Any) -> str:

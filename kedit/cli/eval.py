@@ -29,10 +29,12 @@ from kedit.core.refs import short_id
 @chat_option
 @device_option
 @dtype_option
+@click.option("--quant", type=click.Choice(["f32", "f16", "bf16", "q8_0", "q4_0", "q4_1"]),
+              help="Measure the model as a GGUF file of this type runs it (quantised and dequantised with gguf).")
 @json_option
 @click.pass_context
 def eval_(ctx: click.Context, rev: str, suite: Path | None, fluency: bool, chat: bool, device: str,
-          dtype: str | None, as_json: bool) -> None:
+          dtype: str | None, quant: str | None, as_json: bool) -> None:
     """Measure REV: reliability, generalization, locality, portability, CounterFact scores.
 
     Locality compares with the base model's outputs. Results are stored with the commit and
@@ -43,11 +45,13 @@ def eval_(ctx: click.Context, rev: str, suite: Path | None, fluency: bool, chat:
     Example:
         kedit eval HEAD --suite probes.json --json
         kedit eval HEAD --chat
+        kedit eval HEAD --quant q4_1     # do the edits survive a Q4_1 GGUF?
     """
     from kedit.model.load import parse_dtype
 
     repo = open_repo(ctx)
-    metrics = repo.eval(rev, suite=suite, fluency=fluency, chat=chat, dtype=parse_dtype(dtype), device=device)
+    metrics = repo.eval(rev, suite=suite, fluency=fluency, chat=chat, dtype=parse_dtype(dtype), device=device,
+                        quant=quant)
     if as_json:
         emit_json(commit=repo.resolve(rev), metrics=[m.__dict__ for m in metrics])
         return
@@ -67,10 +71,12 @@ def eval_(ctx: click.Context, rev: str, suite: Path | None, fluency: bool, chat:
 @chat_option
 @device_option
 @dtype_option
+@click.option("--quant", type=click.Choice(["f32", "f16", "bf16", "q8_0", "q4_0", "q4_1"]),
+              help="Measure the model as a GGUF file of this type runs it (quantised and dequantised with gguf).")
 @json_option
 @click.pass_context
 def check(ctx: click.Context, rev: str, threshold: float, protocol: str, against: str | None, chat: bool,
-          device: str, dtype: str | None, as_json: bool) -> None:
+          device: str, dtype: str | None, quant: str | None, as_json: bool) -> None:
     """Re-run the probe suite at REV against its parent and the base; exit 1 if anything broke.
 
     A probe also breaks when it drifted below its score at the base (or --against REV) over many
@@ -86,7 +92,7 @@ def check(ctx: click.Context, rev: str, threshold: float, protocol: str, against
     from kedit.model.load import parse_dtype
 
     report = open_repo(ctx).check(rev, threshold=threshold, protocol=protocol, against=against, chat=chat,
-                                  dtype=parse_dtype(dtype), device=device)
+                                  dtype=parse_dtype(dtype), device=device, quant=quant)
     if as_json:
         emit_json(commit=report.commit_id, against=report.against, protocol=report.protocol,
                   prompts=report.prompts, ok=not report.broken, summary=report.summary(),

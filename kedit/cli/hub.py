@@ -99,10 +99,14 @@ def remote_remove(ctx: click.Context, name: str, as_json: bool) -> None:
 @click.option("--history-only", is_flag=True, help="Push only the history (deltas and records), not the weights.")
 @click.option("--create", is_flag=True, help="Create the Hub repository if it does not exist.")
 @click.option("--base-model", help="The Hub id of the base model, for the model card (default: from init).")
+@click.option("--as-adapter", is_flag=True, help="Push the edits as a PEFT LoRA adapter (kilobytes), not the model.")
+@click.option("--base", help="--as-adapter: the revision the adapter applies to (default: the initial commit).")
+@click.option("--rank", type=int, help="--as-adapter: truncate dense deltas (FT-L) to this rank by SVD.")
 @json_option
 @click.pass_context
 def push(ctx: click.Context, remote_name: str | None, branch: str | None, remote_branch: str | None,
-         history_only: bool, create: bool, base_model: str | None, as_json: bool) -> None:
+         history_only: bool, create: bool, base_model: str | None, as_adapter: bool, base: str | None,
+         rank: int | None, as_json: bool) -> None:
     """Send a branch to the Hub: its weights, model card and whole edit history.
 
     Only what changed since the last push is uploaded. The push is refused if someone else
@@ -112,7 +116,16 @@ def push(ctx: click.Context, remote_name: str | None, branch: str | None, remote
     Example:
         kedit push                      # the current branch to origin
         kedit push origin experiment --history-only
+        kedit push lora main --as-adapter --base-model me/smollm2-base
     """
+    if as_adapter:
+        if history_only:
+            raise click.UsageError("--as-adapter pushes no history: drop --history-only")
+        _push_adapter(ctx, remote_name, branch, remote_branch=remote_branch, create=create, base_model=base_model,
+                      base=base, rank=rank, as_json=as_json)
+        return
+    if base is not None or rank is not None:
+        raise click.UsageError("--base and --rank apply to --as-adapter only")
     from kedit.hub import layout as hub
 
     repo = open_repo(ctx)
@@ -126,6 +139,20 @@ def push(ctx: click.Context, remote_name: str | None, branch: str | None, remote
         click.echo(f"{result.branch} -> {result.remote}/{result.remote_branch}: {short_id(result.commit)} "
                    f"(hub commit {short_id(result.hub_commit)}), {len(result.files)} files, "
                    f"{human_bytes(result.bytes)} sent")
+
+
+def _push_adapter(ctx: click.Context, remote_name: str | None, branch: str | None, *, remote_branch: str | None,
+                  create: bool, base_model: str | None, base: str | None, rank: int | None, as_json: bool) -> None:
+    from kedit.hub.adapter import push_adapter
+
+    result = push_adapter(open_repo(ctx), remote_name, branch, remote_branch=remote_branch, base=base, rank=rank,
+                          base_model=base_model, create=create)
+    if as_json:
+        emit_json(**result)
+        return
+    click.echo(f"{result['branch']} -> {result['remote']}/{result['remote_branch']} as a LoRA adapter: edits "
+               f"{short_id(result['base'])}..{short_id(result['commit'])}, rank {result['rank']}, "
+               f"{human_bytes(result['bytes'])} (hub commit {short_id(result['hub_commit'])})")
 
 
 @command()

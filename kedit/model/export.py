@@ -7,10 +7,12 @@ loads it with the adapters in place.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 from kedit.core import history
@@ -37,6 +39,33 @@ def _shards(manifest: dict[str, history.ManifestEntry], max_bytes: int) -> list[
     return shards
 
 
+def check_destination(out_dir: Path, *, force: bool) -> None:
+    """Refuse a non-empty destination unless forced: before any work, so a refusal costs nothing."""
+    if out_dir.exists() and any(out_dir.iterdir()) and not force:  # a file here: iterdir says "Not a directory"
+        raise KeditError(f"{out_dir} exists and is not empty", hint="choose another folder or pass --force")
+
+
+@contextlib.contextmanager
+def staged_dir(out_dir: Path, *, force: bool) -> Iterator[Path]:
+    """A folder built beside `out_dir` and renamed into place when the block ends without error.
+
+    A failed export leaves nothing behind, and a reader of `out_dir` sees the old or the new
+    folder, never a half-written one.
+    """
+    check_destination(out_dir, force=force)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.kedit-", dir=out_dir.parent))
+    try:
+        yield staging
+        fsync_dir(staging)
+        if out_dir.exists():
+            shutil.rmtree(out_dir)
+        os.replace(staging, out_dir)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+
+
 def export(repo: Repository, rev: str, out_dir: Path, *, max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
            force: bool = False, progress: bool = False) -> dict:
     """Write `rev` as a plain Hugging Face folder; returns what was written.
@@ -46,11 +75,7 @@ def export(repo: Repository, rev: str, out_dir: Path, *, max_shard_bytes: int = 
     """
     commit_id = repo.resolve(rev)
     manifest = history.manifest(repo.db, commit_id)
-    if out_dir.exists() and any(out_dir.iterdir()) and not force:
-        raise KeditError(f"{out_dir} exists and is not empty", hint="choose another folder or pass --force")
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.kedit-", dir=out_dir.parent))
-    try:
+    with staged_dir(out_dir, force=force) as staging:
         shards = _shards(manifest, max_shard_bytes)
         names = ["model.safetensors"] if len(shards) == 1 else [
             f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
@@ -81,13 +106,6 @@ def export(repo: Repository, rev: str, out_dir: Path, *, max_shard_bytes: int = 
         provenance = {"commit": commit_id, "tensors": {n: e.hash for n, e in manifest.items()},
                       "adapters": [ref.object_id for ref, _ in adapters], "adapter_files": adapter_files}
         atomic_write_bytes(staging / "kedit.json", json.dumps(provenance, indent=1, sort_keys=True).encode())
-        fsync_dir(staging)
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        os.replace(staging, out_dir)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     return {"commit": commit_id, "path": str(out_dir), "shards": names, "tensors": len(manifest),
             "adapters": len(adapter_files)}
 
