@@ -23,6 +23,7 @@ from kedit.core.repo import Repository
 from kedit.core.tensors import hash_tensor
 from tests import test_cli_edit, test_hub
 from tests.hubserver import HubServer
+from tests.jsondoc import doc
 
 hub = test_hub.hub  # a running local Hub server (tests/hubserver.py)
 tiny_folder, tiny_repo = test_cli_edit.tiny_folder, test_cli_edit.tiny_repo  # a tiny Llama with a tokenizer
@@ -142,11 +143,11 @@ def test_conflicting_requests_stop_the_merge_and_change_nothing(repo: Repository
     assert (repo.head(), repo.count_commits(), len(repo.reflog())) == (head, count, reflog)
     out = kedit(repo, "merge", "exp", code=1)
     assert "CONFLICT: 1" in out and f"ours {ours[:12]}" in out and "'Eiffel Tower is in': 'Rome' here, 'Berlin'" in out
-    report = json.loads(kedit(repo, "merge", "exp", "--json", code=1))
+    report = doc(kedit(repo, "merge", "exp", "--json", code=1))
     assert report["status"] == "conflict" and report["conflicts"][0]["theirs"] == theirs
     assert (repo.head(), repo.count_commits()) == (head, count)
     # --take ours leaves their conflicting edit out; --take theirs leaves ours out.
-    taken = json.loads(kedit(repo, "merge", "exp", "--take", "ours", "--json"))
+    taken = doc(kedit(repo, "merge", "exp", "--take", "ours", "--json"))
     assert taken["status"] == "merged" and taken["left_out"] == [theirs]
     assert hashes(repo, "HEAD") == hashes(repo, head)
     assert theirs not in history.edits_in_effect(repo.db, repo.head())
@@ -209,10 +210,10 @@ def test_merge_commits_are_proved_by_fsck_kept_by_gc_and_drawn_by_log(repo: Repo
     assert all(c[:12] in drawn for c in history.reachable(repo.db, [merged]))
     # Both parents listed before the merge base; the base drawn once, where the lanes join.
     assert sum(sides["shared"][:12] in line for line in graph) == 1 and "| /" in graph
-    log = json.loads(kedit(repo, "log", "--json"))
+    log = doc(kedit(repo, "log", "--json"))["commits"]
     assert log[0]["parents"] == [sides["main"], sides["exp"]]
     assert {c["id"] for c in log} == history.reachable(repo.db, [merged])
-    assert {c["id"] for c in json.loads(kedit(repo, "log", f"{sides['main']}..HEAD", "--json"))} == \
+    assert {c["id"] for c in doc(kedit(repo, "log", f"{sides['main']}..HEAD", "--json"))["commits"]} == \
         {merged, *repo._side(sides["shared"], sides["exp"])}
 
 
@@ -238,7 +239,7 @@ def test_cherry_pick_composes_one_edit_and_names_it(repo: Repository, sides: dic
     assert hashes(repo, "HEAD")[name] == hash_tensor(apply_step(repo.materialize(sides["main"], [name])[name], delta))
     with pytest.raises(KeditError, match="already in the history"):
         repo.cherry_pick(picked.id)
-    out = json.loads(kedit(repo, "cherry-pick", "exp", "--json"))
+    out = doc(kedit(repo, "cherry-pick", "exp", "--json"))
     assert out["picked_from"] == sides["exp"]
     merged = repo.merge("exp", take="ours")
     assert merged.status == "merged"
@@ -250,8 +251,8 @@ def test_a_merge_commit_survives_push_clone_export(repo: Repository, sides: dict
     merged = repo.merge("exp").head
     test_hub.run(repo.root, "remote", "add", "origin", test_hub.URL)
     test_hub.run(repo.root, "push")
-    doc = json.loads(hub.store.read(hub.store.tree(test_hub.REPO_ID, "main")[1][f".kedit/commits/{merged}.json"]))
-    assert (doc["format"], doc["parents"]) == (2, [sides["main"], sides["exp"]])
+    record = json.loads(hub.store.read(hub.store.tree(test_hub.REPO_ID, "main")[1][f".kedit/commits/{merged}.json"]))
+    assert (record["format"], record["parents"]) == (2, [sides["main"], sides["exp"]])
     single = hub.store.tree(test_hub.REPO_ID, "main")[1][f".kedit/commits/{sides['main']}.json"]
     assert json.loads(hub.store.read(single))["format"] == 1  # what kedit 0.1 reads, unchanged
     test_hub.run(tmp_path, "clone", test_hub.URL, str(tmp_path / "copy"))
@@ -268,15 +269,15 @@ def test_a_merge_commit_survives_push_clone_export(repo: Repository, sides: dict
     repo.checkout("main")
     again = repo.merge("exp").head
     test_hub.run(repo.root, "push")
-    assert json.loads(test_hub.run(copy.root, "pull", "--json"))["new"] == again
+    assert doc(test_hub.run(copy.root, "pull", "--json"))["new"] == again
     assert hashes(copy, "HEAD") == hashes(repo, "HEAD") and fsck(copy).ok
     from huggingface_hub import CommitOperationAdd, HfApi
 
     path = f".kedit/commits/{again}.json"
-    doc = json.loads(hub.store.read(hub.store.tree(test_hub.REPO_ID, "main")[1][path]))
-    doc["format"] = 3
+    record = json.loads(hub.store.read(hub.store.tree(test_hub.REPO_ID, "main")[1][path]))
+    record["format"] = 3
     HfApi(endpoint=hub.url, token=test_hub.TOKEN).create_commit(
-        test_hub.REPO_ID, [CommitOperationAdd(path, json.dumps(doc).encode())], commit_message="from the future")
+        test_hub.REPO_ID, [CommitOperationAdd(path, json.dumps(record).encode())], commit_message="from the future")
     err = test_hub.run(tmp_path, "clone", test_hub.URL, str(tmp_path / "late"), code=1)
     assert "upgrade kedit" in err and err.count("\n") == 1
 

@@ -21,6 +21,7 @@ from kedit.methods.base import EditResult, get_method, method_names, register_me
 from kedit.cli import cli
 from kedit.core.plugins import CAPABILITIES, declared_methods
 from kedit.core.repo import Repository
+from tests.jsondoc import doc
 from tests.tiny import make_model, make_tokenizer
 
 PLUGIN = Path(__file__).resolve().parent / "plugin"
@@ -89,7 +90,7 @@ def test_a_third_party_method_is_offered_and_runs_through_the_engine(plugin_inst
                                     for s, t in (("Madrid", "Japan"), ("Tokyo", "Spain"))]))
     result = runner.invoke(cli, [*edit, "--requests", str(requests)])
     assert result.exit_code == 0, result.output
-    [commit] = json.loads(result.stdout)  # declared "batch": both requests in one commit
+    [commit] = doc(result.stdout)["commits"]  # declared "batch": both requests in one commit
     assert commit["info"]["layer"] == 2 and repo.log()[0].method == "tiny-logit"
     assert [c.name for c in repo.changes("HEAD")] == ["model.layers.2.mlp.down_proj.weight"]
 
