@@ -5,10 +5,12 @@ real headless Chromium (tests/test_ui_browser.py)."""
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 import threading
 import urllib.error
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -166,25 +168,31 @@ def test_behaviour_diff_page(server: ViewServer) -> None:
     assert status == 200 and "nosuchrev" in body and 'class="error"' in body
 
 
-def test_ui_json_prints_the_url_first(history: Path) -> None:
-    """`kedit ui --json` in a process of its own: the URL comes as one JSON document, then it serves."""
-    import subprocess
-    import sys
-
-    proc = subprocess.Popen([sys.executable, "-m", "kedit.cli", "--repo", str(history), "ui", "--port", "0",
-                             "--json"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+def ui_json(root: Path, check: Callable[[dict], None]) -> dict:
+    """Run `kedit ui --port 0 --json` in a process of its own, read the JSON document it prints
+    once it listens, call `check(document)` while it serves, then stop it."""
+    proc = subprocess.Popen([sys.executable, "-m", "kedit.cli", "--repo", str(root), "ui", "--port", "0", "--json"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
-        lines = []
+        lines: list[str] = []
         while not lines or lines[-1] != "}\n":
             lines.append(proc.stdout.readline())  # type: ignore[union-attr]
             assert lines[-1], proc.stderr.read()  # type: ignore[union-attr]
-        doc = json.loads("".join(lines))
-        assert doc["kedit_json"] == 1 and doc["host"] == "127.0.0.1" and doc["url"].endswith(f":{doc['port']}/")
-        status, body, _ = get(doc["url"])
-        assert status == 200 and "France -&gt; Japan" in body
+        document = json.loads("".join(lines))
+        check(document)
+        return document
     finally:
         proc.terminate()
         proc.wait(30)
+
+
+def test_ui_json_prints_the_url_first(history: Path) -> None:
+    def serves(doc: dict) -> None:
+        assert doc["kedit_json"] == 1 and doc["host"] == "127.0.0.1" and doc["url"].endswith(f":{doc['port']}/")
+        status, body, _ = get(doc["url"])
+        assert status == 200 and "France -&gt; Japan" in body
+
+    ui_json(history, serves)
 
 
 # -- report and plots -------------------------------------------------------------------------
