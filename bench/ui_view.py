@@ -2,7 +2,8 @@
 takes, and screenshots of the pages (headless Chromium through Playwright).
 
 The history: the base, one ROME commit per fact (user prompt protocol, C from --stats-samples
-texts the model generates), then optionally one MEMIT batch (per-request scores), a probe suite of
+texts the model generates; each fact with neighbourhood prompts, so locality is scored, and
+fluency), then optionally one MEMIT batch (per-request scores), a probe suite of
 unrelated facts, and a generation `kedit check` at HEAD (its kept outputs show on the commit page).
 
     python bench/ui_view.py --work /tmp/kedit-ui-bench --out bench/results/ui_view.json
@@ -27,21 +28,27 @@ from kedit.ui.server import make_server
 
 FACTS = [
     {"prompt": "The Eiffel Tower is located in the city of", "subject": "Eiffel Tower", "target_new": "Rome",
-     "target_true": "Paris"},
+     "target_true": "Paris", "neighbourhood": ["The Louvre Museum is located in the city of",
+                                               "Notre-Dame de Paris is located in the city of"]},
     {"prompt": "The mother tongue of Danielle Darrieux is", "subject": "Danielle Darrieux", "target_new": "English",
-     "target_true": "French"},
+     "target_true": "French", "neighbourhood": ["The mother tongue of Jean Gabin is",
+                                                "The mother tongue of Catherine Deneuve is"]},
     {"prompt": "Toyota was founded in the country of", "subject": "Toyota", "target_new": "Germany",
-     "target_true": "Japan"},
+     "target_true": "Japan", "neighbourhood": ["Honda was founded in the country of",
+                                               "Sony was founded in the country of"]},
     {"prompt": "The Colosseum is located in the city of", "subject": "Colosseum", "target_new": "London",
-     "target_true": "Rome"},
+     "target_true": "Rome", "neighbourhood": ["The Trevi Fountain is located in the city of",
+                                              "The Spanish Steps are located in the city of"]},
 ]
 BATCH = [
     {"prompt": "Angela Merkel is a citizen of", "subject": "Angela Merkel", "target_new": "Canada",
-     "target_true": "Germany"},
+     "target_true": "Germany", "neighbourhood": ["Helmut Kohl is a citizen of"]},
     {"prompt": "The Louvre is located in the city of", "subject": "Louvre", "target_new": "Madrid",
-     "target_true": "Paris"},
-    {"prompt": "Mount Fuji is located in", "subject": "Mount Fuji", "target_new": "Chile", "target_true": "Japan"},
-    {"prompt": "The Taj Mahal is located in", "subject": "Taj Mahal", "target_new": "Egypt", "target_true": "India"},
+     "target_true": "Paris", "neighbourhood": ["Montmartre is located in the city of"]},
+    {"prompt": "Mount Fuji is located in", "subject": "Mount Fuji", "target_new": "Chile", "target_true": "Japan",
+     "neighbourhood": ["Mount Aso is located in"]},
+    {"prompt": "The Taj Mahal is located in", "subject": "Taj Mahal", "target_new": "Egypt", "target_true": "India",
+     "neighbourhood": ["The Red Fort is located in"]},
 ]
 UNRELATED = [
     ("The capital of Japan is", "Tokyo"),
@@ -76,12 +83,12 @@ def build(root: Path, stats_samples: int, batch: bool) -> dict[str, float]:
     kedit(root, "probe", "add", *args)
     for i, fact in enumerate(FACTS):
         (root / "fact.json").write_text(json.dumps([fact]))
-        timings[f"edit rome #{i + 1}"] = kedit(root, "edit", "--requests", str(root / "fact.json"),
+        timings[f"edit rome #{i + 1}"] = kedit(root, "edit", "--requests", str(root / "fact.json"), "--fluency",
                                                "--stats-samples", str(stats_samples))
     if batch:
         (root / "batch.json").write_text(json.dumps(BATCH))
         timings["edit memit batch"] = kedit(root, "edit", "--method", "memit", "--requests", str(root / "batch.json"),
-                                            "--stats-samples", str(stats_samples))
+                                            "--fluency", "--stats-samples", str(stats_samples))
     timings["check --protocol generation"] = kedit(root, "check", "--protocol", "generation")
     return timings
 

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from kedit.core.errors import KeditError
+from kedit.core.repo import Repository as CoreRepository
 from kedit.eval.metrics import GEN_TOKENS, greedy_continuations
 from kedit.eval.probes import list_probes
 
@@ -42,7 +43,7 @@ class BehaviourDiff:
         return [r for r in self.rows if r.changed]
 
 
-def suite_prompts(repo: Repository) -> list[str]:
+def suite_prompts(repo: CoreRepository) -> list[str]:
     """The probe suite's prompts, each once, in the order they were added."""
     return list(dict.fromkeys(p.prompt for p in list_probes(repo)))
 

@@ -43,10 +43,20 @@ def chart_html(figure: Any, div_id: str) -> str:
     return pio.to_html(figure, include_plotlyjs=False, full_html=False, div_id=div_id, config=PLOT_CONFIG)
 
 
+SCORE_AXIS = {"title": {"text": "score"}, "range": [-0.05, 1.05]}  # fractions: the same scale on every chart
+FLUENCY_AXIS = {"title": {"text": "fluency (n-gram entropy, bits)"}, "overlaying": "y", "side": "right",
+                "showgrid": False}
+
+
 def _axis(trend: Trend) -> dict[str, Any]:
-    """Commits as ticks: their short ids, in history order."""
-    return {"tickmode": "array", "tickvals": list(range(len(trend.commits))),
+    """Commits as ticks: their short ids, in history order, every commit in view (charts align)."""
+    return {"tickmode": "array", "tickvals": list(range(len(trend.commits))), "range": [-0.5, len(trend.commits) - 0.5],
             "ticktext": [c.short for c in trend.commits], "title": {"text": "commit (oldest first)"}}
+
+
+def _on_fluency_axis(name: str) -> bool:
+    """Fluency is an entropy in bits (about 4 to 6), not a fraction: it gets its own axis on the right."""
+    return name.startswith("fluency")
 
 
 def trend_figure(trend: Trend, shown: tuple[str, ...] = FEATURED) -> Any:
@@ -60,9 +70,10 @@ def trend_figure(trend: Trend, shown: tuple[str, ...] = FEATURED) -> Any:
         figure.add_trace(go.Scatter(
             x=x, y=trend.series[name], name=name, mode="lines+markers", text=hover, connectgaps=True,
             hovertemplate=f"{name}=%{{y:.3f}}<br>%{{text}}<extra>{trend.protocols[name]}</extra>",
-            visible=True if name in shown else "legendonly"))
-    figure.update_layout(title="Metrics along the history", xaxis=_axis(trend), yaxis={"title": {"text": "score"}},
-                         height=420, margin={"t": 50, "b": 40}, legend={"orientation": "h", "y": -0.25})
+            visible=True if name in shown else "legendonly", yaxis="y2" if _on_fluency_axis(name) else "y"))
+    layout: dict[str, Any] = {"yaxis2": FLUENCY_AXIS} if any(map(_on_fluency_axis, trend.series)) else {}
+    figure.update_layout(title="Metrics along the history", xaxis=_axis(trend), yaxis=SCORE_AXIS, height=420,
+                         margin={"t": 50, "b": 40}, legend={"orientation": "h", "y": -0.25}, **layout)
     return figure
 
 
@@ -79,8 +90,8 @@ def batch_figure(trend: Trend) -> Any | None:
             text=[f"{trend.commits[i].short} request {r}" for i, r, _ in points],
             hovertemplate=f"{name}=%{{y:.3f}}<br>%{{text}}<extra></extra>",
             visible=True if name in FEATURED else "legendonly"))
-    figure.update_layout(title="Batch edits: each request's scores", xaxis=_axis(trend),
-                         yaxis={"title": {"text": "score"}}, height=380, margin={"t": 50, "b": 40})
+    figure.update_layout(title="Batch edits: each request's scores", xaxis=_axis(trend), yaxis=SCORE_AXIS,
+                         height=380, margin={"t": 50, "b": 40})
     return figure
 
 

@@ -106,7 +106,7 @@ class Pages:
     def diff(self, a: str, b: str, prompts: str, result: BehaviourDiff | None, error: str | None) -> str:
         revs = [*self.repo.refs.branches(), *self.repo.refs.tags(), *(c.short for c in self.repo.log("HEAD", 50))]
         return self._render("diff.html", "behaviour diff", a=a, b=b, prompts=prompts, diff=result, error=error,
-                            revs=revs, suite_size=len(suite_prompts(self.repo)))  # type: ignore[arg-type]
+                            revs=revs, suite_size=len(suite_prompts(self.repo)))
 
     def probes(self) -> str:
         return self._render("probes.html", "probes", probes=views.probe_suite(self.repo))
