@@ -134,6 +134,11 @@ def test_ui_refuses_another_host_without_allow_remote(history: Path) -> None:
     assert check_host("0.0.0.0", allow_remote=True) == "0.0.0.0"
 
 
+def test_ui_on_a_port_in_use_says_so_in_one_line(history: Path, server: ViewServer) -> None:
+    out = run(history, "ui", "--port", str(server.server_address[1]), code=1)
+    assert out.strip().count("\n") == 0 and "in use" in out and "--port 0" in out
+
+
 def test_every_page_is_served_and_nothing_written(history: Path, server: ViewServer) -> None:
     db = history / ".kedit" / "kedit.db"
     before = db.stat().st_mtime_ns

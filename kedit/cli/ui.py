@@ -35,7 +35,12 @@ def ui(ctx: click.Context, port: int, host: str | None, allow_remote: bool, as_j
 
     if allow_remote and host is None:
         raise KeditError("--allow-remote is for a --host other than 127.0.0.1: name the address too")
-    server = make_server(open_repo(ctx).root, host or DEFAULT_HOST, port, allow_remote=allow_remote)
+    root = open_repo(ctx).root
+    try:
+        server = make_server(root, host or DEFAULT_HOST, port, allow_remote=allow_remote)
+    except OSError as e:
+        raise KeditError(f"cannot serve on {host or DEFAULT_HOST} port {port}: {e.strerror or e}",
+                         hint="--port 0 takes a free port") from e
     if as_json:
         emit_json(url=server.url, host=server.server_address[0], port=server.server_address[1])
     else:
