@@ -108,6 +108,14 @@ def test_commit_page_has_tensors_adapters_metrics_and_kept_checks(history: Path)
     assert all(isinstance(r.output, str) for r in grace.checks)  # generation: the continuation itself
 
 
+def test_kept_checks_fall_where_kedit_check_says_they_broke(history: Path) -> None:
+    repo = Repository.open(history)
+    report = repo.check("HEAD", protocol="generation")  # from the outputs the fixture's check kept
+    rows = views.check_rows(repo, repo.get_commit(repo.head()))
+    assert {r.probe.id for r in rows if r.fell} == {r.probe.id for r in report.broken}
+    assert {r.probe.id: r.now for r in rows} == {r.probe.id: r.now for r in report.results}
+
+
 def test_behaviour_diff_of_a_revision_with_itself_is_empty_and_an_edit_shows(history: Path) -> None:
     repo = Repository.open(history)
     same = behaviour_diff(repo, "HEAD", "HEAD")

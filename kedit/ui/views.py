@@ -16,7 +16,16 @@ from typing import Any
 from kedit.core import history
 from kedit.core.graph import render_graph
 from kedit.core.repo import CommitInfo, Metric, Repository
-from kedit.eval.probes import DEFAULT_THRESHOLD, KeptOutput, Probe, kept_outputs, list_probes, setting_protocol
+from kedit.eval.probes import (
+    DEFAULT_THRESHOLD,
+    KeptOutput,
+    Probe,
+    edited_subjects,
+    kept_outputs,
+    list_probes,
+    setting_protocol,
+    subject_finder,
+)
 
 # The metrics a trend shows at first (the others are one click away in the legend): how often the
 # edit shows, in generation and teacher-forced, what it disturbs, and whether the text stays fluent.
@@ -112,6 +121,7 @@ class CheckRow:
     now: float
     parent: float | None
     fell: bool
+    edited_by: str | None = None  # locality: the edit in effect whose subject the prompt names
 
     @property
     def text(self) -> str:
@@ -165,20 +175,30 @@ def _score(kept: KeptOutput, base: KeptOutput | None) -> float | None:
 
 
 def check_rows(repo: Repository, commit: CommitInfo, threshold: float = DEFAULT_THRESHOLD) -> list[CheckRow]:
-    """The probe outputs kept at `commit`, each scored as `kedit check` scores it."""
+    """The probe outputs kept at `commit`, each scored as `kedit check` scores it and marked as it
+    marks a fall: more than `threshold` below the parent, or below what it is held to (a locality
+    probe: the base, which it agrees with fully; an edit probe: its edit's own commit, where kept).
+    A locality probe whose prompt names the subject of an edit in effect is that edit's change,
+    not a fall (`edited_by`)."""
     base = history.ancestors(repo.db, commit.id)[-1]
-    kept = kept_outputs(repo, [commit.id, base, *([commit.parent] if commit.parent else [])])
+    here = kept_outputs(repo, [commit.id])[commit.id]
+    edits = {k.probe.commit_id for k in here if k.probe.kind == "edit" and k.probe.commit_id}
+    kept = kept_outputs(repo, [commit.id, base, *([commit.parent] if commit.parent else []), *edits])
     by_key = {cid: {(k.probe.id, k.setting): k for k in outs} for cid, outs in kept.items()}
+    edited_by = subject_finder(edited_subjects(repo, history.edits_in_effect(repo.db, commit.id)))
     rows = []
-    for k in kept[commit.id]:
+    for k in here:
         key = (k.probe.id, k.setting)
         now = _score(k, by_key[base].get(key))
         if now is None:
             continue
         parent_kept = by_key.get(commit.parent or "", {}).get(key)
         parent = _score(parent_kept, by_key[base].get(key)) if parent_kept else None
-        rows.append(CheckRow(k.probe, k.setting, k.output, now, parent,
-                             parent is not None and now < parent - threshold))
+        held_kept = by_key.get(k.probe.commit_id or "", {}).get(key)
+        held = 1.0 if k.probe.kind == "locality" else (held_kept.score if held_kept else None)
+        by = edited_by(k.probe.prompt) if k.probe.kind == "locality" else None
+        fell = any(before is not None and now < before - threshold for before in (parent, held))
+        rows.append(CheckRow(k.probe, k.setting, k.output, now, parent, fell and not by, by))
     return rows
 
 
