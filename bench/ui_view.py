@@ -126,6 +126,7 @@ def main() -> None:
         shutil.rmtree(args.work, ignore_errors=True)
         args.work.mkdir(parents=True)
         building = build(args.work, args.stats_samples, not args.no_batch)
+        args.out.write_text(json.dumps({"building_s": building}, indent=2) + "\n")  # kept for --reuse
     else:  # the history's build timings, from the run that built it
         building = json.loads(args.out.read_text()).get("building_s", {}) if args.out.exists() else {}
     repo = Repository.open(args.work)

@@ -229,6 +229,9 @@ def test_log_plot_writes_png_svg_and_html(history: Path, tmp_path: Path) -> None
     assert b"<svg" in (tmp_path / "t.svg").read_bytes()[:500]
     run(history, "log", "--plot", "gen_efficacy", "--out", str(tmp_path / "t.html"))
     assert "Plotly.newPlot" in (tmp_path / "t.html").read_text()
+    plotted = json.loads(run(history, "log", "HEAD~2..HEAD", "--plot", "reliability", "--out", str(tmp_path / "r.png"),
+                             "--json", "-q"))
+    assert [c["short"] for c in plotted["commits"]] == [c.short for c in Repository.open(history).log()[:2]]
     out = run(history, "log", "--plot", "nonsense", "--out", str(tmp_path / "x.png"), code=1)
     assert "reliability" in out and out.strip().count("\n") == 0
     assert "go together" in run(history, "log", "--plot", "reliability", code=1)
