@@ -1,6 +1,7 @@
 # Two commands do all set-up on a fresh machine:
 #   make demo   build the environment, then run the main job on the embedded SmolLM2
-#   make test   build the environment, then run ruff and the test suite
+#   make test   build the environment (and Chromium for the browser tests, where root can apt-get it),
+#               then run ruff and the test suite
 PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
@@ -20,6 +21,7 @@ $(STAMP): setup.cfg pyproject.toml
 	touch $@
 
 test: $(STAMP)
+	bash scripts/ensure_chromium.sh
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest -q
 

@@ -14,6 +14,7 @@ from kedit.cli.jsonout import JSON_VERSION
 from tests.test_cli_edit import EDIT, tiny_folder  # noqa: F401  (fixture: a tiny Llama with a tokenizer)
 from tests.test_cli_editors import TRAIN, records
 from tests.test_hub import REPO_ID, hub  # noqa: F401  (fixture: the local Hub)
+from tests.test_ui import ui_json
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 COMMIT_KEYS = {"id", "short", "parents", "depth", "kind", "method", "message", "author", "created", "hparams",
@@ -114,6 +115,9 @@ def test_each_command_prints_its_documented_keys(tmp_path: Path, tiny_folder: Pa
     run("export", "export", "HEAD", str(tmp_path / "out"))
     run("export --format peft", "export", edited["commits"][0]["id"], str(tmp_path / "lora"), "--format", "peft")
     run("export --format gguf", "export", "HEAD", str(tmp_path / "model.gguf"), "--format", "gguf", "--quant", "q8_0")
+    run("report", "report", "HEAD", "--out", str(tmp_path / "report.html"))
+    seen["ui"] = ui_json(work, lambda doc: None)
+    assert next(iter(seen["ui"])) == "kedit_json" and set(seen["ui"]) - {"kedit_json"} == shapes["ui"]
     run("fsck", "fsck")
     run("gc", "gc")
     assert set(seen) == set(shapes), sorted(set(shapes) - set(seen))

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-UPPER = ("kedit.model", "kedit.edit", "kedit.eval", "kedit.hub", "kedit.cli", "kedit.methods", "methods")
+UPPER = ("kedit.model", "kedit.edit", "kedit.eval", "kedit.hub", "kedit.ui", "kedit.cli", "kedit.methods", "methods")
 
 
 def _module_name(path: Path) -> str:
@@ -70,11 +70,13 @@ def test_core_imports_no_layer_above_it(path: Path) -> None:
 
 # What each layer above the engine must not import (README.md, "Layout").
 FORBIDDEN = {
-    "kedit.model": ("kedit.edit", "kedit.eval", "kedit.hub", "kedit.cli", "kedit.methods"),
-    "kedit.edit": ("kedit.hub", "kedit.cli"),
-    "kedit.eval": ("kedit.hub", "kedit.cli"),
-    "kedit.hub": ("kedit.edit", "kedit.cli"),
-    "kedit.methods": ("kedit.edit", "kedit.hub", "kedit.cli", "kedit.eval.probes", "kedit.eval.revision"),
+    "kedit.model": ("kedit.edit", "kedit.eval", "kedit.hub", "kedit.ui", "kedit.cli", "kedit.methods"),
+    "kedit.edit": ("kedit.hub", "kedit.ui", "kedit.cli"),
+    "kedit.eval": ("kedit.hub", "kedit.ui", "kedit.cli"),
+    "kedit.hub": ("kedit.edit", "kedit.ui", "kedit.cli"),
+    "kedit.ui": ("kedit.edit", "kedit.hub", "kedit.cli"),  # the views read; they never edit or share
+    "kedit.methods": ("kedit.edit", "kedit.hub", "kedit.ui", "kedit.cli", "kedit.eval.probes",
+                      "kedit.eval.revision"),
 }
 
 

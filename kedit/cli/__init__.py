@@ -15,7 +15,7 @@ from pathlib import Path
 
 import click
 
-from kedit.cli import behaviour, branch, config, edit, editors, eval, history, hub, maintenance, model
+from kedit.cli import behaviour, branch, config, edit, editors, eval, history, hub, maintenance, model, ui
 from kedit.cli.common import KeditGroup, be_quiet
 from kedit.cli.terminal import (
     COLOR_MODES,
@@ -77,6 +77,7 @@ COMMANDS = [
     editors.train_editor, editors.editors,
     hub.remote, hub.push, hub.fetch, hub.pull, hub.clone,
     config.config_,
+    ui.ui, ui.report,
 ]
 for _command in COMMANDS:
     cli.add_command(_command)

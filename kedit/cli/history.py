@@ -71,11 +71,14 @@ def _oneline(commit, decorations: dict[str, list[str]]) -> str:
 @click.option("--until", "--before", "until", help="Only commits made before this date or age.")
 @click.option("--subject", help="Only edits whose requests name this subject.")
 @click.option("--method", help="Only edits made with this method (rome, memit, ...).")
+@click.option("--plot", "plot_metric", metavar="METRIC", help="Draw METRIC along these commits into --out.")
+@click.option("--out", "plot_out", type=click.Path(path_type=Path, dir_okay=False),
+              help="The --plot file: .png, .svg, .pdf or .html.")
 @json_option
 @click.pass_context
 def log(ctx: click.Context, revs: tuple[str, ...], oneline: bool, max_count: int | None, graph: bool,
         grep: str | None, author: str | None, since: str | None, until: str | None, subject: str | None,
-        method: str | None, as_json: bool) -> None:
+        method: str | None, plot_metric: str | None, plot_out: Path | None, as_json: bool) -> None:
     """Show the edit history from REVS (default HEAD), newest first, with metrics.
 
     REVS are revisions (their histories together), ranges A..B (in B, not in A) and A...B
@@ -87,12 +90,17 @@ def log(ctx: click.Context, revs: tuple[str, ...], oneline: bool, max_count: int
         kedit log main..experiment
         kedit log --subject "Eiffel Tower" --method rome
         kedit log --graph
+        kedit log --plot gen_efficacy --out trend.png
     """
     from kedit.core.revisions import CommitFilter, filtered, parse_when, select
 
     repo = open_repo(ctx)
     keep = CommitFilter(grep, author, parse_when(since) if since else None, parse_when(until) if until else None,
                        subject, method)
+    if (plot_metric is None) != (plot_out is None):
+        raise KeditError("--plot METRIC and --out FILE go together")
+    if graph and plot_metric:
+        raise KeditError("--plot draws one history, not --graph's branches: name the revisions instead")
     if graph and (revs or keep != CommitFilter()):
         raise KeditError("--graph draws every branch: it takes no revisions or filters")
     if graph:
@@ -110,6 +118,14 @@ def log(ctx: click.Context, revs: tuple[str, ...], oneline: bool, max_count: int
     ids = filtered(repo.db, select(repo.db, repo.refs, revs or ["HEAD"]), keep, max_count)
     commits = [repo.get_commit(c) for c in ids]
     decorations = ref_decorations(repo)
+    if plot_metric and plot_out:
+        from kedit.ui.plot import plot_metric as draw
+        from kedit.ui.views import trend_of
+
+        drawn = draw(trend_of(commits[::-1]), plot_metric, plot_out)
+        say(ctx, f"wrote {drawn.path}: {drawn.metric} at {drawn.points} of {drawn.commits} commits")
+        if not as_json:
+            return
     if as_json:
         emit_json(commits=[commit_json(c, decorations.get(c.id)) for c in commits])
         return

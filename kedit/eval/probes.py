@@ -110,6 +110,38 @@ def probe_outputs(repo: Repository, commit_id: str, probes: list[Probe], load: M
     return {p.id: known[p.id] for p in probes}
 
 
+@dataclass(frozen=True)
+class KeptOutput:
+    """A probe's output kept at a commit by an earlier `kedit check`: read without loading a model."""
+
+    probe: Probe
+    setting: str  # output_key's: protocol (and prompt form), then device/dtype
+    output: Any  # the protocol's output: argmax ids, or a continuation
+    score: float  # as a fact: token accuracy, or 1.0 when the continuation shows the answer
+
+
+def kept_outputs(repo: Repository, commit_ids: Iterable[str]) -> dict[str, list[KeptOutput]]:
+    """{commit: its kept probe outputs} for the given commits, in probe order."""
+    ids = list(dict.fromkeys(commit_ids))
+    probes = {p.id: p for p in list_probes(repo)}
+    out: dict[str, list[KeptOutput]] = {cid: [] for cid in ids}
+    if not ids or not probes:
+        return out
+    marks = ", ".join("?" * len(ids))
+    for cid, pid, setting, pred, acc in repo.db.execute(
+            f"SELECT commit_id, probe_id, setting, predicted, accuracy FROM probe_outputs "
+            f"WHERE commit_id IN ({marks}) ORDER BY probe_id, setting", ids):
+        if pid in probes:
+            out[cid].append(KeptOutput(probes[pid], setting, json.loads(pred), acc))
+    return out
+
+
+def setting_protocol(setting: str) -> ProbeProtocol | None:
+    """The probe protocol a kept output's setting names (None for outputs an older kedit kept)."""
+    name = setting.partition(":")[0].replace(CHAT_PROTOCOL, PROMPT_PROTOCOL, 1)
+    return next((p for p in PROBE_PROTOCOLS.values() if p.name == name), None)
+
+
 @dataclass
 class ProbeResult:
     probe: Probe
