@@ -115,16 +115,16 @@ def behaviour_diff(load: ModelLoader, a: str, b: str, watched: Sequence[Watched]
     KL divergence of their next-token distributions on the reference texts."""
     prompts = [w.prompt for w in watched]
     with_answer = [i for i, w in enumerate(watched) if w.answer]
-    sides = []
-    for commit in (a, b):
+    sides = {}
+    for commit in dict.fromkeys((a, b)):  # one model in memory at a time; the same revision loaded once
         model, tok = load(commit)
         probabilities = answer_probabilities(model, tok, [prompts[i] for i in with_answer],
                                              [watched[i].answer or "" for i in with_answer])
-        sides.append((metrics.greedy_continuations(model, tok, prompts, n_tokens),
-                      dict(zip(with_answer, probabilities, strict=True)),
-                      next_token_logprobs(model, tok, reference)))
+        sides[commit] = (metrics.greedy_continuations(model, tok, prompts, n_tokens),
+                         dict(zip(with_answer, probabilities, strict=True)),
+                         next_token_logprobs(model, tok, reference))
         del model
-    (cont_a, prob_a, logp_a), (cont_b, prob_b, logp_b) = sides
+    (cont_a, prob_a, logp_a), (cont_b, prob_b, logp_b) = sides[a], sides[b]
     kl, positions = mean_kl(logp_a, logp_b) if reference else (None, 0)
     changes = [PromptChange(w.prompt, w.answer, cont_a[i], cont_b[i], prob_a.get(i), prob_b.get(i))
                for i, w in enumerate(watched)]

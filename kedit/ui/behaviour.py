@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 from kedit.core.errors import KeditError
 from kedit.core.repo import Repository as CoreRepository
-from kedit.eval.metrics import GEN_TOKENS, greedy_continuations
+from kedit.eval.metrics import GEN_TOKENS
 from kedit.eval.probes import list_probes
 
 if TYPE_CHECKING:
@@ -59,10 +59,9 @@ def behaviour_diff(repo: Repository, rev_a: str, rev_b: str, prompts: Sequence[s
     if not prompts:
         raise KeditError("no prompts to compare: the probe suite is empty",
                          hint="kedit probe add --prompt P --answer A, or give prompts")
-    outputs: dict[str, list[str]] = {}
-    for commit in dict.fromkeys((a, b)):
-        model, tok = repo.load(commit, dtype=dtype, device=device)
-        outputs[commit] = greedy_continuations(model, tok, prompts, n_tokens)
-        del model, tok
-    return BehaviourDiff(a, b, n_tokens, [PromptDiff(p, x, y) for p, x, y in
-                                          zip(prompts, outputs[a], outputs[b], strict=True)])
+    from kedit.eval.behaviour import Watched
+    from kedit.eval.behaviour import behaviour_diff as compare  # the mechanism `kedit diff --behaviour` uses
+
+    result = compare(lambda c: repo.load(c, dtype=dtype, device=device), a, b, [Watched(p) for p in prompts],
+                     n_tokens=n_tokens)
+    return BehaviourDiff(a, b, n_tokens, [PromptDiff(r.prompt, r.before, r.after) for r in result.prompts])
