@@ -11,6 +11,7 @@ from kedit.methods.base import EditRequest
 
 from kedit.core.repo import Repository
 from tests import test_cli_edit
+from tests.jsondoc import doc
 from tests.test_cli_edit import corpus_args, kedit
 
 tiny_folder = test_cli_edit.tiny_folder  # the same tiny model and repository fixtures
@@ -44,12 +45,14 @@ def test_memit_batch_is_one_commit_with_per_request_metrics(tiny_repo: Repositor
     layers = commit.hparams["layers"]
     changes = tiny_repo.changes("HEAD")
     assert len(changes) == len(layers) and all(c.encoding == "lowrank" and c.rank == len(FACTS) for c in changes)
-    suites = {m.suite for m in commit.metrics if m.suite.startswith("request ")}
-    assert suites == {f"request {i}" for i in range(len(FACTS))}
-    post = {m.name: m.value for m in commit.metrics if m.stage == "post" and m.suite == ""}
+    per_request = [m for m in commit.metrics if m.request is not None]
+    assert {m.request for m in per_request} == set(range(len(FACTS))) and {m.suite for m in per_request} == {""}
+    post = {m.name: m.value for m in commit.metrics if m.stage == "post" and m.suite == "" and m.request is None}
     assert post["reliability"] == 1.0  # every fact flipped
     shown = kedit(tiny_repo, "show")
     assert "request 3" in shown and "reliability=1.00" in shown
+    listed = doc(kedit(tiny_repo, "show", "--json"))["commit"]["metrics"]
+    assert sorted({m["request"] for m in listed} - {None}) == list(range(len(FACTS)))
 
 
 def test_batch_size_makes_one_commit_per_chunk(tiny_repo: Repository, facts_file: Path) -> None:

@@ -34,11 +34,11 @@ SHORT_METRICS = {"reliability": "rel", "generalization": "gen", "locality": "loc
 
 def _echo_per_request(metrics: list) -> None:
     """A batch commit's per-request scores, one line per request (all of them in --json)."""
-    by_request: dict[str, list] = {}
+    by_request: dict[int, list] = {}
     for m in metrics:
-        by_request.setdefault(m.suite, []).append(m)
-    for suite in sorted(by_request, key=lambda s: int(s.split()[1]))[:50]:
-        click.echo(f"  {suite:<10} " + " ".join(f"{m.name}={m.value:.2f}" for m in by_request[suite]))
+        by_request.setdefault(m.request, []).append(m)
+    for i in sorted(by_request)[:50]:
+        click.echo(f"  {f'request {i}':<10} " + " ".join(f"{m.name}={m.value:.2f}" for m in by_request[i]))
     if len(by_request) > 50:
         click.echo(f"  ... {len(by_request) - 50} more requests (kedit show --json)")
 
@@ -46,7 +46,7 @@ def _echo_per_request(metrics: list) -> None:
 def _metric_summary(commit) -> str:
     parts = []
     for m in commit.metrics:
-        if m.stage in ("post", "eval") and m.name in SHORT_METRICS and not m.suite.startswith("request "):
+        if m.stage in ("post", "eval") and m.name in SHORT_METRICS and m.request is None:
             parts.append(f"{SHORT_METRICS[m.name]}={m.value:.2f}")
     return " ".join(dict.fromkeys(parts))
 
@@ -191,7 +191,7 @@ def show(ctx: click.Context, rev: str, as_json: bool) -> None:
                                                for k, v in scalars.items()))
     if commit.metrics:
         click.echo("Metrics:")
-        per_request = [m for m in commit.metrics if m.suite.startswith("request ")]
+        per_request = [m for m in commit.metrics if m.request is not None]
         for m in commit.metrics:
             if m not in per_request:
                 suite = f" [{m.suite}]" if m.suite else ""

@@ -20,7 +20,7 @@ from __future__ import annotations
 import contextlib
 import os
 import sqlite3
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -200,12 +200,39 @@ CREATE INDEX commit_parents_parent ON commit_parents(parent_id);
 INSERT INTO commit_parents (commit_id, seq, parent_id) SELECT id, 0, parent FROM commits WHERE parent IS NOT NULL;
 """
 
+# A batch edit's scores of each of its requests get their own column: `request` is the request's
+# index in the commit (NULL: a score of the whole commit). Earlier kedits stored them under the suite
+# "request <i>"; those rows become suite '' (the edit's own requests, as the whole-commit scores) with
+# request = i. The key holds request too (NULL counted as one value), so the table is rebuilt.
+_METRIC_REQUEST = """
+CREATE TABLE metrics_new (
+    commit_id TEXT NOT NULL REFERENCES commits(id) ON DELETE CASCADE,
+    name TEXT NOT NULL,
+    value REAL NOT NULL,
+    protocol TEXT NOT NULL,
+    stage TEXT NOT NULL,
+    suite TEXT NOT NULL DEFAULT '',
+    request INTEGER,                   -- the request's index in its commit; NULL: the whole commit
+    created TEXT NOT NULL,
+    source TEXT NOT NULL DEFAULT ''
+);
+INSERT INTO metrics_new (commit_id, name, value, protocol, stage, suite, request, created, source)
+    SELECT commit_id, name, value, protocol, stage,
+           CASE WHEN suite GLOB 'request [0-9]*' AND substr(suite, 9) NOT GLOB '*[^0-9]*' THEN '' ELSE suite END,
+           CASE WHEN suite GLOB 'request [0-9]*' AND substr(suite, 9) NOT GLOB '*[^0-9]*'
+                THEN CAST(substr(suite, 9) AS INTEGER) END,
+           created, source FROM metrics;
+DROP TABLE metrics;
+ALTER TABLE metrics_new RENAME TO metrics;
+CREATE UNIQUE INDEX metrics_key ON metrics(commit_id, name, stage, suite, ifnull(request, -1));
+"""
+
 # Named migrations; each runs once, inside a transaction, and is recorded by name in
 # `_kedit_migrations` (never rename one: users' databases hold these names). The ones a database
 # lacks run in this order, the numeric one. Earlier kedits listed them 0001, 0002, 0004, 0005, 0003,
 # so a database may hold any subset; numeric order is safe for every subset because each migration
-# needs only lower-numbered ones (0005, 0006 and 0008 use 0001's tables, 0007 alters 0004's) and 0003
-# (a table of its own) needs none after 0001.
+# needs only lower-numbered ones (0005, 0006 and 0008 use 0001's tables, 0007 alters 0004's, 0009
+# rebuilds 0001's metrics with 0006's column) and 0003 (a table of its own) needs none after 0001.
 MIGRATIONS: list[tuple[str, str]] = [
     ("0001_initial", _SCHEMA_V1),
     ("0002_probes", _PROBES),
@@ -215,6 +242,7 @@ MIGRATIONS: list[tuple[str, str]] = [
     ("0006_metric_source", _METRIC_SOURCE),
     ("0007_remote_token_env", _REMOTE_TOKEN_ENV),
     ("0008_commit_parents", _COMMIT_PARENTS),
+    ("0009_metric_request", _METRIC_REQUEST),
 ]
 
 
@@ -363,6 +391,15 @@ def write(db: Database) -> Iterator[Database]:
             db.execute("ROLLBACK")
         raise
     db.execute("COMMIT")
+
+
+def put_metrics(db: Database, commit_id: str, metrics: Iterable[Mapping[str, Any]], *, source: str) -> None:
+    """Store (or replace: same name, stage, suite and request) a commit's metrics; call inside `write`."""
+    db.conn.executemany(
+        "INSERT OR REPLACE INTO metrics (commit_id, name, value, protocol, stage, suite, request, created, source) "
+        "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        [(commit_id, m["name"], m["value"], m["protocol"], m["stage"], m["suite"], m.get("request"), m["created"],
+          source) for m in metrics])
 
 
 def one(db: Database, sql: str, params: list | tuple = ()) -> tuple | None:

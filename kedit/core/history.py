@@ -220,6 +220,31 @@ def adapter_ops(db: Database, commit_id: str) -> list[tuple[str, str, str]]:
                       [commit_id]).fetchall()
 
 
+def adapter_op_rows(db: Database, commit_id: str) -> list[tuple[str, str, str, str]]:
+    """(op, object id, kind, origin commit) of one commit's adapter operations, in order, as stored."""
+    return db.execute("SELECT op, object_id, kind, origin_commit FROM adapter_ops WHERE commit_id = ? ORDER BY seq",
+                      [commit_id]).fetchall()
+
+
+def own_files(db: Database, commit_id: str) -> dict[str, str]:
+    """The files one commit itself recorded (path -> blob id), not those it inherits."""
+    return dict(db.execute("SELECT path, object_id FROM files WHERE commit_id = ? ORDER BY path", [commit_id]))
+
+
+def own_memory(db: Database, commit_id: str) -> tuple[str, str] | None:
+    """(method, object id) of the memory one commit stored, or None."""
+    return db.execute("SELECT method, object_id FROM method_memory WHERE commit_id = ?", [commit_id]).fetchone()
+
+
+def record(db: Database, commit_id: str) -> str:
+    """The canonical JSON a commit's id is the hash of, as stored."""
+    return db.execute("SELECT record FROM commits WHERE id = ?", [commit_id]).fetchone()[0]
+
+
+def exists(db: Database, commit_id: str) -> bool:
+    return db.execute("SELECT 1 FROM commits WHERE id = ?", [commit_id]).fetchone() is not None
+
+
 def count_commits(db: Database) -> int:
     return db.execute("SELECT COUNT(*) FROM commits").fetchone()[0]
 

@@ -91,6 +91,7 @@ class Metric:
     stage: str = "post"  # pre | post | eval
     suite: str = ""
     source: str = field(default="", compare=False)  # the remote it was fetched from; '' = measured here
+    request: int | None = None  # a batch edit's score of its request with this index; None: of the whole commit
 
 
 @dataclass
@@ -381,8 +382,9 @@ class Repository:
                           history.parents(self.db, cid))
 
     def metrics(self, commit_id: str) -> list[Metric]:
-        return dbm.rows(self.db, "SELECT name, value, protocol, stage, suite, source FROM metrics WHERE commit_id = ? "
-                        "ORDER BY suite, stage, name", [commit_id], factory=Metric)
+        return dbm.rows(self.db, "SELECT name, value, protocol, stage, suite, source, request FROM metrics "
+                        "WHERE commit_id = ? ORDER BY suite, ifnull(request, -1), stage, name", [commit_id],
+                        factory=Metric)
 
     def log(self, rev: str = HEAD, limit: int | None = None) -> list[CommitInfo]:
         """Commits from `rev` back along first parents, newest first."""
@@ -647,16 +649,27 @@ class Repository:
                 "object": obj.id, "value": after}
 
     def _insert_metrics(self, cid: str, metrics: Iterable[Metric]) -> None:
-        self.db["metrics"].upsert_all([
-            {"commit_id": cid, "name": m.name, "value": float(m.value), "protocol": m.protocol, "stage": m.stage,
-             "suite": m.suite, "created": now_iso(), "source": ""}  # measured here, replacing a remote's
-            for m in metrics], pk=("commit_id", "name", "stage", "suite"))
+        # measured here (source ''), replacing a remote's
+        dbm.put_metrics(self.db, cid, [{"name": m.name, "value": float(m.value), "protocol": m.protocol,
+                                        "stage": m.stage, "suite": m.suite, "request": m.request,
+                                        "created": now_iso()} for m in metrics], source="")
 
     def record_metrics(self, rev: str, metrics: Iterable[Metric]) -> None:
         """Store (or replace) measurements of a commit; they are not part of its id."""
         cid = self.resolve(rev)
         with dbm.write(self.db):
             self._insert_metrics(cid, metrics)
+
+    def metric_rows(self, commit_id: str) -> list[dict[str, Any]]:
+        """A commit's metrics as stored (with when each was measured), for a Hub document."""
+        return dbm.rows(self.db, "SELECT name, value, protocol, stage, suite, request, created FROM metrics "
+                        "WHERE commit_id = ? ORDER BY suite, ifnull(request, -1), stage, name", [commit_id])
+
+    def record_fetched_metrics(self, rows_by_commit: Mapping[str, Iterable[Mapping[str, Any]]], source: str) -> None:
+        """Store metrics a remote sent ({commit: rows as `metric_rows` gives them}), marked with its name."""
+        with dbm.write(self.db):
+            for cid, rows in rows_by_commit.items():
+                dbm.put_metrics(self.db, cid, rows, source=source)
 
     def head_state(self) -> HeadState:
         """Where HEAD is now: pass it as `expected_parent` to commit what was computed there."""

@@ -165,7 +165,7 @@ def _warn_locality_about_edited_subjects(requests: list[EditRequest]) -> None:
 
 def _per_request(model: Any, tok: Any, batch: list[EditRequest], reference: Reference | None,
                  fluency: bool) -> list[Metric]:
-    """Each request's own post-edit metrics, as suite "request <i>" (i indexes the commit's requests).
+    """Each request's own post-edit metrics, with `request` = i (its index in the commit's requests).
     Generation scores are the batch's only: per request they would cost a generate call each; the
     method's info says which requests show in generation."""
     out: list[Metric] = []
@@ -175,7 +175,7 @@ def _per_request(model: Any, tok: Any, batch: list[EditRequest], reference: Refe
         ref = reference.rows(start, start + n_pairs) if reference is not None else None
         start += n_pairs
         out += as_metrics(measure(model, tok, [request], ref, fluency=fluency, generation=False), "post",
-                                f"request {i}")
+                          request=i)
     return out
 
 

@@ -63,6 +63,8 @@ def measure(model: Any, tok: Any, requests: Sequence[EditRequest], reference: Re
     return scores
 
 
-def as_metrics(scores: list[metrics.Score], stage: str, suite: str = "") -> list[Metric]:
-    """Scores as the metrics a commit records (stage: pre | post | eval); a NaN score is dropped."""
-    return [Metric(s.name, s.value, s.protocol, stage, suite) for s in scores if not math.isnan(s.value)]
+def as_metrics(scores: list[metrics.Score], stage: str, suite: str = "", request: int | None = None) -> list[Metric]:
+    """Scores as the metrics a commit records (stage: pre | post | eval; `request`: the index of the
+    one request of a batch they score, None for the whole commit); a NaN score is dropped."""
+    return [Metric(s.name, s.value, s.protocol, stage, suite, request=request)
+            for s in scores if not math.isnan(s.value)]

@@ -307,15 +307,11 @@ def _record(repo: Repository, remote: str, docs: dict[str, dict], metrics: dict[
     update known commits' metrics, and move the remote-tracking refs, atomically."""
     with dbm.write(repo.db):
         repo.write_commits([_staged(cid, doc) for cid, doc in docs.items()])
-        for cid, doc in docs.items():
-            repo.db["metrics"].upsert_all([{"commit_id": cid, **m, "source": remote} for m in doc["metrics"]],
-                                          pk=("commit_id", "name", "stage", "suite"))
+        repo.record_fetched_metrics({cid: doc["metrics"] for cid, doc in docs.items()}, remote)
         for doc in editors.values():
             repo.db.execute(f"INSERT OR IGNORE INTO editors ({', '.join(EDITOR_FIELDS)}) VALUES "
                             f"({', '.join('?' * len(EDITOR_FIELDS))})", [doc[k] for k in EDITOR_FIELDS])
-        for cid, rows in metrics.items():
-            repo.db["metrics"].upsert_all([{"commit_id": cid, **m, "source": remote} for m in rows],
-                                          pk=("commit_id", "name", "stage", "suite"))
+        repo.record_fetched_metrics(metrics, remote)
         for f in found.values():
             old = remotes.tracking(repo.db, remote, f.branch)
             new = remotes.Tracking(f.tip, f.hub_commit, f.checkpoint)

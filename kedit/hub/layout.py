@@ -8,7 +8,8 @@ Layout of a Hub branch that kedit pushes (kedit branches are Hub branches):
                                  weights above hold (older than the tip after --history-only), "push_id"}
     .kedit/commits/<id>.json     one commit: its hashed record, tensor changes, adapter ops, files,
                                  method memory, metrics (not hashed: a later `kedit eval` re-uploads);
-                                 format 2 (a merge) adds "parents", all of them in order
+                                 format 2 (a merge) adds "parents", all of them in order; format 3
+                                 (a batch edit's scores per request) adds "request" to every metric
     .kedit/editors/<id>.json     trained editors (MEND, InstructEdit) for a base in this history
     .kedit/probes.json           the probe suite of this history, for `kedit check` (kedit/hub/probes.py)
     .kedit/objects/ab/cd….st|.blob  every stored object the history needs that the weights above
@@ -51,11 +52,17 @@ from kedit.hub.api import KEDIT_DIR, Hub
 from kedit.model.adapters import adapter_path, mark_config, write_adapters
 
 # The newest document format this kedit reads and writes. Format 2 adds `parents` (every parent,
-# for a merge commit two); a one-parent commit's document stays format 1, byte for byte what kedit
-# 0.1 wrote, so a history without merges reads in kedit 0.1 and nothing is re-uploaded. A document
-# or refs file of a newer format than FORMAT is refused with "upgrade kedit".
-FORMAT = 2
+# for a merge commit two); format 3 adds `request` to each metric (the index of the request a batch
+# edit's score is about, null for a score of the whole commit), where kedit 0.1 and format 2 wrote
+# the suite "request <i>" (translated on fetch). A commit's document is of the lowest format that
+# expresses it: a one-parent commit without per-request scores stays format 1, byte for byte what
+# kedit 0.1 wrote, so such a history reads in kedit 0.1 and nothing is re-uploaded. A document or
+# refs file of a newer format than FORMAT is refused with "upgrade kedit".
+FORMAT = 3
 FIRST_FORMAT = 1
+MERGE_FORMAT = 2
+REQUEST_FORMAT = 3
+REFS_FORMAT = 2  # refs.json is unchanged since format 2: older kedits read branches without per-request scores
 REFS_FILE = f"{KEDIT_DIR}/refs.json"
 INDEX_FILE = "model.safetensors.index.json"
 GENERATED = frozenset({"README.md", "kedit.json", INDEX_FILE})  # written by push, never a stored file
@@ -83,24 +90,25 @@ def object_path(oid: str, kind: str) -> str:
 def commit_document(repo: Repository, cid: str) -> dict[str, Any]:
     """Everything the database holds about one commit, as the JSON pushed to the Hub."""
     c = repo.get_commit(cid)
-    record = dbm.one(repo.db, "SELECT record FROM commits WHERE id = ?", [cid])[0]
     changes = [{"name": ch.name, "source": ch.source_commit, "hash": ch.result_hash, "dtype": ch.dtype,
                 "shape": list(ch.shape), "encoding": ch.encoding, "rank": ch.rank, "norm": ch.delta_norm,
                 "rel": ch.rel_change, "stored": ch.stored_bytes,
                 "steps": [[s.origin, s.object_id, s.encoding] for s in ch.steps]}
                for ch in history.changes(repo.db, cid)]
-    adapter_ops = [list(r) for r in repo.db.execute(
-        "SELECT op, object_id, kind, origin_commit FROM adapter_ops WHERE commit_id = ? ORDER BY seq", [cid])]
-    files = dict(repo.db.execute("SELECT path, object_id FROM files WHERE commit_id = ? ORDER BY path", [cid]))
-    memory = dbm.one(repo.db, "SELECT method, object_id FROM method_memory WHERE commit_id = ?", [cid])
-    metrics = dbm.rows(repo.db, "SELECT name, value, protocol, stage, suite, created FROM metrics "
-                       "WHERE commit_id = ? ORDER BY suite, stage, name", [cid])
-    doc = {"format": FIRST_FORMAT, "id": cid, "parent": c.parent, "record": record, "method": c.method,
-           "hparams": c.hparams, "requests": c.requests, "info": c.info, "changes": changes,
-           "adapter_ops": adapter_ops, "files": files, "metrics": metrics,
-           "memory": {"method": memory[0], "object_id": memory[1]} if memory else None}
+    memory = history.own_memory(repo.db, cid)
+    metrics = repo.metric_rows(cid)
+    per_request = any(m["request"] is not None for m in metrics)
+    if not per_request:  # as formats 1 and 2 wrote them
+        metrics = [{k: v for k, v in m.items() if k != "request"} for m in metrics]
+    doc = {"format": FIRST_FORMAT, "id": cid, "parent": c.parent, "record": history.record(repo.db, cid),
+           "method": c.method, "hparams": c.hparams, "requests": c.requests, "info": c.info, "changes": changes,
+           "adapter_ops": [list(op) for op in history.adapter_op_rows(repo.db, cid)],
+           "files": history.own_files(repo.db, cid),
+           "metrics": metrics, "memory": {"method": memory[0], "object_id": memory[1]} if memory else None}
     if len(c.parents) > 1:
-        doc.update(format=FORMAT, parents=c.parents)
+        doc.update(format=MERGE_FORMAT, parents=c.parents)
+    if per_request:
+        doc["format"] = REQUEST_FORMAT
     return doc
 
 
@@ -122,13 +130,15 @@ def document_bytes(doc: dict[str, Any]) -> bytes:
 
 def verify_document(doc: Any, expected_id: str) -> dict[str, Any]:
     """Check a downloaded commit against its id: the record must hash to it, and every row that
-    the database will hold must say what the hashed record says."""
+    the database will hold must say what the hashed record says. The metrics of a format 1 or 2
+    document are translated to format 3's (`request`) in place, so the database gets one form."""
     def bad(why: str) -> HubError:
         return HubError(f"the remote commit {short_id(expected_id)} is damaged or forged: {why}; nothing was changed")
 
     if isinstance(doc, dict):
         check_format(doc.get("format"), f"the remote commit {short_id(expected_id)}")
-    if not isinstance(doc, dict) or doc.get("format") not in (FIRST_FORMAT, FORMAT) or doc.get("id") != expected_id:
+    if not isinstance(doc, dict) or doc.get("format") not in range(FIRST_FORMAT, FORMAT + 1) \
+            or doc.get("id") != expected_id:
         raise bad("not a kedit commit document of this format")
     try:
         return _check_document(doc, expected_id, bad)
@@ -167,19 +177,30 @@ def _check_document(doc: dict[str, Any], expected_id: str, bad) -> dict[str, Any
     if (memory["object_id"] if memory else None) != record.get("memory") or (
             memory and memory["method"] != (record.get("method") or "")):
         raise bad("its method memory differs from the record's")
-    if not all(_is_metric(m) for m in doc["metrics"]):
+    with_request = doc["format"] >= REQUEST_FORMAT
+    if not all(_is_metric(m, with_request) for m in doc["metrics"]):
         raise bad("its metrics are malformed")
+    doc["metrics"] = [m if with_request else _request_column(m) for m in doc["metrics"]]
     return record
 
 
 _METRIC_TEXT = ("name", "protocol", "stage", "suite", "created")
+_OLD_REQUEST_SUITE = re.compile(r"request ([0-9]+)")  # where formats 1 and 2 kept a batch edit's score of request i
 
 
-def _is_metric(m: Any) -> bool:
+def _is_metric(m: Any, with_request: bool) -> bool:
     """Metrics are not hashed into the id: check their shape before they reach the database."""
-    return (isinstance(m, dict) and set(m) == {*_METRIC_TEXT, "value"}
+    return (isinstance(m, dict) and set(m) == {*_METRIC_TEXT, "value", *(["request"] if with_request else [])}
             and all(isinstance(m[k], str) for k in _METRIC_TEXT)
-            and isinstance(m["value"], int | float) and not isinstance(m["value"], bool))
+            and isinstance(m["value"], int | float) and not isinstance(m["value"], bool)
+            and (m.get("request") is None or (type(m["request"]) is int and m["request"] >= 0)))
+
+
+def _request_column(m: dict[str, Any]) -> dict[str, Any]:
+    """A format 1 or 2 metric as format 3 has it: the suite "request i" becomes suite '' and request i
+    (as migration 0009 does to a local database)."""
+    old = _OLD_REQUEST_SUITE.fullmatch(m["suite"])
+    return {**m, "suite": "", "request": int(old.group(1))} if old else {**m, "request": None}
 
 
 EDITOR_FIELDS = ("id", "method", "base_commit", "data_hash", "hparams", "metrics", "created")
@@ -311,7 +332,7 @@ def push(repo: Repository, remote_name: str | None = None, branch: str | None = 
                 ops += [_delete(p) for p in hub.root_files(base_sha) if _FOREIGN_WEIGHTS.match(p) and p not in ours]
         # A fresh push id makes every push a real commit: were all files unchanged, huggingface_hub
         # would skip the commit, and with it the Hub's parent_commit check.
-        state = {"format": FORMAT, "branch": rbranch, "commit": tip, "checkpoint": new_checkpoint,
+        state = {"format": REFS_FORMAT, "branch": rbranch, "commit": tip, "checkpoint": new_checkpoint,
                  "push_id": secrets.token_hex(8)}
         ops.append(add_file(REFS_FILE, canonical_json(state)))
         if rbranch not in hub_branches:

@@ -30,7 +30,6 @@ from kedit.eval.probes import (
 # The metrics a trend shows at first (the others are one click away in the legend): how often the
 # edit shows, in generation and teacher-forced, what it disturbs, and whether the text stays fluent.
 FEATURED = ("efficacy", "gen_efficacy", "reliability", "locality", "neighbourhood", "gen_locality", "fluency")
-PER_REQUEST = "request "  # the suite prefix of a batch edit's per-request scores
 WHOLE_STAGES = ("post", "eval")  # a commit's scores after the edit, and of `kedit eval`
 
 
@@ -55,15 +54,15 @@ def series_name(metric: Metric) -> str:
 def whole_commit_metrics(commit: CommitInfo) -> dict[str, Metric]:
     """{series name: metric} of the scores about the whole commit (not one request of a batch)."""
     return {series_name(m): m for m in commit.metrics
-            if m.stage in WHOLE_STAGES and not m.suite.startswith(PER_REQUEST)}
+            if m.stage in WHOLE_STAGES and m.request is None}
 
 
 def per_request_metrics(commit: CommitInfo) -> dict[int, list[Metric]]:
     """{request number: its scores} of a batch edit."""
     out: dict[int, list[Metric]] = {}
     for m in commit.metrics:
-        if m.suite.startswith(PER_REQUEST) and m.suite.removeprefix(PER_REQUEST).isdigit():
-            out.setdefault(int(m.suite.removeprefix(PER_REQUEST)), []).append(m)
+        if m.request is not None:
+            out.setdefault(m.request, []).append(m)
     return dict(sorted(out.items()))
 
 
@@ -158,7 +157,7 @@ def adapter_config(repo: Repository, object_id: str) -> dict[str, Any]:
 def commit_page(repo: Repository, rev: str) -> CommitPage:
     commit = repo.get_commit(repo.resolve(rev))
     adapters = [AdapterView(op, oid, kind, adapter_config(repo, oid)) for op, oid, kind in repo.adapter_ops(commit.id)]
-    metrics = [m for m in commit.metrics if not m.suite.startswith(PER_REQUEST)]
+    metrics = [m for m in commit.metrics if m.request is None]
     return CommitPage(commit, decorations(repo).get(commit.id, []), repo.changes(commit.id), adapters, metrics,
                       per_request_metrics(commit), check_rows(repo, commit))
 
