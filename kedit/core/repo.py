@@ -347,6 +347,10 @@ class Repository:
         """The directory that holds `.kedit`."""
         return self.path.parent
 
+    def close(self) -> None:
+        """Close the database connection now (a server that opens the repository per request)."""
+        self.db.conn.close()
+
     def require_writable(self) -> None:
         """Refuse a writing command up front on a repository this user may only read."""
         if self.read_only:

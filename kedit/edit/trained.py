@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from kedit.core import db as dbm
+from kedit.core import tables
 from kedit.core.errors import KeditError
 from kedit.core.hashing import canonical_json, hash_bytes
 from kedit.core.progress import progress_bar
@@ -81,16 +82,14 @@ class EditorInfo:
 
 
 def _row_to_info(repo: Repository, row: dict[str, Any]) -> EditorInfo:
-    used = [r[0] for r in repo.db.execute(
-        "SELECT id FROM commits WHERE json_extract(hparams, '$.editor') = ? ORDER BY depth", [row["id"]])]
+    used = tables.commits_using_editor(repo.db, row["id"])
     return EditorInfo(row["id"], row["method"], row["base_commit"], row["data_hash"], json.loads(row["hparams"]),
                       json.loads(row["metrics"]), row["created"], repo.store.size(row["id"]), used)
 
 
 def list_editors(repo: Repository, method: str | None = None) -> list[EditorInfo]:
     """Stored editors, newest first."""
-    sql = "SELECT * FROM editors" + (" WHERE method = ?" if method else "") + " ORDER BY created DESC, rowid DESC"
-    return [_row_to_info(repo, r) for r in dbm.rows(repo.db, sql, [method] if method else [])]
+    return [_row_to_info(repo, r) for r in tables.editor_rows(repo.db, method)]
 
 
 def base_commit(repo: Repository) -> str:
@@ -119,7 +118,7 @@ def resolve_editor(repo: Repository, method: str, ref: str | None) -> EditorInfo
         return current[0]
     if len(ref) < 4:
         raise EditorNotFoundError(f"editor id {ref!r} is too short (give at least 4 characters)")
-    rows = dbm.rows(repo.db, "SELECT * FROM editors WHERE id LIKE ?", [ref.lower() + "%"])
+    rows = tables.editor_rows_by_prefix(repo.db, ref.lower())
     if not rows:
         raise EditorNotFoundError(f"no editor {ref!r}", hint="'kedit editors' lists them")
     if len(rows) > 1:
@@ -155,11 +154,9 @@ def store_editor(repo: Repository, method: str, state: dict[str, torch.Tensor], 
         obj = repo.store.put_tensors(state, {"kind": "editor", "method": method,
                                              "config": canonical_json(config).decode()})
         with dbm.write(repo.db):
-            if dbm.one(repo.db, "SELECT 1 FROM editors WHERE id = ?", [obj.id]) is None:
-                repo.db["editors"].insert({
-                    "id": obj.id, "method": method, "base_commit": base, "data_hash": data_hash,
-                    "hparams": canonical_json(hparams).decode(), "metrics": json.dumps(metrics),
-                    "created": now_iso()})
+            tables.insert_editor(repo.db, {
+                "id": obj.id, "method": method, "base_commit": base, "data_hash": data_hash,
+                "hparams": canonical_json(hparams).decode(), "metrics": json.dumps(metrics), "created": now_iso()})
     return resolve_editor(repo, method, obj.id)
 
 

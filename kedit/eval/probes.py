@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from kedit.core import db as dbm
-from kedit.core import history
+from kedit.core import history, tables
 from kedit.core.errors import KeditError
 from kedit.core.refs import now_iso, short_id
 from kedit.core.repo import Repository
@@ -61,22 +61,18 @@ def add_probes(repo: Repository, probes: Iterable[tuple[str, str, str, str | Non
             raise KeditError("a probe needs a non-empty prompt and answer")
         rows.append({"kind": kind, "prompt": prompt, "answer": answer, "commit_id": commit_id, "created": now_iso()})
     with dbm.write(repo.db):
-        for row in rows:  # (not INSERT OR IGNORE: UNIQUE holds rows with a NULL commit id apart)
-            repo.db.execute("""INSERT INTO probes (kind, prompt, answer, commit_id, created)
-                               SELECT :kind, :prompt, :answer, :commit_id, :created WHERE NOT EXISTS (
-                                   SELECT 1 FROM probes WHERE kind = :kind AND prompt = :prompt
-                                   AND answer = :answer AND commit_id IS :commit_id)""", row)
+        tables.insert_probes(repo.db, rows)
     wanted = {(r["kind"], r["prompt"], r["answer"], r["commit_id"]) for r in rows}
     return [p for p in list_probes(repo) if (p.kind, p.prompt, p.answer, p.commit_id) in wanted]
 
 
 def list_probes(repo: Repository) -> list[Probe]:
-    return dbm.rows(repo.db, "SELECT id, kind, prompt, answer, commit_id FROM probes ORDER BY id", factory=Probe)
+    return [Probe(*row) for row in tables.probe_rows(repo.db)]
 
 
 def remove_probe(repo: Repository, probe_id: int) -> None:
     with dbm.write(repo.db):
-        if repo.db.execute("DELETE FROM probes WHERE id = ?", [probe_id]).rowcount == 0:
+        if not tables.delete_probe(repo.db, probe_id):
             raise KeditError(f"no probe with id {probe_id}", hint="kedit probe list")
 
 
@@ -95,18 +91,16 @@ def probe_outputs(repo: Repository, commit_id: str, probes: list[Probe], load: M
     computed once and kept under the protocol's name, the prompt form and the setting (`chat`: the
     prompt sent through the chat template, kept apart)."""
     key = output_key(setting, protocol, chat)
-    known = {pid: (json.loads(pred), acc) for pid, pred, acc in repo.db.execute(
-        "SELECT probe_id, predicted, accuracy FROM probe_outputs WHERE commit_id = ? AND setting = ?",
-        [commit_id, key])}
+    known = {pid: (json.loads(pred), acc) for pid, pred, acc in tables.probe_outputs_at(repo.db, commit_id, key)}
     missing = [p for p in probes if p.id not in known]
     if missing:
         model, tok = load(commit_id)
         results = protocol.outputs(model, tok, [p.prompt for p in missing], [p.answer for p in missing], chat=chat)
+        for p, output in zip(missing, results, strict=True):
+            known[p.id] = output
         with dbm.write(repo.db):
-            for p, (output, score) in zip(missing, results, strict=True):
-                known[p.id] = (output, score)
-                repo.db.execute("INSERT OR REPLACE INTO probe_outputs VALUES (?, ?, ?, ?, ?)",
-                                [p.id, commit_id, key, json.dumps(output), score])
+            tables.put_probe_outputs(repo.db, [(p.id, commit_id, key, json.dumps(known[p.id][0]), known[p.id][1])
+                                               for p in missing])
     return {p.id: known[p.id] for p in probes}
 
 
@@ -127,10 +121,7 @@ def kept_outputs(repo: Repository, commit_ids: Iterable[str]) -> dict[str, list[
     out: dict[str, list[KeptOutput]] = {cid: [] for cid in ids}
     if not ids or not probes:
         return out
-    marks = ", ".join("?" * len(ids))
-    for cid, pid, setting, pred, acc in repo.db.execute(
-            f"SELECT commit_id, probe_id, setting, predicted, accuracy FROM probe_outputs "
-            f"WHERE commit_id IN ({marks}) ORDER BY probe_id, setting", ids):
+    for cid, pid, setting, pred, acc in tables.probe_outputs_of_commits(repo.db, ids):
         if pid in probes:
             out[cid].append(KeptOutput(probes[pid], setting, json.loads(pred), acc))
     return out
@@ -229,10 +220,9 @@ class _Scores:
 
     def kept(self, commit_ids: list[str], probe: Probe) -> dict[str, float]:
         """{commit: score} where outputs of `probe` are kept; loads no model."""
-        marks = ", ".join("?" * len(commit_ids))
-        return {cid: self._score(probe, (json.loads(pred), acc)) for cid, pred, acc in self.repo.db.execute(
-            f"SELECT commit_id, predicted, accuracy FROM probe_outputs WHERE probe_id = ? AND setting = ? "
-            f"AND commit_id IN ({marks})", [probe.id, output_key(self.setting, self.protocol, self.chat), *commit_ids])}
+        key = output_key(self.setting, self.protocol, self.chat)
+        return {cid: self._score(probe, (json.loads(pred), acc))
+                for cid, pred, acc in tables.probe_outputs_of_probe(self.repo.db, probe.id, key, commit_ids)}
 
 
 def first_fall(scores: _Scores, line: list[str], falls: dict[int, tuple[Probe, int, float]]) -> dict[int, str]:

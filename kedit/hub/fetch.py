@@ -24,7 +24,7 @@ from pathlib import Path
 from safetensors import SafetensorError
 
 from kedit.core import db as dbm
-from kedit.core import history
+from kedit.core import history, tables
 from kedit.core.errors import (
     BadNameError,
     CorruptObjectError,
@@ -46,7 +46,6 @@ from kedit.eval.probes import add_probes
 from kedit.hub import remotes
 from kedit.hub.api import Hub
 from kedit.hub.layout import (
-    EDITOR_FIELDS,
     ID_RE,
     INDEX_FILE,
     REFS_FILE,
@@ -134,7 +133,7 @@ def fetch(repo: Repository, remote_name: str | None = None, branches: Iterable[s
 
 
 def _known(repo: Repository, cid: str) -> bool:
-    return dbm.one(repo.db, "SELECT 1 FROM commits WHERE id = ?", [cid]) is not None
+    return history.exists(repo.db, cid)
 
 
 def _download_document(hub: Hub, tree: dict[str, str], sha: str, cid: str, tmp: Path) -> dict:
@@ -198,7 +197,7 @@ def _fetch_editors(repo: Repository, hub: Hub, tree: dict[str, str], sha: str, e
     prefix = editor_path("")[:-len(".json")]
     for path in sorted(p for p in tree if p.startswith(prefix) and p.endswith(".json")):
         editor_id = path[len(prefix):-len(".json")]
-        if editor_id in editors or dbm.one(repo.db, "SELECT 1 FROM editors WHERE id = ?", [editor_id]):
+        if editor_id in editors or tables.has_editor(repo.db, editor_id):
             continue
         try:
             doc = json.loads(hub.download(path, sha, tmp).read_text())
@@ -309,8 +308,7 @@ def _record(repo: Repository, remote: str, docs: dict[str, dict], metrics: dict[
         repo.write_commits([_staged(cid, doc) for cid, doc in docs.items()])
         repo.record_fetched_metrics({cid: doc["metrics"] for cid, doc in docs.items()}, remote)
         for doc in editors.values():
-            repo.db.execute(f"INSERT OR IGNORE INTO editors ({', '.join(EDITOR_FIELDS)}) VALUES "
-                            f"({', '.join('?' * len(EDITOR_FIELDS))})", [doc[k] for k in EDITOR_FIELDS])
+            tables.insert_editor(repo.db, doc)
         repo.record_fetched_metrics(metrics, remote)
         for f in found.values():
             old = remotes.tracking(repo.db, remote, f.branch)

@@ -38,7 +38,7 @@ from pathlib import Path
 from typing import Any
 
 from kedit.core import db as dbm
-from kedit.core import history
+from kedit.core import history, tables
 from kedit.core.errors import HubError, KeditError, PushRejectedError
 from kedit.core.hashing import canonical_json, record_id, tensors_object_id
 from kedit.core.names import ID_RE
@@ -47,6 +47,7 @@ from kedit.core.refs import BRANCH_PREFIX, check_ref_name, short_id
 from kedit.core.repo import Repository
 from kedit.core.revisions import reachable
 from kedit.core.store import save_tensors_atomic
+from kedit.core.tables import EDITOR_FIELDS
 from kedit.hub import remotes
 from kedit.hub.api import KEDIT_DIR, Hub
 from kedit.model.adapters import adapter_path, mark_config, write_adapters
@@ -203,16 +204,13 @@ def _request_column(m: dict[str, Any]) -> dict[str, Any]:
     return {**m, "suite": "", "request": int(old.group(1))} if old else {**m, "request": None}
 
 
-EDITOR_FIELDS = ("id", "method", "base_commit", "data_hash", "hparams", "metrics", "created")
-
-
 def editor_path(editor_id: str) -> str:
     return f"{KEDIT_DIR}/editors/{editor_id}.json"
 
 
 def editor_documents(repo: Repository, ancestors: set[str]) -> dict[str, dict[str, str]]:
     """The trained editors (MEND, InstructEdit) for a base in this history: their records."""
-    rows = dbm.rows(repo.db, f"SELECT {', '.join(EDITOR_FIELDS)} FROM editors ORDER BY id")
+    rows = sorted(tables.editor_rows(repo.db), key=lambda r: r["id"])
     return {r["id"]: r for r in rows if r["base_commit"] in ancestors}
 
 

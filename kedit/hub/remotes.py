@@ -23,8 +23,9 @@ from dataclasses import dataclass
 from urllib.parse import urlsplit
 
 from kedit.core import db as dbm
+from kedit.core import tables
 from kedit.core.errors import RemoteError
-from kedit.core.refs import check_ref_name, now_iso
+from kedit.core.refs import check_ref_name
 
 DEFAULT_ENDPOINT = "https://huggingface.co"
 REMOTE_PREFIX = "refs/remotes/"
@@ -134,21 +135,20 @@ def add(db, name: str, url: str, token_env: str | None = None) -> Remote:
     check_transport(endpoint)
     check_token_env(token_env)
     with dbm.write(db):
-        if dbm.one(db, "SELECT 1 FROM remotes WHERE name = ?", [name]):
+        if tables.remote_row(db, name):
             raise RemoteError(f"a remote named {name!r} already exists", hint=f"kedit remote remove {name}")
-        db.execute("INSERT INTO remotes (name, url, created, token_env) VALUES (?, ?, ?, ?)",
-                   [name, url, now_iso(), token_env])
+        tables.insert_remote(db, name, url, token_env)
     return Remote(name, url, endpoint, repo_id, token_env)
 
 
 def get(db, name: str | None) -> Remote:
     """The remote `name`, or when None the only one there is (or 'origin')."""
     if name is None:
-        names = [r[0] for r in db.execute("SELECT name FROM remotes ORDER BY name")]
+        names = tables.remote_names(db)
         if not names:
             raise RemoteError("this repository has no remote", hint="kedit remote add origin hf://OWNER/REPO")
         name = "origin" if "origin" in names or len(names) != 1 else names[0]
-    row = dbm.one(db, "SELECT url, token_env FROM remotes WHERE name = ?", [name])
+    row = tables.remote_row(db, name)
     if row is None:
         raise RemoteError(f"no remote named {name!r}", hint="kedit remote list")
     endpoint, repo_id = parse_url(row[0])
@@ -156,16 +156,14 @@ def get(db, name: str | None) -> Remote:
 
 
 def list_all(db) -> list[Remote]:
-    return [get(db, r[0]) for r in db.execute("SELECT name FROM remotes ORDER BY name")]
+    return [get(db, name) for name in tables.remote_names(db)]
 
 
 def remove(db, name: str) -> None:
     with dbm.write(db):
-        if not dbm.one(db, "SELECT 1 FROM remotes WHERE name = ?", [name]):
+        if not tables.remote_row(db, name):
             raise RemoteError(f"no remote named {name!r}", hint="kedit remote list")
-        prefix = f"{REMOTE_PREFIX}{name}/"
-        db.execute("DELETE FROM refs WHERE substr(name, 1, ?) = ?", [len(prefix), prefix])  # LIKE would treat _
-        db.execute("DELETE FROM remotes WHERE name = ?", [name])  # cascades to remote_branches
+        tables.delete_remote(db, name, f"{REMOTE_PREFIX}{name}/")
 
 
 def tracking_ref(remote: str, branch: str) -> str:
@@ -173,15 +171,12 @@ def tracking_ref(remote: str, branch: str) -> str:
 
 
 def tracking(db, remote: str, branch: str) -> Tracking | None:
-    row = dbm.one(db, """SELECT r.target, b.hub_commit, b.checkpoint_commit FROM remote_branches b
-                         JOIN refs r ON r.name = ? WHERE b.remote = ? AND b.branch = ?""",
-                  [tracking_ref(remote, branch), remote, branch])
+    row = tables.remote_branch_row(db, remote, branch, tracking_ref(remote, branch))
     return Tracking(*row) if row else None
 
 
 def tracked_branches(db, remote: str) -> dict[str, Tracking]:
-    names = [r[0] for r in db.execute("SELECT branch FROM remote_branches WHERE remote = ?", [remote])]
-    return {b: t for b in names if (t := tracking(db, remote, b)) is not None}
+    return {b: t for b in tables.remote_branch_names(db, remote) if (t := tracking(db, remote, b)) is not None}
 
 
 def set_tracking(db, refs, remote: str, branch: str, new: Tracking, expected: Tracking | None,
@@ -189,8 +184,7 @@ def set_tracking(db, refs, remote: str, branch: str, new: Tracking, expected: Tr
     """Move refs/remotes/REMOTE/BRANCH (compare-and-swap) and record the Hub sha; call inside db.write."""
     refs.update(tracking_ref(remote, branch), new.kedit_commit, expected.kedit_commit if expected else None,
                 message)
-    db.execute("INSERT OR REPLACE INTO remote_branches (remote, branch, hub_commit, checkpoint_commit, updated) "
-               "VALUES (?, ?, ?, ?, ?)", [remote, branch, new.hub_commit, new.checkpoint_commit, now_iso()])
+    tables.put_remote_branch(db, remote, branch, new.hub_commit, new.checkpoint_commit)
 
 
 def scrub(text: str, token: str | None) -> str:

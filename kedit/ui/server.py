@@ -122,7 +122,7 @@ class Handler(BaseHTTPRequestHandler):
             try:
                 status, body = self._page(Pages(repo, server=True), url.path, query)
             finally:
-                repo.db.conn.close()
+                repo.close()
         except Exception as e:  # the page fails, the server goes on; the log has the traceback
             log.exception("%s failed", self.path)
             status, body = HTTPStatus.INTERNAL_SERVER_ERROR, f"kedit ui: {type(e).__name__}: {e}\n"
