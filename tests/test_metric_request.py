@@ -69,6 +69,8 @@ def test_per_request_scores_round_trip_through_push_and_clone(origin: Repository
     assert docs[batch]["format"] == 3 and {m["request"] for m in docs[batch]["metrics"]} == {None, 0, 1}
     assert all(d["format"] == FIRST_FORMAT and all("request" not in m for m in d["metrics"])
                for cid, d in docs.items() if cid != batch)  # what an older kedit reads
+    card = hub.store.read(tree["README.md"]).decode()  # the whole commit's scores, not each request's
+    assert "locality 0.900, reliability 1.000 |" in card and "0.750" not in card
     run(tmp_path, "clone", URL, str(tmp_path / "copy"))
     copy = Repository.open(tmp_path / "copy")
     assert copy.get_commit(batch).metrics == origin.get_commit(batch).metrics

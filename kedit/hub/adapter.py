@@ -41,7 +41,8 @@ def adapter_card(repo: Repository, commit_id: str, base_id: str, result: dict, *
                          tags=["kedit", "knowledge-editing", "lora", *methods])
     rows = []
     for c in edits:
-        shown = ", ".join(f"{m.name} {m.value:.3f}" for m in c.metrics if m.stage in ("post", "eval")) or "-"
+        shown = ", ".join(f"{m.name} {m.value:.3f}" for m in c.metrics
+                          if m.stage in ("post", "eval") and m.request is None) or "-"
         rows.append(f"| `{c.short}` | {c.kind} | {c.method or '-'} | {_cell(c.message)} | {shown} |")
     modules = "\n".join(f"| `{m}` | {v['rank']} | " + ("exact" if v["exact"] else f"SVD, error {v['rel_error']:.3g}")
                         + " |" for m, v in result["modules"].items())

@@ -24,7 +24,7 @@ def base_model_id(repo: Repository, root: CommitInfo) -> str | None:
 
 
 def _metrics(commit: CommitInfo) -> str:
-    shown = [m for m in commit.metrics if m.stage in ("post", "eval")]
+    shown = [m for m in commit.metrics if m.stage in ("post", "eval") and m.request is None]  # the whole commit's
     return ", ".join(f"{m.name} {m.value:.3f}" for m in shown) or "-"
 
 
@@ -39,7 +39,7 @@ def render(repo: Repository, tip: str, *, repo_id: str, base_model: str | None) 
     root = log[-1]
     base_model = base_model or base_model_id(repo, root)
     methods = sorted({c.method for c in log if c.method})
-    latest = [m for m in log[0].metrics if m.stage in ("post", "eval")]
+    latest = [m for m in log[0].metrics if m.stage in ("post", "eval") and m.request is None]
     name = repo_id.split("/")[-1]
     data = ModelCardData(
         model_name=name, base_model=base_model, library_name="transformers",
