@@ -21,6 +21,7 @@ from kedit.core.errors import KeditError, MergeConflictError
 from kedit.core.maintenance import fsck, gc
 from kedit.core.repo import Repository
 from kedit.core.tensors import hash_tensor
+from kedit.hub.layout import FORMAT
 from tests import test_cli_edit, test_hub
 from tests.hubserver import HubServer
 from tests.jsondoc import doc
@@ -275,7 +276,7 @@ def test_a_merge_commit_survives_push_clone_export(repo: Repository, sides: dict
 
     path = f".kedit/commits/{again}.json"
     record = json.loads(hub.store.read(hub.store.tree(test_hub.REPO_ID, "main")[1][path]))
-    record["format"] = 3
+    record["format"] = FORMAT + 1  # newer than this kedit reads
     HfApi(endpoint=hub.url, token=test_hub.TOKEN).create_commit(
         test_hub.REPO_ID, [CommitOperationAdd(path, json.dumps(record).encode())], commit_message="from the future")
     err = test_hub.run(tmp_path, "clone", test_hub.URL, str(tmp_path / "late"), code=1)
