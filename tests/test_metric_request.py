@@ -17,7 +17,7 @@ import pytest
 from kedit.core import db as dbm
 from kedit.core.errors import HubError
 from kedit.core.repo import Metric, Repository
-from kedit.hub.layout import FIRST_FORMAT, commit_document, commit_path, document_bytes, verify_document
+from kedit.hub.layout import FIRST_FORMAT, FORMAT, commit_document, commit_path, document_bytes, verify_document
 from tests.hubserver import HubServer
 from tests.jsondoc import doc
 from tests.test_hub import REPO_ID, URL, hub, origin, run  # noqa: F401 (hub and origin are fixtures)
@@ -106,7 +106,7 @@ def test_documents_of_a_newer_format_or_with_bad_requests_are_refused(origin: Re
     origin.record_metrics(batch, PER_REQUEST)
     document = commit_document(origin, batch)
     with pytest.raises(HubError, match="upgrade kedit"):
-        verify_document(document | {"format": 4}, batch)
+        verify_document(document | {"format": FORMAT + 1}, batch)
     for bad in (True, -1, "0", 1.0):
         metrics = [m | {"request": bad} for m in document["metrics"]]
         with pytest.raises(HubError, match="metrics are malformed"):
