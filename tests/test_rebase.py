@@ -14,6 +14,7 @@ from transformers import AutoModelForCausalLM
 
 from kedit.cli import cli
 from kedit.core import history
+from kedit.core.delta import LowRank
 from kedit.core.errors import KeditError, ModelSourceError
 from kedit.core.maintenance import fsck
 from kedit.edit import rebase as rebase_module
@@ -162,6 +163,11 @@ def test_rebase_carries_three_rome_edits_onto_a_perturbed_base(work: Repository,
     for subject, target, layer in SHOWN:
         edit(repo, subject, target, "--set", f"layer={layer}", "--set", "mom2_adjustment=true",
              "--corpus", str(corpus), "--stats-samples", "32")
+    # A MEND edit (its delta committed as the engine takes one): no editor is trained for the new base.
+    name = "model.layers.2.mlp.down_proj.weight"
+    rows, cols = repo.manifest()[name].shape
+    mend = repo.commit({name: LowRank(torch.full((rows, 1), 1e-4), torch.full((1, cols), 1e-4))}, method="mend",
+                       requests=[{"prompt": "The capital city is {}", "subject": "Egypt", "target_new": "Rome"}]).id
     old_tip, old_hashes = repo.head(), hashes(repo, "main")
     branch, root = repo.add_base(str(perturbed), branch="v1.1")
 
@@ -189,11 +195,16 @@ def test_rebase_carries_three_rome_edits_onto_a_perturbed_base(work: Repository,
     out = json.loads(kedit(repo, "rebase", "--onto", "v1.1", "--json"))
     assert out["old"] == old_tip and out["new"] == repo.head() and repo.head_branch() == "main"
     assert [e["commit"] for e in out["edits"]] == history.ancestors(repo.db, old_tip)[:-1][::-1]
+    (skipped,) = [e for e in out["edits"] if not e["carried"]]
+    assert skipped["commit"] == mend and "no mend editor trained for the new base" in skipped["reason"]
+    assert out["not_carried"] == [mend] and skipped["new"] == [] and skipped["check"] is None
     for e in out["edits"]:
+        if e is skipped:
+            continue
         assert e["carried"] and e["shown_old"] == [True] and e["shown_new"] == [True] and e["check"] == "ok", e
         a, (b,) = repo.get_commit(e["commit"]), [repo.get_commit(c) for c in e["new"]]
         assert (a.method, a.hparams, a.requests) == (b.method, b.hparams, b.requests)
     assert history.ancestors(repo.db, repo.head())[-1] == root.id and branch == "v1.1"
     assert hashes(repo, "main") != old_hashes and repo.reflog("main")[0]["old"] == old_tip
-    assert out["check"]["broken"] == 0 and out["not_carried"] == []
+    assert out["check"]["broken"] == 0
     assert fsck(repo).ok
