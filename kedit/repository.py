@@ -18,6 +18,7 @@ from kedit.core.repo import CommitInfo, Metric
 from kedit.core.repo import Repository as CoreRepository
 
 if TYPE_CHECKING:
+    from kedit.edit.rebase import RebaseReport
     from kedit.eval.probes import CheckReport
     from kedit.methods.base import EditRequest
 
@@ -57,6 +58,31 @@ class Repository(CoreRepository):
                               device=device, batch_size=batch_size, measure=measure, fluency=fluency, message=message,
                               progress=progress)
         return run_edits(self, parsed, options)
+
+    def revert(self, rev: str, message: str | None = None, *, reapply: bool = False, dtype: Any = None,
+               device: str = "cpu", progress: bool = False) -> CommitInfo:
+        """Revert `rev` (a new commit, recomputed from the base), as `kedit revert`. With `reapply`, the
+        first-parent commits after it are reverted too and their requests re-run, so that no later
+        delta was computed on a model that held `rev` (`kedit revert --reapply`); HEAD is then the
+        last re-run commit. Returns the revert of `rev`."""
+        if not reapply:
+            return super().revert(rev, message=message)
+        from kedit.edit.rebase import revert_reapply
+        from kedit.edit.run import EditOptions
+
+        options = EditOptions(measure=False, dtype=dtype, device=device, progress=progress)
+        return revert_reapply(self, rev, options=options, message=message).revert
+
+    def rebase(self, onto: str, branch: str | None = None, *, check: bool = True, dtype: Any = None,
+               device: str = "cpu", progress: bool = False) -> RebaseReport:
+        """Re-run `branch`'s edits (default: the current one's) on the base `onto` (`add_base`) and move
+        the branch there when all are committed, as `kedit rebase --onto`; the report says per edit
+        whether it shows on the old and the new base and what `kedit check` says (`check`)."""
+        from kedit.edit.rebase import rebase
+        from kedit.edit.run import EditOptions
+
+        options = EditOptions(measure=False, dtype=dtype, device=device, progress=progress)
+        return rebase(self, onto, branch, options=options, check_probes=check)
 
     def eval(self, rev: str = "HEAD", *, suite: str | Path | None = None, fluency: bool = False, chat: bool = False,
              dtype: Any = None, device: str = "cpu", quant: str | None = None) -> list[Metric]:

@@ -71,6 +71,7 @@ COMMANDS = [
     history.log, history.show, history.status, history.reflog, history.diff,
     behaviour.blame, behaviour.bisect,
     branch.checkout, branch.reset, branch.branch, branch.tag, branch.revert, branch.merge, branch.cherry_pick,
+    branch.rebase,
     maintenance.fsck, maintenance.gc,
     edit.edit, edit.stats,
     eval.eval_, eval.check, eval.probe,

@@ -1,4 +1,4 @@
-"""Commands that move HEAD and refs: checkout, reset, branch, tag, revert, merge, cherry-pick."""
+"""Commands that move HEAD and refs: checkout, reset, branch, tag, revert, merge, cherry-pick, rebase."""
 
 from __future__ import annotations
 
@@ -121,19 +121,30 @@ def tag(ctx: click.Context, name: str | None, rev: str, delete: bool, as_json: b
 @command()
 @click.argument("rev")
 @click.option("-m", "--message", help="Message of the revert commit.")
+@click.option("--reapply", is_flag=True,
+              help="Also revert the later commits and re-run their requests on the model without REV.")
+@device_option
+@dtype_option
 @json_option
 @click.pass_context
-def revert(ctx: click.Context, rev: str, message: str | None, as_json: bool) -> None:
+def revert(ctx: click.Context, rev: str, message: str | None, reapply: bool, device: str, dtype: str | None,
+           as_json: bool) -> None:
     """Undo REV with a new commit whose tensors are recomputed from the history without it.
 
     Reverting never subtracts: later edits are replayed on the base without REV's delta, so
-    reverting every edit gives the base bit for bit.
+    reverting every edit gives the base bit for bit. Those later deltas were computed on a model
+    that held REV; --reapply reverts them too and re-runs their requests (recorded method and
+    hyper-parameters), giving the history redone without REV.
 
     \b
     Example:
         kedit revert HEAD~2
+        kedit revert HEAD~2 --reapply
     """
     repo = open_repo(ctx)
+    if reapply:
+        _revert_reapply(ctx, repo, rev, message, device, dtype, as_json)
+        return
     commit = repo.revert(rev, message=message)
     later = commit.info.get("later_commits", [])
     if as_json:
@@ -144,6 +155,25 @@ def revert(ctx: click.Context, rev: str, message: str | None, as_json: bool) -> 
     if later:
         say(ctx, f"note: {len(later)} later edit(s) were made on a model that contained the reverted one; "
                   "re-evaluate them (kedit check)")
+
+
+def _revert_reapply(ctx: click.Context, repo, rev: str, message: str | None, device: str, dtype: str | None,
+                    as_json: bool) -> None:
+    from kedit.edit.rebase import revert_reapply
+    from kedit.edit.run import EditOptions
+    from kedit.model.load import parse_dtype
+
+    done = revert_reapply(repo, rev, message=message,
+                          options=EditOptions(measure=False, dtype=parse_dtype(dtype), device=device))
+    later = done.revert.info.get("later_commits", [])
+    if as_json:
+        emit_json(branch=repo.head_branch(), commit=commit_json(done.revert, ref_decorations(repo).get(done.revert.id)),
+                  later_commits=later, later_reverts=done.later_reverts, reapplied=done.reapplied)
+        return
+    click.echo(f"[{repo.head_branch() or 'detached'} {done.revert.short}] {done.revert.message}")
+    for old, new in done.reapplied.items():
+        click.echo(f"  re-ran {short_id(old)} -> {' '.join(short_id(c) for c in new)}  {repo.get_commit(old).message}")
+    say(ctx, f"{len(done.reapplied)} later edit(s) re-run on the model without {rev}; HEAD is {short_id(repo.head())}")
 
 
 @command()
@@ -272,3 +302,55 @@ def cherry_pick(ctx: click.Context, rev: str, message: str | None, as_json: bool
         return
     click.echo(f"[{repo.head_branch() or 'detached'} {commit.short}] {commit.message}")
     say(ctx, f"(cherry picked from commit {commit.info.get('cherry_picked_from')}); re-evaluate it (kedit check)")
+
+
+@command()
+@click.option("--onto", "onto", required=True, help="The base to carry the edits onto (kedit init --add-base).")
+@click.argument("branch", required=False)
+@click.option("--no-check", is_flag=True, help="Skip kedit check at the new tip.")
+@device_option
+@dtype_option
+@json_option
+@click.pass_context
+def rebase(ctx: click.Context, onto: str, branch: str | None, no_check: bool, device: str, dtype: str | None,
+           as_json: bool) -> None:
+    """Re-run BRANCH's edits (default: the current branch's) on the base ONTO and move BRANCH there.
+
+    Each edit's requests run in order with the recorded method and hyper-parameters (statistics
+    recomputed for the new base and cached). BRANCH moves only when every carried edit is
+    committed; a failure leaves it where it was. Reported per edit: whether greedy generation
+    on its prompt shows the target on the old tip and the new one, and what kedit check says.
+    MEND/InstructEdit edits without an editor trained for the new base are not carried.
+
+    \b
+    Example:
+        kedit init --add-base ./model-v1.1 --branch v1.1
+        kedit rebase --onto v1.1
+    """
+    from kedit.edit.rebase import rebase as run_rebase
+    from kedit.edit.run import EditOptions
+    from kedit.model.load import parse_dtype
+
+    repo = open_repo(ctx)
+    report = run_rebase(repo, onto, branch, check_probes=not no_check,
+                        options=EditOptions(measure=False, dtype=parse_dtype(dtype), device=device))
+    if as_json:
+        emit_json(branch=report.branch, onto=report.onto, old=report.old_tip, new=report.new_tip,
+                  edits=[e.to_dict() for e in report.edits], not_carried=[e.commit for e in report.not_carried],
+                  check=report.check, edit_seconds=report.edit_seconds, seconds=report.seconds)
+        return
+    click.echo(f"{'old':<9}{'new':<9}{'method':<8}{'old base':<10}{'new base':<10}{'check':<8}edit")
+    for e in report.edits:
+        click.echo(f"{short_id(e.commit):<9}{(short_id(e.new[-1]) if e.new else '-'):<9}{(e.method or '-'):<8}"
+                   f"{_shown(e.shown_old):<10}{_shown(e.shown_new):<10}{(e.check or '-'):<8}"
+                   f"{e.prompts[0] if e.prompts else ''} -> {e.targets[0] if e.targets else ''}"
+                   + (f"  (not carried: {e.reason})" if e.reason else ""))
+    carried = len(report.edits) - len(report.not_carried)
+    say(ctx, f"{report.branch}: {carried} of {len(report.edits)} edit(s) carried onto {short_id(report.onto)} "
+             f"in {report.seconds:.1f} s; now at {short_id(report.new_tip or '')}"
+             + (f"; check: {report.check['broken']} broken of {report.check['probes']} probes" if report.check else ""))
+
+
+def _shown(got: list[bool]) -> str:
+    """How many of an edit's requests show in generation, as 'k/n' ('-' when not measured)."""
+    return f"{sum(got)}/{len(got)}" if got else "-"

@@ -20,35 +20,50 @@ from kedit.core.refs import short_id
 @click.option("--dtype", type=click.Choice(["auto", *DTYPE_NAMES]), default="auto", show_default=True,
               help="Store the base in this dtype.")
 @click.option("-m", "--message", help="Message of the initial commit.")
+@click.option("--add-base", is_flag=True,
+              help="Add MODEL to this repository as another base (a root commit on a branch of its own).")
+@click.option("--branch", help="--add-base: the new base's branch (default base-N).")
 @json_option
 @click.pass_context
 def init(ctx: click.Context, model: str | None, no_copy: bool, bare: bool, dtype: str, message: str | None,
-         as_json: bool) -> None:
+         add_base: bool, branch: str | None, as_json: bool) -> None:
     """Make MODEL a repository: hash every tensor and store the base.
 
     MODEL is a Hugging Face folder, a .safetensors file, a .gguf file or a model id in the
-    local Hugging Face cache; without it, the embedded SmolLM2-135M-Instruct.
+    local Hugging Face cache; without it, the embedded SmolLM2-135M-Instruct. With --add-base,
+    MODEL (same tensor names and shapes) becomes a second base of the existing repository, for
+    `kedit rebase --onto`; tensors equal to stored ones are shared.
 
     \b
     Example:
         kedit init                       # embedded default
         kedit init ./my-model --no-copy  # reference the safetensors in place
+        kedit init --add-base ./my-model-v1.1 --branch v1.1
     """
     from kedit.model.load import parse_dtype
     from kedit.repository import Repository
 
+    if branch is not None and not add_base:
+        raise click.UsageError("--branch goes with --add-base")
     torch_dtype = parse_dtype(dtype)
-    repo = Repository.init(ctx.obj["repo_path"], model, copy=not no_copy, worktree=not bare, dtype=torch_dtype,
-                           progress=progress_enabled(), message=message)
-    head = repo.log(limit=1)[0]
-    manifest = repo.manifest()
+    if add_base:
+        if bare:
+            raise click.UsageError("--bare is a property of a new repository, not of an added base")
+        repo = open_repo(ctx)
+        name, head = repo.add_base(model, branch=branch, copy=not no_copy, dtype=torch_dtype,
+                                   progress=progress_enabled(), message=message)
+    else:
+        repo = Repository.init(ctx.obj["repo_path"], model, copy=not no_copy, worktree=not bare, dtype=torch_dtype,
+                               progress=progress_enabled(), message=message)
+        head, name = repo.log(limit=1)[0], repo.head_branch()
+    manifest = repo.manifest(head.id)
     total = sum(e.nbytes for e in manifest.values())
     if as_json:
-        emit_json(path=str(repo.path), branch=repo.head_branch(),
+        emit_json(path=str(repo.path), branch=name,
                   commit=commit_json(head, ref_decorations(repo).get(head.id)), tensors=len(manifest), bytes=total)
         return
-    say(ctx, f"Initialised kedit repository in {repo.path}")
-    click.echo(f"[{repo.head_branch()} {head.short}] {head.message}: {len(manifest)} tensors, {human_bytes(total)}")
+    say(ctx, f"Added a base to {repo.path}" if add_base else f"Initialised kedit repository in {repo.path}")
+    click.echo(f"[{name} {head.short}] {head.message}: {len(manifest)} tensors, {human_bytes(total)}")
 
 
 

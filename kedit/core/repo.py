@@ -444,20 +444,87 @@ class Repository:
                      message: str | None) -> None:
         with self.store.batch():
             changes, files, total = self._store_base(src, copy=copy, dtype=dtype, progress=progress)
+        staged = self._stage_root(src, changes, files, total, message or f"init from {src.description}")
+        with dbm.write(self.db):
+            self.write_commits([staged])
+            self.finish_init({DEFAULT_BRANCH: staged.id}, DEFAULT_BRANCH, "init", progress=progress)
+
+    def add_base(self, source: str | None, *, branch: str | None = None, copy: bool = True,
+                 dtype: torch.dtype | None = None, progress: bool = False,
+                 message: str | None = None) -> tuple[str, CommitInfo]:
+        """Another root commit (a newer release or a fine-tune of the same architecture) on a branch of
+        its own (default `base-N`), its tensors stored by content, so those equal to a stored tensor
+        share its object. HEAD stays where it is. A model whose tensor names or shapes (or config
+        `model_type`) differ from HEAD's base is refused before anything is written. Returns the branch
+        and the new root commit."""
+        with open_source(source) as src:
+            if not copy and not src.can_reference:
+                raise KeditError("--no-copy needs safetensors weights; a GGUF file is dequantised at init "
+                                 "and its tensors must be stored")
+            with self.lock():
+                name = branch or self._next_base_branch()
+                check_ref_name(name, "branch")
+                if self.refs.deref(BRANCH_PREFIX + name) is not None:
+                    raise KeditError(f"a branch named {name!r} already exists", hint="choose another with --branch")
+                root = history.ancestors(self.db, self._require_head())[-1]
+                self._require_same_architecture(src, root)
+                with self.store.batch():
+                    changes, files, total = self._store_base(src, copy=copy, dtype=dtype, progress=progress)
+                staged = self._stage_root(src, changes, files, total, message or f"add base {src.description}")
+                with dbm.write(self.db):
+                    self.write_commits([staged])
+                    self.refs.create(BRANCH_PREFIX + name, staged.id, f"init: add base {src.description}")
+                return name, self.get_commit(staged.id)
+
+    def _next_base_branch(self) -> str:
+        """`base-N`: N one more than the number of root commits, skipping names already taken."""
+        n = self.db.execute("SELECT COUNT(*) FROM commits WHERE parent IS NULL").fetchone()[0] + 1
+        while self.refs.deref(BRANCH_PREFIX + f"base-{n}") is not None:
+            n += 1
+        return f"base-{n}"
+
+    def _require_same_architecture(self, src, root: str) -> None:
+        """Refuse a source whose tensors (names, shapes) or config model_type differ from `root`'s."""
+        from safetensors import safe_open
+
+        shapes: dict[str, tuple[int, ...]] = {}
+        for weight_file in src.weight_files:
+            try:
+                with safe_open(weight_file, "pt") as handle:
+                    shapes.update({n: tuple(handle.get_slice(n).get_shape()) for n in handle.keys()})  # noqa: SIM118
+            except (SafetensorError, ValueError, OSError) as e:
+                raise ModelSourceError(f"{weight_file} is not a readable safetensors file ({e})") from e
+        base = {n: e.shape for n, e in history.manifest(self.db, root).items()}
+        what = f"{src.description} is not the same architecture as the base {short_id(root)}"
+        missing, extra = sorted(set(base) - set(shapes)), sorted(set(shapes) - set(base))
+        if missing or extra:
+            raise ModelSourceError(f"{what}: " + (f"it has no tensor {missing[0]}" if missing
+                                                  else f"it has a tensor {extra[0]} the base has not")
+                                   + f" ({len(missing)} missing, {len(extra)} extra)")
+        for n in sorted(base):
+            if shapes[n] != base[n]:
+                raise ModelSourceError(f"{what}: {n} is {list(shapes[n])} there, {list(base[n])} in the base")
+        ours = history.files(self.db, root).get("config.json")
+        if ours is not None and "config.json" in src.kept_files:
+            mine = json.loads(self.store.get_blob(ours)).get("model_type")
+            theirs = json.loads(src.kept_files["config.json"].read_text()).get("model_type")
+            if mine != theirs:
+                raise ModelSourceError(f"{what}: its model_type is {theirs!r}, the base's {mine!r}")
+
+    def _stage_root(self, src, changes: dict[str, dict], files: dict[str, str], total: int,
+                    message: str) -> StagedCommit:
+        """A root commit (no parent) of the stored tensors and files of `src`."""
         record = {
-            "kind": "init", "parents": [], "origin": src.origin, "message": message or f"init from {src.description}",
+            "kind": "init", "parents": [], "origin": src.origin, "message": message,
             "tensors": {n: {"source": None, "steps": [["", c["object"], "exact"]], "hash": c["hash"]}
                         for n, c in changes.items()},
             "files": files, "author": config.author(self.path), "created": now_iso(),
             "kedit_version": kedit.__version__,
         }
         cid = record_id(record)
-        staged = StagedCommit(cid, None, record, info={"origin": src.origin, "bytes": total}, files=files, changes=[
+        return StagedCommit(cid, None, record, info={"origin": src.origin, "bytes": total}, files=files, changes=[
             StagedChange(name, None, c["hash"], c["dtype"], c["shape"], "exact", None, None, None, c["stored"],
                          [(cid, c["object"], "exact")]) for name, c in changes.items()])
-        with dbm.write(self.db):
-            self.write_commits([staged])
-            self.finish_init({DEFAULT_BRANCH: cid}, DEFAULT_BRANCH, "init", progress=progress)
 
     def _store_base(self, src, *, copy: bool, dtype: torch.dtype | None,
                     progress: bool) -> tuple[dict[str, dict], dict[str, str], int]:
@@ -1003,9 +1070,12 @@ class Repository:
         if not force:
             self._refuse_if_dirty()
         manifest = history.manifest(self.db, commit_id)
-        old_files = set(self.worktree.read_index().get("files", []))
+        index = self.worktree.read_index()
+        old_files = set(index.get("files", []))
+        was = history.files(self.db, index["commit"]) if index.get("commit") else {}  # another root's may differ
         new_files = history.files(self.db, commit_id)
-        files = {p: (self.store.get_blob(o) if p not in old_files or force else None) for p, o in new_files.items()}
+        files = {p: (self.store.get_blob(o) if p not in old_files or force or was.get(p) != o else None)
+                 for p, o in new_files.items()}
         bar = progress_bar(total=len(manifest), desc="checkout", disable=not progress)
 
         def value_of(name: str) -> torch.Tensor:
@@ -1067,6 +1137,16 @@ class Repository:
                 self._update_worktree(commit_id, force=force)
             with dbm.write(self.db):
                 self._advance_head(at.commit, commit_id, message or f"reset: moving to {rev}")
+            return commit_id
+
+    def move_branch(self, name: str, rev: str, *, expected: str, message: str) -> str:
+        """Move the branch `name` from `expected` to `rev` by compare-and-swap (StaleRefError, nothing
+        changed, if it moved meanwhile); HEAD and the working model stay where they are."""
+        with self.lock(), dbm.write(self.db):
+            if self.head_branch() == name:
+                raise KeditError(f"the branch {name!r} is checked out: kedit reset moves it with the working model")
+            commit_id = self.resolve(rev)
+            self.refs.update(BRANCH_PREFIX + name, commit_id, expected, message)
             return commit_id
 
     def create_branch(self, name: str, rev: str = HEAD) -> str:

@@ -127,7 +127,8 @@ class Worktree:
         """Bring the folder to `commit_id`, writing only differing shards. Returns those written.
 
         `keep(hash, path)` may take a shard about to be replaced (to cache it). `files` maps
-        config/tokenizer paths to their bytes (None: unchanged, keep the file).
+        config/tokenizer paths to their bytes (None: unchanged, keep the file); a file the folder
+        had that `files` does not name is removed.
         """
         for name in manifest:  # names from the history: checked again where they become file names
             check_tensor_name(name)
@@ -167,10 +168,13 @@ class Worktree:
         for path, data in files.items():
             if data is not None:
                 atomic_write_bytes(path, data, durable=False, root=self.folder)
+        for path in sorted(set(index.get("files", [])) - set(files)):  # a file the commit (another base) lacks
+            check_file_set({path: None})
+            (self.folder / path).unlink(missing_ok=True)
         if set(manifest) != names_before or not (self.folder / INDEX_FILE).exists():
             self._write_weight_map(manifest)
         index.update(commit=commit_id, tensors=entries, pending={})
-        index["files"] = sorted(set(index.get("files", [])) | set(files))
+        index["files"] = sorted(files)
         self._write_index(index)
         return stale
 

@@ -30,9 +30,9 @@ from kedit.core.errors import KeditError, MergeCheckError, MergeConflictError
 from kedit.core.refs import short_id
 from kedit.core.repo import HeadState, MergeResult, Repository
 from kedit.core.revisions import merge_base, reachable
-from kedit.edit.run import EditOptions, run_edits
+from kedit.edit.rebase import rerun
+from kedit.edit.run import EditOptions
 from kedit.eval.probes import CheckReport, ModelLoader, ProbeResult, check
-from kedit.methods.base import EditRequest
 
 log = logging.getLogger(__name__)
 
@@ -114,12 +114,7 @@ def _replay(repo: Repository, rev: str, at: HeadState, *, no_ff: bool, take: str
     here = at
     try:
         for cid in [c for c in side if c in live and c not in left_out]:
-            c = repo.get_commit(cid)
-            if not c.requests:
-                raise KeditError(f"cannot replay {short_id(cid)}: it records no requests to re-run")
-            made = run_edits(repo, [EditRequest.from_dict(r) for r in c.requests], EditOptions(
-                **{**vars(options), "method": c.method, "recorded_hparams": c.hparams, "batch_size": len(c.requests),
-                   "message": c.message}))
+            made = rerun(repo, repo.get_commit(cid), options)
             outcome.replayed[cid] = [m.id for m in made]
             here = HeadState(at.branch, made[-1].id)
         merged = repo.record_merge(rev, strategy="replay", replaced=[*outcome.replayed, *left_out],
