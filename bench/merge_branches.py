@@ -23,6 +23,7 @@ import json
 import logging
 import os
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -42,6 +43,7 @@ from kedit.edit.replay import merge as merge_with_model
 from kedit.edit.run import EditOptions, run_edits
 from kedit.edit.stats import StatsProvider
 from kedit.eval.measure import measure
+from kedit.eval.metrics import shows_in_generation
 from kedit.model.arch import arch_for
 from kedit.model.load import load_revision
 
@@ -49,13 +51,27 @@ log = logging.getLogger("bench")
 KEPT = ("efficacy", "paraphrase", "neighbourhood", "reliability", "gen_efficacy")
 
 
-def scores(repo: Repository, commit: str, groups: dict[str, list]) -> dict[str, dict[str, float]]:
+def scores(repo: Repository, commit: str, groups: dict[str, list]) -> dict[str, dict]:
+    """Each group's scores at `commit`, and under "shown" the subjects whose new target shows in generation."""
     model, tok = load_revision(repo, commit)
-    out = {}
+    out: dict[str, dict] = {}
     for name, requests in groups.items():
         found = measure(model, tok, requests, None, generation=True)
         out[name] = {s.name: round(s.value, 4) for s in found if s.name in KEPT}
+    every = {r.subject: r for requests in groups.values() for r in requests}.values()
+    seen = shows_in_generation(model, tok, [r.text for r in every], [r.target_new for r in every])
+    out["shown"] = sorted(r.subject for r, ok in zip(every, seen, strict=True) if ok)
     return out
+
+
+def cli_merge(repo: Repository, *args: str) -> dict:
+    """`kedit merge ARGS` as a user runs it: exit status, its report, and whether HEAD stayed where it was."""
+    head = repo.head()
+    run = subprocess.run([sys.executable, "-m", "kedit.cli", "merge", *args], cwd=repo.root,
+                         capture_output=True, text=True)
+    after = repo.head()
+    return {"command": "kedit merge " + " ".join(args), "exit": run.returncode,
+            "output": (run.stdout + run.stderr).strip(), "head_unchanged": head == after}
 
 
 def cross_overlaps(repo: Repository, side_a: list[str], side_b: list[str]) -> list[float]:
@@ -91,7 +107,7 @@ def main() -> None:
     t0 = time.perf_counter()
     model, tok = load_revision(repo, base)
     hp = hparams_from_overrides(get_method("rome").hparams_cls, model, {"mom2_n_samples": str(args.stats_texts)})
-    StatsProvider(repo, hp, (model, tok), base, samples=args.stats_texts)(arch_for(model).out_proj(hp.layer), hp.layer)
+    StatsProvider(repo, hp, (model, tok), base)(arch_for(model).out_proj(hp.layer), hp.layer)
     report["stats_s"] = round(time.perf_counter() - t0, 1)
     del model
 
@@ -117,16 +133,17 @@ def main() -> None:
         try:
             outcome = merge_with_model(repo, "b", strategy=strategy, options=options)
         except MergeConflictError as e:
-            report[f"merge_{strategy}"] = {"conflicts": [c.to_dict() for c in e.conflicts]}
-            log.info("%s merge stopped on %d conflicts", strategy, len(e.conflicts))
-            continue
+            report[f"merge_{strategy}_conflicts"] = [c.to_dict() for c in e.conflicts]
+            log.info("%s merge stopped on %d conflicts; again with --take ours", strategy, len(e.conflicts))
+            t0 = time.perf_counter()
+            outcome = merge_with_model(repo, "b", strategy=strategy, options=options, take="ours")
         report[f"merge_{strategy}"] = {"seconds": round(time.perf_counter() - t0, 2), "commit": outcome.result.head,
                                        "tensors": outcome.result.tensors,
                                        "replayed": sum(len(v) for v in outcome.replayed.values())}
         merged[strategy] = outcome.result.head
 
     groups = {"a facts": side["a"], "b facts": side["b"], "all": requests}
-    states = {"branch a alone": repo.resolve("a"), "branch b alone": repo.resolve("b"),
+    states = {"unedited": base, "branch a alone": repo.resolve("a"), "branch b alone": repo.resolve("b"),
               **{f"merge ({s})": c for s, c in merged.items()}}
     report["scores"] = {label: scores(repo, commit, groups) for label, commit in states.items()}
     Path(args.out).write_text(json.dumps(report, indent=1))  # what was measured so far
@@ -138,12 +155,18 @@ def main() -> None:
         repo.create_branch(branch, base)
         repo.checkout(branch)
         run_edits(repo, [dataclasses.replace(fact, target_new=target)], options)
+    same: dict = {"fact": fact.text, "targets": {"c1 (ours)": fact.target_new, "c2 (theirs)": other}}
     repo.checkout("c1")
-    try:
-        repo.merge("c2")
-        report["same_fact"] = "merged without a conflict"
-    except MergeConflictError as e:
-        report["same_fact"] = {"error": str(e), "conflicts": [c.to_dict() for c in e.conflicts]}
+    same["no_take"] = cli_merge(repo, "c2")
+    for take in ("ours", "theirs"):
+        repo.create_branch(f"take-{take}", "c1")
+        repo.checkout(f"take-{take}")
+        same[f"take_{take}"] = cli_merge(repo, "c2", "--take", take)
+        model, tok = load_revision(repo, repo.head())
+        same[f"take_{take}"]["shows"] = {t: shows_in_generation(model, tok, [fact.text], [t])[0]
+                                         for t in (fact.target_new, other)}
+        del model
+    report["same_fact"] = same
     Path(args.out).write_text(json.dumps(report, indent=1))
     _markdown(report, Path(args.out).with_suffix(".md"))
 
@@ -157,12 +180,20 @@ def _markdown(report: dict, path: Path) -> None:
              ""]
     for strategy in ("compose", "replay"):
         lines.append(f"merge ({strategy}): {report.get(f'merge_{strategy}')}")
+    for strategy in ("compose", "replay"):
+        if f"merge_{strategy}_conflicts" in report:
+            lines.append(f"{strategy} conflicts before --take ours: "
+                         + "; ".join(c["what"] for c in report[f"merge_{strategy}_conflicts"]))
     lines += ["", "| state | facts | efficacy | paraphrase | neighbourhood | reliability | gen_efficacy |",
               "|---|---|---|---|---|---|---|"]
     for state, by_group in report["scores"].items():
         for group, s in by_group.items():
+            if group == "shown":
+                continue
             lines.append(f"| {state} | {group} | " + " | ".join(
                 f"{100 * s[k]:.1f}%" if k in s else "-" for k in KEPT) + " |")
+    lines += ["", "| state | subjects whose new target shows in generation |", "|---|---|"]
+    lines += [f"| {state} | {len(g['shown'])}: {', '.join(g['shown'])} |" for state, g in report["scores"].items()]
     lines += ["", f"same fact, two targets: {json.dumps(report.get('same_fact'), indent=1)}"]
     path.write_text("\n".join(lines) + "\n")
 
