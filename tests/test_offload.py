@@ -18,6 +18,7 @@ from click.testing import CliRunner
 import kedit
 from kedit.cli import cli
 from kedit.model.placement import is_offloaded, read_weight
+from tests.jsondoc import doc
 from tests.test_cli_editors import TRAIN, records
 from tests.test_cli_mass_edit import FACTS, TINY
 from tests.tiny import SENTENCES, make_model, make_tokenizer
@@ -101,6 +102,19 @@ def test_the_model_is_offloaded_and_read_from_its_real_weights(repo: kedit.Repos
     assert is_offloaded(module) and module.weight.device.type == "meta"
     stored = repo.materialize("HEAD", names=["model.layers.1.mlp.down_proj.weight"])
     assert torch.equal(read_weight(module), stored["model.layers.1.mlp.down_proj.weight"])
+
+
+def test_stats_of_an_offloaded_model_equal_the_in_memory_ones(tmp_path: Path, tiny_folder: Path) -> None:
+    (tmp_path / "corpus.txt").write_text("\n".join(SENTENCES * 8))
+    traces = []
+    for name, placement in (("memory", []), ("offloaded", ["--device", "auto", "--max-memory", "cpu=60KB",
+                                                           "--offload-folder", str(tmp_path / "offload")])):
+        repo = kedit.Repository.init(tmp_path / name, str(tiny_folder), progress=False)
+        result = CliRunner().invoke(cli, ["--repo", str(repo.root), "stats", "--layer", "1", "--corpus",
+                                          str(tmp_path / "corpus.txt"), "--samples", "16", "--json", *placement])
+        assert result.exit_code == 0, result.stderr
+        traces.append(doc(result.stdout)["layers"][0]["trace"])
+    assert traces[0] == traces[1] and traces[0] > 0
 
 
 def test_ft_refuses_offloaded_layers_in_one_line(repo: kedit.Repository, tmp_path: Path) -> None:
