@@ -7,6 +7,8 @@ HEAD loads straight from the working model (memory-mapped safetensors), unless a
 rewrote it while it was read (its index file changed: then the model could mix two commits);
 any other revision is exported to a temporary folder first, so that transformers builds the model exactly as it
 would from a checkpoint on disk (buffers, tied weights, dtype handling all its own).
+A model placed with `device="auto"` keeps that folder while it lives: accelerate reads the layers
+it offloaded to disk from those files (kedit/model/placement.py).
 """
 
 from __future__ import annotations
