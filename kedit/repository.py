@@ -29,17 +29,22 @@ if TYPE_CHECKING:
 class Repository(CoreRepository):
     """A kedit repository with its model-side operations. Every call is one CLI command's work."""
 
-    def load(self, rev: str = "HEAD", *, dtype: Any = None, device: str = "cpu") -> tuple[Any, Any]:
-        """(model, tokenizer) of `rev`, as `from_pretrained` gives them, adapters included."""
+    def load(self, rev: str = "HEAD", *, dtype: Any = None, device: str = "cpu",
+             max_memory: Mapping[int | str, str] | None = None,
+             offload_folder: str | Path | None = None) -> tuple[Any, Any]:
+        """(model, tokenizer) of `rev`, as `from_pretrained` gives them, adapters included. With
+        `device="auto"`, `max_memory` ({"cpu": "2GB", 0: "20GiB"}) and `offload_folder` place it."""
         from kedit.model.load import load_revision
+        from kedit.model.placement import placement_of
 
-        return load_revision(self, rev, dtype=dtype, device=device)
+        return load_revision(self, rev, dtype=dtype, device=device, placement=placement_of(max_memory, offload_folder))
 
     def edit(self, requests: EditRequest | Mapping[str, Any] | Iterable[EditRequest | Mapping[str, Any]], *,
              method: str = "rome", overrides: Mapping[str, Any] | None = None, hparams_file: str | Path | None = None,
              corpus: str | Path | None = None, stats_samples: int | None = None, batch_size: int | None = None,
              measure: bool = True, fluency: bool = False, message: str | None = None, dtype: Any = None,
-             device: str = "cpu", progress: bool = False) -> list[CommitInfo]:
+             device: str = "cpu", max_memory: Mapping[int | str, str] | None = None,
+             offload_folder: str | Path | None = None, progress: bool = False) -> list[CommitInfo]:
         """Edit facts on HEAD, one commit per request (per batch for batched methods), as `kedit edit`.
 
         A request is an `EditRequest` or a record in any format `kedit edit --requests` reads
@@ -48,6 +53,7 @@ class Repository(CoreRepository):
         from kedit.edit.requests import record_to_request
         from kedit.edit.run import EditOptions, run_edits
         from kedit.methods.base import EditRequest
+        from kedit.model.placement import placement_of
 
         one = isinstance(requests, EditRequest | Mapping)
         items = [requests] if one else list(requests)  # type: ignore[list-item]
@@ -55,8 +61,8 @@ class Repository(CoreRepository):
         options = EditOptions(method=method, overrides={k: str(v) for k, v in (overrides or {}).items()},
                               hparams_file=Path(hparams_file) if hparams_file else None,
                               corpus=Path(corpus) if corpus else None, stats_samples=stats_samples, dtype=dtype,
-                              device=device, batch_size=batch_size, measure=measure, fluency=fluency, message=message,
-                              progress=progress)
+                              device=device, placement=placement_of(max_memory, offload_folder), batch_size=batch_size,
+                              measure=measure, fluency=fluency, message=message, progress=progress)
         return run_edits(self, parsed, options)
 
     def revert(self, rev: str, message: str | None = None, *, reapply: bool = False, dtype: Any = None,
@@ -109,3 +115,4 @@ class Repository(CoreRepository):
 def _dtype_name(dtype: Any) -> str:
     """The name `kedit check` keys kept probe outputs by ('auto' when the stored dtype is used)."""
     return "auto" if dtype is None else str(dtype).removeprefix("torch.")
+

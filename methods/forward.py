@@ -22,6 +22,7 @@ from kedit.methods.lowp import has_hooks, low_precision
 from kedit.methods.prompts import input_device
 
 from kedit.model.arch import arch_for, cache_keyword, get_module, n_layers
+from kedit.model.placement import execution_device
 
 __all__ = [
     "PARTIAL_TYPES",
@@ -109,7 +110,7 @@ def fused_head_ok(model: Any) -> bool:
         isinstance(head, torch.nn.Linear)
         and head.bias is None
         and not getattr(model.config, "final_logit_softcapping", None)
-        and head.weight.device.type == "cpu"
+        and execution_device(head).type == "cpu"
     )
 
 

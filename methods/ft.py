@@ -19,6 +19,7 @@ from kedit.methods.hparams import MAX_STEPS, bounded, layer_field, require_slot,
 
 from kedit.eval.metrics import answer_ids, prompt_ids
 from kedit.model.arch import arch_for, get_module, n_layers
+from kedit.model.placement import is_offloaded
 
 __all__ = ["FTHyperParams", "apply"]
 
@@ -73,8 +74,13 @@ def apply(model: Any, tok: Any, requests: Sequence[EditRequest], hparams: FTHype
     if max(hparams.layers) >= total:
         raise ValueError(f"layers={list(hparams.layers)} but the model has {total} layers (0..{total - 1})")
     t0 = time.perf_counter()
-    params = {hparams.rewrite_module_tmp.format(layer) + ".weight": get_module(
-        model, hparams.rewrite_module_tmp.format(layer)).weight for layer in hparams.layers}
+    modules = {hparams.rewrite_module_tmp.format(layer): get_module(model, hparams.rewrite_module_tmp.format(layer))
+               for layer in hparams.layers}
+    offloaded = [name for name, module in modules.items() if is_offloaded(module)]
+    if offloaded:  # its optimiser steps the parameters themselves, which are meta tensors there
+        raise ValueError(f"FT trains weights in place and cannot train layers offloaded to disk ({offloaded[0]}): "
+                         "give --max-memory room for them, or edit with rome, memit or alphaedit")
+    params = {name + ".weight": module.weight for name, module in modules.items()}
     originals = {n: p.detach().clone() for n, p in params.items()}
     flags = [(p, p.requires_grad) for p in model.parameters()]
     training = model.training

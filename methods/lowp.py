@@ -10,9 +10,11 @@ to 0.215 s with the same scores (bench/results/rome_counterfact_100.md).
 Attention in the copies runs eagerly: PyTorch's CPU flash-attention backward is several times
 slower in bfloat16 than in float32, and eager attention over a few dozen columns costs little.
 A copy is kept while its original's weights are unchanged (same storage, same in-place version),
-so a session of edits, each changing one layer, converts the others once. Modules with hooks
+so a series of edits, each changing one layer, converts the others once. Modules with hooks
 (GRACE's codebook, another tool's) are not copied: a copy would carry a snapshot of the hook's
-state in the wrong dtype, so callers run them as they are (`has_hooks`).
+state in the wrong dtype, so callers run them as they are (`has_hooks`). Neither are modules that
+accelerate placed (`--device auto`): an offloaded layer's weights are on disk, and a copy would
+hold them all in memory, rounded.
 """
 
 from __future__ import annotations
@@ -22,6 +24,8 @@ import weakref
 from typing import Any
 
 import torch
+
+from kedit.model.placement import is_placed
 
 __all__ = ["DTYPES", "check_dtype", "has_hooks", "low_precision"]
 
@@ -39,8 +43,9 @@ def check_dtype(name: str) -> None:
 
 
 def has_hooks(module: torch.nn.Module) -> bool:
-    """Whether any submodule has forward hooks or pre-hooks (whose state a copy would freeze)."""
-    return any(m._forward_hooks or m._forward_pre_hooks for m in module.modules())
+    """Whether any submodule has forward hooks or pre-hooks (whose state a copy would freeze), or was
+    placed by accelerate (whose hook holds the weights of an offloaded layer)."""
+    return any(m._forward_hooks or m._forward_pre_hooks or is_placed(m) for m in module.modules())
 
 
 def _signature(module: torch.nn.Module) -> tuple[tuple[int, int], ...]:

@@ -42,6 +42,7 @@ import torch.nn.functional as F
 from kedit.methods.base import EditRequest, LowRank
 from kedit.methods.freeze import frozen
 from kedit.methods.hparams import MAX_STEPS, bounded, layer_field, require_slot, validate
+from kedit.methods.prompts import input_device
 from torch import nn
 
 from kedit.eval.metrics import answer_ids, prompt_ids
@@ -424,7 +425,7 @@ def check_model(model: Any, params: MENDTrainParams, editor: MENDEditor) -> None
 def edit_with(model: Any, tok: Any, requests: Sequence[EditRequest], editor: MENDEditor, params: MENDTrainParams,
               edit_texts: Sequence[str]) -> tuple[dict[str, LowRank], dict[str, Any]]:
     """Deltas for `requests`, whose gradient is taken on `edit_texts` (the prompts, or wrapped ones)."""
-    device = model.get_input_embeddings().weight.device
+    device = input_device(model)
     rows = edit_rows(tok, edit_texts, [r.target_new for r in requests], device)
     factors, loss = capture_factors(model, params, rows)
     editor = editor.to(device)

@@ -21,6 +21,7 @@ from typing import Any, Protocol
 import torch
 
 from kedit.eval.metrics import answer_ids, start_token_id
+from kedit.model.placement import execution_device
 
 __all__ = [
     "TemplateSettings",
@@ -46,7 +47,7 @@ class TemplateSettings(Protocol):
 
 
 def input_device(model: Any) -> torch.device:
-    return model.get_input_embeddings().weight.device
+    return execution_device(model.get_input_embeddings())
 
 
 def pad_id(tok: Any) -> int:

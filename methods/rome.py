@@ -56,6 +56,7 @@ from kedit.methods.values import ValueSettings, optimise_single_value, template_
 
 from kedit.eval.metrics import prompt_ids, shows_in_generation
 from kedit.model.arch import arch_for, get_module, n_layers
+from kedit.model.placement import add_to_weight, read_weight, weight_restored
 
 __all__ = [
     "ROMEHyperParams",
@@ -167,7 +168,7 @@ def second_moment_needed(hparams: ROMEHyperParams) -> tuple[str, int] | None:
 
 def _linear_weight(module: Any, transposed: bool) -> torch.Tensor:
     """The projection's weight in (d_out, d_in) layout, whatever its storage."""
-    w = module.weight
+    w = read_weight(module)
     return w.t() if transposed else w
 
 
@@ -202,7 +203,7 @@ def _edit_one(
                                     [t == "{}" for t in templates])  # the bare prompt as the user sends it
     k_star = keys.mean(0)
     w = _linear_weight(module, hp.out_proj_transposed)  # (d_out, d_in)
-    bias = getattr(module, "bias", None)
+    bias = read_weight(module, "bias") if getattr(module, "bias", None) is not None else None
     with torch.no_grad():
         v_init = w.to(torch.float64) @ k_star  # (d_out,): the template-averaged output
         if bias is not None:
@@ -314,13 +315,10 @@ def _edit_shows(model: Any, tok: Any, module: Any, upd: rome_math.RankOne, reque
                 transposed: bool) -> bool:
     """Whether the model with the update, given the prompt as the user sends it, generates the target
     (`shows_in_generation`: kedit.eval.metrics's greedy continuation and comparison rule)."""
-    saved = module.weight.detach().clone()
     a, b = rome_math.to_stored_layout(upd, transposed)
-    module.weight.add_((a @ b).to(device=module.weight.device, dtype=module.weight.dtype))
-    try:
+    with weight_restored([module]):
+        add_to_weight(module, a @ b)
         return shows_in_generation(model, tok, [request.text], [request.target_new])[0]
-    finally:
-        module.weight.copy_(saved)
 
 
 # A neighbour whose key projects onto u this much (relative to k* itself) receives that fraction of the
@@ -417,29 +415,23 @@ def apply(
 
     factors = TensorCache() if factor_cache is None else factor_cache
     t_start = time.perf_counter()
-    original = module.weight.detach().clone()
     lams, us, infos = [], [], []
-    try:
-        with frozen(model, eval_mode=True):
-            for i, request in enumerate(requests):
-                upd, info = _edit_one(model, tok, module, request, hparams, c, factors)
-                lams.append(upd.lam)
-                us.append(upd.u)
-                infos.append(info)
-                if info["update_norm"] > 0.5 * info["weight_norm"]:
-                    log.warning(
-                        "ROME update for %r has norm %.3g, %.0f%% of the weight's: the edit may damage the model",
-                        request.subject,
-                        info["update_norm"],
-                        100 * info["update_norm"] / info["weight_norm"],
-                    )
-                if i + 1 < len(requests):  # later requests see the earlier edits
-                    a, b = rome_math.to_stored_layout(upd, hparams.out_proj_transposed)
-                    with torch.no_grad():
-                        module.weight.add_((a @ b).to(device=module.weight.device, dtype=module.weight.dtype))
-    finally:
-        with torch.no_grad():
-            module.weight.copy_(original)
+    with weight_restored([module]), frozen(model, eval_mode=True):
+        for i, request in enumerate(requests):
+            upd, info = _edit_one(model, tok, module, request, hparams, c, factors)
+            lams.append(upd.lam)
+            us.append(upd.u)
+            infos.append(info)
+            if info["update_norm"] > 0.5 * info["weight_norm"]:
+                log.warning(
+                    "ROME update for %r has norm %.3g, %.0f%% of the weight's: the edit may damage the model",
+                    request.subject,
+                    info["update_norm"],
+                    100 * info["update_norm"] / info["weight_norm"],
+                )
+            if i + 1 < len(requests):  # later requests see the earlier edits
+                a, b = rome_math.to_stored_layout(upd, hparams.out_proj_transposed)
+                add_to_weight(module, a @ b)
 
     lam = torch.stack(lams, 1)  # (d_out, r)
     u = torch.stack(us, 0)  # (r, d_in)

@@ -29,6 +29,7 @@ from kedit.methods.values import ValueSettings, module_outputs_at_subject, optim
 
 from kedit.eval.metrics import shows_in_generation
 from kedit.model.arch import arch_for, get_module, n_layers
+from kedit.model.placement import add_to_weight, weight_restored
 
 __all__ = [
     "LayerSolver",
@@ -139,52 +140,44 @@ def spread_over_layers(
         encode_with_subject(tok, r.template, r.subject, hp.guard_position0)  # bad requests fail early
     timings: dict[str, float] = {}
     modules = {layer: get_module(model, hp.module_name(layer)) for layer in hp.layers}
-    originals = {layer: m.weight.detach().clone() for layer, m in modules.items()}
     last = hp.layers[-1]
     block = get_module(model, hp.layer_module_tmp.format(last))
     deltas: dict[str, LowRank] = {}
     written: dict[str, torch.Tensor] = {}
     layer_info = []
-    try:
-        with frozen(model, eval_mode=True):
-            t0 = time.perf_counter()
-            templates = context_templates(model, tok, hp)
-            h0 = module_outputs_at_subject(model, tok, block, requests, hp.guard_position0)  # (d, n)
-            fit = optimise_batched_values(model, tok, modules[last], last, templates, requests, h0.norm(dim=0),
-                                          hp.value_settings(), chunk=hp.v_batch_size)
-            z = h0 + fit.delta.t().to(torch.float64)
-            timings["values_s"] = time.perf_counter() - t0
-            t0 = time.perf_counter()
-            for i, layer in enumerate(hp.layers):
-                name = hp.module_name(layer)
-                keys = subject_keys(model, tok, modules[layer], templates, requests, hp.guard_position0)
-                h = module_outputs_at_subject(model, tok, block, requests, hp.guard_position0)
-                resid = (z - h) / (len(hp.layers) - i)
-                a, b = solve(layer, name, resid, keys)
-                weight = modules[layer].weight
-                if hp.out_proj_transposed:  # Conv1D stores Wᵀ: Δᵀ = B Aᵀ
-                    delta = LowRank(b.float().contiguous(), a.t().float().contiguous())
-                else:
-                    delta = LowRank(a.float().contiguous(), b.t().float().contiguous())
-                with torch.no_grad():
-                    weight.add_((delta.a @ delta.b).to(device=weight.device, dtype=weight.dtype))
-                deltas[name + ".weight"] = delta
-                written[f"keys.{layer}"] = keys.float().contiguous()
-                layer_info.append({
-                    "layer": layer,
-                    "residual_norm": float((z - h).norm(dim=0).mean()),
-                    "update_norm": float((a @ b.t()).norm()),
-                })
-            timings["layers_s"] = time.perf_counter() - t0
-            with torch.no_grad():
-                h_end = module_outputs_at_subject(model, tok, block, requests, hp.guard_position0)
-            reached = 1 - (z - h_end).norm(dim=0) / (z - h0).norm(dim=0).clamp(min=1e-12)
-            # the model holds every layer's Δ here: does each prompt, as the user sends it, generate its target?
-            shows = shows_in_generation(model, tok, [r.text for r in requests], [r.target_new for r in requests])
-    finally:
+    with weight_restored(list(modules.values())), frozen(model, eval_mode=True):
+        t0 = time.perf_counter()
+        templates = context_templates(model, tok, hp)
+        h0 = module_outputs_at_subject(model, tok, block, requests, hp.guard_position0)  # (d, n)
+        fit = optimise_batched_values(model, tok, modules[last], last, templates, requests, h0.norm(dim=0),
+                                      hp.value_settings(), chunk=hp.v_batch_size)
+        z = h0 + fit.delta.t().to(torch.float64)
+        timings["values_s"] = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        for i, layer in enumerate(hp.layers):
+            name = hp.module_name(layer)
+            keys = subject_keys(model, tok, modules[layer], templates, requests, hp.guard_position0)
+            h = module_outputs_at_subject(model, tok, block, requests, hp.guard_position0)
+            resid = (z - h) / (len(hp.layers) - i)
+            a, b = solve(layer, name, resid, keys)
+            if hp.out_proj_transposed:  # Conv1D stores Wᵀ: Δᵀ = B Aᵀ
+                delta = LowRank(b.float().contiguous(), a.t().float().contiguous())
+            else:
+                delta = LowRank(a.float().contiguous(), b.t().float().contiguous())
+            add_to_weight(modules[layer], delta.a @ delta.b)
+            deltas[name + ".weight"] = delta
+            written[f"keys.{layer}"] = keys.float().contiguous()
+            layer_info.append({
+                "layer": layer,
+                "residual_norm": float((z - h).norm(dim=0).mean()),
+                "update_norm": float((a @ b.t()).norm()),
+            })
+        timings["layers_s"] = time.perf_counter() - t0
         with torch.no_grad():
-            for layer, m in modules.items():
-                m.weight.copy_(originals[layer])
+            h_end = module_outputs_at_subject(model, tok, block, requests, hp.guard_position0)
+        reached = 1 - (z - h_end).norm(dim=0) / (z - h0).norm(dim=0).clamp(min=1e-12)
+        # the model holds every layer's Δ here: does each prompt, as the user sends it, generate its target?
+        shows = shows_in_generation(model, tok, [r.text for r in requests], [r.target_new for r in requests])
     info = {
         "layers": list(hp.layers),
         "per_layer": layer_info,

@@ -37,6 +37,7 @@ from typing import Any
 import torch
 from kedit.methods.base import ProgressFn, no_progress
 from kedit.methods.capture import capture_at_module
+from kedit.methods.prompts import input_device
 from safetensors.torch import load_file, save_file
 
 from kedit.eval.metrics import start_token_id
@@ -202,7 +203,7 @@ class GeneratedSource(TextSource):
         width = max(len(e) for e in encoded)
         ids = torch.tensor([[pad] * (width - len(e)) + e for e in encoded])
         mask = torch.tensor([[0] * (width - len(e)) + [1] * len(e) for e in encoded])
-        device = model.get_input_embeddings().weight.device
+        device = input_device(model)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(self.seed * 1_000_003 + index)
             out = model.generate(
@@ -256,7 +257,7 @@ def accumulate_second_moment(
     pad = next(t for t in (tok.pad_token_id, tok.eos_token_id, 0) if t is not None)
     start = start_token_id(tok)
     prefix = [] if start is None else [start]
-    device = model.get_input_embeddings().weight.device
+    device = input_device(model)
     was_training = model.training
     model.eval()
     bar = progress(total=total, initial=state.n_texts if state else 0, unit="text",

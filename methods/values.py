@@ -40,6 +40,7 @@ from kedit.methods.lowp import DTYPES
 from kedit.methods.prompts import encode_with_subject, input_device, pad_id, pad_right, target_ids
 
 from kedit.model.arch import n_layers
+from kedit.model.placement import execution_device, read_weight
 
 __all__ = [
     "SingleValueFit",
@@ -382,7 +383,7 @@ def optimise_single_value(
             return out[sel_rows, sel_cols]
 
     d_out = _module_out_dim(module)
-    delta = torch.zeros(d_out, device=module.weight.device, dtype=torch.float32, requires_grad=True)
+    delta = torch.zeros(d_out, device=execution_device(module), dtype=torch.float32, requires_grad=True)
     opt = torch.optim.Adam([delta], lr=hp.v_lr)
     max_norm = hp.clamp_norm_factor * v_init_norm
 
@@ -392,7 +393,7 @@ def optimise_single_value(
     # NLL = mean over prompts of the mean over its target tokens: one weight per label
     label_w = (1.0 / (per_row[row_of_label] * kl_row)).float()
     fused = fused_head and fused_head_ok(model)
-    head_w = model.get_output_embeddings().weight if fused else None
+    head_w = read_weight(model.get_output_embeddings()) if fused else None
     result = SingleValueFit(delta=delta, n_guarded=n_guarded, partial=reason is None)
     kl_init: torch.Tensor | None = None
     handle = module.register_forward_hook(hook)

@@ -33,6 +33,13 @@ def _configured_samples(repo) -> int | None:
     return int(value) if value else None
 
 
+def placement_options(f):
+    """`--max-memory` and `--offload-folder`: how `--device auto` places the model (kedit/model/placement.py)."""
+    f = click.option("--offload-folder", type=click.Path(file_okay=False, path_type=Path),
+                     help="With --device auto: the folder for layers offloaded to disk.")(f)
+    return click.option("--max-memory", multiple=True, metavar="DEVICE=SIZE",
+                        help="With --device auto: memory a device may hold, e.g. cpu=2GB or 0=20GiB (repeatable); "
+                             "layers beyond go to the next device, then to --offload-folder.")(f)
 
 
 @command()
@@ -62,6 +69,7 @@ def _configured_samples(repo) -> int | None:
 @click.option("--fluency", is_flag=True, help="Also measure fluency (n-gram entropy of 100-token generations).")
 @click.option("-m", "--message", help="Commit message (single request).")
 @device_option
+@placement_options
 @dtype_option
 @json_option
 @click.pass_context
@@ -70,7 +78,8 @@ def edit(ctx: click.Context, method: str | None, prompt: str | None, subject: st
          request_files: tuple[Path, ...], overrides: tuple[str, ...], hparams_file: Path | None,
          editor: str | None, corpus: Path | None, stats_samples: int | None, batch_size: int | None, no_eval: bool,
          fluency: bool,
-         message: str | None, device: str, dtype: str | None, as_json: bool) -> None:
+         message: str | None, device: str, max_memory: tuple[str, ...], offload_folder: Path | None,
+         dtype: str | None, as_json: bool) -> None:
     """Edit a fact; each edit becomes a commit with its measured effect.
 
     \b
@@ -82,7 +91,11 @@ def edit(ctx: click.Context, method: str | None, prompt: str | None, subject: st
     from kedit.edit.requests import load_requests
     from kedit.methods.base import EditRequest, get_method
     from kedit.model.load import parse_dtype
+    from kedit.model.placement import loading_kwargs, placement_of
 
+    placement = placement_of(max_memory, offload_folder)
+    if placement is not None and device != "auto":
+        loading_kwargs(device, placement)  # refused in one line
     repo = open_repo(ctx)
     if method is None:
         method = config.get("edit.method", repo.path) or DEFAULT_METHOD
@@ -102,7 +115,7 @@ def edit(ctx: click.Context, method: str | None, prompt: str | None, subject: st
         if open_prompts:  # answers for locality prompts: what the model says before the edit
             from kedit.model.load import load_revision
 
-            model, tok = load_revision(repo, "HEAD", dtype=parse_dtype(dtype), device=device)
+            model, tok = load_revision(repo, "HEAD", dtype=parse_dtype(dtype), device=device, placement=placement)
             request = EditRequest(**{**request.__dict__, "locality": request.locality + tuple(
                 (p, greedy_answer(model, tok, p)) for p in open_prompts)})
             del model
@@ -114,6 +127,7 @@ def edit(ctx: click.Context, method: str | None, prompt: str | None, subject: st
         parsed["editor"] = editor
     commits = repo.edit(requests, method=method, overrides=parsed, hparams_file=hparams_file, corpus=corpus,
                         stats_samples=stats_samples, dtype=parse_dtype(dtype), device=device, batch_size=batch_size,
+                        max_memory=placement.max_memory if placement else None, offload_folder=offload_folder,
                         measure=not no_eval, fluency=fluency, message=message, progress=progress_enabled())
     if as_json:
         decorations = ref_decorations(repo)
@@ -138,11 +152,13 @@ def edit(ctx: click.Context, method: str | None, prompt: str | None, subject: st
               help="Number of texts (default: config stats.samples, else the method's mom2_n_samples).")
 @click.option("--set", "overrides", multiple=True, help="Override a hyper-parameter: key=value.")
 @device_option
+@placement_options
 @dtype_option
 @json_option
 @click.pass_context
 def stats(ctx: click.Context, layer: tuple[int, ...], method: str, corpus: Path | None, samples: int | None,
-          overrides: tuple[str, ...], device: str, dtype: str | None, as_json: bool) -> None:
+          overrides: tuple[str, ...], device: str, max_memory: tuple[str, ...], offload_folder: Path | None,
+          dtype: str | None, as_json: bool) -> None:
     """Compute and cache the covariance E[kkᵀ] of a layer's keys on the base model.
 
     Streaming and resumable: an interrupted run continues where it stopped.
@@ -155,17 +171,19 @@ def stats(ctx: click.Context, layer: tuple[int, ...], method: str, corpus: Path 
     from kedit.methods.base import get_method
     from kedit.methods.hparams import hparams_from_overrides
     from kedit.model.load import load_revision, parse_dtype
+    from kedit.model.placement import placement_of
 
+    placement = placement_of(max_memory, offload_folder)
     repo = open_repo(ctx)
     samples = samples or _configured_samples(repo)
     base = repo.log("HEAD")[-1].id
-    model, tok = load_revision(repo, base, dtype=parse_dtype(dtype), device=device)
+    model, tok = load_revision(repo, base, dtype=parse_dtype(dtype), device=device, placement=placement)
     values = parse_overrides(overrides)
     if samples:
         values.setdefault("mom2_n_samples", str(samples))
     hp = hparams_from_overrides(get_method(method).hparams_cls, model, values)
     provider = StatsProvider(repo, hp, (model, tok), base, corpus=corpus, device=device, dtype=parse_dtype(dtype),
-                             progress=progress_enabled())
+                             placement=placement, progress=progress_enabled())
     from kedit.model.arch import arch_for, n_layers
 
     total = n_layers(model, arch_for(model))

@@ -37,6 +37,7 @@ from kedit.methods.base import EditRequest, Method, get_method
 from kedit.methods.hparams import hparams_from_dict, hparams_from_overrides, hparams_to_dict
 from kedit.model.adapters import install_adapters
 from kedit.model.load import load_revision
+from kedit.model.placement import Placement, read_weight, write_weight
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +51,7 @@ class EditOptions:
     stats_samples: int | None = None  # None: the method's hparams decide
     dtype: torch.dtype | None = None
     device: str = "cpu"
+    placement: Placement | None = None  # with device "auto": memory per device, disk offload folder
     batch_size: int | None = None  # requests per commit; None: 1 for single-edit methods, all for batched
     measure: bool = True
     fluency: bool = False
@@ -83,7 +85,8 @@ def run_edits(repo: Repository, requests: list[EditRequest], options: EditOption
     if options.batch_size is not None and options.batch_size < 1:
         raise KeditError(f"the batch size must be at least 1, got {options.batch_size}")
     at = repo.head_state()  # each commit must land where the model was loaded (compare-and-swap)
-    model, tok = load_revision(repo, at.commit, dtype=options.dtype, device=options.device)
+    model, tok = load_revision(repo, at.commit, dtype=options.dtype, device=options.device,
+                               placement=options.placement)
     overrides = dict(options.overrides)
     if options.stats_samples and method.has("stats"):
         overrides.setdefault("mom2_n_samples", str(options.stats_samples))  # record what C was built from
@@ -98,7 +101,7 @@ def run_edits(repo: Repository, requests: list[EditRequest], options: EditOption
 
         hparams = dataclasses.replace(hparams, editor=resolve_editor(repo, method.name, hparams.editor).id)
     stats = StatsProvider(repo, hparams, (model, tok), at.commit, corpus=options.corpus, dtype=options.dtype,
-                          device=options.device, progress=options.progress)
+                          device=options.device, placement=options.placement, progress=options.progress)
     _warn_locality_about_edited_subjects(requests)
     size = options.batch_size or (len(requests) if method.has("batch") else 1)
     commits = []
@@ -179,18 +182,25 @@ def _per_request(model: Any, tok: Any, batch: list[EditRequest], reference: Refe
     return out
 
 
+def _owner(model: Any, name: str) -> tuple[Any, str]:
+    """The module that holds parameter `name`, and the parameter's name there."""
+    module_name, _, param = name.rpartition(".")
+    return model.get_submodule(module_name), param
+
+
 @torch.no_grad()
 def _apply_deltas(model: Any, deltas: dict[str, Any]) -> None:
-    """Add a method's deltas to the in-memory model with the engine's canonical arithmetic."""
-    params = dict(model.named_parameters())
+    """Add a method's deltas to the loaded model (on whatever device, or offloaded) with the engine's
+    canonical arithmetic."""
     for name, step in deltas.items():
-        params[name].copy_(apply_step(params[name].detach().cpu(), step).to(params[name].device))
+        module, param = _owner(model, name)
+        write_weight(module, apply_step(read_weight(module, param).detach().cpu(), step), param)
 
 
 @torch.no_grad()
 def _load_committed(repo: Repository, model: Any, commit_id: str, deltas: dict[str, Any]) -> None:
-    """Put the committed values (the engine's canonical arithmetic) into the in-memory model."""
+    """Put the committed values (the engine's canonical arithmetic) into the loaded model."""
     values = repo.materialize(commit_id, names=list(deltas))
-    params = dict(model.named_parameters())
     for name, value in values.items():
-        params[name].copy_(value.to(params[name].device))
+        module, param = _owner(model, name)
+        write_weight(module, value, param)

@@ -14,6 +14,7 @@ from kedit.core import history
 from kedit.core.progress import progress_bar
 from kedit.core.repo import Repository
 from kedit.model.load import load_revision
+from kedit.model.placement import Placement
 
 
 class StatsProvider:
@@ -25,9 +26,10 @@ class StatsProvider:
 
     def __init__(self, repo: Repository, hparams: Any, current: tuple[Any, Any], current_commit: str, *,
                  corpus: Path | None = None, dtype: torch.dtype | None = None, device: str = "cpu",
-                 progress: bool = False) -> None:
+                 placement: Placement | None = None, progress: bool = False) -> None:
         self.repo, self.hparams = repo, hparams
         self.corpus, self.dtype, self.device, self.progress = corpus, dtype, device, progress
+        self.placement = placement
         self.current, self.current_commit = current, current_commit
         self.base = history.ancestors(repo.db, current_commit)[-1]
         self.used: dict[str, Any] = {}  # what the last statistics were computed from, for the record
@@ -42,7 +44,7 @@ class StatsProvider:
         if self.current_commit != self.base:
             if self._base_model is None:  # statistics are always of the base; loaded once per run
                 self._base_model = load_revision(self.repo, self.base, dtype=self.dtype,
-                                                 device=self.device)
+                                                 device=self.device, placement=self.placement)
             model, tok = self._base_model
         if self.corpus:
             source = corpus_source(self.corpus)

@@ -22,6 +22,7 @@ from kedit.core import history
 from kedit.core.repo import CommitInfo, Repository
 from kedit.eval import metrics
 from kedit.eval.probes import ModelLoader
+from kedit.model.placement import execution_device
 
 REFERENCE_TOKENS = 128  # tokens of each reference text the KL divergence reads
 
@@ -91,7 +92,7 @@ def answer_probabilities(model: Any, tok: Any, prompts: Sequence[str], answers: 
 @torch.no_grad()
 def next_token_logprobs(model: Any, tok: Any, texts: Sequence[str]) -> list[torch.Tensor]:
     """Per text, the log-distribution over the next token at each of its first REFERENCE_TOKENS positions."""
-    device = model.get_input_embeddings().weight.device
+    device = execution_device(model.get_input_embeddings())
     out = []
     for text in texts:
         ids = metrics.prompt_ids(tok, text)[:REFERENCE_TOKENS]

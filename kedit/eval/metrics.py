@@ -158,10 +158,12 @@ def teacher_forced(
     (`chat`: the prompts through the chat template, see `prompt_ids`)."""
     import torch  # here, not at the top: the protocol names are read without running a model
 
+    from kedit.model.placement import execution_device
+
     with torch.no_grad():
         if len(prompts) != len(answers):
             raise ValueError(f"{len(prompts)} prompts but {len(answers)} answers")
-        device = model.get_input_embeddings().weight.device
+        device = execution_device(model.get_input_embeddings())
         out: list[TeacherForced] = []
         for start in range(0, len(prompts), batch_size):
             rows, spans = [], []
@@ -285,8 +287,10 @@ def greedy_continuations(model: Any, tok: Any, prompts: Sequence[str], max_new_t
 
     if until_shown is not None and len(until_shown) != len(prompts):
         raise ValueError(f"{len(prompts)} prompts but {len(until_shown)} answers")
+    from kedit.model.placement import execution_device
+
     with torch.no_grad():
-        device = model.get_input_embeddings().weight.device
+        device = execution_device(model.get_input_embeddings())
         pad = _pad_id(tok)
         out: list[str] = []
         for start in range(0, len(prompts), batch_size):

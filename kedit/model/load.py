@@ -7,12 +7,15 @@ HEAD loads straight from the working model (memory-mapped safetensors), unless a
 rewrote it while it was read (its index file changed: then the model could mix two commits);
 any other revision is exported to a temporary folder first, so that transformers builds the model exactly as it
 would from a checkpoint on disk (buffers, tied weights, dtype handling all its own).
+A model placed with `device="auto"` keeps that folder while it lives: accelerate reads the layers
+it offloaded to disk from those files (kedit/model/placement.py).
 """
 
 from __future__ import annotations
 
 import logging
 import tempfile
+import weakref
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +27,7 @@ from kedit.core.progress import progress_enabled
 from kedit.core.refs import short_id
 from kedit.core.repo import Repository
 from kedit.model.adapters import install_adapters, read_folder
+from kedit.model.placement import Placement, loading_kwargs
 
 log = logging.getLogger(__name__)
 
@@ -38,7 +42,8 @@ def parse_dtype(name: str | None) -> torch.dtype | None:
     return getattr(torch, name)
 
 
-def _from_folder(folder: Path, dtype: torch.dtype | None, device: str, device_map: str | None) -> tuple[Any, Any]:
+def _from_folder(folder: Path, dtype: torch.dtype | None, device: str, device_map: str | None,
+                 placement: Placement | None = None) -> tuple[Any, Any]:
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
@@ -48,7 +53,7 @@ def _from_folder(folder: Path, dtype: torch.dtype | None, device: str, device_ma
         raise KeditError("--device cuda was asked for, but torch sees no CUDA device")
     kwargs: dict[str, Any] = {"dtype": dtype or "auto"}
     if device_map:
-        kwargs["device_map"] = device_map
+        kwargs.update(loading_kwargs("auto", placement))
     config_dict, adapters = read_folder(folder)  # an export with adapters: its real config and the adapters
     try:
         if config_dict is not None:
@@ -67,15 +72,17 @@ def _from_folder(folder: Path, dtype: torch.dtype | None, device: str, device_ma
     return model, tokenizer
 
 
-def load_folder(folder: str | Path, *, dtype: torch.dtype | None = None, device: str = "cpu") -> tuple[Any, Any]:
+def load_folder(folder: str | Path, *, dtype: torch.dtype | None = None, device: str = "cpu",
+                placement: Placement | None = None) -> tuple[Any, Any]:
     """(model, tokenizer) from a folder `kedit export` wrote (or any Hugging Face folder), adapters installed."""
+    loading_kwargs(device, placement)  # placement options without --device auto are refused before loading
     folder = Path(folder)
     if not (folder / "config.json").is_file():
         raise KeditError(f"{folder} has no config.json: not a model folder")
     device_map = None
     if device == "auto":
         device, device_map = "cpu", "auto"
-    return _from_folder(folder, dtype, device, device_map)
+    return _from_folder(folder, dtype, device, device_map, placement)
 
 
 def _stamp(path: Path) -> tuple[int, int] | None:
@@ -88,12 +95,14 @@ def _stamp(path: Path) -> tuple[int, int] | None:
 
 
 def load_revision(repo: Repository, rev: str = "HEAD", *, dtype: torch.dtype | None = None, device: str = "cpu",
-                  device_map: str | None = None) -> tuple[Any, Any]:
+                  device_map: str | None = None, placement: Placement | None = None) -> tuple[Any, Any]:
     """(model, tokenizer) at `rev`, in `dtype` (default: as stored) on `device`.
 
     `device="auto"` spreads a model too large for one device over the GPUs and the CPU
-    (accelerate's `device_map="auto"`).
+    (accelerate's `device_map="auto"`), within `placement`'s memory per device, offloading the
+    rest to its folder on disk (kedit/model/placement.py).
     """
+    loading_kwargs(device, placement)  # placement options without --device auto are refused before loading
     if device == "auto":
         device, device_map = "cpu", "auto"
     commit_id = repo.resolve(rev)
@@ -103,14 +112,23 @@ def load_revision(repo: Repository, rev: str = "HEAD", *, dtype: torch.dtype | N
     wt = repo.worktree
     if wt is not None and wt.commit == commit_id and not wt.modified():
         before = _stamp(wt.index_path)
-        model, tokenizer = _from_folder(wt.folder, dtype, device, device_map)
+        model, tokenizer = _from_folder(wt.folder, dtype, device, device_map, placement)
         if _stamp(wt.index_path) == before:
             install_adapters(model, [a for _, a in repo.adapters(commit_id)])  # the working model holds weights only
             return model, tokenizer
         log.info("the working model changed while it was read; loading %s from the repository", short_id(commit_id))
     from kedit.model.export import export
 
-    with tempfile.TemporaryDirectory(prefix="kedit-load-") as tmp:
-        folder = Path(tmp) / "model"
+    tmp = tempfile.TemporaryDirectory(prefix="kedit-load-")
+    try:
+        folder = Path(tmp.name) / "model"
         export(repo, commit_id, folder)
-        return _from_folder(folder, dtype, device, device_map)
+        model, tokenizer = _from_folder(folder, dtype, device, device_map, placement)
+    except BaseException:
+        tmp.cleanup()
+        raise
+    if device_map:  # layers offloaded to disk are read from the exported files: they live as long as the model
+        weakref.finalize(model, tmp.cleanup)
+    else:
+        tmp.cleanup()
+    return model, tokenizer
