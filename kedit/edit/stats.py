@@ -63,7 +63,10 @@ def check_layers(repo: Repository, base: str, layers: Sequence[int]) -> None:
 
     from kedit.model.arch import arch_for, n_layers
 
-    config = AutoConfig.for_model(**json.loads(repo.files(base)["config.json"]))
+    stored = repo.files(base).get("config.json")
+    if stored is None:  # not a model; load_revision says so
+        return
+    config = AutoConfig.for_model(**json.loads(stored))
     total = n_layers(config, arch_for(config))
     for lay in layers:
         if lay >= total:
