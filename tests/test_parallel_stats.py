@@ -1,8 +1,10 @@
-"""kedit stats --nproc: two gloo processes on 127.0.0.1 give one process's statistics, in its cache entry,
-and a rerun after a killed process continues from the checkpoints."""
+"""kedit stats --nproc and under torchrun: two gloo processes on 127.0.0.1 give one process's statistics, in
+its cache entry, and a rerun after a killed process continues from the checkpoints."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -114,6 +116,16 @@ def test_two_processes_equal_one_and_serve_the_edit(repo: Repository) -> None:
     kedit(repo, *EDIT, "--corpus", str(repo.root.parent / "corpus.txt"), "--stats-samples", SAMPLES)
     assert repo.log()[0].hparams["mom2_adjustment"] is True
     assert {p: (repo.path / p).stat().st_mtime_ns for p in cached(repo)} == stamps  # the edit computed nothing
+
+
+def test_under_torchrun_the_same_statistics(repo: Repository) -> None:
+    reference = single_process_reference(repo)
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+               "-m", "kedit.cli", "--repo", str(repo.root), *stats_args(repo), "--json"]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=180)
+    assert done.returncode == 0, done.stderr
+    assert '"nproc": 2' in done.stdout and done.stdout.count('"kedit_json"') == 1  # rank 0 alone reports
+    assert_same_statistics(cached(repo), reference)
 
 
 def test_rerun_after_a_killed_process_continues_and_agrees(repo: Repository, tmp_path: Path,
