@@ -346,6 +346,8 @@ class StatsCache:
         meta = {"count": str(state.count), "n_texts": str(state.n_texts), "corpus_id": key.corpus_id}
         self._write(self._path(key, "mom2"), {"mom2": mom2, "sum": state.sum}, meta)
         self._path(key, "partial").unlink(missing_ok=True)
+        for shard in self.root.glob(f"{key.filename()}.shard-*.safetensors"):
+            shard.unlink(missing_ok=True)
         return mom2
 
     def largest_prefix(self, key: StatsKey) -> tuple[int, MomentState] | None:
@@ -372,8 +374,8 @@ class StatsCache:
             meta = f.metadata()
             return best[0], MomentState(sum=f.get_tensor("sum"), count=int(meta["count"]), n_texts=int(meta["n_texts"]))
 
-    def load_partial(self, key: StatsKey) -> MomentState | None:
-        path = self._path(key, "partial")
+    def load_partial(self, key: StatsKey, kind: str = "partial") -> MomentState | None:
+        path = self._path(key, kind)
         if not path.exists():
             return None
         from safetensors import safe_open
@@ -383,10 +385,18 @@ class StatsCache:
             total = f.get_tensor("sum")
         return MomentState(sum=total, count=int(meta["count"]), n_texts=int(meta["n_texts"]))
 
-    def save_partial(self, key: StatsKey, state: MomentState) -> None:
+    def save_partial(self, key: StatsKey, state: MomentState, kind: str = "partial") -> None:
         self._write(
-            self._path(key, "partial"), {"sum": state.sum}, {"count": str(state.count), "n_texts": str(state.n_texts)}
+            self._path(key, kind), {"sum": state.sum}, {"count": str(state.count), "n_texts": str(state.n_texts)}
         )
+
+    def load_shard(self, key: StatsKey, shard: str) -> MomentState | None:
+        """One process's checkpoint of a parallel run (`shard` names its rank and share); see kedit.edit.parallel."""
+        return self.load_partial(key, f"shard-{shard}")
+
+    def save_shard(self, key: StatsKey, shard: str, state: MomentState) -> None:
+        """Checkpoint one process's partial sum; `put` of the finished statistics removes every shard."""
+        self.save_partial(key, state, f"shard-{shard}")
 
 
 def cached_second_moment(

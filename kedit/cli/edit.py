@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 from pathlib import Path
 
 import click
@@ -151,54 +152,55 @@ def edit(ctx: click.Context, method: str | None, prompt: str | None, subject: st
 @click.option("--samples", type=click.IntRange(1, 10_000_000),
               help="Number of texts (default: config stats.samples, else the method's mom2_n_samples).")
 @click.option("--set", "overrides", multiple=True, help="Override a hyper-parameter: key=value.")
+@click.option("--nproc", type=click.IntRange(1, 256), default=1, show_default=True,
+              help="Processes that share the texts (one GPU each with --device cuda); same result, same cache.")
 @device_option
 @placement_options
 @dtype_option
 @json_option
 @click.pass_context
 def stats(ctx: click.Context, layer: tuple[int, ...], method: str, corpus: Path | None, samples: int | None,
-          overrides: tuple[str, ...], device: str, max_memory: tuple[str, ...], offload_folder: Path | None,
-          dtype: str | None, as_json: bool) -> None:
+          overrides: tuple[str, ...], nproc: int, device: str, max_memory: tuple[str, ...],
+          offload_folder: Path | None, dtype: str | None, as_json: bool) -> None:
     """Compute and cache the covariance E[kkᵀ] of a layer's keys on the base model.
 
-    Streaming and resumable: an interrupted run continues where it stopped.
+    Streaming and resumable: an interrupted run continues where it stopped. --nproc N splits the
+    texts over N processes (so does running the command under torchrun).
 
     \b
     Example:
         kedit stats --layer 5 --samples 20000 --corpus wiki.jsonl
+        kedit stats --layer 5 --samples 20000 --nproc 4
+        torchrun --standalone --nproc-per-node 4 -m kedit.cli stats --layer 5 --device cuda
     """
-    from kedit.edit.stats import StatsProvider
-    from kedit.methods.base import get_method
-    from kedit.methods.hparams import hparams_from_overrides
-    from kedit.model.load import load_revision, parse_dtype
+    from kedit.edit.parallel import StatsJob, run_under_torchrun, spawn_stats, under_torchrun
+    from kedit.edit.stats import compute_stats
+    from kedit.model.load import parse_dtype
     from kedit.model.placement import placement_of
 
     placement = placement_of(max_memory, offload_folder)
     repo = open_repo(ctx)
     samples = samples or _configured_samples(repo)
-    base = repo.log("HEAD")[-1].id
-    model, tok = load_revision(repo, base, dtype=parse_dtype(dtype), device=device, placement=placement)
     values = parse_overrides(overrides)
     if samples:
         values.setdefault("mom2_n_samples", str(samples))
-    hp = hparams_from_overrides(get_method(method).hparams_cls, model, values)
-    provider = StatsProvider(repo, hp, (model, tok), base, corpus=corpus, device=device, dtype=parse_dtype(dtype),
-                             placement=placement, progress=progress_enabled())
-    from kedit.model.arch import arch_for, n_layers
-
-    total = n_layers(model, arch_for(model))
-    computed = []
-    for lay in layer or (hp.layer,):
-        if lay >= total:
-            raise KeditError(f"--layer {lay} is past the model's last layer ({total} layers: 0..{total - 1})")
-        module = arch_for(model).out_proj(lay)
-        try:
-            c = provider(module, lay)
-        except ValueError as e:  # a corpus without texts, statistics that cannot be computed
-            raise KeditError(f"statistics for layer {lay}: {e}") from e
-        computed.append({"layer": lay, "module": module, "shape": list(c.shape), "trace": float(c.trace()),
-                         **provider.used})
-        if not as_json:
-            click.echo(f"layer {lay} ({module}): E[kkᵀ] {tuple(c.shape)}, trace {float(c.trace()):.4g}, cached")
+    job = StatsJob(repo.root, repo.log("HEAD")[-1].id, method, layer, values, corpus, parse_dtype(dtype), device,
+                   progress_enabled())
+    if placement is not None and (nproc > 1 or under_torchrun()):
+        raise KeditError("--max-memory/--offload-folder place one process's model; not with --nproc or torchrun")
+    if under_torchrun():
+        if nproc > 1:
+            raise KeditError("--nproc starts its own processes; under torchrun give --nproc-per-node instead")
+        computed = run_under_torchrun(job)
+        if computed is None:  # rank 0 reports
+            return
+    elif nproc > 1:
+        computed = spawn_stats(job, nproc)
+    else:
+        computed = compute_stats(repo, job.base, method, layer, values, corpus=corpus, dtype=job.dtype, device=device,
+                                 placement=placement, progress=job.progress)
     if as_json:
-        emit_json(method=method, base=base, layers=computed)
+        emit_json(method=method, base=job.base, nproc=int(os.environ.get("WORLD_SIZE", nproc)), layers=computed)
+        return
+    for c in computed:
+        click.echo(f"layer {c['layer']} ({c['module']}): E[kkᵀ] {tuple(c['shape'])}, trace {c['trace']:.4g}, cached")

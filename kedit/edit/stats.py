@@ -5,12 +5,15 @@ keyed by the base commit, layer, corpus and sample count (the `stats_provider` a
 from __future__ import annotations
 
 import functools
+import json
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from kedit.core import history
+from kedit.core.errors import KeditError
 from kedit.core.progress import progress_bar
 from kedit.core.repo import Repository
 from kedit.model.load import load_revision
@@ -26,8 +29,9 @@ class StatsProvider:
 
     def __init__(self, repo: Repository, hparams: Any, current: tuple[Any, Any], current_commit: str, *,
                  corpus: Path | None = None, dtype: torch.dtype | None = None, device: str = "cpu",
-                 placement: Placement | None = None, progress: bool = False) -> None:
-        self.repo, self.hparams = repo, hparams
+                 placement: Placement | None = None, progress: bool = False,
+                 moment: Callable[..., torch.Tensor] | None = None) -> None:
+        self.repo, self.hparams, self.moment = repo, hparams, moment
         self.corpus, self.dtype, self.device, self.progress = corpus, dtype, device, progress
         self.placement = placement
         self.current, self.current_commit = current, current_commit
@@ -51,6 +55,52 @@ class StatsProvider:
         else:  # one source for every layer: the texts are generated once
             source = self._generated.get(n) or self._generated.setdefault(n, GeneratedSource(model, tok, n))
         self.used = {"corpus": source.corpus_id, "samples": n, "layer": layer}
-        return cached_second_moment(model, tok, layer, module_name, source, n_samples=n,
-                                    cache=StatsCache(self.repo.path / "stats"), base_hash=self.base,
-                                    progress=functools.partial(progress_bar, disable=not self.progress))
+        return (self.moment or cached_second_moment)(
+            model, tok, layer, module_name, source, n_samples=n, cache=StatsCache(self.repo.path / "stats"),
+            base_hash=self.base, progress=functools.partial(progress_bar, disable=not self.progress))
+
+
+def check_layers(repo: Repository, base: str, layers: Sequence[int]) -> None:
+    """Refuse a layer past the last one from the stored config.json, before any weights are read."""
+    from transformers import AutoConfig
+
+    from kedit.model.arch import arch_for, n_layers
+
+    stored = repo.files(base).get("config.json")
+    if stored is None:  # not a model; load_revision says so
+        return
+    config = AutoConfig.for_model(**json.loads(stored))
+    total = n_layers(config, arch_for(config))
+    for lay in layers:
+        if lay >= total:
+            raise KeditError(f"--layer {lay} is past the model's last layer ({total} layers: 0..{total - 1})")
+
+
+def compute_stats(repo: Repository, base: str, method: str, layers: Sequence[int], values: dict[str, str], *,
+                  corpus: Path | None = None, dtype: torch.dtype | None = None, device: str = "cpu",
+                  placement: Placement | None = None, progress: bool = False,
+                  moment: Callable[..., torch.Tensor] | None = None) -> list[dict[str, Any]]:
+    """What `kedit stats` does in one process: E[kkᵀ] of each layer (default: the method's) into the cache.
+
+    `moment` replaces the single-process computation (kedit.edit.parallel passes its own); the
+    result lands in the same cache entry either way. Returns one summary per layer.
+    """
+    from kedit.methods.base import get_method
+    from kedit.methods.hparams import hparams_from_overrides
+    from kedit.model.arch import arch_for
+
+    check_layers(repo, base, layers)
+    model, tok = load_revision(repo, base, dtype=dtype, device=device, placement=placement)
+    hp = hparams_from_overrides(get_method(method).hparams_cls, model, values)
+    provider = StatsProvider(repo, hp, (model, tok), base, corpus=corpus, device=device, dtype=dtype,
+                             placement=placement, progress=progress, moment=moment)
+    computed = []
+    for lay in layers or (hp.layer,):
+        module = arch_for(model).out_proj(lay)
+        try:
+            c = provider(module, lay)
+        except ValueError as e:  # a corpus without texts, statistics that cannot be computed
+            raise KeditError(f"statistics for layer {lay}: {e}") from e
+        computed.append({"layer": lay, "module": module, "shape": list(c.shape), "trace": float(c.trace()),
+                         **provider.used})
+    return computed
