@@ -338,10 +338,11 @@ def _staged(cid: str, doc: dict) -> StagedCommit:
 # -- clone and pull ------------------------------------------------------------------------
 
 
-def clone(url: str, directory: Path | None = None, *, token_env: str | None = None,
+def clone(url: str, directory: Path | None = None, *, token_env: str | None = None, worktree: bool = True,
           progress: bool = False) -> tuple[Repository, dict]:
     """A new repository at `directory` holding every kedit branch of the Hub repository `url`
-    (its remote `origin` takes its token from $`token_env` when given)."""
+    (its remote `origin` takes its token from $`token_env` when given). Without `worktree` (a bare
+    clone) the weights are written once, to the store, and no working model is made."""
     endpoint, repo_id = remotes.parse_url(url)
     remotes.check_transport(endpoint)  # refused before any folder is made
     remotes.check_token_env(token_env)
@@ -349,7 +350,7 @@ def clone(url: str, directory: Path | None = None, *, token_env: str | None = No
     path = directory / REPO_DIR
     made_dir = not directory.exists()
     try:
-        repo = Repository.create(path)  # clears what an interrupted clone or init left there
+        repo = Repository.create(path, worktree=worktree)  # clears what an interrupted clone or init left there
         remotes.add(repo.db, "origin", url, token_env)
         found = fetch(repo, "origin", progress=progress)
         if not found:
