@@ -21,7 +21,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 
 from kedit.core import db as dbm
 from kedit.core import history
@@ -269,18 +269,24 @@ def _weight_map(hub: Hub, sha: str, tmp: Path) -> dict[str, str]:
 
 
 def _store_objects(repo: Repository, hub: Hub, plan: _ObjectPlan, tmp: Path, progress: bool) -> None:
-    """Download, verify and store the planned objects."""
+    """Download, verify and store the planned objects, one file at a time: each download is
+    deleted once its tensors are stored, and a shard's tensors are read one by one."""
     with repo.store.batch():
         for oid, path, is_blob in progress_bar(plan.files, desc="objects", disable=not progress):
-            _put_verified(repo, oid, hub.download(path, plan.sha, tmp), is_blob)
+            file = hub.download(path, plan.sha, tmp)
+            _put_verified(repo, oid, file, is_blob)
+            file.unlink()
         for shard, wanted in sorted(plan.from_weights.items()):
-            tensors, _ = read_safetensors(hub.download(shard, plan.sha, tmp))
-            for oid, name in wanted:
-                value = tensors.get(name)
-                if value is None or hash_tensor(value) != plan.manifest[name]:
-                    raise CorruptObjectError(oid, f"{name} in the downloaded {shard} does not match its hash")
-                repo.store.put_tensors({"value": value}, tensor_hashes={"value": plan.manifest[name]})
-            del tensors
+            file = hub.download(shard, plan.sha, tmp)
+            with safe_open(str(file), framework="pt") as f:
+                present = set(f.keys())
+                for oid, name in wanted:
+                    value = f.get_tensor(name) if name in present else None
+                    if value is None or hash_tensor(value) != plan.manifest[name]:
+                        raise CorruptObjectError(oid, f"{name} in the downloaded {shard} does not match its hash")
+                    repo.store.put_tensors({"value": value}, tensor_hashes={"value": plan.manifest[name]})
+                    del value
+            file.unlink()
 
 
 def _put_verified(repo: Repository, oid: str, file: Path, is_blob: bool) -> None:
