@@ -55,7 +55,6 @@ KILL_POINTS = (
 
 _WORKER = r'''
 import contextlib, os, random, signal, sys, traceback
-import safetensors.torch
 import torch
 import kedit.core.db, kedit.core.store, kedit.core.worktree
 from kedit.core.delta import Dense, LowRank
@@ -90,12 +89,13 @@ def install_kill_point(point, nth):
                             ("create_branch", "branch")):
         setattr(Repository, name, track(getattr(Repository, name), operation))
 
-    save_file = safetensors.torch.save_file  # what kedit.core.store.save_tensors_atomic writes with
-    def store_save_file(tensors, path, metadata=None):
-        save_file(tensors, path, metadata=metadata)
-        if "/objects/" in str(path):
+    write_tensors = kedit.core.store.write_tensors  # what kedit.core.store.save_tensors_atomic writes with
+    def store_write_tensors(out, tensors, metadata=None):
+        write_tensors(out, tensors, metadata)
+        out.flush()
+        if "/objects/" in str(out.name):
             reached("object-tmp-written")
-    safetensors.torch.save_file = store_save_file
+    kedit.core.store.write_tensors = store_write_tensors
 
     store_save = kedit.core.store.save_tensors_atomic
     def store_save_atomic(path, tensors, metadata, tmp_dir=None, **kwargs):

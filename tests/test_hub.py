@@ -119,6 +119,16 @@ def test_push_clone_gives_the_same_log_and_export_hashes(origin: Repository, hub
     assert doc(run(origin.root, "push", "--json"))["up_to_date"]
 
 
+def test_a_bare_clone_writes_no_working_model_and_exports_the_same(origin: Repository, hub: HubServer,
+                                                                   tmp_path: Path) -> None:
+    run(origin.root, "push")
+    run(tmp_path, "clone", "--bare", URL, str(tmp_path / "bare"))
+    bare = Repository.open(tmp_path / "bare")
+    assert bare.worktree is None and not (bare.path / "worktree").exists()
+    assert export_hashes(bare.root, "HEAD", tmp_path / "b") == export_hashes(origin.root, "HEAD", tmp_path / "o")
+    assert run(bare.root, "fsck").strip().endswith(": ok")
+
+
 def test_the_pushed_branch_loads_with_from_pretrained(origin: Repository, hub: HubServer, tmp_path: Path) -> None:
     from huggingface_hub import snapshot_download
     from transformers import AutoModelForCausalLM

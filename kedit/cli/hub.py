@@ -208,9 +208,11 @@ def pull(ctx: click.Context, remote_name: str | None, branch: str | None, rebase
 @click.argument("url")
 @click.argument("directory", required=False, type=click.Path(path_type=Path))
 @click.option("--token-env", metavar="VAR", help=_TOKEN_ENV_HELP)
+@click.option("--bare", is_flag=True, help="No working model folder: the weights are written once, to the store.")
 @json_option
 @click.pass_context
-def clone(ctx: click.Context, url: str, directory: Path | None, token_env: str | None, as_json: bool) -> None:
+def clone(ctx: click.Context, url: str, directory: Path | None, token_env: str | None, bare: bool,
+          as_json: bool) -> None:
     """Make a repository from a Hub repository that kedit pushed: every branch, the whole log.
 
     Every commit record is checked against its id and every object against its hash.
@@ -218,10 +220,12 @@ def clone(ctx: click.Context, url: str, directory: Path | None, token_env: str |
     \b
     Example:
         kedit clone hf://me/my-edited-model work
+        kedit clone hf://me/llama-7b-edits work --bare   # history and store only
     """
     from kedit.hub import fetch as hubfetch
 
-    repo, found = hubfetch.clone(url, directory, token_env=token_env, progress=progress_enabled() and not as_json)
+    repo, found = hubfetch.clone(url, directory, token_env=token_env, worktree=not bare,
+                                 progress=progress_enabled() and not as_json)
     if as_json:
         emit_json(path=str(repo.root), branches={b: f.tip for b, f in found.items()})
         return

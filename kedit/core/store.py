@@ -28,13 +28,14 @@ import struct
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, BinaryIO
 
 from safetensors import SafetensorError, safe_open
 
 from kedit.core.errors import CorruptObjectError, ExternalFileError, ObjectMissingError
 from kedit.core.hashing import hash_bytes, tensors_object_id
 from kedit.core.names import inside
+from kedit.core.stwriter import TensorSpec, write_stream, write_tensors
 from kedit.core.tensors import hash_tensor
 
 if TYPE_CHECKING:
@@ -96,12 +97,26 @@ def atomic_write_bytes(path: Path, data: bytes, tmp_dir: Path | None = None, *, 
     _atomic_replace(path, lambda tmp: tmp.write_bytes(data) and None, tmp_dir, durable, root)
 
 
+def _write_with(write: Callable[[BinaryIO], None]) -> Callable[[Path], None]:
+    def run(tmp: Path) -> None:
+        with open(tmp, "wb") as out:
+            write(out)
+    return run
+
+
 def save_tensors_atomic(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str],
                         tmp_dir: Path | None = None, *, durable: bool = True, root: Path | None = None) -> None:
-    from safetensors.torch import save_file  # imports torch, which reading the history never needs
+    """Tensors in memory as one safetensors file, written from their own buffers (`stwriter`)."""
+    _atomic_replace(path, _write_with(lambda out: write_tensors(out, tensors, metadata)), tmp_dir, durable, root)
 
-    cpu = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
-    _atomic_replace(path, lambda tmp: save_file(cpu, str(tmp), metadata=metadata), tmp_dir, durable, root)
+
+def stream_tensors_atomic(path: Path, specs: list[TensorSpec], value_of: Callable[[str], torch.Tensor],
+                          metadata: dict[str, str], tmp_dir: Path | None = None, *, durable: bool = True,
+                          root: Path | None = None) -> None:
+    """A safetensors file whose tensors are made one at a time by `value_of` while it is written:
+    a shard of many tensors costs the memory of one."""
+    _atomic_replace(path, _write_with(lambda out: write_stream(out, specs, value_of, metadata)), tmp_dir, durable,
+                    root)
 
 
 def read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:

@@ -158,6 +158,12 @@ class Hub:
         with self.errors(f"create the branch {branch!r}", branch):
             self.api.create_branch(self.remote.repo_id, branch=branch, revision=start, exist_ok=False)
 
+    def preupload(self, operations: list, *, branch: str) -> None:
+        """Upload the LFS files among `operations` now, ahead of the commit that names them, so that
+        each local file can be deleted at once (a push keeps one shard on disk, not the model)."""
+        with self.errors(f"push to {self.remote.repo_id}", branch):
+            self.api.preupload_lfs_files(self.remote.repo_id, additions=operations, revision=branch)
+
     def commit(self, operations: list, *, branch: str, parent: str, message: str) -> str:
         """One Hub commit on `branch`, refused by the Hub unless the branch is still at `parent`."""
         with self.errors(f"push to {self.remote.repo_id}", branch):

@@ -21,7 +21,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 
 from kedit.core import db as dbm
 from kedit.core import history, tables
@@ -268,18 +268,24 @@ def _weight_map(hub: Hub, sha: str, tmp: Path) -> dict[str, str]:
 
 
 def _store_objects(repo: Repository, hub: Hub, plan: _ObjectPlan, tmp: Path, progress: bool) -> None:
-    """Download, verify and store the planned objects."""
+    """Download, verify and store the planned objects, one file at a time: each download is
+    deleted once its tensors are stored, and a shard's tensors are read one by one."""
     with repo.store.batch():
         for oid, path, is_blob in progress_bar(plan.files, desc="objects", disable=not progress):
-            _put_verified(repo, oid, hub.download(path, plan.sha, tmp), is_blob)
+            file = hub.download(path, plan.sha, tmp)
+            _put_verified(repo, oid, file, is_blob)
+            file.unlink()
         for shard, wanted in sorted(plan.from_weights.items()):
-            tensors, _ = read_safetensors(hub.download(shard, plan.sha, tmp))
-            for oid, name in wanted:
-                value = tensors.get(name)
-                if value is None or hash_tensor(value) != plan.manifest[name]:
-                    raise CorruptObjectError(oid, f"{name} in the downloaded {shard} does not match its hash")
-                repo.store.put_tensors({"value": value}, tensor_hashes={"value": plan.manifest[name]})
-            del tensors
+            file = hub.download(shard, plan.sha, tmp)
+            with safe_open(str(file), framework="pt") as f:
+                present = set(f.keys())
+                for oid, name in wanted:
+                    value = f.get_tensor(name) if name in present else None
+                    if value is None or hash_tensor(value) != plan.manifest[name]:
+                        raise CorruptObjectError(oid, f"{name} in the downloaded {shard} does not match its hash")
+                    repo.store.put_tensors({"value": value}, tensor_hashes={"value": plan.manifest[name]})
+                    del value
+            file.unlink()
 
 
 def _put_verified(repo: Repository, oid: str, file: Path, is_blob: bool) -> None:
@@ -332,10 +338,11 @@ def _staged(cid: str, doc: dict) -> StagedCommit:
 # -- clone and pull ------------------------------------------------------------------------
 
 
-def clone(url: str, directory: Path | None = None, *, token_env: str | None = None,
+def clone(url: str, directory: Path | None = None, *, token_env: str | None = None, worktree: bool = True,
           progress: bool = False) -> tuple[Repository, dict]:
     """A new repository at `directory` holding every kedit branch of the Hub repository `url`
-    (its remote `origin` takes its token from $`token_env` when given)."""
+    (its remote `origin` takes its token from $`token_env` when given). Without `worktree` (a bare
+    clone) the weights are written once, to the store, and no working model is made."""
     endpoint, repo_id = remotes.parse_url(url)
     remotes.check_transport(endpoint)  # refused before any folder is made
     remotes.check_token_env(token_env)
@@ -343,7 +350,7 @@ def clone(url: str, directory: Path | None = None, *, token_env: str | None = No
     path = directory / REPO_DIR
     made_dir = not directory.exists()
     try:
-        repo = Repository.create(path)  # clears what an interrupted clone or init left there
+        repo = Repository.create(path, worktree=worktree)  # clears what an interrupted clone or init left there
         remotes.add(repo.db, "origin", url, token_env)
         found = fetch(repo, "origin", progress=progress)
         if not found:

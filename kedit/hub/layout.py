@@ -46,7 +46,8 @@ from kedit.core.progress import progress_bar
 from kedit.core.refs import BRANCH_PREFIX, check_ref_name, short_id
 from kedit.core.repo import Repository
 from kedit.core.revisions import reachable
-from kedit.core.store import save_tensors_atomic
+from kedit.core.store import save_tensors_atomic, stream_tensors_atomic
+from kedit.core.stwriter import TensorSpec
 from kedit.core.tables import EDITOR_FIELDS
 from kedit.hub import remotes
 from kedit.hub.api import KEDIT_DIR, Hub
@@ -322,9 +323,11 @@ def push(repo: Repository, remote_name: str | None = None, branch: str | None = 
                     remotes.set_tracking(repo.db, repo.refs, remote.name, rbranch,
                                          remotes.Tracking(tip, base_sha, checkpoint), tracked, "push: already there")
             return result
+        if rbranch not in hub_branches:  # before the weights: they are uploaded to it one shard at a time
+            hub.create_branch(rbranch, base_sha)
         if not history_only:
-            ops += _checkpoint_ops(repo, tip, checkpoint, tmp, repo_id=remote.repo_id, base_model=base_model,
-                                   progress=progress)
+            ops += _checkpoint_ops(repo, hub, rbranch, tip, checkpoint, tmp, repo_id=remote.repo_id,
+                                   base_model=base_model, progress=progress)
             if checkpoint is None:  # weights someone else put there would shadow ours in from_pretrained
                 ours = {op.path_in_repo for op in ops}
                 ops += [_delete(p) for p in hub.root_files(base_sha) if _FOREIGN_WEIGHTS.match(p) and p not in ours]
@@ -333,8 +336,6 @@ def push(repo: Repository, remote_name: str | None = None, branch: str | None = 
         state = {"format": REFS_FORMAT, "branch": rbranch, "commit": tip, "checkpoint": new_checkpoint,
                  "push_id": secrets.token_hex(8)}
         ops.append(add_file(REFS_FILE, canonical_json(state)))
-        if rbranch not in hub_branches:
-            hub.create_branch(rbranch, base_sha)
         message = f"kedit push {short_id(tip)}: {repo.get_commit(tip).message}"[:200]
         result.hub_commit = hub.commit(ops, branch=rbranch, parent=base_sha, message=message)
     for op in ops:
@@ -439,8 +440,8 @@ def _adapter_ops(repo: Repository, tip: str, old: str | None, tmp: Path) -> tupl
     return ops, True, written
 
 
-def _checkpoint_ops(repo: Repository, tip: str, old: str | None, tmp: Path, *, repo_id: str,
-                    base_model: str | None, progress: bool) -> list:
+def _checkpoint_ops(repo: Repository, hub: Hub, rbranch: str, tip: str, old: str | None, tmp: Path, *,
+                    repo_id: str, base_model: str | None, progress: bool) -> list:
     """The shards whose tensors changed since `old` (all of them when the branch has none yet),
     the config/tokenizer files that changed, the adapters (with config.json marked, as `kedit
     export` writes it, so that plain `from_pretrained` refuses the folder), the index, kedit.json
@@ -456,11 +457,14 @@ def _checkpoint_ops(repo: Repository, tip: str, old: str | None, tmp: Path, *, r
                if any(name not in before or before[name].hash != manifest[name].hash for name in names)]
     ops = []
     for shard in progress_bar(sorted(changed), desc="shards", disable=not progress):
-        names = groups[shard]
-        values = {n: repo.materializer.value_of(history.change(repo.db, manifest[n].commit_id, n)) for n in names}
-        save_tensors_atomic(tmp / shard, values, {"format": "pt"}, durable=False)
-        ops.append(add_file(shard, tmp / shard))
-        del values
+        specs = [TensorSpec(n, manifest[n].dtype, manifest[n].shape) for n in groups[shard]]
+        stream_tensors_atomic(tmp / shard, specs, lambda n: repo.materializer.value_of(
+            history.change(repo.db, manifest[n].commit_id, n)), {"format": "pt"}, durable=False)
+        op = add_file(shard, tmp / shard)
+        hub.preupload([op], branch=rbranch)  # the shard goes up now, and its file goes
+        if op._is_uploaded:  # an LFS file, referenced by its sha256 from here on (a small one waits for the commit)
+            (tmp / shard).unlink()
+        ops.append(op)
     files = history.files(repo.db, tip)
     old_files = history.files(repo.db, old) if old else {}
     adapter_ops, adapters_changed, adapter_files = _adapter_ops(repo, tip, old, tmp)

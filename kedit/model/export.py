@@ -14,14 +14,19 @@ import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from kedit.core import history
 from kedit.core.errors import KeditError
 from kedit.core.names import check_file_set, check_tensor_name
 from kedit.core.progress import progress_bar
 from kedit.core.repo import Repository
-from kedit.core.store import atomic_write_bytes, fsync_dir, save_tensors_atomic
+from kedit.core.store import atomic_write_bytes, fsync_dir, stream_tensors_atomic
+from kedit.core.stwriter import TensorSpec
 from kedit.model.adapters import mark_config, write_adapters
+
+if TYPE_CHECKING:
+    import torch
 
 DEFAULT_MAX_SHARD_BYTES = 5 * 1024**3  # transformers' own default ("5GB")
 
@@ -71,7 +76,8 @@ def export(repo: Repository, rev: str, out_dir: Path, *, max_shard_bytes: int = 
     """Write `rev` as a plain Hugging Face folder; returns what was written.
 
     The folder is built beside its destination and renamed into place, so a failed export
-    leaves nothing half-written. Tensors are materialised one shard at a time.
+    leaves nothing half-written. Each shard is written as its tensors are materialised, one at a
+    time (`stwriter`): a 5 GB shard costs the memory of its largest tensor.
     """
     commit_id = repo.resolve(rev)
     manifest = history.manifest(repo.db, commit_id)
@@ -82,15 +88,16 @@ def export(repo: Repository, rev: str, out_dir: Path, *, max_shard_bytes: int = 
         weight_map: dict[str, str] = {}
         bar = progress_bar(total=len(manifest), desc="export", disable=not progress)
         with bar:
+            def value_of(name: str) -> torch.Tensor:
+                bar.update(1)
+                return repo.materializer.value_of(history.change(repo.db, manifest[name].commit_id, name))
+
             for shard_names, file_name in zip(shards, names, strict=True):
-                tensors = {}
                 for name in shard_names:
                     check_tensor_name(name)
-                    tensors[name] = repo.materializer.value_of(history.change(repo.db, manifest[name].commit_id, name))
                     weight_map[name] = file_name
-                    bar.update(1)
-                save_tensors_atomic(staging / file_name, tensors, {"format": "pt"})
-                del tensors
+                stream_tensors_atomic(staging / file_name, [TensorSpec(n, manifest[n].dtype, manifest[n].shape)
+                                                            for n in shard_names], value_of, {"format": "pt"})
         if len(shards) > 1:
             total = sum(e.nbytes for e in manifest.values())
             body = {"metadata": {"total_size": total}, "weight_map": weight_map}

@@ -1,0 +1,137 @@
+"""Streaming: safetensors files written one tensor at a time, and commands whose memory stays
+near one tensor whatever the model's size."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import save
+
+from kedit.core.stwriter import TensorSpec, spec_of, write_stream, write_tensors
+from tests.hubserver import HubServer
+
+MIXED = {
+    "b.weight": torch.randn(3, 5, dtype=torch.bfloat16),
+    "a.weight": torch.randn(4, 2),
+    "c.ids": torch.arange(7, dtype=torch.int64),
+    "d.half": torch.randn(2, 3, 4, dtype=torch.float16),
+    "e.mask": torch.tensor([True, False, True]),
+    "f.empty": torch.zeros(0, 3),
+    "g.scalar": torch.tensor(2.5, dtype=torch.float64),
+    "h.bytes": torch.arange(5, dtype=torch.uint8),
+    "i.fp8": torch.randn(4).to(torch.float8_e4m3fn),
+}
+
+
+@pytest.mark.parametrize("metadata", [None, {"format": "pt"}, {"note": "ünïcode"}])
+def test_writer_matches_safetensors_byte_for_byte(metadata: dict | None) -> None:
+    """(With several metadata keys safetensors' order is its hash map's: equal as JSON, not as bytes.)"""
+    out = io.BytesIO()
+    write_tensors(out, MIXED, metadata)
+    assert out.getvalue() == save(MIXED, metadata=metadata)
+
+
+def test_streamed_file_reads_back_with_safe_open(tmp_path) -> None:
+    """Values are asked for one at a time, in file order, and `safe_open` reads them back identical."""
+    asked = []
+
+    def value_of(name: str) -> torch.Tensor:
+        asked.append(name)
+        return MIXED[name].clone()
+
+    specs = [spec_of(n, t) for n, t in MIXED.items()]
+    path = tmp_path / "x.safetensors"
+    with open(path, "wb") as f:
+        write_stream(f, specs, value_of, {"format": "pt", "note": "ünïcode"})
+    assert sorted(asked) == sorted(MIXED) and asked[0] == "c.ids"  # widest dtype first, as safetensors orders
+    with safe_open(str(path), framework="pt") as f:
+        assert f.metadata() == {"format": "pt", "note": "ünïcode"}
+        for name, value in MIXED.items():
+            got = f.get_tensor(name)
+            assert got.dtype == value.dtype and got.shape == value.shape
+            assert torch.equal(got.reshape(-1).view(torch.uint8), value.reshape(-1).view(torch.uint8))
+
+
+def test_a_value_unlike_its_header_is_refused() -> None:
+    with pytest.raises(ValueError, match="expected F32\\[2, 2\\], got F32\\[4\\]"):
+        write_stream(io.BytesIO(), [TensorSpec("w", "F32", (2, 2))], lambda _: torch.zeros(4))
+
+
+# -- memory of whole commands ----------------------------------------------------------------
+
+TOKEN = "hf_kedit_stream_token"
+BIG = (2048, 4096)  # 32 MB in float32: one tensor
+LAYERS = 4  # 128 MB of weights in all
+
+
+def _model(folder: Path, shape: tuple[int, int]) -> Path:
+    """A safetensors checkpoint of LAYERS layers, each one tensor of `shape`, plus a config."""
+    folder.mkdir()
+    generator = torch.Generator().manual_seed(0)
+    tensors = {f"model.layers.{i}.mlp.down_proj.weight": torch.randn(shape, generator=generator)
+               for i in range(LAYERS)}
+    with open(folder / "model.safetensors", "wb") as f:
+        write_tensors(f, tensors, {"format": "pt"})
+    (folder / "config.json").write_text(json.dumps({"model_type": "llama"}))
+    return folder
+
+
+def _peak_anon_mb(argv: list[str], env: dict[str, str]) -> float:
+    """Run a command in its own process; its peak RssAnon (anonymous memory), sampled every 20 ms."""
+    proc = subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    peak = 0
+    while proc.poll() is None:
+        with contextlib.suppress(OSError):
+            for line in Path(f"/proc/{proc.pid}/status").read_text().splitlines():
+                if line.startswith("RssAnon:"):
+                    peak = max(peak, int(line.split()[1]))
+        time.sleep(0.02)
+    out = proc.stdout.read() if proc.stdout else ""
+    assert proc.returncode == 0, out
+    return peak / 1024
+
+
+def _commands_peaks(tmp_path: Path, shape: tuple[int, int], env: dict[str, str]) -> dict[str, float]:
+    model = _model(tmp_path / "model", shape)
+    where = tmp_path / "work"
+    kedit = [sys.executable, "-m", "kedit.cli", "--repo", str(where)]
+    subprocess.run([*kedit, "init", str(model), "-q"], env=env, check=True)
+    shutil.rmtree(where / ".kedit" / "worktree")
+    (where / ".kedit" / "worktree.json").unlink()
+    repo_id = f"alice/{tmp_path.name}"
+    subprocess.run([*kedit, "remote", "add", "origin", f"hf://{repo_id}"], env=env, check=True, capture_output=True)
+    return {
+        "checkout": _peak_anon_mb([*kedit, "checkout", "--force", "main", "-q"], env),
+        "export": _peak_anon_mb([*kedit, "export", "main", str(tmp_path / "out"), "-q"], env),
+        "push": _peak_anon_mb([*kedit, "push", "origin", "main", "--create", "-q"], env),
+    }
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads RssAnon from /proc")
+def test_checkout_export_and_push_hold_about_one_tensor(tmp_path: Path) -> None:
+    """The same commands on a 128 MB model and on a tiny one of the same layout: the difference in
+    peak anonymous memory stays near one 32 MB tensor, far from the model (or a shard of it)."""
+    server = HubServer(tmp_path / "hub", {TOKEN: "alice"}).start()
+    env = {**os.environ, "HF_ENDPOINT": server.url, "HF_TOKEN": TOKEN, "HF_HUB_OFFLINE": "0",
+           "HF_HUB_DISABLE_XET": "1", "OMP_NUM_THREADS": "1"}
+    try:
+        (tmp_path / "big").mkdir()
+        (tmp_path / "tiny").mkdir()
+        big = _commands_peaks(tmp_path / "big", BIG, env)
+        tiny = _commands_peaks(tmp_path / "tiny", (2, 4), env)
+    finally:
+        server.stop()
+    model_mb = LAYERS * BIG[0] * BIG[1] * 4 / 2**20
+    for command in big:
+        assert big[command] - tiny[command] < model_mb / 3, (command, big, tiny)
