@@ -3,6 +3,7 @@ tiny model with a real tokenizer, with a regression planted in a long history.""
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 
@@ -13,9 +14,10 @@ from click.testing import CliRunner
 from kedit.cli import cli
 from kedit.core.delta import Dense
 from kedit.core.repo import Repository
+from kedit.edit.requests import load_requests
 from kedit.eval import metrics
 from kedit.eval.behaviour import blame
-from kedit.eval.bisect import bisect, probe_test
+from kedit.eval.bisect import bisect, metric_test, probe_test
 from kedit.model.load import load_revision
 from tests.jsondoc import doc
 from tests.test_cli_edit import EDIT, PROMPT, corpus_args, tiny_folder, tiny_repo  # noqa: F401  (fixtures)
@@ -23,6 +25,11 @@ from tests.test_cli_edit import EDIT, PROMPT, corpus_args, tiny_folder, tiny_rep
 QUIET = "model.layers.0.mlp.down_proj.weight"  # where the history's harmless commits go
 LOUD = "model.layers.2.mlp.down_proj.weight"  # where the planted one goes
 WATCHED = "Berlin is the capital of"
+# A fixed suite for --metric: locality is the agreement with the good revision's argmax answers
+SUITE = [{"prompt": "The capital of {} is", "subject": "France", "target_new": "Japan", "target_true": "Paris",
+          "neighbourhood": ["Berlin is the capital of", "The Eiffel Tower is located in the city of",
+                            "Tokyo is in", "Madrid is in", "The language of Japan is",
+                            "Danielle Darrieux speaks"]}]
 
 
 def kedit(repo: Repository, *args: str, code: int = 0) -> str:
@@ -102,15 +109,37 @@ def test_bisect_finds_a_planted_regression_in_64_commits_with_6_revisions(tiny_r
     assert body["first_bad"]["id"] == ids[41] and body["steps"] == 64 and len(body["tested"]) <= 8
 
 
+def test_bisect_by_a_metric_finds_a_planted_regression_in_64_commits_with_6_revisions(
+        tiny_repo: Repository, tmp_path: Path) -> None:  # noqa: F811
+    good = tiny_repo.head()
+    ids = plant(tiny_repo, 64, at=23)
+    suite = tmp_path / "suite.json"
+    suite.write_text(json.dumps(SUITE))
+    loader = CountingLoader(tiny_repo)
+    result = bisect(tiny_repo, good, "HEAD", metric_test(loader, load_requests([suite]), "locality", 0.05, good))
+    assert result.first_bad == ids[23]
+    assert len(loader.loaded) == len(set(loader.loaded))  # each revision materialised once
+    assert loader.loaded[0] == good and len(set(loader.loaded) - {good, ids[-1]}) <= 6
+    body = doc(kedit(tiny_repo, "bisect", "--good", good, "--metric", "locality", "--drop", "0.05",
+                     "--suite", str(suite), "--json"))
+    assert body["first_bad"]["id"] == ids[23] and body["steps"] == 64
+    assert len({t["commit"] for t in body["tested"]} - {good, ids[-1]}) <= 6
+
+
 def test_bisect_runs_a_users_command_on_each_exported_revision(tiny_repo: Repository, tmp_path: Path) -> None:  # noqa: F811
-    ids = plant(tiny_repo, 8, at=5)
-    bad = tmp_path / "bad.txt"
-    bad.write_text("\n".join(ids[5:]))
+    """64 commits, the regression planted at 50: the command sees at most 6 revisions between the ends."""
+    good = tiny_repo.head()
+    ids = plant(tiny_repo, 64, at=50)
+    bad, seen = tmp_path / "bad.txt", tmp_path / "seen.txt"
+    bad.write_text("\n".join(ids[50:]))
     check = (f"import os, sys; rev = os.environ['KEDIT_BISECT_REV']; "
              f"assert os.path.exists(os.path.join(os.environ['KEDIT_BISECT_MODEL'], 'config.json')); "
+             f"open({str(seen)!r}, 'a').write(rev + chr(10)); "
              f"sys.exit(1 if rev in open({str(bad)!r}).read() else 0)")
-    out = kedit(tiny_repo, "bisect", "--good", "HEAD~8", "--run", f"{sys.executable} -c \"{check}\"")
-    assert f"first bad commit: {ids[5][:12]}" in out
+    out = kedit(tiny_repo, "bisect", "--good", good, "--run", f"{sys.executable} -c \"{check}\"")
+    assert f"first bad commit: {ids[50][:12]}" in out
+    exported = seen.read_text().split()  # one line per revision exported and run
+    assert len(exported) == len(set(exported)) and len(set(exported) - {good, ids[-1]}) <= 6
 
 
 @pytest.mark.parametrize(("args", "message"), [

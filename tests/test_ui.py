@@ -9,17 +9,18 @@ import subprocess
 import sys
 import threading
 import urllib.error
+import urllib.parse
 import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import markupsafe
 import pytest
 from click.testing import CliRunner
 
 from kedit.cli import cli
 from kedit.repository import Repository
 from kedit.ui import views
-from kedit.ui.behaviour import behaviour_diff
 from kedit.ui.server import ViewServer, check_host, is_loopback, make_server
 from tests.test_cli_edit import EDIT, PROMPT
 from tests.test_cli_mass_edit import FACTS, TINY
@@ -116,14 +117,6 @@ def test_kept_checks_fall_where_kedit_check_says_they_broke(history: Path) -> No
     assert {r.probe.id: r.now for r in rows} == {r.probe.id: r.now for r in report.results}
 
 
-def test_behaviour_diff_of_a_revision_with_itself_is_empty_and_an_edit_shows(history: Path) -> None:
-    repo = Repository.open(history)
-    same = behaviour_diff(repo, "HEAD", "HEAD")
-    assert same.rows and not same.changed
-    edited = behaviour_diff(repo, "HEAD~3", "HEAD~2", [PROMPT, "Berlin is the capital of"])
-    assert [r.prompt for r in edited.changed][:1] == [PROMPT] and "Japan" in edited.rows[0].b
-
-
 # -- the server -------------------------------------------------------------------------------
 
 
@@ -174,11 +167,30 @@ def test_server_is_read_only_and_refuses_other_host_names(server: ViewServer) ->
 
 
 def test_behaviour_diff_page(server: ViewServer) -> None:
-    status, body, _ = get(server.url + "diff?a=HEAD&b=HEAD")
-    suite = len({p.prompt for p in views.probe_suite(Repository.open(server.repo_path))})
-    assert status == 200 and f"0 of {suite} prompts continue differently" in body
+    status, body, _ = get(server.url + "diff?a=HEAD&b=HEAD&kl=1")
+    suite = len({(p.prompt, p.answer) for p in views.probe_suite(Repository.open(server.repo_path))})
+    assert status == 200 and f"0 of {suite} continuations changed, 0 answers flipped; KL 0 nats/token" in body
     status, body, _ = get(server.url + "diff?a=HEAD&b=nosuchrev")
     assert status == 200 and "nosuchrev" in body and 'class="error"' in body
+    status, body, _ = get(server.url + "diff?a=HEAD&b=HEAD&kl=many")
+    assert status == 200 and "reference texts: a number" in body and 'id="behaviour"' not in body
+
+
+def test_behaviour_page_shows_what_kedit_diff_behaviour_prints(server: ViewServer) -> None:
+    """The same comparison: continuations, answer probabilities and their shifts, flips, KL, summary."""
+    prompts = [f"{PROMPT}=>Japan", "Berlin is the capital of=>Germany"]
+    cli_doc = json.loads(run(server.repo_path, "diff", "--behaviour", "HEAD~3", "HEAD~2", "--json",
+                             "--reference-texts", "2", *(x for p in prompts for x in ("--prompt", p)), code=1))
+    query = urllib.parse.urlencode({"a": "HEAD~3", "b": "HEAD~2", "kl": "2", "prompts": "\n".join(prompts)})
+    status, body, _ = get(server.url + "diff?" + query)
+    s = cli_doc["summary"]
+    assert status == 200 and s["changed"] >= 1 and s["flipped"] >= 1 and s["kl"] > 0
+    assert (f"{s['changed']} of {s['prompts']} continuations changed, {s['flipped']} answers flipped; "
+            f"KL {s['kl']:.4g} nats/token over {cli_doc['kl_tokens']} reference tokens") in body
+    for p in cli_doc["prompts"]:
+        assert str(markupsafe.escape(p["after"])) in body
+        assert f"{p['p_before']:.3f} → {p['p_after']:.3f} ({p['p_after'] - p['p_before']:+.3f})" in body
+    assert body.count('class="changed flipped"') == s["flipped"] and 'id="largest-shifts"' in body
 
 
 def ui_json(root: Path, check: Callable[[dict], None]) -> dict:

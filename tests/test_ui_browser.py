@@ -116,6 +116,10 @@ def test_behaviour_diff_form(history: Path, server: ViewServer, visit: Visit) ->
     visit.page.click("button[type=submit]")
     visit.page.wait_for_selector("#behaviour", timeout=120_000)
     assert visit.page.locator("#behaviour tr.changed").count() >= 1 and not visit.errors and not visit.outside
+    summary = visit.page.locator("#behaviour-summary").inner_text()  # what kedit diff --behaviour prints last
+    assert "continuations changed" in summary and "answers flipped; KL" in summary
+    assert visit.page.locator("#behaviour tr.flipped").count() >= 1  # the edited fact's answer flipped
+    assert visit.page.locator("#largest-shifts li").count() >= 1
 
 
 def test_report_opens_from_a_file_and_fetches_nothing(history: Path, browser: Any, tmp_path: Path) -> None:  # noqa: F811

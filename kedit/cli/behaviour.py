@@ -19,7 +19,6 @@ from kedit.cli.common import (
     say,
 )
 from kedit.cli.jsonout import commit_json, emit_json
-from kedit.core.errors import KeditError
 from kedit.core.refs import short_id
 
 tokens_option = click.option("--tokens", type=click.IntRange(1, 512), default=10, show_default=True,
@@ -34,49 +33,15 @@ def revision_loader(repo: Any, dtype: str | None, device: str) -> Any:
     return lambda commit: load_revision(repo, commit, dtype=torch_dtype, device=device)
 
 
-def watched_prompts(repo: Any, suite: Path | None, prompts: tuple[str, ...]) -> list[Any]:
-    """--prompt 'P' or 'P=>ANSWER'; else a request file's prompts with the answers they expect; else the probes."""
-    from kedit.eval.behaviour import Watched
-
-    if prompts:
-        return [Watched(p, a) for p, a in map(parse_prompt_answer, prompts)]
-    if suite is not None:
-        from kedit.edit.requests import load_requests
-        from kedit.eval.measure import locality_pairs
-
-        out = []
-        for r in load_requests([suite]):
-            out += [Watched(r.text, r.target_new), *(Watched(p, r.target_new) for p in r.paraphrases)]
-            out += [Watched(p, a) for p, a in locality_pairs(r)]
-        return out
-    from kedit.eval.probes import list_probes
-
-    probes = list_probes(repo)
-    if not probes:
-        raise KeditError("no prompts to compare: the probe suite is empty",
-                         hint="pass --prompt 'PROMPT' or --suite FILE, or add probes (kedit probe add)")
-    return [Watched(p.prompt, p.answer) for p in probes]
-
-
 def behaviour_diff_command(ctx: click.Context, rev_a: str, rev_b: str, *, suite: Path | None,
                            prompts: tuple[str, ...], reference: Path | None, reference_texts: int, tokens: int,
                            device: str, dtype: str | None, as_json: bool) -> bool:
     """`kedit diff --behaviour`: prints the comparison; True when some continuation changed."""
-    from kedit.eval.behaviour import behaviour_diff
-    from kedit.eval.behaviour import reference_texts as generated_texts
+    from kedit.eval.behaviour import compare, watched_prompts
 
     repo = open_repo(ctx)
-    load = revision_loader(repo, dtype, device)
-    watched = watched_prompts(repo, suite, prompts)
-    if reference is not None:
-        from kedit.methods.stats import corpus_source
-
-        texts = list(corpus_source(reference).iter_from(0))[: reference_texts or None]
-    elif reference_texts:
-        texts = generated_texts(*load(repo.log("HEAD")[-1].id), reference_texts)  # the base writes them
-    else:
-        texts = []
-    result = behaviour_diff(load, rev_a, rev_b, watched, reference=texts, n_tokens=tokens)
+    result = compare(repo, revision_loader(repo, dtype, device), rev_a, rev_b, watched_prompts(repo, suite, prompts),
+                     reference=reference, n_reference=reference_texts, n_tokens=tokens)
     if as_json:
         emit_json(a=result.a, b=result.b, prompts=[p.to_dict() for p in result.prompts], kl=result.kl,
                   kl_tokens=result.kl_tokens, summary=result.summary())

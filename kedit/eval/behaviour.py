@@ -14,17 +14,20 @@ import math
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
 
 from kedit.core import history
+from kedit.core.errors import KeditError
 from kedit.core.repo import CommitInfo, Repository
 from kedit.eval import metrics
-from kedit.eval.probes import ModelLoader
+from kedit.eval.probes import ModelLoader, list_probes
 from kedit.model.placement import execution_device
 
 REFERENCE_TOKENS = 128  # tokens of each reference text the KL divergence reads
+REFERENCE_TEXTS = 4  # texts the base writes for the KL divergence when no reference file is given
 
 
 @dataclass(frozen=True)
@@ -33,6 +36,12 @@ class Watched:
 
     prompt: str
     answer: str | None = None
+
+    @classmethod
+    def parse(cls, text: str) -> Watched:
+        """'PROMPT=>ANSWER', or just PROMPT (no answer to watch)."""
+        prompt, sep, answer = text.partition("=>")
+        return cls(prompt.strip(), answer.strip() if sep else None)
 
 
 @dataclass(frozen=True)
@@ -71,6 +80,7 @@ class BehaviourDiff:
     prompts: list[PromptChange]
     kl: float | None  # mean KL(P_a || P_b) of the next-token distributions over the reference texts
     kl_tokens: int
+    n_tokens: int = metrics.GEN_TOKENS  # greedy tokens of each continuation
 
     @property
     def changed(self) -> list[PromptChange]:
@@ -129,7 +139,7 @@ def behaviour_diff(load: ModelLoader, a: str, b: str, watched: Sequence[Watched]
     kl, positions = mean_kl(logp_a, logp_b) if reference else (None, 0)
     changes = [PromptChange(w.prompt, w.answer, cont_a[i], cont_b[i], prob_a.get(i), prob_b.get(i))
                for i, w in enumerate(watched)]
-    return BehaviourDiff(a, b, changes, kl, positions)
+    return BehaviourDiff(a, b, changes, kl, positions, n_tokens)
 
 
 def reference_texts(model: Any, tok: Any, n_texts: int) -> list[str]:
@@ -137,6 +147,62 @@ def reference_texts(model: Any, tok: Any, n_texts: int) -> list[str]:
     from kedit.methods.stats import GeneratedSource
 
     return list(GeneratedSource(model, tok, n_texts, batch_size=n_texts).iter_from(0))[:n_texts]
+
+
+def watched_prompts(repo: Repository, suite: Path | None = None, prompts: Sequence[str] = ()) -> list[Watched]:
+    """What a behavioural diff compares: `prompts` ('P' or 'P=>ANSWER'); else a request file's prompts,
+    paraphrases and neighbours with the answers they expect; else the probe suite."""
+    if any(p.strip() for p in prompts):
+        return list(dict.fromkeys(Watched.parse(p) for p in prompts if p.strip()))
+    if suite is not None:
+        from kedit.edit.requests import load_requests
+        from kedit.eval.measure import locality_pairs
+
+        out = []
+        for r in load_requests([suite]):
+            out += [Watched(r.text, r.target_new), *(Watched(p, r.target_new) for p in r.paraphrases)]
+            out += [Watched(p, a) for p, a in locality_pairs(r)]
+        return out
+    probes = list_probes(repo)
+    if not probes:
+        raise KeditError("no prompts to compare: the probe suite is empty",
+                         hint="give prompts ('PROMPT' or 'PROMPT=>ANSWER') or a request file, or add probes "
+                              "(kedit probe add)")
+    return list(dict.fromkeys(Watched(p.prompt, p.answer) for p in probes))
+
+
+class _LastLoaded:
+    """A loader that keeps the last revision it loaded, so the base that writes the reference texts
+    is not loaded again when it is also one of the two sides."""
+
+    def __init__(self, load: ModelLoader) -> None:
+        self.load, self.commit, self.loaded = load, "", None
+
+    def __call__(self, commit: str) -> Any:
+        if commit != self.commit:
+            self.loaded = None  # one model in memory at a time
+            self.loaded, self.commit = self.load(commit), commit
+        return self.loaded
+
+
+def compare(repo: Repository, load: ModelLoader, rev_a: str, rev_b: str, watched: Sequence[Watched], *,
+            reference: Path | None = None, n_reference: int = REFERENCE_TEXTS,
+            n_tokens: int = metrics.GEN_TOKENS) -> BehaviourDiff:
+    """`kedit diff --behaviour`, the web view's behaviour page and `kedit report --behaviour`: the
+    diff of two revisions with the KL divergence read on `reference` (a text file or folder; at most
+    `n_reference` of its texts), or else on `n_reference` texts that B's base model writes (0: no KL)."""
+    a, b = repo.resolve(rev_a), repo.resolve(rev_b)
+    cached = _LastLoaded(load)
+    if reference is not None:
+        from kedit.methods.stats import corpus_source
+
+        texts = list(corpus_source(reference).iter_from(0))[: n_reference or None]
+    elif n_reference:
+        base = history.ancestors(repo.db, b)[-1]
+        texts = reference_texts(*cached(base), n_reference)  # the base writes them, as for the statistics
+    else:
+        texts = []
+    return behaviour_diff(cached, a, b, watched, reference=texts, n_tokens=n_tokens)
 
 
 # -- blame and bisect: along the first-parent history ---------------------------------------------

@@ -11,6 +11,7 @@ import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from kedit.core.errors import KeditError
 from kedit.core.repo import Repository
@@ -70,25 +71,23 @@ def probe_test(load: ModelLoader, prompt: str, answer: str,
 def metric_test(load: ModelLoader, requests: Sequence[EditRequest], name: str, drop: float,
                 good: str) -> Callable[[str], bool]:
     """Bad when metric `name` on the fixed suite `requests` is more than `drop` below its value at `good`
-    (locality is measured against the good revision's answers)."""
-    model, tok = load(good)
+    (locality is measured against the good revision's answers). `good` is loaded once, here."""
     pairs = [p for r in requests for p in locality_pairs(r)]
-    reference = reference_of(model, tok, pairs) if pairs else None
-    del model
+    generation = name.startswith("gen_")  # the greedy-generation scores cost most: only when asked for
 
-    def value(commit: str) -> float:
-        model, tok = load(commit)
-        scores = {s.name: s.value for s in measure(model, tok, requests, reference)}
+    def score(model: Any, tok: Any) -> float:
+        scores = {s.name: s.value for s in measure(model, tok, requests, reference, generation=generation)}
         if name not in scores:
             raise KeditError(f"the suite gives no metric {name!r}", hint=f"choose one of {', '.join(sorted(scores))}")
         return scores[name]
 
-    baseline: list[float] = []
+    model, tok = load(good)
+    reference = reference_of(model, tok, pairs) if pairs else None
+    baseline = score(model, tok)
+    del model
 
     def is_bad(commit: str) -> bool:
-        if not baseline:
-            baseline.append(value(good))
-        return value(commit) < baseline[0] - drop
+        return commit != good and score(*load(commit)) < baseline - drop
 
     return is_bad
 

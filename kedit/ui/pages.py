@@ -11,12 +11,15 @@ from __future__ import annotations
 from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import kedit
 from kedit.core.repo import Repository
+from kedit.eval.probes import list_probes
 from kedit.ui import charts, views
-from kedit.ui.behaviour import BehaviourDiff, suite_prompts
+
+if TYPE_CHECKING:
+    from kedit.eval.behaviour import BehaviourDiff
 
 TEMPLATES = Path(__file__).parent / "templates"
 PLOTLY_PATH = "/static/plotly.min.js"
@@ -103,10 +106,12 @@ class Pages:
         trend = views.trend_of(views.first_parent_line(self.repo, rev))
         return self._render("trends.html", "trends", rev=rev, count=len(trend.commits), **self._trend_charts(trend))
 
-    def diff(self, a: str, b: str, prompts: str, result: BehaviourDiff | None, error: str | None) -> str:
+    def diff(self, a: str, b: str, prompts: str, kl: str, result: BehaviourDiff | None, error: str | None) -> str:
+        """The behaviour page: the form, and the comparison `kedit diff --behaviour` prints, when there is one."""
         revs = [*self.repo.refs.branches(), *self.repo.refs.tags(), *(c.short for c in self.repo.log("HEAD", 50))]
-        return self._render("diff.html", "behaviour diff", a=a, b=b, prompts=prompts, diff=result, error=error,
-                            revs=revs, suite_size=len(suite_prompts(self.repo)))
+        suite = len({(p.prompt, p.answer) for p in list_probes(self.repo)})
+        return self._render("diff.html", "behaviour diff", a=a, b=b, prompts=prompts, kl=kl, diff=result,
+                            error=error, revs=revs, suite_size=suite)
 
     def probes(self) -> str:
         return self._render("probes.html", "probes", probes=views.probe_suite(self.repo))

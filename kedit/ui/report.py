@@ -13,7 +13,6 @@ from kedit.core.revisions import split_range
 from kedit.core.store import atomic_write_bytes
 from kedit.repository import Repository
 from kedit.ui import views
-from kedit.ui.behaviour import behaviour_diff
 from kedit.ui.pages import Pages
 
 
@@ -29,7 +28,8 @@ def write_report(repo: Repository, spec: str, out: Path, *, behaviour: bool = Fa
     """Render the commits `spec` names (a range A..B, or one revision's history) to `out`.
 
     `behaviour`: also the behavioural diff between the range's ends (the commit before the
-    range's oldest, and its newest), which loads both models."""
+    range's oldest, and its newest) on the probe suite, as `kedit diff --behaviour` computes it
+    (it loads both models, and the base that writes the KL divergence's reference texts)."""
     commits = views.commits_of(repo, [spec])
     if not commits:
         raise KeditError(f"{spec} names no commits", hint="kedit log " + spec)
@@ -37,7 +37,9 @@ def write_report(repo: Repository, spec: str, out: Path, *, behaviour: bool = Fa
     if behaviour:
         parts = split_range(spec)
         start = parts[0] if parts else (commits[0].parent or commits[0].id)
-        diff = behaviour_diff(repo, start, commits[-1].id)
+        from kedit.eval.behaviour import compare, watched_prompts
+
+        diff = compare(repo, repo.load, start, commits[-1].id, watched_prompts(repo))
     html = Pages(repo, server=False).report(spec, commits, diff).encode("utf-8")
     out = out.resolve()
     atomic_write_bytes(out, html, durable=False)

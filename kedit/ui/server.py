@@ -34,6 +34,7 @@ log = logging.getLogger(__name__)
 
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 8642
+MAX_REFERENCE_TEXTS = 64  # the behaviour page's KL divergence: texts the base writes first
 LOOPBACK_NAMES = ("localhost",)
 SECURITY_HEADERS = {
     # plotly.js builds some functions at run time ('unsafe-eval'); everything comes from this server
@@ -149,18 +150,22 @@ class Handler(BaseHTTPRequestHandler):
         return HTTPStatus.NOT_FOUND, pages.error("Not found", f"no page at {path}")
 
     def _diff(self, pages: Pages, query: dict[str, str]) -> str:
-        from kedit.ui.behaviour import behaviour_diff
+        from kedit.eval.behaviour import REFERENCE_TEXTS, compare, watched_prompts
 
         a, b, text = query.get("a", "").strip(), query.get("b", "").strip(), query.get("prompts", "")
+        kl = query.get("kl", "").strip()
         if not (a and b):
-            return pages.diff(a, b, text, None, "Give both revisions." if a or b else None)
-        prompts = [line for line in text.splitlines() if line.strip()] or None
+            return pages.diff(a, b, text, kl, None, "Give both revisions." if a or b else None)
+        if kl and not (kl.isdigit() and int(kl) <= MAX_REFERENCE_TEXTS):
+            return pages.diff(a, b, text, kl, None, f"reference texts: a number from 0 to {MAX_REFERENCE_TEXTS}")
+        repo = pages.repo
         try:
             with self.server.diff_lock:
-                result = behaviour_diff(pages.repo, a, b, prompts)  # type: ignore[arg-type]
+                result = compare(repo, repo.load, a, b, watched_prompts(repo, prompts=text.splitlines()),  # type: ignore[attr-defined]
+                                 n_reference=int(kl) if kl else REFERENCE_TEXTS)
         except KeditError as e:
-            return pages.diff(a, b, text, None, str(e) + (f" (hint: {e.hint})" if e.hint else ""))
-        return pages.diff(a, b, text, result, None)
+            return pages.diff(a, b, text, kl, None, str(e) + (f" (hint: {e.hint})" if e.hint else ""))
+        return pages.diff(a, b, text, kl, result, None)
 
     def _send(self, status: HTTPStatus, body: bytes, content_type: str, *, head: bool,
               extra: dict[str, str] | None = None) -> None:

@@ -179,8 +179,10 @@ def check_rows(repo: Repository, commit: CommitInfo, threshold: float = DEFAULT_
     probe: the base, which it agrees with fully; an edit probe: its edit's own commit, where kept).
     A locality probe whose prompt names the subject of an edit in effect is that edit's change,
     not a fall (`edited_by`)."""
-    base = history.ancestors(repo.db, commit.id)[-1]
     here = kept_outputs(repo, [commit.id])[commit.id]
+    if not here:  # most commits: no check kept outputs there, so nothing to read along the history
+        return []
+    base = history.ancestors(repo.db, commit.id)[-1]
     edits = {k.probe.commit_id for k in here if k.probe.kind == "edit" and k.probe.commit_id}
     kept = kept_outputs(repo, [commit.id, base, *([commit.parent] if commit.parent else []), *edits])
     by_key = {cid: {(k.probe.id, k.setting): k for k in outs} for cid, outs in kept.items()}
