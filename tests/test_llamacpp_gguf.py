@@ -30,7 +30,8 @@ def test_llamacpp_logits_match_transformers_at_f32(tmp_path: Path, arch: str) ->
     with torch.no_grad():
         expected = model(torch.tensor([ids])).logits[0].float().numpy()
 
-    llm = llama_cpp.Llama(model_path=str(out), logits_all=True, verbose=False, n_ctx=64, n_threads=1)
+    llm = llama_cpp.Llama(model_path=str(out), logits_all=True, verbose=False, n_ctx=64, n_threads=1,
+                          type_k=llama_cpp.GGML_TYPE_F32, type_v=llama_cpp.GGML_TYPE_F32)  # cache as f16 by default
     llm.eval(ids)
     got = np.asarray(llm.scores[: len(ids)], dtype=np.float32)
     assert got.shape == expected.shape
