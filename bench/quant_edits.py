@@ -10,7 +10,8 @@ Quantisation works tensor by tensor, so the base is quantised once per precision
 edited matrices are quantised again for each edit: the same weights `quantize_weights` gives the
 whole edited model. Locality is held against the unedited model at the same precision, so it
 measures the edit, not the quantisation. `--delta-scale S` multiplies every edit's update by S
-before quantising (a larger update norm: does it carry an edit through the q4 grid?).
+before quantising (a larger update norm: does it carry an edit through the q4 grid?); `--edit-on Q`
+computes the edits on the model as precision Q holds it (the base a Q file is made from).
 """
 
 from __future__ import annotations
@@ -101,6 +102,8 @@ def main() -> None:
     ap.add_argument("--precisions", default=",".join(PRECISIONS))
     ap.add_argument("--delta-scale", type=float, default=1.0)
     ap.add_argument("--edit-neighbours", type=int, default=5)
+    ap.add_argument("--edit-on", default="none", choices=PRECISIONS,
+                    help="compute the edits on the model as this precision holds it (editing in its grid)")
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", stream=sys.stderr)
     methods, precisions = args.methods.split(","), args.precisions.split(",")
@@ -109,6 +112,8 @@ def main() -> None:
     model, tok = load_smollm2()
     given, requests = edits_and_scored(args.n, args.edit_neighbours)
     params = dict(model.named_parameters())
+    if args.edit_on != "none":
+        quantize_weights(model, args.edit_on)
     originals = {name: p.detach().clone() for name, p in params.items()}
 
     deltas: dict[str, Any] = {}
@@ -130,7 +135,8 @@ def main() -> None:
 
     report: dict[str, Any] = {
         "model": "SmolLM2-135M-Instruct (the embedded Q4_1 GGUF dequantised to float32)",
-        "n": len(requests), "delta_scale": args.delta_scale, "edit_neighbours": args.edit_neighbours,
+        "n": len(requests), "delta_scale": args.delta_scale, "edit_on": args.edit_on,
+        "edit_neighbours": args.edit_neighbours,
         "protocol": "user_prompt_greedy10: tokenizer(prompt), 10 greedy tokens; locality against the "
                     "unedited model at the same precision",
         "rome_update_norms": [round(r.info["requests"][0]["update_norm"], 3) for r in deltas.get("rome", [])],
