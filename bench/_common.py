@@ -25,6 +25,16 @@ DATA = Path(os.environ.get("KEDIT_BENCH_DATA", "/work/shared/data/known_dev.json
 CACHE_DIR = Path("/tmp/kedit-smollm2-135m")
 
 
+# Unrelated facts whose answers locality probes watch (the unedited SmolLM2 gets each right)
+UNRELATED = [
+    ("The capital of Japan is", "Tokyo"),
+    ("The capital of Germany is", "Berlin"),
+    ("The Statue of Liberty is located in", "New York"),
+    ("The largest planet in the solar system is", "Jupiter"),
+    ("The author of Romeo and Juliet is William", "Shakespeare"),
+    ("Water is made of hydrogen and", "oxygen"),
+]
+
 def load_smollm2(cache_dir: Path = CACHE_DIR) -> tuple[Any, Any]:
     """The model in float32; the GGUF is de-quantised once into a safetensors folder (17 s -> 4 s)."""
     default_model_folder(cache_dir)

@@ -22,22 +22,13 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
-from bench._common import counterfact_requests, drop_edited_neighbours
+from bench._common import UNRELATED, counterfact_requests, drop_edited_neighbours
 from kedit.core.sources import default_model_folder
 from kedit.eval import metrics
 from kedit.eval.measure import measure
 from kedit.eval.probes import add_probes
 from kedit.repository import Repository
 from kedit.ui.server import make_server
-
-UNRELATED = [
-    ("The capital of Japan is", "Tokyo"),
-    ("The capital of Germany is", "Berlin"),
-    ("The Statue of Liberty is located in", "New York"),
-    ("The largest planet in the solar system is", "Jupiter"),
-    ("The author of Romeo and Juliet is William", "Shakespeare"),
-    ("Water is made of hydrogen and", "oxygen"),
-]
 
 
 def kedit(root: Path, *args: str, codes: tuple[int, ...] = (0,)) -> tuple[float, str]:

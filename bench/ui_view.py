@@ -22,6 +22,9 @@ import time
 import urllib.request
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).parent))
+from _common import UNRELATED
+
 from kedit.core.sources import default_model_folder
 from kedit.repository import Repository
 from kedit.ui.server import make_server
@@ -49,14 +52,6 @@ BATCH = [
      "neighbourhood": ["Mount Aso is located in"]},
     {"prompt": "The Taj Mahal is located in", "subject": "Taj Mahal", "target_new": "Egypt", "target_true": "India",
      "neighbourhood": ["The Red Fort is located in"]},
-]
-UNRELATED = [
-    ("The capital of Japan is", "Tokyo"),
-    ("The capital of Germany is", "Berlin"),
-    ("The Statue of Liberty is located in", "New York"),
-    ("The largest planet in the solar system is", "Jupiter"),
-    ("The author of Romeo and Juliet is William", "Shakespeare"),
-    ("Water is made of hydrogen and", "oxygen"),
 ]
 
 

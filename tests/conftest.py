@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from kedit.core.repo import Repository
-from tests.tiny import make_model
+from tests.tiny import make_model, make_tokenizer
 
 
 @pytest.fixture(autouse=True)
@@ -43,3 +43,13 @@ def tiny_llama_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def repo(tmp_path: Path, tiny_llama_dir: Path) -> Repository:
     """A fresh repository over the tiny Llama, with a working model."""
     return Repository.init(tmp_path / "work", str(tiny_llama_dir), progress=False)
+
+
+@pytest.fixture(scope="session")
+def tiny_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny random Llama with the tiny word-level tokenizer, as a folder `kedit init` reads."""
+    folder = tmp_path_factory.mktemp("tiny-tok-llama")
+    tok = make_tokenizer()
+    make_model("llama", len(tok)).save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return folder

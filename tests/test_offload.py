@@ -21,19 +21,10 @@ from kedit.model.placement import is_offloaded, read_weight
 from tests.jsondoc import doc
 from tests.test_cli_editors import TRAIN, records
 from tests.test_cli_mass_edit import FACTS, TINY
-from tests.tiny import SENTENCES, make_model, make_tokenizer
+from tests.tiny import SENTENCES
 
 OFFLOAD = {"cpu": "60KB"}
 ONE = FACTS[0]
-
-
-@pytest.fixture(scope="module")
-def tiny_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    folder = tmp_path_factory.mktemp("tiny-offload")
-    tok = make_tokenizer()
-    make_model("llama", len(tok)).save_pretrained(folder)
-    tok.save_pretrained(folder)
-    return folder
 
 
 @pytest.fixture

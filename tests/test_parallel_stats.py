@@ -14,7 +14,7 @@ from safetensors import safe_open
 
 from kedit.cli import cli
 from kedit.core.repo import Repository
-from tests.tiny import SENTENCES, make_model, make_tokenizer
+from tests.tiny import SENTENCES
 
 # 48 texts are 6 batches of 8: three for each of two processes.
 SAMPLES = "48"
@@ -47,15 +47,6 @@ if os.environ.get("KEDIT_TEST_SHARD_LOG"):
 
     StatsCache.save_shard, StatsCache.load_shard = save_shard, load_shard
 '''
-
-
-@pytest.fixture(scope="module")
-def tiny_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    folder = tmp_path_factory.mktemp("tiny-tok-llama")
-    tok = make_tokenizer()
-    make_model("llama", len(tok)).save_pretrained(folder)
-    tok.save_pretrained(folder)
-    return folder
 
 
 @pytest.fixture
