@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING
 from kedit.core import history
 from kedit.core.db import Database
 from kedit.core.delta import Dense, LowRank, Replace, WeightDelta, apply_step
-from kedit.core.errors import HashMismatchError
+from kedit.core.errors import CorruptObjectError, HashMismatchError
 from kedit.core.refs import short_id
 from kedit.core.store import ObjectStore, read_safetensors, save_tensors_atomic
 from kedit.core.tensors import hash_tensor
@@ -116,11 +116,14 @@ class TensorCache:
 
 def load_step(store: ObjectStore, step: history.Step) -> WeightDelta:
     tensors, _ = store.get_tensors(step.object_id)
-    if step.encoding == "lowrank":
-        return LowRank(tensors["a"], tensors["b"])
-    if step.encoding == "dense":
-        return Dense(tensors["delta"])
-    return Replace(tensors["value"])
+    try:
+        if step.encoding == "lowrank":
+            return LowRank(tensors["a"], tensors["b"])
+        if step.encoding == "dense":
+            return Dense(tensors["delta"])
+        return Replace(tensors["value"])
+    except KeyError as e:  # a damaged header can rename a tensor and still parse
+        raise CorruptObjectError(step.object_id, f"no tensor {e} for a {step.encoding} delta") from e
 
 
 class Materializer:
