@@ -20,7 +20,7 @@ from kedit.eval.behaviour import blame
 from kedit.eval.bisect import bisect, metric_test, probe_test
 from kedit.model.load import load_revision
 from tests.jsondoc import doc
-from tests.test_cli_edit import EDIT, PROMPT, corpus_args, tiny_folder, tiny_repo  # noqa: F401  (fixtures)
+from tests.test_cli_edit import EDIT, PROMPT, corpus_args, tiny_repo  # noqa: F401  (fixtures)
 
 QUIET = "model.layers.0.mlp.down_proj.weight"  # where the history's harmless commits go
 LOUD = "model.layers.2.mlp.down_proj.weight"  # where the planted one goes

@@ -17,7 +17,7 @@ from kedit.cli import cli
 from kedit.core.delta import Dense
 from kedit.core.repo import Repository
 from tests.jsondoc import doc
-from tests.test_cli_edit import kedit, tiny_folder, tiny_repo  # noqa: F401  (fixtures)
+from tests.test_cli_edit import kedit, tiny_repo  # noqa: F401  (fixtures)
 from tests.tiny import make_model, make_tokenizer
 
 PROBES = ["probe", "add", "--prompt", "Berlin is the capital of", "--answer", "Germany",

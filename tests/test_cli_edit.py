@@ -13,7 +13,7 @@ from kedit.cli import cli
 from kedit.core.delta import Dense
 from kedit.core.repo import Repository
 from tests.jsondoc import doc
-from tests.tiny import SENTENCES, make_model, make_tokenizer
+from tests.tiny import SENTENCES
 
 # The subject ends the prompt: in a random 3-layer model, attention does not carry a fact from an
 # earlier subject token to the last position, so only there can an MLP edit show (real models: see
@@ -24,15 +24,6 @@ EDIT = ["edit", "--prompt", PROMPT, "--subject", "France", "--target", "Japan", 
         "--paraphrase", "Its capital is France", "--locality", "Berlin is the capital of=>Germany",
         # Random tiny models have tiny MLP outputs: weight decay and the norm clamp would pin the edit.
         "--set", "v_weight_decay=0", "--set", "clamp_norm_factor=50", "--set", "v_num_grad_steps=40"]
-
-
-@pytest.fixture(scope="module")
-def tiny_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    folder = tmp_path_factory.mktemp("tiny-tok-llama")
-    tok = make_tokenizer()
-    make_model("llama", len(tok)).save_pretrained(folder)
-    tok.save_pretrained(folder)
-    return folder
 
 
 @pytest.fixture

@@ -12,7 +12,6 @@ from kedit.cli import cli
 from kedit.core import db as dbm
 from kedit.core.repo import Repository
 from tests.jsondoc import doc
-from tests.tiny import make_model, make_tokenizer
 
 FACTS = [  # (prompt, subject, new target, true target) in the tiny tokenizer's words
     ("The capital city is {}", "France", "Japan", "Paris"),
@@ -38,15 +37,6 @@ def records(task: str | None = None) -> list[dict]:
             r["task"] = task
         out.append(r)
     return out
-
-
-@pytest.fixture(scope="module")
-def tiny_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    folder = tmp_path_factory.mktemp("tiny-tok-llama-editors")
-    tok = make_tokenizer()
-    make_model("llama", len(tok)).save_pretrained(folder)
-    tok.save_pretrained(folder)
-    return folder
 
 
 @pytest.fixture

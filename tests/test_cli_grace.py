@@ -20,7 +20,7 @@ from kedit.core.repo import Repository
 from kedit.eval import metrics
 from kedit.model.load import load_revision
 from tests.jsondoc import doc
-from tests.tiny import make_model, make_tokenizer
+from tests.tiny import make_tokenizer
 
 MODULE = "model.layers.2.mlp.down_proj"  # the tiny Llama's default codebook module (3 layers)
 # A radius of 50 covers both prompts of the tiny model, so the second edit splits the first's radius.
@@ -29,15 +29,6 @@ FRANCE = ["edit", "--method", "grace", "--prompt", "The capital city is France",
 BERLIN = ["edit", "--method", "grace", "--prompt", "Berlin is the capital of", "--subject", "Berlin",
           "--target", "Paris", "--set", "eps_init=50"]
 PROMPTS, TARGETS = ["The capital city is France", "Berlin is the capital of"], ["Japan", "Paris"]
-
-
-@pytest.fixture(scope="module")
-def tiny_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    folder = tmp_path_factory.mktemp("tiny-tok-llama-grace")
-    tok = make_tokenizer()
-    make_model("llama", len(tok)).save_pretrained(folder)
-    tok.save_pretrained(folder)
-    return folder
 
 
 @pytest.fixture

@@ -14,7 +14,6 @@ from tests import test_cli_edit
 from tests.jsondoc import doc
 from tests.test_cli_edit import corpus_args, kedit
 
-tiny_folder = test_cli_edit.tiny_folder  # the same tiny model and repository fixtures
 tiny_repo = test_cli_edit.tiny_repo
 
 # Subjects end their prompts and targets are single tokens of the tiny tokenizer (tests/test_cli_edit.py).

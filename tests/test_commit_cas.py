@@ -25,7 +25,6 @@ from kedit.edit import run as editing
 from tests import test_cli_edit
 from tests.test_cli_edit import EDIT
 
-tiny_folder = test_cli_edit.tiny_folder  # its fixtures: a tiny Llama with a real tokenizer
 tiny_repo = test_cli_edit.tiny_repo
 
 NO_EVAL = ["--set", "mom2_adjustment=false", "--no-eval"]

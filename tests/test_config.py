@@ -18,7 +18,7 @@ from kedit.core.config import global_path
 from kedit.core.repo import Repository
 from tests.jsondoc import doc
 from tests.test_cli_commands import history  # noqa: F401 - fixture
-from tests.test_cli_edit import PROMPT, tiny_folder, tiny_repo  # noqa: F401 - fixtures
+from tests.test_cli_edit import PROMPT, tiny_repo  # noqa: F401 - fixtures
 
 
 def run(where: Path, *args: str, code: int = 0) -> str:

@@ -38,7 +38,6 @@ DOWN0 = "model.layers.0.mlp.down_proj.weight"
 UP1 = "model.layers.1.mlp.up_proj.weight"
 FORGED = "f" * 32  # an id no commit has
 GRACE_FRANCE = test_cli_grace.FRANCE
-tiny_folder = test_cli_grace.tiny_folder  # a tiny Llama with a tokenizer, for a real GRACE edit
 
 
 @pytest.fixture(autouse=True)

@@ -19,7 +19,6 @@ from click.testing import CliRunner
 from kedit.cli import cli
 from kedit.core.delta import LowRank
 from kedit.core.repo import Metric, Repository
-from tests import test_cli_grace
 from tests.helpers_engine import snapshot
 from tests.hubserver import HubServer
 from tests.jsondoc import doc
@@ -32,7 +31,6 @@ URL = f"hf://{REPO_ID}"
 DOWN0 = "model.layers.0.mlp.down_proj.weight"
 DOWN1 = "model.layers.1.mlp.down_proj.weight"
 GRACE_PROMPT, GRACE_TARGET = PROMPTS[0], TARGETS[0]
-tiny_folder = test_cli_grace.tiny_folder  # a tiny Llama with a tokenizer, for a real GRACE edit
 
 
 @pytest.fixture

@@ -14,7 +14,7 @@ from kedit.hub.probes import PROBES_FILE
 from tests.hubserver import HubServer
 from tests.jsondoc import doc
 from tests.test_cli_check import PROBES, damaging_edit, harmless, stdout_of
-from tests.test_hub import REPO_ID, URL, hub, run, tiny_folder  # noqa: F401  (fixtures)
+from tests.test_hub import REPO_ID, URL, hub, run  # noqa: F401  (fixtures)
 
 
 def _suite(where: Path) -> list[tuple]:
@@ -33,7 +33,7 @@ def _verdict(where: Path, *args: str, code: int) -> dict:
 
 
 def test_a_clone_checks_with_the_same_probes_and_verdict(hub: HubServer, tmp_path: Path,  # noqa: F811
-                                                         tiny_folder: Path) -> None:  # noqa: F811
+                                                         tiny_folder: Path) -> None:
     origin = Repository.init(tmp_path / "work", str(tiny_folder), progress=False)
     run(origin.root, "remote", "add", "origin", URL)
     gen = torch.Generator().manual_seed(0)
@@ -67,7 +67,7 @@ def test_a_clone_checks_with_the_same_probes_and_verdict(hub: HubServer, tmp_pat
 
 
 def test_a_damaged_probe_file_is_refused_and_nothing_is_fetched(hub: HubServer, tmp_path: Path,  # noqa: F811
-                                                                 tiny_folder: Path) -> None:  # noqa: F811
+                                                                 tiny_folder: Path) -> None:
     origin = Repository.init(tmp_path / "work", str(tiny_folder), progress=False)
     run(origin.root, "remote", "add", "origin", URL)
     run(origin.root, *PROBES)

@@ -11,7 +11,7 @@ from click.testing import CliRunner
 
 from kedit.cli import cli
 from kedit.cli.jsonout import JSON_VERSION
-from tests.test_cli_edit import EDIT, tiny_folder  # noqa: F401  (fixture: a tiny Llama with a tokenizer)
+from tests.test_cli_edit import EDIT
 from tests.test_cli_editors import TRAIN, records
 from tests.test_hub import REPO_ID, hub  # noqa: F401  (fixture: the local Hub)
 from tests.test_ui import ui_json

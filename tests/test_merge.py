@@ -27,7 +27,7 @@ from tests.hubserver import HubServer
 from tests.jsondoc import doc
 
 hub = test_hub.hub  # a running local Hub server (tests/hubserver.py)
-tiny_folder, tiny_repo = test_cli_edit.tiny_folder, test_cli_edit.tiny_repo  # a tiny Llama with a tokenizer
+tiny_repo = test_cli_edit.tiny_repo  # a repository of a tiny Llama with a tokenizer
 
 DOWN0 = "model.layers.0.mlp.down_proj.weight"
 DOWN1 = "model.layers.1.mlp.down_proj.weight"

@@ -11,7 +11,6 @@ import pytest
 from click.testing import CliRunner
 
 from kedit.cli import cli
-from tests.test_cli_edit import tiny_folder  # noqa: F401  (fixture: a tiny Llama with a tokenizer)
 
 README = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
 
@@ -34,7 +33,7 @@ def tour_commands() -> list[tuple[list[str], int]]:
     return out
 
 
-def test_the_tour_runs_top_to_bottom(tmp_path: Path, tiny_folder: Path, monkeypatch: pytest.MonkeyPatch) -> None:  # noqa: F811
+def test_the_tour_runs_top_to_bottom(tmp_path: Path, tiny_folder: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv("KEDIT_DIR", raising=False)
     commands = tour_commands()
@@ -48,7 +47,7 @@ def test_the_tour_runs_top_to_bottom(tmp_path: Path, tiny_folder: Path, monkeypa
     assert (tmp_path / "edited" / "config.json").exists()
 
 
-def test_the_python_api_example_runs(tmp_path: Path, tiny_folder: Path, monkeypatch: pytest.MonkeyPatch) -> None:  # noqa: F811
+def test_the_python_api_example_runs(tmp_path: Path, tiny_folder: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.chdir(tmp_path)
     porcelain, engine = _blocks("Python API", "python")
     source = porcelain.replace('kedit.Repository.init("work")', f'kedit.Repository.init("work", {str(tiny_folder)!r})')

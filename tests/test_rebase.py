@@ -21,7 +21,6 @@ from kedit.edit import rebase as rebase_module
 from kedit.edit.rebase import rerun
 from kedit.edit.run import EditOptions
 from kedit.repository import Repository
-from tests.test_cli_edit import tiny_folder  # noqa: F401  (fixture: a tiny Llama with a tokenizer)
 from tests.tiny import SENTENCES, make_model
 
 # Prompts end with their subject (see tests/test_cli_edit.py); the targets are single tokens.
@@ -56,12 +55,12 @@ def hashes(repo: Repository, rev: str) -> dict[str, str]:
 
 
 @pytest.fixture
-def work(tmp_path: Path, tiny_folder: Path) -> Repository:  # noqa: F811
+def work(tmp_path: Path, tiny_folder: Path) -> Repository:
     return Repository.init(tmp_path / "work", str(tiny_folder), progress=False)
 
 
 @pytest.fixture
-def perturbed(tmp_path: Path, tiny_folder: Path) -> Path:  # noqa: F811
+def perturbed(tmp_path: Path, tiny_folder: Path) -> Path:
     """The tiny model after a small change of its MLPs (a 'v1.1'), its config marked, without
     generation_config.json: a second base of the same architecture."""
     folder = tmp_path / "v1.1"

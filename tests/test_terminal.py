@@ -21,7 +21,7 @@ from kedit.core.delta import Dense
 from kedit.core.progress import ProgressLines, progress_bar
 from kedit.core.repo import Repository
 from tests.jsondoc import doc
-from tests.test_cli_edit import EDIT, tiny_folder, tiny_repo  # noqa: F401  (fixtures: a tiny model with a tokenizer)
+from tests.test_cli_edit import EDIT, tiny_repo  # noqa: F401  (fixtures: a tiny model with a tokenizer)
 
 KEDIT = str(Path(sys.executable).parent / "kedit")
 F_SETPIPE_SZ = 1031  # Linux: shrink a pipe to one page, so a few KB of output fill it
