@@ -158,6 +158,118 @@ def test_conflicting_requests_stop_the_merge_and_change_nothing(repo: Repository
     assert ours not in history.edits_in_effect(repo.db, repo.head())
 
 
+@pytest.fixture
+def two_conflicts(repo: Repository) -> dict[str, str]:
+    """Paris and Berlin each set to one target on main and another on exp (orthogonal keys: request
+    conflicts only)."""
+    shared = edit(repo, DOWN0, direction(repo, DOWN0, 0, 1), "Oslo")
+    repo.create_branch("exp")
+    made = {"shared": shared}
+    for branch, plan in (("main", [("ours_paris", DOWN0, 1, "Paris", "Rome"),
+                                   ("ours_berlin", DOWN1, 2, "Berlin", "Bonn")]),
+                         ("exp", [("theirs_paris", DOWN0, 5, "Paris", "Lyon"),
+                                  ("theirs_berlin", DOWN1, 6, "Berlin", "Kiel")])):
+        repo.checkout(branch)
+        for key, name, i, subject, target in plan:
+            made[key] = edit(repo, name, direction(repo, name, i, i + 10), subject, target)
+    repo.checkout("main")
+    made["main"], made["exp"] = repo.head(), repo.resolve("exp")
+    return made
+
+
+def test_take_by_subject_resolves_each_conflict_its_own_way(repo: Repository, two_conflicts: dict) -> None:
+    c = two_conflicts
+    result = repo.merge("exp", take_subjects={"Paris": "ours", "Berlin": "theirs"})
+    assert result.status == "merged" and sorted(result.left_out) == sorted([c["theirs_paris"], c["ours_berlin"]])
+    assert sorted(result.took) == [("ours", "Paris"), ("theirs", "Berlin")]
+    assert {(x.subjects, x.kind) for x in result.conflicts} == {(("Paris",), "request"), (("Berlin",), "request")}
+    # The merge state is the composition of the chosen edits: the base, our Paris, their Berlin.
+    merged = result.head
+    repo.create_branch("chosen", c["shared"])
+    repo.checkout("chosen")
+    repo.cherry_pick(c["ours_paris"])
+    repo.cherry_pick(c["theirs_berlin"])
+    assert hashes(repo, merged) == hashes(repo, "chosen")
+    assert history.edits_in_effect(repo.db, merged) >= {c["ours_paris"], c["theirs_berlin"]}
+    assert not {c["theirs_paris"], c["ours_berlin"]} & history.edits_in_effect(repo.db, merged)
+    resolved = repo.get_commit(merged).info["resolved"]
+    assert resolved["take_subjects"] == {"Paris": "ours", "Berlin": "theirs"} and resolved["take"] is None
+    assert {(x["subjects"][0], x["took"], x["by"]) for x in resolved["conflicts"]} == \
+        {("Paris", "ours", "Paris"), ("Berlin", "theirs", "Berlin")}
+    assert fsck(repo).ok
+    # The CLI says the same, and a plain --take covers what no subject names.
+    repo.checkout("main")
+    repo.reset(c["main"])
+    out = doc(kedit(repo, "merge", "exp", "--take", "Berlin=theirs", "--take", "ours", "--json"))
+    assert out["status"] == "merged" and hashes(repo, "HEAD") == hashes(repo, merged)
+    assert {(x["subjects"][0], x["took"], x["by"]) for x in out["conflicts"]} == \
+        {("Paris", "ours", None), ("Berlin", "theirs", "Berlin")}
+    repo.reset(c["main"])
+    said = CliRunner().invoke(cli, ["--repo", str(repo.root), "merge", "exp", "--take", "Paris=theirs",
+                                    "--take", "Berlin=ours"])
+    assert said.exit_code == 0 and "(--take Paris=theirs)" in said.stderr and "(--take Berlin=ours)" in said.stderr
+
+
+def test_take_by_subject_refuses_what_it_does_not_cover(repo: Repository, two_conflicts: dict) -> None:
+    c = two_conflicts
+    before = (repo.head(), repo.count_commits(), len(repo.reflog()), repo.refs.branches(), hashes(repo, "HEAD"))
+
+    def unchanged() -> bool:
+        return (repo.head(), repo.count_commits(), len(repo.reflog()), repo.refs.branches(),
+                hashes(repo, "HEAD")) == before
+
+    with pytest.raises(MergeConflictError) as caught:
+        repo.merge("exp", take_subjects={"Paris": "theirs"})
+    (left,) = caught.value.conflicts
+    assert (left.subjects, left.ours, left.theirs, caught.value.total) == (("Berlin",), c["ours_berlin"],
+                                                                          c["theirs_berlin"], 2)
+    assert unchanged()
+    out = kedit(repo, "merge", "exp", "--take", "Paris=theirs", code=1)
+    assert "CONFLICT: 1 of 2 conflicting edit pair(s) not covered by --take" in out and "[Berlin]" in out
+    assert c["ours_berlin"][:12] in out and c["ours_paris"][:12] not in out
+    report = doc(kedit(repo, "merge", "exp", "--take", "Paris=theirs", "--json", code=1))
+    assert report["status"] == "conflict" and [x["subjects"] for x in report["conflicts"]] == [["Berlin"]]
+    assert unchanged()
+    # A subject that names no conflict (matching is exact and case-sensitive), a bad side, a subject
+    # given both sides: one line each, nothing changed.
+    for args, says in ((["--take", "paris=ours", "--take", "Berlin=ours"], "no conflict of this merge has"),
+                       (["--take", "Rome=ours", "--take", "ours"], "'Rome'"),
+                       (["--take", "Paris=mine"], "is not ours, theirs or SUBJECT=ours|theirs"),
+                       (["--take", "=ours"], "is not ours, theirs"),
+                       (["--take", "Paris=ours", "--take", "Paris=theirs"], "both ours and theirs"),
+                       (["--take", "ours", "--take", "theirs"], "one plain --take")):
+        result = CliRunner().invoke(cli, ["--repo", str(repo.root), "merge", "exp", *args])
+        assert result.exit_code != 0 and result.stderr.count("\n") == 1, (args, result.stdout + result.stderr)
+        assert says in result.stderr and "Traceback" not in result.stderr, (args, result.stderr)
+        assert unchanged()
+    with pytest.raises(KeditError, match="case-sensitive"):
+        repo.merge("exp", take_subjects={"PARIS": "ours", "Berlin": "ours"})
+    with pytest.raises(KeditError, match="ours or theirs"):
+        repo.merge("exp", take_subjects={"Paris": "both"})
+    assert unchanged()
+    # A subject given to a merge with no conflicts at all (here a fast-forward) names none either.
+    repo.create_branch("ahead", "exp")
+    repo.checkout("exp")
+    with pytest.raises(KeditError, match="no conflict of this merge"):
+        repo.merge("ahead", take_subjects={"Paris": "ours"})
+
+
+def test_take_by_subject_refuses_choices_that_contradict(repo: Repository) -> None:
+    """One commit of ours sets Paris and Berlin; keeping it for Paris and leaving it out for Berlin cannot both hold."""
+    repo.create_branch("exp")
+    both = [{"prompt": "{} is in", "subject": s, "target_new": t} for s, t in (("Paris", "Rome"), ("Berlin", "Bonn"))]
+    repo.commit({DOWN0: direction(repo, DOWN0, 1, 2)}, method="rome", requests=both, message="two facts")
+    repo.checkout("exp")
+    edit(repo, DOWN0, direction(repo, DOWN0, 5, 3), "Paris", "Lyon")
+    edit(repo, DOWN1, direction(repo, DOWN1, 6, 4), "Berlin", "Kiel")
+    repo.checkout("main")
+    head = repo.head()
+    with pytest.raises(KeditError, match=r"keep commit \w+ for one conflict and leave it out for another"):
+        repo.merge("exp", take_subjects={"Paris": "ours", "Berlin": "theirs"})
+    assert repo.head() == head
+    assert repo.merge("exp", take_subjects={"Paris": "ours", "Berlin": "ours"}).status == "merged"
+
+
 def test_edits_that_move_each_others_key_conflict(repo: Repository) -> None:
     repo.create_branch("exp")
     same = direction(repo, DOWN0, 3, 1)
