@@ -359,6 +359,40 @@ def test_cherry_pick_composes_one_edit_and_names_it(repo: Repository, sides: dic
     assert "only edit commits" in CliRunner().invoke(cli, ["--repo", str(repo.root), "cherry-pick", "HEAD"]).stderr
 
 
+def test_cherry_pick_carries_the_picked_commits_probes_to_check(tiny_repo: Repository) -> None:
+    from tests.test_cli_edit import EDIT
+
+    repo = tiny_repo
+    repo.create_branch("exp")
+    kedit(repo, *EDIT, "--set", "mom2_adjustment=false", "--no-eval")  # The capital city is France -> Japan
+    picked = repo.head()
+    held = sorted((p["kind"], p["prompt"], p["answer"]) for p in doc(kedit(repo, "probe", "list", "--json"))["probes"]
+                  if p["commit_id"] == picked)
+    assert held and all(kind == "edit" for kind, _, _ in held)
+
+    def check() -> dict:  # exit 1 when a probe broke: the damaged tiny model's locality may
+        result = CliRunner().invoke(cli, ["--repo", str(repo.root), "check", "--json"])
+        assert result.exit_code in (0, 1) and "Traceback" not in result.stderr, result.stderr
+        return doc(result.stdout)
+
+    at_picked = {r["probe"]["prompt"]: r["now"] for r in check()["results"]}
+    repo.checkout("exp")
+    out = doc(kedit(repo, "cherry-pick", "main", "--json"))
+    new = out["commit"]["id"]
+    assert out["picked_from"] == picked and out["probes"] == len(held)
+    probes = doc(kedit(repo, "probe", "list", "--json"))["probes"]
+    assert sorted((p["kind"], p["prompt"], p["answer"]) for p in probes if p["commit_id"] == new) == held
+    # kedit check at the new commit runs the picked commit's edit probes and reports them.
+    report = check()
+    assert report["commit"] == new
+    ran = {r["probe"]["prompt"]: r for r in report["results"] if r["probe"]["commit_id"] == new}
+    assert sorted(ran) == sorted(prompt for _, prompt, _ in held)
+    assert hashes(repo, new) == hashes(repo, picked)  # the same edit on the same base: the same scores
+    assert {p: r["now"] for p, r in ran.items()} == {p: at_picked[p] for p in ran}
+    assert all(r["now"] == 1.0 and not r["broke"] for r in ran.values())
+    assert fsck(repo).ok
+
+
 def test_a_merge_commit_survives_push_clone_export(repo: Repository, sides: dict, hub: HubServer,
                                                    tmp_path: Path) -> None:
     merged = repo.merge("exp").head

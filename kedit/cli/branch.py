@@ -319,18 +319,25 @@ def _echo_broken(broken: list, as_json: bool) -> None:
 def cherry_pick(ctx: click.Context, rev: str, message: str | None, as_json: bool) -> None:
     """Apply the edit REV's stored deltas and adapters to HEAD as a new commit that names REV.
 
+    The new commit also holds REV's probes, so `kedit check` runs them on it.
+
     \b
     Example:
         kedit cherry-pick experiment~2
+        kedit check             # REV's edit probes, scored at the new commit
     """
+    from kedit.core.tables import probe_rows
+
     repo = open_repo(ctx)
     commit = repo.cherry_pick(rev, message=message)
+    carried = sum(1 for row in probe_rows(repo.db) if row[4] == commit.id)
     if as_json:
         emit_json(branch=repo.head_branch(), commit=commit_json(commit, ref_decorations(repo).get(commit.id)),
-                  picked_from=commit.info.get("cherry_picked_from"))
+                  picked_from=commit.info.get("cherry_picked_from"), probes=carried)
         return
     click.echo(f"[{repo.head_branch() or 'detached'} {commit.short}] {commit.message}")
-    say(ctx, f"(cherry picked from commit {commit.info.get('cherry_picked_from')}); re-evaluate it (kedit check)")
+    say(ctx, f"(cherry picked from commit {commit.info.get('cherry_picked_from')}, with its {carried} probe(s)); "
+             "re-evaluate it (kedit check)")
 
 
 @command()

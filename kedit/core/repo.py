@@ -36,7 +36,7 @@ from typing import TYPE_CHECKING, Any
 from safetensors import SafetensorError
 
 import kedit
-from kedit.core import config, history
+from kedit.core import config, history, tables
 from kedit.core import db as dbm
 from kedit.core.conflicts import (
     DEFAULT_THRESHOLD,
@@ -165,6 +165,7 @@ class StagedCommit:
     files: dict[str, str] = field(default_factory=dict)
     memory: tuple[str, str] | None = None  # (method, object id)
     metrics: list[Metric] = field(default_factory=list)
+    probes: list[tuple[str, str, str]] = field(default_factory=list)  # (kind, prompt, answer) it holds
 
     @property
     def parents(self) -> list[str]:
@@ -634,6 +635,8 @@ class Repository:
         if c.memory is not None:
             self.db["method_memory"].insert({"commit_id": c.id, "method": c.memory[0], "object_id": c.memory[1]})
         self._insert_metrics(c.id, c.metrics)
+        tables.insert_probes(self.db, [{"kind": k, "prompt": p, "answer": a, "commit_id": c.id, "created": now_iso()}
+                                       for k, p, a in c.probes])
 
     # -- writing: edits --------------------------------------------------------------------
 
@@ -642,10 +645,13 @@ class Repository:
                hparams: Mapping[str, Any] | None = None, info: Mapping[str, Any] | None = None,
                message: str | None = None, metrics: Iterable[Metric] = (),
                memory: Mapping[str, torch.Tensor] | None = None,
-               expected_parent: HeadState | None = None, picked_from: str | None = None) -> CommitInfo:
+               expected_parent: HeadState | None = None, picked_from: str | None = None,
+               probes: Iterable[tuple[str, str, str]] = ()) -> CommitInfo:
         """Record an edit on top of HEAD and move the current branch to it.
 
         `memory`: tensors the method keeps for its later edits (`Repository.memory`).
+        `probes`: (kind, prompt, answer) probes the commit holds (`kedit check` runs its edit
+        probes wherever it is in effect), recorded in the same transaction.
         `picked_from`: the commit whose stored deltas these are (cherry-pick), named in the record.
         `expected_parent`: where HEAD was when the edit's model was loaded (`head_state()`);
         the deltas apply to that commit, and if HEAD has moved since (another edit, a
@@ -700,6 +706,7 @@ class Repository:
                          for name, s in staged.items()],
                 adapter_ops=[("add", o.id, a.kind, cid) for o, a in zip(adapter_objs, adapters, strict=True)],
                 memory=(method or "", memory_obj.id) if memory_obj is not None else None, metrics=list(metrics),
+                probes=list(probes),
             )], expected_parent=at, message=f"commit: {record['message']}")
             self._sync_worktree(known_values={n: s["value"] for n, s in staged.items()})
             return self.get_commit(cid)
@@ -869,7 +876,9 @@ class Repository:
 
         `expected_parent`: refuse (HeadMovedError) unless HEAD is there when it is recorded.
         `note`: the info key naming where the commit came from (pull --rebase says rebased_from).
-        Metrics measured for `rev` are not copied: they were measured on another model.
+        The probes `rev` holds (its edit probes) are carried: the new commit holds them too, so
+        `kedit check` runs them wherever it is in effect. Metrics measured for `rev` are not
+        copied: they were measured on another model.
         """
         at = expected_parent or self.head_state()
         cid = self.resolve(rev)
@@ -889,9 +898,11 @@ class Repository:
                 adapters.append(Adapter(kind, tensors, json.loads(metadata.get("config", "{}"))))
         row = dbm.one(self.db, "SELECT object_id FROM method_memory WHERE commit_id = ?", [cid])
         memory = self.store.get_tensors(row[0])[0] if row else None
+        probes = [(kind, prompt, answer) for _, kind, prompt, answer, holder in tables.probe_rows(self.db)
+                  if holder == cid]
         return self.commit(deltas, adapters=adapters, requests=c.requests, method=c.method, hparams=c.hparams,
                            info={**c.info, note: cid}, message=message or c.message, memory=memory,
-                           expected_parent=at, picked_from=cid if record_origin else None)
+                           expected_parent=at, picked_from=cid if record_origin else None, probes=probes)
 
     def merge(self, rev: str, *, no_ff: bool = False, take: str | None = None,
               take_subjects: Mapping[str, str] | None = None,
