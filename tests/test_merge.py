@@ -246,6 +246,8 @@ def test_take_by_subject_refuses_what_it_does_not_cover(repo: Repository, two_co
         repo.merge("exp", take_subjects={"PARIS": "ours", "Berlin": "ours"})
     with pytest.raises(KeditError, match="ours or theirs"):
         repo.merge("exp", take_subjects={"Paris": "both"})
+    with pytest.raises(KeditError, match="name a subject"):
+        repo.merge("exp", take_subjects={" ": "ours"})
     assert unchanged()
     # A subject given to a merge with no conflicts at all (here a fast-forward) names none either.
     repo.create_branch("ahead", "exp")
@@ -502,8 +504,14 @@ def test_merge_check_undoes_a_merge_that_breaks_a_probe(tiny_repo: Repository) -
     kedit(repo, *[a.replace("Italy", "France") for a in ITALY])  # the same prompt and subject -> Paris
     repo.checkout("main")
     assert "request" in kedit(repo, "merge", "exp", "--strategy", "replay", code=1)
-    out = kedit(repo, "merge", "exp", "--strategy", "replay", "--take", "ours", "--check", "--json")
-    assert json.loads(out)["left_out"] == [repo.resolve("exp")]
+    refused = CliRunner().invoke(cli, ["--repo", str(repo.root), "merge", "exp", "--strategy", "replay",
+                                       "--take", "France=theirs"])
+    assert refused.exit_code == 1 and "not possible with --strategy replay" in refused.stderr
+    assert repo.head() == ours
+    out = json.loads(kedit(repo, "merge", "exp", "--strategy", "replay", "--take", "France=ours", "--check", "--json"))
+    assert out["left_out"] == [repo.resolve("exp")]
+    assert [(c["subjects"], c["took"], c["by"]) for c in out["conflicts"]] == [(["France"], "ours", "France")]
+    assert repo.get_commit(out["head"]).info["resolved"]["take_subjects"] == {"France": "ours"}
     repo.reset(ours)
     # Taking theirs leaves our France edit out; the model then answers a locality probe differently.
     result = CliRunner().invoke(cli, ["--repo", str(repo.root), "merge", "exp", "--take", "theirs", "--check"])

@@ -124,10 +124,13 @@ def resolve(conflicts: list[Conflict], take: str | None = None,
     MergeConflictError listing the conflicts nothing covers.
     """
     by_subject = dict(take_subjects or {})
-    for subject, side in [("", take), *by_subject.items()]:
-        if side not in (("ours", "theirs", None) if subject == "" else ("ours", "theirs")):
-            where = f"--take {subject}=" if subject else "--take "
-            raise KeditError(f"{where}{side}: the side is ours or theirs")
+    if take not in (None, "ours", "theirs"):
+        raise KeditError(f"--take {take}: the side is ours or theirs")
+    for subject, side in by_subject.items():
+        if not isinstance(subject, str) or not subject.strip():
+            raise KeditError(f"--take {subject!r}=...: name a subject (or give a plain --take ours|theirs)")
+        if side not in ("ours", "theirs"):
+            raise KeditError(f"--take {subject}={side}: the side is ours or theirs")
     named = {s for c in conflicts for s in c.subjects}
     unknown = [s for s in by_subject if s not in named]
     if unknown:
