@@ -416,6 +416,71 @@ def test_branches_map_to_hub_branches(origin: Repository, hub: HubServer, tmp_pa
     assert fetched["exp/one"]["new_commits"] == 0
 
 
+def _second_base(model_dir: Path, out: Path) -> Path:
+    """The model of `model_dir` with its MLPs moved a little and its config marked: another release
+    of the same architecture, for `kedit init --add-base`."""
+    import shutil
+
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir)
+    gen = torch.Generator().manual_seed(11)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if ".mlp." in name:
+                p.add_(torch.randn(p.shape, generator=gen) * 1e-3)
+    model.save_pretrained(out)
+    for f in model_dir.iterdir():
+        if f.is_file() and f.suffix != ".safetensors" and not (out / f.name).exists():
+            shutil.copy(f, out / f.name)
+    config = json.loads((out / "config.json").read_text())
+    (out / "config.json").write_text(json.dumps({**config, "kedit_release": "1.1"}))
+    return out
+
+
+def _folder_hashes(folder: Path) -> dict[str, str]:
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.iterdir()) if p.is_file()}
+
+
+def test_two_bases_push_and_clone_alike(origin: Repository, hub: HubServer, tmp_path: Path,
+                                        tiny_llama_dir: Path) -> None:
+    """A repository with a second root (`kedit init --add-base`): both branches pushed, cloned, and
+    the clone's roots, tips, log and working model (checked out at the second base) the same."""
+    first_root = origin.log()[-1].id
+    added = doc(run(origin.root, "init", "--add-base", str(_second_base(tiny_llama_dir, tmp_path / "v1.1")),
+                    "--branch", "v1.1", "--json"))
+    second_root = added["commit"]["id"]
+    run(origin.root, "checkout", "v1.1")
+    edit(origin, DOWN0, "on v1.1", 5)
+    run(origin.root, "push")  # v1.1
+    run(origin.root, "checkout", "main")
+    run(origin.root, "push")  # main
+    assert hub.store.refs(REPO_ID).keys() == {"main", "v1.1"}
+    run(tmp_path, "clone", URL, str(tmp_path / "copy"))
+    copy = Repository.open(tmp_path / "copy")
+    assert copy.refs.branches() == origin.refs.branches()
+    for branch, root in (("main", first_root), ("v1.1", second_root)):
+        assert log_json(copy.root, branch) == log_json(origin.root, branch)
+        assert copy.log(branch)[-1].id == root and copy.get_commit(root).parents == []
+        for rev in (root, branch):
+            assert {n: e.hash for n, e in copy.manifest(rev).items()} == \
+                {n: e.hash for n, e in origin.manifest(rev).items()}, rev
+        assert export_hashes(copy.root, branch, tmp_path / f"c-{branch}") == \
+            export_hashes(origin.root, branch, tmp_path / f"o-{branch}")
+    assert run(copy.root, "fsck").strip().endswith(": ok")
+    # The second base checked out in the clone: the same model files as at the origin, byte for byte.
+    for repo in (origin, copy):
+        run(repo.root, "checkout", second_root)
+        assert repo.status()["modified"] == {}
+    origin_files, copy_files = _folder_hashes(origin.worktree.folder), _folder_hashes(copy.worktree.folder)
+    assert copy_files == origin_files
+    assert "kedit_release" in json.loads((copy.worktree.folder / "config.json").read_text())
+    run(copy.root, "checkout", "v1.1")
+    run(origin.root, "checkout", "v1.1")
+    assert _folder_hashes(copy.worktree.folder) == _folder_hashes(origin.worktree.folder)
+    assert run(copy.root, "fsck").strip().endswith(": ok")
+
+
 def test_a_first_push_removes_weights_that_would_shadow_its_own(origin: Repository, hub: HubServer) -> None:
     from huggingface_hub import CommitOperationAdd, HfApi
 

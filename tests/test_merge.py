@@ -158,6 +158,120 @@ def test_conflicting_requests_stop_the_merge_and_change_nothing(repo: Repository
     assert ours not in history.edits_in_effect(repo.db, repo.head())
 
 
+@pytest.fixture
+def two_conflicts(repo: Repository) -> dict[str, str]:
+    """Paris and Berlin each set to one target on main and another on exp (orthogonal keys: request
+    conflicts only)."""
+    shared = edit(repo, DOWN0, direction(repo, DOWN0, 0, 1), "Oslo")
+    repo.create_branch("exp")
+    made = {"shared": shared}
+    for branch, plan in (("main", [("ours_paris", DOWN0, 1, "Paris", "Rome"),
+                                   ("ours_berlin", DOWN1, 2, "Berlin", "Bonn")]),
+                         ("exp", [("theirs_paris", DOWN0, 5, "Paris", "Lyon"),
+                                  ("theirs_berlin", DOWN1, 6, "Berlin", "Kiel")])):
+        repo.checkout(branch)
+        for key, name, i, subject, target in plan:
+            made[key] = edit(repo, name, direction(repo, name, i, i + 10), subject, target)
+    repo.checkout("main")
+    made["main"], made["exp"] = repo.head(), repo.resolve("exp")
+    return made
+
+
+def test_take_by_subject_resolves_each_conflict_its_own_way(repo: Repository, two_conflicts: dict) -> None:
+    c = two_conflicts
+    result = repo.merge("exp", take_subjects={"Paris": "ours", "Berlin": "theirs"})
+    assert result.status == "merged" and sorted(result.left_out) == sorted([c["theirs_paris"], c["ours_berlin"]])
+    assert sorted(result.took) == [("ours", "Paris"), ("theirs", "Berlin")]
+    assert {(x.subjects, x.kind) for x in result.conflicts} == {(("Paris",), "request"), (("Berlin",), "request")}
+    # The merge state is the composition of the chosen edits: the base, our Paris, their Berlin.
+    merged = result.head
+    repo.create_branch("chosen", c["shared"])
+    repo.checkout("chosen")
+    repo.cherry_pick(c["ours_paris"])
+    repo.cherry_pick(c["theirs_berlin"])
+    assert hashes(repo, merged) == hashes(repo, "chosen")
+    assert history.edits_in_effect(repo.db, merged) >= {c["ours_paris"], c["theirs_berlin"]}
+    assert not {c["theirs_paris"], c["ours_berlin"]} & history.edits_in_effect(repo.db, merged)
+    resolved = repo.get_commit(merged).info["resolved"]
+    assert resolved["take_subjects"] == {"Paris": "ours", "Berlin": "theirs"} and resolved["take"] is None
+    assert {(x["subjects"][0], x["took"], x["by"]) for x in resolved["conflicts"]} == \
+        {("Paris", "ours", "Paris"), ("Berlin", "theirs", "Berlin")}
+    assert fsck(repo).ok
+    # The CLI says the same, and a plain --take covers what no subject names.
+    repo.checkout("main")
+    repo.reset(c["main"])
+    out = doc(kedit(repo, "merge", "exp", "--take", "Berlin=theirs", "--take", "ours", "--json"))
+    assert out["status"] == "merged" and hashes(repo, "HEAD") == hashes(repo, merged)
+    assert {(x["subjects"][0], x["took"], x["by"]) for x in out["conflicts"]} == \
+        {("Paris", "ours", None), ("Berlin", "theirs", "Berlin")}
+    repo.reset(c["main"])
+    said = CliRunner().invoke(cli, ["--repo", str(repo.root), "merge", "exp", "--take", "Paris=theirs",
+                                    "--take", "Berlin=ours"])
+    assert said.exit_code == 0 and "(--take Paris=theirs)" in said.stderr and "(--take Berlin=ours)" in said.stderr
+
+
+def test_take_by_subject_refuses_what_it_does_not_cover(repo: Repository, two_conflicts: dict) -> None:
+    c = two_conflicts
+    before = (repo.head(), repo.count_commits(), len(repo.reflog()), repo.refs.branches(), hashes(repo, "HEAD"))
+
+    def unchanged() -> bool:
+        return (repo.head(), repo.count_commits(), len(repo.reflog()), repo.refs.branches(),
+                hashes(repo, "HEAD")) == before
+
+    with pytest.raises(MergeConflictError) as caught:
+        repo.merge("exp", take_subjects={"Paris": "theirs"})
+    (left,) = caught.value.conflicts
+    assert (left.subjects, left.ours, left.theirs, caught.value.total) == (("Berlin",), c["ours_berlin"],
+                                                                          c["theirs_berlin"], 2)
+    assert unchanged()
+    out = kedit(repo, "merge", "exp", "--take", "Paris=theirs", code=1)
+    assert "CONFLICT: 1 of 2 conflicting edit pair(s) not covered by --take" in out and "[Berlin]" in out
+    assert c["ours_berlin"][:12] in out and c["ours_paris"][:12] not in out
+    report = doc(kedit(repo, "merge", "exp", "--take", "Paris=theirs", "--json", code=1))
+    assert report["status"] == "conflict" and [x["subjects"] for x in report["conflicts"]] == [["Berlin"]]
+    assert unchanged()
+    # A subject that names no conflict (matching is exact and case-sensitive), a bad side, a subject
+    # given both sides: one line each, nothing changed.
+    for args, says in ((["--take", "paris=ours", "--take", "Berlin=ours"], "no conflict of this merge has"),
+                       (["--take", "Rome=ours", "--take", "ours"], "'Rome'"),
+                       (["--take", "Paris=mine"], "is not ours, theirs or SUBJECT=ours|theirs"),
+                       (["--take", "=ours"], "is not ours, theirs"),
+                       (["--take", "Paris=ours", "--take", "Paris=theirs"], "both ours and theirs"),
+                       (["--take", "ours", "--take", "theirs"], "one plain --take")):
+        result = CliRunner().invoke(cli, ["--repo", str(repo.root), "merge", "exp", *args])
+        assert result.exit_code != 0 and result.stderr.count("\n") == 1, (args, result.stdout + result.stderr)
+        assert says in result.stderr and "Traceback" not in result.stderr, (args, result.stderr)
+        assert unchanged()
+    with pytest.raises(KeditError, match="case-sensitive"):
+        repo.merge("exp", take_subjects={"PARIS": "ours", "Berlin": "ours"})
+    with pytest.raises(KeditError, match="ours or theirs"):
+        repo.merge("exp", take_subjects={"Paris": "both"})
+    with pytest.raises(KeditError, match="name a subject"):
+        repo.merge("exp", take_subjects={" ": "ours"})
+    assert unchanged()
+    # A subject given to a merge with no conflicts at all (here a fast-forward) names none either.
+    repo.create_branch("ahead", "exp")
+    repo.checkout("exp")
+    with pytest.raises(KeditError, match="no conflict of this merge"):
+        repo.merge("ahead", take_subjects={"Paris": "ours"})
+
+
+def test_take_by_subject_refuses_choices_that_contradict(repo: Repository) -> None:
+    """One commit of ours sets Paris and Berlin; keeping it for Paris and leaving it out for Berlin cannot both hold."""
+    repo.create_branch("exp")
+    both = [{"prompt": "{} is in", "subject": s, "target_new": t} for s, t in (("Paris", "Rome"), ("Berlin", "Bonn"))]
+    repo.commit({DOWN0: direction(repo, DOWN0, 1, 2)}, method="rome", requests=both, message="two facts")
+    repo.checkout("exp")
+    edit(repo, DOWN0, direction(repo, DOWN0, 5, 3), "Paris", "Lyon")
+    edit(repo, DOWN1, direction(repo, DOWN1, 6, 4), "Berlin", "Kiel")
+    repo.checkout("main")
+    head = repo.head()
+    with pytest.raises(KeditError, match=r"keep commit \w+ for one conflict and leave it out for another"):
+        repo.merge("exp", take_subjects={"Paris": "ours", "Berlin": "theirs"})
+    assert repo.head() == head
+    assert repo.merge("exp", take_subjects={"Paris": "ours", "Berlin": "ours"}).status == "merged"
+
+
 def test_edits_that_move_each_others_key_conflict(repo: Repository) -> None:
     repo.create_branch("exp")
     same = direction(repo, DOWN0, 3, 1)
@@ -245,6 +359,40 @@ def test_cherry_pick_composes_one_edit_and_names_it(repo: Repository, sides: dic
     merged = repo.merge("exp", take="ours")
     assert merged.status == "merged"
     assert "only edit commits" in CliRunner().invoke(cli, ["--repo", str(repo.root), "cherry-pick", "HEAD"]).stderr
+
+
+def test_cherry_pick_carries_the_picked_commits_probes_to_check(tiny_repo: Repository) -> None:
+    from tests.test_cli_edit import EDIT
+
+    repo = tiny_repo
+    repo.create_branch("exp")
+    kedit(repo, *EDIT, "--set", "mom2_adjustment=false", "--no-eval")  # The capital city is France -> Japan
+    picked = repo.head()
+    held = sorted((p["kind"], p["prompt"], p["answer"]) for p in doc(kedit(repo, "probe", "list", "--json"))["probes"]
+                  if p["commit_id"] == picked)
+    assert held and all(kind == "edit" for kind, _, _ in held)
+
+    def check() -> dict:  # exit 1 when a probe broke: the damaged tiny model's locality may
+        result = CliRunner().invoke(cli, ["--repo", str(repo.root), "check", "--json"])
+        assert result.exit_code in (0, 1) and "Traceback" not in result.stderr, result.stderr
+        return doc(result.stdout)
+
+    at_picked = {r["probe"]["prompt"]: r["now"] for r in check()["results"]}
+    repo.checkout("exp")
+    out = doc(kedit(repo, "cherry-pick", "main", "--json"))
+    new = out["commit"]["id"]
+    assert out["picked_from"] == picked and out["probes"] == len(held)
+    probes = doc(kedit(repo, "probe", "list", "--json"))["probes"]
+    assert sorted((p["kind"], p["prompt"], p["answer"]) for p in probes if p["commit_id"] == new) == held
+    # kedit check at the new commit runs the picked commit's edit probes and reports them.
+    report = check()
+    assert report["commit"] == new
+    ran = {r["probe"]["prompt"]: r for r in report["results"] if r["probe"]["commit_id"] == new}
+    assert sorted(ran) == sorted(prompt for _, prompt, _ in held)
+    assert hashes(repo, new) == hashes(repo, picked)  # the same edit on the same base: the same scores
+    assert {p: r["now"] for p, r in ran.items()} == {p: at_picked[p] for p in ran}
+    assert all(r["now"] == 1.0 and not r["broke"] for r in ran.values())
+    assert fsck(repo).ok
 
 
 def test_a_merge_commit_survives_push_clone_export(repo: Repository, sides: dict, hub: HubServer,
@@ -356,8 +504,14 @@ def test_merge_check_undoes_a_merge_that_breaks_a_probe(tiny_repo: Repository) -
     kedit(repo, *[a.replace("Italy", "France") for a in ITALY])  # the same prompt and subject -> Paris
     repo.checkout("main")
     assert "request" in kedit(repo, "merge", "exp", "--strategy", "replay", code=1)
-    out = kedit(repo, "merge", "exp", "--strategy", "replay", "--take", "ours", "--check", "--json")
-    assert json.loads(out)["left_out"] == [repo.resolve("exp")]
+    refused = CliRunner().invoke(cli, ["--repo", str(repo.root), "merge", "exp", "--strategy", "replay",
+                                       "--take", "France=theirs"])
+    assert refused.exit_code == 1 and "not possible with --strategy replay" in refused.stderr
+    assert repo.head() == ours
+    out = json.loads(kedit(repo, "merge", "exp", "--strategy", "replay", "--take", "France=ours", "--check", "--json"))
+    assert out["left_out"] == [repo.resolve("exp")]
+    assert [(c["subjects"], c["took"], c["by"]) for c in out["conflicts"]] == [(["France"], "ours", "France")]
+    assert repo.get_commit(out["head"]).info["resolved"]["take_subjects"] == {"France": "ours"}
     repo.reset(ours)
     # Taking theirs leaves our France edit out; the model then answers a locality probe differently.
     result = CliRunner().invoke(cli, ["--repo", str(repo.root), "merge", "exp", "--take", "theirs", "--check"])

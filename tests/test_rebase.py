@@ -207,3 +207,87 @@ def test_rebase_carries_three_rome_edits_onto_a_perturbed_base(work: Repository,
     assert hashes(repo, "main") != old_hashes and repo.reflog("main")[0]["old"] == old_tip
     assert out["check"]["broken"] == 0
     assert fsck(repo).ok
+
+
+def _rebase_state(root: Path, old_tip: str, new_base: str, requests: list[list[dict]], label: str) -> str:
+    """"old" (main at its old tip) or "new" (main a finished rebase onto `new_base`), after checking
+    that HEAD is where a rebase can leave it, the working model shows no change made by hand and
+    fsck is clean."""
+    repo = Repository.open(root)
+    try:
+        tip, head, on = repo.refs.branches()["main"], repo.head(), repo.head_branch()
+        assert repo.refs.branches()["v1.1"] == new_base, f"{label}: the base's branch moved"
+        assert repo.status()["modified"] == {}, f"{label}: a killed rebase looks like a change made by hand"
+        report = fsck(repo)
+        assert report.ok, f"{label}: fsck: {report.errors}"
+        if tip == old_tip:  # HEAD on main, or detached on the new base's line (the partial history)
+            assert (on, head) == ("main", old_tip) or (on is None and new_base in history.reachable(repo.db, [head])), \
+                f"{label}: main at its old tip, HEAD {on} {head[:12]}"
+            return "old"
+        line = history.ancestors(repo.db, tip)[::-1]
+        assert line[0] == new_base, f"{label}: main moved, but not onto the new base"
+        assert [repo.get_commit(c).requests for c in line[1:]] == requests, f"{label}: main moved half rebased"
+        assert on == "main" or (on is None and head == tip), f"{label}: main rebased, HEAD {on} {head[:12]}"
+        return "new"
+    finally:
+        repo.db.conn.close()
+
+
+def test_rebase_killed_at_random_points_leaves_the_old_state_or_the_new(work: Repository, perturbed: Path,
+                                                                        tmp_path: Path) -> None:
+    """SIGKILL `kedit rebase --onto` at random moments: main is at its old tip or fully rebased, HEAD
+    where it can be, fsck clean, and running the rebase again finishes it."""
+    import os
+    import random
+    import time
+
+    from tests.crashkit import Forker
+
+    repo = work
+    for subject, target in FACTS[:2]:
+        edit(repo, subject, target)
+    old_tip = repo.head()
+    requests = [repo.get_commit(c).requests for c in history.ancestors(repo.db, old_tip)[:-1][::-1]]
+    _, root = repo.add_base(str(perturbed), branch="v1.1")
+    root_dir = repo.root
+    repo.db.conn.close()
+    args = ["--repo", str(root_dir), "rebase", "--onto", "v1.1", "main", "--no-check"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "KEDIT_LOCK_TIMEOUT": "30"}
+    (tmp_path / "runs").mkdir()
+    forker = Forker(env, tmp_path / "runs")
+    rng = random.Random(20261205)
+
+    def rebase(kill_after: float | None = None) -> tuple[bool, float]:
+        started = time.monotonic()
+        outcome = forker.run(args, tmp_path, kill_after, timeout=60)
+        if kill_after is None:
+            assert outcome.code == 0 and "Traceback" not in outcome.stderr, outcome.stderr[-2000:]
+        return outcome.killed, time.monotonic() - started
+
+    def back_to_old() -> None:
+        again = Repository.open(root_dir)
+        try:
+            again.checkout("main", force=True)
+            again.reset(old_tip)
+        finally:
+            again.db.conn.close()
+
+    try:
+        _, duration = rebase()  # once to the end: how long a rebase takes
+        assert _rebase_state(root_dir, old_tip, root.id, requests, "complete run") == "new"
+        kills, deadline = 0, time.monotonic() + 40
+        while kills < 6 and time.monotonic() < deadline:
+            back_to_old()
+            delay = rng.uniform(0.0, duration)
+            killed, took = rebase(delay)
+            label = f"kill after {delay:.2f} s" if killed else f"run that ended before its kill at {delay:.2f} s"
+            state = _rebase_state(root_dir, old_tip, root.id, requests, label)
+            assert killed or state == "new", label
+            kills += killed
+            duration = min(duration, took) if not killed else duration
+            if state == "old":  # running it again finishes what the killed run began
+                rebase()
+                assert _rebase_state(root_dir, old_tip, root.id, requests, f"rerun after {label}") == "new"
+        assert kills >= 2, f"only {kills} run(s) killed"
+    finally:
+        forker.close()

@@ -176,14 +176,33 @@ def _revert_reapply(ctx: click.Context, repo, rev: str, message: str | None, dev
     say(ctx, f"{len(done.reapplied)} later edit(s) re-run on the model without {rev}; HEAD is {short_id(repo.head())}")
 
 
+def _parse_takes(_ctx: click.Context, _param: click.Parameter,
+                 values: tuple[str, ...]) -> tuple[str | None, dict[str, str]]:
+    """--take values as (the plain side or None, {subject: side}); a subject's text may hold '='."""
+    take, by_subject = None, {}
+    for value in values:
+        subject, eq, side = value.rpartition("=")
+        if side not in ("ours", "theirs") or (eq and not subject.strip()):
+            raise click.BadParameter(f"{value!r} is not ours, theirs or SUBJECT=ours|theirs")
+        if not eq:
+            if take not in (None, side):
+                raise click.BadParameter("give one plain --take: ours or theirs")
+            take = side
+        elif by_subject.setdefault(subject.strip(), side) != side:
+            raise click.BadParameter(f"{subject.strip()!r} is given both ours and theirs")
+    return take, by_subject
+
+
 @command()
 @click.argument("rev")
 @click.option("--strategy", type=click.Choice(["compose", "replay"]), default="compose", show_default=True,
               help="compose: the merge base plus both sides' stored deltas, recomputed (no model needed); "
                    "replay: REV's edit requests re-run on this side with their recorded methods.")
 @click.option("--no-ff", is_flag=True, help="Make a merge commit even when HEAD could fast-forward.")
-@click.option("--take", type=click.Choice(["ours", "theirs"]),
-              help="Resolve conflicts: keep this side's conflicting edits and leave the other side's out.")
+@click.option("--take", "takes", multiple=True, metavar="[SUBJECT=]ours|theirs", callback=_parse_takes,
+              help="Resolve conflicts: keep this side's conflicting edits and leave the other side's out. "
+                   "SUBJECT=ours|theirs resolves only the conflicts of that subject (matched exactly, "
+                   "case-sensitive); repeatable, a plain ours|theirs then covers the rest.")
 @click.option("--threshold", type=click.FloatRange(0, None, min_open=True), default=DEFAULT_THRESHOLD,
               show_default=True, help="Key overlap above which two edits of one tensor conflict.")
 @click.option("--check", "check_probes", is_flag=True,
@@ -193,7 +212,7 @@ def _revert_reapply(ctx: click.Context, repo, rev: str, message: str | None, dev
 @dtype_option
 @json_option
 @click.pass_context
-def merge(ctx: click.Context, rev: str, strategy: str, no_ff: bool, take: str | None, threshold: float,
+def merge(ctx: click.Context, rev: str, strategy: str, no_ff: bool, takes: tuple, threshold: float,
           check_probes: bool, message: str | None, device: str, dtype: str | None, as_json: bool) -> None:
     """Merge REV's edits into the current branch (fast-forward when possible).
 
@@ -202,12 +221,14 @@ def merge(ctx: click.Context, rev: str, strategy: str, no_ff: bool, take: str | 
     with REV's requests re-run on it (--strategy replay). Conflicting edits (the same subject and
     prompt set to different targets, edits of one tensor that move each other's key, GRACE
     entries whose balls overlap with different targets) stop the merge with a report and exit
-    status 1, nothing changed; --take ours|theirs resolves them.
+    status 1, nothing changed; --take ours|theirs resolves them all, --take SUBJECT=ours|theirs
+    those of one subject (a merge with any left uncovered stops the same way, listing them).
 
     \b
     Example:
         kedit merge experiment
         kedit merge experiment --take ours
+        kedit merge experiment --take Paris=theirs --take 'Eiffel Tower=ours'
         kedit merge experiment --strategy replay --check
     """
     from kedit.core.errors import MergeConflictError
@@ -215,10 +236,11 @@ def merge(ctx: click.Context, rev: str, strategy: str, no_ff: bool, take: str | 
 
     repo = open_repo(ctx)
     report = None
+    take, take_subjects = takes
     try:
         if strategy == "compose" and not check_probes:  # no model: nothing heavier than the engine is imported
-            result = repo.merge(rev, no_ff=no_ff, take=take, threshold=threshold, adapter_check=conflict_check,
-                                message=message)
+            result = repo.merge(rev, no_ff=no_ff, take=take, take_subjects=take_subjects, threshold=threshold,
+                                adapter_check=conflict_check, message=message)
         else:
             from kedit.core.errors import MergeCheckError
             from kedit.edit.replay import broken_by_merge, loader
@@ -229,7 +251,8 @@ def merge(ctx: click.Context, rev: str, strategy: str, no_ff: bool, take: str | 
             torch_dtype = parse_dtype(dtype)
             try:
                 outcome = merge_with_model(
-                    repo, rev, strategy=strategy, no_ff=no_ff, take=take, threshold=threshold,
+                    repo, rev, strategy=strategy, no_ff=no_ff, take=take, take_subjects=take_subjects,
+                    threshold=threshold,
                     adapter_check=conflict_check, message=message, check_probes=check_probes,
                     load=loader(repo, dtype=torch_dtype, device=device) if check_probes else None,
                     options=EditOptions(dtype=torch_dtype, device=device, measure=False))
@@ -243,14 +266,17 @@ def merge(ctx: click.Context, rev: str, strategy: str, no_ff: bool, take: str | 
         if as_json:
             emit_json(status="conflict", conflicts=[c.to_dict() for c in e.conflicts])
         else:
-            click.echo(f"CONFLICT: {len(e.conflicts)} conflicting edit pair(s); nothing was changed")
+            left = (f"{len(e.conflicts)} conflicting edit pair(s)" if e.total == len(e.conflicts) else
+                    f"{len(e.conflicts)} of {e.total} conflicting edit pair(s) not covered by --take")
+            click.echo(f"CONFLICT: {left}; nothing was changed")
             for c in e.conflicts:
-                click.echo(f"  {c.kind:<11} ours {short_id(c.ours)}  theirs {short_id(c.theirs)}  {c.what}")
+                about = f"  [{', '.join(c.subjects)}]" if c.subjects else ""
+                click.echo(f"  {c.kind:<11} ours {short_id(c.ours)}  theirs {short_id(c.theirs)}  {c.what}{about}")
         raise
     if as_json:
         emit_json(status=result.status, head=result.head, branch=repo.head_branch(), base=result.base,
                   ours=result.ours, theirs=result.theirs, strategy=strategy, tensors=result.tensors,
-                  adapter_ops=result.adapter_ops, conflicts=[c.to_dict() for c in result.conflicts],
+                  adapter_ops=result.adapter_ops, conflicts=result.conflict_dicts(),
                   left_out=result.left_out,
                   check=None if report is None else {"probes": len(report.results), "broken": len(report.broken),
                                                      "broken_by_merge": len(broken_by_merge(report))})
@@ -264,6 +290,9 @@ def merge(ctx: click.Context, rev: str, strategy: str, no_ff: bool, take: str | 
         click.echo(f"[{repo.head_branch() or 'detached'} {commit.short}] {commit.message}")
         say(ctx, f"Merged {short_id(result.theirs)} (base {short_id(result.base or '')}, {strategy}): "
                  f"{result.tensors} tensor(s), {result.adapter_ops} adapter operation(s)")
+        for c, (side, by) in zip(result.conflicts, result.took, strict=True):
+            say(ctx, f"  took {side:<6} {c.kind:<11} ours {short_id(c.ours)}  theirs {short_id(c.theirs)}"
+                     + (f"  (--take {by}={side})" if by is not None else ""))
         if result.left_out:
             say(ctx, f"Left out {len(result.left_out)} conflicting commit(s) of the other side: "
                      + ", ".join(short_id(c) for c in result.left_out))
@@ -290,18 +319,25 @@ def _echo_broken(broken: list, as_json: bool) -> None:
 def cherry_pick(ctx: click.Context, rev: str, message: str | None, as_json: bool) -> None:
     """Apply the edit REV's stored deltas and adapters to HEAD as a new commit that names REV.
 
+    The new commit also holds REV's probes, so `kedit check` runs them on it.
+
     \b
     Example:
         kedit cherry-pick experiment~2
+        kedit check             # REV's edit probes, scored at the new commit
     """
+    from kedit.core.tables import probe_rows
+
     repo = open_repo(ctx)
     commit = repo.cherry_pick(rev, message=message)
+    carried = sum(1 for row in probe_rows(repo.db) if row[4] == commit.id)
     if as_json:
         emit_json(branch=repo.head_branch(), commit=commit_json(commit, ref_decorations(repo).get(commit.id)),
-                  picked_from=commit.info.get("cherry_picked_from"))
+                  picked_from=commit.info.get("cherry_picked_from"), probes=carried)
         return
     click.echo(f"[{repo.head_branch() or 'detached'} {commit.short}] {commit.message}")
-    say(ctx, f"(cherry picked from commit {commit.info.get('cherry_picked_from')}); re-evaluate it (kedit check)")
+    say(ctx, f"(cherry picked from commit {commit.info.get('cherry_picked_from')}, with its {carried} probe(s)); "
+             "re-evaluate it (kedit check)")
 
 
 @command()

@@ -24,10 +24,12 @@ SmolLM2); a GPT-2 Conv1D weight is stored (in, out), and there the test reads th
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
 from kedit.core.delta import Adapter, Dense, LowRank, Replace, WeightDelta
+from kedit.core.errors import KeditError, MergeConflictError
+from kedit.core.refs import short_id
 
 if TYPE_CHECKING:
     import torch
@@ -47,10 +49,13 @@ class Conflict:
     what: str
     tensor: str | None = None
     overlap: float | None = None
+    # what `--take SUBJECT=side` matches: a request conflict's subject (each side's spelling), or
+    # for the other kinds the subjects of both commits' requests (empty for commits without any)
+    subjects: tuple[str, ...] = ()
 
     def to_dict(self) -> dict[str, Any]:
         return {"kind": self.kind, "ours": self.ours, "theirs": self.theirs, "what": self.what,
-                "tensor": self.tensor, "overlap": self.overlap}
+                "tensor": self.tensor, "overlap": self.overlap, "subjects": list(self.subjects)}
 
 
 # (our adapters, their adapters) of one kind -> [(our index, their index, what)]
@@ -59,25 +64,104 @@ AdapterCheck = Callable[[str, list[Adapter], list[Adapter]], list[tuple[int, int
 
 def request_conflicts(ours: Mapping[str, list[dict]], theirs: Mapping[str, list[dict]]) -> list[Conflict]:
     """Same subject and prompt template, different targets: commit id -> its requests, per side."""
-    def facts(side: Mapping[str, list[dict]]) -> dict[tuple[str, str], list[tuple[str, str, str]]]:
-        out: dict[tuple[str, str], list[tuple[str, str, str]]] = {}
+    def facts(side: Mapping[str, list[dict]]) -> dict[tuple[str, str], list[tuple[str, str, str, str]]]:
+        out: dict[tuple[str, str], list[tuple[str, str, str, str]]] = {}
         for cid, requests in side.items():
             for r in requests:
                 if isinstance(r, dict) and r.get("subject") and r.get("prompt") and r.get("target_new") is not None:
                     subject, template = str(r["subject"]).strip(), str(r["prompt"]).strip()
                     out.setdefault((subject.casefold(), template), []).append(
-                        (cid, str(r["target_new"]).strip(), template.replace("{}", subject)))
+                        (cid, str(r["target_new"]).strip(), template.replace("{}", subject), subject))
         return out
 
     mine, other = facts(ours), facts(theirs)
     found = []
     for key in sorted(set(mine) & set(other)):
-        for a, target_a, text in mine[key]:
-            for b, target_b, _ in other[key]:
+        for a, target_a, text, subject_a in mine[key]:
+            for b, target_b, _, subject_b in other[key]:
                 if target_a != target_b:
                     found.append(Conflict("request", a, b, f"{text!r}: {target_a!r} here, {target_b!r} on the "
-                                          "merged side"))
+                                          "merged side", subjects=tuple(dict.fromkeys((subject_a, subject_b)))))
     return found
+
+
+def subjects_of(requests: Iterable[dict]) -> list[str]:
+    """The subjects of a commit's requests, as written (stripped), each once."""
+    return list(dict.fromkeys(str(r["subject"]).strip() for r in requests
+                              if isinstance(r, dict) and r.get("subject")))
+
+
+def with_subjects(conflict: Conflict, requests: Mapping[str, list[dict]]) -> Conflict:
+    """`conflict` with the subjects of both its commits' requests, unless it has its own (a request conflict)."""
+    if conflict.subjects:
+        return conflict
+    both = subjects_of(requests.get(conflict.ours, [])) + subjects_of(requests.get(conflict.theirs, []))
+    return replace(conflict, subjects=tuple(dict.fromkeys(both)))
+
+
+@dataclass(frozen=True)
+class Resolution:
+    """Which side each conflict took (`took[i]` for `conflicts[i]`, with the `--take` that said so:
+    a subject, or None for a plain ours/theirs) and the commits left out of the merge."""
+
+    conflicts: list[Conflict]
+    took: list[tuple[str, str | None]]
+    left_out: set[str]
+
+    def to_dicts(self) -> list[dict[str, Any]]:
+        return [{**c.to_dict(), "took": side, "by": by}
+                for c, (side, by) in zip(self.conflicts, self.took, strict=True)]
+
+
+def resolve(conflicts: list[Conflict], take: str | None = None,
+            take_subjects: Mapping[str, str] | None = None) -> Resolution:
+    """Say which side each conflict takes: by its subject (`take_subjects`, exact and case-sensitive,
+    subject -> "ours" | "theirs"), else `take` for all the rest.
+
+    Raises (before anything is changed) KeditError for a side that is not ours or theirs, a
+    subject no conflict names, or choices that contradict each other (two subjects that pick
+    different sides of one conflict, or a commit kept by one choice and left out by another);
+    MergeConflictError listing the conflicts nothing covers.
+    """
+    by_subject = dict(take_subjects or {})
+    if take not in (None, "ours", "theirs"):
+        raise KeditError(f"--take {take}: the side is ours or theirs")
+    for subject, side in by_subject.items():
+        if not isinstance(subject, str) or not subject.strip():
+            raise KeditError(f"--take {subject!r}=...: name a subject (or give a plain --take ours|theirs)")
+        if side not in ("ours", "theirs"):
+            raise KeditError(f"--take {subject}={side}: the side is ours or theirs")
+    named = {s for c in conflicts for s in c.subjects}
+    unknown = [s for s in by_subject if s not in named]
+    if unknown:
+        known = ", ".join(repr(s) for s in sorted(named)) or "none"
+        raise KeditError(f"--take {unknown[0]}=...: no conflict of this merge has the subject {unknown[0]!r} "
+                         f"(matched exactly, case-sensitive; the conflicts' subjects: {known}); nothing was changed")
+    took: list[tuple[str, str | None]] = []
+    uncovered = []
+    for c in conflicts:
+        chosen = {(by_subject[s], s) for s in c.subjects if s in by_subject}
+        if len({side for side, _ in chosen}) > 1:
+            names = " and ".join(f"{s}={side}" for side, s in sorted(chosen, key=lambda x: x[1]))
+            raise KeditError(f"--take {names} pick different sides of the conflict of {short_id(c.ours)} and "
+                             f"{short_id(c.theirs)} ({c.what}); nothing was changed")
+        if chosen:
+            side, subject = min(chosen, key=lambda x: x[1])
+            took.append((side, subject))
+        elif take is not None:
+            took.append((take, None))
+        else:
+            uncovered.append(c)
+    if uncovered:
+        raise MergeConflictError(f"{len(uncovered)} of {len(conflicts)} conflict(s) of the merge are not covered "
+                                 "by --take; nothing was changed", uncovered, total=len(conflicts))
+    kept = {c.ours if side == "ours" else c.theirs for c, (side, _) in zip(conflicts, took, strict=True)}
+    left_out = {c.theirs if side == "ours" else c.ours for c, (side, _) in zip(conflicts, took, strict=True)}
+    both = sorted(kept & left_out)
+    if both:
+        raise KeditError(f"the --take choices keep commit {short_id(both[0])} for one conflict and leave it out for "
+                         "another; nothing was changed")
+    return Resolution(conflicts, took, left_out)
 
 
 def key_matrix(delta: WeightDelta) -> torch.Tensor:

@@ -94,11 +94,12 @@ class HeadMovedError(StaleRefError):
 class MergeConflictError(KeditError):
     """The two sides of a merge disagree (kedit.core.conflicts); nothing was changed."""
 
-    hint = "kedit merge --take ours|theirs keeps one side's edits where they conflict"
+    hint = "kedit merge --take ours|theirs keeps one side's edits where they conflict; --take SUBJECT=SIDE, by subject"
 
-    def __init__(self, message: str, conflicts: list) -> None:
+    def __init__(self, message: str, conflicts: list, *, total: int | None = None) -> None:
         super().__init__(message)
-        self.conflicts = conflicts
+        self.conflicts = conflicts  # those left to resolve
+        self.total = len(conflicts) if total is None else total  # all the merge has, some covered by --take
 
 
 class MergeCheckError(KeditError):

@@ -36,16 +36,19 @@ from typing import TYPE_CHECKING, Any
 from safetensors import SafetensorError
 
 import kedit
-from kedit.core import config, history
+from kedit.core import config, history, tables
 from kedit.core import db as dbm
 from kedit.core.conflicts import (
     DEFAULT_THRESHOLD,
     AdapterCheck,
     Conflict,
+    Resolution,
     adapter_conflicts,
     delta_conflict,
     request_conflicts,
+    with_subjects,
 )
+from kedit.core.conflicts import resolve as resolve_conflicts
 from kedit.core.db import DB_FILE, REPO_DIR, find_repository
 from kedit.core.delta import Adapter, LowRank, Replace, WeightDelta, apply_step, change_size, encode_delta
 from kedit.core.errors import (
@@ -162,6 +165,7 @@ class StagedCommit:
     files: dict[str, str] = field(default_factory=dict)
     memory: tuple[str, str] | None = None  # (method, object id)
     metrics: list[Metric] = field(default_factory=list)
+    probes: list[tuple[str, str, str]] = field(default_factory=list)  # (kind, prompt, answer) it holds
 
     @property
     def parents(self) -> list[str]:
@@ -178,10 +182,17 @@ class MergeResult:
     ours: str
     theirs: str
     base: str | None
-    conflicts: list[Conflict] = field(default_factory=list)  # resolved by `take`
-    left_out: list[str] = field(default_factory=list)  # the conflicting commits `take` left out
+    conflicts: list[Conflict] = field(default_factory=list)  # resolved by `take` / `take_subjects`
+    left_out: list[str] = field(default_factory=list)  # the conflicting commits the resolution left out
     tensors: int = 0
     adapter_ops: int = 0
+    # (side, subject) each of `conflicts` took, in order: the subject of the --take SUBJECT=side
+    # that chose it, or None where a plain --take ours|theirs did
+    took: list[tuple[str, str | None]] = field(default_factory=list)
+
+    def conflict_dicts(self) -> list[dict[str, Any]]:
+        """`conflicts` as JSON objects, each with the side it took (`took`) and the subject that said so (`by`)."""
+        return Resolution(self.conflicts, self.took, set(self.left_out)).to_dicts()
 
 
 @dataclass
@@ -189,6 +200,7 @@ class _MergePlan:
     ours: list[str]
     theirs: list[str]
     conflicts: list[Conflict] = field(default_factory=list)
+    took: list[tuple[str, str | None]] = field(default_factory=list)
     dropped: set[str] = field(default_factory=set)
     staged: dict[str, dict] = field(default_factory=dict)
     adapter_ops: list[tuple[str, str, str, str]] = field(default_factory=list)
@@ -623,6 +635,8 @@ class Repository:
         if c.memory is not None:
             self.db["method_memory"].insert({"commit_id": c.id, "method": c.memory[0], "object_id": c.memory[1]})
         self._insert_metrics(c.id, c.metrics)
+        tables.insert_probes(self.db, [{"kind": k, "prompt": p, "answer": a, "commit_id": c.id, "created": now_iso()}
+                                       for k, p, a in c.probes])
 
     # -- writing: edits --------------------------------------------------------------------
 
@@ -631,10 +645,13 @@ class Repository:
                hparams: Mapping[str, Any] | None = None, info: Mapping[str, Any] | None = None,
                message: str | None = None, metrics: Iterable[Metric] = (),
                memory: Mapping[str, torch.Tensor] | None = None,
-               expected_parent: HeadState | None = None, picked_from: str | None = None) -> CommitInfo:
+               expected_parent: HeadState | None = None, picked_from: str | None = None,
+               probes: Iterable[tuple[str, str, str]] = ()) -> CommitInfo:
         """Record an edit on top of HEAD and move the current branch to it.
 
         `memory`: tensors the method keeps for its later edits (`Repository.memory`).
+        `probes`: (kind, prompt, answer) probes the commit holds (`kedit check` runs its edit
+        probes wherever it is in effect), recorded in the same transaction.
         `picked_from`: the commit whose stored deltas these are (cherry-pick), named in the record.
         `expected_parent`: where HEAD was when the edit's model was loaded (`head_state()`);
         the deltas apply to that commit, and if HEAD has moved since (another edit, a
@@ -689,6 +706,7 @@ class Repository:
                          for name, s in staged.items()],
                 adapter_ops=[("add", o.id, a.kind, cid) for o, a in zip(adapter_objs, adapters, strict=True)],
                 memory=(method or "", memory_obj.id) if memory_obj is not None else None, metrics=list(metrics),
+                probes=list(probes),
             )], expected_parent=at, message=f"commit: {record['message']}")
             self._sync_worktree(known_values={n: s["value"] for n, s in staged.items()})
             return self.get_commit(cid)
@@ -858,7 +876,9 @@ class Repository:
 
         `expected_parent`: refuse (HeadMovedError) unless HEAD is there when it is recorded.
         `note`: the info key naming where the commit came from (pull --rebase says rebased_from).
-        Metrics measured for `rev` are not copied: they were measured on another model.
+        The probes `rev` holds (its edit probes) are carried: the new commit holds them too, so
+        `kedit check` runs them wherever it is in effect. Metrics measured for `rev` are not
+        copied: they were measured on another model.
         """
         at = expected_parent or self.head_state()
         cid = self.resolve(rev)
@@ -878,11 +898,14 @@ class Repository:
                 adapters.append(Adapter(kind, tensors, json.loads(metadata.get("config", "{}"))))
         row = dbm.one(self.db, "SELECT object_id FROM method_memory WHERE commit_id = ?", [cid])
         memory = self.store.get_tensors(row[0])[0] if row else None
+        probes = [(kind, prompt, answer) for _, kind, prompt, answer, holder in tables.probe_rows(self.db)
+                  if holder == cid]
         return self.commit(deltas, adapters=adapters, requests=c.requests, method=c.method, hparams=c.hparams,
                            info={**c.info, note: cid}, message=message or c.message, memory=memory,
-                           expected_parent=at, picked_from=cid if record_origin else None)
+                           expected_parent=at, picked_from=cid if record_origin else None, probes=probes)
 
     def merge(self, rev: str, *, no_ff: bool = False, take: str | None = None,
+              take_subjects: Mapping[str, str] | None = None,
               threshold: float = DEFAULT_THRESHOLD, adapter_check: AdapterCheck | None = None,
               message: str | None = None) -> MergeResult:
         """Bring `rev`'s edits into HEAD (`--strategy compose`): fast-forward when HEAD is in
@@ -895,26 +918,31 @@ class Repository:
         Conflicts (kedit.core.conflicts; `adapter_check` is the adapter kinds' own check) raise
         MergeConflictError and change nothing, unless `take` ("ours" or "theirs") says which
         side's conflicting edits to keep: the other side's are left out of the merge.
+        `take_subjects` ({subject: "ours" | "theirs"}) says it per conflict, by the conflict's
+        subject (exact, case-sensitive; kedit.core.conflicts.resolve), `take` then covering the
+        rest; a subject that names no conflict, or choices that contradict, raise KeditError, and
+        conflicts left uncovered MergeConflictError (listing them), each changing nothing.
         """
-        if take not in (None, "ours", "theirs"):
-            raise KeditError(f"--take is ours or theirs, not {take!r}")
+        resolve_conflicts([], take)  # a side that is not ours or theirs, before anything is read
         with self.lock():
             self._sync_worktree()
             at = self.head_state()
             ours, theirs = at.commit, self.resolve(rev)
             if theirs in reachable(self.db, [ours]):
+                resolve_conflicts([], None, take_subjects)  # a subject given where nothing conflicts
                 return MergeResult("up-to-date", ours, ours, theirs, theirs)
             base = merge_base(self.db, ours, theirs)
             if base is None:
                 raise KeditError(f"HEAD and {rev} have no history in common: nothing to merge from")
             if base == ours and not no_ff:
+                resolve_conflicts([], None, take_subjects)
                 if self.worktree is not None:
                     self._update_worktree(theirs, force=False)
                 with dbm.write(self.db):
                     self._check_head(at, "the merge ran; nothing was changed")
                     self._advance_head(ours, theirs, f"merge {rev}: fast-forward")
                 return MergeResult("fast-forward", theirs, ours, theirs, base)
-            plan = self._merge_plan(base, ours, theirs, take, threshold, adapter_check)
+            plan = self._merge_plan(base, ours, theirs, take, take_subjects, threshold, adapter_check)
             msg = message or (f"Merge branch '{rev}'" if self.refs.deref(BRANCH_PREFIX + rev) else
                               f"Merge {short_id(theirs)}")
             record: dict[str, Any] = {
@@ -931,7 +959,8 @@ class Repository:
             info = {"merge_base": base, "strategy": "compose", "ours_commits": len(plan.ours),
                     "theirs_commits": len(plan.theirs)}
             if plan.conflicts:
-                info["resolved"] = {"take": take, "conflicts": [c.to_dict() for c in plan.conflicts],
+                info["resolved"] = {"take": take, "take_subjects": dict(take_subjects or {}),
+                                    "conflicts": Resolution(plan.conflicts, plan.took, plan.dropped).to_dicts(),
                                     "left_out": sorted(plan.dropped)}
             self.write_commits([StagedCommit(
                 cid, ours, record, info=info,
@@ -941,7 +970,7 @@ class Repository:
             )], expected_parent=at, message=f"merge: {msg}")
             self._sync_worktree(known_values={n: s["value"] for n, s in plan.staged.items()})
             return MergeResult("merged", cid, ours, theirs, base, plan.conflicts, sorted(plan.dropped),
-                               len(plan.staged), len(plan.adapter_ops))
+                               len(plan.staged), len(plan.adapter_ops), plan.took)
 
     def record_merge(self, rev: str, *, strategy: str, replaced: Iterable[str], expected_parent: HeadState,
                      message: str | None = None, info: Mapping[str, Any] | None = None) -> CommitInfo:
@@ -966,9 +995,11 @@ class Repository:
                                expected_parent=at, message=f"merge: {msg}")
             return self.get_commit(cid)
 
-    def _merge_plan(self, base: str, ours: str, theirs: str, take: str | None, threshold: float,
+    def _merge_plan(self, base: str, ours: str, theirs: str, take: str | None,
+                    take_subjects: Mapping[str, str] | None, threshold: float,
                     adapter_check: AdapterCheck | None) -> _MergePlan:
-        """What the merge commit records, after the conflicts are found (and resolved by `take`)."""
+        """What the merge commit records, after the conflicts are found (and resolved by `take`
+        and `take_subjects`)."""
         plan = _MergePlan(ours=self._side(base, ours), theirs=self._side(base, theirs))
         live = history.edits_in_effect(self.db, ours) | history.edits_in_effect(self.db, theirs)
         requests = [{c: self.get_commit(c).requests for c in side if c in live} for side in (plan.ours, plan.theirs)]
@@ -996,11 +1027,13 @@ class Repository:
         conflicts += adapter_conflicts(
             adapter_check, [(a.origin, self._adapter(a)) for a in ad_ours if a not in ad_base],
             [(a.origin, self._adapter(a)) for a in ad_theirs if a not in ad_base and a not in ad_ours])
-        plan.conflicts = list(dict.fromkeys(conflicts))
-        if plan.conflicts and take is None:
+        requests_of = {c: self.get_commit(c).requests for c in {*plan.ours, *plan.theirs}}
+        plan.conflicts = list(dict.fromkeys(with_subjects(c, requests_of) for c in conflicts))
+        if plan.conflicts and take is None and not take_subjects:
             raise MergeConflictError(f"the merge of {short_id(theirs)} into {short_id(ours)} has "
                                      f"{len(plan.conflicts)} conflict(s); nothing was changed", plan.conflicts)
-        plan.dropped = {c.theirs if take == "ours" else c.ours for c in plan.conflicts}
+        resolution = resolve_conflicts(plan.conflicts, take, take_subjects)
+        plan.took, plan.dropped = resolution.took, resolution.left_out
         for name, (b, o, t) in effective.items():
             bset, oset = set(b), set(o)
             merged = ([s for s in b if s in oset and s in set(t)]

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from kedit.core import history
-from kedit.core.conflicts import AdapterCheck, request_conflicts
+from kedit.core.conflicts import AdapterCheck, request_conflicts, resolve
 from kedit.core.errors import KeditError, MergeCheckError, MergeConflictError
 from kedit.core.refs import short_id
 from kedit.core.repo import HeadState, MergeResult, Repository
@@ -49,20 +49,22 @@ class MergeOutcome:
 
 
 def merge(repo: Repository, rev: str, *, strategy: str = "compose", no_ff: bool = False, take: str | None = None,
-          threshold: float | None = None, adapter_check: AdapterCheck | None = None, message: str | None = None,
+          take_subjects: dict[str, str] | None = None, threshold: float | None = None,
+          adapter_check: AdapterCheck | None = None, message: str | None = None,
           check_probes: bool = False, load: ModelLoader | None = None, options: EditOptions | None = None,
           probe_threshold: float = 0.1) -> MergeOutcome:
     """Merge `rev` into HEAD with `strategy`; with `load`, run the probe check at the merge commit,
-    and with `check_probes`, undo the merge when a probe broke (MergeCheckError)."""
+    and with `check_probes`, undo the merge when a probe broke (MergeCheckError). `take` and
+    `take_subjects` resolve conflicts as for `Repository.merge`."""
     if strategy not in STRATEGIES:
         raise KeditError(f"--strategy is one of {', '.join(STRATEGIES)}, not {strategy!r}")
     before = repo.head_state()
     if strategy == "compose":
         kwargs: dict[str, Any] = {} if threshold is None else {"threshold": threshold}
-        outcome = MergeOutcome(repo.merge(rev, no_ff=no_ff, take=take, adapter_check=adapter_check,
-                                          message=message, **kwargs))
+        outcome = MergeOutcome(repo.merge(rev, no_ff=no_ff, take=take, take_subjects=take_subjects,
+                                          adapter_check=adapter_check, message=message, **kwargs))
     else:
-        outcome = _replay(repo, rev, before, no_ff=no_ff, take=take, message=message,
+        outcome = _replay(repo, rev, before, no_ff=no_ff, take=take, take_subjects=take_subjects, message=message,
                           options=options or EditOptions(measure=False))
     if load is not None and outcome.result.status == "merged":
         outcome.report = check(repo, outcome.result.head, load, threshold=probe_threshold)
@@ -83,16 +85,18 @@ def broken_by_merge(report: CheckReport) -> list[ProbeResult]:
             or (r.parent is not None and r.now < r.parent - report.threshold)]
 
 
-def _replay(repo: Repository, rev: str, at: HeadState, *, no_ff: bool, take: str | None, message: str | None,
-            options: EditOptions) -> MergeOutcome:
+def _replay(repo: Repository, rev: str, at: HeadState, *, no_ff: bool, take: str | None,
+            take_subjects: dict[str, str] | None, message: str | None, options: EditOptions) -> MergeOutcome:
+    resolve([], take)  # a side that is not ours or theirs, before anything is read
     theirs = repo.resolve(rev)
     if theirs in reachable(repo.db, [at.commit]):
+        resolve([], None, take_subjects)  # a subject given where nothing conflicts
         return MergeOutcome(MergeResult("up-to-date", at.commit, at.commit, theirs, theirs))
     base = merge_base(repo.db, at.commit, theirs)
     if base is None:
         raise KeditError(f"HEAD and {rev} have no history in common: nothing to merge from")
     if base == at.commit and not no_ff:  # nothing of ours to replay onto: the same as compose
-        return MergeOutcome(repo.merge(rev))
+        return MergeOutcome(repo.merge(rev, take_subjects=take_subjects))
     side = history.oldest_first(repo.db, reachable(repo.db, [theirs]) - reachable(repo.db, [base]))
     refused = [c for c in side if repo.get_commit(c).kind != "edit"]
     if refused:
@@ -103,14 +107,16 @@ def _replay(repo: Repository, rev: str, at: HeadState, *, no_ff: bool, take: str
     ours = history.oldest_first(repo.db, reachable(repo.db, [at.commit]) - reachable(repo.db, [base]))
     conflicts = request_conflicts({c: repo.get_commit(c).requests for c in ours},
                                   {c: repo.get_commit(c).requests for c in side if c in live})
-    if conflicts and take is None:
+    if conflicts and take is None and not take_subjects:
         raise MergeConflictError(f"the merge of {short_id(theirs)} into {short_id(at.commit)} has "
                                  f"{len(conflicts)} conflict(s); nothing was changed", conflicts)
-    left_out = {c.theirs for c in conflicts} if take == "ours" else set()
-    if take == "theirs" and conflicts:
+    resolution = resolve(conflicts, take, take_subjects)
+    left_out = resolution.left_out
+    if any(side == "theirs" for side, _ in resolution.took):
         raise KeditError("--take theirs is not possible with --strategy replay: this side's edits are kept as "
                          "they are; merge with --strategy compose --take theirs")
-    outcome = MergeOutcome(MergeResult("merged", at.commit, at.commit, theirs, base, conflicts, sorted(left_out)))
+    outcome = MergeOutcome(MergeResult("merged", at.commit, at.commit, theirs, base, conflicts, sorted(left_out),
+                                       took=resolution.took))
     here = at
     try:
         for cid in [c for c in side if c in live and c not in left_out]:
@@ -119,7 +125,9 @@ def _replay(repo: Repository, rev: str, at: HeadState, *, no_ff: bool, take: str
             here = HeadState(at.branch, made[-1].id)
         merged = repo.record_merge(rev, strategy="replay", replaced=[*outcome.replayed, *left_out],
                                    expected_parent=here, message=message,
-                                   info={"replayed": outcome.replayed, "left_out": sorted(left_out)})
+                                   info={"replayed": outcome.replayed, "left_out": sorted(left_out),
+                                         **({"resolved": {"take": take, "take_subjects": dict(take_subjects or {}),
+                                                          "conflicts": resolution.to_dicts()}} if conflicts else {})})
     except BaseException:
         if repo.head() != at.commit:
             repo.reset(at.commit, force=True, message=f"merge {rev}: replay failed, back to {short_id(at.commit)}")
