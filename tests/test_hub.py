@@ -24,6 +24,7 @@ from tests.hubserver import HubServer
 from tests.jsondoc import doc
 from tests.test_cli_grace import FRANCE as GRACE_EDIT
 from tests.test_cli_grace import PROMPTS, TARGETS
+from tests.tiny import perturbed_release
 
 TOKEN = "hf_kedit_test_token_0123456789abcdef"
 REPO_ID = "alice/tiny-edits"
@@ -416,28 +417,6 @@ def test_branches_map_to_hub_branches(origin: Repository, hub: HubServer, tmp_pa
     assert fetched["exp/one"]["new_commits"] == 0
 
 
-def _second_base(model_dir: Path, out: Path) -> Path:
-    """The model of `model_dir` with its MLPs moved a little and its config marked: another release
-    of the same architecture, for `kedit init --add-base`."""
-    import shutil
-
-    from transformers import AutoModelForCausalLM
-
-    model = AutoModelForCausalLM.from_pretrained(model_dir)
-    gen = torch.Generator().manual_seed(11)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if ".mlp." in name:
-                p.add_(torch.randn(p.shape, generator=gen) * 1e-3)
-    model.save_pretrained(out)
-    for f in model_dir.iterdir():
-        if f.is_file() and f.suffix != ".safetensors" and not (out / f.name).exists():
-            shutil.copy(f, out / f.name)
-    config = json.loads((out / "config.json").read_text())
-    (out / "config.json").write_text(json.dumps({**config, "kedit_release": "1.1"}))
-    return out
-
-
 def _folder_hashes(folder: Path) -> dict[str, str]:
     return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.iterdir()) if p.is_file()}
 
@@ -447,8 +426,8 @@ def test_two_bases_push_and_clone_alike(origin: Repository, hub: HubServer, tmp_
     """A repository with a second root (`kedit init --add-base`): both branches pushed, cloned, and
     the clone's roots, tips, log and working model (checked out at the second base) the same."""
     first_root = origin.log()[-1].id
-    added = doc(run(origin.root, "init", "--add-base", str(_second_base(tiny_llama_dir, tmp_path / "v1.1")),
-                    "--branch", "v1.1", "--json"))
+    second = perturbed_release(tiny_llama_dir, tmp_path / "v1.1", seed=11)
+    added = doc(run(origin.root, "init", "--add-base", str(second), "--branch", "v1.1", "--json"))
     second_root = added["commit"]["id"]
     run(origin.root, "checkout", "v1.1")
     edit(origin, DOWN0, "on v1.1", 5)

@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import pytest
@@ -21,7 +20,7 @@ from kedit.edit import rebase as rebase_module
 from kedit.edit.rebase import rerun
 from kedit.edit.run import EditOptions
 from kedit.repository import Repository
-from tests.tiny import SENTENCES, make_model
+from tests.tiny import SENTENCES, make_model, perturbed_release
 
 # Prompts end with their subject (see tests/test_cli_edit.py); the targets are single tokens.
 FACTS = [("France", "Japan"), ("Italy", "Paris"), ("Germany", "Rome")]
@@ -63,21 +62,7 @@ def work(tmp_path: Path, tiny_folder: Path) -> Repository:
 def perturbed(tmp_path: Path, tiny_folder: Path) -> Path:
     """The tiny model after a small change of its MLPs (a 'v1.1'), its config marked, without
     generation_config.json: a second base of the same architecture."""
-    folder = tmp_path / "v1.1"
-    model = AutoModelForCausalLM.from_pretrained(tiny_folder)
-    gen = torch.Generator().manual_seed(7)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if ".mlp." in name:
-                p.add_(torch.randn(p.shape, generator=gen) * 1e-3)
-    model.save_pretrained(folder)
-    for f in tiny_folder.iterdir():
-        if f.suffix != ".safetensors" and f.name not in ("config.json", "generation_config.json") and f.is_file():
-            shutil.copy(f, folder / f.name)
-    (folder / "generation_config.json").unlink(missing_ok=True)
-    config = json.loads((folder / "config.json").read_text())
-    (folder / "config.json").write_text(json.dumps({**config, "kedit_release": "1.1"}))
-    return folder
+    return perturbed_release(tiny_folder, tmp_path / "v1.1", seed=7, without=("generation_config.json",))
 
 
 def test_add_base_shares_tensors_and_checkout_rewrites_files(work: Repository, perturbed: Path,

@@ -3,6 +3,10 @@ sentences: everything the unit tests need, built locally (no hub)."""
 
 from __future__ import annotations
 
+import json
+import shutil
+from pathlib import Path
+
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import (
@@ -87,3 +91,26 @@ def make_model(model_type: str, vocab: int, seed: int = 0):
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(make_config(model_type, vocab))
     return model.eval()
+
+
+def perturbed_release(model_dir: Path, out: Path, seed: int, without: tuple[str, ...] = ()) -> Path:
+    """The model of `model_dir` with its MLPs moved a little and its config marked `kedit_release`:
+    another release of the same architecture (a second base for `kedit init --add-base`). The other
+    files are copied, except those named in `without`."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir)
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if ".mlp." in name:
+                p.add_(torch.randn(p.shape, generator=gen) * 1e-3)
+    model.save_pretrained(out)
+    for f in model_dir.iterdir():
+        if f.is_file() and f.suffix != ".safetensors" and f.name not in ("config.json", *without):
+            shutil.copy(f, out / f.name)
+    for name in without:
+        (out / name).unlink(missing_ok=True)
+    config = json.loads((out / "config.json").read_text())
+    (out / "config.json").write_text(json.dumps({**config, "kedit_release": "1.1"}))
+    return out
