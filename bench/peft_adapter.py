@@ -35,6 +35,26 @@ def size(path: Path) -> int:
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
 
 
+def fact_dicts(n: int) -> list[dict[str, str]]:
+    """`n` known_dev.json counterfacts as `kedit edit --requests` reads them."""
+    return [{"prompt": r.prompt, "subject": r.subject, "target_new": r.target_new, "target_true": r.target_true}
+            for r in counterfact_requests(n)]
+
+
+def generated_targets(model: Any, tok: Any, facts: list[dict[str, str]]) -> tuple[int, list[str]]:
+    """How many new targets `model` generates as a user calls it (`tokenizer(prompt)`, greedy 10
+    tokens, one prompt at a time), and the continuations."""
+    import torch
+
+    texts = []
+    for f in facts:
+        ids = tok(f["prompt"].replace("{}", f["subject"]), return_tensors="pt")
+        with torch.no_grad():
+            out = model.generate(**ids, max_new_tokens=10, do_sample=False)
+        texts.append(tok.decode(out[0, ids["input_ids"].shape[1]:], skip_special_tokens=True))
+    return sum(f["target_new"].lower() in t.lower() for f, t in zip(facts, texts, strict=True)), texts
+
+
 def measure(root: Path) -> dict[str, Any]:
     """What a user of the three folders gets: plain transformers and PEFT, one prompt at a time."""
     import torch
@@ -46,13 +66,7 @@ def measure(root: Path) -> dict[str, Any]:
 
     def generated(model: Any) -> tuple[int, list[str], float]:
         t0 = time.perf_counter()
-        texts = []
-        for f in facts:
-            ids = tok(f["prompt"].replace("{}", f["subject"]), return_tensors="pt")
-            with torch.no_grad():
-                out = model.generate(**ids, max_new_tokens=10, do_sample=False)
-            texts.append(tok.decode(out[0, ids["input_ids"].shape[1]:], skip_special_tokens=True))
-        hits = sum(f["target_new"].lower() in t.lower() for f, t in zip(facts, texts, strict=True))
+        hits, texts = generated_targets(model, tok, facts)
         return hits, texts, round(time.perf_counter() - t0, 1)
 
     rows: dict[str, Any] = {}
@@ -85,9 +99,7 @@ def main() -> None:
     if args.measure:
         print(json.dumps(measure(args.measure)))
         return
-    requests = counterfact_requests(args.n)
-    facts = [{"prompt": r.prompt, "subject": r.subject, "target_new": r.target_new, "target_true": r.target_true}
-             for r in requests]
+    facts = fact_dicts(args.n)
     report: dict[str, Any] = {"facts": facts}
     with tempfile.TemporaryDirectory(prefix="kedit-peft-") as tmp:
         root = Path(tmp)

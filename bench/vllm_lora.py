@@ -27,8 +27,7 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from bench._common import counterfact_requests
-from bench.peft_adapter import kedit, size
+from bench.peft_adapter import fact_dicts, generated_targets, kedit, size
 
 LLAMA_LORA_MODULES = {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
 
@@ -68,17 +67,9 @@ def measure(root: Path) -> dict[str, Any]:
     facts = json.loads((root / "facts.json").read_text())
     tok = AutoTokenizer.from_pretrained(root / "base")
 
-    def generated(model: Any) -> tuple[int, list[str]]:
-        texts = []
-        for f in facts:
-            ids = tok(f["prompt"].replace("{}", f["subject"]), return_tensors="pt")
-            with torch.no_grad():
-                out = model.generate(**ids, max_new_tokens=10, do_sample=False)
-            texts.append(tok.decode(out[0, ids["input_ids"].shape[1]:], skip_special_tokens=True))
-        return sum(f["target_new"].lower() in t.lower() for f, t in zip(facts, texts, strict=True)), texts
-
-    hits, texts = generated(base)
-    folder_hits, folder_texts = generated(AutoModelForCausalLM.from_pretrained(root / "full", dtype=torch.float32))
+    hits, texts = generated_targets(base, tok, facts)
+    folder = AutoModelForCausalLM.from_pretrained(root / "full", dtype=torch.float32)
+    folder_hits, folder_texts = generated_targets(folder, tok, facts)
     return {"vllm": vllm_version, "adapter_r": helper.r, "rank_pattern": helper.rank_pattern,
             "modules": modules, "targets": hits, "continuations": texts,
             "folder_targets": folder_hits, "same_text_as_folder": texts == folder_texts}
@@ -113,9 +104,7 @@ def main() -> None:
     if args.measure:
         print(json.dumps(measure(args.measure)))
         return
-    requests = counterfact_requests(args.rome + args.memit)
-    facts = [{"prompt": r.prompt, "subject": r.subject, "target_new": r.target_new, "target_true": r.target_true}
-             for r in requests]
+    facts = fact_dicts(args.rome + args.memit)
     report: dict[str, Any] = {"facts": facts, "rome": args.rome, "memit": args.memit}
     with tempfile.TemporaryDirectory(prefix="kedit-vllm-") as tmp:
         root = Path(tmp)
