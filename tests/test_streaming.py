@@ -18,7 +18,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save
 
-from kedit.core.stwriter import TensorSpec, spec_of, write_stream, write_tensors
+from kedit.core.stwriter import StreamReader, TensorSpec, spec_of, write_stream, write_tensors
 from tests.hubserver import HubServer
 
 MIXED = {
@@ -66,6 +66,35 @@ def test_streamed_file_reads_back_with_safe_open(tmp_path) -> None:
 def test_a_value_unlike_its_header_is_refused() -> None:
     with pytest.raises(ValueError, match="expected F32\\[2, 2\\], got F32\\[4\\]"):
         write_stream(io.BytesIO(), [TensorSpec("w", "F32", (2, 2))], lambda _: torch.zeros(4))
+
+
+def test_stream_reader_reads_and_seeks_like_the_written_file() -> None:
+    """The bytes `write_tensors` writes, read front to back in any piece size and after any seek
+    (an upload re-reads from a saved position, a multipart upload reads slices)."""
+    written = io.BytesIO()
+    write_tensors(written, MIXED, {"format": "pt"})
+    expected = written.getvalue()
+    asked: list[str] = []
+
+    def value_of(name: str) -> torch.Tensor:
+        asked.append(name)
+        return MIXED[name]
+
+    reader = StreamReader([spec_of(n, t) for n, t in MIXED.items()], value_of, {"format": "pt"})
+    assert reader.size == len(expected) and reader.read() == expected and reader.read() == b""
+    assert len(asked) == len([t for t in MIXED.values() if t.numel()])  # each value asked for once
+    for piece in (1, 7, 4096):
+        reader.seek(0)
+        assert b"".join(iter(lambda: reader.read(piece), b"")) == expected  # noqa: B023
+    generator = torch.Generator().manual_seed(0)
+    for start, size in torch.randint(0, len(expected) + 4, (200, 2), generator=generator).tolist():
+        assert reader.seek(start) == start
+        assert reader.read(size % 64) == expected[start:start + size % 64]
+        buffer = bytearray(size % 64)
+        reader.seek(-(size % 64), io.SEEK_END)
+        assert bytes(buffer[:reader.readinto(buffer)]) == expected[len(expected) - size % 64:]
+    with pytest.raises(ValueError, match="expected F32"):
+        StreamReader([TensorSpec("w", "F32", (2, 2))], lambda _: torch.zeros(4)).read()
 
 
 # -- memory of whole commands ----------------------------------------------------------------
