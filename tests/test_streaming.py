@@ -144,11 +144,13 @@ def _commands_peaks(tmp_path: Path, shape: tuple[int, int], env: dict[str, str])
         "checkout": _peak_anon_mb([*kedit, "checkout", "--force", "main", "-q"], env),
         "export": _peak_anon_mb([*kedit, "export", "main", str(tmp_path / "out"), "-q"], env),
         "push": _peak_anon_mb([*kedit, "push", "origin", "main", "--create", "-q"], env),
+        "clone --bare": _peak_anon_mb([sys.executable, "-m", "kedit.cli", "clone", "--bare", f"hf://{repo_id}",
+                                       str(tmp_path / "clone"), "-q"], env),
     }
 
 
 @pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads RssAnon from /proc")
-def test_checkout_export_and_push_hold_about_one_tensor(tmp_path: Path) -> None:
+def test_checkout_export_push_and_clone_hold_about_one_tensor(tmp_path: Path) -> None:
     """The same commands on a 128 MB model and on a tiny one of the same layout: the difference in
     peak anonymous memory stays near one 32 MB tensor, far from the model (or a shard of it)."""
     server = HubServer(tmp_path / "hub", {TOKEN: "alice"}).start()
