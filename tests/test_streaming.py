@@ -166,3 +166,28 @@ def test_checkout_export_push_and_clone_hold_about_one_tensor(tmp_path: Path) ->
     model_mb = LAYERS * BIG[0] * BIG[1] * 4 / 2**20
     for command in big:
         assert big[command] - tiny[command] < model_mb / 3, (command, big, tiny)
+
+
+def test_a_streamed_tensor_is_stored_as_put_tensors_stores_it_or_not_at_all(tmp_path: Path) -> None:
+    """`put_streamed_tensor` (what a clone does with each tensor of a downloading shard): the same
+    object id and file as `put_tensors`; a short stream or wrong bytes store nothing."""
+    from kedit.core.store import ObjectStore
+    from kedit.core.tensors import hash_tensor, tensor_bytes
+
+    value = torch.randn(700, 600, generator=torch.Generator().manual_seed(0)).bfloat16()  # 840 kB, under 1 MB
+    data = bytes(tensor_bytes(value))
+
+    def reader(blob: bytes):
+        stream = io.BytesIO(blob)
+        return stream.readinto
+
+    kept, streamed = ObjectStore(tmp_path / "a"), ObjectStore(tmp_path / "b")
+    expected = kept.put_tensors({"value": value})
+    got = streamed.put_streamed_tensor("BF16", (700, 600), reader(data), hash_tensor(value))
+    assert got == expected
+    assert streamed.path(got.id, "st").read_bytes() == kept.path(expected.id, "st").read_bytes()
+    for blob, why in ((data[:-2], "cut short"), (data[:-2] + b"\0\0", "does not match")):
+        empty = ObjectStore(tmp_path / why)
+        with pytest.raises(ValueError, match=why):
+            empty.put_streamed_tensor("BF16", (700, 600), reader(blob), hash_tensor(value))
+        assert not empty.path(got.id, "st").exists()

@@ -52,14 +52,6 @@ def _dtype_names() -> dict[torch.dtype, str]:
     }
 
 
-def torch_dtype(name: str) -> torch.dtype:
-    """The torch dtype of a safetensors spelling (F32, BF16, ...)."""
-    for dtype, spelled in _dtype_names().items():
-        if spelled == name:
-            return dtype
-    raise ValueError(f"kedit cannot store tensors of dtype {name}")
-
-
 def dtype_name(dtype: torch.dtype) -> str:
     """The safetensors spelling of a dtype (F32, BF16, ...)."""
     try:

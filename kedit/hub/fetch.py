@@ -42,7 +42,7 @@ from kedit.core.repo import REPO_DIR, HeadState, Repository, StagedChange, Stage
 from kedit.core.revisions import reachable
 from kedit.core.store import read_safetensors
 from kedit.core.stwriter import TensorSpec
-from kedit.core.tensors import DTYPE_SIZES, hash_tensor, torch_dtype
+from kedit.core.tensors import DTYPE_SIZES, hash_tensor
 from kedit.eval.probes import add_probes
 from kedit.hub import remotes
 from kedit.hub.api import Download, Hub
@@ -286,10 +286,8 @@ def _store_objects(repo: Repository, hub: Hub, plan: _ObjectPlan, tmp: Path, pro
 def _store_from_shard(repo: Repository, body: Download, shard: str, wanted: dict[str, str],
                       manifest: dict[str, str]) -> None:
     """The `wanted` tensors (name -> object id) of a safetensors shard read as it downloads, each
-    checked against its hash in `manifest` before it is stored: one tensor is held at a time and
-    the shard is never written here."""
-    import torch
-
+    checked against its hash in `manifest` as it is written into its object (kept only if it
+    matches): a buffer of 1 MB is held, and the shard is never written here."""
     def corrupt(name: str | None, why: str) -> CorruptObjectError:
         oid = wanted[name] if name else next(iter(wanted.values()))
         what = f"{name} in the downloaded {shard}" if name else f"the downloaded {shard}"
@@ -314,16 +312,11 @@ def _store_from_shard(repo: Repository, body: Download, shard: str, wanted: dict
             raise corrupt(name, "does not match its hash")
         if body.skip(start - at) != start - at:
             raise corrupt(name, "is cut short")
-        data = bytearray(end - start)
-        if body.readinto(data) != len(data):
-            raise corrupt(name, "is cut short")
         at = end
-        value = torch.frombuffer(data, dtype=torch.uint8) if data else torch.zeros(0, dtype=torch.uint8)
-        value = value.view(torch_dtype(dtype)).reshape(shape)
-        if hash_tensor(value) != manifest[name]:
-            raise corrupt(name, "does not match its hash")
-        repo.store.put_tensors({"value": value}, tensor_hashes={"value": manifest[name]})
-        del value, data
+        try:
+            repo.store.put_streamed_tensor(dtype, shape, body.readinto, manifest[name])
+        except ValueError as e:  # cut short, or not the bytes its hash names: not stored
+            raise corrupt(name, str(e)) from None
         del wanted[name]
     if wanted:
         raise corrupt(next(iter(wanted)), "does not match its hash")
