@@ -223,10 +223,11 @@ def main() -> None:
         shutil.rmtree(work / "export")
         subprocess.run([KEDIT, "--repo", str(repo), "remote", "add", "origin", f"hf://{REPO_ID}"],
                        env=env, check=True)
-        run("push", "writes one shard per layer and uploads it (the server stores it)", "push", "origin", "main")
+        run("push", "reads each layer's shard twice (SHA-256, then upload) without writing it; the server stores it",
+            "push", "origin", "main")
         shutil.rmtree(model)
         shutil.rmtree(repo)
-        run("clone --bare", "downloads one shard at a time, verifies and stores every tensor", "clone", "--bare",
+        run("clone --bare", "reads each shard as it downloads, hashing each tensor into its object", "clone", "--bare",
             f"hf://{REPO_ID}", str(work / "clone"))
     finally:
         if hub is not None:

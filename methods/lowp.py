@@ -27,7 +27,7 @@ import torch
 
 from kedit.model.placement import is_placed
 
-__all__ = ["DTYPES", "check_dtype", "has_hooks", "low_precision"]
+__all__ = ["DTYPES", "check_dtype", "effective_dtype", "has_hooks", "low_precision"]
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -40,6 +40,16 @@ def check_dtype(name: str) -> None:
     """Reject a dtype name a hyper-parameter file could carry that is not one of DTYPES."""
     if name not in DTYPES:
         raise ValueError(f"v_dtype must be one of {', '.join(DTYPES)}, got {name!r}")
+
+
+def effective_dtype(model: torch.nn.Module, name: str) -> str:
+    """The dtype the layers above an edit really run in when `v_dtype` is `name`: the model's own
+    when accelerate placed its modules (never copied, see above), so that a commit records what
+    was used and a replay in memory computes the same."""
+    if not any(is_placed(m) for m in model.modules()):
+        return name
+    own = next((n for n, d in DTYPES.items() if d == next(model.parameters()).dtype), None)
+    return own or name
 
 
 def has_hooks(module: torch.nn.Module) -> bool:

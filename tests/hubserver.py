@@ -29,6 +29,7 @@ import os
 import secrets
 import threading
 import time
+from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
@@ -195,17 +196,26 @@ class HubHandler(BaseHTTPRequestHandler):
     # -- plumbing --------------------------------------------------------------------------
 
     def _body(self) -> bytes:
+        return b"".join(self._body_chunks())
+
+    def _body_chunks(self, piece: int = 1 << 20) -> Iterator[bytes]:
+        """The request body, a piece at a time (chunked or with a Content-Length)."""
         if self.headers.get("Transfer-Encoding", "").lower() == "chunked":
-            out = bytearray()
             while True:
                 size = int(self.rfile.readline().split(b";")[0].strip() or b"0", 16)
                 if size == 0:
                     while self.rfile.readline() not in (b"\r\n", b"\n", b""):
                         pass
-                    return bytes(out)
-                out += self.rfile.read(size)
+                    return
+                yield self.rfile.read(size)
                 self.rfile.readline()
-        return self.rfile.read(int(self.headers.get("Content-Length") or 0))
+        left = int(self.headers.get("Content-Length") or 0)
+        while left > 0:
+            chunk = self.rfile.read(min(left, piece))
+            if not chunk:
+                return
+            left -= len(chunk)
+            yield chunk
 
     def _send(self, status: int, body: bytes = b"", headers: dict[str, str] | None = None,
               content_type: str = "application/json") -> None:
@@ -416,11 +426,22 @@ class HubHandler(BaseHTTPRequestHandler):
                    content_type="application/vnd.git-lfs+json")
 
     def _lfs_upload(self, oid: str, size: int) -> None:
-        data = self._body()
-        if len(data) != size or hashlib.sha256(data).hexdigest() != oid:
-            raise HubError(400, "uploaded content does not match its sha256")
-        _write_atomic(self.server.store.root / "lfs" / oid, data)
-        self.server.uploaded_bytes += len(data)
+        """The body goes to disk as it arrives, hashed on the way (as a real store streams it)."""
+        path = self.server.store.root / "lfs" / oid
+        tmp = path.with_name(f".{oid}.{secrets.token_hex(4)}")
+        digest, got = hashlib.sha256(), 0
+        try:
+            with open(tmp, "wb") as f:
+                for chunk in self._body_chunks():
+                    digest.update(chunk)
+                    f.write(chunk)
+                    got += len(chunk)
+            if got != size or digest.hexdigest() != oid:
+                raise HubError(400, "uploaded content does not match its sha256")
+            os.replace(tmp, path)
+        finally:
+            tmp.unlink(missing_ok=True)
+        self.server.uploaded_bytes += got
         return self._send(200)
 
     def _commit(self, repo_id: str, rev: str) -> None:
@@ -466,13 +487,22 @@ class HubHandler(BaseHTTPRequestHandler):
         entry = tree.get(path)
         if entry is None:
             raise HubError(404, "Entry not found", "EntryNotFound")
-        data = self.server.store.read(entry)
         etag = entry["lfs"]["oid"] if entry["lfs"] else entry["oid"]
         headers = {"X-Repo-Commit": sha, "ETag": f'"{etag}"'}
-        if entry["lfs"]:
-            headers["X-Linked-Etag"] = f'"{etag}"'
-            headers["X-Linked-Size"] = str(entry["size"])
-        return self._send(200, data, headers, content_type="application/octet-stream")
+        if not entry["lfs"]:
+            return self._send(200, self.server.store.read(entry), headers, content_type="application/octet-stream")
+        headers["X-Linked-Etag"] = f'"{etag}"'
+        headers["X-Linked-Size"] = str(entry["size"])
+        with open(self.server.store.root / "lfs" / entry["lfs"]["oid"], "rb") as f:  # sent from the file
+            size = os.fstat(f.fileno()).st_size
+            self.send_response(200)
+            self.send_header("Content-Type", "application/octet-stream")
+            self.send_header("Content-Length", str(size))
+            for k, v in headers.items():
+                self.send_header(k, v)
+            self.end_headers()
+            if self.command != "HEAD":
+                self.connection.sendfile(f)
 
 
 class _Dropped(Exception):

@@ -339,14 +339,25 @@ def _tamper(hub: HubServer, path: str) -> None:
     file.write_bytes(bytes(data))
 
 
-@pytest.mark.parametrize("target", ["object", "commit"])
+@pytest.mark.parametrize("target", ["object", "commit", "shard", "shard header", "shard cut short"])
 def test_a_corrupted_download_is_refused(origin: Repository, hub: HubServer, tmp_path: Path, target: str) -> None:
+    """A weights shard is read as it downloads: a changed byte, a garbled header or a short file
+    is refused like a damaged object."""
     run(origin.root, "push")
     tree = hub.store.tree(REPO_ID, "main")[1]
-    prefix = ".kedit/objects/" if target == "object" else f".kedit/commits/{origin.head()}"
-    _tamper(hub, next(p for p in sorted(tree) if p.startswith(prefix)))
+    prefix = {"object": ".kedit/objects/", "commit": f".kedit/commits/{origin.head()}"}.get(target, "model-")
+    path = next(p for p in sorted(tree) if p.startswith(prefix))
+    if target == "shard header":
+        file = hub.store.root / "lfs" / tree[path]["lfs"]["oid"]
+        file.write_bytes(file.read_bytes().replace(b'"shape"', b'"shapf"', 1))
+    elif target == "shard cut short":
+        file = hub.store.root / "lfs" / tree[path]["lfs"]["oid"]
+        file.write_bytes(file.read_bytes()[:-5])
+    else:
+        _tamper(hub, path)
     err = run(tmp_path, "clone", URL, str(tmp_path / "copy"), code=1)
-    assert ("damaged" in err or "forged" in err) and "nothing was changed" in err
+    assert ("damaged" in err or "forged" in err) and "nothing was changed" in err, err
+    assert err.count("\n") == 1, err
     assert not (tmp_path / "copy").exists()
 
 

@@ -63,6 +63,19 @@ def test_offloaded_delta_equals_the_in_memory_one(repo: kedit.Repository, tmp_pa
     assert in_memory and _fingerprint(offloaded) == _fingerprint(in_memory)
 
 
+def test_an_offloaded_edit_records_the_v_dtype_it_used(repo: kedit.Repository, tmp_path: Path) -> None:
+    """Placed layers are never copied to v_dtype: the commit records the model's own dtype, so
+    that replaying it in memory computes the same; in memory the setting stands."""
+    kwargs = dict(method="rome", overrides={k: v for k, v in _overrides("rome").items() if k != "v_dtype"},
+                  corpus=tmp_path / "corpus.txt", stats_samples=16, measure=False)
+    base = repo.head()
+    repo.edit([ONE], **kwargs)
+    assert repo.get_commit(repo.head()).hparams["v_dtype"] == "bfloat16"
+    repo.reset(base)
+    repo.edit([ONE], device="auto", max_memory=OFFLOAD, offload_folder=tmp_path / "offload", **kwargs)
+    assert repo.get_commit(repo.head()).hparams["v_dtype"] == "float32"  # the tiny model's dtype
+
+
 def test_offloaded_grace_adapter_equals_the_in_memory_one(repo: kedit.Repository, tmp_path: Path) -> None:
     base = repo.head()
     kwargs = dict(method="grace", overrides={"n_iter": "20"}, measure=False)

@@ -18,7 +18,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save
 
-from kedit.core.stwriter import TensorSpec, spec_of, write_stream, write_tensors
+from kedit.core.stwriter import StreamReader, TensorSpec, spec_of, write_stream, write_tensors
 from tests.hubserver import HubServer
 
 MIXED = {
@@ -68,6 +68,35 @@ def test_a_value_unlike_its_header_is_refused() -> None:
         write_stream(io.BytesIO(), [TensorSpec("w", "F32", (2, 2))], lambda _: torch.zeros(4))
 
 
+def test_stream_reader_reads_and_seeks_like_the_written_file() -> None:
+    """The bytes `write_tensors` writes, read front to back in any piece size and after any seek
+    (an upload re-reads from a saved position, a multipart upload reads slices)."""
+    written = io.BytesIO()
+    write_tensors(written, MIXED, {"format": "pt"})
+    expected = written.getvalue()
+    asked: list[str] = []
+
+    def value_of(name: str) -> torch.Tensor:
+        asked.append(name)
+        return MIXED[name]
+
+    reader = StreamReader([spec_of(n, t) for n, t in MIXED.items()], value_of, {"format": "pt"})
+    assert reader.size == len(expected) and reader.read() == expected and reader.read() == b""
+    assert len(asked) == len([t for t in MIXED.values() if t.numel()])  # each value asked for once
+    for piece in (1, 7, 4096):
+        reader.seek(0)
+        assert b"".join(iter(lambda: reader.read(piece), b"")) == expected  # noqa: B023
+    generator = torch.Generator().manual_seed(0)
+    for start, size in torch.randint(0, len(expected) + 4, (200, 2), generator=generator).tolist():
+        assert reader.seek(start) == start
+        assert reader.read(size % 64) == expected[start:start + size % 64]
+        buffer = bytearray(size % 64)
+        reader.seek(-(size % 64), io.SEEK_END)
+        assert bytes(buffer[:reader.readinto(buffer)]) == expected[len(expected) - size % 64:]
+    with pytest.raises(ValueError, match="expected F32"):
+        StreamReader([TensorSpec("w", "F32", (2, 2))], lambda _: torch.zeros(4)).read()
+
+
 # -- memory of whole commands ----------------------------------------------------------------
 
 TOKEN = "hf_kedit_stream_token"
@@ -115,11 +144,13 @@ def _commands_peaks(tmp_path: Path, shape: tuple[int, int], env: dict[str, str])
         "checkout": _peak_anon_mb([*kedit, "checkout", "--force", "main", "-q"], env),
         "export": _peak_anon_mb([*kedit, "export", "main", str(tmp_path / "out"), "-q"], env),
         "push": _peak_anon_mb([*kedit, "push", "origin", "main", "--create", "-q"], env),
+        "clone --bare": _peak_anon_mb([sys.executable, "-m", "kedit.cli", "clone", "--bare", f"hf://{repo_id}",
+                                       str(tmp_path / "clone"), "-q"], env),
     }
 
 
 @pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads RssAnon from /proc")
-def test_checkout_export_and_push_hold_about_one_tensor(tmp_path: Path) -> None:
+def test_checkout_export_push_and_clone_hold_about_one_tensor(tmp_path: Path) -> None:
     """The same commands on a 128 MB model and on a tiny one of the same layout: the difference in
     peak anonymous memory stays near one 32 MB tensor, far from the model (or a shard of it)."""
     server = HubServer(tmp_path / "hub", {TOKEN: "alice"}).start()
@@ -135,3 +166,28 @@ def test_checkout_export_and_push_hold_about_one_tensor(tmp_path: Path) -> None:
     model_mb = LAYERS * BIG[0] * BIG[1] * 4 / 2**20
     for command in big:
         assert big[command] - tiny[command] < model_mb / 3, (command, big, tiny)
+
+
+def test_a_streamed_tensor_is_stored_as_put_tensors_stores_it_or_not_at_all(tmp_path: Path) -> None:
+    """`put_streamed_tensor` (what a clone does with each tensor of a downloading shard): the same
+    object id and file as `put_tensors`; a short stream or wrong bytes store nothing."""
+    from kedit.core.store import ObjectStore
+    from kedit.core.tensors import hash_tensor, tensor_bytes
+
+    value = torch.randn(700, 600, generator=torch.Generator().manual_seed(0)).bfloat16()  # 840 kB, under 1 MB
+    data = bytes(tensor_bytes(value))
+
+    def reader(blob: bytes):
+        stream = io.BytesIO(blob)
+        return stream.readinto
+
+    kept, streamed = ObjectStore(tmp_path / "a"), ObjectStore(tmp_path / "b")
+    expected = kept.put_tensors({"value": value})
+    got = streamed.put_streamed_tensor("BF16", (700, 600), reader(data), hash_tensor(value))
+    assert got == expected
+    assert streamed.path(got.id, "st").read_bytes() == kept.path(expected.id, "st").read_bytes()
+    for blob, why in ((data[:-2], "cut short"), (data[:-2] + b"\0\0", "does not match")):
+        empty = ObjectStore(tmp_path / why)
+        with pytest.raises(ValueError, match=why):
+            empty.put_streamed_tensor("BF16", (700, 600), reader(blob), hash_tensor(value))
+        assert not empty.path(got.id, "st").exists()

@@ -35,7 +35,7 @@ from safetensors import SafetensorError, safe_open
 from kedit.core.errors import CorruptObjectError, ExternalFileError, ObjectMissingError
 from kedit.core.hashing import hash_bytes, tensors_object_id
 from kedit.core.names import inside
-from kedit.core.stwriter import TensorSpec, write_stream, write_tensors
+from kedit.core.stwriter import TensorSpec, layout, write_stream, write_tensors
 from kedit.core.tensors import hash_tensor
 
 if TYPE_CHECKING:
@@ -190,6 +190,44 @@ class ObjectStore:
         if path is not None and not self.path(object_id, "ref").exists():
             save_tensors_atomic(path, tensors, metadata, tmp_dir=self.tmp, durable=self._durable(path),
                                 root=self.root)
+        stored = self.path(object_id, "st")
+        return StoredObject(object_id, stored.stat().st_size if stored.exists() else 0, hashes)
+
+    def put_streamed_tensor(self, dtype: str, shape: tuple[int, ...], read_into: Callable[[memoryview], int],
+                            tensor_hash: str) -> StoredObject:
+        """One tensor as the object `put_tensors({"value": t})` makes, written while `read_into`
+        fills a 1 MB buffer (fewer bytes only at the end) and hashed on the way: it is moved into
+        place only if all its bytes came and they hash to `tensor_hash`, else ValueError says
+        which, and nothing is stored. Memory: the buffer, whatever the tensor's size."""
+        import xxhash
+
+        spec = TensorSpec("value", dtype, shape)
+        hashes = {"value": tensor_hash}
+        object_id = tensors_object_id(hashes, {})
+        head, _ = layout([spec], None)
+
+        def copy(out: BinaryIO | None) -> None:
+            digest = xxhash.xxh3_128()
+            digest.update(f"{dtype}|{','.join(map(str, shape))}|".encode())
+            if out is not None:
+                out.write(head)
+            view, left = memoryview(bytearray(min(spec.nbytes, 1 << 20))), spec.nbytes
+            while left:
+                n = read_into(view[:min(len(view), left)])
+                if n == 0:
+                    raise ValueError("is cut short")
+                digest.update(view[:n])
+                if out is not None:
+                    out.write(view[:n])
+                left -= n
+            if digest.hexdigest() != tensor_hash:
+                raise ValueError("does not match its hash")
+
+        path = self._place(object_id, "st")
+        if path is None or self.path(object_id, "ref").exists():
+            copy(None)  # already stored: the bytes are still read (and checked)
+        else:
+            _atomic_replace(path, _write_with(copy), self.tmp, self._durable(path), self.root)
         stored = self.path(object_id, "st")
         return StoredObject(object_id, stored.stat().st_size if stored.exists() else 0, hashes)
 

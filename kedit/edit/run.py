@@ -35,6 +35,7 @@ from kedit.eval.measure import Reference, as_metrics, locality_pairs, measure, r
 from kedit.eval.probes import add_probes, subject_finder
 from kedit.methods.base import EditRequest, Method, get_method
 from kedit.methods.hparams import hparams_from_dict, hparams_from_overrides, hparams_to_dict
+from kedit.methods.lowp import effective_dtype
 from kedit.model.adapters import install_adapters
 from kedit.model.load import load_revision
 from kedit.model.placement import Placement, read_weight, write_weight
@@ -100,6 +101,8 @@ def run_edits(repo: Repository, requests: list[EditRequest], options: EditOption
         from kedit.edit.trained import resolve_editor
 
         hparams = dataclasses.replace(hparams, editor=resolve_editor(repo, method.name, hparams.editor).id)
+    if "v_dtype" in {f.name for f in dataclasses.fields(hparams)}:  # placed layers run as they are: record that
+        hparams = dataclasses.replace(hparams, v_dtype=effective_dtype(model, hparams.v_dtype))
     stats = StatsProvider(repo, hparams, (model, tok), at.commit, corpus=options.corpus, dtype=options.dtype,
                           device=options.device, placement=options.placement, progress=options.progress)
     _warn_locality_about_edited_subjects(requests)

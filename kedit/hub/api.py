@@ -126,6 +126,28 @@ class Hub:
         with self.errors(f"download {path} from {self.remote.repo_id}"):
             return Path(self.api.hf_hub_download(self.remote.repo_id, path, revision=sha, local_dir=dest))
 
+    @contextlib.contextmanager
+    def open(self, path: str, sha: str) -> Iterator[Download]:
+        """`path` at `sha` as a stream read front to back, never written here (a shard whose
+        tensors are checked and stored as they arrive). Network failures while reading are
+        HubErrors too."""
+        from huggingface_hub import constants, get_session, hf_hub_url
+        from huggingface_hub import errors as hf
+        from huggingface_hub.utils import build_hf_headers, hf_raise_for_status
+
+        self._check_names(path, sha)
+        doing = f"download {path} from {self.remote.repo_id}"
+        with contextlib.ExitStack() as stack:  # the caller's own errors pass through untouched
+            with self.errors(doing):
+                if constants.HF_HUB_OFFLINE:
+                    raise hf.OfflineModeIsEnabled("HF_HUB_OFFLINE is set")
+                url = hf_hub_url(self.remote.repo_id, path, revision=sha, endpoint=self.remote.endpoint)
+                headers = build_hf_headers(token=self.token or False)  # (False: see __init__)
+                response = stack.enter_context(get_session().stream(
+                    "GET", url, headers=headers, follow_redirects=True, timeout=constants.HF_HUB_DOWNLOAD_TIMEOUT))
+                hf_raise_for_status(response)
+            yield Download(response.iter_bytes(), self, doing)
+
     def read_json(self, path: str, sha: str, dest: Path) -> dict | None:
         """A small JSON file at `sha`, or None when the file is not there."""
         from huggingface_hub import errors as hf
@@ -170,6 +192,45 @@ class Hub:
             info = self.api.create_commit(self.remote.repo_id, operations, commit_message=message,
                                           revision=branch, parent_commit=parent)
         return info.oid
+
+
+class Download:
+    """An HTTP response body read into the caller's buffers (`Hub.open`)."""
+
+    def __init__(self, chunks: Iterator[bytes], hub: Hub, doing: str) -> None:
+        self._chunks, self._hub, self._doing = chunks, hub, doing
+        self._rest = memoryview(b"")
+
+    def readinto(self, buffer) -> int:
+        """Fill `buffer`; fewer bytes only at the end of the body."""
+        out = memoryview(buffer).cast("B")
+        done = 0
+        while done < len(out):
+            if not self._rest:
+                with self._hub.errors(self._doing):
+                    chunk = next(self._chunks, None)
+                if chunk is None:
+                    break
+                self._rest = memoryview(chunk)
+            n = min(len(self._rest), len(out) - done)
+            out[done:done + n] = self._rest[:n]
+            self._rest = self._rest[n:]
+            done += n
+        return done
+
+    def read(self, size: int) -> bytes:
+        buffer = bytearray(size)
+        return bytes(buffer[:self.readinto(buffer)])
+
+    def skip(self, size: int) -> int:
+        """Read past `size` bytes; how many there were."""
+        buffer, skipped = bytearray(min(size, 1 << 20)), 0
+        while skipped < size:
+            n = self.readinto(memoryview(buffer)[:min(len(buffer), size - skipped)])
+            if n == 0:
+                break
+            skipped += n
+        return skipped
 
 
 def _is_network(e: BaseException) -> bool:

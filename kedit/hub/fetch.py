@@ -21,7 +21,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
-from safetensors import SafetensorError, safe_open
+from safetensors import SafetensorError
 
 from kedit.core import db as dbm
 from kedit.core import history, tables
@@ -41,10 +41,11 @@ from kedit.core.refs import BRANCH_PREFIX, short_id
 from kedit.core.repo import REPO_DIR, HeadState, Repository, StagedChange, StagedCommit
 from kedit.core.revisions import reachable
 from kedit.core.store import read_safetensors
-from kedit.core.tensors import hash_tensor
+from kedit.core.stwriter import TensorSpec
+from kedit.core.tensors import DTYPE_SIZES, hash_tensor
 from kedit.eval.probes import add_probes
 from kedit.hub import remotes
-from kedit.hub.api import Hub
+from kedit.hub.api import Download, Hub
 from kedit.hub.layout import (
     ID_RE,
     INDEX_FILE,
@@ -62,6 +63,8 @@ from kedit.hub.layout import (
     verify_document,
 )
 from kedit.hub.probes import ProbeRow, read_probes
+
+MAX_HEADER = 100_000_000  # the largest safetensors header safetensors itself reads
 
 
 @dataclass
@@ -269,23 +272,54 @@ def _weight_map(hub: Hub, sha: str, tmp: Path) -> dict[str, str]:
 
 def _store_objects(repo: Repository, hub: Hub, plan: _ObjectPlan, tmp: Path, progress: bool) -> None:
     """Download, verify and store the planned objects, one file at a time: each download is
-    deleted once its tensors are stored, and a shard's tensors are read one by one."""
+    deleted once its tensors are stored; a shard is read as it arrives, one tensor at a time."""
     with repo.store.batch():
         for oid, path, is_blob in progress_bar(plan.files, desc="objects", disable=not progress):
             file = hub.download(path, plan.sha, tmp)
             _put_verified(repo, oid, file, is_blob)
             file.unlink()
         for shard, wanted in sorted(plan.from_weights.items()):
-            file = hub.download(shard, plan.sha, tmp)
-            with safe_open(str(file), framework="pt") as f:
-                present = set(f.keys())
-                for oid, name in wanted:
-                    value = f.get_tensor(name) if name in present else None
-                    if value is None or hash_tensor(value) != plan.manifest[name]:
-                        raise CorruptObjectError(oid, f"{name} in the downloaded {shard} does not match its hash")
-                    repo.store.put_tensors({"value": value}, tensor_hashes={"value": plan.manifest[name]})
-                    del value
-            file.unlink()
+            with hub.open(shard, plan.sha) as body:
+                _store_from_shard(repo, body, shard, dict((name, oid) for oid, name in wanted), plan.manifest)
+
+
+def _store_from_shard(repo: Repository, body: Download, shard: str, wanted: dict[str, str],
+                      manifest: dict[str, str]) -> None:
+    """The `wanted` tensors (name -> object id) of a safetensors shard read as it downloads, each
+    checked against its hash in `manifest` as it is written into its object (kept only if it
+    matches): a buffer of 1 MB is held, and the shard is never written here."""
+    def corrupt(name: str | None, why: str) -> CorruptObjectError:
+        oid = wanted[name] if name else next(iter(wanted.values()))
+        what = f"{name} in the downloaded {shard}" if name else f"the downloaded {shard}"
+        return CorruptObjectError(oid, f"{what} {why}; nothing was changed")
+
+    size = int.from_bytes(body.read(8).ljust(8, b"\0"), "little")
+    try:
+        if not 2 <= size <= MAX_HEADER:
+            raise ValueError(f"header size {size}")
+        header = loads_unique(body.read(size).decode())
+        entries = sorted(((e["data_offsets"][0], e["data_offsets"][1], name, e["dtype"], tuple(e["shape"]))
+                          for name, e in header.items() if name != "__metadata__"))
+        if not all(isinstance(d, int) and d >= 0 for start, end, _, _, shape in entries for d in (start, end, *shape)):
+            raise ValueError("an offset or a shape is not a list of sizes")
+    except (ValueError, TypeError, KeyError, IndexError, AttributeError) as e:
+        raise corrupt(None, f"is not a safetensors file ({e})") from None
+    at = 0
+    for start, end, name, dtype, shape in entries:
+        if name not in wanted:
+            continue
+        if dtype not in DTYPE_SIZES or start < at or end - start != TensorSpec(name, dtype, shape).nbytes:
+            raise corrupt(name, "does not match its hash")
+        if body.skip(start - at) != start - at:
+            raise corrupt(name, "is cut short")
+        at = end
+        try:
+            repo.store.put_streamed_tensor(dtype, shape, body.readinto, manifest[name])
+        except ValueError as e:  # cut short, or not the bytes its hash names: not stored
+            raise corrupt(name, str(e)) from None
+        del wanted[name]
+    if wanted:
+        raise corrupt(next(iter(wanted)), "does not match its hash")
 
 
 def _put_verified(repo: Repository, oid: str, file: Path, is_blob: bool) -> None:

@@ -35,7 +35,7 @@ import secrets
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 from kedit.core import db as dbm
 from kedit.core import history, tables
@@ -46,8 +46,8 @@ from kedit.core.progress import progress_bar
 from kedit.core.refs import BRANCH_PREFIX, check_ref_name, short_id
 from kedit.core.repo import Repository
 from kedit.core.revisions import reachable
-from kedit.core.store import save_tensors_atomic, stream_tensors_atomic
-from kedit.core.stwriter import TensorSpec
+from kedit.core.store import save_tensors_atomic
+from kedit.core.stwriter import StreamReader, TensorSpec
 from kedit.core.tables import EDITOR_FIELDS
 from kedit.hub import remotes
 from kedit.hub.api import KEDIT_DIR, Hub
@@ -266,7 +266,7 @@ class PushResult:
     up_to_date: bool = False
 
 
-def add_file(path: str, source: Path | bytes):
+def add_file(path: str, source: Path | bytes | BinaryIO):
     from huggingface_hub import CommitOperationAdd
 
     return CommitOperationAdd(path_in_repo=path, path_or_fileobj=source)
@@ -458,12 +458,10 @@ def _checkpoint_ops(repo: Repository, hub: Hub, rbranch: str, tip: str, old: str
     ops = []
     for shard in progress_bar(sorted(changed), desc="shards", disable=not progress):
         specs = [TensorSpec(n, manifest[n].dtype, manifest[n].shape) for n in groups[shard]]
-        stream_tensors_atomic(tmp / shard, specs, lambda n: repo.materializer.value_of(
-            history.change(repo.db, manifest[n].commit_id, n)), {"format": "pt"}, durable=False)
-        op = add_file(shard, tmp / shard)
-        hub.preupload([op], branch=rbranch)  # the shard goes up now, and its file goes
-        if op._is_uploaded:  # an LFS file, referenced by its sha256 from here on (a small one waits for the commit)
-            (tmp / shard).unlink()
+        # never on disk here: read once for its sha256 (as the operation is made), once to upload
+        op = add_file(shard, StreamReader(specs, lambda n: repo.materializer.value_of(
+            history.change(repo.db, manifest[n].commit_id, n)), {"format": "pt"}))
+        hub.preupload([op], branch=rbranch)  # the shard goes up now (a small one waits for the commit)
         ops.append(op)
     files = history.files(repo.db, tip)
     old_files = history.files(repo.db, old) if old else {}
