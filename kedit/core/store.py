@@ -36,7 +36,7 @@ from kedit.core.errors import CorruptObjectError, ExternalFileError, ObjectMissi
 from kedit.core.hashing import hash_bytes, tensors_object_id
 from kedit.core.names import inside
 from kedit.core.stwriter import TensorSpec, layout, write_stream, write_tensors
-from kedit.core.tensors import hash_tensor
+from kedit.core.tensors import hash_tensor, tensor_hasher
 
 if TYPE_CHECKING:
     import torch
@@ -199,16 +199,13 @@ class ObjectStore:
         fills a 1 MB buffer (fewer bytes only at the end) and hashed on the way: it is moved into
         place only if all its bytes came and they hash to `tensor_hash`, else ValueError says
         which, and nothing is stored. Memory: the buffer, whatever the tensor's size."""
-        import xxhash
-
         spec = TensorSpec("value", dtype, shape)
         hashes = {"value": tensor_hash}
         object_id = tensors_object_id(hashes, {})
         head, _ = layout([spec], None)
 
         def copy(out: BinaryIO | None) -> None:
-            digest = xxhash.xxh3_128()
-            digest.update(f"{dtype}|{','.join(map(str, shape))}|".encode())
+            digest = tensor_hasher(dtype, shape)
             if out is not None:
                 out.write(head)
             view, left = memoryview(bytearray(min(spec.nbytes, 1 << 20))), spec.nbytes

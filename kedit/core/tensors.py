@@ -74,10 +74,17 @@ def tensor_bytes(t: torch.Tensor) -> memoryview:
     return memoryview(t.view(-1).view(torch.uint8).numpy())
 
 
+def tensor_hasher(dtype: str, shape: tuple[int, ...]) -> xxhash.xxh3_128:
+    """The hash of a tensor of `dtype` (a safetensors name) and `shape`, waiting for its raw bytes:
+    fed piece by piece, it gives `hash_tensor` of the whole tensor (a download hashed as it arrives)."""
+    h = xxhash.xxh3_128()
+    h.update(f"{dtype}|{','.join(map(str, shape))}|".encode())
+    return h
+
+
 def hash_tensor(t: torch.Tensor) -> str:
     """The tensor's id: xxh3_128 of 'dtype|shape|' followed by its raw bytes, as 32 hex digits."""
-    h = xxhash.xxh3_128()
-    h.update(f"{dtype_name(t.dtype)}|{','.join(map(str, t.shape))}|".encode())
+    h = tensor_hasher(dtype_name(t.dtype), tuple(t.shape))
     h.update(tensor_bytes(t))
     return h.hexdigest()
 
