@@ -119,9 +119,11 @@ def test_push_clone_gives_the_same_log_and_export_hashes(origin: Repository, hub
 
 
 def test_a_bare_clone_writes_no_working_model_and_exports_the_same(origin: Repository, hub: HubServer,
-                                                                   tmp_path: Path) -> None:
+                                                                   tmp_path: Path,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
     run(origin.root, "push")
-    run(tmp_path, "clone", "--bare", URL, str(tmp_path / "bare"))
+    monkeypatch.chdir(tmp_path)  # into a relative folder, as a user types it
+    run(tmp_path, "clone", "--bare", URL, "bare")
     bare = Repository.open(tmp_path / "bare")
     assert bare.worktree is None and not (bare.path / "worktree").exists()
     assert export_hashes(bare.root, "HEAD", tmp_path / "b") == export_hashes(origin.root, "HEAD", tmp_path / "o")

@@ -179,3 +179,16 @@ def test_long_work_off_a_terminal_reports_in_lines_with_the_time_left(caplog, mo
                                                         "export: 6/8 tensor (75%), about 8s left"]
     monkeypatch.setenv("KEDIT_DISABLE_PROGRESS_BARS", "1")
     assert not isinstance(progress_bar(total=8), ProgressLines)
+
+
+def test_the_hub_client_does_not_log_each_http_request() -> None:
+    """huggingface_hub's HTTP client logs every request at INFO, kedit's level: it must stay quiet."""
+    import logging
+
+    from huggingface_hub import get_session
+
+    from kedit.cli.terminal import silence_libraries
+
+    client_logger = logging.getLogger(type(get_session()).__module__.split(".")[0])
+    silence_libraries(progress=False)
+    assert client_logger.getEffectiveLevel() > logging.INFO

@@ -27,7 +27,7 @@ PAGED_COMMANDS = frozenset({"log", "show", "diff", "reflog", "blame"})
 DEFAULT_PAGER = "less -FRX"  # quit if one screen, keep colours, leave the text on screen
 EXIT_CLOSED_PIPE = 141  # 128 + SIGPIPE, as git and other Unix tools exit when the reader goes away
 COLOR_MODES = ("auto", "always", "never")
-NOISY_LOGGERS = ("httpx", "urllib3", "huggingface_hub", "transformers", "filelock", "accelerate")
+NOISY_LOGGERS = ("httpx", "httpx2", "urllib3", "huggingface_hub", "transformers", "filelock", "accelerate")
 
 
 def debug_enabled() -> bool:

@@ -261,7 +261,7 @@ def repository_dir(where: str | Path | None) -> Path:
 
 class Repository:
     def __init__(self, path: Path) -> None:
-        self.path = path
+        self.path = path = Path(path).absolute()  # the store joins names onto it: a relative one would nest
         self.db = dbm.connect(path / DB_FILE)
         self.read_only = self.db.read_only
         self.store = ObjectStore(path / "objects")
