@@ -159,8 +159,11 @@ class SuffixForward:
 
     With `upper_dtype`, the layers above L and the final norm run as frozen copies in that dtype
     (`lowp.low_precision`); layer L, where δ enters, and the returned states keep the model's.
-    If any of them carries hooks (an installed GRACE codebook), all run as they are.
+    If any of them carries hooks (an installed GRACE codebook, accelerate's placement), all run as
+    they are. `upper_dtype_used` says which was done, for the commit to record.
     """
+
+    upper_dtype_used: torch.dtype
 
     def __init__(self, model: Any, rows: Sequence[Sequence[int]], edit_pos: Sequence[int], layer: int, pad: int,
                  upper_dtype: torch.dtype | None = None):
@@ -225,6 +228,7 @@ class SuffixForward:
         upper = self.layers[layer + 1 :]
         if upper_dtype is None or upper_dtype == dtype or any(has_hooks(m) for m in (*upper, self.final_norm)):
             self.upper = (upper, self.final_norm, self.prefix_kv, self.mask, self.position_embeddings)
+            self.upper_dtype_used = dtype
         else:
             self.upper = (
                 [low_precision(m, upper_dtype) for m in upper],
@@ -233,6 +237,7 @@ class SuffixForward:
                 additive_mask(upper_dtype)[:, :, p_len:, :],
                 tuple(x.to(upper_dtype) for x in self.position_embeddings),
             )
+            self.upper_dtype_used = upper_dtype
 
     def _run(self, layer: Any, h: torch.Tensor, kv: dict, mask: torch.Tensor, rotary: tuple) -> torch.Tensor:
         out = layer(h, attention_mask=mask, position_ids=self.pos, position_embeddings=rotary, use_cache=True,

@@ -14,7 +14,8 @@ so a series of edits, each changing one layer, converts the others once. Modules
 (GRACE's codebook, another tool's) are not copied: a copy would carry a snapshot of the hook's
 state in the wrong dtype, so callers run them as they are (`has_hooks`). Neither are modules that
 accelerate placed (`--device auto`): an offloaded layer's weights are on disk, and a copy would
-hold them all in memory, rounded.
+hold them all in memory, rounded. Either way the value fit reports the dtype the layers really ran
+in, and the commit records that as its `v_dtype` (kedit/edit/run.py), so a replay computes the same.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ import torch
 
 from kedit.model.placement import is_placed
 
-__all__ = ["DTYPES", "check_dtype", "effective_dtype", "has_hooks", "low_precision"]
+__all__ = ["DTYPES", "check_dtype", "dtype_name", "has_hooks", "low_precision"]
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -42,14 +43,9 @@ def check_dtype(name: str) -> None:
         raise ValueError(f"v_dtype must be one of {', '.join(DTYPES)}, got {name!r}")
 
 
-def effective_dtype(model: torch.nn.Module, name: str) -> str:
-    """The dtype the layers above an edit really run in when `v_dtype` is `name`: the model's own
-    when accelerate placed its modules (never copied, see above), so that a commit records what
-    was used and a replay in memory computes the same."""
-    if not any(is_placed(m) for m in model.modules()):
-        return name
-    own = next((n for n, d in DTYPES.items() if d == next(model.parameters()).dtype), None)
-    return own or name
+def dtype_name(dtype: torch.dtype) -> str:
+    """The name a hyper-parameter file gives `dtype` ("float32" for torch.float32): what a commit records."""
+    return str(dtype).removeprefix("torch.")
 
 
 def has_hooks(module: torch.nn.Module) -> bool:

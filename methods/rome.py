@@ -49,7 +49,7 @@ from kedit.methods.base import EditRequest, EditResult, LowRank, register_method
 from kedit.methods.capture import capture_at_module
 from kedit.methods.freeze import frozen
 from kedit.methods.hparams import MAX_STEPS, bounded, layer_field, require_slot, validate
-from kedit.methods.lowp import check_dtype
+from kedit.methods.lowp import check_dtype, dtype_name
 from kedit.methods.prompts import context_templates, input_device, pad_id, pad_right
 from kedit.methods.tensor_cache import TensorCache
 from kedit.methods.values import ValueSettings, optimise_single_value, template_keys
@@ -298,6 +298,7 @@ def _edit_one(
         "equal_gain": rome_gain < floor,  # u moved toward the equal-gain u
         "shows_in_generation": shows,
         "retried": retried,
+        "v_dtype": dtype_name(value.upper_dtype),  # what the layers above ran in (kedit/edit/run.py records it)
         **({"protected_keys": len(protected)} if hp.protect_overlap > 0 else {}),
         "timings": {k: round(v, 4) for k, v in timings.items()},
     }
@@ -447,6 +448,7 @@ def apply(
         "update_norm": float(sum(i["update_norm"] for i in infos)),
         "requests": infos,
         "min_prompt_gain": min(i["prompt_gain"] for i in infos),
+        "v_dtype_used": sorted({i["v_dtype"] for i in infos}),
         **({"max_neighbour_overlap": max(i["neighbour_overlap"][1] for i in infos if "neighbour_overlap" in i)}
            if any("neighbour_overlap" in i for i in infos) else {}),
         "total_s": round(time.perf_counter() - t_start, 4),

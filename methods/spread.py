@@ -23,7 +23,7 @@ import torch
 from kedit.methods.base import EditRequest, LowRank
 from kedit.methods.freeze import frozen
 from kedit.methods.hparams import MAX_STEPS, bounded, layer_field, require_slot, validate
-from kedit.methods.lowp import check_dtype
+from kedit.methods.lowp import check_dtype, dtype_name
 from kedit.methods.prompts import context_templates, encode_with_subject
 from kedit.methods.values import ValueSettings, module_outputs_at_subject, optimise_batched_values, subject_keys
 
@@ -188,6 +188,7 @@ def spread_over_layers(
             for i, r in enumerate(requests)
         ],
         "timings": {k: round(v, 3) for k, v in timings.items()},
+        "v_dtype_used": sorted(dtype_name(d) for d in fit.upper_dtypes),  # kedit/edit/run.py records it
     }
     return deltas, written, info
 

@@ -16,7 +16,8 @@ is the reference for its method's stored deltas (bit for bit):
   the same trajectory as alone, and a request that reaches the early-stop loss is frozen.
 
 Both run layers L.. only on the positions from the subject on where the architecture allows
-(`forward.SuffixForward`). For MEMIT, δ is added at the output of the MLP projection of the last
+(`forward.SuffixForward`) and report the dtype the layers above the edit really ran in, which the
+commit records as `v_dtype` (kedit/edit/run.py). For MEMIT, δ is added at the output of the MLP projection of the last
 edited layer, which feeds the residual stream directly in every supported architecture: the same
 as adding it to the block's output.
 
@@ -143,6 +144,9 @@ class ValueFit:
     delta: torch.Tensor  # (n, d): one δ per request
     losses: list[list[float]] = field(default_factory=list)  # per request, per step it ran
     nll: list[list[float]] = field(default_factory=list)
+    # the dtypes the layers above the edit ran in (SuffixForward's choice, or the full forward's
+    # model dtype), one per chunk: they differ only where some chunks' prompts forced the full forward
+    upper_dtypes: set[torch.dtype] = field(default_factory=set)
 
 
 def optimise_batched_values(
@@ -172,6 +176,7 @@ def optimise_batched_values(
         parts.append(part.delta)
         fit.losses += part.losses
         fit.nll += part.nll
+        fit.upper_dtypes |= part.upper_dtypes
     fit.delta = torch.cat(parts)
     return fit
 
@@ -234,6 +239,7 @@ def _optimise_chunk(
         )
         where = torch.zeros((len(rows), runner.width - runner.p_len, 1), device=device)
         where[:, 0] = 1.0  # every row's edit position is its first suffix column
+        upper = runner.upper_dtype_used
 
         def hidden_fn() -> torch.Tensor:
             return runner.hidden()[sel_rows, sel_cols]
@@ -242,6 +248,7 @@ def _optimise_chunk(
         ids, mask = pad_right(rows, pad_id(tok), device)
         where = torch.zeros((ids.shape[0], ids.shape[1], 1), device=device)
         where[torch.arange(ids.shape[0]), torch.tensor(edit_pos)] = 1.0
+        upper = _own_dtype(model)
         sel_cols = torch.tensor([*label_cols, *[edit_pos[r] for r in kl_rows]], device=device)
 
         def hidden_fn() -> torch.Tensor:
@@ -257,7 +264,8 @@ def _optimise_chunk(
     def hook(_mod: Any, _args: tuple, out: torch.Tensor) -> torch.Tensor:
         return out + where.to(out.dtype) * delta[row_req].to(out.dtype)[:, None, :]
 
-    fit = ValueFit(delta=delta, losses=[[] for _ in range(n)], nll=[[] for _ in range(n)])
+    fit = ValueFit(delta=delta, losses=[[] for _ in range(n)], nll=[[] for _ in range(n)],
+                   upper_dtypes={upper})
     active = torch.ones(n, dtype=torch.bool, device=device)
     kl_init: torch.Tensor | None = None
     handle = module.register_forward_hook(hook)
@@ -291,6 +299,11 @@ def _optimise_chunk(
     return fit
 
 
+def _own_dtype(model: Any) -> torch.dtype:
+    """The dtype the full forward runs the layers above the edit in: the model's own (no copies)."""
+    return next(model.parameters()).dtype
+
+
 def _module_out_dim(module: Any) -> int:
     """Width of the module's output (GPT-2's Conv1D stores its weight transposed)."""
     w = module.weight
@@ -300,6 +313,7 @@ def _module_out_dim(module: Any) -> int:
 @dataclass
 class SingleValueFit:
     delta: torch.Tensor  # (d_out,)
+    upper_dtype: torch.dtype  # the layers above the edit ran in it (SuffixForward's choice, or the model's)
     losses: list[float] = field(default_factory=list)  # before each update (the δ after the last is not scored)
     nll: list[float] = field(default_factory=list)
     n_guarded: int = 0
@@ -366,6 +380,7 @@ def optimise_single_value(
         )
         where = torch.zeros((len(rows), runner.width - runner.p_len, 1), device=device)
         where[:, 0] = 1.0  # every row's edit position is its first suffix column
+        upper = runner.upper_dtype_used
 
         def hidden_fn() -> torch.Tensor:
             return runner.hidden()[sel_rows, sel_cols]
@@ -376,6 +391,7 @@ def optimise_single_value(
         B, T = ids.shape
         where = torch.zeros((B, T, 1), device=device)  # (B, T, 1): 1 where δ is added
         where[torch.arange(B), torch.tensor(edit_pos)] = 1.0
+        upper = _own_dtype(model)
         sel_cols = torch.tensor([*label_cols, kl_last], device=device)
 
         def hidden_fn() -> torch.Tensor:
@@ -394,7 +410,8 @@ def optimise_single_value(
     label_w = (1.0 / (per_row[row_of_label] * kl_row)).float()
     fused = fused_head and fused_head_ok(model)
     head_w = read_weight(model.get_output_embeddings()) if fused else None
-    result = SingleValueFit(delta=delta, n_guarded=n_guarded, partial=reason is None)
+    result = SingleValueFit(delta=delta, upper_dtype=upper,
+                            n_guarded=n_guarded, partial=reason is None)
     kl_init: torch.Tensor | None = None
     handle = module.register_forward_hook(hook)
     try:

@@ -35,7 +35,6 @@ from kedit.eval.measure import Reference, as_metrics, locality_pairs, measure, r
 from kedit.eval.probes import add_probes, subject_finder
 from kedit.methods.base import EditRequest, Method, get_method
 from kedit.methods.hparams import hparams_from_dict, hparams_from_overrides, hparams_to_dict
-from kedit.methods.lowp import effective_dtype
 from kedit.model.adapters import install_adapters
 from kedit.model.load import load_revision
 from kedit.model.placement import Placement, read_weight, write_weight
@@ -101,8 +100,6 @@ def run_edits(repo: Repository, requests: list[EditRequest], options: EditOption
         from kedit.edit.trained import resolve_editor
 
         hparams = dataclasses.replace(hparams, editor=resolve_editor(repo, method.name, hparams.editor).id)
-    if "v_dtype" in {f.name for f in dataclasses.fields(hparams)}:  # placed layers run as they are: record that
-        hparams = dataclasses.replace(hparams, v_dtype=effective_dtype(model, hparams.v_dtype))
     stats = StatsProvider(repo, hparams, (model, tok), at.commit, corpus=options.corpus, dtype=options.dtype,
                           device=options.device, placement=options.placement, progress=options.progress)
     _warn_locality_about_edited_subjects(requests)
@@ -125,7 +122,7 @@ def run_edits(repo: Repository, requests: list[EditRequest], options: EditOption
         info = {**result.info, "edit_seconds": round(edit_s, 3), **({"stats": stats.used} if stats.used else {}),
                 **_generation_check(model, tok, batch, result.info)}
         commit = repo.commit(result.deltas, adapters=result.adapters, requests=[r.to_dict() for r in batch],
-                             method=method.name, hparams=hparams_to_dict(hparams), info=info,
+                             method=method.name, hparams=hparams_to_dict(_as_run(hparams, result.info)), info=info,
                              message=options.message if len(requests) == 1 else None,
                              memory=result.memory or None, expected_parent=at)
         at = HeadState(at.branch, commit.id)
@@ -138,6 +135,19 @@ def run_edits(repo: Repository, requests: list[EditRequest], options: EditOption
                    + [("locality", p, a, None) for p, a in pairs])
         commits.append(repo.get_commit(commit.id))
     return commits
+
+
+def _as_run(hparams: Any, method_info: dict[str, Any]) -> Any:
+    """The hyper-parameters to record: `v_dtype` as the method's value fits really ran the layers
+    above the edit (`v_dtype_used` in its info: the model's own dtype where they had hooks, were
+    placed by accelerate or ran the full forward), so that a replay computes the same delta.
+
+    Fits that disagree (a sliding-window model whose longer prompts forced the full forward) keep
+    the requested `v_dtype`, which re-derives the same mix on replay; the info lists both."""
+    used = method_info.get("v_dtype_used")
+    if isinstance(used, list) and len(used) == 1 and hasattr(hparams, "v_dtype"):
+        return dataclasses.replace(hparams, v_dtype=used[0])
+    return hparams
 
 
 def _generation_check(model: Any, tok: Any, batch: list[EditRequest], method_info: dict[str, Any]) -> dict[str, Any]:
