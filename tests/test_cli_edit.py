@@ -8,12 +8,15 @@ from pathlib import Path
 import pytest
 import torch
 from click.testing import CliRunner
+from kedit.methods.base import EditRequest
+from kedit.methods.forward import partial_unsupported
 
 from kedit.cli import cli
 from kedit.core.delta import Dense
 from kedit.core.repo import Repository
+from kedit.edit.run import EditOptions, run_edits
 from tests.jsondoc import doc
-from tests.tiny import SENTENCES
+from tests.tiny import SENTENCES, make_model, make_tokenizer
 
 # The subject ends the prompt: in a random 3-layer model, attention does not carry a fact from an
 # earlier subject token to the last position, so only there can an MLP edit show (real models: see
@@ -73,6 +76,26 @@ def test_edit_with_covariance_statistics_caches_them(tiny_repo: Repository) -> N
     mtime = cached[0].stat().st_mtime_ns
     kedit(tiny_repo, *EDIT, *corpus_args(tiny_repo), "--no-eval")  # the second edit reuses them
     assert cached[0].stat().st_mtime_ns == mtime
+
+
+@pytest.mark.parametrize("method", ["rome", "memit"])
+@pytest.mark.parametrize(("arch", "recorded"), [("llama", "bfloat16"), ("gpt2", "float32")])
+def test_a_commit_records_the_v_dtype_its_upper_layers_ran_in(tmp_path: Path, method: str, arch: str,
+                                                               recorded: str) -> None:
+    """The Llama's layers above the edit run as bfloat16 copies (the default `v_dtype`); GPT-2 has
+    no suffix-only forward (`partial_unsupported`) and runs the full forward in its own float32:
+    each commit records what ran, so that a replay computes the same."""
+    tok = make_tokenizer()
+    model = make_model(arch, len(tok))
+    assert (partial_unsupported(model, 16) is None) == (arch == "llama")
+    model.save_pretrained(tmp_path / arch)
+    tok.save_pretrained(tmp_path / arch)
+    repo = Repository.init(tmp_path / "work", str(tmp_path / arch), progress=False)
+    overrides = {"mom2_adjustment": "false", "v_num_grad_steps": "3", "v_weight_decay": "0",
+                 "clamp_norm_factor": "50", "context_template_length_params": "[[3,2]]"}
+    request = EditRequest(prompt=PROMPT, subject="France", target_new="Japan")
+    (commit,) = run_edits(repo, [request], EditOptions(method=method, overrides=overrides, measure=False))
+    assert commit.hparams["v_dtype"] == recorded and commit.info["v_dtype_used"] == [recorded]
 
 
 def test_requests_file_makes_one_commit_per_request(tiny_repo: Repository) -> None:

@@ -11,12 +11,14 @@ import pytest
 import torch
 from click.testing import CliRunner
 from kedit.methods import grace
+from kedit.methods.base import EditRequest
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 from transformers.utils import logging as hf_logging
 
 import kedit
 from kedit.cli import cli
 from kedit.core.repo import Repository
+from kedit.edit.run import EditOptions, run_edits
 from kedit.eval import metrics
 from kedit.model.load import load_revision
 from tests.jsondoc import doc
@@ -166,3 +168,27 @@ def test_bad_grace_hyper_parameters_are_one_line_errors(repo: Repository) -> Non
     out = run(repo, *BERLIN[:-2], "--set", "radius=3", code=1)
     assert "unknown" in out and "eps_init" in out
     assert repo.head() == head
+
+
+def test_rome_under_a_grace_codebook_records_the_dtype_its_upper_layers_ran_in(tmp_path: Path,
+                                                                              tiny_folder: Path) -> None:
+    """A codebook's hook above ROME's layer keeps the layers there as loaded (a bfloat16 copy would
+    freeze its state): the commit records float32, not the requested bfloat16, and re-running it
+    with the recorded hyper-parameters gives the same delta, bit for bit."""
+    repo = kedit.Repository.init(tmp_path / "work", str(tiny_folder), progress=False)
+    repo.edit({"prompt": PROMPTS[0], "subject": "France", "target_new": "Japan"}, method="grace",
+              overrides={"eps_init": 50}, measure=False)
+    parent = repo.head()
+    request = EditRequest(prompt=PROMPTS[1], subject="Berlin", target_new="Paris")
+    overrides = {"mom2_adjustment": "false", "v_weight_decay": "0", "clamp_norm_factor": "50",
+                 "v_num_grad_steps": "12", "early_stop_loss": "0", "context_template_length_params": "[[3,2]]"}
+    (commit,) = repo.edit(request, overrides=overrides, measure=False)
+    assert commit.hparams["layer"] < int(MODULE.split(".")[2])  # the codebook is above the edit
+    assert commit.hparams["v_dtype"] == "float32" and commit.info["v_dtype_used"] == ["float32"]
+    repo.reset(parent)
+    (again,) = run_edits(repo, [request], EditOptions(recorded_hparams=commit.hparams, measure=False))
+    assert again.hparams == commit.hparams
+    name = f"model.layers.{commit.hparams['layer']}.mlp.down_proj.weight"
+    edited, replayed = repo.materialize(commit.id, names=[name]), repo.materialize(again.id, names=[name])
+    assert not torch.equal(edited[name], repo.materialize(parent, names=[name])[name])
+    assert torch.equal(replayed[name], edited[name])

@@ -14,9 +14,11 @@ from pathlib import Path
 import pytest
 import torch
 from click.testing import CliRunner
+from kedit.methods.base import EditRequest
 
 import kedit
 from kedit.cli import cli
+from kedit.edit.run import EditOptions, run_edits
 from kedit.model.placement import is_offloaded, read_weight
 from tests.jsondoc import doc
 from tests.test_cli_editors import TRAIN, records
@@ -64,16 +66,23 @@ def test_offloaded_delta_equals_the_in_memory_one(repo: kedit.Repository, tmp_pa
 
 
 def test_an_offloaded_edit_records_the_v_dtype_it_used(repo: kedit.Repository, tmp_path: Path) -> None:
-    """Placed layers are never copied to v_dtype: the commit records the model's own dtype, so
-    that replaying it in memory computes the same; in memory the setting stands."""
+    """Placed layers are never copied to v_dtype: the commit records the model's own dtype, and
+    replaying it in memory with what it records computes the same delta; in memory the setting stands."""
     kwargs = dict(method="rome", overrides={k: v for k, v in _overrides("rome").items() if k != "v_dtype"},
                   corpus=tmp_path / "corpus.txt", stats_samples=16, measure=False)
     base = repo.head()
     repo.edit([ONE], **kwargs)
     assert repo.get_commit(repo.head()).hparams["v_dtype"] == "bfloat16"
     repo.reset(base)
-    repo.edit([ONE], device="auto", max_memory=OFFLOAD, offload_folder=tmp_path / "offload", **kwargs)
-    assert repo.get_commit(repo.head()).hparams["v_dtype"] == "float32"  # the tiny model's dtype
+    (offloaded,) = repo.edit([ONE], device="auto", max_memory=OFFLOAD, offload_folder=tmp_path / "offload",
+                             **kwargs)
+    assert offloaded.hparams["v_dtype"] == "float32"  # the tiny model's dtype
+    repo.reset(base)
+    (replayed,) = run_edits(repo, [EditRequest.from_dict(ONE)],
+                            EditOptions(recorded_hparams=offloaded.hparams, corpus=tmp_path / "corpus.txt",
+                                        stats_samples=16, measure=False))
+    assert replayed.hparams == offloaded.hparams
+    assert _fingerprint(repo.changes(replayed.id)) == _fingerprint(repo.changes(offloaded.id))
 
 
 def test_offloaded_grace_adapter_equals_the_in_memory_one(repo: kedit.Repository, tmp_path: Path) -> None:

@@ -278,6 +278,7 @@ def test_suffix_forward_gives_the_same_loss_trajectory(model_type, tiny_tok, gua
         plain = values.optimise_single_value(model, tiny_tok, module, hp.layer, templates, req, 1.0, settings,
                                              partial=False, fused_head=False)
     assert fast.partial == (model.config.model_type in forward.PARTIAL_TYPES) and not plain.partial
+    assert fast.upper_dtype == plain.upper_dtype == torch.float32
     assert len(fast.losses) == len(plain.losses) == 11  # 12 steps: 11 updates, each after a scored forward
     assert fast.losses[-1] < fast.losses[0]
     torch.testing.assert_close(torch.tensor(fast.losses), torch.tensor(plain.losses), rtol=1e-5, atol=1e-5)
@@ -301,6 +302,7 @@ def test_bfloat16_upper_layers_follow_the_float32_trajectory(model_type, tiny_to
     cosine = torch.nn.functional.cosine_similarity(low.delta, exact.delta, dim=0)
     assert cosine > 0.95  # Adam steps by sign early on: small gradient differences show
     assert all(p.dtype == torch.float32 for p in model.parameters())  # the model itself is untouched
+    assert (low.upper_dtype, exact.upper_dtype) == (torch.bfloat16, torch.float32)  # what each ran in
     arch = arch_for(model)
     top = get_module(model, arch.layer_tmp.format(hp.layer + 1))
     handle = top.register_forward_hook(lambda _m, _a, out: out)  # hooked layers are run as they are
@@ -311,6 +313,7 @@ def test_bfloat16_upper_layers_follow_the_float32_trajectory(model_type, tiny_to
     finally:
         handle.remove()
     torch.testing.assert_close(torch.tensor(hooked.losses), torch.tensor(exact.losses), rtol=1e-5, atol=1e-5)
+    assert hooked.upper_dtype == torch.float32  # and it says so, though bfloat16 was asked for
 
 
 def test_low_precision_copies_follow_their_original(tiny_tok):
