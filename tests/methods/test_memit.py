@@ -4,11 +4,14 @@ import dataclasses
 
 import pytest
 import torch
-from kedit.methods import alphaedit, memit, memit_math
+from kedit.methods import alphaedit, memit, memit_math, values
 from kedit.methods.base import EditRequest, get_method
+from kedit.methods.freeze import frozen
+from kedit.methods.prompts import encode_with_subject, target_ids
 from kedit.methods.stats import accumulate_second_moment
 
 from kedit.core.delta import LowRank, apply_step
+from kedit.edit.run import _as_run
 from kedit.eval.metrics import teacher_forced
 from kedit.model.arch import arch_for, get_module
 
@@ -177,3 +180,34 @@ def test_memit_module_names_follow_the_architecture(tiny_model):
     hp = memit.MEMITHyperParams.for_model(tiny_model)
     for layer in hp.layers:
         assert get_module(tiny_model, hp.module_name(layer)) is not None
+
+
+def test_value_chunks_report_the_dtype_each_ran_in(tiny_tok):
+    """A sliding window narrower than one chunk's prompts sends that chunk to the full forward (the
+    model's float32) while the other runs bfloat16 copies: the fit reports both, and the commit
+    keeps the requested v_dtype, which re-derives the same mix on replay."""
+    from transformers import AutoModelForCausalLM, MistralConfig
+
+    short = REQS[2]
+    long = EditRequest(prompt="The capital of France is Paris and the capital city is France", subject="France",
+                       target_new="Japan")
+
+    def width(r: EditRequest) -> int:  # the longest row of its chunk (one template, "{}")
+        rewrite = len(encode_with_subject(tiny_tok, r.template, r.subject, True)[0]) + len(
+            target_ids(tiny_tok, r.target_new)) - 1
+        return max(rewrite, len(encode_with_subject(tiny_tok, "{} is a", r.subject, True)[0]))
+
+    assert width(short) < width(long)
+    config = MistralConfig(hidden_size=32, num_hidden_layers=3, num_attention_heads=2, num_key_value_heads=1,
+                           intermediate_size=64, max_position_embeddings=128, vocab_size=len(tiny_tok),
+                           head_dim=16, sliding_window=width(short), pad_token_id=0)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config).eval()
+    hp = dataclasses.replace(memit.MEMITHyperParams.for_model(model), v_num_grad_steps=2, mom2_adjustment=False)
+    module = get_module(model, hp.module_name(hp.layers[-1]))
+    with frozen(model, eval_mode=True):
+        fit = values.optimise_batched_values(model, tiny_tok, module, hp.layers[-1], ["{}"], [short, long],
+                                             torch.ones(2), hp.value_settings(), chunk=1)
+    assert fit.upper_dtypes == {torch.bfloat16, torch.float32}
+    assert _as_run(hp, {"v_dtype_used": ["bfloat16", "float32"]}).v_dtype == "bfloat16"
+    assert _as_run(hp, {"v_dtype_used": ["float32"]}).v_dtype == "float32"
