@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shutil
 from pathlib import Path
 
 import huggingface_hub.constants as hf_constants
@@ -128,6 +129,18 @@ def test_a_bare_clone_writes_no_working_model_and_exports_the_same(origin: Repos
     assert bare.worktree is None and not (bare.path / "worktree").exists()
     assert export_hashes(bare.root, "HEAD", tmp_path / "b") == export_hashes(origin.root, "HEAD", tmp_path / "o")
     assert run(bare.root, "fsck").strip().endswith(": ok")
+
+
+def test_a_branch_that_is_not_checked_out_pushes_what_its_history_holds(origin: Repository, hub: HubServer,
+                                                                        tmp_path: Path) -> None:
+    """Each shard is hashed one ahead in a second thread, through its own database connection: with the
+    base checked out and no cache, main's edited tensors are replayed from their deltas there."""
+    run(origin.root, "checkout", origin.log()[-1].id)
+    shutil.rmtree(origin.path / "cache", ignore_errors=True)
+    run(origin.root, "push", "origin", "main")
+    run(tmp_path, "clone", "--bare", URL, str(tmp_path / "copy"))
+    assert export_hashes(tmp_path / "copy", "main", tmp_path / "c") == export_hashes(origin.root, "main",
+                                                                                      tmp_path / "o")
 
 
 def test_the_pushed_branch_loads_with_from_pretrained(origin: Repository, hub: HubServer, tmp_path: Path) -> None:

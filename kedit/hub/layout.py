@@ -33,9 +33,11 @@ import json
 import re
 import secrets
 import tempfile
+import threading
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import TYPE_CHECKING, Any, BinaryIO
 
 from kedit.core import db as dbm
 from kedit.core import history, tables
@@ -52,6 +54,9 @@ from kedit.core.tables import EDITOR_FIELDS
 from kedit.hub import remotes
 from kedit.hub.api import KEDIT_DIR, Hub
 from kedit.model.adapters import adapter_path, mark_config, write_adapters
+
+if TYPE_CHECKING:
+    import torch
 
 # The newest document format this kedit reads and writes. Format 2 adds `parents` (every parent,
 # for a merge commit two); format 3 adds `request` to each metric (the index of the request a batch
@@ -440,6 +445,31 @@ def _adapter_ops(repo: Repository, tip: str, old: str | None, tmp: Path) -> tupl
     return ops, True, written
 
 
+class _ThreadValues:
+    """Tensor values read through the calling thread's own repository connection (an SQLite
+    connection serves only the thread that opened it): the main thread's is `repo`'s, any other
+    thread opens its own on first use and closes it with `close_here`."""
+
+    def __init__(self, repo: Repository) -> None:
+        self._repo, self._main, self._local = repo, threading.get_ident(), threading.local()
+
+    def _here(self) -> Repository:
+        if threading.get_ident() == self._main:
+            return self._repo
+        if getattr(self._local, "repo", None) is None:
+            self._local.repo = Repository(self._repo.path)
+        return self._local.repo
+
+    def value_of(self, change: history.Change) -> torch.Tensor:
+        return self._here().materializer.value_of(change)
+
+    def close_here(self) -> None:
+        repo = getattr(self._local, "repo", None)
+        if repo is not None and repo is not self._repo:
+            repo.close()
+            self._local.repo = None
+
+
 def _checkpoint_ops(repo: Repository, hub: Hub, rbranch: str, tip: str, old: str | None, tmp: Path, *,
                     repo_id: str, base_model: str | None, progress: bool) -> list:
     """The shards whose tensors changed since `old` (all of them when the branch has none yet),
@@ -455,14 +485,25 @@ def _checkpoint_ops(repo: Repository, hub: Hub, rbranch: str, tip: str, old: str
         groups.setdefault(shard_of(name), []).append(name)
     changed = [shard for shard, names in groups.items()
                if any(name not in before or before[name].hash != manifest[name].hash for name in names)]
+    changes = {n: history.change(repo.db, manifest[n].commit_id, n) for shard in changed for n in groups[shard]}
+    values = _ThreadValues(repo)
     ops = []
-    for shard in progress_bar(sorted(changed), desc="shards", disable=not progress):
-        specs = [TensorSpec(n, manifest[n].dtype, manifest[n].shape) for n in groups[shard]]
-        # never on disk here: read once for its sha256 (as the operation is made), once to upload
-        op = add_file(shard, StreamReader(specs, lambda n: repo.materializer.value_of(
-            history.change(repo.db, manifest[n].commit_id, n)), {"format": "pt"}))
-        hub.preupload([op], branch=rbranch)  # the shard goes up now (a small one waits for the commit)
-        ops.append(op)
+    # A shard is never on disk here: it is read once for its sha256 (as the operation is made, in a
+    # second thread that runs ahead of the uploads) and once to upload it, so hashing overlaps the
+    # upload. Memory: one tensor held by each thread.
+    with ThreadPoolExecutor(1, thread_name_prefix="kedit-sha256") as ahead:
+        made = [ahead.submit(add_file, shard, StreamReader(
+            [TensorSpec(n, manifest[n].dtype, manifest[n].shape) for n in groups[shard]],
+            lambda n: values.value_of(changes[n]), {"format": "pt"})) for shard in sorted(changed)]
+        try:
+            for future in progress_bar(made, desc="shards", disable=not progress):
+                op = future.result()
+                hub.preupload([op], branch=rbranch)  # the shard goes up now (a small one waits for the commit)
+                ops.append(op)
+        finally:
+            for future in made:
+                future.cancel()
+            ahead.submit(values.close_here)
     files = history.files(repo.db, tip)
     old_files = history.files(repo.db, old) if old else {}
     adapter_ops, adapters_changed, adapter_files = _adapter_ops(repo, tip, old, tmp)
