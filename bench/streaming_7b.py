@@ -4,13 +4,17 @@ Builds a bfloat16 Llama checkpoint of Llama-2-7B's shape (hidden 4096, 32 layers
 11008, vocab 32000: 13.5 GB in 5 GB shards) on disk one tensor at a time (kedit's streaming
 safetensors writer), then runs each command in its own process, one at a time, sampling the
 process's RssAnon (anonymous memory: file pages mapped for reading are not counted) from
-/proc every 50 ms. The yardstick is `cp -r` + `sync` of the checkpoint. The test Hub server
-(tests/hubserver.py) runs in its own process, so its memory is not counted. Outputs are deleted
-as soon as they are measured: at most about two copies of the weights are on disk at once, and
-everything is deleted at the end.
+/proc every 50 ms. The yardstick is `cp -r` + `sync` of the checkpoint, run right before each
+run of each command: its time varies severalfold from one run to the next on a shared machine
+(the kernel's cost of new page-cache pages), so a ratio is taken between neighbours, and medians
+over --repeat runs are reported. huggingface_hub's own upload_folder and snapshot_download of
+the same bytes to and from the same server are timed as a second yardstick for push and clone.
+The test Hub server (tests/hubserver.py) runs in its own process, so its memory is not counted.
+Outputs are deleted as soon as they are measured: at most four copies of the weights are on
+disk at once (about 54 GB at the default shape), and everything is deleted at the end.
 
     python bench/streaming_7b.py --work /tmp/kedit-stream7b --out bench/results/streaming_7b
-    python bench/streaming_7b.py --layers 4 --hidden 1024 ...    # a quick run at a smaller shape
+    python bench/streaming_7b.py --layers 2 --hidden 1024 --repeat 1 ...    # a quick run at a smaller shape
 """
 
 from __future__ import annotations
@@ -19,6 +23,8 @@ import argparse
 import json
 import os
 import shutil
+import socket
+import statistics
 import subprocess
 import sys
 import threading
@@ -35,6 +41,7 @@ from kedit.core.stwriter import TensorSpec  # noqa: E402
 
 TOKEN = "hf_bench_token"
 REPO_ID = "bench/llama-7b-shape"
+PLAIN_ID = "bench/plain-upload"  # the yardstick upload: not a kedit repository
 KEDIT = str(Path(sys.executable).parent / "kedit")
 MAX_SHARD = 5 * 10**9
 
@@ -140,29 +147,60 @@ def cp_sync(src: Path, dest: Path) -> float:
     return elapsed
 
 
-def start_hub(root: Path) -> tuple[subprocess.Popen, str]:
-    """tests/hubserver.py in its own process; returns it and its URL."""
-    code = ("import sys, time; from pathlib import Path; from tests.hubserver import HubServer; "
-            f"s = HubServer(Path(sys.argv[1]), {{{TOKEN!r}: 'bench'}}).start(); "
-            f"s.store.create_repo({REPO_ID!r}); print(s.url, flush=True); time.sleep(10**6)")
-    proc = subprocess.Popen([sys.executable, "-c", code, str(root)], cwd=ROOT, stdout=subprocess.PIPE, text=True)
-    url = proc.stdout.readline().strip()
-    if not url:
-        raise SystemExit("the Hub server did not start")
-    return proc, url
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Hub:
+    """tests/hubserver.py in its own process, on a fixed port (a remote's URL outlives a restart),
+    restarted empty when a run must upload everything again (its LFS store is shared by repos)."""
+
+    def __init__(self, root: Path) -> None:
+        self.root, self.port, self.proc = root, free_port(), None
+        self.url = f"http://127.0.0.1:{self.port}"
+
+    def restart(self) -> None:
+        self.stop()
+        shutil.rmtree(self.root, ignore_errors=True)
+        code = ("import sys, time; from pathlib import Path; from tests.hubserver import HubServer; "
+                f"s = HubServer(Path(sys.argv[1]), {{{TOKEN!r}: 'bench'}}, port={self.port}).start(); "
+                f"s.store.create_repo({REPO_ID!r}); s.store.create_repo({PLAIN_ID!r}); print(s.url, flush=True); "
+                "time.sleep(10**6)")
+        self.proc = subprocess.Popen([sys.executable, "-c", code, str(self.root)], cwd=ROOT, stdout=subprocess.PIPE,
+                                     text=True)
+        if not self.proc.stdout.readline().strip():
+            raise SystemExit("the Hub server did not start")
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            self.proc.terminate()
+            self.proc.wait()
+            self.proc = None
 
 
 def markdown(figures: dict) -> str:
     gb = figures["weights_bytes"] / 1e9
-    base = figures["cp_sync_seconds"]
     lines = [f"# Streaming at a 7B shape ({figures['shape']}, bfloat16, {gb:.1f} GB)", "",
-             f"`cp -r` + `sync` of the checkpoint: {base:.1f} s. Load average at the start: "
+             f"Each command ran {figures['repeat']} times, each time right after `cp -r` + `sync` of the "
+             "checkpoint (the yardstick, whose time varies from run to run on this shared machine); the "
+             "table gives medians: of the times, of the yardsticks, and of each run's ratio to the yardstick "
+             "just before it. Rows in italics are not kedit: huggingface_hub uploading or downloading the same "
+             f"bytes to and from the same server. Load average at the start: "
              f"{', '.join(f'{x:.1f}' for x in figures['load_average'])}.", "",
-             "| command | wall time | vs cp+sync | peak anonymous memory | what it reads / writes |",
-             "|---|---|---|---|---|"]
+             "| command | wall time | cp+sync before it | ratio | peak anonymous memory | what it reads / writes |",
+             "|---|---|---|---|---|---|"]
     for name, row in figures["commands"].items():
-        lines.append(f"| `{name}` | {row['seconds']:.1f} s | {row['seconds'] / base:.2f}x | "
+        label = f"*{name}*" if row.get("yardstick") else f"`{name}`"
+        lines.append(f"| {label} | {row['seconds']:.1f} s | {row['cp_sync_seconds']:.1f} s | {row['ratio']:.2f}x | "
                      f"{row['peak_anon_mb']:.0f} MB | {row['io']} |")
+    rows = figures["commands"]
+    pairs = (("push", "huggingface_hub upload_folder"), ("clone --bare", "huggingface_hub snapshot_download"))
+    for ours, theirs in pairs:
+        if ours in rows and theirs in rows:
+            lines.append(f"\n`{ours}` took {rows[ours]['seconds'] / rows[theirs]['seconds']:.2f}x the time of "
+                         f"{theirs} (medians).")
     return "\n".join(lines) + "\n"
 
 
@@ -174,6 +212,7 @@ def main() -> None:
     parser.add_argument("--layers", type=int, default=32)
     parser.add_argument("--intermediate", type=int, default=11008)
     parser.add_argument("--vocab", type=int, default=32000)
+    parser.add_argument("--repeat", type=int, default=3, help="runs of each command, each after its own cp+sync")
     args = parser.parse_args()
     if args.work.exists():
         raise SystemExit(f"{args.work} exists: remove it or choose another --work")
@@ -184,8 +223,8 @@ def main() -> None:
               "max_position_embeddings": 4096, "rms_norm_eps": 1e-5, "torch_dtype": "bfloat16",
               "bos_token_id": 1, "eos_token_id": 2, "tie_word_embeddings": False}
     shape = f"hidden {args.hidden}, {args.layers} layers, intermediate {args.intermediate}, vocab {args.vocab}"
-    figures: dict = {"shape": shape, "load_average": os.getloadavg(), "commands": {}}
-    hub = None
+    figures: dict = {"shape": shape, "load_average": os.getloadavg(), "repeat": args.repeat, "commands": {}}
+    hub = Hub(work / "hub")
     try:
         model, repo = work / "model", work / "repo"
         start = time.perf_counter()
@@ -193,46 +232,74 @@ def main() -> None:
                                                                        args.vocab), config)
         figures["build_seconds"] = round(time.perf_counter() - start, 1)
         print(f"built {figures['weights_bytes'] / 1e9:.2f} GB in {figures['build_seconds']} s", flush=True)
-        figures["cp_sync_seconds"] = round(cp_sync(model, work / "copy"), 1)
-        print(f"cp+sync {figures['cp_sync_seconds']} s", flush=True)
-        hub, url = start_hub(work / "hub")
-        env = {**os.environ, "HF_ENDPOINT": url, "HF_TOKEN": TOKEN, "HF_HUB_DISABLE_XET": "1",
+        env = {**os.environ, "HF_ENDPOINT": hub.url, "HF_TOKEN": TOKEN, "HF_HUB_DISABLE_XET": "1",
                "HF_HUB_OFFLINE": "0", "KEDIT_DISABLE_PROGRESS_BARS": "1", "HF_HUB_DISABLE_PROGRESS_BARS": "1"}
         worktree = repo / ".kedit" / "worktree"
 
-        def run(name: str, io: str, *argv: str) -> None:
-            row = measure([KEDIT, "--repo", str(repo), *argv, "--quiet"], env)
-            row["io"] = io
-            figures["commands"][name] = row
-            print(name, row, flush=True)
+        def measured(name: str, io: str, argv: list[str], before=None, after=None, yardstick: bool = False) -> None:
+            """`argv` run --repeat times, each after `before()` and a cp+sync, and followed by `after()`."""
+            runs = []
+            for _ in range(args.repeat):
+                if before:
+                    before()
+                base = cp_sync(model, work / "copy")
+                row = measure(argv, env)
+                if after:
+                    after()
+                runs.append({**row, "cp_sync_seconds": round(base, 1), "ratio": round(row["seconds"] / base, 2)})
+                print(name, runs[-1], flush=True)
+            figures["commands"][name] = {
+                "seconds": statistics.median(r["seconds"] for r in runs),
+                "cp_sync_seconds": statistics.median(r["cp_sync_seconds"] for r in runs),
+                "ratio": statistics.median(r["ratio"] for r in runs),
+                "peak_anon_mb": max(r["peak_anon_mb"] for r in runs), "io": io, "runs": runs,
+                **({"yardstick": True} if yardstick else {})}
             save(args.out, figures)  # after each command: a run cut short keeps what it measured
+
+        def kedit(*argv: str) -> list[str]:
+            return [KEDIT, "--repo", str(repo), *argv, "--quiet"]
+
+        def drop_repo() -> None:
+            shutil.rmtree(repo, ignore_errors=True)
 
         def drop_worktree() -> None:
             shutil.rmtree(worktree)
             (repo / ".kedit" / "worktree.json").unlink()
 
-        run("init --no-copy", "reads and hashes the weights; writes the working model", "init", str(model),
-            "--no-copy")
-        run("fsck", "re-hashes the referenced weights and the working model", "fsck")
-        run("gc --prune now", "walks the history and the object store", "gc", "--prune", "now")
-        drop_worktree()
-        run("checkout --force main", "writes the working model (one shard per tensor)", "checkout", "--force",
-            "main")
-        drop_worktree()
-        run("export", "writes the weights as 5 GB shards", "export", "main", str(work / "export"))
-        shutil.rmtree(work / "export")
-        subprocess.run([KEDIT, "--repo", str(repo), "remote", "add", "origin", f"hf://{REPO_ID}"],
-                       env=env, check=True)
-        run("push", "reads each layer's shard twice (SHA-256, then upload) without writing it; the server stores it",
-            "push", "origin", "main")
-        shutil.rmtree(model)
-        shutil.rmtree(repo)
-        run("clone --bare", "reads each shard as it downloads, hashing each tensor into its object", "clone", "--bare",
-            f"hf://{REPO_ID}", str(work / "clone"))
+        def python(code: str, *argv: str) -> list[str]:
+            return [sys.executable, "-c", code, *argv]
+
+        measured("init --no-copy", "reads and hashes the weights; writes the working model",
+                 kedit("init", str(model), "--no-copy"), before=drop_repo)
+        measured("fsck", "re-hashes the referenced weights and the working model", kedit("fsck"))
+        measured("gc --prune now", "walks the history and the object store", kedit("gc", "--prune", "now"))
+        measured("checkout --force main", "writes the working model (one shard per tensor)",
+                 kedit("checkout", "--force", "main"), before=drop_worktree)
+        measured("export", "writes the weights as 5 GB shards", kedit("export", "main", str(work / "export")),
+                 after=lambda: shutil.rmtree(work / "export"))
+
+        def fresh_remote() -> None:  # an empty Hub, and a remote that has not seen it: push sends everything
+            hub.restart()
+            subprocess.run(kedit("remote", "remove", "origin"), env=env, capture_output=True)
+            subprocess.run(kedit("remote", "add", "origin", f"hf://{REPO_ID}"), env=env, check=True)
+
+        measured("huggingface_hub upload_folder", "the checkpoint's files from disk, each read twice (SHA-256, "
+                 "upload); the server stores them",
+                 python("import sys; from huggingface_hub import HfApi; "
+                        "HfApi().upload_folder(repo_id=sys.argv[1], folder_path=sys.argv[2])", PLAIN_ID, str(model)),
+                 before=hub.restart, yardstick=True)
+        measured("push", "reads each layer's shard twice (SHA-256 in a second thread, then upload) without "
+                 "writing it; the server stores it", kedit("push", "origin", "main"), before=fresh_remote)
+        drop_repo()
+        measured("huggingface_hub snapshot_download", "downloads the pushed files into a folder",
+                 python("import sys; from huggingface_hub import snapshot_download; "
+                        "snapshot_download(sys.argv[1], local_dir=sys.argv[2])", REPO_ID, str(work / "download")),
+                 after=lambda: shutil.rmtree(work / "download"), yardstick=True)
+        measured("clone --bare", "reads each shard as it downloads, hashing each tensor into its object",
+                 [KEDIT, "clone", "--bare", f"hf://{REPO_ID}", str(work / "clone"), "--quiet"],
+                 after=lambda: shutil.rmtree(work / "clone"))
     finally:
-        if hub is not None:
-            hub.terminate()
-            hub.wait()
+        hub.stop()
         shutil.rmtree(work, ignore_errors=True)
     save(args.out, figures)
     print(markdown(figures))
