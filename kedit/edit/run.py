@@ -121,8 +121,9 @@ def run_edits(repo: Repository, requests: list[EditRequest], options: EditOption
             install_adapters(model, in_effect)
         info = {**result.info, "edit_seconds": round(edit_s, 3), **({"stats": stats.used} if stats.used else {}),
                 **_generation_check(model, tok, batch, result.info)}
+        ran = hparams_as_run(hparams, result.info)
         commit = repo.commit(result.deltas, adapters=result.adapters, requests=[r.to_dict() for r in batch],
-                             method=method.name, hparams=hparams_to_dict(_as_run(hparams, result.info)), info=info,
+                             method=method.name, hparams=hparams_to_dict(ran), info=info,
                              message=options.message if len(requests) == 1 else None,
                              memory=result.memory or None, expected_parent=at)
         at = HeadState(at.branch, commit.id)
@@ -137,7 +138,7 @@ def run_edits(repo: Repository, requests: list[EditRequest], options: EditOption
     return commits
 
 
-def _as_run(hparams: Any, method_info: dict[str, Any]) -> Any:
+def hparams_as_run(hparams: Any, method_info: dict[str, Any]) -> Any:
     """The hyper-parameters to record: `v_dtype` as the method's value fits really ran the layers
     above the edit (`v_dtype_used` in its info: the model's own dtype where they had hooks, were
     placed by accelerate or ran the full forward), so that a replay computes the same delta.

@@ -11,7 +11,7 @@ from kedit.methods.prompts import encode_with_subject, target_ids
 from kedit.methods.stats import accumulate_second_moment
 
 from kedit.core.delta import LowRank, apply_step
-from kedit.edit.run import _as_run
+from kedit.edit.run import hparams_as_run
 from kedit.eval.metrics import teacher_forced
 from kedit.model.arch import arch_for, get_module
 
@@ -209,5 +209,5 @@ def test_value_chunks_report_the_dtype_each_ran_in(tiny_tok):
         fit = values.optimise_batched_values(model, tiny_tok, module, hp.layers[-1], ["{}"], [short, long],
                                              torch.ones(2), hp.value_settings(), chunk=1)
     assert fit.upper_dtypes == {torch.bfloat16, torch.float32}
-    assert _as_run(hp, {"v_dtype_used": ["bfloat16", "float32"]}).v_dtype == "bfloat16"
-    assert _as_run(hp, {"v_dtype_used": ["float32"]}).v_dtype == "float32"
+    assert hparams_as_run(hp, {"v_dtype_used": ["bfloat16", "float32"]}).v_dtype == "bfloat16"
+    assert hparams_as_run(hp, {"v_dtype_used": ["float32"]}).v_dtype == "float32"
