@@ -307,11 +307,6 @@ def test_a_v0_1_hub_repository_pulls_and_takes_pushes(old_hub, tmp_path: Path, e
     assert_fsck_clean(kedit, fresh)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "kedit 0.1 pushes a branch whose tip has a GRACE adapter with a marked config.json at the top "
-    "(adapters.mark_config) and no .kedit object for the original, which hub.covered_by_weights takes "
-    "as covered by that file; clone plans branches in sorted order, so 'experiment' (the GRACE tip) "
-    "is planned before 'main' and its marked config.json fails the object's hash check"))
 def test_a_v0_1_hub_repository_clones(old_hub, tmp_path: Path, expected: dict) -> None:
     _, kedit = old_hub
     head, clone = expected["status"]["head"], tmp_path / "clone"

@@ -63,6 +63,7 @@ from kedit.hub.layout import (
     verify_document,
 )
 from kedit.hub.probes import ProbeRow, read_probes
+from kedit.model.adapters import ADAPTER_DIR
 
 MAX_HEADER = 100_000_000  # the largest safetensors header safetensors itself reads
 
@@ -118,12 +119,17 @@ def fetch(repo: Repository, remote_name: str | None = None, branches: Iterable[s
             seen[rbranch] = (tree, len(docs), len(editors))
         try:  # nothing is written before every name, the index's shard names included, has passed
             check_fetched(found, docs, editors)
-            plans, planned = {}, set()
+            plans, planned, unplanned = {}, set(), set()
             for rbranch, f in found.items():  # each branch's objects, with the documents known by then
                 tree, n_docs, n_editors = seen[rbranch]
                 plans[rbranch] = _plan_objects(repo, hub, tree, f.hub_commit, f.checkpoint,
                                                dict(list(docs.items())[:n_docs]),
-                                               set(list(editors)[:n_editors]), planned, tmp / f.hub_commit)
+                                               set(list(editors)[:n_editors]), planned, unplanned,
+                                               tmp / f.hub_commit)
+            missing = sorted(unplanned - planned)
+            if missing:
+                raise HubError(f"the remote history is incomplete: object {missing[0]} is missing from "
+                               f"{hub.where}; nothing was changed")
         except (BadNameError, RefNameError) as e:
             raise HubError(f"refused {hub.where}: {e}; nothing was changed") from None
         for rbranch, plan in plans.items():
@@ -225,25 +231,32 @@ class _ObjectPlan:
 
 
 def _plan_objects(repo: Repository, hub: Hub, tree: dict[str, str], sha: str, checkpoint: str | None,
-                  docs: dict[str, dict], extra: set[str], planned: set[str], tmp: Path) -> _ObjectPlan:
+                  docs: dict[str, dict], extra: set[str], planned: set[str], unplanned: set[str],
+                  tmp: Path) -> _ObjectPlan:
     """The objects missing here and not `planned` for an earlier branch, and the Hub file each
-    comes from (adding them to `planned`); the index's shard names are checked here, so that a
-    hostile one refuses the fetch before any object is stored."""
+    comes from (adding them to `planned`); those this branch cannot give go to `unplanned`, for a
+    later branch to give. The index's shard names are checked here, so that a hostile one refuses
+    the fetch before any object is stored."""
     wanted = extra | {oid for doc in docs.values() for oid in objects_of(doc)}
     plan = _ObjectPlan(sha, [], {}, {})
     covered: dict[str, tuple[str, str]] = {}
     if checkpoint is not None:
         plan.manifest, files = _state_at(repo, docs, checkpoint)
         covered = covered_by_weights(plan.manifest, files)
+        if "config.json" in files and hub.tree(sha, ADAPTER_DIR):  # marked for adapters (`mark_config`)
+            covered.pop(files["config.json"], None)
     weight_map: dict[str, str] | None = None
     for oid in sorted(oid for oid in wanted - planned if not repo.store.has(oid)):
-        planned.add(oid)
         st, blob = object_path(oid, "st"), object_path(oid, "blob")
+        if oid not in covered and st not in tree and blob not in tree:
+            unplanned.add(oid)
+            continue
+        planned.add(oid)
         if st in tree or blob in tree:
             plan.files.append((oid, st if st in tree else blob, st not in tree))
-        elif oid in covered and covered[oid][0] == "file":
+        elif covered[oid][0] == "file":
             plan.files.append((oid, covered[oid][1], True))
-        elif oid in covered:
+        else:
             if weight_map is None:
                 weight_map = _weight_map(hub, sha, tmp)
             name = covered[oid][1]
@@ -252,9 +265,6 @@ def _plan_objects(repo: Repository, hub: Hub, tree: dict[str, str], sha: str, ch
                 raise HubError(f"the remote weights do not hold {name}, which the history needs; "
                                "nothing was changed")
             plan.from_weights.setdefault(shard, []).append((oid, name))
-        else:
-            raise HubError(f"the remote history is incomplete: object {oid} is missing from {hub.where}; "
-                           "nothing was changed")
     return plan
 
 
