@@ -376,6 +376,21 @@ def test_a_corrupted_download_is_refused(origin: Repository, hub: HubServer, tmp
     assert not (tmp_path / "copy").exists()
 
 
+def test_an_object_that_no_branch_gives_refuses_the_clone(origin: Repository, hub: HubServer,
+                                                           tmp_path: Path) -> None:
+    """Objects are planned over every fetched branch before any is stored: one that none gives is
+    named in one line, and nothing is written."""
+    from huggingface_hub import HfApi
+
+    run(origin.root, "push")
+    path = next(p for p in sorted(hub.store.tree(REPO_ID, "main")[1]) if p.startswith(".kedit/objects/"))
+    HfApi(endpoint=hub.url, token=TOKEN).delete_file(path, REPO_ID)
+    oid = "".join(path.removeprefix(".kedit/objects/").split(".")[0].split("/"))
+    err = run(tmp_path, "clone", URL, str(tmp_path / "copy"), code=1)
+    assert f"the remote history is incomplete: object {oid} is missing" in err and "nothing was changed" in err, err
+    assert err.count("\n") == 1 and not (tmp_path / "copy").exists()
+
+
 def test_a_pull_that_fails_verification_changes_no_history(origin: Repository, hub: HubServer,
                                                           tmp_path: Path) -> None:
     run(origin.root, "push")
