@@ -540,6 +540,25 @@ def test_remote_commands(repo: Repository, tmp_path: Path) -> None:
     assert "no remote named" in run(repo.root, "push", "mirror", code=1)
 
 
+def test_a_branch_whose_tip_holds_an_adapter_clones(hub: HubServer, tmp_path: Path, tiny_folder: Path) -> None:
+    """The config.json at the top of such a branch is marked for the adapter (`mark_config`), so it
+    cannot stand for the original: push sends the original as an object, and a clone of that one
+    branch has everything."""
+    repo = Repository.init(tmp_path / "work", str(tiny_folder), progress=False)
+    run(repo.root, *GRACE_EDIT)
+    run(repo.root, "remote", "add", "origin", URL)
+    run(repo.root, "push")
+    run(tmp_path, "clone", URL, str(tmp_path / "copy"))
+    exported = []
+    for where, out in ((tmp_path / "copy", tmp_path / "c"), (repo.root, tmp_path / "o")):
+        run(where, "export", "HEAD", str(out))
+        exported.append({str(f.relative_to(out)): hashlib.sha256(f.read_bytes()).hexdigest()
+                         for f in sorted(out.rglob("*")) if f.is_file()})
+    assert exported[0] == exported[1] and "config.json" in exported[0]
+    assert any(name.startswith("kedit_adapters/") for name in exported[0])
+    assert run(tmp_path / "copy", "fsck").strip().endswith(": ok")
+
+
 def test_a_grace_revision_on_the_hub_loads_with_kedit_and_plain_transformers_refuses(
         hub: HubServer, tmp_path: Path, tiny_folder: Path) -> None:
     from huggingface_hub import snapshot_download

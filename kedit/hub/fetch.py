@@ -242,9 +242,9 @@ def _plan_objects(repo: Repository, hub: Hub, tree: dict[str, str], sha: str, ch
     covered: dict[str, tuple[str, str]] = {}
     if checkpoint is not None:
         plan.manifest, files = _state_at(repo, docs, checkpoint)
-        covered = covered_by_weights(plan.manifest, files)
-        if "config.json" in files and hub.tree(sha, ADAPTER_DIR):  # marked for adapters (`mark_config`)
-            covered.pop(files["config.json"], None)
+        config = files.get("config.json")  # asked about only when needed: one more request
+        marked = config in wanted - planned and not repo.store.has(config) and bool(hub.tree(sha, ADAPTER_DIR))
+        covered = covered_by_weights(plan.manifest, files, with_adapters=marked)
     weight_map: dict[str, str] | None = None
     for oid in sorted(oid for oid in wanted - planned if not repo.store.has(oid)):
         st, blob = object_path(oid, "st"), object_path(oid, "blob")

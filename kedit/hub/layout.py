@@ -237,15 +237,18 @@ def objects_of(doc: dict[str, Any]) -> set[str]:
 # -- what the weights on a branch hold -----------------------------------------------------
 
 
-def covered_by_weights(manifest: dict[str, str], files: dict[str, str]) -> dict[str, tuple[str, str]]:
+def covered_by_weights(manifest: dict[str, str], files: dict[str, str], *,
+                       with_adapters: bool) -> dict[str, tuple[str, str]]:
     """Objects that the checkpoint files rebuild exactly: object id -> ("tensor", name) | ("file", path).
 
     A stored exact value (the base, a replacement) is the object {"value": tensor} with no
-    metadata, so its id follows from the tensor's hash; config and tokenizer blobs are the files.
+    metadata, so its id follows from the tensor's hash; config and tokenizer blobs are the files,
+    except config.json when the checkpoint carries adapters: that one is marked (`mark_config`).
     """
     out: dict[str, tuple[str, str]] = {
         tensors_object_id({"value": h}, {}): ("tensor", name) for name, h in manifest.items()}
-    out.update({oid: ("file", path) for path, oid in files.items() if path not in GENERATED})
+    out.update({oid: ("file", path) for path, oid in files.items()
+                if path not in GENERATED and not (with_adapters and path == "config.json")})
     return out
 
 
@@ -253,7 +256,8 @@ def _local_covered(repo: Repository, commit: str | None) -> dict[str, tuple[str,
     if commit is None:
         return {}
     manifest = {n: e.hash for n, e in history.manifest(repo.db, commit).items()}
-    return covered_by_weights(manifest, history.files(repo.db, commit))
+    return covered_by_weights(manifest, history.files(repo.db, commit),
+                              with_adapters=bool(history.adapters(repo.db, commit)))
 
 
 # -- push ----------------------------------------------------------------------------------
