@@ -468,9 +468,8 @@ class _ThreadValues:
         return self._here().materializer.value_of(change)
 
     def close_here(self) -> None:
-        repo = getattr(self._local, "repo", None)
-        if repo is not None and repo is not self._repo:
-            repo.close()
+        if getattr(self._local, "repo", None) is not None:
+            self._local.repo.close()
             self._local.repo = None
 
 
