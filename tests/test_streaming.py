@@ -18,6 +18,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save
 
+from kedit.core.store import WRITE_PIECE, PieceWriter
 from kedit.core.stwriter import StreamReader, TensorSpec, spec_of, write_stream, write_tensors
 from tests.hubserver import HubServer
 
@@ -61,6 +62,24 @@ def test_streamed_file_reads_back_with_safe_open(tmp_path) -> None:
             got = f.get_tensor(name)
             assert got.dtype == value.dtype and got.shape == value.shape
             assert torch.equal(got.reshape(-1).view(torch.uint8), value.reshape(-1).view(torch.uint8))
+
+
+def test_a_stored_tensor_reaches_the_kernel_in_64_kb_pieces_with_its_bytes_unchanged() -> None:
+    """A whole-tensor write() costs a virtual machine's kernel several times more than small
+    pieces (bench/README.md, "Write size"): the store's files are written through PieceWriter."""
+
+    sizes: list[int] = []
+
+    class Recording(io.BytesIO):
+        def write(self, data) -> int:  # type: ignore[override]
+            sizes.append(len(memoryview(data).cast("B")))
+            return super().write(data)
+
+    big = {"w": torch.randn(300, 1000), "b": torch.randn(1000, dtype=torch.bfloat16)}
+    out = Recording()
+    write_tensors(PieceWriter(out), big, {"format": "pt"})  # type: ignore[arg-type]
+    assert out.getvalue() == save(big, metadata={"format": "pt"})
+    assert max(sizes) == WRITE_PIECE and len(sizes) > 1_200_000 // WRITE_PIECE
 
 
 def test_a_value_unlike_its_header_is_refused() -> None:
