@@ -34,7 +34,7 @@ import re
 import secrets
 import tempfile
 import threading
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, BinaryIO
@@ -73,6 +73,7 @@ REFS_FORMAT = 2  # refs.json is unchanged since format 2: older kedits read bran
 REFS_FILE = f"{KEDIT_DIR}/refs.json"
 INDEX_FILE = "model.safetensors.index.json"
 GENERATED = frozenset({"README.md", "kedit.json", INDEX_FILE})  # written by push, never a stored file
+UPLOADS_AT_ONCE = 3  # shards in flight to the Hub; each holds one tensor in memory
 _FOREIGN_WEIGHTS = re.compile(r"^[^/]*\.(safetensors|bin|pt|pth|gguf)(\.index\.json)?$")
 _LAYER_RE = re.compile(r"\.(\d+)\.")
 
@@ -450,22 +451,17 @@ def _adapter_ops(repo: Repository, tip: str, old: str | None, tmp: Path) -> tupl
 
 
 class _ThreadValues:
-    """Tensor values read through the calling thread's own repository connection (an SQLite
-    connection serves only the thread that opened it): the main thread's is `repo`'s, any other
-    thread opens its own on first use and closes it with `close_here`."""
+    """Tensor values read through the calling thread's own repository connection: an SQLite
+    connection serves only the thread that opened it, and a push reads shards in worker threads.
+    Each task closes its thread's connection with `close_here` when it ends."""
 
-    def __init__(self, repo: Repository) -> None:
-        self._repo, self._main, self._local = repo, threading.get_ident(), threading.local()
-
-    def _here(self) -> Repository:
-        if threading.get_ident() == self._main:
-            return self._repo
-        if getattr(self._local, "repo", None) is None:
-            self._local.repo = Repository(self._repo.path)
-        return self._local.repo
+    def __init__(self, path: Path) -> None:
+        self._path, self._local = path, threading.local()
 
     def value_of(self, change: history.Change) -> torch.Tensor:
-        return self._here().materializer.value_of(change)
+        if getattr(self._local, "repo", None) is None:
+            self._local.repo = Repository(self._path)
+        return self._local.repo.materializer.value_of(change)
 
     def close_here(self) -> None:
         if getattr(self._local, "repo", None) is not None:
@@ -489,24 +485,38 @@ def _checkpoint_ops(repo: Repository, hub: Hub, rbranch: str, tip: str, old: str
     changed = [shard for shard, names in groups.items()
                if any(name not in before or before[name].hash != manifest[name].hash for name in names)]
     changes = {n: history.change(repo.db, manifest[n].commit_id, n) for shard in changed for n in groups[shard]}
-    values = _ThreadValues(repo)
-    ops = []
-    # A shard is never on disk here: it is read once for its sha256 (as the operation is made, in a
-    # second thread that runs ahead of the uploads) and once to upload it, so hashing overlaps the
-    # upload. Memory: one tensor held by each thread.
-    with ThreadPoolExecutor(1, thread_name_prefix="kedit-sha256") as ahead:
-        made = [ahead.submit(add_file, shard, StreamReader(
-            [TensorSpec(n, manifest[n].dtype, manifest[n].shape) for n in groups[shard]],
-            lambda n: values.value_of(changes[n]), {"format": "pt"})) for shard in sorted(changed)]
+    values = _ThreadValues(repo.path)
+
+    def hashed(shard: str):
+        """The shard as an operation, its sha256 read from the shard's bytes as they are made."""
         try:
-            for future in progress_bar(made, desc="shards", disable=not progress):
-                op = future.result()
-                hub.preupload([op], branch=rbranch)  # the shard goes up now (a small one waits for the commit)
-                ops.append(op)
+            return add_file(shard, StreamReader(
+                [TensorSpec(n, manifest[n].dtype, manifest[n].shape) for n in groups[shard]],
+                lambda n: values.value_of(changes[n]), {"format": "pt"}))
         finally:
-            for future in made:
+            values.close_here()
+
+    def uploaded(made: Future):
+        op = made.result()
+        try:
+            hub.preupload([op], branch=rbranch)  # the shard goes up now (a small one waits for the commit)
+        finally:
+            values.close_here()
+        return op
+
+    # A shard is never on disk here: it is made once for its sha256, in a thread that runs ahead, and
+    # once more to upload it. Uploads go several at once, as huggingface_hub's own upload_folder
+    # sends files: the Hub's receiving and storing of one overlaps the next. Memory: one tensor held
+    # by each thread.
+    with ThreadPoolExecutor(1, thread_name_prefix="kedit-sha256") as ahead, \
+            ThreadPoolExecutor(UPLOADS_AT_ONCE, thread_name_prefix="kedit-upload") as uploads:
+        made = [ahead.submit(hashed, shard) for shard in sorted(changed)]
+        sent = [uploads.submit(uploaded, future) for future in made]
+        try:
+            ops = [future.result() for future in progress_bar(sent, desc="shards", disable=not progress)]
+        finally:
+            for future in made + sent:
                 future.cancel()
-            ahead.submit(values.close_here)
     files = history.files(repo.db, tip)
     old_files = history.files(repo.db, old) if old else {}
     adapter_ops, adapters_changed, adapter_files = _adapter_ops(repo, tip, old, tmp)
