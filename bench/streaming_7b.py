@@ -7,8 +7,12 @@ process's RssAnon (anonymous memory: file pages mapped for reading are not count
 /proc every 50 ms. The yardstick is `cp -r` + `sync` of the checkpoint, run right before each
 run of each command: its time varies severalfold from one run to the next on a shared machine
 (the kernel's cost of new page-cache pages), so a ratio is taken between neighbours, and medians
-over --repeat runs are reported. huggingface_hub's own upload_folder and snapshot_download of
-the same bytes to and from the same server are timed as a second yardstick for push and clone.
+over --repeat runs are reported. Each cp+sync and each command starts after --settle seconds of
+quiet: this virtual machine hands free memory back to its host within seconds, and memory freed
+a moment ago (the copy just deleted) is several times cheaper to write into than memory that has
+sat free, so without the pause whichever runs first after a deletion is favoured.
+huggingface_hub's own upload_folder and snapshot_download of the same bytes to and from the same
+server are timed as a second yardstick for push and clone.
 The test Hub server (tests/hubserver.py) runs in its own process, so its memory is not counted.
 Outputs are deleted as soon as they are measured: at most four copies of the weights are on
 disk at once (about 54 GB at the default shape), and everything is deleted at the end.
@@ -184,7 +188,8 @@ def markdown(figures: dict) -> str:
     gb = figures["weights_bytes"] / 1e9
     lines = [f"# Streaming at a 7B shape ({figures['shape']}, bfloat16, {gb:.1f} GB)", "",
              f"Each command ran {figures['repeat']} times, each time right after `cp -r` + `sync` of the "
-             "checkpoint (the yardstick, whose time varies from run to run on this shared machine); the "
+             "checkpoint (the yardstick, whose time varies from run to run on this shared machine), with "
+             f"{figures.get('settle', 0):g} s of quiet before each; the "
              "table gives medians: of the times, of the yardsticks, and of each run's ratio to the yardstick "
              "just before it. Rows in italics are not kedit: huggingface_hub uploading or downloading the same "
              f"bytes to and from the same server. Load average at the start: "
@@ -213,6 +218,9 @@ def main() -> None:
     parser.add_argument("--intermediate", type=int, default=11008)
     parser.add_argument("--vocab", type=int, default=32000)
     parser.add_argument("--repeat", type=int, default=3, help="runs of each command, each after its own cp+sync")
+    parser.add_argument("--settle", type=float, default=8.0,
+                        help="seconds of quiet before each cp+sync and each command, so both find free memory "
+                             "in the same state (this machine returns idle free memory to its host)")
     args = parser.parse_args()
     if args.work.exists():
         raise SystemExit(f"{args.work} exists: remove it or choose another --work")
@@ -223,7 +231,8 @@ def main() -> None:
               "max_position_embeddings": 4096, "rms_norm_eps": 1e-5, "torch_dtype": "bfloat16",
               "bos_token_id": 1, "eos_token_id": 2, "tie_word_embeddings": False}
     shape = f"hidden {args.hidden}, {args.layers} layers, intermediate {args.intermediate}, vocab {args.vocab}"
-    figures: dict = {"shape": shape, "load_average": os.getloadavg(), "repeat": args.repeat, "commands": {}}
+    figures: dict = {"shape": shape, "load_average": os.getloadavg(), "repeat": args.repeat, "settle": args.settle,
+                     "commands": {}}
     hub = Hub(work / "hub")
     try:
         model, repo = work / "model", work / "repo"
@@ -242,7 +251,9 @@ def main() -> None:
             for _ in range(args.repeat):
                 if before:
                     before()
+                time.sleep(args.settle)
                 base = cp_sync(model, work / "copy")
+                time.sleep(args.settle)
                 row = measure(argv, env)
                 if after:
                     after()
