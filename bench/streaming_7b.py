@@ -299,8 +299,8 @@ def main() -> None:
                  python("import sys; from huggingface_hub import HfApi; "
                         "HfApi().upload_folder(repo_id=sys.argv[1], folder_path=sys.argv[2])", PLAIN_ID, str(model)),
                  before=hub.restart, yardstick=True)
-        measured("push", "reads each layer's shard twice (SHA-256 in a second thread, then upload) without "
-                 "writing it; the server stores it", kedit("push", "origin", "main"), before=fresh_remote)
+        measured("push", "reads each layer's shard twice (SHA-256 in a thread ahead, then upload, three at "
+                 "once) without writing it; the server stores it", kedit("push", "origin", "main"), before=fresh_remote)
         drop_repo()
         measured("huggingface_hub snapshot_download", "downloads the pushed files into a folder",
                  python("import sys; from huggingface_hub import snapshot_download; "
