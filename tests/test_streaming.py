@@ -82,6 +82,16 @@ def test_a_stored_tensor_reaches_the_kernel_in_64_kb_pieces_with_its_bytes_uncha
     assert max(sizes) == WRITE_PIECE and len(sizes) > 1_200_000 // WRITE_PIECE
 
 
+def test_a_piece_writer_is_otherwise_the_file_it_wraps(tmp_path: Path) -> None:
+    """Hooks and writers given the wrapped file may flush it, ask its name or position."""
+    with open(tmp_path / "t.safetensors", "wb") as out:
+        pieced = PieceWriter(out)
+        pieced.write(b"x" * (WRITE_PIECE + 3))
+        pieced.flush()
+        assert pieced.name == out.name and pieced.tell() == WRITE_PIECE + 3
+        assert (tmp_path / "t.safetensors").stat().st_size == WRITE_PIECE + 3
+
+
 def test_a_value_unlike_its_header_is_refused() -> None:
     with pytest.raises(ValueError, match="expected F32\\[2, 2\\], got F32\\[4\\]"):
         write_stream(io.BytesIO(), [TensorSpec("w", "F32", (2, 2))], lambda _: torch.zeros(4))

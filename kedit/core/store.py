@@ -118,6 +118,11 @@ class PieceWriter:
             self._out.write(view[start:start + WRITE_PIECE])
         return len(view)
 
+    def __getattr__(self, name: str) -> object:
+        """Everything but `write` (name, flush, tell, fileno...) is the wrapped file's, so that a
+        writer or a hook given this object may treat it as the file it is."""
+        return getattr(self._out, name)
+
 
 def _write_with(write: Callable[[BinaryIO], None]) -> Callable[[Path], None]:
     def run(tmp: Path) -> None:
